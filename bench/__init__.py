@@ -1,0 +1,1 @@
+"""Benchmark harness: Cortex vs. etcd with the same client pattern."""

@@ -1,0 +1,22 @@
+"""Build hook: generate the gRPC stubs from proto/ into src/cortex/_proto.
+
+The stubs are build output, never edited by hand and never committed; `cortex.protogen.check()` (run by
+`just lint` and the test suite) regenerates them into a temporary folder and fails if the installed ones differ.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+
+sys.path.insert(0, str(Path(__file__).parent / "src"))
+
+
+class ProtoBuildHook(BuildHookInterface):
+    def initialize(self, version: str, build_data: dict) -> None:
+        from cortex.protogen import generate
+
+        root = Path(self.root)
+        generate(root / "proto", root / "src" / "cortex" / "_proto")

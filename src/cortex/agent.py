@@ -1,0 +1,784 @@
+"""The node agent: owns the data directory, the state store, Raft (on servers) and the join protocol.
+
+Roles: a *server* votes in Raft and keeps a replica of the state; a *worker* never votes (a sleeping laptop
+must not threaten quorum) and reaches the state through the servers over gRPC. Every write from any node
+goes to the leader over gRPC, where it is stamped (id, time, term) and replicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import threading
+import time
+import uuid
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cortex import __version__, identity, notify
+from cortex._proto.cortex.v1 import cortex_pb2 as pb
+from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
+from cortex.client import channel_options
+from cortex.commands import INTERNAL, CommandError, Envelope, parse_args_json, validate
+from cortex.config import Config
+from cortex.consensus import NotLeader, ProposalError, RaftNode, wait_until
+from cortex.identity import Identity
+from cortex.logs import fields
+from cortex.state import StateStore
+
+log = logging.getLogger("cortex.agent")
+
+MAX_HOPS = 3
+FORWARD_TIMEOUT = 8.0
+WORKER_HEARTBEAT = 1.0
+WORKER_ALIVE_WITHIN = 5.0
+
+
+class AgentError(Exception):
+    """An error for the caller, carrying the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Peers:
+    """One gRPC channel per peer address, reused; channels reconnect by themselves after restarts."""
+
+    def __init__(self, max_message_bytes: int):
+        self._channels: dict[str, tuple[grpc.Channel, pb_grpc.ClusterStub]] = {}
+        self._lock = threading.Lock()
+        self._max = max_message_bytes
+
+    def stub(self, address: str) -> pb_grpc.ClusterStub:
+        with self._lock:
+            entry = self._channels.get(address)
+            if entry is None:
+                channel = grpc.insecure_channel(address, options=channel_options(self._max))
+                entry = (channel, pb_grpc.ClusterStub(channel))
+                self._channels[address] = entry
+            return entry[1]
+
+    def close(self) -> None:
+        with self._lock:
+            for channel, _ in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+
+class Agent:
+    def __init__(self, config: Config):
+        self.config = config
+        self.data_dir = config.data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.identity: Identity | None = identity.load(self.data_dir)
+        self.store: StateStore | None = None
+        self.raft: RaftNode | None = None
+        self.peers = Peers(config.max_message_bytes)
+        self._lock = threading.RLock()  # guards membership transitions (init/join/leave)
+        self._stop = threading.Event()
+        self.failed = threading.Event()  # set when the agent can no longer serve and must be restarted
+        self._worker_seen: dict[str, float] = {}  # leader's view: worker id -> monotonic last heartbeat
+        self._server_addresses: list[str] = list(self.identity.server_grpc_addresses) if self.identity else []
+        self.waiting_for = ""
+        self._grpc: grpc.Server | None = None
+        self._admin: grpc.Server | None = None
+        self._health = health.HealthServicer()
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.identity is not None:
+            self._start_member()
+        self._serve()
+        if self.identity is None:
+            self._bootstrap_from_config()
+        self._update_health()
+        threading.Thread(target=self._background, name="agent-background", daemon=True).start()
+        state = "member of " + self.identity.cluster_id if self.identity else "waiting for init or join"
+        notify.sd_notify("READY=1", f"STATUS={state}")
+        log.info("agent ready", extra=fields(grpc=self.config.grpc_address, role=self.config.role, state=state))
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        notify.sd_notify("STOPPING=1")
+        log.info("agent stopping")
+        if self._grpc:
+            self._grpc.stop(grace=2).wait()
+        if self._admin:
+            self._admin.stop(grace=1).wait()
+        self._stop_member()
+        self.peers.close()
+
+    def wait(self) -> None:
+        self._stop.wait()
+
+    def _serve(self) -> None:
+        opts = [("grpc.max_send_message_length", self.config.max_message_bytes),
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+                # Peers keep idle channels alive with pings every 10 s; allow that instead of GOAWAY.
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.keepalive_permit_without_calls", 1)]
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
+                                 options=opts, maximum_concurrent_rpcs=1024)
+        pb_grpc.add_ClusterServicer_to_server(ClusterService(self), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (pb.DESCRIPTOR.services_by_name["Cluster"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._grpc,
+        )
+        if self._grpc.add_insecure_port(self.config.grpc_address) == 0:
+            raise RuntimeError(f"cannot listen on {self.config.grpc_address} (in use?)")
+        self._grpc.start()
+        sock = self.config.admin_socket_path
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        sock.unlink(missing_ok=True)
+        self._admin = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"))
+        pb_grpc.add_AdminServicer_to_server(AdminService(self), self._admin)
+        self._admin.add_insecure_port(f"unix:{sock}")
+        self._admin.start()
+        sock.chmod(0o600)
+
+    def _bootstrap_from_config(self) -> None:
+        boot = self.config.bootstrap
+        if boot.init:
+            token = self.init_cluster()[1]
+            (self.data_dir / "join-token").write_text(token + "\n")
+            (self.data_dir / "join-token").chmod(0o600)
+        elif boot.join is not None:
+            threading.Thread(target=self._join_from_config, name="bootstrap-join", daemon=True).start()
+        else:
+            self.waiting_for = "cortex init (new cluster) or cortex join ADDRESS --token TOKEN"
+
+    def _join_from_config(self) -> None:
+        join = self.config.bootstrap.join
+        deadline = time.monotonic() + 300
+        while not self._stop.is_set() and self.identity is None and time.monotonic() < deadline:
+            token = join.token
+            if not token:
+                try:
+                    token = Path(join.token_file).read_text().strip()
+                except OSError:
+                    self.waiting_for = f"join token file {join.token_file}"
+                    time.sleep(0.2)
+                    continue
+            try:
+                self.join_cluster(join.address, token)
+                return
+            except AgentError as exc:
+                self.waiting_for = f"joining {join.address}: {exc}"
+                log.warning("join attempt failed", extra=fields(address=join.address, error=str(exc)))
+                if exc.code == grpc.StatusCode.PERMISSION_DENIED:
+                    return  # a refused token does not get better by retrying
+                time.sleep(0.5)
+
+    def _start_member(self) -> None:
+        ident = self.identity
+        if ident.role == "server":
+            self.store = StateStore(self.data_dir / "state.db")
+            known = [n["raft_address"] for n in self.store.query("nodes", {})
+                     if n["role"] == "server" and n["raft_address"]]
+            peers = sorted(set(known or ident.raft_peers) - {self.config.raft_address})
+            self.raft = RaftNode(self.store, self.config.raft_address, peers, self.config.raft, ident.raft_secret,
+                                 self.data_dir, on_state_change=self._update_health)
+        self.waiting_for = ""
+
+    def _stop_member(self) -> None:
+        if self.raft is not None:
+            self.raft.destroy()
+            wait_until(lambda: not self.raft.tick_thread_alive(), 5)
+            self.raft = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def _update_health(self) -> None:
+        serving = self.identity is not None and (self.raft is None or bool(self.raft.leader_address()))
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self._health.set("", status)
+        self._health.set("cortex.v1.Cluster", status)
+
+    def _background(self) -> None:
+        """Worker heartbeats, health refresh and the systemd watchdog."""
+        watchdog = notify.watchdog_interval()
+        last_watchdog = 0.0
+        while not self._stop.wait(WORKER_HEARTBEAT if watchdog is None else min(WORKER_HEARTBEAT, watchdog)):
+            if self.raft is not None and not self.raft.tick_thread_alive() and not self._stop.is_set():
+                # Raft stopped ticking (it should never): exit so the supervisor restarts a clean process
+                # instead of leaving a node that answers gRPC but no longer takes part in consensus.
+                log.critical("raft tick thread died; exiting for a restart")
+                self.failed.set()
+                return
+            try:
+                self._update_health()
+                if self.identity is not None and self.identity.pending_token:
+                    with self._lock:
+                        self._finish_join(timeout=5)
+                if self.identity is not None and self.identity.role == "worker":
+                    self._worker_heartbeat()
+            except Exception:
+                log.exception("background step failed")
+            if watchdog is not None and time.monotonic() - last_watchdog >= watchdog:
+                notify.sd_notify("WATCHDOG=1")
+                last_watchdog = time.monotonic()
+
+    def _worker_heartbeat(self) -> None:
+        request = pb.HeartbeatRequest(node_id=self.config.node_id)
+        response = self._to_servers(lambda stub: stub.Heartbeat(request, timeout=2))
+        if response.server_grpc_addresses:
+            self._server_addresses = list(response.server_grpc_addresses)
+
+    # --- membership ----------------------------------------------------------------------------------
+    def init_cluster(self) -> tuple[str, str]:
+        """Create a new cluster with this node as its first server. Returns (cluster id, join token)."""
+        with self._lock:
+            if self.identity is not None:
+                raise AgentError(grpc.StatusCode.ALREADY_EXISTS,
+                                 f"this node already belongs to cluster {self.identity.cluster_id}; "
+                                 "run `cortex leave` first to start another")
+            if self.config.role != "server":
+                raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 "only a server can create a cluster; set node.role: server")
+            cluster_id = identity.new_cluster_id()
+            ident = Identity(cluster_id=cluster_id, node_id=self.config.node_id, role="server",
+                             raft_secret=identity.new_secret(), raft_peers=[self.config.raft_address],
+                             server_grpc_addresses=[self.config.grpc_address])
+            self._wipe_state()
+            identity.save(self.data_dir, ident)
+            self.identity = ident
+            self._start_member()
+            if not wait_until(self.raft.is_leader, 15):
+                raise AgentError(grpc.StatusCode.UNAVAILABLE, "the new cluster did not elect this node in 15 s")
+            token = identity.new_join_token()
+            for command_type, args in (
+                ("cluster.init", {"cluster_id": cluster_id}),
+                ("node.register", {"node_id": self.config.node_id, "role": "server",
+                                   "grpc_address": self.config.grpc_address,
+                                   "raft_address": self.config.raft_address}),
+                ("token.add", {"token_hash": identity.token_hash(token), "role": "server"}),
+            ):
+                self.propose(command_type, args, internal=True)
+            log.info("cluster created", extra=fields(cluster_id=cluster_id))
+            self._update_health()
+            return cluster_id, token
+
+    def join_cluster(self, address: str, token: str, timeout: float = 60.0) -> str:
+        """Join the cluster that the member at `address` belongs to; returns once this node is registered."""
+        with self._lock:
+            if self.identity is not None:
+                raise AgentError(grpc.StatusCode.ALREADY_EXISTS,
+                                 f"this node already belongs to cluster {self.identity.cluster_id}")
+            response = self._call_join(address, token)
+            ident = Identity(cluster_id=response.cluster_id, node_id=self.config.node_id, role=self.config.role,
+                             raft_secret=response.raft_secret, raft_peers=list(response.raft_peers),
+                             server_grpc_addresses=list(response.server_grpc_addresses),
+                             pending_token="" if response.admitted else token,
+                             join_address="" if response.admitted else address)
+            self._wipe_state()
+            identity.save(self.data_dir, ident)
+            self.identity = ident
+            self._server_addresses = list(ident.server_grpc_addresses)
+            self._start_member()
+            if not response.admitted:
+                self._finish_join(timeout)
+            log.info("joined cluster", extra=fields(cluster_id=ident.cluster_id, via=address, role=ident.role))
+            self._update_health()
+            return ident.cluster_id
+
+    def _call_join(self, address: str, token: str) -> pb.JoinResponse:
+        request = pb.JoinRequest(node_id=self.config.node_id, role=self.config.role,
+                                 grpc_address=self.config.grpc_address,
+                                 raft_address=self.config.raft_address if self.config.role == "server" else "",
+                                 token=token)
+        try:
+            return self.peers.stub(address).Join(request, timeout=FORWARD_TIMEOUT * 2)
+        except grpc.RpcError as exc:
+            raise AgentError(exc.code(), f"{address} refused the join: {exc.details()}") from None
+
+    def _finish_join(self, timeout: float) -> None:
+        """Second step of a server's join: ask again (Raft now running) until the cluster registers us."""
+        ident = self.identity
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = self._call_join(ident.join_address, ident.pending_token)
+                if response.admitted:
+                    break
+            except AgentError as exc:
+                if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                        or time.monotonic() > deadline:
+                    raise
+            if time.monotonic() > deadline:
+                raise AgentError(grpc.StatusCode.DEADLINE_EXCEEDED, "the cluster did not register this node in time")
+            time.sleep(0.1)
+        self.identity = Identity(**{**ident.__dict__, "pending_token": "", "join_address": "",
+                                    "raft_peers": list(response.raft_peers)})
+        identity.save(self.data_dir, self.identity)
+
+    def leave_cluster(self) -> None:
+        with self._lock:
+            if self.identity is None:
+                raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, "this node is not in a cluster")
+            if self.raft is not None and self.raft.is_leader() and len(self.raft.members()) > 1:
+                self.raft.transfer_leadership_to(None)
+                wait_until(lambda: bool(self.raft.leader_address()) and not self.raft.is_leader(), 10)
+            request = pb.LeaveRequest(node_id=self.config.node_id)
+            if self.raft is not None and len(self.raft.members()) == 1:
+                pass  # the last server: the cluster ends with it
+            else:
+                self._retry_forwarding(lambda: self.handle_leave(request))
+            self._stop_member()
+            identity.remove(self.data_dir)
+            self._wipe_state()
+            self.identity = None
+            self.waiting_for = "cortex init (new cluster) or cortex join ADDRESS --token TOKEN"
+            self._update_health()
+            log.info("left the cluster")
+
+    def _wipe_state(self) -> None:
+        for name in ("state.db", "state.db-wal", "state.db-shm", "raft.journal", "raft.journal.meta",
+                     "raft.snapshot", "join-token"):
+            path = self.data_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+    def _retry_forwarding(self, fn, timeout: float = 15.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return fn()
+            except AgentError as exc:
+                if exc.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    # --- the leader's side of join/leave ------------------------------------------------------------------
+    def handle_join(self, request: pb.JoinRequest) -> pb.JoinResponse:
+        self._require_member()
+        if not self._is_leader():
+            return self._forward("Join", request)
+        try:
+            validate("node.register", {"node_id": request.node_id, "role": request.role,
+                                       "grpc_address": request.grpc_address, "raft_address": request.raft_address})
+        except CommandError as exc:
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, f"bad join request: {exc}") from None
+        if request.role == "server" and not request.raft_address:
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "a server must give its raft address")
+        nodes = {n["id"]: n for n in self.store.query("nodes", {})}
+        existing = nodes.get(request.node_id)
+        same = existing is not None and (existing["role"], existing["grpc_address"], existing["raft_address"]) == (
+            request.role, request.grpc_address, request.raft_address)
+        token_hash = identity.token_hash(request.token)
+        if not same:
+            problem = self.store.query("token.check", {"token_hash": token_hash, "role": request.role,
+                                                       "now": time.time()})["problem"]
+            if problem:
+                log.warning("join refused", extra=fields(node=request.node_id, reason=problem))
+                raise AgentError(grpc.StatusCode.PERMISSION_DENIED, problem)
+            if existing is not None:
+                raise AgentError(grpc.StatusCode.ALREADY_EXISTS,
+                                 f"node id {request.node_id!r} is taken by a member at {existing['grpc_address']}; "
+                                 "choose another node.id or remove the old node first")
+        response = pb.JoinResponse(
+            cluster_id=self.identity.cluster_id,
+            raft_secret=self.identity.raft_secret if request.role == "server" else "",
+            server_grpc_addresses=self._server_grpc_addresses(),
+        )
+        if request.role == "server" and request.raft_address not in self.raft.members():
+            servers = [n for n in nodes.values() if n["role"] == "server"]
+            if len(servers) >= 5:
+                raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 "the cluster already has 5 voting servers; join as a worker")
+            # Step one: append the configuration change. Growing from one server it can only commit once
+            # the newcomer runs, so do not wait for the commit; the newcomer comes back for step two.
+            self._raft_call(lambda: self.raft.start_add_member(request.raft_address))
+            response.raft_peers.extend(self.raft.members())
+            return response
+        args = {"node_id": request.node_id, "role": request.role, "grpc_address": request.grpc_address,
+                "raft_address": request.raft_address, "token_hash": "" if same else token_hash}
+        self.propose("node.register", args, internal=True)
+        log.info("node admitted", extra=fields(joiner=request.node_id, role=request.role))
+        response.raft_peers.extend(self.raft.members())
+        response.admitted = True
+        return response
+
+    def handle_leave(self, request: pb.LeaveRequest) -> pb.LeaveResponse:
+        self._require_member()
+        if not self._is_leader():
+            return self._forward("Leave", request)
+        node = next((n for n in self.store.query("nodes", {}) if n["id"] == request.node_id), None)
+        if node is None:
+            return pb.LeaveResponse(removed=False)
+        if node["role"] == "server" and node["raft_address"]:
+            if node["raft_address"] == self.config.raft_address:
+                raise AgentError(grpc.StatusCode.UNAVAILABLE, "the leader cannot remove itself; transfer first")
+            self._raft_call(lambda: self.raft.remove_member(node["raft_address"]))
+        self.propose("node.remove", {"node_id": request.node_id}, internal=True)
+        self._worker_seen.pop(request.node_id, None)
+        return pb.LeaveResponse(removed=True)
+
+    def handle_heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        self._require_member()
+        if not self._is_leader():
+            return self._forward("Heartbeat", request)
+        self._worker_seen[request.node_id] = time.monotonic()
+        return pb.HeartbeatResponse(server_grpc_addresses=self._server_grpc_addresses())
+
+    def handle_transfer(self, request: pb.TransferLeadershipRequest) -> pb.TransferLeadershipResponse:
+        self._require_member()
+        if not self._is_leader():
+            return self._forward("TransferLeadership", request, timeout=20)
+        target = None
+        if request.target_node_id:
+            node = next((n for n in self.store.query("nodes", {}) if n["id"] == request.target_node_id), None)
+            if node is None or node["role"] != "server":
+                raise AgentError(grpc.StatusCode.NOT_FOUND,
+                                 f"no server named {request.target_node_id!r}; see `cortex nodes`")
+            target = node["raft_address"]
+        self._raft_call(lambda: self.raft.transfer_leadership_to(target))
+        wait_until(lambda: bool(self.raft.leader_address()) and not self.raft.is_leader(), 10)
+        leader = self._node_by_raft(self.raft.leader_address())
+        return pb.TransferLeadershipResponse(new_leader_id=leader["id"] if leader else "", term=self.raft.term())
+
+    def _raft_call(self, fn):
+        try:
+            return fn()
+        except ProposalError as exc:
+            raise AgentError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    # --- writes --------------------------------------------------------------------------------------
+    def write(self, command: pb.Command, hops: int = 0) -> pb.WriteResponse:
+        self._require_member()
+        try:
+            args = validate(command.type, parse_args_json(command.args_json))
+        except CommandError as exc:
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if command.type in INTERNAL:
+            raise AgentError(grpc.StatusCode.PERMISSION_DENIED,
+                             f"{command.type} is decided by the cluster itself; use the cortex CLI")
+        if len(command.idempotency_key) > 128:
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "idempotency_key is longer than 128 characters")
+        if not self._is_leader():
+            return self._forward("Write", pb.WriteRequest(command=command, hops=hops))
+        result, index, term = self._propose_checked(command.type, args, command.idempotency_key)
+        return pb.WriteResponse(result_json=json.dumps(result).encode(), index=index, term=term,
+                                duplicate=bool(result.pop("duplicate", False)))
+
+    def propose(self, command_type: str, args: dict, internal: bool = False, idem: str = "") -> dict:
+        """Leader-side: stamp and replicate a command; raise AgentError on failure."""
+        return self._propose_checked(command_type, validate(command_type, args), idem)[0]
+
+    def _propose_checked(self, command_type: str, args: dict, idem: str) -> tuple[dict, int, int]:
+        term = self.raft.term()
+        command_id = uuid.uuid4().hex
+        env = Envelope(type=command_type, args=args, id=command_id, ts=time.time(), term=term,
+                       idem=idem or command_id)
+        try:
+            result, index = self.raft.propose(env.encode(), timeout=FORWARD_TIMEOUT)
+        except NotLeader:
+            raise AgentError(grpc.StatusCode.UNAVAILABLE, "leadership changed; retry") from None
+        except ProposalError as exc:
+            code = grpc.StatusCode.UNAVAILABLE if not exc.maybe_applied else grpc.StatusCode.DEADLINE_EXCEEDED
+            raise AgentError(code, f"{exc}; retry with the same idempotency key") from None
+        if "error" in result:
+            stale = result["error"].startswith("stale term")
+            code = grpc.StatusCode.UNAVAILABLE if stale else grpc.StatusCode.FAILED_PRECONDITION
+            raise AgentError(code, result["error"])
+        return result, index, term
+
+    def write_batch(self, request: pb.WriteBatchRequest) -> pb.WriteBatchResponse:
+        """Pipelined writes: each command is replicated on its own, all in flight at once."""
+        self._require_member()
+        if len(request.commands) > 10_000:
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "at most 10000 commands per batch")
+        if not self._is_leader():
+            return self._forward("WriteBatch", request)
+        prepared: list[tuple[int, bytes] | str] = []
+        term = self.raft.term()
+        for command in request.commands:
+            try:
+                if command.type in INTERNAL:
+                    raise CommandError(f"{command.type} is internal")
+                args = validate(command.type, parse_args_json(command.args_json))
+            except CommandError as exc:
+                prepared.append(str(exc))
+                continue
+            command_id = uuid.uuid4().hex
+            env = Envelope(type=command.type, args=args, id=command_id, ts=time.time(), term=term,
+                           idem=command.idempotency_key or command_id)
+            prepared.append(env.encode())
+        outcomes = self.raft.propose_many([p for p in prepared if isinstance(p, bytes)], timeout=FORWARD_TIMEOUT)
+        results, errors = [], []
+        it = iter(outcomes)
+        for item in prepared:
+            if isinstance(item, str):
+                results.append(pb.WriteResponse())
+                errors.append(item)
+                continue
+            outcome = next(it)
+            if isinstance(outcome, Exception):
+                results.append(pb.WriteResponse())
+                errors.append(str(outcome))
+                continue
+            result, index = outcome
+            errors.append(result.get("error", ""))
+            results.append(pb.WriteResponse(result_json=json.dumps(result).encode(), index=index, term=term,
+                                            duplicate=bool(result.get("duplicate"))))
+        return pb.WriteBatchResponse(results=results, errors=errors)
+
+    # --- reads ---------------------------------------------------------------------------------------
+    def read(self, request: pb.ReadRequest) -> pb.ReadResponse:
+        self._require_member()
+        level = request.level or pb.LEADER
+        try:
+            args = parse_args_json(request.args_json)
+        except CommandError as exc:
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if not isinstance(args, dict):
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "query arguments must be a JSON object")
+        if request.query == "token.check":
+            raise AgentError(grpc.StatusCode.PERMISSION_DENIED, "token.check is internal")
+        if self.raft is None or (level != pb.STALE and not self._is_leader()):
+            return self._forward("Read", pb.ReadRequest(query=request.query, args_json=request.args_json,
+                                                        level=level, hops=request.hops))
+        if level == pb.LINEARIZABLE:
+            noop = Envelope(type="noop", args={}, id=uuid.uuid4().hex, ts=time.time(), term=self.raft.term(),
+                            idem="")
+            try:
+                self.raft.barrier(noop.encode(), timeout=FORWARD_TIMEOUT)
+            except ProposalError as exc:
+                raise AgentError(grpc.StatusCode.UNAVAILABLE, f"read barrier failed: {exc}; retry") from None
+        try:
+            result = self.store.query(request.query, args)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc).strip("'\"")) from None
+        return pb.ReadResponse(result_json=json.dumps(result).encode(), applied_index=self.store.last_applied,
+                               served_by=self.config.node_id)
+
+    # --- status --------------------------------------------------------------------------------------
+    def status(self) -> pb.StatusResponse:
+        if self.identity is None:
+            return pb.StatusResponse(node_id=self.config.node_id, role=self.config.role, state="uninitialized",
+                                     version=__version__, waiting_for=self.waiting_for)
+        response = pb.StatusResponse(cluster_id=self.identity.cluster_id, node_id=self.config.node_id,
+                                     role=self.identity.role, version=__version__)
+        if self.raft is None:
+            response.state = "worker"
+            response.has_quorum = True
+            try:
+                leader = self._to_servers(lambda stub: stub.Status(pb.StatusRequest(), timeout=2))
+                response.leader_id, response.leader_grpc_address = leader.leader_id, leader.leader_grpc_address
+                response.term, response.commit_index = leader.term, leader.commit_index
+                response.nodes.extend(leader.nodes)
+            except AgentError as exc:
+                response.waiting_for = f"servers unreachable: {exc}"
+            return response
+        raft = self.raft.status()
+        response.state = raft.state
+        response.term, response.commit_index = raft.term, raft.commit_index
+        response.applied_index, response.has_quorum = self.store.last_applied, raft.has_quorum
+        leader = self._node_by_raft(raft.leader) if raft.leader else None
+        if leader:
+            response.leader_id, response.leader_grpc_address = leader["id"], leader["grpc_address"]
+        now = time.monotonic()
+        for node in self.store.query("nodes", {}):
+            entry = pb.NodeStatus(id=node["id"], role=node["role"], grpc_address=node["grpc_address"],
+                                  raft_address=node["raft_address"], liveness="unknown", replication_lag=-1,
+                                  last_seen_age=-1)
+            if node["id"] == self.config.node_id:
+                entry.liveness, entry.last_seen_age = "alive", 0
+                if raft.state == "leader":
+                    entry.replication_lag = 0
+            elif node["role"] == "server":
+                entry.liveness = "alive" if raft.connected.get(node["raft_address"]) else "unreachable"
+                if raft.state == "leader" and node["raft_address"] in raft.match_index:
+                    entry.replication_lag = max(0, raft.commit_index - raft.match_index[node["raft_address"]])
+            elif raft.state == "leader":
+                seen = self._worker_seen.get(node["id"])
+                if seen is not None:
+                    entry.last_seen_age = now - seen
+                    entry.liveness = "alive" if now - seen < WORKER_ALIVE_WITHIN else "unreachable"
+            response.nodes.append(entry)
+        return response
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _require_member(self) -> None:
+        if self.identity is None:
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"node {self.config.node_id} is not in a cluster yet: {self.waiting_for}")
+
+    def _is_leader(self) -> bool:
+        return self.raft is not None and self.raft.is_leader()
+
+    def _node_by_raft(self, raft_address: str) -> dict | None:
+        return next((n for n in self.store.query("nodes", {}) if n["raft_address"] == raft_address), None)
+
+    def _server_grpc_addresses(self) -> list[str]:
+        return [n["grpc_address"] for n in self.store.query("nodes", {}) if n["role"] == "server"]
+
+    def _leader_grpc(self, wait: float) -> str:
+        """The leader's gRPC address, waiting up to `wait` seconds for an election to settle."""
+        deadline = time.monotonic() + wait
+        while True:
+            raft_leader = self.raft.leader_address()
+            if raft_leader and raft_leader != self.config.raft_address:
+                node = self._node_by_raft(raft_leader)
+                if node:
+                    return node["grpc_address"]
+            if raft_leader == self.config.raft_address and self.raft.is_leader():
+                return ""
+            if time.monotonic() >= deadline:
+                raise AgentError(grpc.StatusCode.UNAVAILABLE,
+                                 "no leader: the servers have no quorum right now; retry, or check `cortex status`")
+            time.sleep(0.02)
+
+    def _forward(self, method: str, request, timeout: float = FORWARD_TIMEOUT):
+        """Send a request on to the leader (servers) or to a server (workers). Bounded by a hop count."""
+        if hasattr(request, "hops"):
+            if request.hops >= MAX_HOPS:
+                raise AgentError(grpc.StatusCode.UNAVAILABLE,
+                                 "request bounced between nodes during an election; retry")
+            request.hops += 1
+        if self.raft is None:
+            return self._to_servers(lambda stub: getattr(stub, method)(request, timeout=timeout))
+        address = self._leader_grpc(wait=self.config.raft.election_timeout_max * 2)
+        if not address:  # we became leader while waiting
+            return self._dispatch_local(method, request)
+        try:
+            return getattr(self.peers.stub(address), method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise AgentError(exc.code(), exc.details() or "") from None
+
+    def _dispatch_local(self, method: str, request):
+        return {
+            "Write": lambda r: self.write(r.command, r.hops),
+            "WriteBatch": self.write_batch,
+            "Read": self.read,
+            "Join": self.handle_join,
+            "Leave": self.handle_leave,
+            "Heartbeat": self.handle_heartbeat,
+            "TransferLeadership": self.handle_transfer,
+        }[method](request)
+
+    def _to_servers(self, call) -> Any:
+        """Workers: try the known servers in turn (the last one that answered first)."""
+        errors = []
+        for address in list(self._server_addresses):
+            try:
+                result = call(self.peers.stub(address))
+                if self._server_addresses[0] != address:
+                    self._server_addresses.remove(address)
+                    self._server_addresses.insert(0, address)
+                return result
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise AgentError(exc.code(), exc.details() or "") from None
+                errors.append(f"{address}: {exc.details()}")
+        raise AgentError(grpc.StatusCode.UNAVAILABLE, "no server reachable (" + "; ".join(errors) + ")")
+
+
+def _servicer(fn):
+    """Turn AgentError into a gRPC status; never let an unexpected error kill the server thread."""
+
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except AgentError as exc:
+            context.abort(exc.code, str(exc))
+        except grpc.RpcError:
+            raise
+        except Exception as exc:  # the agent stays up; the caller learns what happened
+            log.exception("request failed", extra=fields(method=fn.__name__))
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class ClusterService(pb_grpc.ClusterServicer):
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    @_servicer
+    def Write(self, request, context):
+        return self.agent.write(request.command, request.hops)
+
+    @_servicer
+    def WriteBatch(self, request, context):
+        return self.agent.write_batch(request)
+
+    @_servicer
+    def Read(self, request, context):
+        return self.agent.read(request)
+
+    @_servicer
+    def Status(self, request, context):
+        return self.agent.status()
+
+    @_servicer
+    def Join(self, request, context):
+        return self.agent.handle_join(request)
+
+    @_servicer
+    def Leave(self, request, context):
+        return self.agent.handle_leave(request)
+
+    @_servicer
+    def Heartbeat(self, request, context):
+        return self.agent.handle_heartbeat(request)
+
+    @_servicer
+    def TransferLeadership(self, request, context):
+        return self.agent.handle_transfer(request)
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    @_servicer
+    def Init(self, request, context):
+        cluster_id, token = self.agent.init_cluster()
+        return pb.InitResponse(cluster_id=cluster_id, join_token=token)
+
+    @_servicer
+    def JoinCluster(self, request, context):
+        return pb.JoinClusterResponse(cluster_id=self.agent.join_cluster(request.address, request.token))
+
+    @_servicer
+    def LeaveCluster(self, request, context):
+        self.agent.leave_cluster()
+        return pb.LeaveClusterResponse()
+
+
+def run(config: Config) -> int:
+    """Run the agent until SIGTERM/SIGINT."""
+    agent = Agent(config)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent.start()
+    except Exception as exc:
+        log.error("agent failed to start", extra=fields(error=str(exc)))
+        agent.stop()
+        return 1
+    while not stop.wait(0.5) and not agent.failed.is_set():
+        pass
+    agent.stop()
+    return 3 if agent.failed.is_set() else 0

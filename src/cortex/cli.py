@@ -1,0 +1,331 @@
+"""`cortex`: the command line for humans. Tables by default, `--json` everywhere, errors say what to do next."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+DEFAULT_ADDR = "127.0.0.1:7400"
+DEFAULT_SOCKET = "/var/lib/cortex/admin.sock"
+DEV_DIR = ".cortex-dev"
+
+
+class UsageError(Exception):
+    pass
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    out = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(out)
+
+
+def emit(args, data: Any, human: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else human)
+
+
+def _client(args):
+    from cortex.client import Client
+
+    return Client(args.addr, timeout=args.timeout)
+
+
+def _admin(args):
+    from cortex.client import AdminClient
+
+    if not Path(args.socket).exists():
+        raise UsageError(f"no agent admin socket at {args.socket}: is `cortex agent` running here? "
+                         "(pass --socket PATH or set CORTEX_SOCKET)")
+    return AdminClient(args.socket)
+
+
+# --- commands --------------------------------------------------------------------------------------------
+
+def cmd_agent(args) -> int:
+    from cortex import agent, config, logs
+
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"cortex agent: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(cfg.node_id, cfg.log.level, cfg.log.format)
+    return agent.run(cfg)
+
+
+def cmd_config_check(args) -> int:
+    from cortex import config
+
+    try:
+        cfg = config.load(args.file)
+    except config.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    emit(args, {"ok": True, "node_id": cfg.node_id, "role": cfg.role}, f"{args.file}: ok ({cfg.node_id}, {cfg.role})")
+    return 0
+
+
+def cmd_init(args) -> int:
+    response = _admin(args).init()
+    emit(args, {"cluster_id": response.cluster_id, "join_token": response.join_token},
+         f"created cluster {response.cluster_id}\n"
+         f"join token (servers and workers; keep it secret): {response.join_token}\n"
+         f"on another node: cortex join THIS_NODE_GRPC_ADDRESS --token {response.join_token}")
+    return 0
+
+
+def cmd_join(args) -> int:
+    token = args.token or (Path(args.token_file).read_text().strip() if args.token_file else "")
+    if not token:
+        raise UsageError("give --token TOKEN or --token-file FILE (printed by `cortex init`)")
+    response = _admin(args).join(args.address, token)
+    emit(args, {"cluster_id": response.cluster_id}, f"joined cluster {response.cluster_id}")
+    return 0
+
+
+def cmd_leave(args) -> int:
+    _admin(args).leave()
+    emit(args, {"left": True}, "left the cluster; this node's replicated state was removed")
+    return 0
+
+
+def _status_dict(status) -> dict:
+    return MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _leader_view(args, status):
+    """Per-node lag and liveness are the leader's knowledge: ask it when we are not it."""
+    from cortex.client import Client, CortexError
+
+    if status.state in ("leader", "worker") or not status.leader_grpc_address:
+        return status
+    try:
+        with Client(status.leader_grpc_address, timeout=args.timeout) as leader:
+            return leader.status()
+    except CortexError:
+        return status
+
+
+def cmd_status(args) -> int:
+    with _client(args) as c:
+        status = c.status()
+        view = _leader_view(args, status)
+    doc = _status_dict(status)
+    doc["nodes"] = _status_dict(view)["nodes"] if view.nodes else doc.get("nodes", [])
+    if status.state == "uninitialized":
+        emit(args, doc, f"node {status.node_id} is not in a cluster: waiting for {status.waiting_for}")
+        return 0
+    head = (f"cluster   {status.cluster_id}\nnode      {status.node_id} ({status.role}, {status.state})\n"
+            f"leader    {status.leader_id or '(none)'} {status.leader_grpc_address}\n"
+            f"term      {status.term}\ncommit    {status.commit_index}\napplied   {status.applied_index}\n"
+            f"quorum    {'yes' if status.has_quorum else 'NO'}")
+    if status.waiting_for:
+        head += f"\nwaiting   {status.waiting_for}"
+    emit(args, doc, head + "\n\n" + _nodes_table(view, status.leader_id))
+    return 0
+
+
+def _nodes_table(status, leader_id: str) -> str:
+    rows = []
+    for n in status.nodes:
+        rows.append({
+            "id": n.id + (" *" if n.id == leader_id else ""), "role": n.role, "liveness": n.liveness,
+            "lag": "" if n.replication_lag < 0 else n.replication_lag,
+            "seen": "" if n.last_seen_age < 0 else f"{n.last_seen_age:.1f}s ago",
+            "grpc": n.grpc_address, "raft": n.raft_address,
+        })
+    return table(rows, ["id", "role", "liveness", "lag", "seen", "grpc", "raft"])
+
+
+def cmd_nodes(args) -> int:
+    with _client(args) as c:
+        status = c.status()
+        view = _leader_view(args, status)
+    emit(args, _status_dict(view)["nodes"] if view.nodes else [], _nodes_table(view, status.leader_id))
+    return 0
+
+
+def cmd_leader_transfer(args) -> int:
+    with _client(args) as c:
+        response = c.transfer_leadership(args.node or "")
+    emit(args, {"leader": response.new_leader_id, "term": response.term},
+         f"leader is now {response.new_leader_id} (term {response.term})")
+    return 0
+
+
+def cmd_kv_put(args) -> int:
+    with _client(args) as c:
+        result = c.put(args.key, args.value, idempotency_key=args.idempotency_key, retry_for=args.retry)
+    emit(args, result, f"{args.key} = {args.value!r} (version {result['version']}, index {result['_index']})")
+    return 0
+
+
+def cmd_kv_get(args) -> int:
+    with _client(args) as c:
+        row = c.read("kv.get", {"key": args.key}, level=args.level)
+    if row is None:
+        emit(args, None, f"{args.key}: not set")
+        return 1
+    emit(args, row, row["value"])
+    return 0
+
+
+def cmd_kv_delete(args) -> int:
+    with _client(args) as c:
+        result = c.write("kv.delete", {"key": args.key})
+    emit(args, result, f"{args.key}: {'deleted' if result['deleted'] else 'was not set'}")
+    return 0
+
+
+def cmd_kv_list(args) -> int:
+    with _client(args) as c:
+        rows = c.read("kv.list", {"prefix": args.prefix, "limit": args.limit}, level=args.level)
+    emit(args, rows, table(rows, ["key", "value", "version", "mod_index"]))
+    return 0
+
+
+def cmd_state(args) -> int:
+    with _client(args) as c:
+        info = c.read("cluster", {}, level=args.level)
+        info.update(c.read("digest", {}, level=args.level))
+    emit(args, info, "\n".join(f"{k:20} {v}" for k, v in info.items()))
+    return 0
+
+
+def cmd_dev_up(args) -> int:
+    from cortex import devcluster
+
+    start = time.monotonic()
+    say = (lambda s: None) if args.json else (lambda s: print(f"  … {s}", flush=True))
+    if not args.json:
+        print(f"starting a local cluster: {args.servers} servers, {args.workers} workers in {args.dir}")
+    cluster = devcluster.up(Path(args.dir), args.servers, args.workers, args.base_port, progress=say)
+    took = time.monotonic() - start
+    first = cluster.nodes[0]
+    doc = {"dir": cluster.dir, "seconds": round(took, 2),
+           "nodes": [{"id": n.id, "role": n.role, "grpc": n.grpc_address, "raft": n.raft_address, "pid": n.pid}
+                     for n in cluster.nodes]}
+    human = (f"cluster healthy in {took:.1f}s\n\n"
+             + table(doc["nodes"], ["id", "role", "grpc", "raft", "pid"])
+             + f"\n\ntry:\n  cortex --addr {first.grpc_address} status\n"
+               f"  cortex --addr {cluster.nodes[-1].grpc_address} kv put hello world   # any node, forwarded\n"
+               f"  cortex kv get hello --level linearizable\n"
+               f"logs: {cluster.dir}/<node>/agent.log   stop: just down  (cortex dev down)")
+    emit(args, doc, human)
+    return 0
+
+
+def cmd_dev_down(args) -> int:
+    from cortex import devcluster
+
+    stopped = devcluster.down(Path(args.dir))
+    emit(args, {"stopped": stopped}, f"stopped {', '.join(stopped)}" if stopped else "no dev cluster running")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------------------
+
+def _common(defaults: bool) -> argparse.ArgumentParser:
+    """Global options, accepted before or after the subcommand (sub-parsers must not reset them)."""
+    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=d(False), help="print JSON instead of tables")
+    common.add_argument("--addr", default=d(os.environ.get("CORTEX_ADDR", DEFAULT_ADDR)),
+                        help=f"gRPC address of any node (env CORTEX_ADDR, default {DEFAULT_ADDR})")
+    common.add_argument("--socket", default=d(os.environ.get("CORTEX_SOCKET", DEFAULT_SOCKET)),
+                        help="the local agent's admin socket (env CORTEX_SOCKET)")
+    common.add_argument("--timeout", type=float, default=d(10.0), help="seconds per call")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common(defaults=False)
+    p = argparse.ArgumentParser(prog="cortex", description=__doc__, parents=[_common(defaults=True)])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help, parent=sub):
+        sp = parent.add_parser(name, help=help, parents=[common])
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("agent", cmd_agent, "run the node agent (the daemon)")
+    sp.add_argument("--config", required=True, help="YAML config file")
+    cfg = sub.add_parser("config", help="config tools").add_subparsers(dest="sub", required=True)
+    sp = add("check", cmd_config_check, "validate a config file", cfg)
+    sp.add_argument("file")
+
+    add("init", cmd_init, "create a new cluster with the local agent as first server")
+    sp = add("join", cmd_join, "join the local agent to a cluster")
+    sp.add_argument("address", help="gRPC address of any member")
+    sp.add_argument("--token", default="")
+    sp.add_argument("--token-file", default="")
+    add("leave", cmd_leave, "remove the local agent from its cluster")
+    add("status", cmd_status, "cluster status: leader, term, indexes, nodes")
+    add("nodes", cmd_nodes, "list nodes with role, liveness and replication lag")
+    leader = sub.add_parser("leader", help="leadership").add_subparsers(dest="sub", required=True)
+    sp = add("transfer", cmd_leader_transfer, "hand leadership to another server", leader)
+    sp.add_argument("node", nargs="?", help="target server id (default: any up-to-date server)")
+
+    kv = sub.add_parser("kv", help="debug key/value store (replicated)").add_subparsers(dest="sub", required=True)
+    sp = add("put", cmd_kv_put, "set a key", kv)
+    sp.add_argument("key")
+    sp.add_argument("value")
+    sp.add_argument("--idempotency-key", default=None, help="retries with the same key apply once")
+    sp.add_argument("--retry", type=float, default=10.0, help="seconds to retry transient failures")
+    levels = ["stale", "leader", "linearizable"]
+    sp = add("get", cmd_kv_get, "read a key", kv)
+    sp.add_argument("key")
+    sp.add_argument("--level", choices=levels, default="linearizable")
+    sp = add("delete", cmd_kv_delete, "delete a key", kv)
+    sp.add_argument("key")
+    sp = add("list", cmd_kv_list, "list keys by prefix", kv)
+    sp.add_argument("prefix", nargs="?", default="")
+    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--level", choices=levels, default="leader")
+    sp = add("state", cmd_state, "replicated state summary and digest")
+    sp.add_argument("--level", choices=levels, default="stale")
+
+    dev = sub.add_parser("dev", help="local multi-node cluster on loopback").add_subparsers(dest="sub", required=True)
+    sp = add("up", cmd_dev_up, "start a local cluster of real agent processes", dev)
+    sp.add_argument("--servers", type=int, default=3, choices=[1, 3, 5])
+    sp.add_argument("--workers", type=int, default=2)
+    sp.add_argument("--base-port", type=int, default=7400)
+    sp.add_argument("--dir", default=DEV_DIR)
+    sp = add("down", cmd_dev_down, "stop the local cluster", dev)
+    sp.add_argument("--dir", default=DEV_DIR)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cortex.client import CortexError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UsageError as exc:
+        print(f"cortex: {exc}", file=sys.stderr)
+        return 2
+    except CortexError as exc:
+        hint = {
+            "UNAVAILABLE": f"is a node listening at {args.addr}? start one with `just up`, or pass --addr",
+            "FAILED_PRECONDITION": "see `cortex status` for what the node is waiting for",
+            "DEADLINE_EXCEEDED": "the cluster may have lost quorum; check `cortex status` and retry",
+        }.get(exc.code.name, "")
+        print(f"cortex: {exc.details or exc.code.name}" + (f"\n  hint: {hint}" if hint else ""), file=sys.stderr)
+        return 1
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"cortex: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""gRPC client for a Cortex node: deadlines on every call, idempotency keys on every write, bounded retries."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import grpc
+
+from cortex._proto.cortex.v1 import cortex_pb2 as pb
+from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
+
+LEVELS = {"stale": pb.STALE, "leader": pb.LEADER, "linearizable": pb.LINEARIZABLE}
+DEFAULT_TIMEOUT = 10.0
+# Errors after which a retry with the same idempotency key is safe and may succeed.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
+
+
+def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Reconnect quickly after a peer restarts: the default backoff grows to 2 minutes.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", 0),  # retries are ours, keyed by idempotency keys
+    ]
+
+
+def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+
+
+class CortexError(RuntimeError):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class Client:
+    """Talks to one node (which forwards to the leader when needed)."""
+
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT):
+        self.address = address
+        self.timeout = timeout
+        self.channel = open_channel(address)
+        self.stub = pb_grpc.ClusterStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise CortexError(exc.code(), exc.details() or "") from None
+
+    # --- writes ---------------------------------------------------------------------------------------
+    def write(self, command_type: str, args: dict, idempotency_key: str | None = None,
+              retry_for: float = 0.0) -> dict:
+        """Apply a command; retry transient failures with the same key for up to `retry_for` seconds."""
+        key = idempotency_key or uuid.uuid4().hex
+        request = pb.WriteRequest(command=pb.Command(type=command_type, args_json=json.dumps(args).encode(),
+                                                     idempotency_key=key))
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                response = self._call(self.stub.Write, request)
+                return {**json.loads(response.result_json), "_index": response.index,
+                        "_duplicate": response.duplicate}
+            except CortexError as exc:
+                if exc.code not in RETRYABLE or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def put(self, key: str, value: str, **kw) -> dict:
+        return self.write("kv.put", {"key": key, "value": value}, **kw)
+
+    def write_batch(self, commands: list[tuple[str, dict]]) -> pb.WriteBatchResponse:
+        request = pb.WriteBatchRequest(commands=[
+            pb.Command(type=t, args_json=json.dumps(a).encode(), idempotency_key=uuid.uuid4().hex)
+            for t, a in commands
+        ])
+        return self._call(self.stub.WriteBatch, request)
+
+    # --- reads ----------------------------------------------------------------------------------------
+    def read(self, query: str, args: dict | None = None, level: str = "leader") -> Any:
+        response = self._call(self.stub.Read, pb.ReadRequest(
+            query=query, args_json=json.dumps(args or {}).encode(), level=LEVELS[level]))
+        return json.loads(response.result_json)
+
+    def get(self, key: str, level: str = "linearizable") -> str | None:
+        row = self.read("kv.get", {"key": key}, level=level)
+        return row["value"] if row else None
+
+    def status(self) -> pb.StatusResponse:
+        return self._call(self.stub.Status, pb.StatusRequest())
+
+    def transfer_leadership(self, target: str = "") -> pb.TransferLeadershipResponse:
+        return self._call(self.stub.TransferLeadership, pb.TransferLeadershipRequest(target_node_id=target),
+                          timeout=max(self.timeout, 15))
+
+
+class AdminClient:
+    """The local node's admin API over its unix socket."""
+
+    def __init__(self, socket_path: str, timeout: float = 30.0):
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(f"unix:{socket_path}")
+        self.stub = pb_grpc.AdminStub(self.channel)
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise CortexError(exc.code(), exc.details() or "") from None
+
+    def init(self) -> pb.InitResponse:
+        return self._call(self.stub.Init, pb.InitRequest())
+
+    def join(self, address: str, token: str) -> pb.JoinClusterResponse:
+        return self._call(self.stub.JoinCluster, pb.JoinClusterRequest(address=address, token=token))
+
+    def leave(self) -> pb.LeaveClusterResponse:
+        return self._call(self.stub.LeaveCluster, pb.LeaveClusterRequest())

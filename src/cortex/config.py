@@ -1,0 +1,272 @@
+"""Node configuration: typed dataclasses, parsed and validated in this one place.
+
+A config file is YAML. Every error names the file, the line and the dotted key, so a typo in a fleet's
+config is found from the message alone:  `node.yaml:7: raft.election_timeout_min: must be > 0`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROLES = ("server", "worker")
+NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the operator (file:line: key: problem)."""
+
+
+@dataclass(frozen=True)
+class RaftConfig:
+    """Consensus timings (seconds). Defaults keep failover near 1 s on a LAN or tailnet."""
+
+    election_timeout_min: float = 0.8
+    election_timeout_max: float = 1.6
+    heartbeat_interval: float = 0.1
+    # The leader steps down when it has not heard from a majority for this long; it must stay below the
+    # election timeout so a partitioned leader is gone before the majority can elect a new one.
+    leader_fallback_timeout: float = 0.6
+    connection_timeout: float = 2.0
+    log_compaction_entries: int = 5000
+    log_compaction_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    address: str
+    token: str = ""
+    token_file: str = ""
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    """What an agent that is not yet in a cluster does at start. Nothing by default: it waits."""
+
+    init: bool = False
+    join: JoinConfig | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    node_id: str
+    role: str = "server"
+    data_dir: Path = Path("/var/lib/cortex")
+    grpc_address: str = "127.0.0.1:7400"
+    raft_address: str = "127.0.0.1:7401"
+    admin_socket: Path | None = None
+    raft: RaftConfig = field(default_factory=RaftConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    max_message_bytes: int = 4 * 1024 * 1024
+    source: str = "<defaults>"
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return self.admin_socket or self.data_dir / "admin.sock"
+
+
+# --- parsing -----------------------------------------------------------------------------------------------
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("json", "text")
+
+
+class _Reader:
+    """Walks a composed YAML tree, so every value keeps the line it came from."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, node: yaml.Node | None, key: str, problem: str) -> ConfigError:
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        return ConfigError(f"{self.source}{line}: {key}: {problem}")
+
+    def mapping(self, node: yaml.Node, key: str, allowed: dict[str, str]) -> dict[str, yaml.Node]:
+        """Return {name: value node}; unknown keys are an error listing the allowed ones."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, key or "<top>", "must be a mapping")
+        out: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            dotted = f"{key}.{name}" if key else str(name)
+            if name not in allowed:
+                raise self.fail(key_node, dotted, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+            if name in out:
+                raise self.fail(key_node, dotted, "given twice")
+            out[name] = value_node
+        return out
+
+    def scalar(self, node: yaml.Node, key: str, kind: type) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.fail(node, key, f"must be a {kind.__name__}")
+        value = yaml.safe_load(yaml.serialize(node))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is str and value is None:
+            raise self.fail(node, key, "must not be empty")
+        if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise self.fail(node, key, f"must be a {kind.__name__}, got {value!r}")
+        return value
+
+
+def _dataclass_from(reader: _Reader, node: yaml.Node, key: str, cls: type, custom: dict | None = None):
+    """Fill a flat dataclass of scalars from a mapping node (custom: field -> parser for nested ones)."""
+    custom = custom or {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kinds = {name: f.type for name, f in fields.items()}
+    allowed = {name: str(kinds[name]) for name in fields if name != "source"}
+    values = {}
+    for name, value_node in reader.mapping(node, key, allowed).items():
+        dotted = f"{key}.{name}" if key else name
+        if name in custom:
+            values[name] = custom[name](value_node, dotted)
+            continue
+        kind = {"float": float, "int": int, "str": str, "bool": bool}[str(kinds[name]).split(" ")[0]]
+        values[name] = (reader.scalar(value_node, dotted, kind), value_node)
+    return values
+
+
+def _check_address(reader: _Reader, node: yaml.Node, key: str, value: str) -> str:
+    match = ADDRESS_RE.match(value)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise reader.fail(node, key, f"must be HOST:PORT with a port 1-65535, got {value!r}")
+    return value
+
+
+def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> Config:
+    """Parse and validate a config document; raise ConfigError naming file, line and key."""
+    reader = _Reader(source)
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if root is None:
+        raise ConfigError(f"{source}: empty config: at least node.id is required")
+    top = reader.mapping(
+        root,
+        "",
+        {
+            "node": "",
+            "data_dir": "",
+            "listen": "",
+            "admin_socket": "",
+            "raft": "",
+            "bootstrap": "",
+            "log": "",
+            "max_message_bytes": "",
+        },
+    )
+    base_dir = base_dir or Path.cwd()
+    kwargs: dict[str, Any] = {"source": source}
+
+    if "node" not in top:
+        raise reader.fail(root, "node", "required (node.id and node.role)")
+    node = reader.mapping(top["node"], "node", {"id": "", "role": ""})
+    if "id" not in node:
+        raise reader.fail(top["node"], "node.id", "required")
+    node_id = reader.scalar(node["id"], "node.id", str)
+    if not NODE_ID_RE.match(node_id):
+        raise reader.fail(node["id"], "node.id", "use 1-63 lowercase letters, digits and '-', starting alphanumeric")
+    kwargs["node_id"] = node_id
+    if "role" in node:
+        role = reader.scalar(node["role"], "node.role", str)
+        if role not in ROLES:
+            raise reader.fail(node["role"], "node.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        kwargs["role"] = role
+
+    if "data_dir" in top:
+        kwargs["data_dir"] = (base_dir / reader.scalar(top["data_dir"], "data_dir", str)).resolve()
+    if "admin_socket" in top:
+        kwargs["admin_socket"] = (base_dir / reader.scalar(top["admin_socket"], "admin_socket", str)).resolve()
+    if "max_message_bytes" in top:
+        size = reader.scalar(top["max_message_bytes"], "max_message_bytes", int)
+        if not 64 * 1024 <= size <= 64 * 1024 * 1024:
+            raise reader.fail(top["max_message_bytes"], "max_message_bytes", "must be between 65536 and 67108864")
+        kwargs["max_message_bytes"] = size
+
+    if "listen" in top:
+        listen = reader.mapping(top["listen"], "listen", {"grpc": "", "raft": ""})
+        for name, attr in (("grpc", "grpc_address"), ("raft", "raft_address")):
+            if name in listen:
+                value = reader.scalar(listen[name], f"listen.{name}", str)
+                kwargs[attr] = _check_address(reader, listen[name], f"listen.{name}", value)
+
+    if "raft" in top:
+        values = _dataclass_from(reader, top["raft"], "raft", RaftConfig)
+        for name, (value, value_node) in values.items():
+            if value <= 0:
+                raise reader.fail(value_node, f"raft.{name}", f"must be > 0, got {value!r}")
+        raft = RaftConfig(**{name: value for name, (value, _) in values.items()})
+        if raft.election_timeout_min >= raft.election_timeout_max:
+            raise reader.fail(top["raft"], "raft.election_timeout_min", "must be below raft.election_timeout_max")
+        if raft.leader_fallback_timeout >= raft.election_timeout_min:
+            raise reader.fail(
+                top["raft"], "raft.leader_fallback_timeout", "must be below raft.election_timeout_min"
+            )
+        if raft.heartbeat_interval * 3 > raft.election_timeout_min:
+            raise reader.fail(top["raft"], "raft.heartbeat_interval", "must be at most a third of election_timeout_min")
+        kwargs["raft"] = raft
+
+    if "log" in top:
+        values = _dataclass_from(reader, top["log"], "log", LogConfig)
+        level, level_node = values.get("level", ("info", None))
+        fmt, fmt_node = values.get("format", ("json", None))
+        if level not in _LOG_LEVELS:
+            raise reader.fail(level_node, "log.level", f"must be one of {', '.join(_LOG_LEVELS)}")
+        if fmt not in _LOG_FORMATS:
+            raise reader.fail(fmt_node, "log.format", f"must be one of {', '.join(_LOG_FORMATS)}")
+        kwargs["log"] = LogConfig(level=level, format=fmt)
+
+    if "bootstrap" in top:
+        boot = reader.mapping(top["bootstrap"], "bootstrap", {"init": "", "join": ""})
+        init = reader.scalar(boot["init"], "bootstrap.init", bool) if "init" in boot else False
+        join = None
+        if "join" in boot:
+            fields = reader.mapping(boot["join"], "bootstrap.join", {"address": "", "token": "", "token_file": ""})
+            if "address" not in fields:
+                raise reader.fail(boot["join"], "bootstrap.join.address", "required")
+            address = _check_address(
+                reader, fields["address"], "bootstrap.join.address",
+                reader.scalar(fields["address"], "bootstrap.join.address", str),
+            )
+            token = reader.scalar(fields["token"], "bootstrap.join.token", str) if "token" in fields else ""
+            token_file = ""
+            if "token_file" in fields:
+                token_file = str(base_dir / reader.scalar(fields["token_file"], "bootstrap.join.token_file", str))
+            if not token and not token_file:
+                raise reader.fail(boot["join"], "bootstrap.join", "needs token or token_file")
+            join = JoinConfig(address=address, token=token, token_file=token_file)
+        if init and join:
+            raise reader.fail(top["bootstrap"], "bootstrap", "init and join exclude each other")
+        kwargs["bootstrap"] = BootstrapConfig(init=init, join=join)
+
+    config = Config(**kwargs)
+    if config.role == "worker" and config.bootstrap.init:
+        raise ConfigError(f"{source}: bootstrap.init: a worker cannot create a cluster; only a server can")
+    return config
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    return parse(text, source=str(path), base_dir=path.parent)

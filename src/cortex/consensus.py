@@ -1,0 +1,314 @@
+"""Raft, via pysyncobj, kept behind one small class so the rest of Cortex never touches pysyncobj directly.
+
+What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md §4a):
+- one replicated method, `_apply(bytes)`, so the command schema is versioned by Cortex and not by Python
+  method names;
+- the log index handed to the state machine, which stores it in the same transaction as the change;
+- snapshots that are SQLite backups (no fork, no pickled object state);
+- batching off, so a confirmed write does not wait for a 100 ms tick;
+- a restricted unpickler on the Raft port, on top of the mandatory Fernet password;
+- a barrier for linearizable reads (pysyncobj reads local state only).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pysyncobj.pickle as syncobj_pickle
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.node import TCPNode
+
+from cortex.config import RaftConfig
+from cortex.state import StateStore
+
+log = logging.getLogger("cortex.consensus")
+
+_SNAPSHOT_MAGIC = b"CXSNAP1\n"
+
+
+class ProposalError(RuntimeError):
+    """A command was not committed. `maybe_applied` says whether it could still have been."""
+
+    def __init__(self, message: str, maybe_applied: bool = False):
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
+
+
+class NotLeader(ProposalError):
+    pass
+
+
+# --- a restricted unpickler for the Raft port -----------------------------------------------------------
+# pysyncobj frames are pickles. The Fernet password already authenticates them; this is defence in depth
+# for a leaked secret: only plain data and pysyncobj's node classes may be built, never arbitrary callables.
+_ALLOWED_GLOBALS = {
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "complex"),
+    ("collections", "OrderedDict"), ("collections", "deque"),
+    ("pysyncobj.node", "TCPNode"), ("pysyncobj.node", "Node"),
+    ("_codecs", "encode"),  # protocol 2 pickles of bytes use it
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        # Protocol-2 pickles name Python 2 modules; the base class maps them, so check the mapped name.
+        if (module, name) in _ALLOWED_GLOBALS or (
+                module in ("__builtin__", "copy_reg", "_codecs") and ("builtins", name) in _ALLOWED_GLOBALS):
+            return super().find_class(module, name)
+        log.warning("refused a Raft frame", extra={"fields": {"global": f"{module}.{name}"}})
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a Raft peer")
+
+
+def _safe_loads(data):
+    return _SafeUnpickler(io.BytesIO(syncobj_pickle.to_bytes(data))).load()
+
+
+syncobj_pickle.loads = _safe_loads
+
+
+@dataclass(frozen=True)
+class RaftStatus:
+    state: str  # leader | follower | candidate
+    term: int
+    leader: str  # raft address of the leader, "" when unknown
+    commit_index: int
+    applied_index: int
+    has_quorum: bool
+    match_index: dict[str, int]  # leader only: raft address -> match index
+    connected: dict[str, bool]  # raft address -> connected
+
+
+_STATES = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+class RaftNode(SyncObj):
+    """A voting member. The state machine is a StateStore; every entry is an encoded command envelope."""
+
+    def __init__(self, store: StateStore, self_address: str, peers: list[str], raft: RaftConfig, secret: str,
+                 data_dir: Path, on_state_change: Callable[[], None] | None = None):
+        self.store = store
+        self._snapshot_tmp = data_dir / "snapshot.tmp.db"
+        self._on_state_change = on_state_change
+        conf = SyncObjConf(
+            password=secret,
+            appendEntriesUseBatch=False,
+            dynamicMembershipChange=True,
+            raftMinTimeout=raft.election_timeout_min,
+            raftMaxTimeout=raft.election_timeout_max,
+            appendEntriesPeriod=raft.heartbeat_interval,
+            leaderFallbackTimeout=raft.leader_fallback_timeout,
+            connectionTimeout=max(raft.connection_timeout, raft.election_timeout_max),
+            connectionRetryTime=0.2,
+            journalFile=str(data_dir / "raft.journal"),
+            fullDumpFile=str(data_dir / "raft.snapshot"),
+            serializer=self._write_snapshot,
+            deserializer=self._read_snapshot,
+            useFork=False,
+            logCompactionMinEntries=raft.log_compaction_entries,
+            logCompactionMinTime=raft.log_compaction_seconds,
+            onStateChanged=lambda old, new: self._state_changed(old, new),
+            autoTickPeriod=0.01,
+            bindAddress=self_address,  # pysyncobj binds every interface unless told
+        )
+        super().__init__(self_address, [p for p in peers if p != self_address], conf)
+        # pysyncobj stops ticking when the thread that built it exits; Raft may be started from a join
+        # request's thread, so tie the tick thread to the process's main thread instead.
+        self._SyncObj__mainThread = threading.main_thread()
+
+    # --- the single replicated method ----------------------------------------------------------------
+    @replicated
+    def _apply(self, data: bytes) -> dict:
+        # Runs on pysyncobj's tick thread, in log order. The entry being applied is the one after the last
+        # applied index (no-ops and membership entries also advance it, so the numbering is Raft's own).
+        return self.store.apply(self.raftLastApplied + 1, data)
+
+    def propose(self, data: bytes, timeout: float) -> tuple[dict, int]:
+        """Replicate `data` and wait until it is applied here. Returns (result, log index)."""
+        done = threading.Event()
+        box: dict = {}
+
+        def callback(result, error):
+            box["result"], box["error"] = result, error
+            box["index"] = self.raftLastApplied + 1
+            done.set()
+
+        self._apply(data, callback=callback)
+        if not done.wait(timeout):
+            raise ProposalError(f"not committed within {timeout:.1f}s (no quorum?)", maybe_applied=True)
+        error = box["error"]
+        if error == FAIL_REASON.SUCCESS:
+            return box["result"], box["index"]
+        if error == FAIL_REASON.NOT_LEADER or error == FAIL_REASON.MISSING_LEADER:
+            raise NotLeader("not the leader", maybe_applied=False)
+        maybe = error in (FAIL_REASON.DISCARDED, FAIL_REASON.LEADER_CHANGED, FAIL_REASON.REQUEST_DENIED) \
+            or error == getattr(FAIL_REASON, "UNKNOWN_OUTCOME", -1)
+        raise ProposalError(f"proposal failed: {_fail_name(error)}", maybe_applied=maybe)
+
+    def propose_many(self, items: list[bytes], timeout: float) -> list[tuple[dict, int] | ProposalError]:
+        """Replicate several entries at once (pipelined); one outcome per item, in order."""
+        outcomes: list = [None] * len(items)
+        remaining = [len(items)]
+        lock, done = threading.Lock(), threading.Event()
+
+        def make_callback(i):
+            def callback(result, error):
+                if error == FAIL_REASON.SUCCESS:
+                    outcomes[i] = (result, self.raftLastApplied + 1)
+                else:
+                    outcomes[i] = ProposalError(f"proposal failed: {_fail_name(error)}; retry",
+                                                maybe_applied=error != FAIL_REASON.NOT_LEADER)
+                with lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        done.set()
+            return callback
+
+        if not items:
+            return []
+        for i, data in enumerate(items):
+            self._apply(data, callback=make_callback(i))
+        done.wait(timeout)
+        return [o if o is not None else ProposalError("not committed in time", maybe_applied=True)
+                for o in outcomes]
+
+    # --- status --------------------------------------------------------------------------------------
+    def status(self) -> RaftStatus:
+        raw = self.getStatus()
+        leader = raw.get("leader")
+        match = {k[len("match_idx_server_"):]: v for k, v in raw.items() if k.startswith("match_idx_server_")}
+        connected = {k[len("partner_node_status_server_"):]: v == 2
+                     for k, v in raw.items() if k.startswith("partner_node_status_server_")}
+        return RaftStatus(
+            state=_STATES.get(raw["state"], str(raw["state"])),
+            term=raw["raft_term"],
+            leader=leader.id if leader is not None else "",
+            commit_index=raw["commit_idx"],
+            applied_index=raw["last_applied"],
+            has_quorum=bool(raw["has_quorum"]),
+            match_index=match,
+            connected=connected,
+        )
+
+    def leader_address(self) -> str:
+        leader = self._getLeader()
+        return leader.id if leader is not None else ""
+
+    def is_leader(self) -> bool:
+        return self._isLeader()
+
+    def term(self) -> int:
+        return self.raftCurrentTerm
+
+    def members(self) -> list[str]:
+        return sorted([self.selfNode.id, *(n.id for n in self.otherNodes)])
+
+    # --- membership ----------------------------------------------------------------------------------
+    def _wait(self, start: Callable[[Callable], None], what: str, timeout: float) -> None:
+        done = threading.Event()
+        box = {}
+
+        def callback(result, error):
+            box["error"] = error
+            done.set()
+
+        start(callback)
+        if not done.wait(timeout):
+            raise ProposalError(f"{what}: no answer within {timeout:.1f}s", maybe_applied=True)
+        if box["error"] != FAIL_REASON.SUCCESS:
+            raise ProposalError(f"{what} failed: {_fail_name(box['error'])}", maybe_applied=True)
+
+    def add_member(self, address: str, timeout: float = 10.0) -> None:
+        if address in self.members():
+            return
+        self._wait(lambda cb: self.addNodeToCluster(address, callback=cb), f"adding {address}", timeout)
+
+    def start_add_member(self, address: str, wait: float = 0.5) -> None:
+        """Append an 'add server' change without waiting for its commit; fail fast if it is refused."""
+        if address in self.members():
+            return
+        done, box = threading.Event(), {}
+
+        def callback(result, error):
+            box["error"] = error
+            done.set()
+
+        self.addNodeToCluster(address, callback=callback)
+        if done.wait(wait) and box["error"] != FAIL_REASON.SUCCESS:
+            raise ProposalError(f"adding {address} refused: {_fail_name(box['error'])} "
+                                "(another membership change in progress?); retry", maybe_applied=False)
+
+    def remove_member(self, address: str, timeout: float = 10.0) -> None:
+        if address not in self.members():
+            return
+        self._wait(lambda cb: self.removeNodeFromCluster(address, callback=cb), f"removing {address}", timeout)
+
+    def transfer_leadership_to(self, address: str | None, timeout: float = 10.0) -> None:
+        node = TCPNode(address) if address else None
+        self._wait(lambda cb: self.transferLeadership(node, callback=cb), "leadership transfer", timeout)
+
+    # --- snapshots: SQLite backups framed with pysyncobj's log metadata --------------------------------
+    def _write_snapshot(self, path: str, raft_meta) -> None:
+        # raft_meta is (last applied entry, the entry before it, cluster members): pysyncobj's own data,
+        # pickled with its own format; the database follows as a SQLite file image.
+        self.store.backup_to(self._snapshot_tmp)
+        try:
+            meta = syncobj_pickle.dumps(raft_meta)
+            with open(path, "wb") as out, open(self._snapshot_tmp, "rb") as db:
+                out.write(_SNAPSHOT_MAGIC + struct.pack(">Q", len(meta)) + meta)
+                while chunk := db.read(1 << 20):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            self._snapshot_tmp.unlink(missing_ok=True)
+
+    def _read_snapshot(self, path: str):
+        with open(path, "rb") as f:
+            if f.read(len(_SNAPSHOT_MAGIC)) != _SNAPSHOT_MAGIC:
+                raise ValueError(f"{path} is not a Cortex snapshot")
+            (size,) = struct.unpack(">Q", f.read(8))
+            raft_meta = _safe_loads(f.read(size))
+            with open(self._snapshot_tmp, "wb") as db:
+                while chunk := f.read(1 << 20):
+                    db.write(chunk)
+        try:
+            restored = self.store.restore_from(self._snapshot_tmp)
+            log.info("snapshot loaded", extra={"fields": {"restored": restored,
+                                                         "index": self.store.last_applied}})
+        finally:
+            self._snapshot_tmp.unlink(missing_ok=True)
+        return tuple(raft_meta)
+
+    def _state_changed(self, old, new) -> None:
+        if self._on_state_change is not None:
+            self._on_state_change()
+
+    def barrier(self, data: bytes, timeout: float) -> int:
+        """Commit a no-op through the log; once applied here, every earlier write is visible locally."""
+        _, index = self.propose(data, timeout)
+        return index
+
+
+def _fail_name(code) -> str:
+    for name in dir(FAIL_REASON):
+        if not name.startswith("_") and getattr(FAIL_REASON, name) == code:
+            return name
+    return str(code)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,389 @@
+"""The replicated state machine: a SQLite database changed only by applying stamped commands.
+
+This module is the deterministic core. It knows nothing of sockets, Raft or clocks: `apply(index, data)`
+takes a log index and an encoded envelope and changes the database in one transaction that also records
+the index, so a replay after a restart never applies an entry twice. Reads open their own connections and
+never block apply (WAL mode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from cortex.commands import Envelope
+
+# Versioned migrations: append only. PRAGMA user_version records how many have run.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('server', 'worker')),
+        grpc_address TEXT NOT NULL,
+        raft_address TEXT NOT NULL DEFAULT '',
+        joined_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE kv (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        create_index INTEGER NOT NULL,
+        mod_index INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE join_tokens (
+        token_hash TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        uses_left INTEGER
+    );
+    -- Results of applied commands by idempotency key: a retried write returns the first result.
+    CREATE TABLE requests (
+        idem TEXT PRIMARY KEY,
+        log_index INTEGER NOT NULL,
+        result TEXT NOT NULL
+    );
+    CREATE INDEX requests_by_index ON requests (log_index);
+    """,
+]
+
+REQUEST_RETENTION = 100_000  # idempotency keys are remembered for this many log entries
+# Tables that make up the replicated state (the digest and snapshots cover exactly these).
+STATE_TABLES = ("meta", "nodes", "kv", "join_tokens", "requests")
+
+
+class StateStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._db = self._connect()
+        self._migrate()
+        self.last_applied = int(self._meta("last_applied_index", "0"))
+        self.fence_term = int(self._meta("fence_term", "0"))
+
+    # --- connections -----------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: durable against process crashes; a power loss may drop the newest transactions, which
+        # Raft replays from the log of the surviving majority.
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
+
+    def reader(self) -> sqlite3.Connection:
+        """A read-only connection for the calling thread."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                 check_same_thread=False, timeout=30)
+            db.execute("PRAGMA query_only=ON")
+            self._local.db = db
+        return db
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._db.close()
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version={number}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _meta(self, key: str, default: str) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    # --- apply ---------------------------------------------------------------------------------------
+    def apply(self, index: int, data: bytes) -> dict:
+        """Apply the log entry at `index`. Deterministic: same (index, data) → same database change."""
+        with self._write_lock:
+            if index <= self.last_applied:
+                return {"skipped": True, "reason": f"index {index} already applied"}
+            env = Envelope.decode(data)
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = self._apply_envelope(db, index, env)
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('last_applied_index', ?)", (str(index),))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self.last_applied = index
+            return result
+
+    def _apply_envelope(self, db: sqlite3.Connection, index: int, env: Envelope) -> dict:
+        if env.term < self.fence_term:
+            # Proposed by a leader that has since been replaced: its decision must not take effect. Not
+            # recorded under the idempotency key, so a retry through the current leader goes through.
+            return {"error": f"stale term {env.term} < {self.fence_term}: proposed by a deposed leader; retry"}
+        if env.term > self.fence_term:
+            self.fence_term = env.term
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('fence_term', ?)", (str(env.term),))
+        row = db.execute("SELECT result FROM requests WHERE idem=?", (env.idem,)).fetchone()
+        if row is not None:
+            return {**json.loads(row[0]), "duplicate": True}
+        handler = _HANDLERS.get(env.type)
+        if handler is None:
+            result = {"error": f"unknown command type {env.type!r}"}
+        else:
+            result = handler(db, index, env)
+        if env.type != "noop":
+            db.execute("INSERT INTO requests VALUES (?, ?, ?)", (env.idem, index, json.dumps(result)))
+            if index % 1000 == 0:
+                db.execute("DELETE FROM requests WHERE log_index < ?", (index - REQUEST_RETENTION,))
+        return result
+
+    # --- reads ---------------------------------------------------------------------------------------
+    def query(self, name: str, args: dict) -> Any:
+        handler = _QUERIES.get(name)
+        if handler is None:
+            raise KeyError(f"unknown query {name!r}; known: {', '.join(sorted(_QUERIES))}")
+        db = self.reader()
+        db.execute("BEGIN")
+        try:
+            return handler(db, args)
+        finally:
+            db.execute("COMMIT")
+
+    def applied_index(self) -> int:
+        return self.last_applied
+
+    def digest(self) -> str:
+        """SHA-256 over the replicated tables in key order: equal on replicas that applied the same log."""
+        return _digest(self.reader())
+
+    # --- snapshots -------------------------------------------------------------------------------------
+    def backup_to(self, path: Path) -> int:
+        """Write a consistent copy of the database to `path`; return the applied index it holds."""
+        with self._write_lock:
+            target = sqlite3.connect(path)
+            try:
+                self._db.backup(target)
+            finally:
+                target.close()
+            return self.last_applied
+
+    def restore_from(self, path: Path) -> bool:
+        """Replace the state with the snapshot at `path` unless ours is at least as new. True if restored."""
+        source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = source.execute("SELECT value FROM meta WHERE key='last_applied_index'").fetchone()
+            snapshot_index = int(row[0]) if row else 0
+            with self._write_lock:
+                if snapshot_index <= self.last_applied:
+                    return False
+                source.backup(self._db)
+                self.last_applied = int(self._meta("last_applied_index", "0"))
+                self.fence_term = int(self._meta("fence_term", "0"))
+                return True
+        finally:
+            source.close()
+
+
+def _digest(db: sqlite3.Connection) -> str:
+    h = hashlib.sha256()
+    for table in STATE_TABLES:
+        h.update(table.encode())
+        for row in db.execute(f"SELECT * FROM {table} ORDER BY 1"):
+            if table == "meta" and row[0] == "last_applied_index":
+                continue  # equal states may sit at different indexes (no-op barriers)
+            h.update(json.dumps(row, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+# --- command handlers: (db, index, envelope) -> result; pure functions of their inputs and the db -------
+
+def _kv_row(db: sqlite3.Connection, key: str) -> dict | None:
+    row = db.execute("SELECT value, version, create_index, mod_index FROM kv WHERE key=?", (key,)).fetchone()
+    if row is None:
+        return None
+    return {"key": key, "value": row[0], "version": row[1], "create_index": row[2], "mod_index": row[3]}
+
+
+def _h_noop(db, index, env) -> dict:
+    return {}
+
+
+def _h_kv_put(db, index, env) -> dict:
+    key, value = env.args["key"], env.args["value"]
+    db.execute(
+        """INSERT INTO kv VALUES (?, ?, 1, ?, ?, ?)
+           ON CONFLICT(key) DO UPDATE SET value=excluded.value, version=version+1,
+             mod_index=excluded.mod_index, updated_at=excluded.updated_at""",
+        (key, value, index, index, env.ts),
+    )
+    return {"key": key, "version": _kv_row(db, key)["version"], "index": index}
+
+
+def _h_kv_delete(db, index, env) -> dict:
+    deleted = db.execute("DELETE FROM kv WHERE key=?", (env.args["key"],)).rowcount
+    return {"key": env.args["key"], "deleted": bool(deleted)}
+
+
+def _h_kv_cas(db, index, env) -> dict:
+    key, expected = env.args["key"], env.args["expected"]
+    current = _kv_row(db, key)
+    current_value = current["value"] if current else None
+    if current_value != expected:
+        return {"key": key, "succeeded": False, "current": current_value}
+    _h_kv_put(db, index, env)
+    return {"key": key, "succeeded": True}
+
+
+def _h_node_register(db, index, env) -> dict:
+    a = env.args
+    existing = db.execute("SELECT role, grpc_address, raft_address FROM nodes WHERE id=?", (a["node_id"],)).fetchone()
+    if existing == (a["role"], a["grpc_address"], a["raft_address"]):
+        return {"node_id": a["node_id"], "registered": True, "unchanged": True}
+    if a["token_hash"]:
+        problem = token_problem(db, a["token_hash"], a["role"], env.ts)
+        if problem:
+            return {"error": problem}
+        db.execute(
+            "UPDATE join_tokens SET uses_left = uses_left - 1 WHERE token_hash=? AND uses_left IS NOT NULL",
+            (a["token_hash"],),
+        )
+    db.execute(
+        """INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?)
+           ON CONFLICT(id) DO UPDATE SET role=excluded.role, grpc_address=excluded.grpc_address,
+             raft_address=excluded.raft_address, updated_at=excluded.updated_at""",
+        (a["node_id"], a["role"], a["grpc_address"], a["raft_address"], env.ts, env.ts),
+    )
+    return {"node_id": a["node_id"], "registered": True}
+
+
+def token_problem(db: sqlite3.Connection, token_hash: str, role: str, now: float) -> str:
+    """Why this token cannot admit a node of `role` at time `now` ('' when it can)."""
+    row = db.execute(
+        "SELECT role, expires_at, uses_left FROM join_tokens WHERE token_hash=?", (token_hash,)
+    ).fetchone()
+    if row is None:
+        return "join token not recognised by this cluster; create one with `cortex init` output or ask an operator"
+    token_role, expires_at, uses_left = row
+    if token_role == "worker" and role == "server":
+        return "this join token admits workers only"
+    if expires_at is not None and now >= expires_at:
+        return "join token expired; create a new one"
+    if uses_left is not None and uses_left <= 0:
+        return "join token already used up; create a new one"
+    return ""
+
+
+def _h_node_remove(db, index, env) -> dict:
+    removed = db.execute("DELETE FROM nodes WHERE id=?", (env.args["node_id"],)).rowcount
+    return {"node_id": env.args["node_id"], "removed": bool(removed)}
+
+
+def _h_token_add(db, index, env) -> dict:
+    a = env.args
+    db.execute(
+        "INSERT OR IGNORE INTO join_tokens VALUES (?, ?, ?, ?, ?)",
+        (a["token_hash"], a["role"], env.ts, a["expires_at"], a["uses"]),
+    )
+    return {"token_hash": a["token_hash"], "added": True}
+
+
+def _h_cluster_init(db, index, env) -> dict:
+    existing = db.execute("SELECT value FROM meta WHERE key='cluster_id'").fetchone()
+    if existing and existing[0] != env.args["cluster_id"]:
+        return {"error": f"state already belongs to cluster {existing[0]}"}
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('cluster_id', ?)", (env.args["cluster_id"],))
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('created_at', ?)", (repr(env.ts),))
+    return {"cluster_id": env.args["cluster_id"]}
+
+
+_HANDLERS = {
+    "noop": _h_noop,
+    "kv.put": _h_kv_put,
+    "kv.delete": _h_kv_delete,
+    "kv.cas": _h_kv_cas,
+    "node.register": _h_node_register,
+    "node.remove": _h_node_remove,
+    "token.add": _h_token_add,
+    "cluster.init": _h_cluster_init,
+}
+
+
+# --- queries: (read connection, args) -> JSON-able ------------------------------------------------------
+
+def _q_kv_get(db, args) -> dict | None:
+    key = args.get("key")
+    if not isinstance(key, str):
+        raise ValueError("kv.get needs a string 'key'")
+    return _kv_row(db, key)
+
+
+def _q_kv_list(db, args) -> list[dict]:
+    prefix = args.get("prefix", "")
+    limit = int(args.get("limit", 1000))
+    if not isinstance(prefix, str) or not 1 <= limit <= 10_000:
+        raise ValueError("kv.list takes a string 'prefix' and a 'limit' of 1..10000")
+    rows = db.execute(
+        "SELECT key FROM kv WHERE key >= ? AND substr(key, 1, ?) = ? ORDER BY key LIMIT ?",
+        (prefix, len(prefix), prefix, limit),
+    ).fetchall()
+    return [_kv_row(db, row[0]) for row in rows]
+
+
+def _q_nodes(db, args) -> list[dict]:
+    cols = ("id", "role", "grpc_address", "raft_address", "joined_at", "updated_at")
+    return [dict(zip(cols, row)) for row in db.execute(f"SELECT {', '.join(cols)} FROM nodes ORDER BY id")]
+
+
+def _q_token_check(db, args) -> dict:
+    return {"problem": token_problem(db, str(args.get("token_hash", "")), str(args.get("role", "")),
+                                     float(args.get("now", 0)))}
+
+
+def _q_cluster(db, args) -> dict:
+    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    return {
+        "cluster_id": meta.get("cluster_id", ""),
+        "last_applied_index": int(meta.get("last_applied_index", "0")),
+        "fence_term": int(meta.get("fence_term", "0")),
+        "kv_keys": db.execute("SELECT count(*) FROM kv").fetchone()[0],
+        "nodes": db.execute("SELECT count(*) FROM nodes").fetchone()[0],
+    }
+
+
+def _q_digest(db, args) -> dict:
+    return {"digest": _digest(db)}
+
+
+_QUERIES = {
+    "kv.get": _q_kv_get,
+    "kv.list": _q_kv_list,
+    "nodes": _q_nodes,
+    "token.check": _q_token_check,
+    "cluster": _q_cluster,
+    "digest": _q_digest,
+}
+
+
+def remove_database(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(f"{path}{suffix}")
+        except FileNotFoundError:
+            pass
