@@ -562,7 +562,8 @@ class Agent:
         try:
             result = self.store.query(request.query, args)
         except (KeyError, ValueError, TypeError) as exc:
-            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc).strip("'\"")) from None
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(message)) from None
         return pb.ReadResponse(result_json=json.dumps(result).encode(), applied_index=self.store.last_applied,
                                served_by=self.config.node_id)
 

@@ -52,6 +52,8 @@ class NotLeader(ProposalError):
 # for a leaked secret: only plain data and pysyncobj's node classes may be built, never arbitrary callables.
 _ALLOWED_GLOBALS = {
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "complex"),
+    ("builtins", "bytes"), ("builtins", "str"), ("builtins", "int"), ("builtins", "float"),
+    ("builtins", "tuple"), ("builtins", "list"), ("builtins", "dict"), ("builtins", "bool"),
     ("collections", "OrderedDict"), ("collections", "deque"),
     ("pysyncobj.node", "TCPNode"), ("pysyncobj.node", "Node"),
     ("_codecs", "encode"),  # protocol 2 pickles of bytes use it

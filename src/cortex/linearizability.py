@@ -54,8 +54,11 @@ event means the operation it belongs to has not been linearized although it
 has already completed, so the search backtracks.  The cache of
 (linearized-set, model-state) pairs means no configuration is explored twice,
 which is what keeps the search polynomial in practice for modest concurrency.
-The search is iterative (explicit stack), so long histories do not hit
-Python's recursion limit.
+Info operations are kept pending until the end, which can make that cache
+ineffective; a subsumption check (see ``_FailedConfigs``) prunes configurations
+that only differ from an already failed one by having linearized more info
+operations.  The search is iterative (explicit stack), so long histories do
+not hit Python's recursion limit.
 """
 
 from __future__ import annotations
@@ -454,39 +457,54 @@ def _apply(step: tuple[int, Any, Any], value: Any) -> tuple[bool, Any]:
 # The WGL search
 # --------------------------------------------------------------------------
 
-_END = -1  # "no next node" in the linked list
-_HEAD = 0  # sentinel node before the first event
+_END = -1  # "no next node" in the linked lists
+_HEAD = 0  # sentinel before the first event of the main list
 
 
 def _search(
-    ops: Sequence[Operation], initial: Any, key: Hashable, max_steps: Optional[int]
-) -> Optional[list[int]]:
+    ops: Sequence[Operation], initial: Any, key: Hashable, max_steps: int | None
+) -> list[int] | None:
     """Return None if ``ops`` is linearizable, else the longest linearizable
     prefix found (as indices into ``ops``, in linearization order)."""
-    # Events: (time, 0=call/1=return, op index).  Calls sort before returns at
-    # equal times, so touching intervals count as concurrent: clocks have
-    # finite resolution and we must not invent a real-time order.
-    # Info operations get no return event -- they never have to be linearized.
+    # The main list holds the call and return events of completed operations:
+    # (time, 0=call/1=return, op index).  Calls sort before returns at equal
+    # times, so touching intervals count as concurrent: clocks have finite
+    # resolution and we must not invent a real-time order.
     events: list[tuple[float, int, int]] = []
+    infos: list[tuple[float, int]] = []
     for i, op in enumerate(ops):
-        events.append((op.invoke, 0, i))
-        if op.status != INFO:
+        if op.status == INFO:
+            infos.append((op.invoke, i))
+        else:
+            events.append((op.invoke, 0, i))
             events.append((op.complete, 1, i))
     events.sort()
+    infos.sort()
 
-    # Node k (1-based) is events[k-1]; node 0 is the head sentinel.
-    size = len(events) + 1
+    # Info operations never complete, so they get no return event and live in
+    # a second list.  They are tried only after the completed candidates:
+    # exploring "info op not (yet) linearized" first lets _FailedConfigs prune
+    # most of the branches that do linearize it.
+    #
+    # Nodes: 0 = main head, 1..M = events, M+1 = info head, M+2.. = info calls.
+    n_main = len(events)
+    info_head = n_main + 1
+    size = n_main + len(infos) + 2
     nxt = list(range(1, size)) + [_END]
+    nxt[n_main] = _END  # the main list ends where the info list begins
     prv = [_END] + list(range(size - 1))
-    node_op = [-1] + [i for _, _, i in events]
-    is_call = [False] + [kind == 0 for _, kind, _ in events]
-    match = [_END] * size  # call node -> its return node (or _END for info ops)
+    prv[info_head] = _END
+    node_op = [-1] + [i for _, _, i in events] + [-1] + [i for _, i in infos]
+    node_time = [0.0] + [t for t, _, _ in events] + [0.0] + [t for t, _ in infos]
+    is_return = [False] + [kind == 1 for _, kind, _ in events] + [False] * (len(infos) + 1)
+    is_info = [False] * (n_main + 2) + [True] * len(infos)
+    match = [_END] * size  # call node -> its return node (_END for info calls)
     call_node = [0] * len(ops)
-    for node in range(1, size):
-        if is_call[node]:
-            call_node[node_op[node]] = node
-        else:
+    for node in range(1, n_main + 1):
+        if is_return[node]:
             match[call_node[node_op[node]]] = node
+        else:
+            call_node[node_op[node]] = node
 
     def unlink(node: int) -> None:
         p, n = prv[node], nxt[node]
@@ -504,55 +522,106 @@ def _search(
 
     steps = [_encode(op) for op in ops]
     bits = [1 << i for i in range(len(ops))]
+    info_mask = sum(bits[i] for _, i in infos)
+    failed = _FailedConfigs(info_mask) if info_mask else None
 
     linearized = 0  # bitmask of linearized op indices
     value = initial
     cache: set[tuple[int, Any]] = {(0, initial)}
-    stack: list[tuple[int, Any]] = []  # (call node, value before it) per linearized op
+    # Per linearized op: (its call node, value before it, deadline before it).
+    stack: list[tuple[int, Any, float]] = []
     order: list[int] = []  # linearized op indices, parallel to ``stack``
     best: list[int] = []
     budget = math.inf if max_steps is None else max_steps
     n_steps = 0
 
+    # ``deadline`` is the completion time of the earliest pending completed
+    # op; info ops invoked later than it are not minimal yet.  It is only
+    # meaningful while ``node`` walks the info list.
+    deadline = math.inf
     node = nxt[_HEAD]
     while True:
         n_steps += 1
         if n_steps > budget:
             raise SearchBudgetExceeded(key, n_steps - 1)
-        if node == _END:
-            # Scanned past every remaining event without meeting a return:
-            # every completed op is linearized; leftover info ops may be dropped.
-            return None
-        if is_call[node]:
-            i = node_op[node]
-            legal, new_value = _apply(steps[i], value)
-            if legal:
-                new_linearized = linearized | bits[i]
-                config = (new_linearized, new_value)
-                if config not in cache:
-                    cache.add(config)
-                    stack.append((node, value))
-                    order.append(i)
-                    linearized, value = new_linearized, new_value
-                    unlink(node)
-                    if match[node] != _END:
-                        unlink(match[node])
-                    if len(order) > len(best):
-                        best = order[:]
-                    node = nxt[_HEAD]
-                    continue
+        if node != _END and is_return[node]:
+            # End of the completed candidates; continue with the info ones.
+            deadline = node_time[node]
+            node = nxt[info_head]
+            continue
+        if node == _END or (is_info[node] and node_time[node] > deadline):
+            # Every candidate of this configuration has been tried.  Backtrack.
+            if not stack:
+                return best
+            if failed is not None:
+                failed.add(linearized, value)
+            node, value, deadline = stack.pop()
+            linearized &= ~bits[order.pop()]
+            if match[node] != _END:
+                relink(match[node])
+            relink(node)
             node = nxt[node]
             continue
-        # A return event: its operation completed but is not linearized, and
-        # no remaining minimal operation leads anywhere.  Backtrack.
-        if not stack:
-            return best
-        node, value = stack.pop()
-        linearized &= ~bits[order.pop()]
-        if match[node] != _END:
-            relink(match[node])
-        relink(node)
+
+        i = node_op[node]
+        legal, new_value = _apply(steps[i], value)
+        if legal:
+            new_linearized = linearized | bits[i]
+            config = (new_linearized, new_value)
+            if config not in cache and not (failed and failed.dominates(new_linearized, new_value)):
+                cache.add(config)
+                stack.append((node, value, deadline))
+                order.append(i)
+                linearized, value = new_linearized, new_value
+                unlink(node)
+                if match[node] != _END:
+                    unlink(match[node])
+                if len(order) > len(best):
+                    best = order[:]
+                if nxt[_HEAD] == _END:
+                    # Every completed op is linearized; the info ops left
+                    # over are simply taken not to have happened.
+                    return None
+                node = nxt[_HEAD]
+                continue
         node = nxt[node]
+
+
+class _FailedConfigs:
+    """Fully explored, failed configurations, to prune ones they dominate.
+
+    Info operations never *have* to be linearized, so each one left pending
+    doubles the number of configurations the plain WGL cache can tell apart.
+    But a configuration with more info operations linearized (and otherwise
+    the same completed operations and the same value) can only do less: its
+    pending operations are a subset, and the same return events bound them.
+    So once (ok-set O, info-set I, value v) has failed, every (O, I' ⊇ I, v)
+    will fail too and need not be explored.
+
+    Only *failed* configurations are recorded (never ones still on the DFS
+    stack), which keeps the soundness argument a simple induction on the
+    order in which configurations fail.
+    """
+
+    def __init__(self, info_mask: int) -> None:
+        self._info_mask = info_mask
+        # (ok-set, value) -> minimal info-sets (an antichain) known to fail.
+        self._minimal: dict[tuple[int, Any], list[int]] = {}
+
+    def _split(self, linearized: int, value: Any) -> tuple[tuple[int, Any], int]:
+        return (linearized & ~self._info_mask, value), linearized & self._info_mask
+
+    def dominates(self, linearized: int, value: Any) -> bool:
+        key, info = self._split(linearized, value)
+        return any(f & ~info == 0 for f in self._minimal.get(key, ()))
+
+    def add(self, linearized: int, value: Any) -> None:
+        key, info = self._split(linearized, value)
+        sets = self._minimal.setdefault(key, [])
+        if any(f & ~info == 0 for f in sets):
+            return  # already implied by a smaller failed info-set
+        sets[:] = [f for f in sets if info & ~f != 0]  # drop the ones this one implies
+        sets.append(info)
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,35 @@
+# Cortex tasks. Run ./bootstrap.sh once first (the README's commands do).
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+bin := justfile_directory() / ".venv/bin"
+
+# list the recipes
+default:
+    @just --list
+
+# start a local cluster of real agents on loopback (3 servers, 2 workers)
+up servers="3" workers="2":
+    {{bin}}/cortex dev up --servers {{servers}} --workers {{workers}}
+
+# stop the local cluster
+down:
+    {{bin}}/cortex dev down
+
+# the test suite (unit, multi-process cluster, bad input)
+test *args:
+    {{bin}}/python -m cortex.protogen --check
+    {{bin}}/python -m pytest {{args}}
+
+# benchmarks, Cortex beside etcd on loopback, printed as tables
+bench *args:
+    WITH_ETCD=1 ./bootstrap.sh
+    {{bin}}/python -m bench {{args}}
+
+# static checks and stub freshness
+lint:
+    {{bin}}/ruff check src tests bench
+    {{bin}}/python -m cortex.protogen --check
+
+# regenerate the gRPC stubs after editing proto/
+proto:
+    {{bin}}/python -m cortex.protogen

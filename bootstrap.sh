@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what Cortex needs on a fresh Debian 12 machine: python3-venv from apt when missing, then a
+# project virtualenv (.venv) holding Cortex, its dependencies and the dev tools (pytest, ruff, just).
+# Safe to run again: it only installs what is missing. WITH_ETCD=1 also installs etcd for `just bench`.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+packages=()
+python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
+if [ "${WITH_ETCD:-0}" = 1 ] && ! command -v etcd >/dev/null; then packages+=(etcd-server); fi
+if [ "${#packages[@]}" -gt 0 ]; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "bootstrap: installing ${packages[*]} with apt-get" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv" >&2
+  python3 -m venv .venv
+fi
+stamp=.venv/.cortex-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ -n "$(find proto -newer "$stamp" -name '*.proto')" ]; then
+  echo "bootstrap: installing Cortex and its tools into .venv" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch "$stamp"
+fi

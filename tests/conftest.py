@@ -1,0 +1,111 @@
+"""Shared fixtures: real agent processes on loopback, started through cortex.devcluster."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from cortex import devcluster
+from cortex.client import Client, CortexError
+
+_port_counter = itertools.count()
+
+
+def free_base_port(width: int = 20) -> int:
+    """A base port with `width` free ports above it, distinct per call and per pytest worker."""
+    start = 21000 + (os.getpid() % 200) * 100
+    for _ in range(200):
+        base = start + next(_port_counter) * width
+        if all(devcluster.port_free(p) for p in range(base, base + width)):
+            return base
+    raise RuntimeError("no free port range on loopback")
+
+
+class Cluster:
+    """A running dev cluster plus the verbs the tests need."""
+
+    def __init__(self, dc: devcluster.DevCluster):
+        self.dc = dc
+
+    @property
+    def nodes(self):
+        return self.dc.nodes
+
+    def node(self, node_id: str) -> devcluster.DevNode:
+        return self.dc.node(node_id)
+
+    def client(self, node_id: str, timeout: float = 10.0) -> Client:
+        return Client(self.node(node_id).grpc_address, timeout=timeout)
+
+    def leader(self, timeout: float = 15.0, exclude: tuple[str, ...] = ()) -> str:
+        """Id of the server that reports itself leader (waiting for an election if needed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for node in self.dc.servers:
+                if node.id in exclude or not devcluster.alive(node.pid):
+                    continue
+                try:
+                    with Client(node.grpc_address, timeout=1) as c:
+                        if c.status().state == "leader":
+                            return node.id
+                except CortexError:
+                    pass
+            time.sleep(0.05)
+        raise AssertionError(f"no leader within {timeout}s; logs: {self.dc.dir}")
+
+    def followers(self) -> list[str]:
+        leader = self.leader()
+        return [n.id for n in self.dc.servers if n.id != leader]
+
+    def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
+        devcluster.stop_node(self.node(node_id), sig)
+
+    def start(self, node_id: str) -> None:
+        devcluster.start_node(self.node(node_id))
+        self.dc.save()
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        devcluster.wait_healthy(self.dc, time.monotonic() + timeout)
+
+    def digests(self) -> dict[str, str]:
+        out = {}
+        for node in self.dc.servers:
+            with Client(node.grpc_address) as c:
+                out[node.id] = c.read("digest", {}, level="stale")["digest"]
+        return out
+
+    def wait_converged(self, timeout: float = 20.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            digests = self.digests()
+            if len(set(digests.values())) == 1 or time.monotonic() > deadline:
+                return digests
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path):
+    started: list[devcluster.DevCluster] = []
+
+    def make(servers: int = 3, workers: int = 0, raft: dict | None = None, name: str = "cluster") -> Cluster:
+        dc = devcluster.up(tmp_path / name, servers, workers, free_base_port(), timeout=60, raft=raft)
+        started.append(dc)
+        return Cluster(dc)
+
+    yield make
+    for dc in started:
+        devcluster.down(Path(dc.dir))
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    """One 3-server, 2-worker cluster for the tests that do not break anything."""
+    directory = tmp_path_factory.mktemp("shared")
+    dc = devcluster.up(directory, 3, 2, free_base_port(), timeout=60)
+    yield Cluster(dc)
+    devcluster.down(directory)
