@@ -539,6 +539,8 @@ def _search(
     # op; info ops invoked later than it are not minimal yet.  It is only
     # meaningful while ``node`` walks the info list.
     deadline = math.inf
+    if nxt[_HEAD] == _END:
+        return None  # nothing but info ops: none of them need to have happened
     node = nxt[_HEAD]
     while True:
         n_steps += 1

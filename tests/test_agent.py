@@ -1,0 +1,164 @@
+"""The agent as a process: config errors, explicit cluster formation, readiness, signals, join and leave."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cortex import devcluster
+from cortex.client import AdminClient, Client, CortexError
+from tests.conftest import free_base_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cortex(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "cortex", *args], capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cortex {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def write_config(directory: Path, node_id: str, port: int, role: str = "server", extra: str = "") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    raft = f"\n  raft: 127.0.0.1:{port + 1}" if role == "server" else ""
+    path = directory / "config.yaml"
+    path.write_text(f"node:\n  id: {node_id}\n  role: {role}\ndata_dir: data\n"
+                    f"listen:\n  grpc: 127.0.0.1:{port}{raft}\nlog:\n  format: text\n{extra}")
+    return path
+
+
+def start_agent(config: Path, env: dict | None = None) -> subprocess.Popen:
+    log = open(config.parent / "agent.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "cortex", "agent", "--config", str(config)], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=config.parent)
+
+
+def wait_status(address: str, predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with Client(address, timeout=1) as c:
+                last = c.status()
+                if predicate(last):
+                    return last
+        except CortexError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"status never matched; last: {last}")
+
+
+@pytest.fixture
+def procs():
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def test_malformed_config_exits_nonzero_naming_file_line_and_key(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node:\n  id: n1\nraft:\n  heartbeat_interval: soon\n")
+    proc = cortex("agent", "--config", str(bad), check=False)
+    assert proc.returncode == 2
+    assert f"{bad}:4: raft.heartbeat_interval: must be a float" in proc.stderr
+    check = cortex("config", "check", str(bad), check=False)
+    assert check.returncode == 2 and "raft.heartbeat_interval" in check.stderr
+
+
+def test_agent_without_bootstrap_waits_and_never_elects_itself(tmp_path: Path, procs):
+    port = free_base_port()
+    config = write_config(tmp_path / "a", "solo", port)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = tmp_path / "notify.sock"
+    notify.bind(str(notify_path))
+    notify.settimeout(20)
+    procs.append(start_agent(config, env={"NOTIFY_SOCKET": str(notify_path)}))
+    message = notify.recv(4096).decode()
+    assert "READY=1" in message and "waiting for init or join" in message
+    address = f"127.0.0.1:{port}"
+    time.sleep(2.0)  # longer than an election timeout: a member would have elected itself by now
+    status = wait_status(address, lambda s: True)
+    assert status.state == "uninitialized" and "cortex init" in status.waiting_for
+    assert devcluster.port_free(port + 1), "no Raft port may be open before init/join"
+    with Client(address) as c, pytest.raises(CortexError) as info:
+        c.put("k", "v")
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and "not in a cluster" in info.value.details
+
+    socket_path = config.parent / "data" / "admin.sock"
+    out = cortex("init", "--socket", str(socket_path), "--json")
+    created = json.loads(out.stdout)
+    assert created["cluster_id"].startswith("c-") and created["join_token"].startswith("cx1.")
+    status = wait_status(address, lambda s: s.state == "leader")
+    assert status.cluster_id == created["cluster_id"]
+    again = cortex("init", "--socket", str(socket_path), check=False)
+    assert again.returncode == 1 and "already belongs to cluster" in again.stderr
+    cortex("--addr", address, "kv", "put", "k", "v")
+    assert cortex("--addr", address, "kv", "get", "k").stdout.strip() == "v"
+
+    # SIGTERM is a clean shutdown
+    procs[0].terminate()
+    assert procs[0].wait(20) == 0
+    assert "STOPPING=1" in notify.recv(4096).decode()
+
+
+def test_join_with_bad_token_is_refused_and_changes_nothing(make_cluster, tmp_path: Path, procs):
+    cluster = make_cluster(1)
+    port = free_base_port()
+    config = write_config(tmp_path / "newcomer", "w9", port, role="worker")
+    procs.append(start_agent(config))
+    address = f"127.0.0.1:{port}"
+    wait_status(address, lambda s: s.state == "uninitialized")
+    with cluster.client("n1") as c:
+        before = c.read("digest", {}, level="linearizable")["digest"]
+    admin = AdminClient(str(config.parent / "data" / "admin.sock"))
+    for token in ("cx1.not-a-real-token", "", "x" * 5000):
+        with pytest.raises(CortexError) as info:
+            admin.join(cluster.node("n1").grpc_address, token)
+        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert "not recognised" in info.value.details
+    assert wait_status(address, lambda s: True).state == "uninitialized"
+    with cluster.client("n1") as c:
+        assert c.read("digest", {}, level="linearizable")["digest"] == before
+
+    token = (Path(cluster.node("n1").dir) / "data" / "join-token").read_text().strip()
+    joined = cortex("join", cluster.node("n1").grpc_address, "--token", token,
+                    "--socket", str(config.parent / "data" / "admin.sock"), "--json")
+    assert json.loads(joined.stdout)["cluster_id"]
+    wait_status(cluster.node("n1").grpc_address,
+                lambda s: any(n.id == "w9" and n.liveness == "alive" for n in s.nodes))
+
+    left = cortex("leave", "--socket", str(config.parent / "data" / "admin.sock"))
+    assert "left the cluster" in left.stdout
+    status = wait_status(cluster.node("n1").grpc_address, lambda s: all(n.id != "w9" for n in s.nodes))
+    assert [n.id for n in status.nodes] == ["n1"]
+    assert wait_status(address, lambda s: True).state == "uninitialized"
+
+
+def test_cli_status_tables_and_json(shared_cluster):
+    address = shared_cluster.node("n2").grpc_address
+    human = cortex("--addr", address, "status").stdout
+    assert "LIVENESS" in human and "n1" in human and "w2" in human
+    doc = json.loads(cortex("status", "--addr", address, "--json").stdout)
+    assert doc["cluster_id"] and {n["id"] for n in doc["nodes"]} == {"n1", "n2", "n3", "w1", "w2"}
+    nodes = json.loads(cortex("nodes", "--addr", address, "--json").stdout)
+    assert len(nodes) == 5
+    down = cortex("--addr", "127.0.0.1:1", "status", check=False)
+    assert down.returncode == 1 and "hint:" in down.stderr
+
+
+def test_grpc_stubs_are_fresh():
+    from cortex import protogen
+
+    assert protogen.check(ROOT / "proto", ROOT / "src" / "cortex" / "_proto") == []
