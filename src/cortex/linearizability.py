@@ -68,7 +68,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 __all__ = [
     "READ",
@@ -286,7 +286,7 @@ class Result:
     """
 
     ok: bool
-    key: Optional[Hashable] = None
+    key: Hashable | None = None
     explanation: str = ""
     linearized: tuple[Operation, ...] = ()
     unplaced: tuple[Operation, ...] = ()
@@ -315,9 +315,9 @@ class SearchBudgetExceeded(RuntimeError):
 
 def check(
     history: Iterable[Operation],
-    initial: Optional[Mapping[Hashable, Any]] = None,
+    initial: Mapping[Hashable, Any] | None = None,
     *,
-    max_steps: Optional[int] = None,
+    max_steps: int | None = None,
 ) -> Result:
     """Check a key/value history for linearizability.
 
@@ -327,7 +327,7 @@ def check(
     rather than returning a verdict that would be a guess.
     """
     initial = initial or {}
-    first_failure: Optional[Result] = None
+    first_failure: Result | None = None
     bad_keys: list[Hashable] = []
     for key, ops in partition_by_key(history).items():
         result = check_key(ops, initial.get(key), max_steps=max_steps)
@@ -359,7 +359,7 @@ def check_key(
     ops: Sequence[Operation],
     initial: Any = None,
     *,
-    max_steps: Optional[int] = None,
+    max_steps: int | None = None,
 ) -> Result:
     """Check the operations of a single key (all must share the same key)."""
     keys = {op.key for op in ops}
