@@ -239,3 +239,30 @@ def test_randomized_concurrent_workload_leaves_identical_replicas(make_cluster):
         t.join(120)
     digests = cluster.wait_converged()
     assert len(set(digests.values())) == 1, digests
+
+
+def test_raft_peer_with_wrong_secret_cannot_disturb_the_cluster(shared_cluster):
+    """A stranger (or a node of another cluster) speaking pysyncobj with another password is ignored."""
+    from pysyncobj import SyncObj, SyncObjConf
+
+    from tests.conftest import free_base_port
+
+    leader = shared_cluster.leader()
+    with shared_cluster.client(leader) as c:
+        term_before = c.status().term
+        digest_before = c.read("digest", {}, level="linearizable")["digest"]
+    port = free_base_port()
+    servers = [n.raft_address for n in shared_cluster.dc.servers]
+    # Short timeouts: the impostor starts elections (higher terms) against the real servers at once.
+    conf = SyncObjConf(password="not-the-cluster-secret", raftMinTimeout=0.3, raftMaxTimeout=0.5,
+                       appendEntriesPeriod=0.05, connectionTimeout=0.5, autoTick=True)
+    impostor = SyncObj(f"127.0.0.1:{port}", servers, conf=conf)
+    try:
+        time.sleep(3)
+        assert not impostor._isLeader() and impostor._getLeader() is None
+    finally:
+        impostor.destroy()
+    with shared_cluster.client(leader) as c:
+        status = c.status()
+        assert status.state == "leader" and status.term == term_before
+        assert c.read("digest", {}, level="linearizable")["digest"] == digest_before
