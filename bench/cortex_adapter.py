@@ -28,6 +28,7 @@ Two pipelining styles are offered, so the benchmark can report both:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -160,7 +161,7 @@ class CortexClient:
             except BaseException:
                 window.release()
                 raise
-            fut.add_done_callback(lambda f, n=len(chunk): on_done(f, n))
+            fut.add_done_callback(functools.partial(on_done, size=len(chunk)))
 
         _drain(window, in_flight, slot_wait)
         if errors:

@@ -93,7 +93,11 @@ def make_cluster(tmp_path: Path):
     started: list[devcluster.DevCluster] = []
 
     def make(servers: int = 3, workers: int = 0, raft: dict | None = None, name: str = "cluster") -> Cluster:
-        dc = devcluster.up(tmp_path / name, servers, workers, free_base_port(), timeout=60, raft=raft)
+        try:
+            dc = devcluster.up(tmp_path / name, servers, workers, free_base_port(), timeout=60, raft=raft)
+        except BaseException:
+            devcluster.down(tmp_path / name)  # never leave half a cluster running after a failed start
+            raise
         started.append(dc)
         return Cluster(dc)
 
@@ -106,6 +110,10 @@ def make_cluster(tmp_path: Path):
 def shared_cluster(tmp_path_factory):
     """One 3-server, 2-worker cluster for the tests that do not break anything."""
     directory = tmp_path_factory.mktemp("shared")
-    dc = devcluster.up(directory, 3, 2, free_base_port(), timeout=60)
+    try:
+        dc = devcluster.up(directory, 3, 2, free_base_port(), timeout=60)
+    except BaseException:
+        devcluster.down(directory)
+        raise
     yield Cluster(dc)
     devcluster.down(directory)

@@ -132,3 +132,25 @@ def test_readers_are_read_only(tmp_path: Path):
         raise AssertionError("a reader connection must not write")
     except sqlite3.OperationalError as exc:
         assert "readonly" in str(exc) or "read-only" in str(exc) or "query_only" in str(exc)
+
+
+def test_command_appended_in_another_term_than_stamped_is_fenced(tmp_path: Path):
+    store = StateStore(tmp_path / "s.db")
+    result = store.apply(2, env("kv.put", {"key": "a", "value": "x"}, term=3), entry_term=4)
+    assert result["error"].startswith("stale term 3 != log term 4")
+    assert store.query("kv.get", {"key": "a"}) is None and store.last_applied == 2
+    assert store.apply(3, env("kv.put", {"key": "a", "value": "y"}, term=4), entry_term=4)["version"] == 1
+
+
+def test_group_committed_batch_applies_in_one_transaction_with_per_command_results(tmp_path: Path):
+    from cortex.commands import encode_batch
+
+    store = StateStore(tmp_path / "s.db")
+    batch = encode_batch([env("kv.put", {"key": "b", "value": "1"}, idem="one"),
+                          env("kv.put", {"key": "b", "value": "2"}),
+                          env("kv.put", {"key": "c", "value": "3"}, idem="one")])  # a retry inside the batch
+    results = store.apply(2, batch)
+    assert [r.get("version") for r in results] == [1, 2, 1]
+    assert results[2]["duplicate"] is True and store.query("kv.get", {"key": "c"}) is None
+    assert store.apply(3, b"\xff not json")["error"].startswith("undecodable log entry")
+    assert store.last_applied == 3

@@ -28,7 +28,7 @@ from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import channel_options
 from cortex.commands import INTERNAL, CommandError, Envelope, parse_args_json, validate
 from cortex.config import Config
-from cortex.consensus import NotLeader, ProposalError, RaftNode, wait_until
+from cortex.consensus import GroupCommitter, NotLeader, ProposalError, RaftNode, wait_until
 from cortex.identity import Identity
 from cortex.logs import fields
 from cortex.state import StateStore
@@ -81,6 +81,7 @@ class Agent:
         self.identity: Identity | None = identity.load(self.data_dir)
         self.store: StateStore | None = None
         self.raft: RaftNode | None = None
+        self.committer: GroupCommitter | None = None
         self.peers = Peers(config.max_message_bytes)
         self._lock = threading.RLock()  # guards membership transitions (init/join/leave)
         self._stop = threading.Event()
@@ -190,9 +191,13 @@ class Agent:
             peers = sorted(set(known or ident.raft_peers) - {self.config.raft_address})
             self.raft = RaftNode(self.store, self.config.raft_address, peers, self.config.raft, ident.raft_secret,
                                  self.data_dir, on_state_change=self._update_health)
+            self.committer = GroupCommitter(self.raft)
         self.waiting_for = ""
 
     def _stop_member(self) -> None:
+        if self.committer is not None:
+            self.committer.close()
+            self.committer = None
         if self.raft is not None:
             self.raft.destroy()
             wait_until(lambda: not self.raft.tick_thread_alive(), 5)
@@ -485,7 +490,7 @@ class Agent:
         env = Envelope(type=command_type, args=args, id=command_id, ts=time.time(), term=term,
                        idem=idem or command_id)
         try:
-            result, index = self.raft.propose(env.encode(), timeout=FORWARD_TIMEOUT)
+            result, index = self.committer.propose(env.encode(), timeout=FORWARD_TIMEOUT)
         except NotLeader:
             raise AgentError(grpc.StatusCode.UNAVAILABLE, "leadership changed; retry") from None
         except ProposalError as exc:
@@ -518,7 +523,7 @@ class Agent:
             env = Envelope(type=command.type, args=args, id=command_id, ts=time.time(), term=term,
                            idem=command.idempotency_key or command_id)
             prepared.append(env.encode())
-        outcomes = self.raft.propose_many([p for p in prepared if isinstance(p, bytes)], timeout=FORWARD_TIMEOUT)
+        outcomes = self.committer.submit([p for p in prepared if isinstance(p, bytes)], timeout=FORWARD_TIMEOUT)
         results, errors = [], []
         it = iter(outcomes)
         for item in prepared:
@@ -556,7 +561,7 @@ class Agent:
             noop = Envelope(type="noop", args={}, id=uuid.uuid4().hex, ts=time.time(), term=self.raft.term(),
                             idem="")
             try:
-                self.raft.barrier(noop.encode(), timeout=FORWARD_TIMEOUT)
+                self.committer.propose(noop.encode(), timeout=FORWARD_TIMEOUT)
             except ProposalError as exc:
                 raise AgentError(grpc.StatusCode.UNAVAILABLE, f"read barrier failed: {exc}; retry") from None
         try:

@@ -179,11 +179,29 @@ class Envelope:
 
     @staticmethod
     def decode(data: bytes) -> Envelope:
-        doc = json.loads(data)
+        return Envelope.from_doc(json.loads(data))
+
+    @staticmethod
+    def from_doc(doc: dict) -> Envelope:
         if doc.get("v") != SCHEMA_VERSION:
             raise CommandError(f"unsupported command schema version {doc.get('v')!r}")
         return Envelope(type=doc["type"], args=doc["args"], id=doc["id"], ts=doc["ts"], term=doc["term"],
                         idem=doc["idem"], v=doc["v"])
+
+
+def encode_batch(encoded_envelopes: list[bytes]) -> bytes:
+    """Several stamped envelopes as one log entry (group commit): applied in one transaction, in order."""
+    return b'{"items":[' + b",".join(encoded_envelopes) + b'],"type":"batch","v":%d}' % SCHEMA_VERSION
+
+
+def decode_entry(data: bytes) -> list[Envelope] | Envelope:
+    """A log entry is one envelope, or a batch of them (a list)."""
+    doc = json.loads(data)
+    if doc.get("type") == "batch":
+        if doc.get("v") != SCHEMA_VERSION:
+            raise CommandError(f"unsupported batch schema version {doc.get('v')!r}")
+        return [Envelope.from_doc(item) for item in doc["items"]]
+    return Envelope.from_doc(doc)
 
 
 def parse_args_json(data: bytes) -> Any:

@@ -27,13 +27,13 @@ class ConfigError(ValueError):
 class RaftConfig:
     """Consensus timings (seconds). Defaults keep failover near 1 s on a LAN or tailnet."""
 
-    election_timeout_min: float = 0.8
-    election_timeout_max: float = 1.6
+    election_timeout_min: float = 0.5
+    election_timeout_max: float = 1.0
     heartbeat_interval: float = 0.1
     # The leader steps down when it has not heard from a majority for this long; it must stay below the
     # election timeout so a partitioned leader is gone before the majority can elect a new one.
-    leader_fallback_timeout: float = 0.6
-    connection_timeout: float = 2.0
+    leader_fallback_timeout: float = 0.4
+    connection_timeout: float = 30.0
     log_compaction_entries: int = 5000
     log_compaction_seconds: float = 300.0
 
@@ -220,7 +220,9 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
             raise reader.fail(
                 top["raft"], "raft.leader_fallback_timeout", "must be below raft.election_timeout_min"
             )
-        if raft.heartbeat_interval * 3 > raft.election_timeout_min:
+        if raft.connection_timeout < raft.election_timeout_max:
+            raise reader.fail(top["raft"], "raft.connection_timeout", "must be at least raft.election_timeout_max")
+        if raft.heartbeat_interval * 3 >= raft.election_timeout_min:
             raise reader.fail(top["raft"], "raft.heartbeat_interval", "must be at most a third of election_timeout_min")
         kwargs["raft"] = raft
 

@@ -457,6 +457,94 @@ def _apply(step: tuple[int, Any, Any], value: Any) -> tuple[bool, Any]:
 # The WGL search
 # --------------------------------------------------------------------------
 
+class _Unobserved:
+    """The register state "some value no operation ever compares against"."""
+
+    def __repr__(self) -> str:
+        return "<unobserved value>"
+
+
+_UNOBSERVED = _Unobserved()
+
+
+def _canonical_steps(
+    ops: Sequence[Operation], initial: Any
+) -> tuple[list[tuple[int, Any, Any]], Any]:
+    """Encode ``ops`` with every unobservable value replaced by one sentinel.
+
+    Operations only ever compare the register against read results and cas
+    expectations.  Two values outside that set therefore behave identically
+    in every future (a bisimulation), so merging them is sound -- and it lets
+    the cache recognise far more configurations as equal, e.g. after writes
+    whose values nobody read.
+    """
+    observed = {op.result for op in ops if op.kind == READ}
+    observed.update(op.expected for op in ops if op.kind == CAS)
+
+    def canon(v: Any) -> Any:
+        return v if v in observed else _UNOBSERVED
+
+    steps = []
+    for op in ops:
+        code, a, b = _encode(op)
+        if code == _SET:
+            a = canon(a)
+        elif code == _SWAP:
+            b = canon(b)
+        steps.append((code, a, b))
+    return steps, canon(initial)
+
+
+class _Visited:
+    """The WGL cache: configurations already visited.
+
+    A configuration is (set of linearized completed ops, set of linearized
+    info ops, register value).  Two refinements over a plain set:
+
+    * The completed-op set is a bitmask over ops in invoke order, and all ops
+      below the lowest unset bit ``f`` are linearized, so it is stored as
+      ``(f, mask >> f)``: a few machine words instead of one bit per op of
+      the whole history.  This is what keeps memory flat on long histories.
+    * Subsumption on info ops.  Info ops never *have* to be linearized, so
+      each pending one would double the configurations a plain cache tells
+      apart.  But having linearized *more* info ops (and otherwise the same
+      completed ops and value) only removes options: the pending ops are a
+      subset, bounded by the same return events.  So a configuration is
+      pruned when a visited one differs only by a subset of info ops.  This is
+      sound even when that visited one is still on the DFS stack: the search
+      is exhaustive when it fails, so everything reachable from the bigger
+      configuration gets explored from the smaller one anyway.
+    """
+
+    def __init__(self, with_info: bool) -> None:
+        self._with_info = with_info
+        self._plain: set[tuple[int, int, Any]] = set()
+        # (f, ok-mask >> f, value) -> minimal info-sets visited (an antichain)
+        self._minimal: dict[tuple[int, int, Any], list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._plain) + len(self._minimal)
+
+    def add(self, ok_mask: int, info_mask: int, value: Any) -> bool:
+        """Record a configuration; False if it (or one subsuming it) was seen."""
+        f = (ok_mask ^ (ok_mask + 1)).bit_length() - 1  # lowest unset bit
+        key = (f, ok_mask >> f, value)
+        if not self._with_info:
+            if key in self._plain:
+                return False
+            self._plain.add(key)
+            return True
+        sets = self._minimal.get(key)
+        if sets is None:
+            self._minimal[key] = [info_mask]
+            return True
+        if any(s & ~info_mask == 0 for s in sets):
+            return False
+        sets[:] = [s for s in sets if info_mask & ~s]  # now implied by info_mask
+        sets.append(info_mask)
+        return True
+
+
 _END = -1  # "no next node" in the linked lists
 _HEAD = 0  # sentinel before the first event of the main list
 
@@ -465,7 +553,10 @@ def _search(
     ops: Sequence[Operation], initial: Any, key: Hashable, max_steps: int | None
 ) -> list[int] | None:
     """Return None if ``ops`` is linearizable, else the longest linearizable
-    prefix found (as indices into ``ops``, in linearization order)."""
+    prefix found (as indices into ``ops``, in linearization order).
+
+    ``ops`` must be sorted by invoke time (it keeps the cache keys small).
+    """
     # The main list holds the call and return events of completed operations:
     # (time, 0=call/1=return, op index).  Calls sort before returns at equal
     # times, so touching intervals count as concurrent: clocks have finite
@@ -482,9 +573,9 @@ def _search(
     infos.sort()
 
     # Info operations never complete, so they get no return event and live in
-    # a second list.  They are tried only after the completed candidates:
-    # exploring "info op not (yet) linearized" first lets _FailedConfigs prune
-    # most of the branches that do linearize it.
+    # a second list.  They are tried only after the completed candidates, so
+    # that "info op not linearized (yet)" is explored first and the
+    # subsumption in _Visited prunes most branches that do linearize it.
     #
     # Nodes: 0 = main head, 1..M = events, M+1 = info head, M+2.. = info calls.
     n_main = len(events)
@@ -520,32 +611,92 @@ def _search(
         if n != _END:
             prv[n] = node
 
-    steps = [_encode(op) for op in ops]
-    bits = [1 << i for i in range(len(ops))]
-    info_mask = sum(bits[i] for _, i in infos)
-    failed = _FailedConfigs(info_mask) if info_mask else None
+    steps, value = _canonical_steps(ops, initial)
+    # Completed and info ops are numbered separately (each in invoke order),
+    # giving two bitmasks: see _Visited for why.
+    bit = [0] * len(ops)
+    n_ok = n_info = 0
+    for i, op in enumerate(ops):
+        if op.status == INFO:
+            bit[i], n_info = 1 << n_info, n_info + 1
+        else:
+            bit[i], n_ok = 1 << n_ok, n_ok + 1
 
-    linearized = 0  # bitmask of linearized op indices
-    value = initial
-    cache: set[tuple[int, Any]] = {(0, initial)}
-    # Per linearized op: (its call node, value before it, deadline before it).
-    stack: list[tuple[int, Any, float]] = []
+    # Info ops with identical effect (same canonical step -- typically writes
+    # of unobserved values) are interchangeable once both are invoked: both
+    # stay minimal forever, so linearizing one or the other leads to
+    # isomorphic configurations.  Only the earliest pending one of each such
+    # class is tried; hence each class is always linearized in list order,
+    # and "my predecessor in the class is linearized" identifies the
+    # earliest pending one.
+    prev_same = [_END] * size
+    last_of_class: dict[tuple[int, Any, Any], int] = {}
+    for node in range(info_head + 1, size):
+        cls = steps[node_op[node]]
+        prev_same[node] = last_of_class.get(cls, _END)
+        last_of_class[cls] = node
+    lifted = [False] * size
+
+    def read_only_candidate(value: Any) -> int:
+        """A minimal completed read-only op that is legal right now, if any.
+
+        Such an op can be linearized immediately without losing anything: in
+        any linearization from here it can be moved to the front, since it
+        does not change the value and, being minimal, may precede every other
+        pending op.  So the search commits to it and never tries alternatives
+        in this configuration -- reads (typically half the history) then cost
+        no branching at all.
+        """
+        node = nxt[_HEAD]
+        while node != _END and not is_return[node]:
+            code, a, _ = steps[node_op[node]]
+            if (code == _REQUIRE and value == a) or (code == _REJECT and value != a):
+                return node
+            node = nxt[node]
+        return _END
+
+    # How many not-yet-linearized ops still compare the register against each
+    # value.  Once a value has none left it is as good as unobservable, and
+    # the cache key uses _UNOBSERVED for it (the same bisimulation argument
+    # as in _canonical_steps, applied to the remaining ops): e.g. after two
+    # concurrent writes whose readers are all done, either order of the
+    # writes leads to the same cached configuration.
+    watchers: dict[Any, int] = {}
+    for code, a, _ in steps:
+        if code != _SET:
+            watchers[a] = watchers.get(a, 0) + 1
+
+    ok_mask = info_mask = 0  # linearized completed / info ops
+    visited = _Visited(with_info=n_info > 0)
+    visited.add(ok_mask, info_mask, value if watchers.get(value) else _UNOBSERVED)
+    # Per linearized op: (call node, value before it, deadline before it,
+    # whether it was forced by read_only_candidate).
+    stack: list[tuple[int, Any, float, bool]] = []
     order: list[int] = []  # linearized op indices, parallel to ``stack``
     best: list[int] = []
     budget = math.inf if max_steps is None else max_steps
     n_steps = 0
 
+    if nxt[_HEAD] == _END:
+        return None  # nothing but info ops: none of them need to have happened
     # ``deadline`` is the completion time of the earliest pending completed
     # op; info ops invoked later than it are not minimal yet.  It is only
     # meaningful while ``node`` walks the info list.
     deadline = math.inf
-    if nxt[_HEAD] == _END:
-        return None  # nothing but info ops: none of them need to have happened
-    node = nxt[_HEAD]
+    entering = True  # just reached a new configuration
+    forced = False  # ``node`` is a read-only op we committed to
+    node = _END
     while True:
         n_steps += 1
         if n_steps > budget:
             raise SearchBudgetExceeded(key, n_steps - 1)
+        if entering:
+            entering = False
+            node = read_only_candidate(value)
+            forced = node != _END
+            if not forced:
+                node = nxt[_HEAD]
+            continue
         if node != _END and is_return[node]:
             # End of the completed candidates; continue with the info ones.
             deadline = node_time[node]
@@ -555,28 +706,46 @@ def _search(
             # Every candidate of this configuration has been tried.  Backtrack.
             if not stack:
                 return best
-            if failed is not None:
-                failed.add(linearized, value)
-            node, value, deadline = stack.pop()
-            linearized &= ~bits[order.pop()]
-            if match[node] != _END:
+            node, value, deadline, was_forced = stack.pop()
+            i = order.pop()
+            code, a, _ = steps[i]
+            if code != _SET:
+                watchers[a] += 1
+            lifted[node] = False
+            if is_info[node]:
+                info_mask ^= bit[i]
+            else:
+                ok_mask ^= bit[i]
                 relink(match[node])
             relink(node)
-            node = nxt[node]
+            # If the op was forced, its failure is its parent's failure too.
+            node = _END if was_forced else nxt[node]
             continue
 
+        if is_info[node] and prev_same[node] != _END and not lifted[prev_same[node]]:
+            node = nxt[node]  # an equivalent earlier info op is tried instead
+            continue
         i = node_op[node]
         legal, new_value = _apply(steps[i], value)
         if legal:
-            new_linearized = linearized | bits[i]
-            config = (new_linearized, new_value)
-            if config not in cache and not (failed and failed.dominates(new_linearized, new_value)):
-                cache.add(config)
-                stack.append((node, value, deadline))
+            if is_info[node]:
+                new_ok, new_info = ok_mask, info_mask | bit[i]
+            else:
+                new_ok, new_info = ok_mask | bit[i], info_mask
+            code, a, _ = steps[i]
+            if code != _SET:
+                watchers[a] -= 1  # as it will be in the new configuration
+            cache_value = new_value if watchers.get(new_value) else _UNOBSERVED
+            if not visited.add(new_ok, new_info, cache_value):
+                if code != _SET:
+                    watchers[a] += 1
+            else:
+                stack.append((node, value, deadline, forced))
                 order.append(i)
-                linearized, value = new_linearized, new_value
+                ok_mask, info_mask, value = new_ok, new_info, new_value
+                lifted[node] = True
                 unlink(node)
-                if match[node] != _END:
+                if not is_info[node]:
                     unlink(match[node])
                 if len(order) > len(best):
                     best = order[:]
@@ -584,46 +753,12 @@ def _search(
                     # Every completed op is linearized; the info ops left
                     # over are simply taken not to have happened.
                     return None
-                node = nxt[_HEAD]
+                entering = True
                 continue
-        node = nxt[node]
-
-
-class _FailedConfigs:
-    """Fully explored, failed configurations, to prune ones they dominate.
-
-    Info operations never *have* to be linearized, so each one left pending
-    doubles the number of configurations the plain WGL cache can tell apart.
-    But a configuration with more info operations linearized (and otherwise
-    the same completed operations and the same value) can only do less: its
-    pending operations are a subset, and the same return events bound them.
-    So once (ok-set O, info-set I, value v) has failed, every (O, I' ⊇ I, v)
-    will fail too and need not be explored.
-
-    Only *failed* configurations are recorded (never ones still on the DFS
-    stack), which keeps the soundness argument a simple induction on the
-    order in which configurations fail.
-    """
-
-    def __init__(self, info_mask: int) -> None:
-        self._info_mask = info_mask
-        # (ok-set, value) -> minimal info-sets (an antichain) known to fail.
-        self._minimal: dict[tuple[int, Any], list[int]] = {}
-
-    def _split(self, linearized: int, value: Any) -> tuple[tuple[int, Any], int]:
-        return (linearized & ~self._info_mask, value), linearized & self._info_mask
-
-    def dominates(self, linearized: int, value: Any) -> bool:
-        key, info = self._split(linearized, value)
-        return any(f & ~info == 0 for f in self._minimal.get(key, ()))
-
-    def add(self, linearized: int, value: Any) -> None:
-        key, info = self._split(linearized, value)
-        sets = self._minimal.setdefault(key, [])
-        if any(f & ~info == 0 for f in sets):
-            return  # already implied by a smaller failed info-set
-        sets[:] = [f for f in sets if info & ~f != 0]  # drop the ones this one implies
-        sets.append(info)
+        # A forced op that is already covered by the cache means this whole
+        # configuration is (it is equivalent to its forced successor).
+        node = _END if forced else nxt[node]
+        forced = False
 
 
 # --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cortex.commands import Envelope
+from cortex.commands import Envelope, decode_entry
 
 # Versioned migrations: append only. PRAGMA user_version records how many have run.
 MIGRATIONS: list[str] = [
@@ -114,25 +114,43 @@ class StateStore:
         return row[0] if row else default
 
     # --- apply ---------------------------------------------------------------------------------------
-    def apply(self, index: int, data: bytes) -> dict:
-        """Apply the log entry at `index`. Deterministic: same (index, data) → same database change."""
+    def apply(self, index: int, data: bytes, entry_term: int | None = None) -> dict | list[dict]:
+        """Apply the log entry at `index`. Deterministic: same (index, data) → same database change.
+
+        An entry is one envelope (result: a dict) or a group-committed batch (result: a list of dicts, one
+        per envelope, in order). An entry that cannot be decoded changes nothing but its index, so one bad
+        entry can never wedge the log.
+        """
         with self._write_lock:
             if index <= self.last_applied:
                 return {"skipped": True, "reason": f"index {index} already applied"}
-            env = Envelope.decode(data)
+            try:
+                entry = decode_entry(data)
+            except (ValueError, KeyError, TypeError) as exc:
+                entry, undecodable = None, {"error": f"undecodable log entry: {exc}"}
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                result = self._apply_envelope(db, index, env)
+                if entry is None:
+                    result = undecodable
+                elif isinstance(entry, list):
+                    result = [self._apply_envelope(db, index, env, entry_term) for env in entry]
+                else:
+                    result = self._apply_envelope(db, index, entry, entry_term)
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('last_applied_index', ?)", (str(index),))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
+                self.fence_term = int(self._meta("fence_term", "0"))
                 raise
             self.last_applied = index
             return result
 
-    def _apply_envelope(self, db: sqlite3.Connection, index: int, env: Envelope) -> dict:
+    def _apply_envelope(self, db: sqlite3.Connection, index: int, env: Envelope, entry_term: int | None) -> dict:
+        if entry_term is not None and env.term != entry_term:
+            # Stamped by a leader of another term than the one that appended it (it lost leadership and
+            # pysyncobj forwarded the entry to the new leader): a deposed leader's decision never counts.
+            return {"error": f"stale term {env.term} != log term {entry_term}: proposed by a deposed leader; retry"}
         if env.term < self.fence_term:
             # Proposed by a leader that has since been replaced: its decision must not take effect. Not
             # recorded under the idempotency key, so a retry through the current leader goes through.
