@@ -32,11 +32,13 @@ import traceback
 from pathlib import Path
 
 from cortex import devcluster
+from cortex.config import RaftConfig
 
 from . import measure
 from .cortex_adapter import CortexBench, CortexClient
 
 ETCD_BIN = "/usr/bin/etcd"
+_RAFT = RaftConfig()  # the defaults the dev cluster runs with
 FAILOVER_DEADLINE = 0.25  # s, per-call deadline of the failover client, identical for both systems
 BATCH_SIZE, BATCH_IN_FLIGHT = 200, 4
 RESTART_SETTLE = 3.0  # s between a restarted Cortex server being healthy and the next kill
@@ -392,8 +394,9 @@ def main(argv=None) -> int:
         f"{sizes['failovers']} failover(s) per system with a {FAILOVER_DEADLINE}s per-call deadline",
         "ratio = cortex/etcd; 'better' says which direction of the metric is better",
         "pipelined WriteBatch row: Cortex WriteBatch RPCs; etcd column repeats etcd's unary pipelined number",
-        "etcd: --heartbeat-interval 100ms --election-timeout 1000ms, fsync on; Cortex: heartbeat 0.1s, "
-        "election 0.8-1.6s, pysyncobj mmap journal (no per-entry fsync), SQLite WAL synchronous=NORMAL",
+        "etcd: --heartbeat-interval 100ms --election-timeout 1000ms, fsync on; Cortex: heartbeat "
+        f"{_RAFT.heartbeat_interval}s, election {_RAFT.election_timeout_min}-{_RAFT.election_timeout_max}s, "
+        "group commit, pysyncobj mmap journal (no per-entry fsync), SQLite WAL synchronous=NORMAL",
         "cortex failover repeats restart the killed server; etcd repeats after the first start a fresh cluster",
     ]
     for n in notes:

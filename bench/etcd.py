@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import importlib
 import os
 import shutil
@@ -120,12 +119,12 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _pdeathsig():  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+def _pdeathsig_prefix() -> list[str]:
+    """`setpriv --pdeathsig KILL`: members die with the benchmark. A preexec_fn would do the same, but
+    it forces a plain fork() of a process running gRPC threads, whose fork handlers then abort the child
+    now and then (seen here: rc=-6 before exec). setpriv keeps the spawn path fork-safe."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv and sys.platform.startswith("linux") else []
 
 
 _CHANNEL_OPTIONS = [
@@ -332,13 +331,12 @@ class EtcdCluster:
                 log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop)
                 self._logs[i] = log
                 self._procs[i] = subprocess.Popen(
-                    cmd,
+                    _pdeathsig_prefix() + cmd,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,
                     cwd=self.workdir,
-                    preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
                 )
             self._wait_ready()
         except BaseException:

@@ -39,7 +39,14 @@ def r(client: int, key: str, result: Any, t0: float, t1: float, status: str = OK
 
 
 def cas(
-    client: int, key: str, expected: Any, new: Any, result: bool | None, t0: float, t1: float, status: str = OK
+    client: int,
+    key: str,
+    expected: Any,
+    new: Any,
+    result: bool | None,
+    t0: float,
+    t1: float,
+    status: str = OK,
 ) -> Operation:
     return Operation(
         client=client,

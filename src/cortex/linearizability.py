@@ -35,7 +35,7 @@ Semantics of the register model
   ``expected`` (``expected=None`` means "key absent") and returns whether it
   did.  A ``cas`` that returned ``False`` is a check that the value differed.
 
-Values must be hashable, because model states are memoised in a set.
+Values must be hashable, because model states are memoised.
 
 Algorithm
 ---------
@@ -54,11 +54,22 @@ event means the operation it belongs to has not been linearized although it
 has already completed, so the search backtracks.  The cache of
 (linearized-set, model-state) pairs means no configuration is explored twice,
 which is what keeps the search polynomial in practice for modest concurrency.
-Info operations are kept pending until the end, which can make that cache
-ineffective; a subsumption check (see ``_FailedConfigs``) prunes configurations
-that only differ from an already failed one by having linearized more info
-operations.  The search is iterative (explicit stack), so long histories do
-not hit Python's recursion limit.
+On top of the classic algorithm, a few sound reductions keep real histories
+cheap (each is justified where it is implemented):
+
+* legal read-only operations are linearized greedily, without branching;
+* register values that no remaining operation compares against are merged
+  into one "unobserved" state in the cache;
+* info operations (which stay pending forever) are tried after completed
+  ones, configurations that merely linearized *more* info operations than a
+  visited one are pruned (subsumption), and interchangeable info operations
+  are only tried in one order.
+
+The search is iterative (explicit stack), so long histories do not hit
+Python's recursion limit.  Like any linearizability checker it is
+exponential in the worst case -- chiefly with many info operations *and* a
+violation, where the search must be exhaustive -- so callers who must not
+hang can pass ``max_steps``.
 """
 
 from __future__ import annotations
@@ -169,10 +180,7 @@ class Operation:
         else:
             outcome = ""
         end = "inf" if math.isinf(self.complete) else f"{self.complete - t0:.6f}"
-        return (
-            f"{call}{outcome}  [client {self.client!r}, {self.status}, "
-            f"{self.invoke - t0:.6f}..{end}]"
-        )
+        return f"{call}{outcome}  [client {self.client!r}, {self.status}, {self.invoke - t0:.6f}..{end}]"
 
 
 def _show_value(value: Any) -> str:
@@ -457,8 +465,9 @@ def _apply(step: tuple[int, Any, Any], value: Any) -> tuple[bool, Any]:
 # The WGL search
 # --------------------------------------------------------------------------
 
+
 class _Unobserved:
-    """The register state "some value no operation ever compares against"."""
+    """The register state "some value no remaining operation compares against"."""
 
     def __repr__(self) -> str:
         return "<unobserved value>"
@@ -466,10 +475,10 @@ class _Unobserved:
 
 _UNOBSERVED = _Unobserved()
 
+_Step = tuple[int, Any, Any]
 
-def _canonical_steps(
-    ops: Sequence[Operation], initial: Any
-) -> tuple[list[tuple[int, Any, Any]], Any]:
+
+def _canonical_steps(ops: Sequence[Operation], initial: Any) -> tuple[list[_Step], Any]:
     """Encode ``ops`` with every unobservable value replaced by one sentinel.
 
     Operations only ever compare the register against read results and cas
@@ -502,7 +511,7 @@ class _Visited:
     info ops, register value).  Two refinements over a plain set:
 
     * The completed-op set is a bitmask over ops in invoke order, and all ops
-      below the lowest unset bit ``f`` are linearized, so it is stored as
+      below its lowest unset bit ``f`` are linearized, so it is stored as
       ``(f, mask >> f)``: a few machine words instead of one bit per op of
       the whole history.  This is what keeps memory flat on long histories.
     * Subsumption on info ops.  Info ops never *have* to be linearized, so
@@ -510,10 +519,10 @@ class _Visited:
       apart.  But having linearized *more* info ops (and otherwise the same
       completed ops and value) only removes options: the pending ops are a
       subset, bounded by the same return events.  So a configuration is
-      pruned when a visited one differs only by a subset of info ops.  This is
-      sound even when that visited one is still on the DFS stack: the search
-      is exhaustive when it fails, so everything reachable from the bigger
-      configuration gets explored from the smaller one anyway.
+      pruned when a visited one differs only by a subset of info ops.  This
+      is sound even while that visited one is still on the DFS stack: a
+      failing search is exhaustive, so whatever the pruned configuration
+      could reach is reached from the visited one anyway.
     """
 
     def __init__(self, with_info: bool) -> None:
@@ -521,9 +530,6 @@ class _Visited:
         self._plain: set[tuple[int, int, Any]] = set()
         # (f, ok-mask >> f, value) -> minimal info-sets visited (an antichain)
         self._minimal: dict[tuple[int, int, Any], list[int]] = {}
-
-    def __len__(self) -> int:
-        return len(self._plain) + len(self._minimal)
 
     def add(self, ok_mask: int, info_mask: int, value: Any) -> bool:
         """Record a configuration; False if it (or one subsuming it) was seen."""
@@ -540,7 +546,7 @@ class _Visited:
             return True
         if any(s & ~info_mask == 0 for s in sets):
             return False
-        sets[:] = [s for s in sets if info_mask & ~s]  # now implied by info_mask
+        sets[:] = [s for s in sets if info_mask & ~s]  # drop those now implied
         sets.append(info_mask)
         return True
 
@@ -549,19 +555,35 @@ _END = -1  # "no next node" in the linked lists
 _HEAD = 0  # sentinel before the first event of the main list
 
 
-def _search(
-    ops: Sequence[Operation], initial: Any, key: Hashable, max_steps: int | None
-) -> list[int] | None:
-    """Return None if ``ops`` is linearizable, else the longest linearizable
-    prefix found (as indices into ``ops``, in linearization order).
+@dataclass
+class _EventLists:
+    """Two doubly linked lists of events over shared node arrays.
 
-    ``ops`` must be sorted by invoke time (it keeps the cache keys small).
+    The main list holds the call and return events of completed operations in
+    time order.  Info operations never complete, so they have no return
+    event; their calls live in a second list (in invoke order), which the
+    search walks only after the completed candidates, so that "info op not
+    linearized (yet)" is explored first and _Visited's subsumption prunes
+    most branches that do linearize it.
+
+    Nodes: 0 = main head, 1..M = main events, M+1 = info head, then info calls.
     """
-    # The main list holds the call and return events of completed operations:
-    # (time, 0=call/1=return, op index).  Calls sort before returns at equal
-    # times, so touching intervals count as concurrent: clocks have finite
-    # resolution and we must not invent a real-time order.
-    events: list[tuple[float, int, int]] = []
+
+    nxt: list[int]
+    prv: list[int]
+    op: list[int]  # node -> op index (-1 for the heads)
+    time: list[float]
+    is_return: list[bool]
+    is_info: list[bool]
+    match: list[int]  # call node -> its return node (_END for info calls)
+    info_head: int
+
+
+def _event_lists(ops: Sequence[Operation]) -> _EventLists:
+    # Calls sort before returns at equal times, so touching intervals count
+    # as concurrent: clocks have finite resolution and we must not invent a
+    # real-time order.
+    events: list[tuple[float, int, int]] = []  # (time, 0=call/1=return, op)
     infos: list[tuple[float, int]] = []
     for i, op in enumerate(ops):
         if op.status == INFO:
@@ -572,12 +594,6 @@ def _search(
     events.sort()
     infos.sort()
 
-    # Info operations never complete, so they get no return event and live in
-    # a second list.  They are tried only after the completed candidates, so
-    # that "info op not linearized (yet)" is explored first and the
-    # subsumption in _Visited prunes most branches that do linearize it.
-    #
-    # Nodes: 0 = main head, 1..M = events, M+1 = info head, M+2.. = info calls.
     n_main = len(events)
     info_head = n_main + 1
     size = n_main + len(infos) + 2
@@ -585,17 +601,36 @@ def _search(
     nxt[n_main] = _END  # the main list ends where the info list begins
     prv = [_END] + list(range(size - 1))
     prv[info_head] = _END
-    node_op = [-1] + [i for _, _, i in events] + [-1] + [i for _, i in infos]
-    node_time = [0.0] + [t for t, _, _ in events] + [0.0] + [t for t, _ in infos]
-    is_return = [False] + [kind == 1 for _, kind, _ in events] + [False] * (len(infos) + 1)
-    is_info = [False] * (n_main + 2) + [True] * len(infos)
-    match = [_END] * size  # call node -> its return node (_END for info calls)
-    call_node = [0] * len(ops)
-    for node in range(1, n_main + 1):
-        if is_return[node]:
-            match[call_node[node_op[node]]] = node
+    match = [_END] * size
+    call_node = {}
+    for node, (_, kind, i) in enumerate(events, start=1):
+        if kind == 0:
+            call_node[i] = node
         else:
-            call_node[node_op[node]] = node
+            match[call_node[i]] = node
+    return _EventLists(
+        nxt=nxt,
+        prv=prv,
+        op=[-1] + [i for _, _, i in events] + [-1] + [i for _, i in infos],
+        time=[0.0] + [t for t, _, _ in events] + [0.0] + [t for t, _ in infos],
+        is_return=[False] + [kind == 1 for _, kind, _ in events] + [False] * (len(infos) + 1),
+        is_info=[False] * (n_main + 2) + [True] * len(infos),
+        match=match,
+        info_head=info_head,
+    )
+
+
+def _search(ops: Sequence[Operation], initial: Any, key: Hashable, max_steps: int | None) -> list[int] | None:
+    """Return None if ``ops`` is linearizable, else the longest linearizable
+    prefix found (as indices into ``ops``, in linearization order).
+
+    ``ops`` must be sorted by invoke time (it keeps the cache keys small).
+    """
+    ev = _event_lists(ops)
+    # Local names: this loop is the hot path.
+    nxt, prv, node_op, node_time = ev.nxt, ev.prv, ev.op, ev.time
+    is_return, is_info, match, info_head = ev.is_return, ev.is_info, ev.match, ev.info_head
+    size = len(nxt)
 
     def unlink(node: int) -> None:
         p, n = prv[node], nxt[node]
@@ -612,6 +647,7 @@ def _search(
             prv[n] = node
 
     steps, value = _canonical_steps(ops, initial)
+
     # Completed and info ops are numbered separately (each in invoke order),
     # giving two bitmasks: see _Visited for why.
     bit = [0] * len(ops)
@@ -626,16 +662,27 @@ def _search(
     # of unobserved values) are interchangeable once both are invoked: both
     # stay minimal forever, so linearizing one or the other leads to
     # isomorphic configurations.  Only the earliest pending one of each such
-    # class is tried; hence each class is always linearized in list order,
-    # and "my predecessor in the class is linearized" identifies the
-    # earliest pending one.
+    # class is tried; so each class is always linearized in list order, and
+    # "my predecessor in the class is linearized" identifies the earliest
+    # pending one.
     prev_same = [_END] * size
-    last_of_class: dict[tuple[int, Any, Any], int] = {}
+    last_of_class: dict[_Step, int] = {}
     for node in range(info_head + 1, size):
         cls = steps[node_op[node]]
         prev_same[node] = last_of_class.get(cls, _END)
         last_of_class[cls] = node
     lifted = [False] * size
+
+    # How many not-yet-linearized ops still compare the register against each
+    # value.  Once a value has none left it is as good as unobservable, and
+    # the cache key uses _UNOBSERVED for it (the bisimulation argument of
+    # _canonical_steps, applied to the remaining ops): e.g. once the readers
+    # of two concurrent writes are done, either order of the writes leads to
+    # the same cached configuration.
+    watchers: dict[Any, int] = {}
+    for code, a, _ in steps:
+        if code != _SET:
+            watchers[a] = watchers.get(a, 0) + 1
 
     def read_only_candidate(value: Any) -> int:
         """A minimal completed read-only op that is legal right now, if any.
@@ -644,7 +691,7 @@ def _search(
         any linearization from here it can be moved to the front, since it
         does not change the value and, being minimal, may precede every other
         pending op.  So the search commits to it and never tries alternatives
-        in this configuration -- reads (typically half the history) then cost
+        in this configuration: reads (typically half the history) then cost
         no branching at all.
         """
         node = nxt[_HEAD]
@@ -654,17 +701,6 @@ def _search(
                 return node
             node = nxt[node]
         return _END
-
-    # How many not-yet-linearized ops still compare the register against each
-    # value.  Once a value has none left it is as good as unobservable, and
-    # the cache key uses _UNOBSERVED for it (the same bisimulation argument
-    # as in _canonical_steps, applied to the remaining ops): e.g. after two
-    # concurrent writes whose readers are all done, either order of the
-    # writes leads to the same cached configuration.
-    watchers: dict[Any, int] = {}
-    for code, a, _ in steps:
-        if code != _SET:
-            watchers[a] = watchers.get(a, 0) + 1
 
     ok_mask = info_mask = 0  # linearized completed / info ops
     visited = _Visited(with_info=n_info > 0)
@@ -690,6 +726,7 @@ def _search(
         n_steps += 1
         if n_steps > budget:
             raise SearchBudgetExceeded(key, n_steps - 1)
+
         if entering:
             entering = False
             node = read_only_candidate(value)
@@ -697,13 +734,15 @@ def _search(
             if not forced:
                 node = nxt[_HEAD]
             continue
+
         if node != _END and is_return[node]:
             # End of the completed candidates; continue with the info ones.
             deadline = node_time[node]
             node = nxt[info_head]
             continue
+
         if node == _END or (is_info[node] and node_time[node] > deadline):
-            # Every candidate of this configuration has been tried.  Backtrack.
+            # Every candidate of this configuration has been tried: backtrack.
             if not stack:
                 return best
             node, value, deadline, was_forced = stack.pop()
@@ -718,28 +757,28 @@ def _search(
                 ok_mask ^= bit[i]
                 relink(match[node])
             relink(node)
-            # If the op was forced, its failure is its parent's failure too.
+            # A forced op's configuration is equivalent to its parent, so its
+            # failure is the parent's failure too.
             node = _END if was_forced else nxt[node]
             continue
 
         if is_info[node] and prev_same[node] != _END and not lifted[prev_same[node]]:
             node = nxt[node]  # an equivalent earlier info op is tried instead
             continue
+
+        # ``node`` is a candidate: try to linearize its operation next.
         i = node_op[node]
         legal, new_value = _apply(steps[i], value)
         if legal:
+            code, a, _ = steps[i]
+            if code != _SET:
+                watchers[a] -= 1  # as it will be in the new configuration
             if is_info[node]:
                 new_ok, new_info = ok_mask, info_mask | bit[i]
             else:
                 new_ok, new_info = ok_mask | bit[i], info_mask
-            code, a, _ = steps[i]
-            if code != _SET:
-                watchers[a] -= 1  # as it will be in the new configuration
             cache_value = new_value if watchers.get(new_value) else _UNOBSERVED
-            if not visited.add(new_ok, new_info, cache_value):
-                if code != _SET:
-                    watchers[a] += 1
-            else:
+            if visited.add(new_ok, new_info, cache_value):
                 stack.append((node, value, deadline, forced))
                 order.append(i)
                 ok_mask, info_mask, value = new_ok, new_info, new_value
@@ -755,8 +794,10 @@ def _search(
                     return None
                 entering = True
                 continue
-        # A forced op that is already covered by the cache means this whole
-        # configuration is (it is equivalent to its forced successor).
+            if code != _SET:
+                watchers[a] += 1  # not taken after all
+        # Illegal or already covered.  For a forced op that means this whole
+        # configuration is covered (it is equivalent to its forced successor).
         node = _END if forced else nxt[node]
         forced = False
 
@@ -779,9 +820,7 @@ def _failure(key: Hashable, ops: Sequence[Operation], initial: Any, best: list[i
     # the search).  On failure at least one completed op remains, otherwise
     # the search would have succeeded from this configuration.
     deadline = min(ops[i].complete for i in remaining if ops[i].status != INFO)
-    unplaced = [
-        ops[i] for i in remaining if ops[i].status != INFO and ops[i].invoke <= deadline
-    ]
+    unplaced = [ops[i] for i in remaining if ops[i].status != INFO and ops[i].invoke <= deadline]
     prefix = [ops[i] for i in best]
 
     t0 = ops[0].invoke if ops else 0.0
