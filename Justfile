@@ -11,9 +11,9 @@ default:
 up servers="3" workers="2":
     {{bin}}/cortex dev up --servers {{servers}} --workers {{workers}}
 
-# stop the local cluster
-down:
-    {{bin}}/cortex dev down
+# stop the local cluster (`just down --purge` also deletes its data)
+down *args:
+    {{bin}}/cortex dev down {{args}}
 
 # the test suite (unit, multi-process cluster, bad input)
 test *args:

@@ -162,3 +162,22 @@ def test_grpc_stubs_are_fresh():
     from cortex import protogen
 
     assert protogen.check(ROOT / "proto", ROOT / "src" / "cortex" / "_proto") == []
+
+
+def test_dev_cluster_resumes_after_down_and_purge_removes_it(tmp_path: Path):
+    directory = tmp_path / "dev"
+    base = free_base_port()
+    devcluster.up(directory, 1, 1, base, timeout=60)
+    try:
+        with Client(f"127.0.0.1:{base}") as c:
+            c.put("survives", "restart")
+        assert sorted(devcluster.down(directory)) == ["n1", "w1"]
+        cluster = devcluster.up(directory, 1, 1, base, timeout=60)  # same data, same cluster
+        with Client(cluster.nodes[0].grpc_address) as c:
+            assert c.get("survives") == "restart"
+        with pytest.raises(RuntimeError, match="another shape"):
+            devcluster.down(directory)
+            devcluster.up(directory, 3, 0, base, timeout=60)
+    finally:
+        devcluster.down(directory, purge=True)
+    assert not directory.exists()

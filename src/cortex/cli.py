@@ -227,8 +227,11 @@ def cmd_dev_up(args) -> int:
 def cmd_dev_down(args) -> int:
     from cortex import devcluster
 
-    stopped = devcluster.down(Path(args.dir))
-    emit(args, {"stopped": stopped}, f"stopped {', '.join(stopped)}" if stopped else "no dev cluster running")
+    stopped = devcluster.down(Path(args.dir), purge=args.purge)
+    human = f"stopped {', '.join(stopped)}" if stopped else "no dev cluster running"
+    if args.purge:
+        human += f"; removed {args.dir}"
+    emit(args, {"stopped": stopped, "purged": args.purge}, human)
     return 0
 
 
@@ -300,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=2)
     sp.add_argument("--base-port", type=int, default=7400)
     sp.add_argument("--dir", default=DEV_DIR)
-    sp = add("down", cmd_dev_down, "stop the local cluster", dev)
+    sp = add("down", cmd_dev_down, "stop the local cluster (its data stays for the next `up`)", dev)
     sp.add_argument("--dir", default=DEV_DIR)
+    sp.add_argument("--purge", action="store_true", help="also delete the cluster's data")
     return p
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -159,6 +160,9 @@ def up(directory: Path, servers: int = 3, workers: int = 2, base_port: int = 740
     if existing and any(alive(n.pid) for n in existing.nodes):
         raise RuntimeError(f"a dev cluster is already running in {directory}; run `cortex dev down` first")
     cluster = plan(directory, servers, workers, base_port)
+    if existing and [(n.id, n.grpc_address) for n in existing.nodes] != [(n.id, n.grpc_address) for n in cluster.nodes]:
+        raise RuntimeError(f"{directory} holds a cluster of another shape ({len(existing.servers)} servers, "
+                           f"{len(existing.workers)} workers); `cortex dev down --purge` removes it")
     busy = [p for n in cluster.nodes for p in _ports(n) if not port_free(p)]
     if busy:
         raise RuntimeError(f"ports in use: {', '.join(map(str, busy))}; stop what uses them or pass --base-port")
@@ -262,8 +266,10 @@ def stop_node(node: DevNode, sig: int = signal.SIGTERM, wait: float = 10.0) -> N
             time.sleep(0.05)
 
 
-def down(directory: Path) -> list[str]:
-    cluster = load(Path(directory).resolve())
+def down(directory: Path, purge: bool = False) -> list[str]:
+    """Stop every node; with purge, also delete the cluster's folder (all its data)."""
+    directory = Path(directory).resolve()
+    cluster = load(directory)
     if cluster is None:
         return []
     stopped = []
@@ -273,4 +279,6 @@ def down(directory: Path) -> list[str]:
             stopped.append(node.id)
         node.pid = 0
     cluster.save()
+    if purge:
+        shutil.rmtree(directory)
     return stopped

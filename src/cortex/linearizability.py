@@ -253,23 +253,25 @@ class HistoryRecorder:
         with self._lock:
             now = self._clock()
             try:
-                op = self._pending.pop(handle)
+                op = self._pending[handle]
             except KeyError:
                 raise KeyError(f"unknown or already completed handle {handle!r}") from None
-            self._done.append(
-                Operation(
-                    client=op.client,
-                    kind=op.kind,
-                    key=op.key,
-                    invoke=op.invoke,
-                    complete=now,
-                    status=status,
-                    value=op.value,
-                    expected=op.expected,
-                    new=op.new,
-                    result=result,
-                )
+            # Build (and so validate) the completed operation before forgetting
+            # the pending one, so a bad result does not lose the operation.
+            done = Operation(
+                client=op.client,
+                kind=op.kind,
+                key=op.key,
+                invoke=op.invoke,
+                complete=now,
+                status=status,
+                value=op.value,
+                expected=op.expected,
+                new=op.new,
+                result=result,
             )
+            del self._pending[handle]
+            self._done.append(done)
 
     def operations(self) -> list[Operation]:
         """All operations so far (pending ones as ``info``), ordered by invoke time."""
@@ -433,8 +435,10 @@ _REQUIRE = 1  # legal iff value == a; unchanged    (ok read)
 _SWAP = 2  # legal iff value == a; value := b      (successful or info cas)
 _REJECT = 3  # legal iff value != a; unchanged     (cas that returned False)
 
+_Step = tuple[int, Any, Any]  # (code, a, b)
 
-def _encode(op: Operation) -> tuple[int, Any, Any]:
+
+def _encode(op: Operation) -> _Step:
     """Reduce an operation to a (code, a, b) step, so the hot loop does no lookups."""
     if op.kind == WRITE:
         return (_SET, op.value, None)
@@ -449,7 +453,7 @@ def _encode(op: Operation) -> tuple[int, Any, Any]:
     return (_REJECT, op.expected, None)
 
 
-def _apply(step: tuple[int, Any, Any], value: Any) -> tuple[bool, Any]:
+def _apply(step: _Step, value: Any) -> tuple[bool, Any]:
     """Apply one step to the register: (legal?, new value)."""
     code, a, b = step
     if code == _SET:
@@ -474,8 +478,6 @@ class _Unobserved:
 
 
 _UNOBSERVED = _Unobserved()
-
-_Step = tuple[int, Any, Any]
 
 
 def _canonical_steps(ops: Sequence[Operation], initial: Any) -> tuple[list[_Step], Any]:
