@@ -22,7 +22,7 @@ test *args:
 
 # benchmarks, Cortex beside etcd on loopback, printed as tables
 bench *args:
-    WITH_ETCD=1 ./bootstrap.sh
+    ./bootstrap.sh
     {{bin}}/python -m bench {{args}}
 
 # static checks and stub freshness

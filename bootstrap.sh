@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what Cortex needs on a fresh Debian 12 machine: python3-venv from apt when missing, then a
 # project virtualenv (.venv) holding Cortex, its dependencies and the dev tools (pytest, ruff, just).
-# Safe to run again: it only installs what is missing. WITH_ETCD=1 also installs etcd for `just bench`.
+# Safe to run again: it only installs what is missing. etcd (Debian's etcd-server) is the benchmark's peer,
+# and the test suite checks the benchmark end to end, so it comes along.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 packages=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
-if [ "${WITH_ETCD:-0}" = 1 ] && ! command -v etcd >/dev/null; then packages+=(etcd-server); fi
+command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || packages+=(etcd-server)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "bootstrap: installing ${packages[*]} with apt-get" >&2
