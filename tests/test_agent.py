@@ -181,3 +181,52 @@ def test_dev_cluster_resumes_after_down_and_purge_removes_it(tmp_path: Path):
     finally:
         devcluster.down(directory, purge=True)
     assert not directory.exists()
+
+
+def _join_worker(tmp_path: Path, node_id: str, cluster, token: str) -> subprocess.CompletedProcess:
+    """Start an agent for `node_id` that is in no cluster, then ask it to join with `token`."""
+    port = free_base_port()
+    config = write_config(tmp_path / node_id, node_id, port, role="worker")
+    proc = start_agent(config)
+    _join_worker.procs.append(proc)
+    wait_status(f"127.0.0.1:{port}", lambda s: s.state == "uninitialized")
+    return cortex("join", cluster.node("n1").grpc_address, "--token", token,
+                  "--socket", str(config.parent / "data" / "admin.sock"), check=False)
+
+
+_join_worker.procs = []
+
+
+def test_join_tokens_are_scoped_expiring_single_use_and_revocable(make_cluster, tmp_path: Path):
+    cluster = make_cluster(1)
+    addr = cluster.node("n1").grpc_address
+    try:
+        once = json.loads(cortex("--addr", addr, "token", "create", "--role", "worker", "--ttl", "1h",
+                                 "--uses", "1", "--json").stdout)
+        assert once["token"].startswith("cx1.") and len(once["id"]) == 12
+        assert _join_worker(tmp_path, "w1", cluster, once["token"]).returncode == 0
+        reused = _join_worker(tmp_path, "w2", cluster, once["token"])
+        assert reused.returncode != 0 and "used up" in reused.stderr
+
+        short = json.loads(cortex("--addr", addr, "token", "create", "--ttl", "1s", "--json").stdout)
+        time.sleep(1.5)
+        expired = _join_worker(tmp_path, "w3", cluster, short["token"])
+        assert expired.returncode != 0 and "expired" in expired.stderr
+
+        revoked = json.loads(cortex("--addr", addr, "token", "create", "--json").stdout)
+        assert "revoked token" in cortex("--addr", addr, "token", "revoke", revoked["id"]).stdout
+        refused = _join_worker(tmp_path, "w4", cluster, revoked["token"])
+        assert refused.returncode != 0 and "revoked" in refused.stderr
+
+        listing = json.loads(cortex("--addr", addr, "token", "list", "--json").stdout)
+        by_id = {t["id"]: t for t in listing}
+        assert by_id[once["id"]]["uses_left"] == 0 and by_id[revoked["id"]]["revoked"] is True
+        assert all("token" not in t for t in listing)  # secrets never come back
+        unknown = cortex("--addr", addr, "token", "revoke", "0123456789ab", check=False)
+        assert unknown.returncode == 1 and "no active token" in unknown.stderr
+        nodes = {n.id for n in Client(addr).status().nodes}
+        assert nodes == {"n1", "w1"}
+    finally:
+        for p in _join_worker.procs:
+            p.kill()
+            p.wait(10)

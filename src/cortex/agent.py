@@ -456,6 +456,33 @@ class Agent:
         leader = self._node_by_raft(self.raft.leader_address())
         return pb.TransferLeadershipResponse(new_leader_id=leader["id"] if leader else "", term=self.raft.term())
 
+    def handle_create_token(self, request: pb.CreateTokenRequest) -> pb.CreateTokenResponse:
+        self._require_member()
+        if request.role not in ("worker", "server"):
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "role must be worker or server")
+        if request.ttl_seconds < 0 or request.uses < 0:
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "ttl and uses must not be negative")
+        if not self._is_leader():
+            return self._forward("CreateToken", request)
+        token = identity.new_join_token()
+        expires_at = time.time() + request.ttl_seconds if request.ttl_seconds else None
+        token_hash = identity.token_hash(token)
+        self.propose("token.add", {"token_hash": token_hash, "role": request.role, "expires_at": expires_at,
+                                   "uses": request.uses or None}, internal=True)
+        log.info("join token created", extra=fields(token_id=token_hash[:12], role=request.role,
+                                                     ttl=request.ttl_seconds, uses=request.uses))
+        return pb.CreateTokenResponse(token=token, token_id=token_hash[:12], expires_at=expires_at or 0)
+
+    def handle_revoke_token(self, request: pb.RevokeTokenRequest) -> pb.RevokeTokenResponse:
+        self._require_member()
+        if not self._is_leader():
+            return self._forward("RevokeToken", request)
+        result = self.propose("token.revoke", {"token_id": request.token_id}, internal=True)
+        if not result["revoked"]:
+            raise AgentError(grpc.StatusCode.NOT_FOUND,
+                             f"no active token with id {request.token_id}; see `cortex token list`")
+        return pb.RevokeTokenResponse(revoked=True)
+
     def _raft_call(self, fn):
         try:
             return fn()
@@ -482,7 +509,11 @@ class Agent:
 
     def propose(self, command_type: str, args: dict, internal: bool = False, idem: str = "") -> dict:
         """Leader-side: stamp and replicate a command; raise AgentError on failure."""
-        return self._propose_checked(command_type, validate(command_type, args), idem)[0]
+        try:
+            args = validate(command_type, args)
+        except CommandError as exc:
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        return self._propose_checked(command_type, args, idem)[0]
 
     def _propose_checked(self, command_type: str, args: dict, idem: str) -> tuple[dict, int, int]:
         term = self.raft.term()
@@ -675,6 +706,8 @@ class Agent:
             "Leave": self.handle_leave,
             "Heartbeat": self.handle_heartbeat,
             "TransferLeadership": self.handle_transfer,
+            "CreateToken": self.handle_create_token,
+            "RevokeToken": self.handle_revoke_token,
         }[method](request)
 
     def _to_servers(self, call) -> Any:
@@ -747,6 +780,14 @@ class ClusterService(pb_grpc.ClusterServicer):
     @_servicer
     def TransferLeadership(self, request, context):
         return self.agent.handle_transfer(request)
+
+    @_servicer
+    def CreateToken(self, request, context):
+        return self.agent.handle_create_token(request)
+
+    @_servicer
+    def RevokeToken(self, request, context):
+        return self.agent.handle_revoke_token(request)
 
 
 class AdminService(pb_grpc.AdminServicer):

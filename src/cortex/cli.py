@@ -201,6 +201,53 @@ def cmd_state(args) -> int:
     return 0
 
 
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '1h', '2d' or plain seconds; '0' means no expiry."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise UsageError(f"bad duration {text!r}: use e.g. 90s, 30m, 1h, 2d") from None
+
+
+def _when(ts: float | None) -> str:
+    return "never" if not ts else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def cmd_token_create(args) -> int:
+    ttl = parse_duration(args.ttl)
+    if ttl < 0 or args.uses < 0:
+        raise UsageError("--ttl and --uses must not be negative")
+    with _client(args) as c:
+        response = c.create_token(args.role, ttl, args.uses)
+    doc = {"token": response.token, "id": response.token_id, "role": args.role,
+           "expires_at": response.expires_at or None, "uses": args.uses or None}
+    emit(args, doc, f"{response.token}\n  id {response.token_id}, joins as {args.role} or less, "
+                    f"expires {_when(response.expires_at)}, uses {args.uses or 'unlimited'}\n"
+                    "  shown once: the cluster stores only its hash")
+    return 0
+
+
+def cmd_token_list(args) -> int:
+    with _client(args) as c:
+        rows = c.read("tokens", {}, level="leader")
+    human = table([{**r, "created": _when(r["created_at"]), "expires": _when(r["expires_at"]),
+                    "uses_left": "unlimited" if r["uses_left"] is None else r["uses_left"],
+                    "state": "revoked" if r["revoked"] else "active"} for r in rows],
+                  ["id", "role", "state", "created", "expires", "uses_left"])
+    emit(args, rows, human)
+    return 0
+
+
+def cmd_token_revoke(args) -> int:
+    with _client(args) as c:
+        c.revoke_token(args.id)
+    emit(args, {"revoked": args.id}, f"revoked token {args.id}")
+    return 0
+
+
 def cmd_dev_up(args) -> int:
     from cortex import devcluster
 
@@ -296,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--level", choices=levels, default="leader")
     sp = add("state", cmd_state, "replicated state summary and digest")
     sp.add_argument("--level", choices=levels, default="stale")
+
+    tokens = sub.add_parser("token", help="join tokens").add_subparsers(dest="sub", required=True)
+    sp = add("create", cmd_token_create, "create a join token (printed once)", tokens)
+    sp.add_argument("--role", choices=["worker", "server"], default="worker")
+    sp.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 2d; 0 for none (default 1h)")
+    sp.add_argument("--uses", type=int, default=0, help="how many joins it admits (default unlimited)")
+    add("list", cmd_token_list, "list join tokens (ids, never secrets)", tokens)
+    sp = add("revoke", cmd_token_revoke, "revoke a join token", tokens)
+    sp.add_argument("id", help="token id from `cortex token list`")
 
     dev = sub.add_parser("dev", help="local multi-node cluster on loopback").add_subparsers(dest="sub", required=True)
     sp = add("up", cmd_dev_up, "start a local cluster of real agent processes", dev)

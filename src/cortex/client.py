@@ -115,6 +115,13 @@ class Client:
                           timeout=max(self.timeout, 15))
 
 
+    def create_token(self, role: str = "worker", ttl_seconds: float = 3600, uses: int = 0) -> pb.CreateTokenResponse:
+        return self._call(self.stub.CreateToken, pb.CreateTokenRequest(role=role, ttl_seconds=ttl_seconds, uses=uses))
+
+    def revoke_token(self, token_id: str) -> pb.RevokeTokenResponse:
+        return self._call(self.stub.RevokeToken, pb.RevokeTokenRequest(token_id=token_id))
+
+
 class AdminClient:
     """The local node's admin API over its unix socket."""
 

@@ -32,6 +32,8 @@ def _require(args: dict, name: str, kind: type | tuple, *, optional: bool = Fals
             return None
         raise CommandError(f"missing argument {name!r}")
     value = args[name]
+    if value is None and optional:
+        return None
     if isinstance(value, bool) and kind in (int, float):
         raise CommandError(f"argument {name!r} must be {kind.__name__}, got bool")
     if not isinstance(value, kind):
@@ -128,6 +130,14 @@ def _v_token_add(args: dict) -> dict:
     return {"token_hash": token_hash, "role": role, "expires_at": expires_at, "uses": uses}
 
 
+def _v_token_revoke(args: dict) -> dict:
+    _no_extra(args, {"token_id"})
+    token_id = _require(args, "token_id", str)
+    if not re.match(r"^[0-9a-f]{8,64}$", token_id):
+        raise CommandError("token_id must be 8-64 hex digits (see `cortex token list`)")
+    return {"token_id": token_id}
+
+
 def _v_cluster_init(args: dict) -> dict:
     _no_extra(args, {"cluster_id"})
     return {"cluster_id": _require(args, "cluster_id", str)}
@@ -141,11 +151,12 @@ VALIDATORS = {
     "node.register": _v_node_register,
     "node.remove": _v_node_remove,
     "token.add": _v_token_add,
+    "token.revoke": _v_token_revoke,
     "cluster.init": _v_cluster_init,
 }
 
 # Commands only the agent itself may propose (membership is decided by the join protocol, not by clients).
-INTERNAL = frozenset({"node.register", "node.remove", "token.add", "cluster.init"})
+INTERNAL = frozenset({"node.register", "node.remove", "token.add", "token.revoke", "cluster.init"})
 
 
 def validate(command_type: str, args: Any) -> dict:

@@ -53,6 +53,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX requests_by_index ON requests (log_index);
     """,
+    # 2: revocation keeps the row (who was admitted with what stays auditable)
+    """
+    ALTER TABLE join_tokens ADD COLUMN revoked_at REAL;
+    """,
 ]
 
 REQUEST_RETENTION = 100_000  # idempotency keys are remembered for this many log entries
@@ -294,11 +298,13 @@ def _h_node_register(db, index, env) -> dict:
 def token_problem(db: sqlite3.Connection, token_hash: str, role: str, now: float) -> str:
     """Why this token cannot admit a node of `role` at time `now` ('' when it can)."""
     row = db.execute(
-        "SELECT role, expires_at, uses_left FROM join_tokens WHERE token_hash=?", (token_hash,)
+        "SELECT role, expires_at, uses_left, revoked_at FROM join_tokens WHERE token_hash=?", (token_hash,)
     ).fetchone()
     if row is None:
-        return "join token not recognised by this cluster; create one with `cortex init` output or ask an operator"
-    token_role, expires_at, uses_left = row
+        return "join token not recognised by this cluster; ask an operator for one (`cortex token create`)"
+    token_role, expires_at, uses_left, revoked_at = row
+    if revoked_at is not None:
+        return "join token was revoked; ask an operator for a new one"
     if token_role == "worker" and role == "server":
         return "this join token admits workers only"
     if expires_at is not None and now >= expires_at:
@@ -316,10 +322,20 @@ def _h_node_remove(db, index, env) -> dict:
 def _h_token_add(db, index, env) -> dict:
     a = env.args
     db.execute(
-        "INSERT OR IGNORE INTO join_tokens VALUES (?, ?, ?, ?, ?)",
+        "INSERT OR IGNORE INTO join_tokens (token_hash, role, created_at, expires_at, uses_left) VALUES (?, ?, ?, ?, ?)",
         (a["token_hash"], a["role"], env.ts, a["expires_at"], a["uses"]),
     )
     return {"token_hash": a["token_hash"], "added": True}
+
+
+def _h_token_revoke(db, index, env) -> dict:
+    rows = db.execute("SELECT token_hash FROM join_tokens WHERE token_hash LIKE ? AND revoked_at IS NULL",
+                      (env.args["token_id"] + "%",)).fetchall()
+    if len(rows) > 1:
+        return {"error": f"token id {env.args['token_id']} is ambiguous; give more digits"}
+    if rows:
+        db.execute("UPDATE join_tokens SET revoked_at=? WHERE token_hash=?", (env.ts, rows[0][0]))
+    return {"token_id": env.args["token_id"], "revoked": bool(rows)}
 
 
 def _h_cluster_init(db, index, env) -> dict:
@@ -339,6 +355,7 @@ _HANDLERS = {
     "node.register": _h_node_register,
     "node.remove": _h_node_remove,
     "token.add": _h_token_add,
+    "token.revoke": _h_token_revoke,
     "cluster.init": _h_cluster_init,
 }
 
@@ -374,6 +391,14 @@ def _q_token_check(db, args) -> dict:
                                      float(args.get("now", 0)))}
 
 
+def _q_tokens(db, args) -> list[dict]:
+    """Tokens without their secrets: the id is a prefix of the hash."""
+    rows = db.execute("SELECT token_hash, role, created_at, expires_at, uses_left, revoked_at FROM join_tokens "
+                      "ORDER BY created_at").fetchall()
+    return [{"id": h[:12], "role": role, "created_at": created, "expires_at": expires, "uses_left": uses,
+             "revoked": revoked is not None} for h, role, created, expires, uses, revoked in rows]
+
+
 def _q_cluster(db, args) -> dict:
     meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     return {
@@ -394,6 +419,7 @@ _QUERIES = {
     "kv.list": _q_kv_list,
     "nodes": _q_nodes,
     "token.check": _q_token_check,
+    "tokens": _q_tokens,
     "cluster": _q_cluster,
     "digest": _q_digest,
 }
