@@ -266,3 +266,32 @@ def test_raft_peer_with_wrong_secret_cannot_disturb_the_cluster(shared_cluster):
         status = c.status()
         assert status.state == "leader" and status.term == term_before
         assert c.read("digest", {}, level="linearizable")["digest"] == digest_before
+
+
+def test_paused_worker_is_seen_unreachable_and_rejoins_on_resume_signal(shared_cluster):
+    """SIGSTOP/SIGCONT stands in for suspend; SIGUSR1 is what the image's sleep hook sends on resume."""
+    from cortex import devcluster
+
+    worker = shared_cluster.node("w2")
+    leader = shared_cluster.leader()
+
+    def liveness() -> str:
+        with shared_cluster.client(leader) as c:
+            return next(n.liveness for n in c.status().nodes if n.id == "w2")
+
+    os_kill = devcluster.os.kill
+    os_kill(worker.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 15
+        while liveness() != "unreachable":
+            assert time.monotonic() < deadline, "a paused worker must be reported unreachable"
+            time.sleep(0.2)
+    finally:
+        os_kill(worker.pid, signal.SIGCONT)
+    woke = time.monotonic()
+    os_kill(worker.pid, signal.SIGUSR1)
+    while liveness() != "alive":
+        assert time.monotonic() - woke < 10
+        time.sleep(0.02)
+    print(f"resume -> alive: {time.monotonic() - woke:.2f}s")
+    assert '"msg": "resumed: rejoining"' in open(worker.log_path).read()

@@ -72,6 +72,14 @@ class Peers:
                 channel.close()
             self._channels.clear()
 
+    def reset(self) -> None:
+        """Fresh channels from now on; the old ones close once calls still using them are done."""
+        with self._lock:
+            old, self._channels = self._channels, {}
+        timer = threading.Timer(FORWARD_TIMEOUT * 3, lambda: [c.close() for c, _ in old.values()])
+        timer.daemon = True
+        timer.start()
+
 
 class Agent:
     def __init__(self, config: Config):
@@ -86,6 +94,7 @@ class Agent:
         self._lock = threading.RLock()  # guards membership transitions (init/join/leave)
         self._stop = threading.Event()
         self.failed = threading.Event()  # set when the agent can no longer serve and must be restarted
+        self._wake = threading.Event()  # run a background step now (resume)
         self._worker_seen: dict[str, float] = {}  # leader's view: worker id -> monotonic last heartbeat
         self._server_addresses: list[str] = list(self.identity.server_grpc_addresses) if self.identity else []
         self.waiting_for = ""
@@ -110,6 +119,7 @@ class Agent:
         if self._stop.is_set():
             return
         self._stop.set()
+        self._wake.set()
         notify.sd_notify("STOPPING=1")
         log.info("agent stopping")
         if self._grpc:
@@ -213,16 +223,29 @@ class Agent:
         self._health.set("cortex.v1.Cluster", status)
 
     def _background(self) -> None:
-        """Worker heartbeats, health refresh and the systemd watchdog."""
+        """Worker heartbeats, health refresh, resume detection and the systemd watchdog."""
         watchdog = notify.watchdog_interval()
+        interval = WORKER_HEARTBEAT if watchdog is None else min(WORKER_HEARTBEAT, watchdog)
         last_watchdog = 0.0
-        while not self._stop.wait(WORKER_HEARTBEAT if watchdog is None else min(WORKER_HEARTBEAT, watchdog)):
-            if self.raft is not None and not self.raft.tick_thread_alive() and not self._stop.is_set():
+        sleep_offset = _suspended_seconds()
+        heartbeat_failing = False
+        while not self._stop.is_set():
+            woken = self._wake.wait(interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if self.raft is not None and not self.raft.tick_thread_alive():
                 # Raft stopped ticking (it should never): exit so the supervisor restarts a clean process
                 # instead of leaving a node that answers gRPC but no longer takes part in consensus.
                 log.critical("raft tick thread died; exiting for a restart")
                 self.failed.set()
                 return
+            # CLOCK_BOOTTIME counts time spent suspended, CLOCK_MONOTONIC does not: a jump in their
+            # difference means the machine slept, even where no one told us (no logind, no sleep hook).
+            offset = _suspended_seconds()
+            if woken or offset - sleep_offset > 1.0:
+                self._after_resume(slept=offset - sleep_offset, signalled=woken)
+            sleep_offset = offset
             try:
                 self._update_health()
                 if self.identity is not None and self.identity.pending_token:
@@ -230,11 +253,26 @@ class Agent:
                         self._finish_join(timeout=5)
                 if self.identity is not None and self.identity.role == "worker":
                     self._worker_heartbeat()
+                if heartbeat_failing:
+                    log.info("servers reachable again")
+                heartbeat_failing = False
+            except AgentError as exc:
+                if not heartbeat_failing:  # say it once, not every second
+                    log.warning("cannot reach the servers", extra=fields(error=str(exc)))
+                heartbeat_failing = True
             except Exception:
                 log.exception("background step failed")
             if watchdog is not None and time.monotonic() - last_watchdog >= watchdog:
                 notify.sd_notify("WATCHDOG=1")
                 last_watchdog = time.monotonic()
+
+    def resume(self) -> None:
+        """Called on SIGUSR1 (the image's sleep hook sends it after resume): rejoin at once."""
+        self._wake.set()
+
+    def _after_resume(self, slept: float, signalled: bool) -> None:
+        log.info("resumed: rejoining", extra=fields(slept_seconds=round(max(slept, 0.0), 1), signalled=signalled))
+        self.peers.reset()  # fresh connections: the old ones may point at sockets that died while asleep
 
     def _worker_heartbeat(self) -> None:
         request = pb.HeartbeatRequest(node_id=self.config.node_id)
@@ -727,6 +765,10 @@ class Agent:
         raise AgentError(grpc.StatusCode.UNAVAILABLE, "no server reachable (" + "; ".join(errors) + ")")
 
 
+def _suspended_seconds() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
+
+
 def _servicer(fn):
     """Turn AgentError into a gRPC status; never let an unexpected error kill the server thread."""
 
@@ -819,6 +861,7 @@ def run(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: agent.resume())
     try:
         agent.start()
     except Exception as exc:
