@@ -283,8 +283,8 @@ def test_paused_worker_is_seen_unreachable_and_rejoins_on_resume_signal(shared_c
     os_kill(worker.pid, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 15
-        while liveness() != "unreachable":
-            assert time.monotonic() < deadline, "a paused worker must be reported unreachable"
+        while liveness() not in ("suspect", "offline"):
+            assert time.monotonic() < deadline, "a paused worker must be reported suspect"
             time.sleep(0.2)
     finally:
         os_kill(worker.pid, signal.SIGCONT)
@@ -295,3 +295,31 @@ def test_paused_worker_is_seen_unreachable_and_rejoins_on_resume_signal(shared_c
         time.sleep(0.02)
     print(f"resume -> alive: {time.monotonic() - woke:.2f}s")
     assert '"msg": "resumed: rejoining"' in open(worker.log_path).read()
+
+
+def test_dead_worker_goes_suspect_then_offline_everywhere_and_comes_back(make_cluster):
+    cluster = make_cluster(3, workers=1)
+    follower = cluster.followers()[0]
+
+    def state_on(node_id: str) -> str:
+        with cluster.client(node_id) as c:
+            return next(n.liveness for n in c.status().nodes if n.id == "w1")
+
+    cluster.kill("w1")
+    killed = time.monotonic()
+    seen: dict[str, float] = {}
+    while "offline" not in seen:
+        state = state_on(follower)  # replicated: a follower reports what the leader decided
+        seen.setdefault(state, time.monotonic() - killed)
+        assert time.monotonic() - killed < 20, seen
+        time.sleep(0.1)
+    print(f"dead worker: suspect after {seen.get('suspect', -1):.1f}s, offline after {seen['offline']:.1f}s")
+    assert 2.0 <= seen["suspect"] < seen["offline"] and seen["offline"] >= 9.0
+    assert '"event": "node.offline"' in open(cluster.node(follower).log_path).read()
+    with cluster.client(follower) as c:
+        c.put("quorum-unaffected", "yes")  # an offline worker never touches quorum
+    cluster.start("w1")
+    deadline = time.monotonic() + 15
+    while state_on(follower) != "alive":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

@@ -29,7 +29,9 @@ from cortex.client import channel_options
 from cortex.commands import INTERNAL, CommandError, Envelope, parse_args_json, validate
 from cortex.config import Config
 from cortex.consensus import GroupCommitter, NotLeader, ProposalError, RaftNode, wait_until
+from cortex.events import Event, EventBus
 from cortex.identity import Identity
+from cortex.liveness import LivenessTracker
 from cortex.logs import fields
 from cortex.state import StateStore
 
@@ -38,7 +40,6 @@ log = logging.getLogger("cortex.agent")
 MAX_HOPS = 3
 FORWARD_TIMEOUT = 8.0
 WORKER_HEARTBEAT = 1.0
-WORKER_ALIVE_WITHIN = 5.0
 
 
 class AgentError(Exception):
@@ -95,7 +96,11 @@ class Agent:
         self._stop = threading.Event()
         self.failed = threading.Event()  # set when the agent can no longer serve and must be restarted
         self._wake = threading.Event()  # run a background step now (resume)
-        self._worker_seen: dict[str, float] = {}  # leader's view: worker id -> monotonic last heartbeat
+        self.events = EventBus()
+        self.liveness = LivenessTracker(config.liveness.suspect_after, config.liveness.offline_after)
+        self._liveness_term = -1  # the term in which this node, as leader, started tracking liveness
+        self._liveness_lock = threading.Lock()
+        self._last_leader = ""
         self._server_addresses: list[str] = list(self.identity.server_grpc_addresses) if self.identity else []
         self.waiting_for = ""
         self._grpc: grpc.Server | None = None
@@ -195,7 +200,7 @@ class Agent:
     def _start_member(self) -> None:
         ident = self.identity
         if ident.role == "server":
-            self.store = StateStore(self.data_dir / "state.db")
+            self.store = StateStore(self.data_dir / "state.db", listener=self._on_replicated_event)
             known = [n["raft_address"] for n in self.store.query("nodes", {})
                      if n["role"] == "server" and n["raft_address"]]
             peers = sorted(set(known or ident.raft_peers) - {self.config.raft_address})
@@ -216,7 +221,18 @@ class Agent:
             self.store.close()
             self.store = None
 
+    def _on_replicated_event(self, event_type: str, data: dict, index: int) -> None:
+        log.info("event", extra=fields(event=event_type, index=index, **data))
+        self.events.publish(Event(event_type, data, index=index))
+
     def _update_health(self) -> None:
+        if self.raft is not None:
+            leader = self.raft.leader_address()
+            if leader != self._last_leader:
+                self._last_leader = leader
+                if leader:
+                    log.info("event", extra=fields(event="leader.changed", leader=leader, term=self.raft.term()))
+                    self.events.publish(Event("leader.changed", {"leader": leader, "term": self.raft.term()}))
         serving = self.identity is not None and (self.raft is None or bool(self.raft.leader_address()))
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         self._health.set("", status)
@@ -253,6 +269,7 @@ class Agent:
                         self._finish_join(timeout=5)
                 if self.identity is not None and self.identity.role == "worker":
                     self._worker_heartbeat()
+                self._liveness_step()
                 if heartbeat_failing:
                     log.info("servers reachable again")
                 heartbeat_failing = False
@@ -273,6 +290,29 @@ class Agent:
     def _after_resume(self, slept: float, signalled: bool) -> None:
         log.info("resumed: rejoining", extra=fields(slept_seconds=round(max(slept, 0.0), 1), signalled=signalled))
         self.peers.reset()  # fresh connections: the old ones may point at sockets that died while asleep
+
+    def _liveness_step(self) -> None:
+        """Leader only: decide suspect/offline/alive from heartbeats and replicate the transitions."""
+        with self._liveness_lock:
+            self._liveness_step_locked()
+
+    def _liveness_step_locked(self) -> None:
+        if not self._is_leader():
+            self._liveness_term = -1
+            return
+        now, term = time.monotonic(), self.raft.term()
+        nodes = [n for n in self.store.query("nodes", {}) if n["id"] != self.config.node_id]
+        if self._liveness_term != term:
+            self.liveness.start({n["id"]: n["liveness"] for n in nodes}, now)
+            self._liveness_term = term
+        raft = self.raft.status()
+        for n in nodes:
+            self.liveness.track(n["id"], n["liveness"], now)
+            if n["role"] == "server" and raft.connected.get(n["raft_address"]):
+                self.liveness.heard(n["id"], now)
+        for transition in self.liveness.evaluate(now):
+            self.propose("node.liveness", {"node_id": transition.node_id, "state": transition.new}, internal=True)
+            self.liveness.apply(transition)
 
     def _worker_heartbeat(self) -> None:
         request = pb.HeartbeatRequest(node_id=self.config.node_id)
@@ -468,14 +508,16 @@ class Agent:
                 raise AgentError(grpc.StatusCode.UNAVAILABLE, "the leader cannot remove itself; transfer first")
             self._raft_call(lambda: self.raft.remove_member(node["raft_address"]))
         self.propose("node.remove", {"node_id": request.node_id}, internal=True)
-        self._worker_seen.pop(request.node_id, None)
+        self.liveness.forget(request.node_id)
         return pb.LeaveResponse(removed=True)
 
     def handle_heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         self._require_member()
         if not self._is_leader():
             return self._forward("Heartbeat", request)
-        self._worker_seen[request.node_id] = time.monotonic()
+        self.liveness.heard(request.node_id, time.monotonic())
+        if self.liveness.state(request.node_id) not in (None, "alive"):
+            self._liveness_step()  # back from suspect/offline: say so now, not at the next tick
         return pb.HeartbeatResponse(server_grpc_addresses=self._server_grpc_addresses())
 
     def handle_transfer(self, request: pb.TransferLeadershipRequest) -> pb.TransferLeadershipResponse:
@@ -669,21 +711,18 @@ class Agent:
         now = time.monotonic()
         for node in self.store.query("nodes", {}):
             entry = pb.NodeStatus(id=node["id"], role=node["role"], grpc_address=node["grpc_address"],
-                                  raft_address=node["raft_address"], liveness="unknown", replication_lag=-1,
-                                  last_seen_age=-1)
+                                  raft_address=node["raft_address"], liveness=node["liveness"],
+                                  replication_lag=-1, last_seen_age=-1)
             if node["id"] == self.config.node_id:
                 entry.liveness, entry.last_seen_age = "alive", 0
                 if raft.state == "leader":
                     entry.replication_lag = 0
-            elif node["role"] == "server":
-                entry.liveness = "alive" if raft.connected.get(node["raft_address"]) else "unreachable"
-                if raft.state == "leader" and node["raft_address"] in raft.match_index:
-                    entry.replication_lag = max(0, raft.commit_index - raft.match_index[node["raft_address"]])
             elif raft.state == "leader":
-                seen = self._worker_seen.get(node["id"])
-                if seen is not None:
-                    entry.last_seen_age = now - seen
-                    entry.liveness = "alive" if now - seen < WORKER_ALIVE_WITHIN else "unreachable"
+                if node["role"] == "server" and node["raft_address"] in raft.match_index:
+                    entry.replication_lag = max(0, raft.commit_index - raft.match_index[node["raft_address"]])
+                heard = self.liveness.last_heard(node["id"])
+                if heard is not None:
+                    entry.last_seen_age = now - heard
             response.nodes.append(entry)
         return response
 

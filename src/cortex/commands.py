@@ -110,6 +110,14 @@ def _v_node_register(args: dict) -> dict:
     }
 
 
+def _v_node_liveness(args: dict) -> dict:
+    _no_extra(args, {"node_id", "state"})
+    state = _require(args, "state", str)
+    if state not in ("alive", "suspect", "offline"):
+        raise CommandError("state must be alive, suspect or offline")
+    return {"node_id": _node_id(args), "state": state}
+
+
 def _v_node_remove(args: dict) -> dict:
     _no_extra(args, {"node_id"})
     return {"node_id": _node_id(args)}
@@ -150,13 +158,15 @@ VALIDATORS = {
     "kv.cas": _v_kv_cas,
     "node.register": _v_node_register,
     "node.remove": _v_node_remove,
+    "node.liveness": _v_node_liveness,
     "token.add": _v_token_add,
     "token.revoke": _v_token_revoke,
     "cluster.init": _v_cluster_init,
 }
 
 # Commands only the agent itself may propose (membership is decided by the join protocol, not by clients).
-INTERNAL = frozenset({"node.register", "node.remove", "token.add", "token.revoke", "cluster.init"})
+INTERNAL = frozenset({"node.register", "node.remove", "node.liveness", "token.add", "token.revoke",
+                      "cluster.init"})
 
 
 def validate(command_type: str, args: Any) -> dict:

@@ -39,6 +39,14 @@ class RaftConfig:
 
 
 @dataclass(frozen=True)
+class LivenessConfig:
+    """Seconds without a heartbeat before the leader marks a node suspect, then offline."""
+
+    suspect_after: float = 3.0
+    offline_after: float = 10.0
+
+
+@dataclass(frozen=True)
 class JoinConfig:
     address: str
     token: str = ""
@@ -68,6 +76,7 @@ class Config:
     raft_address: str = "127.0.0.1:7401"
     admin_socket: Path | None = None
     raft: RaftConfig = field(default_factory=RaftConfig)
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     log: LogConfig = field(default_factory=LogConfig)
     max_message_bytes: int = 4 * 1024 * 1024
@@ -168,6 +177,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
             "listen": "",
             "admin_socket": "",
             "raft": "",
+            "liveness": "",
             "bootstrap": "",
             "log": "",
             "max_message_bytes": "",
@@ -225,6 +235,16 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
         if raft.heartbeat_interval * 3 >= raft.election_timeout_min:
             raise reader.fail(top["raft"], "raft.heartbeat_interval", "must be at most a third of election_timeout_min")
         kwargs["raft"] = raft
+
+    if "liveness" in top:
+        values = _dataclass_from(reader, top["liveness"], "liveness", LivenessConfig)
+        for name, (value, value_node) in values.items():
+            if value <= 0:
+                raise reader.fail(value_node, f"liveness.{name}", f"must be > 0, got {value!r}")
+        liveness = LivenessConfig(**{name: value for name, (value, _) in values.items()})
+        if liveness.suspect_after >= liveness.offline_after:
+            raise reader.fail(top["liveness"], "liveness.suspect_after", "must be below liveness.offline_after")
+        kwargs["liveness"] = liveness
 
     if "log" in top:
         values = _dataclass_from(reader, top["log"], "log", LogConfig)

@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE join_tokens ADD COLUMN revoked_at REAL;
     """,
+    # 3: liveness is replicated state, decided by the leader (see liveness.py)
+    """
+    ALTER TABLE nodes ADD COLUMN liveness TEXT NOT NULL DEFAULT 'alive';
+    ALTER TABLE nodes ADD COLUMN liveness_since REAL;
+    """,
 ]
 
 REQUEST_RETENTION = 100_000  # idempotency keys are remembered for this many log entries
@@ -64,12 +70,26 @@ REQUEST_RETENTION = 100_000  # idempotency keys are remembered for this many log
 STATE_TABLES = ("meta", "nodes", "kv", "join_tokens", "requests")
 
 
+def events_for(env: Envelope, result: dict) -> list[tuple[str, dict]]:
+    """The events an applied command means (pure: the same on every replica)."""
+    if "error" in result or result.get("duplicate"):
+        return []
+    if env.type == "node.register" and not result.get("unchanged"):
+        return [("node.joined", {"node_id": env.args["node_id"], "role": env.args["role"]})]
+    if env.type == "node.remove" and result.get("removed"):
+        return [("node.left", {"node_id": env.args["node_id"]})]
+    if env.type == "node.liveness" and result.get("changed"):
+        return [(f"node.{env.args['state']}", {"node_id": env.args["node_id"], "previous": result["previous"]})]
+    return []
+
+
 class StateStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, listener: Callable[[str, dict, int], None] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
         self._local = threading.local()
+        self._listener = listener  # told (event type, data, index) after each commit
         self._db = self._connect()
         self._migrate()
         self.last_applied = int(self._meta("last_applied_index", "0"))
@@ -135,12 +155,9 @@ class StateStore:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                if entry is None:
-                    result = undecodable
-                elif isinstance(entry, list):
-                    result = [self._apply_envelope(db, index, env, entry_term) for env in entry]
-                else:
-                    result = self._apply_envelope(db, index, entry, entry_term)
+                envs = [] if entry is None else entry if isinstance(entry, list) else [entry]
+                results = [self._apply_envelope(db, index, env, entry_term) for env in envs]
+                result = undecodable if entry is None else results if isinstance(entry, list) else results[0]
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('last_applied_index', ?)", (str(index),))
                 db.execute("COMMIT")
             except BaseException:
@@ -148,7 +165,11 @@ class StateStore:
                 self.fence_term = int(self._meta("fence_term", "0"))
                 raise
             self.last_applied = index
-            return result
+        if self._listener is not None:
+            for env, item in zip(envs, results):
+                for event_type, data in events_for(env, item):
+                    self._listener(event_type, data, index)
+        return result
 
     def _apply_envelope(self, db: sqlite3.Connection, index: int, env: Envelope, entry_term: int | None) -> dict:
         if entry_term is not None and env.term != entry_term:
@@ -287,10 +308,11 @@ def _h_node_register(db, index, env) -> dict:
             (a["token_hash"],),
         )
     db.execute(
-        """INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?)
+        """INSERT INTO nodes (id, role, grpc_address, raft_address, joined_at, updated_at, liveness, liveness_since)
+           VALUES (?, ?, ?, ?, ?, ?, 'alive', ?)
            ON CONFLICT(id) DO UPDATE SET role=excluded.role, grpc_address=excluded.grpc_address,
              raft_address=excluded.raft_address, updated_at=excluded.updated_at""",
-        (a["node_id"], a["role"], a["grpc_address"], a["raft_address"], env.ts, env.ts),
+        (a["node_id"], a["role"], a["grpc_address"], a["raft_address"], env.ts, env.ts, env.ts),
     )
     return {"node_id": a["node_id"], "registered": True}
 
@@ -312,6 +334,17 @@ def token_problem(db: sqlite3.Connection, token_hash: str, role: str, now: float
     if uses_left is not None and uses_left <= 0:
         return "join token already used up; create a new one"
     return ""
+
+
+def _h_node_liveness(db, index, env) -> dict:
+    row = db.execute("SELECT liveness FROM nodes WHERE id=?", (env.args["node_id"],)).fetchone()
+    if row is None:
+        return {"node_id": env.args["node_id"], "changed": False}
+    if row[0] == env.args["state"]:
+        return {"node_id": env.args["node_id"], "changed": False}
+    db.execute("UPDATE nodes SET liveness=?, liveness_since=? WHERE id=?",
+               (env.args["state"], env.ts, env.args["node_id"]))
+    return {"node_id": env.args["node_id"], "changed": True, "previous": row[0]}
 
 
 def _h_node_remove(db, index, env) -> dict:
@@ -354,6 +387,7 @@ _HANDLERS = {
     "kv.cas": _h_kv_cas,
     "node.register": _h_node_register,
     "node.remove": _h_node_remove,
+    "node.liveness": _h_node_liveness,
     "token.add": _h_token_add,
     "token.revoke": _h_token_revoke,
     "cluster.init": _h_cluster_init,
@@ -382,7 +416,7 @@ def _q_kv_list(db, args) -> list[dict]:
 
 
 def _q_nodes(db, args) -> list[dict]:
-    cols = ("id", "role", "grpc_address", "raft_address", "joined_at", "updated_at")
+    cols = ("id", "role", "grpc_address", "raft_address", "joined_at", "updated_at", "liveness", "liveness_since")
     return [dict(zip(cols, row)) for row in db.execute(f"SELECT {', '.join(cols)} FROM nodes ORDER BY id")]
 
 
