@@ -28,14 +28,13 @@ Two pipelining styles are offered, so the benchmark can report both:
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import signal
-import threading
 import time
 import uuid
 
+from bench import measure
 from cortex import devcluster
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.client import Client, CortexError
@@ -73,100 +72,34 @@ class CortexClient:
 
     # -- pipelining: unary puts, bounded window (same pattern as etcd's) --- #
     def put_many_pipelined(self, items, concurrency: int = 64, timeout: float | None = None) -> int:
-        """One unary Write per (key, value), at most `concurrency` in flight
-        (gRPC futures over one channel).  Returns the number acknowledged; raises
-        the first error seen (after draining what is already in flight)."""
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+        """One unary Write per (key, value), at most `concurrency` in flight (gRPC futures over one
+        channel), exactly etcd's pattern. Returns the number acknowledged; raises the first error."""
         per_call = self.timeout if timeout is None else timeout
-        slot_wait = per_call + 5.0
-        window = threading.BoundedSemaphore(concurrency)
-        lock = threading.Lock()
-        errors: list[BaseException] = []
-        acked = 0
-
-        def on_done(fut):
-            nonlocal acked
-            try:
-                fut.result()
-            except BaseException as e:  # grpc.RpcError, CancelledError
-                with lock:
-                    errors.append(e)
-            else:
-                with lock:
-                    acked += 1
-            finally:
-                window.release()
-
-        for key, value in items:
-            if errors:
-                break
-            if not window.acquire(timeout=slot_wait):
-                raise TimeoutError(f"no in-flight slot freed within {slot_wait:.1f}s")
-            req = pb.WriteRequest(command=_put_command(key, value))
-            try:
-                fut = self._stub.Write.future(req, timeout=per_call)
-            except BaseException:
-                window.release()
-                raise
-            fut.add_done_callback(on_done)
-
-        _drain(window, concurrency, slot_wait)
-        if errors:
-            raise errors[0]
-        return acked
+        return measure.windowed(
+            items, lambda kv: self._stub.Write.future(pb.WriteRequest(command=_put_command(*kv)), timeout=per_call),
+            concurrency, slot_wait=per_call + 5.0)
 
     # -- pipelining: WriteBatch RPCs ---------------------------------------- #
     def put_many_batched(self, items, batch_size: int = 200, in_flight: int = 4,
                          timeout: float | None = None) -> int:
-        """(key, value) pairs sent as WriteBatch RPCs of `batch_size` commands,
-        at most `in_flight` batches outstanding.  Returns the number of puts
-        acknowledged; raises on the first failed RPC or failed command."""
-        if batch_size < 1 or in_flight < 1:
-            raise ValueError("batch_size and in_flight must be >= 1")
+        """(key, value) pairs sent as WriteBatch RPCs of `batch_size` commands, at most `in_flight`
+        batches outstanding. Returns the number acknowledged; raises on a failed RPC or command."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
         per_call = self.timeout if timeout is None else timeout
-        slot_wait = per_call + 5.0
-        window = threading.BoundedSemaphore(in_flight)
-        lock = threading.Lock()
-        errors: list[BaseException] = []
-        acked = 0
-
-        def on_done(fut, size):
-            nonlocal acked
-            try:
-                resp = fut.result()
-                failed = [e for e in resp.errors if e]
-                with lock:
-                    acked += len(resp.errors) - len(failed)
-                    if len(resp.errors) != size:
-                        errors.append(RuntimeError(f"WriteBatch answered {len(resp.errors)} of {size} commands"))
-                    elif failed:
-                        errors.append(RuntimeError(f"{len(failed)}/{size} batched puts failed: {failed[0]}"))
-            except BaseException as e:
-                with lock:
-                    errors.append(e)
-            finally:
-                window.release()
-
         items = list(items)
-        for start in range(0, len(items), batch_size):
-            if errors:
-                break
-            chunk = items[start:start + batch_size]
-            if not window.acquire(timeout=slot_wait):
-                raise TimeoutError(f"no in-flight batch slot freed within {slot_wait:.1f}s")
-            req = pb.WriteBatchRequest(commands=[_put_command(k, v) for k, v in chunk])
-            try:
-                fut = self._stub.WriteBatch.future(req, timeout=per_call)
-            except BaseException:
-                window.release()
-                raise
-            fut.add_done_callback(functools.partial(on_done, size=len(chunk)))
+        chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
-        _drain(window, in_flight, slot_wait)
-        if errors:
-            raise errors[0]
-        return acked
+        def count(resp) -> int:
+            failed = [e for e in resp.errors if e]
+            if failed:
+                raise RuntimeError(f"{len(failed)}/{len(resp.errors)} batched puts failed: {failed[0]}")
+            return len(resp.errors)
+
+        return measure.windowed(
+            chunks, lambda chunk: self._stub.WriteBatch.future(
+                pb.WriteBatchRequest(commands=[_put_command(k, v) for k, v in chunk]), timeout=per_call),
+            in_flight, slot_wait=per_call + 5.0, count=count)
 
     def batched(self, batch_size: int = 200, in_flight: int = 4) -> _Batched:
         """A view of this client whose put_many_pipelined uses WriteBatch RPCs
@@ -201,19 +134,6 @@ class _Batched:
         # `concurrency` (individual puts in flight) is what the unary path uses; here the window is
         # in_flight batches of batch_size puts each.
         return self.client.put_many_batched(items, self.batch_size, self.in_flight)
-
-
-def _drain(window: threading.BoundedSemaphore, slots: int, wait: float) -> None:
-    """Re-acquire every slot (== every in-flight RPC finished), then give them back."""
-    got = 0
-    try:
-        for _ in range(slots):
-            if not window.acquire(timeout=wait):
-                raise TimeoutError(f"in-flight requests did not drain within {wait:.1f}s")
-            got += 1
-    finally:
-        for _ in range(got):
-            window.release()
 
 
 class CortexBench:

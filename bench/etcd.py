@@ -37,12 +37,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import grpc
+
+from bench import measure
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_ETCD_BIN = "/usr/bin/etcd"
@@ -172,54 +173,13 @@ class EtcdClient:
 
     # -- pipelining ------------------------------------------------------- #
     def put_many_pipelined(self, items, concurrency: int = 64, timeout: float | None = None) -> int:
-        """Issue puts for (key, value) pairs with at most `concurrency` in flight
-        (grpc futures over one HTTP/2 channel).  Returns the number of
-        acknowledged puts; raises the first RPC error seen (after draining the
-        requests already in flight)."""
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+        """Puts for (key, value) pairs, at most `concurrency` in flight (grpc futures over one HTTP/2
+        channel). Returns the number acknowledged; raises the first RPC error (after draining)."""
         per_call = self.timeout if timeout is None else timeout
-        slot_wait = per_call + 5.0  # a slot frees at the latest when an RPC's deadline fires
-        window = threading.BoundedSemaphore(concurrency)
-        lock = threading.Lock()
-        errors: list[BaseException] = []
-        acked = 0
-
-        def on_done(fut):
-            nonlocal acked
-            try:
-                fut.result()
-            except BaseException as e:  # grpc.RpcError, CancelledError
-                with lock:
-                    errors.append(e)
-            else:
-                with lock:
-                    acked += 1
-            finally:
-                window.release()
-
-        for key, value in items:
-            if errors:
-                break
-            if not window.acquire(timeout=slot_wait):
-                raise TimeoutError(f"no in-flight slot freed within {slot_wait:.1f}s")
-            req = pb.PutRequest(key=key.encode(), value=bytes(value))
-            try:
-                fut = self._kv.Put.future(req, timeout=per_call)
-            except BaseException:
-                window.release()
-                raise
-            fut.add_done_callback(on_done)
-
-        # Drain: re-acquiring every slot means every in-flight RPC finished.
-        for _ in range(concurrency):
-            if not window.acquire(timeout=slot_wait):
-                raise TimeoutError(f"in-flight puts did not drain within {slot_wait:.1f}s")
-        for _ in range(concurrency):
-            window.release()
-        if errors:
-            raise errors[0]
-        return acked
+        return measure.windowed(
+            items, lambda kv: self._kv.Put.future(pb.PutRequest(key=kv[0].encode(), value=bytes(kv[1])),
+                                                  timeout=per_call),
+            concurrency, slot_wait=per_call + 5.0)  # a slot frees at the latest when a deadline fires
 
     # -- lifecycle -------------------------------------------------------- #
     def close(self) -> None:

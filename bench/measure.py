@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 
 DEFAULT_VALUE_SIZE = 100
 
@@ -196,3 +198,51 @@ def table(rows, headers, file=None) -> str:
     text = "\n".join(out)
     print(text, file=file, flush=True)
     return text
+
+
+def windowed(requests: Iterable, start: Callable, concurrency: int, slot_wait: float,
+             count: Callable = lambda response: 1) -> int:
+    """Send `requests` with at most `concurrency` in flight: the client pattern of every pipelined row.
+
+    start(request) returns a gRPC future; count(response) says how many operations it acknowledged (and
+    raises for a failed one). Returns the total acknowledged; raises the first error after draining.
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
+    window = threading.BoundedSemaphore(concurrency)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    acked = 0
+
+    def on_done(fut):
+        nonlocal acked
+        try:
+            n = count(fut.result())
+            with lock:
+                acked += n
+        except BaseException as e:  # grpc.RpcError, CancelledError, a failed command
+            with lock:
+                errors.append(e)
+        finally:
+            window.release()
+
+    for request in requests:
+        if errors:
+            break
+        if not window.acquire(timeout=slot_wait):
+            raise TimeoutError(f"no in-flight slot freed within {slot_wait:.1f}s")
+        try:
+            fut = start(request)
+        except BaseException:
+            window.release()
+            raise
+        fut.add_done_callback(on_done)
+    # Drain: re-acquiring every slot means every in-flight RPC finished.
+    for _ in range(concurrency):
+        if not window.acquire(timeout=slot_wait):
+            raise TimeoutError(f"in-flight requests did not drain within {slot_wait:.1f}s")
+    for _ in range(concurrency):
+        window.release()
+    if errors:
+        raise errors[0]
+    return acked

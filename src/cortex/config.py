@@ -150,6 +150,15 @@ def _dataclass_from(reader: _Reader, node: yaml.Node, key: str, cls: type, custo
     return values
 
 
+def _positive_section(reader: _Reader, node: yaml.Node, key: str, cls: type):
+    """A section of numbers that must all be > 0 (timeouts, counts), as its dataclass."""
+    values = _dataclass_from(reader, node, key, cls)
+    for name, (value, value_node) in values.items():
+        if value <= 0:
+            raise reader.fail(value_node, f"{key}.{name}", f"must be > 0, got {value!r}")
+    return cls(**{name: value for name, (value, _) in values.items()})
+
+
 def _check_address(reader: _Reader, node: yaml.Node, key: str, value: str) -> str:
     match = ADDRESS_RE.match(value)
     if not match or not 0 < int(match.group(2)) < 65536:
@@ -219,11 +228,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
                 kwargs[attr] = _check_address(reader, listen[name], f"listen.{name}", value)
 
     if "raft" in top:
-        values = _dataclass_from(reader, top["raft"], "raft", RaftConfig)
-        for name, (value, value_node) in values.items():
-            if value <= 0:
-                raise reader.fail(value_node, f"raft.{name}", f"must be > 0, got {value!r}")
-        raft = RaftConfig(**{name: value for name, (value, _) in values.items()})
+        raft = _positive_section(reader, top["raft"], "raft", RaftConfig)
         if raft.election_timeout_min >= raft.election_timeout_max:
             raise reader.fail(top["raft"], "raft.election_timeout_min", "must be below raft.election_timeout_max")
         if raft.leader_fallback_timeout >= raft.election_timeout_min:
@@ -237,11 +242,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
         kwargs["raft"] = raft
 
     if "liveness" in top:
-        values = _dataclass_from(reader, top["liveness"], "liveness", LivenessConfig)
-        for name, (value, value_node) in values.items():
-            if value <= 0:
-                raise reader.fail(value_node, f"liveness.{name}", f"must be > 0, got {value!r}")
-        liveness = LivenessConfig(**{name: value for name, (value, _) in values.items()})
+        liveness = _positive_section(reader, top["liveness"], "liveness", LivenessConfig)
         if liveness.suspect_after >= liveness.offline_after:
             raise reader.fail(top["liveness"], "liveness.suspect_after", "must be below liveness.offline_after")
         kwargs["liveness"] = liveness
