@@ -230,3 +230,14 @@ def test_join_tokens_are_scoped_expiring_single_use_and_revocable(make_cluster, 
         for p in _join_worker.procs:
             p.kill()
             p.wait(10)
+
+
+def test_wait_reason_from_the_config_shows_in_status(tmp_path: Path, procs):
+    port = free_base_port()
+    config = write_config(tmp_path / "a", "appliance", port,
+                          extra="bootstrap:\n  wait_reason: 'credentials: cortex.join_token: missing'\n")
+    procs.append(start_agent(config))
+    status = wait_status(f"127.0.0.1:{port}", lambda s: s.state == "uninitialized")
+    assert status.waiting_for == "credentials: cortex.join_token: missing"
+    human = cortex("--addr", f"127.0.0.1:{port}", "status").stdout
+    assert "credentials: cortex.join_token: missing" in human

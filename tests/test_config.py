@@ -71,3 +71,10 @@ def test_bad_config_names_file_line_and_key(tmp_path: Path, text: str, expected:
 def test_missing_file_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="cannot read config"):
         config.load(tmp_path / "nope.yaml")
+
+
+def test_wait_reason_is_only_for_nodes_that_neither_init_nor_join(tmp_path: Path):
+    cfg = config.parse("node:\n  id: n1\nbootstrap:\n  wait_reason: 'credentials: cortex.role: bad'\n")
+    assert cfg.bootstrap.wait_reason == "credentials: cortex.role: bad"
+    with pytest.raises(ConfigError, match="bootstrap.wait_reason: only for a node"):
+        config.parse("node:\n  id: n1\nbootstrap:\n  init: true\n  wait_reason: x\n")

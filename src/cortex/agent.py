@@ -173,7 +173,9 @@ class Agent:
         elif boot.join is not None:
             threading.Thread(target=self._join_from_config, name="bootstrap-join", daemon=True).start()
         else:
-            self.waiting_for = "cortex init (new cluster) or cortex join ADDRESS --token TOKEN"
+            self.waiting_for = boot.wait_reason or "cortex init (new cluster) or cortex join ADDRESS --token TOKEN"
+            if boot.wait_reason:
+                log.warning("waiting", extra=fields(reason=boot.wait_reason))
 
     def _join_from_config(self) -> None:
         join = self.config.bootstrap.join

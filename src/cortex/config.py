@@ -59,6 +59,9 @@ class BootstrapConfig:
 
     init: bool = False
     join: JoinConfig | None = None
+    # Why neither init nor join is set, when a generator (e.g. the appliance's credential renderer) knows:
+    # shown as the node's `waiting_for` in `cortex status` instead of the generic hint.
+    wait_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,8 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
         kwargs["log"] = LogConfig(level=level, format=fmt)
 
     if "bootstrap" in top:
-        boot = reader.mapping(top["bootstrap"], "bootstrap", {"init": "", "join": ""})
+        boot = reader.mapping(top["bootstrap"], "bootstrap", {"init": "", "join": "", "wait_reason": ""})
+        wait_reason = reader.scalar(boot["wait_reason"], "bootstrap.wait_reason", str) if "wait_reason" in boot else ""
         init = reader.scalar(boot["init"], "bootstrap.init", bool) if "init" in boot else False
         join = None
         if "join" in boot:
@@ -278,7 +282,9 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
             join = JoinConfig(address=address, token=token, token_file=token_file)
         if init and join:
             raise reader.fail(top["bootstrap"], "bootstrap", "init and join exclude each other")
-        kwargs["bootstrap"] = BootstrapConfig(init=init, join=join)
+        if wait_reason and (init or join):
+            raise reader.fail(boot["wait_reason"], "bootstrap.wait_reason", "only for a node that neither inits nor joins")
+        kwargs["bootstrap"] = BootstrapConfig(init=init, join=join, wait_reason=wait_reason)
 
     config = Config(**kwargs)
     if config.role == "worker" and config.bootstrap.init:
