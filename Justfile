@@ -33,3 +33,15 @@ lint:
 # regenerate the gRPC stubs after editing proto/
 proto:
     {{bin}}/python -m cortex.protogen
+
+# build the appliance image (mkosi; installs its own build tools): image/README.md
+image *args:
+    ./image/build.sh {{args}}
+
+# write the image to a USB stick or disk, with optional first-boot credentials: image/README.md
+flash device *args:
+    ./image/flash.sh {{args}} {{device}}
+
+# boot a built image under QEMU (software emulation here): image/README.md
+qemu name *args:
+    ./image/qemu.sh {{name}} {{args}}

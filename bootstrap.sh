@@ -2,13 +2,17 @@
 # Installs what Cortex needs on a fresh Debian 12 machine: python3-venv from apt when missing, then a
 # project virtualenv (.venv) holding Cortex, its dependencies and the dev tools (pytest, ruff, just).
 # Safe to run again: it only installs what is missing. etcd (Debian's etcd-server) is the benchmark's peer,
-# and the test suite checks the benchmark end to end, so it comes along.
+# and the test suite checks the benchmark end to end, so it comes along; so do mtools and dosfstools, which
+# the image's flash tool uses and its test exercises.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 packages=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || packages+=(etcd-server)
+# the flash tool writes the ESP's credentials with mtools; its test builds a FAT image with mkfs.vfat
+command -v mcopy >/dev/null || packages+=(mtools)
+command -v mkfs.vfat >/dev/null || [ -x /usr/sbin/mkfs.vfat ] || packages+=(dosfstools)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "bootstrap: installing ${packages[*]} with apt-get" >&2

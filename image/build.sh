@@ -78,16 +78,19 @@ mkdir -p "$build/wheels/pip" "$out"
 rm -f "$build"/wheels/cortex-*.whl
 t=$(date +%s)
 say "building the Cortex wheel and its dependency wheels"
-(cd "$repo" && timeout 900 python3 -m pip wheel --quiet --disable-pip-version-check \
+(cd "$repo" && timeout 900 /usr/bin/python3 -m pip wheel --quiet --disable-pip-version-check \
     --wheel-dir "$build/wheels" .)
 if ! ls "$build"/wheels/pip/pip-*.whl >/dev/null 2>&1; then
-    timeout 300 python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary :all: \
+    timeout 300 /usr/bin/python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary :all: \
         -d "$build/wheels/pip" pip
 fi
 say "wheels: $(ls "$build"/wheels/*.whl | wc -l) in $(( $(date +%s) - t )) s"
 
 # --- mkosi --------------------------------------------------------------------------------------------
 cd "$here"
+# A rebuild of the same version must not leave partition files of the previous build behind (their
+# names carry the partition UUID, which changes with the content).
+rm -f "$out/cortex_$version".* "$out/cortex-netboot_$version".* "$out/cortex_$version" "$out/cortex-netboot_$version"
 force=(-f)
 [ "${CORTEX_IMAGE_CLEAN:-0}" = 1 ] && force=(-ff)
 t=$(date +%s)

@@ -143,7 +143,7 @@ say "verified: sha256 $want"
 if [ -n "$creds" ]; then
     command -v mcopy >/dev/null || fail "mtools (mcopy) is needed for --credentials: apt-get install mtools"
     # The ESP is the partition labelled cortex-esp; write into it without mounting (mtools at an offset).
-    offset=$(sfdisk -J "$dev" | python3 -c '
+    offset=$(sfdisk -J "$dev" 2>/dev/null | python3 -c '
 import json, sys
 table = json.load(sys.stdin)["partitiontable"]
 sector = table.get("sectorsize", 512)
@@ -153,8 +153,11 @@ for p in table["partitions"]:
         break
 ')
     [ -n "$offset" ] || fail "no partition labelled cortex-esp on $dev"
+    export MTOOLS_SKIP_CHECK=1  # a USB stick has no floppy geometry to check
     mmd -D s -i "$dev@@$offset" ::/cortex 2>/dev/null || true
-    mcopy -o -i "$dev@@$offset" "$creds" ::/cortex/credentials.conf
+    if ! out=$(mcopy -o -i "$dev@@$offset" "$creds" ::/cortex/credentials.conf 2>&1); then
+        fail "could not write the credentials to the ESP: $out"
+    fi
     sync
     say "credentials written to the ESP as cortex/credentials.conf (readable by anyone holding the stick)"
 fi

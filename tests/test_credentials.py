@@ -66,6 +66,7 @@ def test_no_credentials_waits_without_problem():
     assert result.problems == [] and result.bootstrap == "none" and result.waiting_for == ""
     cfg = parsed(result.config_text)
     assert cfg.node_id == FALLBACK and cfg.bootstrap.init is False and cfg.bootstrap.join is None
+    assert cfg.bootstrap.wait_reason == credentials.NO_BOOTSTRAP_REASON
 
 
 @pytest.mark.parametrize(
@@ -95,6 +96,8 @@ def test_bad_or_missing_credential_drops_bootstrap_and_names_it(creds, credentia
     assert credential in result.waiting_for
     cfg = parsed(result.config_text)  # still a valid config: the agent starts and waits
     assert cfg.bootstrap.init is False and cfg.bootstrap.join is None
+    assert credential in cfg.bootstrap.wait_reason  # shown as waiting_for in `cortex status`
+    assert TOKEN not in cfg.bootstrap.wait_reason
     assert result.token == ""
     assert TOKEN not in result.config_text and TOKEN not in " ".join(result.problems)
     assert f"# problem: {result.problems[0]}" in result.config_text
@@ -110,6 +113,7 @@ def test_bad_log_level_is_reported_but_keeps_bootstrap():
     result = render({"cortex.init": "1", "cortex.address": "10.0.0.5", "cortex.log_level": "loud"},
                     fallback_node_id=FALLBACK)
     assert result.bootstrap == "init" and any("cortex.log_level" in p for p in result.problems)
+    assert parsed(result.config_text).bootstrap.wait_reason == "" and result.waiting_for == ""
 
 
 def test_join_address_without_port_gets_default_port_and_ipv6_listen():
@@ -198,7 +202,7 @@ def test_main_reports_problem_and_still_writes_config(tmp_path, capsys):
     assert cfg.bootstrap.join is None and cfg.bootstrap.init is False
     assert "cortex.join_token" in (tmp_path / "bootstrap-problem").read_text()
     doc = yaml.safe_load(out.read_text())
-    assert "bootstrap" not in doc
+    assert set(doc["bootstrap"]) == {"wait_reason"} and "cortex.join_token" in doc["bootstrap"]["wait_reason"]
 
 
 def test_install_authorized_keys(tmp_path):
@@ -217,3 +221,17 @@ def test_machine_node_id(tmp_path):
     mid.write_text("uninitialized\n")
     assert credentials.machine_node_id(str(mid)) == "node"
     assert config.NODE_ID_RE.match(credentials.machine_node_id(str(tmp_path / "absent")))
+
+
+def test_member_keeps_its_node_id_without_credential(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    assert credentials.member_node_id(data) == ""
+    (data / "cluster.json").write_text('{"cluster_id": "c-1", "node_id": "node2", "role": "server"}')
+    assert credentials.member_node_id(data) == "node2"
+    out = tmp_path / "run" / "config.yaml"
+    assert main(["render", "--credentials", str(tmp_path / "none"), "--out", str(out), "--address", "10.0.0.9",
+                 "--data-dir", str(data), "--authorized-keys", ""]) == 0
+    assert config.load(out).node_id == "node2"
+    (data / "cluster.json").write_text("not json")
+    assert credentials.member_node_id(data) == ""

@@ -1,59 +1,22 @@
 """Recorded histories from a real cluster, checked for linearizability (Wing–Gong–Lowe checker).
 
-The first test shows the checker catching a stale read produced by the real system (a read at level
-`stale` from a follower that was paused while the value changed); the second records a concurrent
-history under kill -9 / restart of servers and requires it to be linearizable.
+This records a concurrent history under kill -9 / restart of servers and requires it to be linearizable.
+The converse, the checker catching a real stale read, needs a follower cut off from Raft while its clients
+still reach it: that is a network partition, so it lives in test_partition.py.
 """
 
 from __future__ import annotations
 
 import random
-import signal
 import threading
 import time
 
 import grpc
 
-from cortex import devcluster
 from cortex.client import Client, CortexError
 from cortex.linearizability import HistoryRecorder, check
 
 MAYBE_APPLIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
-
-
-def test_checker_catches_a_real_stale_read(make_cluster):
-    cluster = make_cluster(3)
-    leader = cluster.leader()
-    follower = cluster.followers()[0]
-    pid = cluster.node(follower).pid
-    for attempt in range(8):
-        key = f"stale-{attempt}"
-        history = HistoryRecorder()
-        with cluster.client(leader) as lc, cluster.client(follower, timeout=5) as fc:
-            h = history.invoke("writer", "write", key, value="old")
-            lc.put(key, "old")
-            history.ok(h)
-            deadline = time.monotonic() + 5
-            while fc.get(key, level="stale") != "old":  # the follower has the old value
-                assert time.monotonic() < deadline
-            devcluster.os.kill(pid, signal.SIGSTOP)
-            try:
-                h = history.invoke("writer", "write", key, value="new")
-                lc.put(key, "new")  # committed by the leader and the other follower
-                history.ok(h)
-            finally:
-                devcluster.os.kill(pid, signal.SIGCONT)
-            h = history.invoke("reader", "read", key)
-            seen = fc.get(key, level="stale")
-            history.ok(h, seen)
-        if seen == "old":
-            result = check(history.operations())
-            assert not result.ok and result.key == key, result
-            # the same read at level linearizable is never stale
-            with cluster.client(follower) as fc:
-                assert fc.get(key, level="linearizable") == "new"
-            return
-    raise AssertionError("could not provoke a stale read from a paused follower in 8 attempts")
 
 
 def test_history_under_leader_kills_is_linearizable(make_cluster):

@@ -7,7 +7,7 @@ type 11 strings in VMs, or `/efi/cortex/credentials.conf` on the ESP) and runs
 
 Credentials (one file each in the credentials directory, the value is the file's content):
 
-    cortex.node_name    node id: 1-63 of a-z 0-9 '-'                    default: node-<machine id[:8]>
+    cortex.node_name    node id: 1-63 of a-z 0-9 '-'    default: the member's id, else node-<machine id[:8]>
     cortex.role         server | worker                                 default: server
     cortex.init         yes: create a new cluster with this node (a server) default: no
     cortex.join_address HOST:PORT of any member to join
@@ -17,8 +17,8 @@ Credentials (one file each in the credentials directory, the value is the file's
     ssh.authorized_keys.root   SSH public key(s) for root (debugging)
 
 A missing or malformed credential never stops the agent from starting: the config is then rendered
-without `bootstrap`, so the agent starts and waits (`cortex status` shows `waiting_for`), and every
-problem is reported with the credential's name. Everything here except `main` is a pure function of
+without init or join, so the agent starts and waits, `bootstrap.wait_reason` names the problem (shown as
+`waiting_for` in `cortex status`), and every problem is also printed with the credential's name. Everything here except `main` is a pure function of
 its arguments, so it is tested without systemd.
 """
 
@@ -53,6 +53,8 @@ _TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{8,512}$")
 _SSH_KEY_RE = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)"
                          r"@openssh\.com)\s+[A-Za-z0-9+/=]+(\s+.*)?$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+NO_BOOTSTRAP_REASON = ("no bootstrap credentials: set cortex.init, or cortex.join_address and cortex.join_token, "
+                       "and reboot; or run `cortex init` / `cortex join` on this node")
 _MAX_CREDENTIAL_BYTES = 64 * 1024
 
 
@@ -72,7 +74,7 @@ class Rendered:
     @property
     def waiting_for(self) -> str:
         """One line for `cortex status` when the agent waits because of a credential problem."""
-        if not self.problems:
+        if not self.problems or self.bootstrap != "none":
             return ""
         return "credentials: " + "; ".join(self.problems)
 
@@ -305,8 +307,12 @@ def render(creds: dict[str, str], *, fallback_node_id: str, detected_address: st
             mode = "init"
         elif join_address and token:
             mode = "join"
+    wait_reason = ""
     if mode == "none" and not bootstrap_problems:
         notes.append("no bootstrap credentials: the agent waits for `cortex init` or `cortex join`")
+        wait_reason = NO_BOOTSTRAP_REASON
+    elif mode == "none":
+        wait_reason = "credentials: " + "; ".join(problems)
 
     doc: dict = {
         "node": {"id": node_id, "role": role},
@@ -318,6 +324,9 @@ def render(creds: dict[str, str], *, fallback_node_id: str, detected_address: st
         doc["bootstrap"] = {"init": True}
     elif mode == "join":
         doc["bootstrap"] = {"join": {"address": join_address, "token_file": token_path}}
+    else:
+        # Shown as `waiting_for` in `cortex status` (config bootstrap.wait_reason).
+        doc["bootstrap"] = {"wait_reason": wait_reason}
 
     authorized = ""
     if SSH_KEY_CREDENTIAL in creds:
@@ -365,6 +374,15 @@ def write_outputs(rendered: Rendered, out: Path, token_file: Path | None = None,
 
 
 # --- host facts (not pure: used by main only) ----------------------------------------------------------------
+
+def member_node_id(data_dir: str | Path) -> str:
+    """The node id in the agent's membership record (cluster.json), if this node already is a member."""
+    try:
+        node_id = json.loads((Path(data_dir) / "cluster.json").read_text()).get("node_id", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return node_id if isinstance(node_id, str) and NODE_ID_RE.match(node_id) else ""
+
 
 def machine_node_id(machine_id_path: str = "/etc/machine-id") -> str:
     try:
@@ -426,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", required=True, help="config file to write, e.g. /run/cortex/config.yaml")
     sp.add_argument("--token-file", default="", help="default: join-token beside --out")
     sp.add_argument("--address", default="auto", help="this node's address, or 'auto' (first global address)")
-    sp.add_argument("--node-id-fallback", default="", help="default: node-<machine id[:8]>")
+    sp.add_argument("--node-id-fallback", default="",
+                    help="default: the id in DATA_DIR/cluster.json (a member keeps its name), else node-<machine id[:8]>")
     sp.add_argument("--data-dir", default=DATA_DIR)
     sp.add_argument("--token-path", default=AGENT_TOKEN_PATH, help="token_file path written into the config")
     sp.add_argument("--authorized-keys", default="/root/.ssh/authorized_keys",
@@ -450,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             detected = detect_address()
     else:
         merged.setdefault(PREFIX + "address", args.address)
-    rendered = render(merged, fallback_node_id=args.node_id_fallback or machine_node_id(), detected_address=detected,
+    fallback = args.node_id_fallback or member_node_id(args.data_dir) or machine_node_id()
+    rendered = render(merged, fallback_node_id=fallback, detected_address=detected,
                       data_dir=args.data_dir, token_path=args.token_path)
     rendered.problems[:0] = esp_problems
     out = Path(args.out)
