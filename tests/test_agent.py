@@ -112,6 +112,12 @@ def test_agent_without_bootstrap_waits_and_never_elects_itself(tmp_path: Path, p
     assert procs[0].wait(20) == 0
     assert "STOPPING=1" in notify.recv(4096).decode()
 
+    # the data directory belongs to node "solo": the same data under another node.id refuses to start
+    write_config(tmp_path / "a", "renamed", port)
+    proc = cortex("agent", "--config", str(config), check=False)
+    assert proc.returncode == 2
+    assert "joined as 'solo'" in proc.stderr and "cortex leave" in proc.stderr
+
 
 def test_join_with_bad_token_is_refused_and_changes_nothing(make_cluster, tmp_path: Path, procs):
     cluster = make_cluster(1)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from cortex import config
-from cortex.config import ConfigError
+from cortex.config import Config, ConfigError
 
 GOOD = """\
 node:
@@ -78,3 +78,10 @@ def test_wait_reason_is_only_for_nodes_that_neither_init_nor_join(tmp_path: Path
     assert cfg.bootstrap.wait_reason == "credentials: cortex.role: bad"
     with pytest.raises(ConfigError, match="bootstrap.wait_reason: only for a node"):
         config.parse("node:\n  id: n1\nbootstrap:\n  init: true\n  wait_reason: x\n")
+
+
+def test_loopback_address_added_only_when_the_grpc_address_is_a_lan_address():
+    assert Config(node_id="a", grpc_address="10.0.0.5:7400").loopback_grpc_address == "127.0.0.1:7400"
+    assert Config(node_id="a", grpc_address="127.0.0.1:7400").loopback_grpc_address is None
+    assert Config(node_id="a", grpc_address="0.0.0.0:7400").loopback_grpc_address is None
+    assert Config(node_id="a", grpc_address="[::]:7400").loopback_grpc_address is None

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -88,6 +89,13 @@ class Agent:
         self.data_dir = config.data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.identity: Identity | None = identity.load(self.data_dir)
+        if self.identity is not None and self.identity.node_id != config.node_id:
+            # The cluster knows this data directory under another name: running on would register a second
+            # node with the same Raft address. Renaming is leave + join, never a config edit.
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"node.id is {config.node_id!r} but {self.data_dir / identity.FILE_NAME} says this node "
+                             f"joined as {self.identity.node_id!r}; restore node.id, or `cortex leave` first "
+                             f"and join again under the new name")
         self.store: StateStore | None = None
         self.raft: RaftNode | None = None
         self.committer: GroupCommitter | None = None
@@ -154,6 +162,9 @@ class Agent:
         )
         if self._grpc.add_insecure_port(self.config.grpc_address) == 0:
             raise RuntimeError(f"cannot listen on {self.config.grpc_address} (in use?)")
+        local = self.config.loopback_grpc_address
+        if local and self._grpc.add_insecure_port(local) == 0:
+            log.warning("cannot also listen on loopback", extra=fields(address=local))
         self._grpc.start()
         sock = self.config.admin_socket_path
         sock.parent.mkdir(parents=True, exist_ok=True)
@@ -894,7 +905,13 @@ class AdminService(pb_grpc.AdminServicer):
 
 def run(config: Config) -> int:
     """Run the agent until SIGTERM/SIGINT."""
-    agent = Agent(config)
+    try:
+        agent = Agent(config)
+    except AgentError as exc:
+        # A setup mistake a restart cannot fix: exit 2 like a config error (the unit does not restart on it).
+        log.error("agent cannot start", extra=fields(error=str(exc)))
+        print(f"cortex agent: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -89,6 +89,15 @@ class Config:
     def admin_socket_path(self) -> Path:
         return self.admin_socket or self.data_dir / "admin.sock"
 
+    @property
+    def loopback_grpc_address(self) -> str | None:
+        """Where the local CLI and MCP front end reach the agent when `listen.grpc` is a LAN address: the
+        same port on 127.0.0.1, so `cortex status` works on the node without knowing its address."""
+        host, _, port = self.grpc_address.rpartition(":")
+        if host.strip("[]") in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::", ""):
+            return None  # already loopback, or a wildcard that includes it
+        return f"127.0.0.1:{port}"
+
 
 # --- parsing -----------------------------------------------------------------------------------------------
 
