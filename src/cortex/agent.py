@@ -27,13 +27,14 @@ from cortex import __version__, identity, notify
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import channel_options
-from cortex.commands import INTERNAL, CommandError, Envelope, parse_args_json, validate
+from cortex.commands import CommandError, Envelope, is_internal, parse_args_json, validate
 from cortex.config import Config
 from cortex.consensus import GroupCommitter, NotLeader, ProposalError, RaftNode, wait_until
 from cortex.events import Event, EventBus
 from cortex.identity import Identity
 from cortex.liveness import LivenessTracker
 from cortex.logs import fields
+from cortex.plugins import PluginHost
 from cortex.state import StateStore
 
 log = logging.getLogger("cortex.agent")
@@ -83,6 +84,40 @@ class Peers:
         timer.start()
 
 
+class PluginBridge:
+    """The agent as plugins see it (plugins.ClusterAPI): writes from any node, reads at a level."""
+
+    LEVELS = {"stale": pb.STALE, "leader": pb.LEADER, "linearizable": pb.LINEARIZABLE}
+
+    def __init__(self, agent: Agent):
+        self._agent = agent
+        self.node_id = agent.config.node_id
+        self.role = agent.config.role
+
+    def write(self, command_type: str, args: dict, idempotency_key: str = "") -> dict:
+        command = pb.Command(type=command_type, args_json=json.dumps(args).encode(), idempotency_key=idempotency_key)
+        return json.loads(self._agent.write(command).result_json)
+
+    def propose(self, command_type: str, args: dict, idempotency_key: str = "") -> dict:
+        if not self.is_leader():
+            raise AgentError(grpc.StatusCode.UNAVAILABLE, f"{command_type} is proposed by the leader only")
+        return self._agent.propose(command_type, args, internal=True, idem=idempotency_key)
+
+    def read(self, query: str, args: dict | None = None, level: str = "leader") -> Any:
+        if level not in self.LEVELS:
+            raise ValueError(f"read level must be one of {', '.join(self.LEVELS)}")
+        request = pb.ReadRequest(query=query, args_json=json.dumps(args or {}).encode(), level=self.LEVELS[level])
+        return json.loads(self._agent.read(request).result_json)
+
+    def is_leader(self) -> bool:
+        return self._agent.raft is not None and self._agent._is_leader()
+
+    def status(self) -> dict:
+        from google.protobuf.json_format import MessageToDict
+
+        return MessageToDict(self._agent.status(), preserving_proto_field_name=True)
+
+
 class Agent:
     def __init__(self, config: Config):
         self.config = config
@@ -105,6 +140,7 @@ class Agent:
         self.failed = threading.Event()  # set when the agent can no longer serve and must be restarted
         self._wake = threading.Event()  # run a background step now (resume)
         self.events = EventBus()
+        self.plugins = PluginHost(config.plugins, PluginBridge(self), self.events, self.data_dir, config.source)
         self.liveness = LivenessTracker(config.liveness.suspect_after, config.liveness.offline_after)
         self._liveness_term = -1  # the term in which this node, as leader, started tracking liveness
         self._liveness_lock = threading.Lock()
@@ -123,6 +159,8 @@ class Agent:
         if self.identity is None:
             self._bootstrap_from_config()
         self._update_health()
+        self.plugins.load()
+        self.plugins.start()
         threading.Thread(target=self._background, name="agent-background", daemon=True).start()
         state = "member of " + self.identity.cluster_id if self.identity else "waiting for init or join"
         notify.sd_notify("READY=1", f"STATUS={state}")
@@ -135,6 +173,7 @@ class Agent:
         self._wake.set()
         notify.sd_notify("STOPPING=1")
         log.info("agent stopping")
+        self.plugins.stop()
         if self._grpc:
             self._grpc.stop(grace=2).wait()
         if self._admin:
@@ -589,7 +628,7 @@ class Agent:
             args = validate(command.type, parse_args_json(command.args_json))
         except CommandError as exc:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        if command.type in INTERNAL:
+        if is_internal(command.type):
             raise AgentError(grpc.StatusCode.PERMISSION_DENIED,
                              f"{command.type} is decided by the cluster itself; use the cortex CLI")
         if len(command.idempotency_key) > 128:
@@ -637,7 +676,7 @@ class Agent:
         term = self.raft.term()
         for command in request.commands:
             try:
-                if command.type in INTERNAL:
+                if is_internal(command.type):
                     raise CommandError(f"{command.type} is internal")
                 args = validate(command.type, parse_args_json(command.args_json))
             except CommandError as exc:

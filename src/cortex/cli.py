@@ -51,11 +51,12 @@ def _admin(args):
 # --- commands --------------------------------------------------------------------------------------------
 
 def cmd_agent(args) -> int:
-    from cortex import agent, config, logs
+    from cortex import agent, config, logs, plugins
 
     try:
         cfg = config.load(args.config)
-    except config.ConfigError as exc:
+        plugins.check_config(cfg.plugins, cfg.source)
+    except (config.ConfigError, plugins.PluginConfigError) as exc:
         print(f"cortex agent: {exc}", file=sys.stderr)
         return 2
     logs.setup(cfg.node_id, cfg.log.level, cfg.log.format)
@@ -63,11 +64,12 @@ def cmd_agent(args) -> int:
 
 
 def cmd_config_check(args) -> int:
-    from cortex import config
+    from cortex import config, plugins
 
     try:
         cfg = config.load(args.file)
-    except config.ConfigError as exc:
+        plugins.check_config(cfg.plugins, cfg.source)
+    except (config.ConfigError, plugins.PluginConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     emit(args, {"ok": True, "node_id": cfg.node_id, "role": cfg.role}, f"{args.file}: ok ({cfg.node_id}, {cfg.role})")

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from cortex import domain
+
 SCHEMA_VERSION = 1
 MAX_KEY_BYTES = 512
 MAX_VALUE_BYTES = 1024 * 1024  # one command's payload; larger values belong in a blob store, not in Raft
@@ -169,11 +171,21 @@ INTERNAL = frozenset({"node.register", "node.remove", "node.liveness", "token.ad
                       "cluster.init"})
 
 
+def is_internal(command_type: str) -> bool:
+    if command_type in INTERNAL:
+        return True
+    command = domain.commands().get(command_type)
+    return command is not None and command.internal
+
+
 def validate(command_type: str, args: Any) -> dict:
     """Check a client's command; return normalized args or raise CommandError."""
     validator = VALIDATORS.get(command_type)
+    if validator is None and command_type in domain.commands():
+        validator = domain.commands()[command_type].validate
     if validator is None:
-        raise CommandError(f"unknown command type {command_type!r}; known: {', '.join(sorted(VALIDATORS))}")
+        known = sorted([*VALIDATORS, *domain.commands()])
+        raise CommandError(f"unknown command type {command_type!r}; known: {', '.join(known)}")
     if not isinstance(args, dict):
         raise CommandError("command arguments must be a JSON object")
     return validator(args)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cortex import domain
 from cortex.commands import Envelope, decode_entry
 
 # Versioned migrations: append only. PRAGMA user_version records how many have run.
@@ -63,11 +64,19 @@ MIGRATIONS: list[str] = [
     ALTER TABLE nodes ADD COLUMN liveness TEXT NOT NULL DEFAULT 'alive';
     ALTER TABLE nodes ADD COLUMN liveness_since REAL;
     """,
+    # 4: each state domain (domain.py) records how many of its own migrations have run
+    """
+    CREATE TABLE schema_versions (domain TEXT PRIMARY KEY, version INTEGER NOT NULL);
+    """,
 ]
 
 REQUEST_RETENTION = 100_000  # idempotency keys are remembered for this many log entries
-# Tables that make up the replicated state (the digest and snapshots cover exactly these).
-STATE_TABLES = ("meta", "nodes", "kv", "join_tokens", "requests")
+# Tables that make up the replicated state (the digest covers exactly these, plus each domain's).
+STATE_TABLES = ("meta", "nodes", "kv", "join_tokens", "requests", "schema_versions")
+
+
+def state_tables() -> tuple[str, ...]:
+    return STATE_TABLES + tuple(t for d in domain.domains() for t in d.tables)
 
 
 def events_for(env: Envelope, result: dict) -> list[tuple[str, dict]]:
@@ -80,6 +89,9 @@ def events_for(env: Envelope, result: dict) -> list[tuple[str, dict]]:
         return [("node.left", {"node_id": env.args["node_id"]})]
     if env.type == "node.liveness" and result.get("changed"):
         return [(f"node.{env.args['state']}", {"node_id": env.args["node_id"], "previous": result["previous"]})]
+    for d in domain.domains():
+        if d.events is not None and env.type.startswith(d.name + "."):
+            return d.events(env, result)
     return []
 
 
@@ -122,16 +134,29 @@ class StateStore:
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version={number}")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            self._run_migration(script, f"PRAGMA user_version={number}")
+        for d in domain.domains():
+            row = self._db.execute("SELECT version FROM schema_versions WHERE domain=?", (d.name,)).fetchone()
+            done = row[0] if row else 0
+            if done > len(d.migrations):
+                raise RuntimeError(f"{self.path}: the {d.name} schema is at version {done}, newer than this "
+                                   f"Cortex knows ({len(d.migrations)}); run the newer version")
+            for number, script in enumerate(d.migrations[done:], start=done + 1):
+                self._run_migration(script, ("INSERT OR REPLACE INTO schema_versions VALUES (?, ?)", (d.name, number)))
+
+    def _run_migration(self, script: str, record: str | tuple[str, tuple]) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split_sql(script):
+                self._db.execute(statement)
+            if isinstance(record, str):
+                self._db.execute(record)
+            else:
+                self._db.execute(*record)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def _meta(self, key: str, default: str) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -188,6 +213,9 @@ class StateStore:
             return {**json.loads(row[0]), "duplicate": True}
         handler = _HANDLERS.get(env.type)
         if handler is None:
+            command = domain.commands().get(env.type)
+            handler = command.apply if command is not None else None
+        if handler is None:
             result = {"error": f"unknown command type {env.type!r}"}
         else:
             result = handler(db, index, env)
@@ -199,9 +227,10 @@ class StateStore:
 
     # --- reads ---------------------------------------------------------------------------------------
     def query(self, name: str, args: dict) -> Any:
-        handler = _QUERIES.get(name)
+        handler = _QUERIES.get(name) or domain.queries().get(name)
         if handler is None:
-            raise KeyError(f"unknown query {name!r}; known: {', '.join(sorted(_QUERIES))}")
+            known = sorted([*_QUERIES, *domain.queries()])
+            raise KeyError(f"unknown query {name!r}; known: {', '.join(known)}")
         db = self.reader()
         db.execute("BEGIN")
         try:
@@ -246,7 +275,7 @@ class StateStore:
 
 def _digest(db: sqlite3.Connection) -> str:
     h = hashlib.sha256()
-    for table in STATE_TABLES:
+    for table in state_tables():
         h.update(table.encode())
         for row in db.execute(f"SELECT * FROM {table} ORDER BY 1"):
             if table == "meta" and row[0] == "last_applied_index":
@@ -457,6 +486,20 @@ _QUERIES = {
     "cluster": _q_cluster,
     "digest": _q_digest,
 }
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration script; sqlite3.complete_statement keeps triggers (BEGIN ... END;) whole."""
+    statements, current = [], ""
+    for piece in script.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \n\t;"):
+                statements.append(current.strip())
+            current = ""
+    if current.strip(" \n\t;"):
+        statements.append(current.strip())
+    return statements
 
 
 def remove_database(path: Path) -> None:
