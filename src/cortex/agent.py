@@ -648,7 +648,7 @@ class Agent:
             return self._forward("Leave", request)
         node = next((n for n in self.store.query("nodes", {}) if n["id"] == request.node_id), None)
         if node is None:
-            return pb.LeaveResponse(removed=False)
+            return pb.LeaveResponse(removed=False)  # already gone: a retried removal is not an error
         if node["role"] == "server" and node["raft_address"]:
             if node["raft_address"] == self.config.raft_address:
                 raise AgentError(grpc.StatusCode.UNAVAILABLE, "the leader cannot remove itself; transfer first")
@@ -661,6 +661,10 @@ class Agent:
         self._require_member()
         if not self._is_leader():
             return self._forward("Heartbeat", request)
+        if not any(n["id"] == request.node_id for n in self.store.query("nodes", {})):
+            # removed by an operator (or never admitted): tell it, instead of tracking a ghost
+            raise AgentError(grpc.StatusCode.NOT_FOUND, f"node {request.node_id!r} is not a member of this cluster "
+                             "(removed?); on that node: cortex leave, then join again")
         self.liveness.heard(request.node_id, time.monotonic())
         if self.liveness.state(request.node_id) not in (None, "alive"):
             self._liveness_step()  # back from suspect/offline: say so now, not at the next tick

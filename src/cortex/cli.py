@@ -185,6 +185,19 @@ def cmd_nodes_reject(args) -> int:
     return _decide(args, "node.reject", "rejected")
 
 
+def cmd_nodes_remove(args) -> int:
+    with _client(args) as c:
+        node = next((n for n in c.status().nodes if n.id == args.node_id), None)
+        if node is None:
+            raise UsageError(f"no member named {args.node_id!r}; see `cortex nodes`")
+        if node.liveness == "alive" and not args.force:
+            raise UsageError(f"{args.node_id} is alive: run `cortex leave` on it, or pass --force to remove it anyway")
+        removed = c.remove_node(args.node_id)
+    emit(args, {"node_id": args.node_id, "removed": removed}, f"removed {args.node_id}" if removed
+         else f"{args.node_id} was not a member (already removed)")
+    return 0
+
+
 def cmd_leader_transfer(args) -> int:
     with _client(args) as c:
         response = c.transfer_leadership(args.node or "")
@@ -359,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = add(name, fn, f"{verb} a node whose join request is pending", nodes)
         sp.add_argument("node_id")
         sp.add_argument("--retry", type=float, default=10.0, help="seconds to retry transient failures")
+    sp = add("remove", cmd_nodes_remove, "remove a member (a dead server leaves the Raft configuration)", nodes)
+    sp.add_argument("node_id")
+    sp.add_argument("--force", action="store_true", help="remove even a node that is alive")
     leader = sub.add_parser("leader", help="leadership").add_subparsers(dest="sub", required=True)
     sp = add("transfer", cmd_leader_transfer, "hand leadership to another server", leader)
     sp.add_argument("node", nargs="?", help="target server id (default: any up-to-date server)")
