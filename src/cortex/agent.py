@@ -43,6 +43,20 @@ log = logging.getLogger("cortex.agent")
 MAX_HOPS = 3
 FORWARD_TIMEOUT = 8.0
 WORKER_HEARTBEAT = 1.0
+def _image_version(paths=("/usr/lib/os-release", "/etc/os-release")) -> str:
+    """The appliance image's version when this agent runs from the Cortex image, else ""."""
+    for path in paths:
+        try:
+            fields_ = dict(line.split("=", 1) for line in Path(path).read_text().splitlines() if "=" in line)
+        except OSError:
+            continue
+        if fields_.get("IMAGE_ID", "").strip('"') == "cortex":
+            return fields_.get("IMAGE_VERSION", "").strip('"')
+        return ""
+    return ""
+
+
+IMAGE_VERSION = _image_version()
 APPROVAL_POLL = 1.0  # how often a node whose join awaits an operator asks again
 JOIN_REQUEST_FILE = "join-request.json"  # the pending request's address and secret (mode 0600)
 
@@ -851,9 +865,10 @@ class Agent:
     def status(self) -> pb.StatusResponse:
         if self.identity is None:
             return pb.StatusResponse(node_id=self.config.node_id, role=self.config.role, state="uninitialized",
-                                     version=__version__, waiting_for=self.waiting_for)
+                                     version=__version__, waiting_for=self.waiting_for,
+                                     image_version=IMAGE_VERSION)
         response = pb.StatusResponse(cluster_id=self.identity.cluster_id, node_id=self.config.node_id,
-                                     role=self.identity.role, version=__version__)
+                                     role=self.identity.role, version=__version__, image_version=IMAGE_VERSION)
         if self.raft is None:
             response.state = "worker"
             response.has_quorum = True
