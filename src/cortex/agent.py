@@ -300,7 +300,8 @@ class Agent:
             self.store = None
 
     def _on_replicated_event(self, event_type: str, data: dict, index: int) -> None:
-        log.info("event", extra=fields(event=event_type, index=index, **data))
+        # event/index win over same-named keys in the payload (a keyword clash here would break apply)
+        log.info("event", extra=fields(**{**data, "event": event_type, "index": index}))
         self.events.publish(Event(event_type, data, index=index))
 
     def _update_health(self) -> None:
