@@ -35,7 +35,7 @@ FORMAT = 1
 SUFFIX = ".db.gz"
 
 
-class BackupError(Exception):
+class BackupError(RuntimeError):
     """The backup cannot be made, found or trusted; the message says what to check."""
 
 

@@ -605,7 +605,8 @@ def q_digest(db, args) -> dict:
 def events(env: Envelope, result: dict) -> list[tuple[str, dict]]:
     if "error" in result or result.get("duplicate"):
         return []
-    data = {"kind": result.get("kind", env.type.removeprefix("memory.")), "index": result.get("index", 0)}
+    # (the log index travels as Event.index; a data key named "index" would clash with it in the agent's log)
+    data = {"kind": result.get("kind", env.type.removeprefix("memory."))}
     for name in ("thread_id", "thought_id", "key", "name", "status"):
         if name in result:
             data[name] = result[name]
