@@ -292,3 +292,11 @@ def test_backup_wipe_restore_gives_identical_content(tmp_path: Path):
         assert digest(host) == before
     finally:
         host.stop()
+
+
+def test_retried_writes_with_an_idempotency_key_apply_once(host):
+    thread = call(host, "memory_log_thought", new_thread="t", content="c")["thread_id"]
+    first = call(host, "memory_log_thought", thread_id=thread, content="once", idempotency_key="k-1")
+    again = call(host, "memory_log_thought", thread_id=thread, content="once", idempotency_key="k-1")
+    assert again["thought_id"] == first["thought_id"]
+    assert call(host, "memory_list_threads")[0]["thoughts"] == 2
