@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cortex import __version__, identity, notify
+from cortex import __version__, identity, notify, sleepwatch
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import channel_options
@@ -43,6 +43,20 @@ log = logging.getLogger("cortex.agent")
 MAX_HOPS = 3
 FORWARD_TIMEOUT = 8.0
 WORKER_HEARTBEAT = 1.0
+def _image_version(paths=("/usr/lib/os-release", "/etc/os-release")) -> str:
+    """The appliance image's version when this agent runs from the Cortex image, else ""."""
+    for path in paths:
+        try:
+            fields_ = dict(line.split("=", 1) for line in Path(path).read_text().splitlines() if "=" in line)
+        except OSError:
+            continue
+        if fields_.get("IMAGE_ID", "").strip('"') == "cortex":
+            return fields_.get("IMAGE_VERSION", "").strip('"')
+        return ""
+    return ""
+
+
+IMAGE_VERSION = _image_version()
 APPROVAL_POLL = 1.0  # how often a node whose join awaits an operator asks again
 JOIN_REQUEST_FILE = "join-request.json"  # the pending request's address and secret (mode 0600)
 
@@ -155,6 +169,7 @@ class Agent:
         self.failed = threading.Event()  # set when the agent can no longer serve and must be restarted
         self._wake = threading.Event()  # run a background step now (resume)
         self._approval_poller: threading.Thread | None = None
+        self._resume_trigger = ""
         self.events = EventBus()
         self.plugins = PluginHost(config.plugins, PluginBridge(self), self.events, self.data_dir, config.source)
         self.liveness = LivenessTracker(config.liveness.suspect_after, config.liveness.offline_after)
@@ -178,6 +193,9 @@ class Agent:
         self.plugins.load()
         self.plugins.start()
         threading.Thread(target=self._background, name="agent-background", daemon=True).start()
+        if sleepwatch.system_bus_present():
+            threading.Thread(target=sleepwatch.watch, args=(self._on_sleep_change, self._stop),
+                             name="logind-watch", daemon=True).start()
         state = "member of " + self.identity.cluster_id if self.identity else "waiting for init or join"
         notify.sd_notify("READY=1", f"STATUS={state}")
         log.info("agent ready", extra=fields(grpc=self.config.grpc_address, role=self.config.role, state=state))
@@ -355,12 +373,22 @@ class Agent:
                 notify.sd_notify("WATCHDOG=1")
                 last_watchdog = time.monotonic()
 
-    def resume(self) -> None:
-        """Called on SIGUSR1 (the image's sleep hook sends it after resume): rejoin at once."""
+    def resume(self, trigger: str = "SIGUSR1") -> None:
+        """The machine woke up (the image's sleep hook sends SIGUSR1; logind says PrepareForSleep(false)):
+        rejoin at once."""
+        self._resume_trigger = trigger
         self._wake.set()
 
+    def _on_sleep_change(self, going_to_sleep: bool) -> None:
+        if going_to_sleep:
+            log.info("logind: suspending")
+        else:
+            self.resume("logind")
+
     def _after_resume(self, slept: float, signalled: bool) -> None:
-        log.info("resumed: rejoining", extra=fields(slept_seconds=round(max(slept, 0.0), 1), signalled=signalled))
+        trigger = self._resume_trigger if signalled else "clock jump"
+        log.info("resumed: rejoining", extra=fields(slept_seconds=round(max(slept, 0.0), 1), signalled=signalled,
+                                                    trigger=trigger))
         self.peers.reset()  # fresh connections: the old ones may point at sockets that died while asleep
 
     def _liveness_step(self) -> None:
@@ -849,9 +877,10 @@ class Agent:
     def status(self) -> pb.StatusResponse:
         if self.identity is None:
             return pb.StatusResponse(node_id=self.config.node_id, role=self.config.role, state="uninitialized",
-                                     version=__version__, waiting_for=self.waiting_for)
+                                     version=__version__, waiting_for=self.waiting_for,
+                                     image_version=IMAGE_VERSION)
         response = pb.StatusResponse(cluster_id=self.identity.cluster_id, node_id=self.config.node_id,
-                                     role=self.identity.role, version=__version__)
+                                     role=self.identity.role, version=__version__, image_version=IMAGE_VERSION)
         if self.raft is None:
             response.state = "worker"
             response.has_quorum = True

@@ -379,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("transfer", cmd_leader_transfer, "hand leadership to another server", leader)
     sp.add_argument("node", nargs="?", help="target server id (default: any up-to-date server)")
 
+    from cortex import update_cli
+
+    update_cli.register(sub, add, emit, table, _client)
+
     kv = sub.add_parser("kv", help="debug key/value store (replicated)").add_subparsers(dest="sub", required=True)
     sp = add("put", cmd_kv_put, "set a key", kv)
     sp.add_argument("key")
