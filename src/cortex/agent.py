@@ -120,14 +120,26 @@ class PluginBridge:
             raise AgentError(grpc.StatusCode.UNAVAILABLE, f"{command_type} is proposed by the leader only")
         return self._agent.propose(command_type, args, internal=True, idem=idempotency_key)
 
-    def read(self, query: str, args: dict | None = None, level: str = "leader") -> Any:
+    def read(self, query: str, args: dict | None = None, level: str = "leader", min_index: int = 0) -> Any:
+        """`min_index`: the answer must include the state at that log index (read-your-writes: pass the
+        index a write returned). A stale read waits briefly for this replica to apply it, else asks the leader."""
         if level not in self.LEVELS:
             raise ValueError(f"read level must be one of {', '.join(self.LEVELS)}")
+        if min_index and level == "stale":
+            store = self._agent.store
+            if store is None or not wait_until(lambda: store.last_applied >= min_index, 1.0, 0.005):
+                level = "leader"  # a worker (its stale read may hit any server) or a lagging replica
         request = pb.ReadRequest(query=query, args_json=json.dumps(args or {}).encode(), level=self.LEVELS[level])
         return json.loads(self._agent.read(request).result_json)
 
     def is_leader(self) -> bool:
         return self._agent.raft is not None and self._agent._is_leader()
+
+    def snapshot(self, path: Path) -> int:
+        """Servers: a consistent copy of the state database (SQLite online backup); returns its applied index."""
+        if self._agent.store is None:
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, "only servers hold a copy of the state")
+        return self._agent.store.backup_to(path)
 
     def status(self) -> dict:
         from google.protobuf.json_format import MessageToDict

@@ -420,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("down", cmd_dev_down, "stop the local cluster (its data stays for the next `up`)", dev)
     sp.add_argument("--dir", default=DEV_DIR)
     sp.add_argument("--purge", action="store_true", help="also delete the cluster's data")
+    from cortex.memory.cli import register as register_backup
+    register_backup(sub, common)
     return p
 
 

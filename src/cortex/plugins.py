@@ -91,10 +91,14 @@ class ClusterAPI(Protocol):
     def propose(self, command_type: str, args: dict, idempotency_key: str = "") -> dict:
         """Leader only: replicate a command, internal ones included (scheduler decisions and the like)."""
 
-    def read(self, query: str, args: dict | None = None, level: str = "leader") -> Any:
-        """Run a state query at a read level: stale, leader or linearizable."""
+    def read(self, query: str, args: dict | None = None, level: str = "leader", min_index: int = 0) -> Any:
+        """Run a state query at a read level: stale, leader or linearizable; the answer includes at least the
+        state at log index `min_index` (pass a write's index to read your own writes)."""
 
     def is_leader(self) -> bool: ...
+
+    def snapshot(self, path: Path) -> int:
+        """Servers: write a consistent copy of the state database to `path`; return its applied index."""
 
     def status(self) -> dict: ...
 
