@@ -381,12 +381,17 @@ class FakeKube:
                 m = re.fullmatch
                 if method == "GET" and path == "/version":
                     return self._send(200, {"major": "1", "minor": "30", "gitVersion": "v1.30.0-fake",
-                                            "platform": "linux/amd64"})
+                                            "gitCommit": "0" * 40, "gitTreeState": "clean",
+                                            "buildDate": "2024-04-17T17:27:03Z", "goVersion": "go1.22.2",
+                                            "compiler": "gc", "platform": "linux/amd64"})
                 if method == "GET" and path == "/api/v1/nodes":
                     return self._send(200, fake._list("NodeList", "v1", fake.nodes))
                 if method == "GET" and path == "/api/v1/pods":
-                    return self._send(200, fake._list("PodList", "v1",
-                                                      fake._pods_matching(None, query.get("labelSelector", ""))))
+                    pods = fake._pods_matching(None, query.get("labelSelector", ""))
+                    # the one field selector Cortex sends: status.phase!=A,status.phase!=B
+                    excluded = re.findall(r"status\.phase!=(\w+)", query.get("fieldSelector", ""))
+                    pods = [p for p in pods if p["status"].get("phase") not in excluded]
+                    return self._send(200, fake._list("PodList", "v1", pods))
                 if r := m(r"/api/v1/namespaces/([^/]+)/pods", path):
                     if method == "GET":
                         return self._send(200, fake._list("PodList", "v1", fake._pods_matching(

@@ -17,8 +17,10 @@ from kubernetes import client as k8s
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.config.kube_config import load_kube_config
 
+from cortex.kube.capacity import ContextCapacity, summarize
 from cortex.kube.kubeconfig import Discovery, KubeContext
 
+ACTIVE_PODS = "status.phase!=Succeeded,status.phase!=Failed"
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
 
@@ -137,3 +139,19 @@ def _short(exc: BaseException) -> str:
         if marker in text:
             return marker.lower()
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def measure(discovery: Discovery, context: str) -> ContextCapacity:
+    """Capacity of one context, live; an unreachable cluster yields a ContextCapacity with `error` set."""
+    try:
+        with connect(discovery, context) as kube:
+            timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
+            nodes = kube.core.list_node(_preload_content=False, _request_timeout=timeout)
+            pods = kube.core.list_pod_for_all_namespaces(field_selector=ACTIVE_PODS, _preload_content=False,
+                                                         _request_timeout=timeout)
+            return summarize(context, json.loads(nodes.data)["items"], json.loads(pods.data)["items"])
+    except KubeError as exc:
+        return ContextCapacity(context, error=str(exc))
+    except Exception as exc:
+        ctx = discovery.get(context)
+        return ContextCapacity(context, error=str(explain(exc, ctx, "measuring capacity")) if ctx else str(exc))

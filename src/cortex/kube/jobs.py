@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kubernetes import client as k8s
 
-from cortex.executor import Outcome, TaskRun, TaskSpecError
+from cortex.executor import Outcome, TaskRun
 from cortex.kube import spec as specs
 from cortex.kube.client import CONNECT_TIMEOUT, READ_TIMEOUT, Kube, KubeError, connect, explain, resolve
 from cortex.kube.kubeconfig import Discovery
 
-KIND = "k8s_job"
 IMAGE_PULL_WAITING = ("ErrImagePull", "ImagePullBackOff")
 PERMANENT_WAITING = ("InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError")
 API_GRACE = 30.0  # seconds of consecutive API failures tolerated while a Job runs before giving up
@@ -267,38 +265,15 @@ def job_outcome(job: k8s.V1Job, pods: list[k8s.V1Pod], namespace: str, name: str
     return None
 
 
-class K8sJobExecutor:
-    """executor.Executor for kind "k8s_job", using the kubeconfig contexts `discover()` finds on this node."""
-
-    kind = KIND
-
-    def __init__(self, discover: Callable[[], Discovery], poll_interval: float = 1.0):
-        self._discover = discover
-        self.poll_interval = poll_interval
-
-    def validate(self, spec: dict) -> dict:
-        return specs.validate(spec)
-
-    def available(self) -> str:
-        discovery = self._discover()
-        if not discovery.contexts:
-            return ("no kubeconfig context on this node (set KUBECONFIG or write ~/.kube/config"
-                    + (f"; problems: {'; '.join(discovery.problems)}" if discovery.problems else "") + ")")
-        return ""
-
-    def run(self, run: TaskRun) -> Outcome:
-        try:
-            spec = specs.validate(run.spec)
-        except TaskSpecError as exc:
-            return Outcome(None, f"bad k8s_job spec: {exc}", retryable=False)
-        discovery = self._discover()
-        try:
-            ctx = resolve(discovery, spec["context"])
-            kube = connect(discovery, ctx.name)
-        except KubeError as exc:
-            # Unknown here may still be known on another node: the engine's placement decides.
-            return Outcome(None, str(exc), retryable=exc.retryable or exc.reason == "NoContext")
-        with kube:
-            attempt = JobAttempt(kube, run, spec, spec["namespace"] or ctx.namespace,
-                                 specs.job_name(run.task_id, run.attempt), self.poll_interval)
-            return attempt.execute()
+def run_attempt(discovery: Discovery, spec: dict, run: TaskRun, poll_interval: float) -> Outcome:
+    """One attempt of a validated spec on the context it names (or the current one)."""
+    try:
+        ctx = resolve(discovery, spec["context"])
+        kube = connect(discovery, ctx.name)
+    except KubeError as exc:
+        # A context unknown here may be known on another node: the engine's placement decides.
+        return Outcome(None, str(exc), retryable=exc.retryable or exc.reason == "NoContext")
+    with kube:
+        attempt = JobAttempt(kube, run, spec, spec["namespace"] or ctx.namespace,
+                             specs.job_name(run.task_id, run.attempt), poll_interval)
+        return attempt.execute()

@@ -1,0 +1,44 @@
+"""The `k8s_job` executor as the task engine sees it (cortex.executor.Executor).
+
+Light on purpose: validating a spec and checking availability need no Kubernetes client, so a node that
+has no kubeconfig never imports the `kubernetes` library; `run` loads it (jobs.py) on first use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cortex.executor import Outcome, TaskRun, TaskSpecError
+from cortex.kube import spec as specs
+from cortex.kube.kubeconfig import Discovery
+
+KIND = "k8s_job"
+
+
+class K8sJobExecutor:
+    """Executor for kind "k8s_job", using the kubeconfig contexts `discover()` finds on this node."""
+
+    kind = KIND
+
+    def __init__(self, discover: Callable[[], Discovery], poll_interval: float = 1.0):
+        self._discover = discover
+        self.poll_interval = poll_interval
+
+    def validate(self, spec: dict) -> dict:
+        return specs.validate(spec)
+
+    def available(self) -> str:
+        discovery = self._discover()
+        if not discovery.contexts:
+            problems = f"; problems: {'; '.join(discovery.problems)}" if discovery.problems else ""
+            return f"no kubeconfig context on this node (set KUBECONFIG or write ~/.kube/config{problems})"
+        return ""
+
+    def run(self, run: TaskRun) -> Outcome:
+        try:
+            spec = specs.validate(run.spec)
+        except TaskSpecError as exc:
+            return Outcome(None, f"bad k8s_job spec: {exc}", retryable=False)
+        from cortex.kube.jobs import run_attempt  # the kubernetes client, loaded when a Job really runs
+
+        return run_attempt(self._discover(), spec, run, self.poll_interval)
