@@ -362,3 +362,118 @@ def test_capacity_counts_allocatable_against_requests_and_placement_uses_it(fake
     assert placements(records, live_nodes=["n3"]) == []
     assert {(r["node_id"], r["context"], r["cpu_free_m"]) for r in k8s_capacity(records)} == \
         {("n1", "dev", 5900), ("n2", "edge", 500)}
+
+
+# --- the plugin: tools, resource, the record it publishes ------------------------------------------------
+
+@pytest.fixture
+def plugin_host(fake: FakeKube, tmp_path: Path, monkeypatch):
+    from cortex import config
+    from cortex.events import EventBus
+    from cortex.plugins import PluginHost
+
+    monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "config", "dev")))
+    cfg = config.parse("node:\n  id: n1\nplugins:\n  kubernetes:\n    poll_interval: 3600\n", source="node.yaml")
+    host = PluginHost(cfg.plugins, cluster=None, events=EventBus(), data_dir=tmp_path, source=cfg.source)
+    host.load()
+    host.start()
+    yield host
+    host.stop()
+
+
+def test_plugin_tools_submit_watch_log_delete_and_scale(plugin_host, fake: FakeKube):
+    from cortex.plugins import Caller, ToolError
+
+    assert {p["name"]: p["state"] for p in plugin_host.status()}["kubernetes"] == "running"
+    operator, reader = Caller(role="operator"), Caller(role="reader")
+    call = plugin_host.call_tool
+    listed = call("k8s_list_clusters", {}, reader)["contexts"]
+    assert [(c["name"], c["server"], c["namespace"], c["current"]) for c in listed] == \
+        [("dev", fake.url, "default", True)]
+
+    submitted = call("k8s_submit_job", {"image": "busybox", "command": ["sh", "-c", "echo via tool; gate t"],
+                                        "id": "report-1"}, operator)
+    assert submitted == {"context": "dev", "namespace": "default", "job": "cortex-report-1-1", "created": True}
+    again = call("k8s_submit_job", {"image": "busybox", "command": ["sh", "-c", "echo via tool; gate t"],
+                                    "id": "report-1"}, operator)
+    assert again["created"] is False and len(fake.jobs) == 1  # the same id is the same Job
+    with pytest.raises(ToolError, match="needs the 'operator' role"):
+        call("k8s_submit_job", {"image": "busybox"}, reader)
+    with pytest.raises(ToolError, match="invalid arguments at command: 'echo' is not of type 'array'"):
+        call("k8s_submit_job", {"image": "busybox", "command": "echo"}, operator)
+    with pytest.raises(ToolError, match="k8s_submit_job: namespace 'Batch' is not a valid Kubernetes namespace"):
+        call("k8s_submit_job", {"image": "busybox", "namespace": "Batch"}, operator)
+    with pytest.raises(ToolError, match="no kubeconfig context 'prod' on this node"):
+        call("k8s_submit_job", {"image": "busybox", "context": "prod"}, operator)
+
+    deadline = time.monotonic() + 30
+    while "via tool" not in json.dumps(call("k8s_job_logs", {"job": "cortex-report-1-1"}, reader)):
+        assert time.monotonic() < deadline, "the pod never logged"
+        time.sleep(0.05)
+    status = call("k8s_job_status", {"job": "cortex-report-1-1"}, reader)
+    assert status["state"] == "running" and status["pods"][0]["phase"] == "Running"
+    fake.release("t")
+    while call("k8s_job_status", {"job": "cortex-report-1-1"}, reader)["state"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    status = call("k8s_job_status", {"job": "cortex-report-1-1"}, reader)
+    assert status["state"] == "succeeded" and status["pods"][0]["exit_code"] == 0
+    assert call("k8s_delete_job", {"job": "cortex-report-1-1"}, operator)["deleted"] is True
+    assert call("k8s_delete_job", {"job": "cortex-report-1-1"}, operator)["deleted"] is False  # idempotent
+    assert fake.deletions == [("default", "cortex-report-1-1", "Background")]
+    with pytest.raises(ToolError, match="not a valid Kubernetes namespace"):
+        call("k8s_job_status", {"job": "x", "namespace": "Not_Valid"}, reader)
+    with pytest.raises(ToolError, match='jobs.batch "x" not found'):
+        call("k8s_job_status", {"job": "x"}, reader)
+
+    scaled = call("k8s_scale_deployment", {"name": "web", "replicas": 5}, operator)
+    assert (scaled["previous"], scaled["replicas"]) == (2, 5) and fake.deployments[("default", "web")] == 5
+    with pytest.raises(ToolError, match='deployments.apps "api" not found'):
+        call("k8s_scale_deployment", {"name": "api", "replicas": 1}, operator)
+    with pytest.raises(ToolError, match="invalid arguments at replicas"):
+        call("k8s_scale_deployment", {"name": "web", "replicas": -1}, operator)
+
+    resources = call("k8s_get_resources", {}, reader)["contexts"]
+    assert resources[0]["context"] == "dev" and resources[0]["cpu_allocatable_m"] == 6000
+    assert resources[0]["pods_per_namespace"] == {"kube-system": 1}
+    document = plugin_host.resources()["cluster://k8s"].read()
+    assert document["capacity"][0]["context"] == "dev" and document["capacity"][0]["cpu_free_m"] == 5900
+    assert "fake-token" not in json.dumps(document)  # no credential in what the cluster can see
+    executors = plugin_host.plugins["kubernetes"].plugin.executors()
+    assert [e.kind for e in executors] == ["k8s_job"] and executors[0].available() == ""
+
+
+def test_each_node_publishes_its_contexts_and_capacity_to_the_replicated_store(make_cluster, fake: FakeKube,
+                                                                                tmp_path: Path, monkeypatch,
+                                                                                capsys):
+    """Real agent processes: the plugin on the node finds the kubeconfig in its environment and writes a
+    secret-free record the leader's scheduler can place k8s_job tasks with."""
+    from cortex.kube.records import RECORD_PREFIX, read_records
+
+    monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig", "lab")))
+    cluster = make_cluster(servers=1)
+    node = cluster.nodes[0].id
+    deadline = time.monotonic() + 60
+    with cluster.client(node) as c:
+        while not (records := read_records(lambda q, a: c.read(q, a, level="leader"))):
+            assert time.monotonic() < deadline, f"no record under {RECORD_PREFIX}; logs: {cluster.dc.dir}"
+            time.sleep(0.2)
+        raw = c.read("kv.list", {"prefix": RECORD_PREFIX}, level="leader")
+    assert [r["node_id"] for r in records] == [node]
+    assert [(x["name"], x["server"]) for x in records[0]["contexts"]] == [("lab", fake.url)]
+    assert "fake-token" not in json.dumps(raw)
+    fits = placements(records, cpu_m=1000, memory=2**30)
+    assert [(p.node_id, p.context) for p in fits] == [(node, "lab")]
+
+    from cortex import cli
+
+    addr = ["--addr", cluster.node(node).grpc_address]
+    assert cli.main(["k8s", "contexts", *addr]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["NODE", "CURRENT", "NAME", "SERVER", "NAMESPACE", "AUTH", "FLAVOR"]
+    assert out.splitlines()[1].split() == [node, "*", "lab", fake.url, "default", "token", "kubernetes"]
+    assert cli.main(["k8s", "capacity", "--cpu", "3", "--memory", "1Gi", "--json", *addr]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["capacity"][0]["cpu_free_m"] == 5900 and shown["fits"] == [[node, "lab"]]
+    assert cli.main(["k8s", "capacity", "--cpu", "5", *addr]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:6] == [node, "lab", "2", "5900m", "11.9Gi", "no"]

@@ -1,7 +1,7 @@
 """The per-node Kubernetes record: what each node tells the cluster about its contexts, without secrets.
 
-Each node running the plugin keeps one key in the replicated key-value store, `k8s/nodes/<node id>`, whose
-value is JSON:
+Each node running the plugin keeps one key in the replicated key-value store,
+`plugins/kubernetes/nodes/<node id>`, whose value is JSON:
 
     {"node_id": "n2", "current": "prod", "problems": [],
      "contexts": [KubeContext.public(), ...],         # names, server URLs, namespaces, auth kinds
@@ -21,7 +21,7 @@ from typing import Any
 from cortex.kube.capacity import ContextCapacity
 from cortex.kube.kubeconfig import Discovery
 
-RECORD_PREFIX = "k8s/nodes/"
+RECORD_PREFIX = "plugins/kubernetes/nodes/"
 
 
 def record_key(node_id: str) -> str:
