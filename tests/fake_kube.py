@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import socket
 import threading
 import time
 import uuid
@@ -88,6 +89,7 @@ class FakeKube:
         self.deletions: list[tuple[str, str, str]] = []  # (namespace, job name, propagationPolicy)
         self.gates: dict[str, threading.Event] = {}
         self.closing = False
+        self.connections: set = set()  # open client sockets: closing the server drops them like a dead host
         # a system pod holding requests on the first node, as every real cluster has
         self._add_static_pod("kube-system", "coredns-abc12", self.nodes[0]["metadata"]["name"], "100m", "70Mi")
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -113,6 +115,11 @@ class FakeKube:
             self.lock.notify_all()
         self.server.shutdown()
         self.server.server_close()
+        for sock in list(self.connections):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def release(self, gate: str) -> None:
         with self.lock:
@@ -351,6 +358,14 @@ class FakeKube:
 
             def log_message(self, *args) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                fake.connections.add(self.connection)
+
+            def finish(self) -> None:
+                fake.connections.discard(self.connection)
+                super().finish()
 
             def _send(self, code: int, body: dict | str, content_type: str = "application/json") -> None:
                 data = (json.dumps(body) if isinstance(body, dict) else body).encode()

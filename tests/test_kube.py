@@ -83,8 +83,8 @@ class Attempt:
         return self.outcome
 
 
-def executor_for(*paths: Path) -> K8sJobExecutor:
-    return K8sJobExecutor(lambda: discover(list(paths)), poll_interval=0.05)
+def executor_for(*paths: Path, api_grace: float = 30.0) -> K8sJobExecutor:
+    return K8sJobExecutor(lambda: discover(list(paths)), poll_interval=0.05, api_grace=api_grace)
 
 
 def script(text: str, **extra) -> dict:
@@ -266,6 +266,19 @@ def test_an_unreachable_cluster_is_a_clear_retryable_error(tmp_path: Path):
 
     capacity = measure(discover([config]), "gone")
     assert capacity.nodes == () and "cannot reach" in capacity.error
+
+
+def test_a_cluster_lost_while_its_job_runs_ends_the_attempt_retryable(tmp_path: Path):
+    fake = FakeKube()
+    with fake:
+        executor = executor_for(fake.kubeconfig(tmp_path / "config", "dev"), api_grace=0.5)
+        run = Attempt(executor, script("echo working; gate never"), tmp_path, task_id="lost")
+        run.output.wait_for("working")
+    # the API server is gone mid-job: the attempt gives up after the grace period, retryable
+    outcome = run.result()
+    assert outcome.retryable and outcome.exit_code is None
+    assert "cannot reach context 'dev'" in outcome.error and "(for 0.5 s while the Job ran)" in outcome.error
+    assert "the Job could not be deleted" in outcome.error and "wait for its deadline" in outcome.error
 
 
 def test_bad_specs_unknown_contexts_and_refused_credentials(fake: FakeKube, tmp_path: Path):

@@ -20,9 +20,10 @@ class K8sJobExecutor:
 
     kind = KIND
 
-    def __init__(self, discover: Callable[[], Discovery], poll_interval: float = 1.0):
+    def __init__(self, discover: Callable[[], Discovery], poll_interval: float = 1.0, api_grace: float = 30.0):
         self._discover = discover
         self.poll_interval = poll_interval
+        self.api_grace = api_grace  # seconds of API failures tolerated while a Job runs
 
     def validate(self, spec: dict) -> dict:
         return specs.validate(spec)
@@ -41,4 +42,4 @@ class K8sJobExecutor:
             return Outcome(None, f"bad k8s_job spec: {exc}", retryable=False)
         from cortex.kube.jobs import run_attempt  # the kubernetes client, loaded when a Job really runs
 
-        return run_attempt(self._discover(), spec, run, self.poll_interval)
+        return run_attempt(self._discover(), spec, run, self.poll_interval, self.api_grace)

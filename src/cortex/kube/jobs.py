@@ -54,6 +54,7 @@ class JobAttempt:
     namespace: str
     name: str
     poll_interval: float
+    api_grace: float = API_GRACE
     pods: dict[str, _Pod] = field(default_factory=dict)
     created_pods: int = 0
 
@@ -80,8 +81,8 @@ class JobAttempt:
                 if not exc.retryable:
                     return self._stop(str(exc), retryable=False)
                 failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > API_GRACE:
-                    return self._stop(f"{exc} (for {API_GRACE:g} s while the Job ran)")
+                if time.monotonic() - failing_since > self.api_grace:
+                    return self._stop(f"{exc} (for {self.api_grace:g} s while the Job ran)")
                 outcome = None
             if outcome is not None:
                 self._drain_logs()
@@ -265,7 +266,8 @@ def job_outcome(job: k8s.V1Job, pods: list[k8s.V1Pod], namespace: str, name: str
     return None
 
 
-def run_attempt(discovery: Discovery, spec: dict, run: TaskRun, poll_interval: float) -> Outcome:
+def run_attempt(discovery: Discovery, spec: dict, run: TaskRun, poll_interval: float,
+                api_grace: float = API_GRACE) -> Outcome:
     """One attempt of a validated spec on the context it names (or the current one)."""
     try:
         ctx = resolve(discovery, spec["context"])
@@ -275,5 +277,5 @@ def run_attempt(discovery: Discovery, spec: dict, run: TaskRun, poll_interval: f
         return Outcome(None, str(exc), retryable=exc.retryable or exc.reason == "NoContext")
     with kube:
         attempt = JobAttempt(kube, run, spec, spec["namespace"] or ctx.namespace,
-                             specs.job_name(run.task_id, run.attempt), poll_interval)
+                             specs.job_name(run.task_id, run.attempt), poll_interval, api_grace)
         return attempt.execute()
