@@ -20,7 +20,7 @@ import yaml
 
 from cortex.executor import Outcome, TaskRun, TaskSpecError
 from cortex.kube import spec as specs
-from cortex.kube.capacity import parse_quantity, placements
+from cortex.kube.capacity import fit_reason, parse_quantity, placements
 from cortex.kube.executor import K8sJobExecutor
 from cortex.kube.kubeconfig import discover, kubeconfig_paths
 from cortex.kube.records import k8s_capacity, parse_records
@@ -375,6 +375,18 @@ def test_capacity_counts_allocatable_against_requests_and_placement_uses_it(fake
     assert placements(records, live_nodes=["n3"]) == []
     assert {(r["node_id"], r["context"], r["cpu_free_m"]) for r in k8s_capacity(records)} == \
         {("n1", "dev", 5900), ("n2", "edge", 500)}
+
+    # the scheduler's filter for one k8s_job task on one Cortex node
+    job = specs.validate({"image": "busybox", "context": "dev", "resources": {"cpu": "2", "memory": "1Gi"}})
+    assert fit_reason(records, "n1", job) == ""
+    assert fit_reason(records, "n2", job) == "has no Kubernetes context 'dev'"
+    assert fit_reason(records, "n3", job) == "has no Kubernetes context"
+    big = {**job, "resources": {"cpu": "5"}}
+    assert fit_reason(records, "n1", big) == ("context 'dev' has no Kubernetes node with 5000m CPU and 0 MiB "
+                                              "free (5900m, 12218 MiB free in total)")
+    unmeasured = [{"node_id": "n1", "contexts": [{"name": "dev"}], "capacity": [{"context": "dev",
+                                                                                 "error": "cannot reach"}]}]
+    assert fit_reason(unmeasured, "n1", job) == "context 'dev': cannot reach"
 
 
 # --- the plugin: tools, resource, the record it publishes ------------------------------------------------

@@ -174,3 +174,33 @@ def placements(records: Sequence[dict], cpu_m: int = 0, memory: int = 0, context
             if any(c >= cpu_m and m >= memory for c, m in cap.get("node_free") or []):
                 out.append(Placement(node_id, cap["context"], cap.get("cpu_free_m", 0), cap.get("memory_free", 0)))
     return sorted(out, key=lambda p: (-p.cpu_free_m, -p.memory_free, p.node_id, p.context))
+
+
+def demand(spec: dict) -> tuple[str, int, int]:
+    """(context, cpu m, memory bytes) a validated k8s_job spec asks of its Kubernetes cluster."""
+    resources = spec.get("resources") or {}
+    return (spec.get("context", ""), millicores(resources.get("cpu", 0)), bytes_of(resources.get("memory", 0)))
+
+
+def fit_reason(records: Sequence[dict], node_id: str, spec: dict) -> str:
+    """'' when Cortex node `node_id` can run this k8s_job spec now, else why not: the check a scheduler's
+    filter makes for a k8s_job task in place of the node's own CPU/memory (the pod does not run there).
+
+    A spec without a context runs on the node's current-context, as the executor does.
+    """
+    context, cpu_m, memory = demand(spec)
+    record = next((r for r in records if r.get("node_id") == node_id), None)
+    if record is None or not record.get("contexts"):
+        return "has no Kubernetes context"
+    name = context or record.get("current", "")
+    if not any(c.get("name") == name for c in record["contexts"]):
+        return f"has no Kubernetes context {name!r}" if name else "has no current Kubernetes context"
+    cap = next((c for c in record.get("capacity") or [] if c.get("context") == name), None)
+    if cap is None:
+        return f"context {name!r} not measured yet"
+    if cap.get("error"):
+        return f"context {name!r}: {cap['error']}"
+    if not any(c >= cpu_m and m >= memory for c, m in cap.get("node_free") or []):
+        return (f"context {name!r} has no Kubernetes node with {cpu_m}m CPU and {memory // 2**20} MiB free "
+                f"({cap.get('cpu_free_m', 0)}m, {cap.get('memory_free', 0) // 2**20} MiB free in total)")
+    return ""

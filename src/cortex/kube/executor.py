@@ -6,22 +6,36 @@ has no kubeconfig never imports the `kubernetes` library; `run` loads it (jobs.p
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from cortex.executor import Outcome, TaskRun, TaskSpecError
 from cortex.kube import spec as specs
-from cortex.kube.kubeconfig import Discovery
+from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths
 
 KIND = "k8s_job"
 
 
+def default_discovery(extra_paths: tuple[str, ...] = ()) -> Callable[[], Discovery]:
+    """Discovery from KUBECONFIG / ~/.kube/config (+ extra files), re-read on every call (files change)."""
+    return lambda: discover(kubeconfig_paths(os.environ, Path.home(), extra_paths))
+
+
 class K8sJobExecutor:
-    """Executor for kind "k8s_job", using the kubeconfig contexts `discover()` finds on this node."""
+    """Executor for kind "k8s_job", using the kubeconfig contexts `discover()` finds on this node.
+
+    Built with no arguments (or the task engine's `settings=`, whose `extra["kubernetes_extra_paths"]` may
+    name more kubeconfig files) it reads the node's default kubeconfig files; the plugin passes its own.
+    """
 
     kind = KIND
 
-    def __init__(self, discover: Callable[[], Discovery], poll_interval: float = 1.0, api_grace: float = 30.0):
-        self._discover = discover
+    def __init__(self, discover: Callable[[], Discovery] | None = None, poll_interval: float = 1.0,
+                 api_grace: float = 30.0, settings: Any = None):
+        extra = tuple((getattr(settings, "extra", None) or {}).get("kubernetes_extra_paths", ()))
+        self._discover = discover or default_discovery(extra)
         self.poll_interval = poll_interval
         self.api_grace = api_grace  # seconds of API failures tolerated while a Job runs
 

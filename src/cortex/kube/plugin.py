@@ -66,11 +66,8 @@ class KubernetesPlugin(Plugin):
         self.executor = K8sJobExecutor(self.discovery, poll_interval=self.ctx.options["job_poll_interval"])
 
     # --- discovery and monitoring ---------------------------------------------------------------------
-    def paths(self) -> list[Path]:
-        return kubeconfig_paths(os.environ, Path.home(), self.ctx.options["extra_paths"])
-
     def discovery(self) -> Discovery:
-        return discover(self.paths())
+        return discover(kubeconfig_paths(os.environ, Path.home(), self.ctx.options["extra_paths"]))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="kubernetes-monitor", daemon=True)
