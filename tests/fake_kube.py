@@ -62,6 +62,12 @@ def _status(code: int, reason: str, message: str) -> dict:
             "reason": reason, "code": code}
 
 
+def _conditions(types: tuple[str, ...], reason: str, message: str) -> list[dict]:
+    """Job conditions as the controller sets them at the end (1.31+: the *Target/*Met one first)."""
+    return [{"type": t, "status": "True", "reason": reason, "message": message, "lastTransitionTime": _now()}
+            for t in types]
+
+
 @dataclass
 class FakePod:
     obj: dict
@@ -300,19 +306,13 @@ class FakeKube:
         if code == 0:
             status["succeeded"] = status.get("succeeded", 0) + 1
             status["completionTime"] = _now()
-            status["conditions"] = [
-                {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached",
-                 "message": "Reached expected number of succeeded pods", "lastTransitionTime": _now()},
-                {"type": "Complete", "status": "True", "reason": "CompletionsReached",
-                 "message": "Reached expected number of succeeded pods", "lastTransitionTime": _now()}]
+            status["conditions"] = _conditions(("SuccessCriteriaMet", "Complete"), "CompletionsReached",
+                                               "Reached expected number of succeeded pods")
             return
         status["failed"] = status.get("failed", 0) + 1
         if status["failed"] > job["spec"]["backoffLimit"]:
-            status["conditions"] = [
-                {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded",
-                 "message": "Job has reached the specified backoff limit", "lastTransitionTime": _now()},
-                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                 "message": "Job has reached the specified backoff limit", "lastTransitionTime": _now()}]
+            status["conditions"] = _conditions(("FailureTarget", "Failed"), "BackoffLimitExceeded",
+                                               "Job has reached the specified backoff limit")
             return
         self._start_pod(*key)
 
