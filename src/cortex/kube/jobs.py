@@ -121,10 +121,12 @@ class JobAttempt:
     def _poll(self) -> Outcome | None:
         ctx = self.kube.context
         try:
-            pods = self.kube.core.list_namespaced_pod(self.namespace, label_selector=f"job-name={self.name}",
-                                                      _request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)).items
+            # The Job first, then its pods: once the Job is finished no pod is added, so the list read after
+            # it holds every pod whose log and exit code belong to this attempt.
             job = self.kube.batch.read_namespaced_job_status(self.name, self.namespace,
                                                              _request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+            pods = self.kube.core.list_namespaced_pod(self.namespace, label_selector=f"job-name={self.name}",
+                                                      _request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)).items
         except k8s.ApiException as exc:
             if exc.status == 404:
                 raise KubeError(f"Job {self.namespace}/{self.name} disappeared from context {ctx.name!r} while "
@@ -240,12 +242,11 @@ def _waiting(pod: k8s.V1Pod) -> tuple[str, str] | None:
 
 
 def _last_exit_code(pods: list[k8s.V1Pod]) -> int | None:
-    codes = []
-    for pod in sorted(pods, key=lambda p: (p.metadata.creation_timestamp or 0, p.metadata.name)):
-        for status in (pod.status.container_statuses or []) if pod.status else []:
-            if status.state and status.state.terminated is not None:
-                codes.append(status.state.terminated.exit_code)
-    return codes[-1] if codes else None
+    """The exit code of the pod that finished last (the Job's final verdict came from it)."""
+    ended = [(s.state.terminated.finished_at or pod.metadata.creation_timestamp, s.state.terminated.exit_code)
+             for pod in pods for s in ((pod.status.container_statuses or []) if pod.status else [])
+             if s.state and s.state.terminated is not None]
+    return max(ended, key=lambda e: e[0].timestamp() if e[0] else 0.0)[1] if ended else None
 
 
 def job_outcome(job: k8s.V1Job, pods: list[k8s.V1Pod], namespace: str, name: str) -> Outcome | None:
