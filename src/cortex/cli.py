@@ -422,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--purge", action="store_true", help="also delete the cluster's data")
     from cortex.memory.cli import register as register_backup
     register_backup(sub, common)
+
+    from cortex.kube import cli as kube_cli
+
+    kube_cli.register(sub, common)
     return p
 
 
