@@ -400,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("down", cmd_dev_down, "stop the local cluster (its data stays for the next `up`)", dev)
     sp.add_argument("--dir", default=DEV_DIR)
     sp.add_argument("--purge", action="store_true", help="also delete the cluster's data")
+    from cortex import cli_plugins  # here, not at the top: it imports this module's helpers
+
+    cli_plugins.register(sub, common)  # plugins, tools, mcp
     return p
 
 
