@@ -39,6 +39,30 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def _set_state(args, running: bool) -> int:
+    from cortex._proto.cortex.v1 import plugins_pb2 as ppb
+    from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
+    from cortex.client import open_channel
+
+    if not Path(args.socket).exists():
+        raise UsageError(f"no agent admin socket at {args.socket}: starting and stopping plugins is done on the "
+                         "node itself (pass --socket PATH or set CORTEX_SOCKET)")
+    stub = ppb_grpc.PluginsStub(open_channel(f"unix:{args.socket}"))
+    response = _call(stub.SetPluginState, ppb.SetPluginStateRequest(name=args.name, running=running), args)
+    p = response.plugin
+    emit(args, {"name": p.name, "state": p.state, "error": p.error, "tools": p.tools},
+         f"{p.name}: {p.state}" + (f" ({p.error})" if p.error else ""))
+    return 0
+
+
+def cmd_plugins_start(args) -> int:
+    return _set_state(args, True)
+
+
+def cmd_plugins_stop(args) -> int:
+    return _set_state(args, False)
+
+
 def cmd_tools_list(args) -> int:
     from cortex._proto.cortex.v1 import plugins_pb2 as ppb
 
@@ -103,7 +127,11 @@ def register(sub, common) -> None:
         sp.set_defaults(fn=fn)
         return sp
 
-    add("plugins", cmd_plugins, "plugins on a node: state, error, tools")
+    plugins = add("plugins", cmd_plugins, "plugins on a node: state, error, tools").add_subparsers(dest="sub")
+    add("list", cmd_plugins, "plugins on a node (the default)", plugins)
+    for name, fn in (("start", cmd_plugins_start), ("stop", cmd_plugins_stop)):
+        sp = add(name, fn, f"{name} a plugin on the local node (admin socket)", plugins)
+        sp.add_argument("name")
     tools = sub.add_parser("tools", help="plugin tools (what MCP clients call)").add_subparsers(dest="sub",
                                                                                                required=True)
     add("list", cmd_tools_list, "every tool the node offers, with role and kind", tools)

@@ -28,6 +28,7 @@ import anyio
 import anyio.to_thread
 import grpc
 import mcp.types as types
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.shared.exceptions import MCPError
@@ -214,7 +215,7 @@ class Frontend:
         self.default_view = default_view
         self.view_of = view_of
         self.bus = InMemorySubscriptionBus()
-        self._sessions: weakref.WeakSet = weakref.WeakSet()
+        self._connections: weakref.WeakSet = weakref.WeakSet()
         self._catalog: Catalog | None = None
         self._catalog_lock = threading.Lock()
         self.server = Server(
@@ -225,7 +226,7 @@ class Frontend:
                           "this session's profile or toolsets: a failed call says how to enable it."),
             on_list_tools=self._list_tools, on_call_tool=self._call_tool, on_list_resources=self._list_resources,
             on_read_resource=self._read_resource, on_subscriptions_listen=ListenHandler(self.bus))
-        self.server.middleware.append(self._remember_session)
+        self.server.middleware.append(self._remember_connection)
 
     def initialization_options(self):
         return self.server.create_initialization_options(NotificationOptions(tools_changed=True,
@@ -257,8 +258,12 @@ class Frontend:
             view = View(caller_role=catalog.caller_role, profile=view.profile, toolsets=view.toolsets)
         return catalog, select(catalog.tools, view, catalog.policy)
 
-    async def _remember_session(self, ctx, call_next):
-        self._sessions.add(ctx.session)
+    async def _remember_connection(self, ctx, call_next):
+        # ctx.session is a per-request proxy; the connection behind it lives as long as the client's session
+        # and carries notifications outside any request. The SDK (2.3) exposes it only as `_connection`.
+        connection = getattr(ctx.session, "_connection", None)
+        if connection is not None:
+            self._connections.add(connection)
         return await call_next(ctx)
 
     # --- handlers --------------------------------------------------------------------------------------
@@ -353,12 +358,15 @@ class Frontend:
                 self._catalog = None
             await self.bus.publish(ToolsListChanged())
             await self.bus.publish(ResourcesListChanged())
-            for session in list(self._sessions):
+            for connection in list(self._connections):
+                if connection.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                    continue  # 2026-era clients hear it on their subscriptions/listen stream (the bus above)
                 try:
-                    await session.send_tool_list_changed()
-                    await session.send_resource_list_changed()
-                except Exception:  # a session that went away; the others still hear about it
-                    self._sessions.discard(session)
+                    await connection.send_tool_list_changed()
+                    await connection.send_resource_list_changed()
+                except Exception as exc:  # a client that went away; the others still hear about it
+                    log.debug("list-changed not delivered", extra={"fields": {"error": str(exc)}})
+                    self._connections.discard(connection)
 
 
 async def serve_stdio(frontend: Frontend) -> None:

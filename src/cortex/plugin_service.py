@@ -107,6 +107,29 @@ class PluginsService(ppb_grpc.PluginsServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"reading {request.uri} failed: {exc}")
         return ppb.ReadResourceResponse(content_json=to_json(content), mime_type=resource.mime_type)
 
+    def SetPluginState(self, request, context):
+        caller = self.caller(context)
+        if caller.role != "admin":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "starting and stopping plugins needs the admin role: "
+                                                             "run it on the node, over its admin socket")
+        entry = self.host.plugins.get(request.name)
+        if entry is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no plugin {request.name!r} on node {self.node_id}; "
+                                                     f"installed: {', '.join(sorted(self.host.plugins))}")
+        if entry.plugin is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"plugin {request.name} is {entry.state}{': ' + entry.error if entry.error else ''}; "
+                          "enable or fix it in the node's config and restart the agent")
+        if request.running:
+            if entry.state != "running":
+                self.host.start_plugin(request.name)
+        else:
+            self.host.stop_plugin(request.name)
+        log.info("plugin state set", extra={"fields": {"plugin": request.name, "running": request.running,
+                                                       "by": caller.identity}})
+        info = next(p for p in self.host.status() if p["name"] == request.name)
+        return ppb.SetPluginStateResponse(plugin=ppb.PluginInfo(**info))
+
     def WatchTools(self, request, context):
         known = request.known_generation
         if known != self.host.generation:

@@ -142,6 +142,7 @@ class SkillsPlugin(Plugin):
         return changed
 
     def start(self) -> None:
+        self._stop.clear()  # a plugin may be stopped and started again at run time
         self.reload()
         self._thread = threading.Thread(target=self._watch, name="skills-reload", daemon=True)
         self._thread.start()
