@@ -28,11 +28,11 @@ import anyio
 import anyio.to_thread
 import grpc
 import mcp.types as types
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import ResourcesListChanged, ToolsListChanged
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from cortex import __version__
 from cortex.plugins import MAX_TOOL_ARGUMENT_BYTES, Caller, PluginHost, ToolError
