@@ -43,7 +43,7 @@ def _v_unsquelch(args: dict) -> dict:
 
 def _h_squelch(db: sqlite3.Connection, index: int, env: Envelope) -> dict:
     a = env.args
-    squelch_id = env.id[:12]
+    squelch_id = env.id  # unique: chosen by the leader
     until = env.ts + a["seconds"]
     db.execute("INSERT INTO alert_squelches (id, pattern, reason, created_by, created_at, until) "
                "VALUES (?, ?, ?, ?, ?, ?)", (squelch_id, a["pattern"], a["reason"], a["by"], env.ts, until))

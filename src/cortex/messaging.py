@@ -59,7 +59,7 @@ def _v_mark_read(args: dict) -> dict:
 
 def _h_send(db: sqlite3.Connection, index: int, env: Envelope) -> dict:
     a = env.args
-    message_id = env.id[:16]
+    message_id = env.id  # unique: chosen by the leader
     db.execute("INSERT INTO messages (id, sender, recipient, subject, body, reply_to, created_at, log_index) "
                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                (message_id, a["sender"], a["recipient"], a["subject"], a["body"], a["reply_to"], env.ts, index))
