@@ -17,19 +17,23 @@ import hmac
 import json
 import os
 import secrets
+import select
+import socket
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import anyio
-
-from cortex.mcp_server import Frontend, LocalBackend
 from cortex.plugins import CALLER_ROLES, Caller, Plugin
 from cortex.toolsets import PROFILES, Policy, View
 
+if TYPE_CHECKING:
+    from cortex.mcp_server import Frontend
+
+# The MCP SDK, uvicorn and starlette are imported when the first HTTP client connects, not when the plugin is
+# discovered or started: a node nobody talks to over MCP does not pay their memory (about 30 MB).
+
 DEFAULT_PORT_OFFSET = 80  # "auto": the gRPC port + 80 on the gRPC host (7400 -> 7480)
-START_TIMEOUT = 10.0
 MAX_BODY_BYTES = 2 * 1024 * 1024  # a little above the tool-argument limit, so that limit answers first
 
 
@@ -86,57 +90,82 @@ def view_of(request) -> View:
 
 
 class HttpServer:
-    """uvicorn in a thread of its own, with the front end's list-changed watcher on the same loop."""
+    """MCP over HTTP on a port bound at start, served by uvicorn in a thread of its own.
 
-    def __init__(self, frontend: Frontend, authenticators: list[Authenticator], host: str, port: int):
+    The port is bound at once (a port in use fails the plugin's start), but the SDK, starlette and uvicorn
+    are loaded only when the first client connects: they cost an agent about 30 MB, which a node nobody
+    talks to over MCP should not pay. The front end's list-changed watcher runs on the same event loop.
+    """
+
+    def __init__(self, make_frontend: Callable[[], Frontend], authenticators: list[Authenticator], host: str,
+                 port: int):
+        self.make_frontend = make_frontend
+        self.authenticators = authenticators
+        self.host = host
+        self.port = port
+        self.server = None  # uvicorn.Server, once a client came
+        self.error: BaseException | None = None
+        self._socket: socket.socket | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mcp-http", daemon=True)
+
+    def start(self) -> str:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        try:
+            self._socket = socket.create_server((self.host, self.port), family=family, backlog=128)
+        except OSError as exc:
+            raise RuntimeError(f"cannot serve MCP over HTTP on {self.host}:{self.port}: {exc}; set "
+                               "plugins.mcp.listen to a free HOST:PORT (or off)") from None
+        self.port = self._socket.getsockname()[1]
+        self._thread.start()
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/mcp"
+
+    def _build(self):
         import uvicorn
         from mcp.server.transport_security import TransportSecuritySettings
 
-        loopback = host in ("127.0.0.1", "localhost", "::1")
+        frontend = self.make_frontend()
+        loopback = self.host in ("127.0.0.1", "localhost", "::1")
         security = TransportSecuritySettings(
             enable_dns_rebinding_protection=loopback,
             allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
             allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"])
-        app = frontend.server.streamable_http_app(streamable_http_path="/mcp", host=host,
+        app = frontend.server.streamable_http_app(streamable_http_path="/mcp", host=self.host,
                                                   transport_security=security, max_request_body_size=MAX_BODY_BYTES)
-        self.frontend = frontend
-        self.app = RequireCaller(app, authenticators)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning",
-                                                    lifespan="on", access_log=False))
-        self.host = host
-        self.port = port
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="mcp-http", daemon=True)
+        config = uvicorn.Config(RequireCaller(app, self.authenticators), log_level="warning", lifespan="on",
+                                access_log=False)
+        return frontend, uvicorn.Server(config)
 
     def _run(self) -> None:
+        # Wait for the first connection (or stop) before loading anything.
+        while not self._stop.is_set():
+            if select.select([self._socket], [], [], 0.5)[0]:
+                break
+        if self._stop.is_set():
+            return
         try:
-            asyncio.run(self._main())
-        except BaseException as exc:  # reported by start(); the agent carries on without HTTP MCP
+            frontend, self.server = self._build()
+            asyncio.run(self._main(frontend))
+        except BaseException as exc:  # logged by the plugin; the agent carries on without HTTP MCP
             self.error = exc
 
-    async def _main(self) -> None:
+    async def _main(self, frontend) -> None:
+        import anyio
+
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self.frontend.watch)
-            await self.server.serve()
+            tasks.start_soon(frontend.watch)
+            await self.server.serve(sockets=[self._socket])
             tasks.cancel_scope.cancel()
 
-    def start(self) -> str:
-        self._thread.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"MCP HTTP server did not start on {self.host}:{self.port}: "
-                                   f"{self.error or 'address in use or not available?'}")
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/mcp"
-
     def stop(self) -> None:
-        self.server.should_exit = True
+        self._stop.set()
+        if self.server is not None:
+            self.server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        if self._socket is not None:
+            self._socket.close()
 
 
 def _auto_listen(grpc_address: str) -> tuple[str, int]:
@@ -205,11 +234,17 @@ class McpPlugin(Plugin):
         token_path = Path(options["token_file"]) if options["token_file"] else self.ctx.data_dir / "token"
         token = read_or_create_token(token_path)
         node_id = getattr(self.ctx.cluster, "node_id", "")
-        backend = LocalBackend(self.ctx.host, node_id,
-                               lambda: Policy.from_options(self.ctx.host.options_of(self.name), node_id))
-        frontend = Frontend(backend, View(caller_role=options["http_role"]), view_of=view_of)
+        host_plugins = self.ctx.host
+
+        def make_frontend():
+            from cortex.mcp_server import Frontend, LocalBackend
+
+            backend = LocalBackend(host_plugins, node_id,
+                                   lambda: Policy.from_options(host_plugins.options_of(self.name), node_id))
+            return Frontend(backend, View(caller_role=options["http_role"]), view_of=view_of)
+
         auth = BearerTokens({token: Caller(role=options["http_role"], identity="mcp-http-token")})
-        self.http = HttpServer(frontend, [auth], host, port)
+        self.http = HttpServer(make_frontend, [auth], host, port)
         self.url = self.http.start()
         info = {"url": self.url, "token_file": str(token_path), "node_id": node_id}
         (self.ctx.data_dir / "mcp.json").write_text(json.dumps(info, indent=2) + "\n")
