@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cortex import __version__, identity, notify
+from cortex import __version__, identity, notify, sleepwatch
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
@@ -45,6 +45,20 @@ log = logging.getLogger("cortex.agent")
 MAX_HOPS = 3
 FORWARD_TIMEOUT = 8.0
 WORKER_HEARTBEAT = 1.0
+def _image_version(paths=("/usr/lib/os-release", "/etc/os-release")) -> str:
+    """The appliance image's version when this agent runs from the Cortex image, else ""."""
+    for path in paths:
+        try:
+            fields_ = dict(line.split("=", 1) for line in Path(path).read_text().splitlines() if "=" in line)
+        except OSError:
+            continue
+        if fields_.get("IMAGE_ID", "").strip('"') == "cortex":
+            return fields_.get("IMAGE_VERSION", "").strip('"')
+        return ""
+    return ""
+
+
+IMAGE_VERSION = _image_version()
 APPROVAL_POLL = 1.0  # how often a node whose join awaits an operator asks again
 JOIN_REQUEST_FILE = "join-request.json"  # the pending request's address and secret (mode 0600)
 
@@ -114,14 +128,26 @@ class PluginBridge:
             raise AgentError(grpc.StatusCode.UNAVAILABLE, f"{command_type} is proposed by the leader only")
         return self._agent.propose(command_type, args, internal=True, idem=idempotency_key)
 
-    def read(self, query: str, args: dict | None = None, level: str = "leader") -> Any:
+    def read(self, query: str, args: dict | None = None, level: str = "leader", min_index: int = 0) -> Any:
+        """`min_index`: the answer must include the state at that log index (read-your-writes: pass the
+        index a write returned). A stale read waits briefly for this replica to apply it, else asks the leader."""
         if level not in self.LEVELS:
             raise ValueError(f"read level must be one of {', '.join(self.LEVELS)}")
+        if min_index and level == "stale":
+            store = self._agent.store
+            if store is None or not wait_until(lambda: store.last_applied >= min_index, 1.0, 0.005):
+                level = "leader"  # a worker (its stale read may hit any server) or a lagging replica
         request = pb.ReadRequest(query=query, args_json=json.dumps(args or {}).encode(), level=self.LEVELS[level])
         return json.loads(self._agent.read(request).result_json)
 
     def is_leader(self) -> bool:
         return self._agent.raft is not None and self._agent._is_leader()
+
+    def snapshot(self, path: Path) -> int:
+        """Servers: a consistent copy of the state database (SQLite online backup); returns its applied index."""
+        if self._agent.store is None:
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, "only servers hold a copy of the state")
+        return self._agent.store.backup_to(path)
 
     def status(self) -> dict:
         from google.protobuf.json_format import MessageToDict
@@ -151,6 +177,7 @@ class Agent:
         self.failed = threading.Event()  # set when the agent can no longer serve and must be restarted
         self._wake = threading.Event()  # run a background step now (resume)
         self._approval_poller: threading.Thread | None = None
+        self._resume_trigger = ""
         self.events = EventBus()
         self.plugins = PluginHost(config.plugins, PluginBridge(self), self.events, self.data_dir, config.source)
         self.liveness = LivenessTracker(config.liveness.suspect_after, config.liveness.offline_after)
@@ -174,6 +201,9 @@ class Agent:
         self.plugins.load()
         self.plugins.start()
         threading.Thread(target=self._background, name="agent-background", daemon=True).start()
+        if sleepwatch.system_bus_present():
+            threading.Thread(target=sleepwatch.watch, args=(self._on_sleep_change, self._stop),
+                             name="logind-watch", daemon=True).start()
         state = "member of " + self.identity.cluster_id if self.identity else "waiting for init or join"
         notify.sd_notify("READY=1", f"STATUS={state}")
         log.info("agent ready", extra=fields(grpc=self.config.grpc_address, role=self.config.role, state=state))
@@ -296,7 +326,8 @@ class Agent:
             self.store = None
 
     def _on_replicated_event(self, event_type: str, data: dict, index: int) -> None:
-        log.info("event", extra=fields(event=event_type, index=index, **data))
+        # event/index win over same-named keys in the payload (a keyword clash here would break apply)
+        log.info("event", extra=fields(**{**data, "event": event_type, "index": index}))
         self.events.publish(Event(event_type, data, index=index))
 
     def _update_health(self) -> None:
@@ -357,12 +388,22 @@ class Agent:
                 notify.sd_notify("WATCHDOG=1")
                 last_watchdog = time.monotonic()
 
-    def resume(self) -> None:
-        """Called on SIGUSR1 (the image's sleep hook sends it after resume): rejoin at once."""
+    def resume(self, trigger: str = "SIGUSR1") -> None:
+        """The machine woke up (the image's sleep hook sends SIGUSR1; logind says PrepareForSleep(false)):
+        rejoin at once."""
+        self._resume_trigger = trigger
         self._wake.set()
 
+    def _on_sleep_change(self, going_to_sleep: bool) -> None:
+        if going_to_sleep:
+            log.info("logind: suspending")
+        else:
+            self.resume("logind")
+
     def _after_resume(self, slept: float, signalled: bool) -> None:
-        log.info("resumed: rejoining", extra=fields(slept_seconds=round(max(slept, 0.0), 1), signalled=signalled))
+        trigger = self._resume_trigger if signalled else "clock jump"
+        log.info("resumed: rejoining", extra=fields(slept_seconds=round(max(slept, 0.0), 1), signalled=signalled,
+                                                    trigger=trigger))
         self.peers.reset()  # fresh connections: the old ones may point at sockets that died while asleep
 
     def _liveness_step(self) -> None:
@@ -662,7 +703,7 @@ class Agent:
             return self._forward("Leave", request)
         node = next((n for n in self.store.query("nodes", {}) if n["id"] == request.node_id), None)
         if node is None:
-            return pb.LeaveResponse(removed=False)
+            return pb.LeaveResponse(removed=False)  # already gone: a retried removal is not an error
         if node["role"] == "server" and node["raft_address"]:
             if node["raft_address"] == self.config.raft_address:
                 raise AgentError(grpc.StatusCode.UNAVAILABLE, "the leader cannot remove itself; transfer first")
@@ -675,6 +716,10 @@ class Agent:
         self._require_member()
         if not self._is_leader():
             return self._forward("Heartbeat", request)
+        if not any(n["id"] == request.node_id for n in self.store.query("nodes", {})):
+            # removed by an operator (or never admitted): tell it, instead of tracking a ghost
+            raise AgentError(grpc.StatusCode.NOT_FOUND, f"node {request.node_id!r} is not a member of this cluster "
+                             "(removed?); on that node: cortex leave, then join again")
         self.liveness.heard(request.node_id, time.monotonic())
         if self.liveness.state(request.node_id) not in (None, "alive"):
             self._liveness_step()  # back from suspect/offline: say so now, not at the next tick
@@ -847,9 +892,10 @@ class Agent:
     def status(self) -> pb.StatusResponse:
         if self.identity is None:
             return pb.StatusResponse(node_id=self.config.node_id, role=self.config.role, state="uninitialized",
-                                     version=__version__, waiting_for=self.waiting_for)
+                                     version=__version__, waiting_for=self.waiting_for,
+                                     image_version=IMAGE_VERSION)
         response = pb.StatusResponse(cluster_id=self.identity.cluster_id, node_id=self.config.node_id,
-                                     role=self.identity.role, version=__version__)
+                                     role=self.identity.role, version=__version__, image_version=IMAGE_VERSION)
         if self.raft is None:
             response.state = "worker"
             response.has_quorum = True

@@ -185,6 +185,19 @@ def cmd_nodes_reject(args) -> int:
     return _decide(args, "node.reject", "rejected")
 
 
+def cmd_nodes_remove(args) -> int:
+    with _client(args) as c:
+        node = next((n for n in c.status().nodes if n.id == args.node_id), None)
+        if node is None:
+            raise UsageError(f"no member named {args.node_id!r}; see `cortex nodes`")
+        if node.liveness == "alive" and not args.force:
+            raise UsageError(f"{args.node_id} is alive: run `cortex leave` on it, or pass --force to remove it anyway")
+        removed = c.remove_node(args.node_id)
+    emit(args, {"node_id": args.node_id, "removed": removed}, f"removed {args.node_id}" if removed
+         else f"{args.node_id} was not a member (already removed)")
+    return 0
+
+
 def cmd_leader_transfer(args) -> int:
     with _client(args) as c:
         response = c.transfer_leadership(args.node or "")
@@ -359,9 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp = add(name, fn, f"{verb} a node whose join request is pending", nodes)
         sp.add_argument("node_id")
         sp.add_argument("--retry", type=float, default=10.0, help="seconds to retry transient failures")
+    sp = add("remove", cmd_nodes_remove, "remove a member (a dead server leaves the Raft configuration)", nodes)
+    sp.add_argument("node_id")
+    sp.add_argument("--force", action="store_true", help="remove even a node that is alive")
     leader = sub.add_parser("leader", help="leadership").add_subparsers(dest="sub", required=True)
     sp = add("transfer", cmd_leader_transfer, "hand leadership to another server", leader)
     sp.add_argument("node", nargs="?", help="target server id (default: any up-to-date server)")
+
+    from cortex import update_cli
+
+    update_cli.register(sub, add, emit, table, _client)
 
     kv = sub.add_parser("kv", help="debug key/value store (replicated)").add_subparsers(dest="sub", required=True)
     sp = add("put", cmd_kv_put, "set a key", kv)
@@ -400,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("down", cmd_dev_down, "stop the local cluster (its data stays for the next `up`)", dev)
     sp.add_argument("--dir", default=DEV_DIR)
     sp.add_argument("--purge", action="store_true", help="also delete the cluster's data")
+    from cortex.memory.cli import register as register_backup
+    register_backup(sub, common)
     from cortex import cli_plugins  # here, not at the top: it imports this module's helpers
 
     cli_plugins.register(sub, common)  # plugins, tools, mcp

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+
 from cortex.client import Client, CortexError
 
 STATE_FILE = "devcluster.json"
@@ -88,7 +90,8 @@ def port_free(port: int) -> bool:
             return False
 
 
-def node_config(node: DevNode, join_address: str = "", token_file: str = "", raft: dict | None = None) -> str:
+def node_config(node: DevNode, join_address: str = "", token_file: str = "", raft: dict | None = None,
+                plugins: dict | None = None) -> str:
     lines = [
         f"node:\n  id: {node.id}\n  role: {node.role}",
         "data_dir: data",
@@ -97,6 +100,8 @@ def node_config(node: DevNode, join_address: str = "", token_file: str = "", raf
     ]
     if raft:
         lines.append("raft:\n" + "\n".join(f"  {k}: {v}" for k, v in raft.items()))
+    if plugins:  # {name: {option: value}}, the same on every node
+        lines.append(yaml.safe_dump({"plugins": plugins}, sort_keys=True).rstrip())
     if join_address:
         lines.append(f"bootstrap:\n  join:\n    address: {join_address}\n    token_file: {token_file}")
     else:
@@ -155,9 +160,11 @@ def alive(pid: int) -> bool:
 
 def up(directory: Path, servers: int = 3, workers: int = 2, base_port: int = 7400, timeout: float = 60.0,
        progress: Callable[[str], None] = lambda s: None, raft: dict | None = None,
-       extra_config: Callable[[DevNode], str] | None = None, env: dict | None = None) -> DevCluster:
-    """Start a cluster. `extra_config(node)` is appended to each node's YAML (plugin sections, say) and `env`
-    is added to the agents' environment (PYTHONPATH with a test plugin, say)."""
+       plugins: dict | None = None, extra_config: Callable[[DevNode], str] | None = None,
+       env: dict | None = None) -> DevCluster:
+    """Start a cluster. `plugins` ({name: {option: value}}) goes into every node's YAML; `extra_config(node)` is
+    appended to each node's YAML (per-node sections, say), and `env` is added to the agents' environment
+    (PYTHONPATH with a test plugin, say)."""
     directory = Path(directory).resolve()
     existing = load(directory)
     if existing and any(alive(n.pid) for n in existing.nodes):
@@ -174,9 +181,9 @@ def up(directory: Path, servers: int = 3, workers: int = 2, base_port: int = 740
     for node in cluster.nodes:
         Path(node.dir).mkdir(parents=True, exist_ok=True)
         if node is first:
-            text = node_config(node, raft=raft)
+            text = node_config(node, raft=raft, plugins=plugins)
         else:
-            text = node_config(node, first.grpc_address, str(token_file), raft=raft)
+            text = node_config(node, first.grpc_address, str(token_file), raft=raft, plugins=plugins)
         node.config_path.write_text(text + (extra_config(node) if extra_config else ""))
     cluster.save()
     progress(f"starting {first.id} (creates the cluster)")

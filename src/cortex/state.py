@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -19,6 +20,8 @@ from typing import Any
 
 from cortex import domain
 from cortex.commands import Envelope, decode_entry
+
+log = logging.getLogger("cortex.state")
 
 # Versioned migrations: append only. PRAGMA user_version records how many have run.
 MIGRATIONS: list[str] = [
@@ -209,8 +212,12 @@ class StateStore:
             self.last_applied = index
         if self._listener is not None:
             for env, item in zip(envs, results):
-                for event_type, data in events_for(env, item):
-                    self._listener(event_type, data, index)
+                try:
+                    for event_type, data in events_for(env, item):
+                        self._listener(event_type, data, index)
+                except Exception:
+                    # the entry is applied and committed; a failing listener must not look like a failed apply
+                    log.exception("event listener failed", extra={"fields": {"index": index, "type": env.type}})
         return result
 
     def _apply_envelope(self, db: sqlite3.Connection, index: int, env: Envelope, entry_term: int | None) -> dict:
