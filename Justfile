@@ -25,6 +25,10 @@ bench *args:
     ./bootstrap.sh
     {{bin}}/python -m bench {{args}}
 
+# MCP tool-call latency (stdio and HTTP, read and forwarded write) on a local cluster
+bench-mcp *args:
+    {{bin}}/python -m bench.mcp {{args}}
+
 # static checks and stub freshness
 lint:
     {{bin}}/ruff check src tests bench

@@ -92,7 +92,11 @@ def installed(tmp_path: Path, monkeypatch):
 
 
 def host_for(yaml_text: str, tmp_path: Path) -> tuple[PluginHost, EventBus]:
+    """A host for the test's plugins only: the built-ins (which need a live agent) are switched off."""
     cfg = config.parse("node:\n  id: n1\n" + yaml_text, source="node.yaml")
+    for name, origin in discover().items():
+        if origin.startswith("cortex."):  # a built-in
+            cfg.plugins.setdefault(name, config.PluginSettings(enabled=False))
     bus = EventBus()
     return PluginHost(cfg.plugins, cluster=None, events=bus, data_dir=tmp_path, source=cfg.source), bus
 

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from cortex import __version__, identity, notify, sleepwatch
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
+from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
 from cortex.client import channel_options
 from cortex.commands import CommandError, Envelope, is_internal, parse_args_json, validate
 from cortex.config import Config
@@ -35,6 +36,7 @@ from cortex.events import Event, EventBus
 from cortex.identity import Identity
 from cortex.liveness import LivenessTracker
 from cortex.logs import fields
+from cortex.plugin_service import PluginsService, network_caller, socket_caller
 from cortex.plugins import PluginHost
 from cortex.state import StateStore
 
@@ -110,6 +112,12 @@ class PluginBridge:
         self._agent = agent
         self.node_id = agent.config.node_id
         self.role = agent.config.role
+        self.grpc_address = agent.config.grpc_address
+
+    def rpc(self, method: str, request):
+        """Run a Cluster RPC (TransferLeadership, Leave, CreateToken, ...) as if this node had received it:
+        forwarded to the leader where the RPC needs one."""
+        return self._agent._dispatch_local(method, request)
 
     def write(self, command_type: str, args: dict, idempotency_key: str = "") -> dict:
         command = pb.Command(type=command_type, args_json=json.dumps(args).encode(), idempotency_key=idempotency_key)
@@ -228,9 +236,13 @@ class Agent:
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
                                  options=opts, maximum_concurrent_rpcs=1024)
         pb_grpc.add_ClusterServicer_to_server(ClusterService(self), self._grpc)
+        ppb_grpc.add_PluginsServicer_to_server(PluginsService(self.plugins, self.config.node_id,
+                                                              network_caller(self.plugins), self._stop.is_set),
+                                               self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
-            (pb.DESCRIPTOR.services_by_name["Cluster"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            (pb.DESCRIPTOR.services_by_name["Cluster"].full_name, "cortex.v1.Plugins", health.SERVICE_NAME,
+             reflection.SERVICE_NAME),
             self._grpc,
         )
         if self._grpc.add_insecure_port(self.config.grpc_address) == 0:
@@ -242,8 +254,10 @@ class Agent:
         sock = self.config.admin_socket_path
         sock.parent.mkdir(parents=True, exist_ok=True)
         sock.unlink(missing_ok=True)
-        self._admin = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"))
+        self._admin = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="admin"))
         pb_grpc.add_AdminServicer_to_server(AdminService(self), self._admin)
+        ppb_grpc.add_PluginsServicer_to_server(PluginsService(self.plugins, self.config.node_id, socket_caller,
+                                                              self._stop.is_set), self._admin)
         self._admin.add_insecure_port(f"unix:{sock}")
         self._admin.start()
         sock.chmod(0o600)

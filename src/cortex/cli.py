@@ -426,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cortex.kube import cli as kube_cli
 
     kube_cli.register(sub, common)
+
+    from cortex import cli_plugins  # here, not at the top: it imports this module's helpers
+
+    cli_plugins.register(sub, common)  # plugins, tools, mcp
     return p
 
 

@@ -160,7 +160,11 @@ def alive(pid: int) -> bool:
 
 def up(directory: Path, servers: int = 3, workers: int = 2, base_port: int = 7400, timeout: float = 60.0,
        progress: Callable[[str], None] = lambda s: None, raft: dict | None = None,
-       plugins: dict | None = None) -> DevCluster:
+       plugins: dict | None = None, extra_config: Callable[[DevNode], str] | None = None,
+       env: dict | None = None) -> DevCluster:
+    """Start a cluster. `plugins` ({name: {option: value}}) goes into every node's YAML; `extra_config(node)` is
+    appended to each node's YAML (per-node sections, say), and `env` is added to the agents' environment
+    (PYTHONPATH with a test plugin, say)."""
     directory = Path(directory).resolve()
     existing = load(directory)
     if existing and any(alive(n.pid) for n in existing.nodes):
@@ -177,13 +181,13 @@ def up(directory: Path, servers: int = 3, workers: int = 2, base_port: int = 740
     for node in cluster.nodes:
         Path(node.dir).mkdir(parents=True, exist_ok=True)
         if node is first:
-            node.config_path.write_text(node_config(node, raft=raft, plugins=plugins))
+            text = node_config(node, raft=raft, plugins=plugins)
         else:
-            node.config_path.write_text(node_config(node, first.grpc_address, str(token_file), raft=raft,
-                                                    plugins=plugins))
+            text = node_config(node, first.grpc_address, str(token_file), raft=raft, plugins=plugins)
+        node.config_path.write_text(text + (extra_config(node) if extra_config else ""))
     cluster.save()
     progress(f"starting {first.id} (creates the cluster)")
-    start_node(first)
+    start_node(first, env)
     cluster.save()
     deadline = time.monotonic() + timeout
     while not token_file.exists():
@@ -191,7 +195,7 @@ def up(directory: Path, servers: int = 3, workers: int = 2, base_port: int = 740
         time.sleep(0.05)
     progress(f"starting {', '.join(n.id for n in cluster.nodes[1:]) or 'no other nodes'}")
     for node in cluster.nodes[1:]:
-        start_node(node)
+        start_node(node, env)
     cluster.save()
     wait_healthy(cluster, deadline, progress)
     return cluster

@@ -53,6 +53,8 @@ class Domain:
 # Modules exposing DOMAIN, in registration order. Add one line per subsystem.
 BUILTIN: tuple[str, ...] = (
     "cortex.memory.domain",
+    "cortex.alerts",
+    "cortex.messaging",
 )
 
 

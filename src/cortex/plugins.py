@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,26 @@ EVENT_QUEUE_LIMIT = 10_000  # per plugin; beyond it events are dropped (and logg
 
 class ToolError(Exception):
     """A tool call failed in a way the caller (a person or a model) can act on; the message says how."""
+
+
+RETRYABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED")
+
+
+def write_with_retry(cluster: ClusterAPI, command_type: str, args: dict, idempotency_key: str,
+                     retry_for: float = 10.0) -> dict:
+    """A replicated write from a tool: transient failures (an election, a lost leader) are retried with the
+    same idempotency key, so the command applies at most once; other failures become a ToolError."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            return cluster.write(command_type, args, idempotency_key)
+        except Exception as exc:
+            code = getattr(getattr(exc, "code", None), "name", "")
+            if code in RETRYABLE_CODES and time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            hint = " (the cluster may have no leader: check cluster_health, then retry)" if code in RETRYABLE_CODES else ""
+            raise ToolError(f"{command_type} failed: {exc}{hint}") from exc
 
 
 class PluginConfigError(ValueError):
@@ -111,6 +132,7 @@ class PluginContext:
     events: EventBus
     data_dir: Path  # the plugin's own directory under the node's data dir
     log: logging.Logger
+    host: PluginHost | None = None  # the node's plugin host (the MCP front end serves its tools)
 
 
 class Plugin:
@@ -210,6 +232,10 @@ class PluginHost:
         self._lock = threading.RLock()
         self.plugins: dict[str, LoadedPlugin] = {}
         self._tool_listeners: list[Callable[[], None]] = []
+        # Bumped whenever the offered tools/resources change, so watchers (WatchTools, MCP list-changed)
+        # can wait for "anything after generation N" without missing a change between two waits.
+        self.generation = 1
+        self._changed = threading.Condition(self._lock)
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def load(self) -> None:
@@ -229,7 +255,7 @@ class PluginHost:
                 options = validate_options(name, cls.options_schema, settings, self._source)
                 data_dir = self._data_dir / "plugins" / name
                 ctx = PluginContext(name=name, options=options, cluster=self._cluster, events=self._events,
-                                    data_dir=data_dir, log=logging.getLogger(f"cortex.plugin.{name}"))
+                                    data_dir=data_dir, log=logging.getLogger(f"cortex.plugin.{name}"), host=self)
                 plugin = cls(ctx)
                 plugin.init()
             except Exception as exc:
@@ -362,7 +388,27 @@ class PluginHost:
     def on_tools_changed(self, callback: Callable[[], None]) -> None:
         self._tool_listeners.append(callback)
 
+    def wait_changed(self, known_generation: int, timeout: float) -> int:
+        """The current generation once it differs from `known_generation`, or after `timeout` seconds."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.generation != known_generation, timeout)
+            return self.generation
+
+    def tool_owners(self) -> dict[str, str]:
+        """{tool name: plugin name} for the running plugins."""
+        with self._lock:
+            return {t.name: e.name for e in self.plugins.values() if e.state == "running" for t in self._tools_of(e)}
+
+    def options_of(self, name: str) -> dict | None:
+        """A running plugin's validated options (None when it is not running)."""
+        with self._lock:
+            entry = self.plugins.get(name)
+            return dict(entry.plugin.ctx.options) if entry is not None and entry.state == "running" else None
+
     def _tools_changed(self) -> None:
+        with self._changed:
+            self.generation += 1
+            self._changed.notify_all()
         for callback in list(self._tool_listeners):
             try:
                 callback()

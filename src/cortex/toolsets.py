@@ -1,0 +1,144 @@
+"""Which tools an MCP client sees: profiles, toolsets and the node's policy (pure functions, no I/O).
+
+A model works best with a short tool list, and a node's owner decides what an assistant may do there:
+
+- a *profile* says how far a session may go: `read-only` (the default: only tools that change nothing),
+  `operator` (also tools that change state but destroy nothing), `admin` (also destructive tools);
+- destructive tools are offered only where the node's config says so (`plugins.mcp.allow_destructive`),
+  whatever profile a client asks for;
+- tools come in *toolsets* (a plugin's name unless the tool names one); a session loads the toolsets it asks
+  for, or by default as many as fit in `max_tools` (40), in priority order, so a client never starts with
+  more tools than it can use well;
+- the caller's role (reader < operator < admin) still bounds every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cortex.plugins import CALLER_ROLES
+
+PROFILES = ("read-only", "operator", "admin")
+DEFAULT_MAX_TOOLS = 40
+# Default loading order: what an assistant needs first. Unknown toolsets follow, alphabetically.
+PRIORITY = ("cluster", "tasks", "workflows", "messaging", "skills", "memory", "kubernetes", "alerts", "kv",
+            "membership", "updater")
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool as the MCP front end knows it (from the local plugin host or over gRPC)."""
+
+    name: str
+    description: str
+    input_schema: dict
+    role: str = "reader"
+    read_only: bool = True
+    destructive: bool = False
+    idempotent: bool = True
+    toolset: str = ""
+    plugin: str = ""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The node's say (the `mcp` plugin's options)."""
+
+    default_profile: str = "read-only"
+    allow_destructive: bool = False
+    default_toolsets: tuple[str, ...] = ()
+    max_tools: int = DEFAULT_MAX_TOOLS
+    node_id: str = ""
+
+    @staticmethod
+    def from_options(options: dict | None, node_id: str = "") -> Policy:
+        options = options or {}
+        return Policy(default_profile=options.get("default_profile", "read-only"),
+                      allow_destructive=bool(options.get("allow_destructive", False)),
+                      default_toolsets=tuple(options.get("toolsets") or ()),
+                      max_tools=int(options.get("max_tools", DEFAULT_MAX_TOOLS)), node_id=node_id)
+
+
+@dataclass(frozen=True)
+class View:
+    """What one MCP session asked for."""
+
+    caller_role: str = "operator"
+    profile: str = ""  # "" = the node's default profile
+    toolsets: tuple[str, ...] = ()  # () = the node's default toolsets; ("all",) = every toolset
+
+
+@dataclass
+class Selection:
+    visible: list[ToolSpec] = field(default_factory=list)
+    hidden: dict[str, str] = field(default_factory=dict)  # tool name -> why the session does not see it
+    loaded_toolsets: list[str] = field(default_factory=list)
+    skipped_toolsets: list[str] = field(default_factory=list)  # left out to stay within max_tools
+    profile: str = "read-only"
+
+
+def toolset_order(names: set[str]) -> list[str]:
+    known = [n for n in PRIORITY if n in names]
+    return known + sorted(names - set(known))
+
+
+def _why_not(tool: ToolSpec, profile: str, policy: Policy, caller_role: str) -> str:
+    """'' when the session may use the tool, else an instruction saying how it could."""
+    where = f"node {policy.node_id}" if policy.node_id else "this node"
+    if CALLER_ROLES.index(caller_role) < CALLER_ROLES.index(tool.role):
+        return f"{tool.name} needs the {tool.role!r} role and this connection has {caller_role!r}"
+    if tool.destructive and not policy.allow_destructive:
+        return (f"{tool.name} is destructive and {where} does not offer destructive tools; its owner can set "
+                "plugins.mcp.allow_destructive: true in its config")
+    if tool.destructive and profile != "admin":
+        return f"{tool.name} is destructive: connect with the 'admin' profile (this session is {profile!r})"
+    if not tool.read_only and profile == "read-only":
+        return (f"{tool.name} changes state and this session is read-only: connect with the 'operator' profile "
+                "(cortex mcp --profile operator, or ?profile=operator on the HTTP URL)")
+    return ""
+
+
+def select(tools: list[ToolSpec], view: View, policy: Policy) -> Selection:
+    profile = view.profile or policy.default_profile
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
+    out = Selection(profile=profile)
+    allowed = []
+    for tool in tools:
+        reason = _why_not(tool, profile, policy, view.caller_role)
+        if reason:
+            out.hidden[tool.name] = reason
+        else:
+            allowed.append(tool)
+    by_set: dict[str, list[ToolSpec]] = {}
+    for tool in allowed:
+        by_set.setdefault(tool.toolset or tool.plugin, []).append(tool)
+    requested = view.toolsets or policy.default_toolsets
+    if requested and requested != ("all",):
+        unknown = [t for t in requested if t not in {x.toolset or x.plugin for x in tools}]
+        if unknown:
+            raise ValueError(f"unknown toolset(s) {', '.join(unknown)}; available: "
+                             f"{', '.join(toolset_order({x.toolset or x.plugin for x in tools}))}")
+        chosen, cap = [t for t in requested if t in by_set], None
+    else:
+        chosen, cap = toolset_order(set(by_set)), None if requested == ("all",) else policy.max_tools
+    for name in chosen:
+        batch = by_set[name]
+        if cap is not None and len(out.visible) + len(batch) > cap:
+            out.skipped_toolsets.append(name)
+            continue
+        out.visible.extend(batch)
+        out.loaded_toolsets.append(name)
+    for name, batch in by_set.items():
+        if name not in out.loaded_toolsets:
+            why = (f"toolset {name!r} is not loaded in this session (tool limit {cap})" if name in out.skipped_toolsets
+                   else f"toolset {name!r} is not loaded in this session")
+            for tool in batch:
+                out.hidden[tool.name] = why + f"; ask for it with --toolsets {name} or ?toolsets={name}"
+    return out
+
+
+def annotations(tool: ToolSpec) -> dict:
+    """MCP tool annotations (hints a client shows or acts on)."""
+    return {"readOnlyHint": tool.read_only, "destructiveHint": tool.destructive,
+            "idempotentHint": tool.idempotent, "openWorldHint": False}
