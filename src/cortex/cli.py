@@ -364,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("down", cmd_dev_down, "stop the local cluster (its data stays for the next `up`)", dev)
     sp.add_argument("--dir", default=DEV_DIR)
     sp.add_argument("--purge", action="store_true", help="also delete the cluster's data")
+
+    from cortex.tasks import cli as tasks_cli  # cortex tasks|dlq|workflows, cortex nodes drain|undrain
+
+    tasks_cli.register(sub, add, common)
     return p
 
 

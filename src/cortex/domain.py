@@ -51,7 +51,10 @@ class Domain:
 
 
 # Modules exposing DOMAIN, in registration order. Add one line per subsystem.
-BUILTIN: tuple[str, ...] = ()
+BUILTIN: tuple[str, ...] = (
+    "cortex.tasks.state",
+    "cortex.tasks.workflow",
+)
 
 
 @cache
