@@ -15,6 +15,7 @@ import threading
 
 MAX_EXPRESSION = 2000  # characters
 EVAL_TIMEOUT = 2.0  # seconds
+START_TIMEOUT = 30.0  # the child's interpreter start and imports are not the expression's fault
 
 
 class CelError(ValueError):
@@ -61,21 +62,29 @@ class Evaluator:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen([sys.executable, "-m", "cortex.tasks.celeval"], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+            if self._readline(self._proc, START_TIMEOUT) != "ready\n":
+                self.close()
+                raise CelError("the CEL evaluator process did not start")
         return self._proc
+
+    @staticmethod
+    def _readline(proc: subprocess.Popen, timeout: float) -> str:
+        answer: list[str] = []
+        reader = threading.Thread(target=lambda: answer.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        return answer[0] if answer else ""
 
     def evaluate(self, expr: str, context: dict):
         with self._lock:
             proc = self._child()
             proc.stdin.write(json.dumps({"expr": expr, "context": context}) + "\n")
             proc.stdin.flush()
-            answer: list[str] = []
-            reader = threading.Thread(target=lambda: answer.append(proc.stdout.readline()), daemon=True)
-            reader.start()
-            reader.join(self.timeout)
-            if not answer or not answer[0]:
+            line = self._readline(proc, self.timeout)
+            if not line:
                 self.close()
                 raise CelError(f"CEL evaluation did not finish within {self.timeout:g} s; stopped")
-            doc = json.loads(answer[0])
+            doc = json.loads(line)
             if "error" in doc:
                 raise CelError(doc["error"])
             return doc["value"]
@@ -88,6 +97,10 @@ class Evaluator:
 
 
 def main() -> None:
+    import celpy  # noqa: F401  (imported before saying ready: evaluation time is the expression's alone)
+
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
     for line in sys.stdin:
         try:
             request = json.loads(line)

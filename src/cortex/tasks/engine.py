@@ -83,7 +83,7 @@ class TaskEngine(Plugin):
     def start(self) -> None:
         cluster = self.ctx.cluster
         if self.ctx.options.get("run_tasks", True):
-            self.runner = Runner(cluster, cluster.node_id, self.executors, self.ctx.data_dir / "work", self.ctx.log)
+            self.runner = Runner(cluster, cluster.node_id, self.executors, (self.ctx.data_dir / "work").resolve(), self.ctx.log)
             self.runner.start()
         for name, target in (("task-leader", self._leader_loop), ("task-resources", self._resource_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)

@@ -303,7 +303,7 @@ class ShellExecutor:
 
     def argv(self, run: TaskRun) -> list[str]:
         spec = run.spec
-        workdir = str(run.workdir)
+        workdir = str(Path(run.workdir).resolve())
         limits = ["prlimit"]
         if spec.get("memory_mb"):
             limits.append(f"--as={spec['memory_mb'] * 1024 * 1024}")
@@ -312,8 +312,8 @@ class ShellExecutor:
         limits.append(f"--nofile={spec.get('max_files', 1024)}")
         bwrap = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
                  "--tmpfs", "/run", "--tmpfs", "/var/tmp"]
-        for hidden in self.settings.hide_paths:
-            if Path(hidden).is_dir() and not workdir.startswith(str(Path(hidden)) + "/"):
+        for hidden in self.settings.hide_paths:  # an empty tmpfs over it; the workdir is bound in after
+            if Path(hidden).is_dir():
                 bwrap += ["--tmpfs", str(hidden)]
         bwrap += ["--bind", workdir, workdir, "--chdir", workdir,
                   "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]

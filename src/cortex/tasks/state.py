@@ -300,6 +300,10 @@ def _v_undrain(args: dict) -> dict:
 
 def _h_submit(db, index, env) -> dict:
     tasks = env.args["tasks"]
+    named = sorted({n for doc in tasks for n in doc["placement"]["nodes"]})
+    unknown = [n for n in named if not _node_known(db, n)]
+    if unknown:
+        return {"error": f"unknown node(s) {', '.join(unknown)} in placement.nodes; see `cortex nodes`"}
     base = "t" + env.id[:12]
     if db.execute("SELECT 1 FROM tasks WHERE id=? OR id=?", (base, base + "-0")).fetchone():
         base = "t" + env.id  # a 48-bit prefix collided: the full id is unique

@@ -15,7 +15,7 @@ A workflow (YAML or JSON):
         depends_on: [work]
         trigger: all_done                 # all_success (default) | all_done | one_failed | one_success
         when: "steps.work.succeeded > 0"  # CEL over upstream states and results
-        task: {kind: shell, spec: {command: "cat $CORTEX_INPUTS"}}
+        task: {kind: shell, spec: {command: "printf %s \"$CORTEX_INPUTS\""}}
 
 Checked at submit: unique step names, known dependencies, no cycle (the error names it), every task spec,
 every CEL expression compiles. The definition is versioned by name (a changed spec under the same name is the
