@@ -354,6 +354,9 @@ def _h_start(db, index, env) -> dict:
     started, rejected = [], []
     for ref in env.args["starts"]:
         task = _current(db, ref, env.args["node_id"])
+        if task is not None and task["state"] == "running":
+            started.append(ref["task_id"])  # a retried start whose first answer was lost: still this node's
+            continue
         if task is None or task["state"] != "assigned":
             rejected.append({"task_id": ref["task_id"], "attempt": ref["attempt"],
                              "state": task["state"] if task else "stale"})
