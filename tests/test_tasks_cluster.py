@@ -254,3 +254,73 @@ def test_drain_lets_running_tasks_finish_until_the_deadline_then_requeues_elsewh
     finally:
         assert cli.main(["--addr", c.address, "nodes", "undrain", node]) == 0
     assert not [n for n in c.read("task.nodes", {}) if n["id"] == node][0]["drained"]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    """A container image built here from a root filesystem tarball (host binaries + their libraries)."""
+    import shutil
+    import subprocess
+    import tarfile
+
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed (bootstrap.sh installs it as root)")
+    root = tmp_path_factory.mktemp("rootfs")
+    for binary in ("/bin/sh", "/bin/echo", "/bin/sleep", "/bin/cat"):
+        real = Path(binary).resolve()
+        files = [real] + [Path(p) for p in subprocess.run(["ldd", str(real)], capture_output=True, text=True)
+                          .stdout.split() if p.startswith("/")]
+        for f in files:
+            target = root / (binary if f == real else str(f)).lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f.resolve(), target)
+    tarball = root.parent / "rootfs.tar"
+    with tarfile.open(tarball, "w") as tar:
+        tar.add(root, arcname=".")
+    name = f"localhost/cortex-tasks-test:{os.getpid()}"
+    podman = ["podman", "--runtime=runc", "--cgroup-manager=cgroupfs", "--events-backend=file"]
+    subprocess.run([*podman, "import", str(tarball), name], check=True, capture_output=True)
+    probe = subprocess.run([*podman, "run", "--rm", "--pull=never", "--network=none", "--ulimit",
+                            "nofile=4096:4096", "--ulimit", "nproc=4096:4096", name, "/bin/sh", "-c", "echo ok"],
+                           capture_output=True, text=True)
+    if probe.stdout.strip() != "ok":
+        subprocess.run([*podman, "rmi", "-f", name], capture_output=True)
+        pytest.skip(f"podman cannot run containers here: {probe.stderr.strip()[-300:]}")
+    yield name
+    subprocess.run([*podman, "rmi", "-f", name], capture_output=True)
+
+
+def test_a_podman_container_task_runs_and_streams(c, image):
+    command = "for i in 1 2 3; do echo line $i; sleep 0.7; done; echo '{\"ok\": true}' > $CORTEX_RESULT"
+    (task_id,) = api.submit(c, [{"kind": "container", "timeout": 60,
+                                 "spec": {"image": image, "command": command, "memory_mb": 64, "cpus": 0.5}}])
+    deadline = time.monotonic() + 30
+    while True:  # output arrives while the container still runs
+        page = c.read("task.output", {"id": task_id})
+        if any("line 1" in ch["data"] for ch in page["chunks"]):
+            break
+        assert time.monotonic() < deadline, page
+        time.sleep(0.1)
+    assert page["state"] == "running"
+    done = wait_state(c, task_id, ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done
+    assert done["result"]["value"] == {"ok": True}
+    assert api.output_text(c, task_id)["stdout"] == "line 1\nline 2\nline 3\n"
+
+
+def test_container_cancel_removes_it_and_a_missing_image_is_a_clear_error(c, image):
+    import subprocess
+
+    (task_id,) = api.submit(c, [{"kind": "container", "spec": {"image": image, "command": "echo up; sleep 120"}}])
+    deadline = time.monotonic() + 30
+    while not any("up" in ch["data"] for ch in c.read("task.output", {"id": task_id})["chunks"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    c.write("task.cancel", {"task_ids": [task_id]})
+    assert wait_state(c, task_id, ("cancelled",))["state"] == "cancelled"
+    ps = subprocess.run(["podman", "--runtime=runc", "--cgroup-manager=cgroupfs", "--events-backend=file", "ps",
+                         "-a", "--format", "{{.Names}}"], capture_output=True, text=True).stdout
+    assert f"cortex-{task_id}" not in ps
+    missing = run(c, {"kind": "container", "spec": {"image": "localhost/not-here:0"}, "retry": {"max_attempts": 3}})
+    assert missing["state"] == "failed" and "could not run image" in missing["error"]
+    assert len(missing["attempts"]) == 1  # not retryable: another attempt cannot find it either
