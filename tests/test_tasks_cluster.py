@@ -324,3 +324,45 @@ def test_container_cancel_removes_it_and_a_missing_image_is_a_clear_error(c, ima
     missing = run(c, {"kind": "container", "spec": {"image": "localhost/not-here:0"}, "retry": {"max_attempts": 3}})
     assert missing["state"] == "failed" and "could not run image" in missing["error"]
     assert len(missing["attempts"]) == 1  # not retryable: another attempt cannot find it either
+
+
+def test_plugin_tools_have_valid_schemas_and_work_against_the_cluster(c, tmp_path):
+    import logging
+
+    import jsonschema
+
+    from cortex.events import EventBus
+    from cortex.plugins import Caller, PluginContext
+    from cortex.tasks.engine import TaskEngine
+    from cortex.tasks.tools import engine_tools
+
+    # the tools through a real client instead of the in-agent bridge: the same write/read surface
+    engine = TaskEngine(PluginContext(name="tasks", options={}, cluster=c, events=EventBus(), data_dir=tmp_path,
+                                      log=logging.getLogger("test")))
+    tools = {t.name: t for t in engine_tools(engine)}
+    assert {"tasks_submit", "tasks_get", "tasks_list", "tasks_cancel", "dlq_list", "dlq_replay", "run_distributed",
+            "workflows_submit", "workflows_get", "workflows_list", "workflows_cancel", "nodes_drain",
+            "nodes_undrain", "agent_task"} <= set(tools)
+    caller = Caller(role="operator")
+
+    def call(name: str, args: dict):
+        jsonschema.Draft202012Validator.check_schema(tools[name].input_schema)
+        jsonschema.validate(args, tools[name].input_schema)
+        return tools[name].handler(args, caller)
+
+    agg = call("tasks_submit", {"tasks": [{"kind": "shell", "spec": {"command": "echo tool"}}], "wait": True,
+                                "idempotency_key": "tool-submit-1"})
+    assert agg["summary"]["all_succeeded"] and agg["results"][0]["stdout"] == "tool\n"
+    again = call("tasks_submit", {"tasks": [{"kind": "shell", "spec": {"command": "echo tool"}}],
+                                  "idempotency_key": "tool-submit-1"})
+    assert again["task_ids"] == [agg["results"][0]["task_id"]]  # a retried call does not submit twice
+    got = call("tasks_get", {"task_id": agg["results"][0]["task_id"]})
+    assert got["output"]["stdout"] == "tool\n" and got["attempts"][0]["outcome"] == "succeeded"
+    dist = call("run_distributed", {"command": "echo hi", "count": 2, "timeout": 30})
+    assert dist["summary"]["succeeded"] == 2
+    assert isinstance(call("dlq_list", {}), list) and isinstance(call("workflows_list", {}), list)
+    assert len(call("nodes_resources", {})) == 5
+    with pytest.raises(CortexError, match="no node 'ghost'"):
+        call("nodes_drain", {"node_id": "ghost", "deadline": 10})
+    with pytest.raises(jsonschema.ValidationError):
+        call("tasks_submit", {"tasks": [{"kind": "teleport"}]})

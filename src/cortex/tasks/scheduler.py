@@ -63,6 +63,12 @@ def _prepare(nodes: list[dict]) -> tuple[list[_Node], float]:
     return out, top
 
 
+def _static_ok(task: dict, n: _Node) -> bool:
+    """The checks that do not change while a pass places tasks."""
+    reason = _fits(task, n)
+    return not reason or reason.startswith(("no free task slot", "needs "))
+
+
 def _fits(task: dict, n: _Node) -> str:
     """'' when the node can take the task now, else why not."""
     p = task["placement"]
@@ -105,26 +111,37 @@ def schedule(queued: list[dict], nodes: list[dict], limit: int = 5000) -> list[A
     out: list[Assignment] = []
     if not views:
         return out
-    # Tasks whose placement cannot be satisfied by any node stop being examined once all slots are gone.
+    # A node's score changes only when it takes a task: keep both strategies' scores and refresh that node's.
+    scores = {n.id: (_score(n, top, "spread"), _score(n, top, "pack")) for n in views}
     capacity_left = sum(max(n.free_slots, 0) for n in views)
+    # The static part of the filter (kind, targets, role, labels, busy) depends only on the placement: computed
+    # once per distinct placement, so a queue of similar tasks costs one pass over the nodes, not one per task.
+    static: dict[tuple, list[_Node]] = {}
     for task in queued:
         if len(out) >= limit or capacity_left <= 0:
             break
-        strategy = task["placement"].get("strategy", "spread")
+        p = task["placement"]
+        which = 0 if p.get("strategy", "spread") == "spread" else 1
+        key = (task["kind"], tuple(p.get("nodes") or ()), p.get("role", ""),
+               tuple(sorted(p.get("labels", {}).items())), p.get("avoid_busy", True))
+        candidates = static.get(key)
+        if candidates is None:
+            candidates = static[key] = [n for n in views if _static_ok(task, n)]
+        cpus, mem, gpus = p.get("cpus", 0), p.get("memory_mb", 0), p.get("gpus", 0)
         best, best_score = None, 0.0
-        for n in views:
-            if _fits(task, n):
+        for n in candidates:
+            if n.free_slots < 1 or cpus > n.free_cpus + 1e-9 or mem > n.free_mem or gpus > n.free_gpus:
                 continue
-            score = _score(n, top, strategy)
+            score = scores[n.id][which]
             if best is None or score > best_score or (score == best_score and n.id < best.id):
                 best, best_score = n, score
         if best is None:
             continue
-        p = task["placement"]
         best.free_slots -= 1
         best.free_cpus -= p.get("cpus", 0)
         best.free_mem -= p.get("memory_mb", 0)
         best.free_gpus -= p.get("gpus", 0)
+        scores[best.id] = (_score(best, top, "spread"), _score(best, top, "pack"))
         capacity_left -= 1
         out.append(Assignment(task["id"], best.id, task["attempt"] + 1))
     return out
