@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--base-port", type=int, default=27600)
     ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args(argv)
+    args, _ = ap.parse_known_args(argv)  # `just bench` passes the core benchmark's options to both
     sizes = QUICK if args.quick else FULL
     rows: list[tuple[str, float | None, str, bool | None]] = []
     failed = False

@@ -54,6 +54,7 @@ class Domain:
 BUILTIN: tuple[str, ...] = (
     "cortex.tasks.state",
     "cortex.tasks.workflow",
+    "cortex.memory.domain",
 )
 
 

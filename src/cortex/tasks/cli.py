@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -422,7 +423,9 @@ def register(sub, add, common) -> None:
     sp.add_argument("id")
 
     nodes = sub.choices["nodes"]
-    nodes_sub = nodes.add_subparsers(dest="nodes_sub")
+    # `cortex nodes` may already have sub-commands (pending, approve, ...): add ours to the same group
+    existing = [a for a in nodes._actions if isinstance(a, argparse._SubParsersAction)]
+    nodes_sub = existing[0] if existing else nodes.add_subparsers(dest="nodes_sub")
     sp = add("drain", cmd_drain, "stop new tasks on a node; re-queue the rest after the deadline", nodes_sub)
     sp.add_argument("id")
     sp.add_argument("--deadline", default="5m", help="how long running tasks may finish: 90s, 5m, 1h")

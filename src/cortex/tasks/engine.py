@@ -82,6 +82,8 @@ class TaskEngine(Plugin):
 
     def start(self) -> None:
         cluster = self.ctx.cluster
+        if cluster is None:  # a host without a cluster (tools listing, tests): nothing to schedule or run
+            return
         if self.ctx.options.get("run_tasks", True):
             self.runner = Runner(cluster, cluster.node_id, self.executors, (self.ctx.data_dir / "work").resolve(), self.ctx.log)
             self.runner.start()
