@@ -166,3 +166,28 @@ def test_kill_9_of_the_worker_running_a_task_requeues_it_elsewhere_recorded_once
     time.sleep(1.0)
     again = read(cluster, "task.get", {"id": task_id}, via="n1")
     assert [(a["node"], a["outcome"]) for a in again["attempts"]] == [(victim, "lost"), (survivor, "succeeded")]
+
+
+def test_a_worker_stopping_cleanly_hands_its_running_task_back_at_once(cluster):
+    import signal
+
+    with cluster.client("n1") as c:
+        (task_id,) = c.write("task.submit", {"tasks": [{
+            "kind": "shell", "spec": {"command": "sleep 2; echo done"},
+            "placement": {"nodes": ["w1", "w2"]}}]}, retry_for=20)["task_ids"]
+    deadline = time.monotonic() + 30
+    while (task := read(cluster, "task.get", {"id": task_id}, via="n1"))["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    victim = task["node"]
+    stopped_at = time.monotonic()
+    cluster.kill(victim, signal.SIGTERM)
+    while (task := read(cluster, "task.get", {"id": task_id}, via="n1"))["state"] != "succeeded":
+        assert time.monotonic() - stopped_at < 30, task
+        time.sleep(0.1)
+    # re-queued by the stopping node's own report, well before it could have been declared offline (10 s)
+    assert time.monotonic() - stopped_at < 9
+    assert [a["outcome"] for a in task["attempts"]] == ["lost", "succeeded"]
+    assert "shut down during the attempt" in task["attempts"][0]["error"]
+    cluster.start(victim)
+    cluster.wait_healthy()

@@ -21,6 +21,6 @@ def test_snapshot_reports_capacity_usage_and_the_busy_signal():
 
 
 def test_benchmark_measures_flops_and_memory_bandwidth():
-    result = resources.benchmark(seconds=0.05)
+    result = resources.benchmark(seconds=0.05)  # in a child process, as the agent runs it
     assert result["flops_single"] > 1e6 and result["flops_multi"] > 1e6
     assert result["memory_bandwidth"] > 1e7 and result["cores"] == os.cpu_count()

@@ -11,6 +11,7 @@ elsewhere. The transcript is streamed as task output; the result holds the final
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import threading
@@ -57,9 +58,7 @@ class AgentExecutor:
                 "max_tokens": number(spec, "max_tokens", 1, 64000, integer=True) or 4096}
 
     def available(self) -> str:
-        try:
-            import anthropic  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("anthropic") is None:  # not imported here: the SDK loads on first use
             return "the anthropic package is not installed"
         if not os.environ.get(self.settings.agent_api_key_env):
             return f"no API key in ${self.settings.agent_api_key_env} on this node"

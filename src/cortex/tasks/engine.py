@@ -42,6 +42,8 @@ class TaskEngine(Plugin):
                                "description": "process names meaning the owner uses the machine (games)"},
             "benchmark_on_start": {"type": "boolean", "default": True},
             "benchmark_seconds": {"type": "number", "minimum": 0.01, "maximum": 10, "default": 0.2},
+            "benchmark_delay": {"type": "number", "minimum": 0, "maximum": 3600, "default": 15.0,
+                                "description": "seconds after start before the compute benchmark runs"},
             "agent_base_url": {"type": "string", "default": "",
                                "description": "Anthropic Messages API base URL for agent tasks"},
             "report_period": {"type": "number", "minimum": 10, "maximum": 3600, "default": resources.REPORT_PERIOD},
@@ -98,6 +100,11 @@ class TaskEngine(Plugin):
         self._stop.set()
         self._wake.set()
         if self.runner is not None:
+            try:  # withdraw this node's capacity first, so the attempts it hands back go to other nodes
+                self.ctx.cluster.write("task.node_report", {"node_id": self.ctx.cluster.node_id,
+                                                            "capacity": {"slots": 0}, "kinds": []})
+            except Exception as exc:
+                self.ctx.log.info("could not withdraw capacity before stopping: %s", exc)
             self.runner.stop()
         for t in self._threads:
             t.join(timeout=5)
@@ -117,7 +124,13 @@ class TaskEngine(Plugin):
 
     # --- resources -------------------------------------------------------------------------------------------
     def _resource_loop(self) -> None:
-        if self.ctx.options.get("benchmark_on_start", True):
+        try:
+            self._report()  # capacity first: the node can take tasks before its benchmark is in
+        except Exception as exc:  # not in a cluster yet, or no leader: the loop below retries
+            self.ctx.log.debug("resource report failed: %s", exc)
+        # the benchmark waits until the agent's own start-up is over: it would measure (and slow) that instead
+        if self.ctx.options.get("benchmark_on_start", True) and not self._stop.wait(
+                self.ctx.options.get("benchmark_delay", 15.0)):
             try:
                 self._benchmark = resources.benchmark(self.ctx.options.get("benchmark_seconds", 0.2))
             except Exception as exc:

@@ -7,9 +7,11 @@ node per minute, never one per second per node.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -118,6 +120,15 @@ def _bandwidth(seconds: float, mb: int = 64) -> float:
 
 
 def benchmark(seconds: float = 0.25) -> dict:
+    """The benchmark in a child process: the agent itself never loads numpy (its memory stays small)."""
+    out = subprocess.run([sys.executable, "-m", "cortex.tasks.resources", str(seconds)], capture_output=True,
+                         text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout)
+
+
+def benchmark_here(seconds: float = 0.25) -> dict:
     """Single- and multi-core FLOPS and memory bandwidth, measured here and now (numpy releases the GIL in
     its loops, so one thread per core measures the cores together)."""
     single = _flops_one(seconds)
@@ -131,3 +142,7 @@ def benchmark(seconds: float = 0.25) -> dict:
     return {"flops_single": round(single), "flops_multi": round(sum(results)),
             "memory_bandwidth": round(_bandwidth(seconds)), "cores": cores, "measured_at": time.time(),
             "seconds": seconds}
+
+
+if __name__ == "__main__":
+    print(json.dumps(benchmark_here(float(sys.argv[1]) if len(sys.argv) > 1 else 0.25)))

@@ -57,7 +57,7 @@ def _code_name(exc: BaseException) -> str:
 
 class Runner:
     def __init__(self, cluster, node_id: str, executors: dict[str, Executor], workdir_root: Path,
-                 log: logging.Logger, idle_poll: float = 0.25, busy_poll: float = 0.02):
+                 log: logging.Logger, idle_poll: float = 0.5, busy_poll: float = 0.02):
         self.cluster = cluster
         self.node_id = node_id
         self.executors = executors
@@ -73,6 +73,7 @@ class Runner:
         self._reports: deque = deque()
         self._last_activity = 0.0
         self._threads: list[threading.Thread] = []
+        self._shutting_down = False
 
     # --- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -82,13 +83,20 @@ class Runner:
             t.start()
             self._threads.append(t)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._send_wake.set()
+    def stop(self, grace: float = 8.0) -> None:
+        """Node shutdown: kill the running attempts and report them lost (re-queued elsewhere, not cancelled),
+        giving the sender a few seconds to get those reports out before it stops."""
+        self._shutting_down = True
         with self._lock:
             for run in self.runs.values():
                 run.cancelled.set()
+        deadline = time.monotonic() + grace
+        while (self.runs or self._reports) and time.monotonic() < deadline:
+            self._send_wake.set()
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        self._send_wake.set()
         for t in self._threads:
             t.join(timeout=5)
 
@@ -167,6 +175,8 @@ class Runner:
                 run.cancelled.set()
 
     def _start(self, tasks: list[dict]) -> None:
+        if self._shutting_down:
+            return
         starts = [{"task_id": t["id"], "attempt": t["attempt"], "term": t["term"]} for t in tasks]
         try:
             result = self._write("task.start", {"node_id": self.node_id, "starts": starts},
@@ -208,8 +218,11 @@ class Runner:
         failure = result.pop("failure", "") if not outcome.ok else ""
         if not outcome.ok and not failure:
             failure = "exit" if outcome.exit_code not in (None, 0) else "error"
+        error = outcome.error
+        if self._shutting_down and failure == "cancelled":
+            failure, error = "lost", f"node {self.node_id} shut down during the attempt; re-queued"
         self._queue_report({"task_id": run.task_id, "attempt": run.attempt, "term": run.term,
-                            "exit_code": outcome.exit_code, "error": outcome.error[:4000],
+                            "exit_code": outcome.exit_code, "error": error[:4000],
                             "retryable": outcome.retryable, "failure": failure, "result": result}, run)
 
     def _emit(self, run: LocalRun, stream: str, data: bytes) -> None:

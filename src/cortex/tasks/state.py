@@ -643,8 +643,13 @@ def _q_nodes(db, args) -> list[dict]:
 
 
 def _q_stats(db, args) -> dict:
-    counts = dict(db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
-    counts["dlq"] = db.execute("SELECT count(*) FROM tasks WHERE dlq=1").fetchone()[0]
+    """Task counts by state (of one run_distributed/submit group when `group` is given), the DLQ size and the
+    latest finish time."""
+    where, params = ("WHERE grp=?", (str(args["group"]),)) if args.get("group") else ("", ())
+    counts = dict(db.execute(f"SELECT state, count(*) FROM tasks {where} GROUP BY state", params).fetchall())
+    counts["dlq"] = db.execute(f"SELECT count(*) FROM tasks {where} {'AND' if where else 'WHERE'} dlq=1",
+                               params).fetchone()[0]
+    counts["last_finished_at"] = db.execute(f"SELECT max(finished_at) FROM tasks {where}", params).fetchone()[0]
     return counts
 
 
