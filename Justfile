@@ -20,10 +20,11 @@ test *args:
     {{bin}}/python -m cortex.protogen --check
     {{bin}}/python -m pytest {{args}}
 
-# benchmarks, Cortex beside etcd on loopback, printed as tables
+# benchmarks, Cortex beside etcd on loopback, then the task engine, printed as tables
 bench *args:
     ./bootstrap.sh
     {{bin}}/python -m bench {{args}}
+    {{bin}}/python -m bench.tasks {{args}}
 
 # MCP tool-call latency (stdio and HTTP, read and forwarded write) on a local cluster
 bench-mcp *args:

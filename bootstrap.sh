@@ -13,6 +13,11 @@ command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || packages+=(etcd-server)
 # the flash tool writes the ESP's credentials with mtools; its test builds a FAT image with mkfs.vfat
 command -v mcopy >/dev/null || packages+=(mtools)
 command -v mkfs.vfat >/dev/null || [ -x /usr/sbin/mkfs.vfat ] || packages+=(dosfstools)
+# the task engine: shell tasks run in bubblewrap with prlimit limits, container tasks in Podman (with runc)
+command -v bwrap >/dev/null || packages+=(bubblewrap)
+command -v prlimit >/dev/null || packages+=(util-linux)
+command -v podman >/dev/null || packages+=(podman)
+command -v runc >/dev/null || packages+=(runc)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "bootstrap: installing ${packages[*]} with apt-get" >&2

@@ -215,9 +215,10 @@ def test_every_tool_over_stdio_from_a_worker(mc):
             await err(s, "mark_message_read", {"ids": ["nope"]}, "no such message(s): nope")
             await err(s, "mark_message_read", {"ids": []}, "should be non-empty")
 
-            # draining belongs to the task engine: a clear "not available yet"
-            await err(s, "drain_node", {"node_id": "w1"}, "not available yet: draining belongs to the task engine")
-            await err(s, "undrain_node", {"node_id": "w1"}, "not available yet")
+            # draining is the task engine's (task.drain / task.undrain), reached from a worker's session
+            drained = await ok(s, "drain_node", {"node_id": "w1", "deadline_seconds": 60})
+            assert drained["node_id"] == "w1" and drained["drain_deadline"] > 0
+            assert (await ok(s, "undrain_node", {"node_id": "w1"}))["node_id"] == "w1"
             await err(s, "drain_node", {"node_id": "BAD!"}, "does not match")
 
             # leadership moves, requested from a worker

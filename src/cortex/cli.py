@@ -430,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cortex import cli_plugins  # here, not at the top: it imports this module's helpers
 
     cli_plugins.register(sub, common)  # plugins, tools, mcp
+
+    from cortex.tasks import cli as tasks_cli  # cortex tasks|dlq|workflows, cortex nodes drain|undrain
+
+    tasks_cli.register(sub, add, common)
     return p
 
 

@@ -29,7 +29,7 @@ KEY = {"idempotency_key": {"type": "string", "maxLength": 128,
                            "description": "retrying with the same key applies the change once"}}
 OBJ = {"type": "object", "additionalProperties": False}
 # Draining belongs to the task engine (it stops assignments and moves work away); these are its commands.
-DRAIN_COMMAND, UNDRAIN_COMMAND = "node.drain", "node.undrain"
+DRAIN_COMMAND, UNDRAIN_COMMAND = "task.drain", "task.undrain"
 
 
 def _schema(properties: dict | None = None, required: tuple[str, ...] = ()) -> dict:
@@ -192,7 +192,7 @@ class ClusterToolsPlugin(Plugin):
                             "of this cluster's software yet); until it lands, remove_node takes a node out for good")
         command = {"node_id": args["node_id"]}
         if command_type == DRAIN_COMMAND and "deadline_seconds" in args:
-            command["deadline_seconds"] = args["deadline_seconds"]
+            command["deadline"] = args["deadline_seconds"]
         return self._write(command_type, command, args)
 
     def drain_node(self, args: dict, caller: Caller) -> dict:

@@ -52,6 +52,8 @@ class Domain:
 
 # Modules exposing DOMAIN, in registration order. Add one line per subsystem.
 BUILTIN: tuple[str, ...] = (
+    "cortex.tasks.state",
+    "cortex.tasks.workflow",
     "cortex.memory.domain",
     "cortex.alerts",
     "cortex.messaging",

@@ -1,0 +1,189 @@
+"""Task-engine benchmark: submit->running latency, durable no-op tasks per second, scheduler decision time.
+
+    python -m bench.tasks [--quick] [--json PATH] [--base-port N] [--keep]
+
+Starts a 3-server + 2-worker Cortex dev cluster (real agent processes on 127.0.0.1, in a temp dir) and
+measures, printing one table (metric | value | target | met?) on stdout, progress on stderr:
+
+- submit->running p50/p99: one no-op task at a time, from the leader's stamp on `task.submit` to its stamp on
+  `task.start` (both leader clocks, read back from the replicated task): submit, schedule (`task.assign`),
+  the node's pull and its start — three Raft commits and one poll;
+- durable no-op tasks/s: N no-op tasks submitted in batches of 100 from 4 threads through a worker, from the
+  first submission until every task is recorded succeeded (each task is 4 replicated commands: submit, assign,
+  start, report — batched by the engine);
+- scheduler decision time: the pure scheduler on 1,000 queued tasks x 50 simulated nodes (median of 20).
+
+A missed target is a result, not a failure (exit 0); a measurement that breaks is (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from cortex import devcluster
+from cortex.client import Client
+from cortex.tasks import api
+from cortex.tasks.scheduler import schedule
+
+FULL = dict(latency=200, throughput=5000)
+QUICK = dict(latency=30, throughput=500)
+_T0 = time.monotonic()
+
+
+def progress(msg: str) -> None:
+    print(f"[bench.tasks {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def wait_ready(c: Client, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        nodes = c.read("task.nodes", {})
+        if nodes and all(n["reported_at"] and "noop" in n["kinds"] for n in nodes):
+            return
+        time.sleep(0.2)
+    raise RuntimeError("nodes did not report their resources in time")
+
+
+def submit_to_running(c: Client, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        (task_id,) = api.submit(c, [{"kind": "noop"}])
+        task = api.wait(c, [task_id], 30, poll=0.01)[0]
+        if task["state"] != "succeeded":
+            raise RuntimeError(f"task {task_id} ended {task['state']}")
+        samples.append(task["started_at"] - task["submitted_at"])
+        time.sleep(0.02)
+    return samples
+
+
+def throughput(c_addr: str, n: int, threads: int = 4, batch: int = 100) -> tuple[float, int]:
+    group = "bench" + uuid.uuid4().hex[:8]
+    chunks = [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def worker():
+        with Client(c_addr, timeout=20) as c:
+            while True:
+                with lock:
+                    if not chunks:
+                        return
+                    chunk = chunks.pop()
+                try:
+                    c.write("task.submit", {"tasks": [{"kind": "noop"} for _ in chunk], "group": group},
+                            idempotency_key=f"{group}-{chunk[0]}", retry_for=30)
+                except Exception as exc:  # noqa: BLE001 -- reported below
+                    errors.append(str(exc))
+
+    start = time.time()
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    if errors:
+        raise RuntimeError(errors[0])
+    with Client(c_addr, timeout=20) as c:
+        deadline = time.monotonic() + 600
+        while True:
+            stats = c.read("task.stats", {"group": group})
+            if stats.get("succeeded", 0) == n:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {stats.get('succeeded', 0)}/{n} tasks finished: {stats}")
+            time.sleep(0.2)
+        nodes = {r["node"] for r in c.read("task.list", {"group": group, "limit": 1000})}
+    return n / (stats["last_finished_at"] - start), len(nodes)
+
+
+def scheduler_decision(queued: int = 1000, nodes: int = 50, runs: int = 20) -> float:
+    rnd = random.Random(7)
+    views = [{"id": f"node{i:02d}", "role": "worker", "liveness": "alive", "reported_at": 1.0,
+              "kinds": ["shell", "noop", "container"], "labels": {"zone": f"z{i % 3}"}, "busy": i % 10 == 0,
+              "capacity": {"cpus": rnd.choice([4, 8, 16]), "memory_mb": rnd.choice([8000, 16000, 64000]),
+                           "gpus": i % 5 == 0, "slots": 32},
+              "running": {"tasks": rnd.randint(0, 8), "cpus": 0.0, "memory_mb": 0, "gpus": 0},
+              "benchmark": {"flops_multi": rnd.uniform(1e9, 5e10)}} for i in range(nodes)]
+    tasks = [{"id": f"t{i}", "kind": "shell", "priority": rnd.randint(0, 5), "attempt": 0,
+              "placement": {"cpus": rnd.choice([0, 0.5, 1, 2]), "memory_mb": rnd.choice([0, 256, 1024]),
+                            "gpus": 1 if i % 50 == 0 else 0, "labels": {"zone": "z1"} if i % 7 == 0 else {},
+                            "avoid_busy": True, "strategy": "spread" if i % 2 else "pack"}}
+             for i in range(queued)]
+    tasks.sort(key=lambda t: -t["priority"])
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        schedule(tasks, views)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.tasks", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--base-port", type=int, default=27600)
+    ap.add_argument("--keep", action="store_true")
+    args, _ = ap.parse_known_args(argv)  # `just bench` passes the core benchmark's options to both
+    sizes = QUICK if args.quick else FULL
+    rows: list[tuple[str, float | None, str, bool | None]] = []
+    failed = False
+    progress("scheduler: 1000 queued x 50 nodes")
+    decision = scheduler_decision()
+    rows.append(("scheduler decision, 1000 queued x 50 nodes (ms)", decision * 1000, "", None))
+    workdir = Path(tempfile.mkdtemp(prefix="cortex-bench-tasks-"))
+    try:
+        progress(f"starting 3 servers + 2 workers in {workdir}")
+        base = args.base_port
+        while not all(devcluster.port_free(p) for p in range(base, base + 10)):
+            base += 10
+        dc = devcluster.up(workdir, 3, 2, base, timeout=90)
+        worker_addr = dc.node("w1").grpc_address
+        with Client(dc.node("n1").grpc_address, timeout=20) as c:
+            wait_ready(c)
+            try:
+                progress(f"submit->running: {sizes['latency']} sequential no-op tasks")
+                lat = submit_to_running(c, sizes["latency"])
+                p50, p99 = percentile(lat, 0.5) * 1000, percentile(lat, 0.99) * 1000
+                rows.append(("submit->running p50 (ms)", p50, "<= 10", p50 <= 10))
+                rows.append(("submit->running p99 (ms)", p99, "", None))
+            except Exception as exc:  # noqa: BLE001
+                progress(f"latency FAILED: {exc}")
+                failed = True
+        try:
+            progress(f"throughput: {sizes['throughput']} no-op tasks via w1, 4 submitters")
+            rate, used = throughput(worker_addr, sizes["throughput"])
+            rows.append((f"durable no-op tasks/s (3 servers + 2 workers, ran on {used} nodes)", rate, ">= 1000",
+                         rate >= 1000))
+        except Exception as exc:  # noqa: BLE001
+            progress(f"throughput FAILED: {exc}")
+            failed = True
+    finally:
+        devcluster.down(workdir, purge=not args.keep)
+    width = max(len(r[0]) for r in rows)
+    print(f"{'metric'.ljust(width)}  {'value':>10}  {'target':>8}  met?")
+    for name, value, target, met in rows:
+        shown = "ERROR" if value is None else f"{value:10.2f}"
+        print(f"{name.ljust(width)}  {shown:>10}  {target:>8}  {'' if met is None else 'yes' if met else 'NO'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"metric": n, "value": v, "target": t, "met": m}
+                                               for n, v, t, m in rows], indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
