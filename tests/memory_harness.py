@@ -14,7 +14,7 @@ from pathlib import Path
 from cortex.commands import Envelope, validate
 from cortex.config import PluginSettings
 from cortex.events import Event, EventBus
-from cortex.plugins import Caller, PluginHost
+from cortex.plugins import Caller, PluginHost, discover
 from cortex.state import StateStore
 
 OPERATOR = Caller(role="operator", identity="test")
@@ -67,7 +67,9 @@ def start_host(tmp_path: Path, options: dict | None = None, name: str = "node") 
     store = StateStore(tmp_path / name / "state.db",
                        listener=lambda kind, data, index: bus.publish(Event(kind, data, index=index)))
     cluster = StoreCluster(store)
-    settings = {"memory": PluginSettings(options={"whereami_debounce": 0.05, **(options or {})})}
+    # only the memory plugin: the other built-ins would share this cluster and its write counter
+    settings = {name: PluginSettings(enabled=False) for name in discover() if name != "memory"}
+    settings["memory"] = PluginSettings(options={"whereami_debounce": 0.05, **(options or {})})
     host = PluginHost(settings, cluster, bus, tmp_path / name, source="test")
     host.load()
     host.start()

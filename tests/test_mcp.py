@@ -311,7 +311,7 @@ def test_http_requires_the_bearer_token(mc):
 def test_http_writes_from_a_follower_and_a_worker(mc):
     async def main():
         for node in (follower(mc), mc.node("w1")):
-            async with http_session(node, "?profile=operator") as s:
+            async with http_session(node, "?profile=operator&toolsets=kv,messaging") as s:
                 tools = (await s.list_tools()).tools
                 assert len(tools) <= 40
                 result = await ok(s, "kv_put", {"key": f"http/{node.id}", "value": node.id})
@@ -328,7 +328,7 @@ def test_http_bad_input_and_a_client_that_hangs_up_mid_call(mc):
     node = mc.node("w1")
 
     async def main():
-        async with http_session(node, "?profile=operator") as s:
+        async with http_session(node, "?profile=operator&toolsets=all") as s:
             await err(s, "kv_put", {"key": "k", "value": "v" * 1_200_000}, "the limit is 1048576")
             await err(s, "crash_now", {}, "division by zero")
             resources = {r.uri for r in (await s.list_resources()).resources}
