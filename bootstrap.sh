@@ -13,6 +13,11 @@ command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || packages+=(etcd-server)
 # the flash tool writes the ESP's credentials with mtools; its test builds a FAT image with mkfs.vfat
 command -v mcopy >/dev/null || packages+=(mtools)
 command -v mkfs.vfat >/dev/null || [ -x /usr/sbin/mkfs.vfat ] || packages+=(dosfstools)
+# the Ansible role's test boots a Debian 12 rootfs (made by debootstrap) with systemd-nspawn and reaches it
+# over ssh, as Ansible reaches a real host
+command -v systemd-nspawn >/dev/null || packages+=(systemd-container)
+command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || packages+=(debootstrap)
+command -v ssh >/dev/null || packages+=(openssh-client)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "bootstrap: installing ${packages[*]} with apt-get" >&2
