@@ -29,6 +29,7 @@ bench *args:
 lint:
     {{bin}}/ruff check src tests bench
     {{bin}}/python -m cortex.protogen --check
+    PATH="{{bin}}:$PATH" {{bin}}/ansible-lint --offline --profile production ansible/
 
 # regenerate the gRPC stubs after editing proto/
 proto:

@@ -35,7 +35,7 @@ import yaml
 from cortex import devcluster
 from tests.conftest import free_base_port
 
-pytestmark = pytest.mark.skipif(
+needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="boots Debian containers with systemd-nspawn and builds their rootfs: needs root"
 )
 
@@ -327,6 +327,7 @@ def installed_version(host) -> str:
                              "'import importlib.metadata as m; print(m.version(\"cortex\"))'").strip()
 
 
+@needs_root
 @pytest.mark.timeout(900)
 def test_role_lifecycle(lab):
     playbook: Playbook = lab["playbook"]
@@ -409,3 +410,27 @@ def test_role_lifecycle(lab):
         assert "could not be found" in host.run(f"systemctl status {SERVICE}").stderr
     recap, changed, timings["second absent run"] = playbook("-e", "cortex_node_state=absent")
     assert all(r["changed"] == 0 for r in recap.values()), f"a second absent run changed: {changed}"
+
+
+def _hardening(unit_text: str) -> list[str]:
+    """The [Service] lines from DynamicUser= to UMask=: sandboxing the role must share with the appliance."""
+    lines = [line for line in unit_text.splitlines() if line and not line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("DynamicUser="))
+    end = next(i for i, line in enumerate(lines) if line.startswith("UMask="))
+    return lines[start:end + 1]
+
+
+def test_unit_template_keeps_the_appliance_hardening():
+    """The role's unit is a copy of the appliance's (a role must stand alone); this keeps them from drifting."""
+    appliance = (REPO / "image/tree/usr/lib/systemd/system/cortex-agent.service").read_text()
+    role = (ANSIBLE_DIR / "roles/cortex_node/templates/cortex-agent.service.j2").read_text()
+    assert _hardening(role) == _hardening(appliance)
+    assert "{{" not in "\n".join(_hardening(role))  # nothing host-specific in the sandbox
+
+
+def test_ansible_lint_production_profile():
+    """Galaxy's strictest profile; --offline: nothing to install from Galaxy (the role uses ansible.builtin only)."""
+    result = run(VENV_BIN / "ansible-lint", "--offline", "--nocolor", "--profile", "production", "ansible/",
+                 cwd=REPO, env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "Profile 'production' was required, and it passed" in result.stdout + result.stderr
