@@ -27,6 +27,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import testinfra
@@ -145,7 +146,7 @@ def build_wheels(out: Path) -> tuple[str, str, Path, Path, Path]:
     newer = ".".join(map(str, [*release[:-1], release[-1] + 1]))
     dist = out / "dist"
     pip = [VENV_BIN / "python", "-m", "pip", "-q", "--disable-pip-version-check"]
-    checked(*pip, "wheel", "--no-deps", "-w", dist, REPO)
+    checked(*pip, "wheel", "--no-build-isolation", "--no-deps", "-w", dist, REPO)
     upgrade_src = out / "next-version"
     upgrade_src.mkdir()
     for name in ("src", "proto", "hatch_build.py", "README.md"):
@@ -154,13 +155,14 @@ def build_wheels(out: Path) -> tuple[str, str, Path, Path, Path]:
     shutil.rmtree(upgrade_src / "src/cortex/_proto", ignore_errors=True)  # build output, regenerated
     pyproject = (REPO / "pyproject.toml").read_text()
     (upgrade_src / "pyproject.toml").write_text(pyproject.replace(f'version = "{version}"', f'version = "{newer}"', 1))
-    checked(*pip, "wheel", "--no-deps", "-w", dist, upgrade_src)
+    checked(*pip, "wheel", "--no-build-isolation", "--no-deps", "-w", dist, upgrade_src)
     old_wheel, new_wheel = dist / f"cortex-{version}-py3-none-any.whl", dist / f"cortex-{newer}-py3-none-any.whl"
     assert old_wheel.exists() and new_wheel.exists(), sorted(p.name for p in dist.iterdir())
     # Dependencies as wheels (pysyncobj is an sdist on PyPI: a target without an index could not build it),
     # cached between runs; cortex's own wheels come fresh from this run.
     deps = CACHE / "deps-wheelhouse"
-    checked(*pip, "wheel", "-w", deps, old_wheel)
+    if run(*pip, "wheel", "--no-index", "--find-links", deps, "-w", deps, old_wheel).returncode != 0:
+        checked(*pip, "wheel", "-w", deps, old_wheel)  # first run, or the dependencies changed: ask the index
     wheelhouse = out / "wheelhouse"
     wheelhouse.mkdir()
     for wheel in deps.glob("*.whl"):
@@ -176,6 +178,11 @@ def build_wheels(out: Path) -> tuple[str, str, Path, Path, Path]:
 RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
+def _without_args(case: str) -> str:
+    """A JUnit case is named "[host] play: task key=value, ..."; the arguments only make the lines long."""
+    return case.split("=", 1)[0].rsplit(" ", 1)[0] if "=" in case else case
+
+
 class Playbook:
     def __init__(self, workdir: Path, inventory: Path, vault_password_file: Path):
         self.workdir, self.inventory = workdir, inventory
@@ -186,6 +193,10 @@ class Playbook:
             "ANSIBLE_HOME": str(workdir / "ansible-home"),  # its tmp and ssh control sockets stay here
             "ANSIBLE_VAULT_PASSWORD_FILE": str(vault_password_file),
             "ANSIBLE_NOCOLOR": "1",
+            # task durations, written per run as JUnit XML: the slowest tasks are logged with each run
+            "ANSIBLE_CALLBACKS_ENABLED": "ansible.builtin.junit",
+            "JUNIT_OUTPUT_DIR": str(workdir / "junit"),
+            "JUNIT_TASK_CLASS": "true",
         }
         self.runs = 0
 
@@ -197,7 +208,7 @@ class Playbook:
         result = run(VENV_BIN / "ansible-playbook", "-i", self.inventory, ANSIBLE_DIR / "site.yml", *extra,
                      env=self.env, cwd=self.workdir, timeout=600)
         took = time.monotonic() - start
-        log.write_text(result.stdout + result.stderr)
+        log.write_text(result.stdout + result.stderr + "\nslowest tasks:\n" + self.slowest())
         assert result.returncode == 0, f"ansible-playbook failed ({log}):\n{result.stdout[-6000:]}{result.stderr[-2000:]}"
         recap = {m[0]: {"ok": int(m[1]), "changed": int(m[2]), "unreachable": int(m[3]), "failed": int(m[4])}
                  for m in RECAP_RE.findall(result.stdout)}
@@ -208,6 +219,16 @@ class Playbook:
             elif line.startswith("changed: ["):
                 changed.append(f"{task} ({line.split('[', 1)[1].split(']', 1)[0]})")
         return recap, changed, took
+
+    def slowest(self, count: int = 8) -> str:
+        """The newest JUnit report's slowest tasks, one 'seconds task (host)' line each."""
+        reports = sorted((self.workdir / "junit").glob("*.xml"), key=lambda p: p.stat().st_mtime)
+        if not reports:
+            return "(no JUnit report)"
+        cases = ElementTree.parse(reports[-1]).getroot().iter("testcase")
+        rows = sorted(((float(c.get("time", 0)), _without_args(c.get("name", ""))) for c in cases),
+                      reverse=True)[:count]
+        return "\n".join(f"{seconds:7.2f} {name}" for seconds, name in rows)
 
     def host(self, name: str):
         """testinfra over the same inventory (and ssh settings) that Ansible used."""
