@@ -97,7 +97,8 @@ class Container:
             # --register=no --keep-unit: the host needs no systemd-machined (CI machines have no systemd PID 1).
             self.proc = subprocess.Popen(
                 ["systemd-nspawn", "--register=no", "--keep-unit", "--quiet", "--boot", f"--directory={rootfs}",
-                 "--volatile=overlay", f"--machine={name}", f"--hostname={name}", "--console=passive",
+                 # the machine name keys nspawn's state under /run: unique, so parallel runs do not collide
+                 "--volatile=overlay", f"--machine={name}-{ssh_port}", f"--hostname={name}", "--console=passive",
                  f"--bind-ro={sshd_conf}:/etc/ssh/sshd_config.d/cortex-test.conf",
                  f"--bind-ro={key}.pub:/root/.ssh/authorized_keys",
                  f"--bind-ro={wheelhouse}:/srv/wheelhouse"],
@@ -371,7 +372,7 @@ def test_role_lifecycle(lab):
         service = host.service(SERVICE)
         assert service.is_running and service.is_enabled, name
         # the unit's DynamicUser= took effect: the agent does not run as root
-        user = host.run(f"ps -o user= -p {agent_pid(host)}").stdout.strip()
+        user = host.check_output(f"stat -c %U /proc/{agent_pid(host)}")
         assert user and user != "root", (name, user)
         config = host.file("/etc/cortex/config.yaml")
         assert config.exists and config.user == "root" and config.mode == 0o644
