@@ -305,7 +305,9 @@ def lab(tmp_path_factory):
         host_vars = {
             # the server installs a wheel file from the controller ...
             "cs1": {"ansible_port": base, "cortex_node_grpc_port": base + 2, "cortex_node_raft_port": base + 3,
-                    "cortex_node_wheel": str(old_wheel)},
+                    "cortex_node_wheel": str(old_wheel),
+                    # the dev cluster's own timings, spelled out: renders the nested section the agent validates
+                    "cortex_node_raft": {"election_timeout_min": 0.5, "election_timeout_max": 1.0}},
             # ... the worker a pinned version from a package directory; its token admits workers only
             "cw1": {"ansible_port": base + 1, "cortex_node_grpc_port": base + 4, "cortex_node_version": version,
                     "vault_cortex_join_token": "{{ vault_worker_join_token }}"},
@@ -381,6 +383,8 @@ def test_role_lifecycle(lab):
         assert doc["bootstrap"]["join"] == {"address": lab["join_address"],
                                             "token_file": f"/run/credentials/{SERVICE}.service/join-token"}, doc
         assert ("raft" in doc["listen"]) == (name == "cs1"), doc
+        assert doc.get("raft") == ({"election_timeout_min": 0.5, "election_timeout_max": 1.0} if name == "cs1"
+                                   else None), doc
         assert host.run("cortex config check /etc/cortex/config.yaml").rc == 0  # the CLI is on the PATH
         token = host.file("/etc/cortex/join-token")
         assert token.mode == 0o600 and token.user == "root"
