@@ -310,7 +310,8 @@ def lab(tmp_path_factory):
                     "cortex_node_raft": {"election_timeout_min": 0.5, "election_timeout_max": 1.0}},
             # ... the worker a pinned version from a package directory; its token admits workers only
             "cw1": {"ansible_port": base + 1, "cortex_node_grpc_port": base + 4, "cortex_node_version": version,
-                    "vault_cortex_join_token": "{{ vault_worker_join_token }}"},
+                    "vault_cortex_join_token": "{{ vault_worker_join_token }}",
+                    "cortex_node_plugins": {"tailscale": {"enabled": False}}},
         }
         for name, doc in host_vars.items():
             (inventory_dir / f"host_vars/{name}.yml").write_text(yaml.safe_dump(doc))
@@ -383,6 +384,7 @@ def test_role_lifecycle(lab):
         assert doc["bootstrap"]["join"] == {"address": lab["join_address"],
                                             "token_file": f"/run/credentials/{SERVICE}.service/join-token"}, doc
         assert ("raft" in doc["listen"]) == (name == "cs1"), doc
+        assert doc.get("plugins") == ({"tailscale": {"enabled": False}} if name == "cw1" else None), doc
         assert doc.get("raft") == ({"election_timeout_min": 0.5, "election_timeout_max": 1.0} if name == "cs1"
                                    else None), doc
         assert host.run("cortex config check /etc/cortex/config.yaml").rc == 0  # the CLI is on the PATH
