@@ -159,17 +159,17 @@ def build_wheels(out: Path) -> tuple[str, str, Path, Path, Path]:
     checked(*pip, "wheel", "--no-build-isolation", "--no-deps", "-w", dist, upgrade_src)
     old_wheel, new_wheel = dist / f"cortex-{version}-py3-none-any.whl", dist / f"cortex-{newer}-py3-none-any.whl"
     assert old_wheel.exists() and new_wheel.exists(), sorted(p.name for p in dist.iterdir())
-    # Dependencies as wheels (pysyncobj is an sdist on PyPI: a target without an index could not build it),
-    # cached between runs; cortex's own wheels come fresh from this run.
+    # Dependencies as wheels (pysyncobj is an sdist on PyPI: a target without an index could not build it).
+    # They are cached between runs (never cortex itself: its wheels come fresh from this run); the index is
+    # asked only when the cache lacks something.
     deps = CACHE / "deps-wheelhouse"
-    if run(*pip, "wheel", "--no-index", "--find-links", deps, "-w", deps, old_wheel).returncode != 0:
-        checked(*pip, "wheel", "-w", deps, old_wheel)  # first run, or the dependencies changed: ask the index
+    deps.mkdir(parents=True, exist_ok=True)
     wheelhouse = out / "wheelhouse"
-    wheelhouse.mkdir()
-    for wheel in deps.glob("*.whl"):
-        if not wheel.name.startswith("cortex-"):
-            shutil.copy2(wheel, wheelhouse)
-    shutil.copy2(old_wheel, wheelhouse)
+    if run(*pip, "wheel", "--no-index", "--find-links", deps, "-w", wheelhouse, old_wheel).returncode != 0:
+        checked(*pip, "wheel", "-w", wheelhouse, old_wheel)
+        for wheel in wheelhouse.glob("*.whl"):
+            if not wheel.name.startswith("cortex-"):
+                shutil.copy2(wheel, deps)
     shutil.copy2(new_wheel, wheelhouse)
     return version, newer, old_wheel, new_wheel, wheelhouse
 
