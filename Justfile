@@ -34,6 +34,7 @@ bench-mcp *args:
 lint:
     {{bin}}/ruff check src tests bench
     {{bin}}/python -m cortex.protogen --check
+    PATH="{{bin}}:$PATH" {{bin}}/ansible-lint --offline --profile production ansible/
 
 # regenerate the gRPC stubs after editing proto/
 proto:

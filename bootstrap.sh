@@ -18,6 +18,11 @@ command -v bwrap >/dev/null || packages+=(bubblewrap)
 command -v prlimit >/dev/null || packages+=(util-linux)
 command -v podman >/dev/null || packages+=(podman)
 command -v runc >/dev/null || packages+=(runc)
+# the Ansible role's test boots a Debian 12 rootfs (made by debootstrap) with systemd-nspawn and reaches it
+# over ssh, as Ansible reaches a real host
+command -v systemd-nspawn >/dev/null || packages+=(systemd-container)
+command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || packages+=(debootstrap)
+command -v ssh >/dev/null || packages+=(openssh-client)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "bootstrap: installing ${packages[*]} with apt-get" >&2
