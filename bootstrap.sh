@@ -13,6 +13,9 @@ command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || packages+=(etcd-server)
 # the flash tool writes the ESP's credentials with mtools; its test builds a FAT image with mkfs.vfat
 command -v mcopy >/dev/null || packages+=(mtools)
 command -v mkfs.vfat >/dev/null || [ -x /usr/sbin/mkfs.vfat ] || packages+=(dosfstools)
+# netboot: the iPXE binaries handed to PXE clients (undionly.kpxe, ipxe.efi) and dnsmasq for DHCP/TFTP
+[ -e /usr/lib/ipxe/undionly.kpxe ] || packages+=(ipxe)
+command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || packages+=(dnsmasq-base)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "bootstrap: installing ${packages[*]} with apt-get" >&2

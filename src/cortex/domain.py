@@ -51,7 +51,9 @@ class Domain:
 
 
 # Modules exposing DOMAIN, in registration order. Add one line per subsystem.
-BUILTIN: tuple[str, ...] = ()
+BUILTIN: tuple[str, ...] = (
+    "cortex.netboot.domain",
+)
 
 
 @cache
