@@ -283,8 +283,8 @@ def _profile(r: _Reader, name: str, key_node: yaml.Node, node: yaml.Node) -> Pro
                 raise r.fail(v, at, "netbooted nodes run from RAM and join as workers only (role: worker)")
         elif key in ("token_ttl", "idle_poweroff_after"):
             fields[key] = parse_duration(value, f"{r.source}:{v.start_mark.line + 1}: {at}")
-            if key == "token_ttl" and not 30 <= fields[key] <= 86400:
-                raise r.fail(v, at, "must be between 30s and 1d (the token is for one boot)")
+            if key == "token_ttl" and not 1 <= fields[key] <= 86400:
+                raise r.fail(v, at, "must be between 1s and 1d (the token is for one boot)")
         elif key == "gc_offline_after":
             fields[key] = None if value is None else parse_duration(value, f"{r.source}:{v.start_mark.line + 1}: {at}")
         elif key == "ephemeral":

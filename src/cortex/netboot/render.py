@@ -203,7 +203,15 @@ def dnsmasq_lab(network: str, boot_url: str, tftp_root: str, interface: str = ""
     if router and ipaddress.ip_address(router) not in net:
         raise IpxeEscapeError(f"router {router} is not in {net}")
     for host in hosts:
-        if ipaddress.ip_address(host.ip) not in net:
+        if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", host.mac):
+            raise IpxeEscapeError(f"host {host.mac[:40]!r}: expected a MAC address aa:bb:cc:dd:ee:ff")
+        if host.name and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", host.name):
+            raise IpxeEscapeError(f"host name {host.name[:80]!r} is not a valid host name")
+        try:
+            ip = ipaddress.ip_address(host.ip)
+        except ValueError:
+            raise IpxeEscapeError(f"host {host.mac}: {host.ip[:40]!r} is not an IP address") from None
+        if ip not in net:
             raise IpxeEscapeError(f"host {host.mac} address {host.ip} is not in {net}")
     return _DNSMASQ.get_template("dnsmasq-lab.conf.j2").render(
         network=word(str(net)), interface=_interface(interface), range_start=str(start), range_end=str(end),
