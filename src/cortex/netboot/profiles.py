@@ -161,7 +161,8 @@ def node_name(template: str, machine: Machine) -> str:
     }
     missing = [name for _, name, _, _ in string.Formatter().parse(template) if name and not values.get(name)]
     if missing:
-        raise ValueError(f"node name template {template!r} needs {', '.join(missing)}, which the machine did not send")
+        raise ValueError(f"node name template {template!r} needs {', '.join(missing)}, which the machine did not send "
+                         "(or sent in a form that is not a host name)")
     name = template.format(**values)
     if not NODE_ID_RE.match(name):
         raise ValueError(f"node name {name[:80]!r} (from {template!r}) is not a valid node id "
