@@ -1,0 +1,219 @@
+"""PXE end to end: a disk-less QEMU VM boots from the network and joins the cluster as an ephemeral worker.
+
+Everything runs inside a network namespace this test creates (bridge 10.77.0.1/24 + one tap, no uplink):
+- a one-server Cortex cluster whose agent serves the netboot HTTP service itself (plugin `netboot`,
+  option `listen`), with the test's profiles;
+- dnsmasq as the lab's DHCP + TFTP server, configured by `cortex netboot dnsmasq --lab --write`;
+- QEMU (TCG, SeaBIOS, the virtio NIC's iPXE ROM, no disk): DHCP -> `boot.ipxe` over HTTP -> the
+  per-machine script (fresh single-use token) -> kernel + initrd (the image build's netboot artifacts)
+  -> the OS in RAM -> the agent joins with the token -> `cortex-ephemeral.service` reports in.
+Then the VM loses power (QMP quit) and the leader garbage-collects it once it has been offline for the
+profile's `gc_offline_after`.
+
+Needs root, qemu-system-x86_64, dnsmasq and the netboot artifacts (`just image`; or set
+CORTEX_NETBOOT_ARTIFACTS to a directory holding cortex-netboot.vmlinuz and cortex-netboot.cpio.zst).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("CORTEX_NETBOOT_ARTIFACTS", REPO / "image" / ".build" / "out"))
+QEMU = shutil.which("qemu-system-x86_64")
+DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None)
+MAC = "52:54:00:77:00:11"
+NODE_ID = "pxe-525400770011"
+SERVER = "10.77.0.1"
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not QEMU or not DNSMASQ or not shutil.which("ip")
+    or not (ARTIFACTS / "cortex-netboot.vmlinuz").exists() or not (ARTIFACTS / "cortex-netboot.cpio.zst").exists(),
+    reason="needs root, qemu-system-x86_64, dnsmasq, ip and the netboot artifacts (just image)")
+
+PROFILES = """
+profiles:
+  worker:
+    args: [console=ttyS0, panic=-1]
+    token_ttl: 10m
+    gc_offline_after: 5s
+groups:
+  - name: lab
+    profile: worker
+"""
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=check)
+
+
+class Lab:
+    """A network namespace with a bridge and a tap; processes started in it are ours to stop (by pid)."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.ns = f"cxnb{os.getpid() % 100000}"
+        self.procs: list[subprocess.Popen] = []
+
+    def up(self) -> None:
+        run("ip", "netns", "add", self.ns)
+        for cmd in (["ip", "link", "set", "lo", "up"],
+                    ["ip", "link", "add", "br0", "type", "bridge"],
+                    ["ip", "addr", "add", f"{SERVER}/24", "dev", "br0"],
+                    ["ip", "link", "set", "br0", "up"],
+                    ["ip", "tuntap", "add", "nbtap0", "mode", "tap"],
+                    ["ip", "link", "set", "nbtap0", "master", "br0"],
+                    ["ip", "link", "set", "nbtap0", "up"]):
+            self.exec(*cmd)
+
+    def exec(self, *cmd: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+        return run("ip", "netns", "exec", self.ns, *cmd, timeout=timeout, check=check)
+
+    def spawn(self, name: str, *cmd: str) -> subprocess.Popen:
+        log = open(self.dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *cmd], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def cortex(self, *args: str) -> dict | list:
+        out = self.exec(sys.executable, "-m", "cortex", "--addr", f"{SERVER}:7400", "--json", *args, timeout=30)
+        return json.loads(out.stdout)
+
+    def down(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        run("ip", "netns", "del", self.ns, check=False)
+
+
+class Qmp:
+    """Just enough QMP to pull the plug."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def command(self, name: str) -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.path))
+            f = s.makefile("rw")
+            f.readline()  # greeting
+            for cmd in ("qmp_capabilities", name):
+                f.write(json.dumps({"execute": cmd}) + "\n")
+                f.flush()
+                f.readline()
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except (subprocess.SubprocessError, ValueError):
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log and log.exists() else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{tail}")
+
+
+@pytest.fixture
+def lab(tmp_path):
+    lab = Lab(tmp_path)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+def test_pxe_boot_joins_reports_and_is_garbage_collected(lab, tmp_path, capsys):
+    # Nothing of this goes out of the namespace: the bridge has no uplink.
+    routes = lab.exec("ip", "-j", "route").stdout
+    assert "default" not in routes
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(PROFILES)
+    config = tmp_path / "n1.yaml"
+    config.write_text(f"""node: {{id: n1, role: server}}
+data_dir: {tmp_path / 'n1'}
+listen: {{grpc: "{SERVER}:7400", raft: "{SERVER}:7401"}}
+log: {{level: info, format: json}}
+bootstrap: {{init: true}}
+plugins:
+  netboot:
+    listen: "{SERVER}:8080"
+    artifacts: "{ARTIFACTS}"
+    profiles: "{profiles}"
+    reconcile_interval: 1
+""")
+    lab.spawn("agent", sys.executable, "-m", "cortex", "agent", "--config", str(config))
+    wait_for(lambda: lab.cortex("status")["state"] == "leader", 60, "the server", log=tmp_path / "agent.log")
+    health = wait_for(lambda: json.loads(lab.exec("curl", "-s", f"http://{SERVER}:8080/healthz", check=False).stdout
+                                         or "null"), 30, "the netboot service")
+    assert health["ok"], health
+
+    # dnsmasq, configured by the CLI (the lab variant: DHCP + TFTP, iPXE clients straight to boot.ipxe)
+    tftp, dnsconf = tmp_path / "tftp", tmp_path / "dnsmasq.conf"
+    subprocess.run([sys.executable, "-m", "cortex", "netboot", "dnsmasq", "--lab", "--network", "10.77.0.0/24",
+                    "--interface", "br0", "--base-url", f"http://{SERVER}:8080", "--tftp-root", str(tftp),
+                    "--write", str(dnsconf)], check=True, capture_output=True, timeout=30)
+    lab.spawn("dnsmasq", DNSMASQ, "--keep-in-foreground", f"--conf-file={dnsconf}", "--user=root", "--group=root",
+              f"--dhcp-leasefile={tmp_path / 'leases'}", f"--pid-file={tmp_path / 'dnsmasq.pid'}",
+              f"--log-facility={tmp_path / 'dnsmasq-dhcp.log'}")
+
+    serial, qmp = tmp_path / "serial.log", tmp_path / "qmp.sock"
+    power_on = time.monotonic()
+    vm = lab.spawn("qemu", QEMU, "-accel", "tcg", "-machine", "q35", "-smp", "2", "-m", "2048", "-nodefaults",
+                   "-display", "none", "-no-reboot", "-serial", f"file:{serial}", "-boot", "n",
+                   "-qmp", f"unix:{qmp},server=on,wait=off",
+                   "-netdev", "tap,id=n0,ifname=nbtap0,script=no,downscript=no",
+                   "-device", f"virtio-net-pci,netdev=n0,mac={MAC},bootindex=1")
+
+    def member() -> dict | None:
+        return next((n for n in lab.cortex("nodes") if n["id"] == NODE_ID), None)
+
+    def enrollment() -> dict:
+        return lab.cortex("netboot", "machines")[0]
+
+    node = wait_for(member, 300, "the PXE node to join", interval=0.5, log=serial)
+    joined = time.monotonic() - power_on
+    assert node["role"] == "worker" and vm.poll() is None
+    reported = wait_for(lambda: enrollment()["state"] == "reported" and enrollment(), 120, "the ephemeral report",
+                        log=serial)
+    reported_s = time.monotonic() - power_on
+    assert reported["machine"] == MAC and reported["node_id"] == NODE_ID and reported["ephemeral"]
+    assert "CORTEX-EPHEMERAL" in serial.read_text(errors="replace")
+    leases = (tmp_path / "dnsmasq-dhcp.log").read_text(errors="replace")
+    assert "boot.ipxe" in leases  # iPXE got the service's URL from dnsmasq
+
+    # Pull the plug: no clean leave, so the leader's GC has to remove it.
+    Qmp(qmp).command("quit")
+    vm.wait(30)
+    off = time.monotonic()
+    wait_for(lambda: member() is None, 90, "garbage collection of the powered-off node")
+    collected_s = time.monotonic() - off
+    assert enrollment()["state"] == "collected"
+    with capsys.disabled():
+        print(f"\nPXE (TCG, SeaBIOS + iPXE ROM, {ARTIFACTS / 'cortex-netboot.cpio.zst'} "
+              f"{(ARTIFACTS / 'cortex-netboot.cpio.zst').stat().st_size / 2**20:.0f} MiB): power-on -> joined "
+              f"{joined:.1f} s, -> reported ephemeral {reported_s:.1f} s; power lost -> garbage-collected "
+              f"{collected_s:.1f} s (offline after 10 s + gc_offline_after 5 s)")
+        print("task step skipped: the task engine has not merged into main yet")
