@@ -108,10 +108,12 @@ class NetbootPlugin(Plugin):
         opts = self.ctx.options
         if opts["listen"]:
             host, port = split_listen(opts["listen"])
-            join = opts["join_address"] or self._own_grpc_address()
-            config = ServiceConfig(base_url=opts["base_url"] or f"http://{opts['listen']}", join_address=join,
-                                   artifacts=Path(opts["artifacts"]), profiles=self._profiles)
-            self._http = HttpService(Provisioner(config, BridgePort(self.ctx.cluster)), host, port)
+            config = ServiceConfig(base_url=opts["base_url"] or f"http://{opts['listen']}",
+                                   join_address=opts["join_address"], artifacts=Path(opts["artifacts"]),
+                                   profiles=self._profiles)
+            # Without join_address: this node's own address, looked up per boot (it may still be joining).
+            provisioner = Provisioner(config, BridgePort(self.ctx.cluster), resolve_join=self._own_grpc_address)
+            self._http = HttpService(provisioner, host, port)
             self._http.start()
         self._thread = threading.Thread(target=self._loop, name="netboot-reconcile", daemon=True)
         self._thread.start()
@@ -128,7 +130,7 @@ class NetbootPlugin(Plugin):
         status = self.ctx.cluster.status()
         mine = next((n for n in status.get("nodes", []) if n.get("id") == self.ctx.cluster.node_id), None)
         if mine is None:
-            raise RuntimeError("set plugins.netboot.join_address: this node does not know its own address yet")
+            raise RuntimeError("this node is not a cluster member yet (or set plugins.netboot.join_address)")
         return mine["grpc_address"]
 
     def subscriptions(self):

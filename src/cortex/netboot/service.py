@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -99,13 +100,17 @@ def machine_from_query(query: str) -> Machine:
 class Provisioner:
     """The service's logic, independent of HTTP (tests call it directly too)."""
 
-    def __init__(self, config: ServiceConfig, cluster: ClusterPort):
+    def __init__(self, config: ServiceConfig, cluster: ClusterPort, resolve_join: Callable[[], str] | None = None):
         problem = render.base_url_problem(config.base_url)
         if problem:
             raise ValueError(f"base URL {problem}")
-        render.word(config.join_address)
+        if config.join_address:
+            render.word(config.join_address)
+        elif resolve_join is None:
+            raise ValueError("a join address is needed (HOST:PORT of a member, as the machines reach it)")
         self.config = config
         self.cluster = cluster
+        self._resolve_join = resolve_join
         names = {n for p in config.profiles.profiles.values() for n in (p.kernel, p.initrd)}
         self.artifacts = ArtifactStore(config.artifacts, names)
 
@@ -132,6 +137,7 @@ class Provisioner:
                 self.artifacts.get(name)
             except ArtifactError as exc:
                 raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
+        join_address = self.config.join_address or self._resolve_join()
         token, token_id, expires_at = self.cluster.create_token("worker", profile.token_ttl, 1)
         args = {
             "machine": machine.key, "mac": machine.mac, "uuid": machine.uuid, "serial": machine.serial,
@@ -148,7 +154,7 @@ class Provisioner:
         script = render.machine_script(render.MachineScript(
             machine=machine.key, group=match.group.name, profile=profile.name, node_id=match.node_id,
             base_url=self.config.base_url, kernel=profile.kernel, initrd=profile.initrd, args=profile.args,
-            join_address=self.config.join_address, token=token, log_level=profile.log_level,
+            join_address=join_address, token=token, log_level=profile.log_level,
             expires=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires_at)) if expires_at else "never"))
         log.info("netboot: machine enrolled", extra=fields(machine=machine.key, group=match.group.name,
                                                             profile=profile.name, node=match.node_id,
