@@ -174,8 +174,8 @@ class NetbootPlugin(Plugin):
                 cluster.propose("netboot.joined", args)
             elif action == "left":
                 cluster.propose("netboot.left", args)
-                self.ctx.log.info("netboot node gone", extra=fields(node=args["node_id"], reason=args["reason"]))
+                self.ctx.log.info("netboot node gone", extra=fields(node_id=args["node_id"], reason=args["reason"]))
             elif action == "remove":
                 removed = cluster.remove_node(args["node_id"])
                 self.ctx.log.info("netboot: ephemeral node garbage-collected from membership",
-                                  extra=fields(node=args["node_id"], removed=removed))
+                                  extra=fields(node_id=args["node_id"], removed=removed))

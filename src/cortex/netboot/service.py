@@ -157,7 +157,7 @@ class Provisioner:
             join_address=join_address, token=token, log_level=profile.log_level,
             expires=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires_at)) if expires_at else "never"))
         log.info("netboot: machine enrolled", extra=fields(machine=machine.key, group=match.group.name,
-                                                            profile=profile.name, node=match.node_id,
+                                                            profile=profile.name, node_id=match.node_id,
                                                             token_id=token_id, enrollment=result.get("enrollment"),
                                                             client=client))
         return script
