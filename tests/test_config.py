@@ -54,7 +54,6 @@ def test_good_config_parses_with_types(tmp_path: Path):
         ("node: [1, 2\n", "node.yaml:2: not valid YAML"),
         ("", "node.yaml: empty config"),
         ("data_dir: x\n", "node: required"),
-        ("node:\n  id: n1\nbootstrap:\n  join:\n    address: 127.0.0.1:1\n", "bootstrap.join: needs token or token_file"),
         ("node:\n  id: w1\n  role: worker\nbootstrap:\n  init: true\n", "a worker cannot create a cluster"),
         ("node:\n  id: n1\n  id: n2\n", "node.yaml:3: node.id: given twice"),
         ("max_message_bytes: 10\nnode:\n  id: n1\n", "node.yaml:1: max_message_bytes: must be between"),

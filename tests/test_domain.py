@@ -99,3 +99,12 @@ def test_digest_covers_domain_tables(counter_domain, tmp_path: Path):
 def test_domain_names_must_prefix_their_commands():
     with pytest.raises(ValueError, match="must start with 'counter.'"):
         domain.Domain(name="counter", commands={"other.add": domain.Command(_v_add, _h_add)})
+
+
+def test_a_failing_event_listener_never_fails_apply(counter_domain, tmp_path: Path):
+    def broken(event_type, data, index):
+        raise TypeError("listener bug")
+
+    store = StateStore(tmp_path / "s.db", listener=broken)
+    assert store.apply(1, stamped("counter.add", {"name": "a"}, "x")) == {"n": 1}
+    assert store.last_applied == 1 and store.query("counter.get", {}) == {"a": 1}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from cortex.events import Event, EventBus
 from cortex.plugins import Caller, PluginConfigError, PluginHost, ToolError, check_config, discover
 
 PLUGIN_SOURCE = '''
+import threading
+
 from cortex.plugins import Plugin, Tool
 
 class Greeter(Plugin):
@@ -28,9 +31,13 @@ class Greeter(Plugin):
 
     def init(self):
         self.seen = []
+        self.gate = threading.Event()
 
     def subscriptions(self):
-        return {"node.*": self.seen.append, "boom.*": self.explode}
+        return {"node.*": self.seen.append, "boom.*": self.explode, "slow.*": self.slow}
+
+    def slow(self, event):
+        self.gate.wait(10)  # a handler that blocks, say on a cluster write
 
     def explode(self, event):
         raise RuntimeError("handler bug")
@@ -141,15 +148,37 @@ def test_event_subscriptions_are_delivered_and_a_failing_handler_is_contained(in
     host.start()
     bus.publish(Event("boom.now"))
     bus.publish(Event("node.offline", {"node_id": "w1"}))
+    bus.publish(Event("node.alive", {"node_id": "w1"}))
+    host.drain_events()  # delivered on the plugin's own thread, in order, past the failing handler
     greeter = host.plugins["greeter"].plugin
-    assert [e.type for e in greeter.seen] == ["node.offline"]
+    assert [e.type for e in greeter.seen] == ["node.offline", "node.alive"]
     host.stop_plugin("greeter")
-    bus.publish(Event("node.alive"))
-    assert len(greeter.seen) == 1  # unsubscribed on stop
+    bus.publish(Event("node.suspect"))
+    host.drain_events()
+    assert len(greeter.seen) == 2  # unsubscribed on stop
+
+
+def test_a_blocking_handler_never_blocks_the_publisher(installed, tmp_path: Path):
+    host, bus = host_for("", tmp_path)
+    host.load()
+    host.start()
+    greeter = host.plugins["greeter"].plugin
+    done = threading.Event()
+
+    def publish():  # as Raft's apply thread does: it must never wait for a plugin
+        for _ in range(100):
+            bus.publish(Event("slow.one"))
+        done.set()
+
+    threading.Thread(target=publish, daemon=True).start()
+    assert done.wait(5), "publishing blocked on a plugin's handler"
+    greeter.gate.set()
+    host.drain_events()
 
 
 def test_tools_changed_listeners_fire_on_start_and_stop(installed, tmp_path: Path):
-    host, _ = host_for("plugins:\n  fails-init:\n    enabled: false\n  fails-start:\n    enabled: false\n", tmp_path)
+    host, _ = host_for("plugins:\n  fails-init:\n    enabled: false\n  fails-start:\n    enabled: false\n"
+                       "  memory:\n    enabled: false\n  netboot:\n    enabled: false\n", tmp_path)  # only the test's own plugin
     changes = []
     host.on_tools_changed(lambda: changes.append(sorted(host.tools())))
     host.load()

@@ -120,6 +120,16 @@ def _v_node_liveness(args: dict) -> dict:
     return {"node_id": _node_id(args), "state": state}
 
 
+def _v_node_request(args: dict) -> dict:
+    _no_extra(args, {"node_id", "role", "grpc_address", "raft_address", "secret_hash"})
+    normalized = _v_node_register({k: v for k, v in args.items() if k != "secret_hash"})
+    secret_hash = _require(args, "secret_hash", str)
+    if not _TOKEN_HASH_RE.match(secret_hash):
+        raise CommandError("secret_hash must be a hex SHA-256 digest")
+    del normalized["token_hash"]
+    return {**normalized, "secret_hash": secret_hash}
+
+
 def _v_node_remove(args: dict) -> dict:
     _no_extra(args, {"node_id"})
     return {"node_id": _node_id(args)}
@@ -161,14 +171,17 @@ VALIDATORS = {
     "node.register": _v_node_register,
     "node.remove": _v_node_remove,
     "node.liveness": _v_node_liveness,
+    "node.request": _v_node_request,
+    "node.approve": _v_node_remove,  # same shape: {"node_id"}
+    "node.reject": _v_node_remove,
     "token.add": _v_token_add,
     "token.revoke": _v_token_revoke,
     "cluster.init": _v_cluster_init,
 }
 
 # Commands only the agent itself may propose (membership is decided by the join protocol, not by clients).
-INTERNAL = frozenset({"node.register", "node.remove", "node.liveness", "token.add", "token.revoke",
-                      "cluster.init"})
+INTERNAL = frozenset({"node.register", "node.remove", "node.liveness", "node.request", "token.add",
+                      "token.revoke", "cluster.init"})
 
 
 def is_internal(command_type: str) -> bool:

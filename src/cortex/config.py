@@ -327,8 +327,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
             token_file = ""
             if "token_file" in fields:
                 token_file = str(base_dir / reader.scalar(fields["token_file"], "bootstrap.join.token_file", str))
-            if not token and not token_file:
-                raise reader.fail(boot["join"], "bootstrap.join", "needs token or token_file")
+            # neither token nor token_file: the join is a request that an operator approves
             join = JoinConfig(address=address, token=token, token_file=token_file)
         if init and join:
             raise reader.fail(top["bootstrap"], "bootstrap", "init and join exclude each other")

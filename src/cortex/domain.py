@@ -52,6 +52,7 @@ class Domain:
 
 # Modules exposing DOMAIN, in registration order. Add one line per subsystem.
 BUILTIN: tuple[str, ...] = (
+    "cortex.memory.domain",
     "cortex.netboot.domain",
 )
 

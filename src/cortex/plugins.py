@@ -19,6 +19,7 @@ Replicated state is not a plugin's business: built-in subsystems add tables thro
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import traceback
 from collections.abc import Callable
@@ -38,6 +39,7 @@ ENTRY_POINT_GROUP = "cortex.plugins"
 # Caller roles, weakest first: a tool needing "operator" can be called by "operator" and "admin".
 CALLER_ROLES = ("reader", "operator", "admin")
 MAX_TOOL_ARGUMENT_BYTES = 1024 * 1024
+EVENT_QUEUE_LIMIT = 10_000  # per plugin; beyond it events are dropped (and logged), never blocking Raft
 
 
 class ToolError(Exception):
@@ -89,10 +91,14 @@ class ClusterAPI(Protocol):
     def propose(self, command_type: str, args: dict, idempotency_key: str = "") -> dict:
         """Leader only: replicate a command, internal ones included (scheduler decisions and the like)."""
 
-    def read(self, query: str, args: dict | None = None, level: str = "leader") -> Any:
-        """Run a state query at a read level: stale, leader or linearizable."""
+    def read(self, query: str, args: dict | None = None, level: str = "leader", min_index: int = 0) -> Any:
+        """Run a state query at a read level: stale, leader or linearizable; the answer includes at least the
+        state at log index `min_index` (pass a write's index to read your own writes)."""
 
     def is_leader(self) -> bool: ...
+
+    def snapshot(self, path: Path) -> int:
+        """Servers: write a consistent copy of the state database to `path`; return its applied index."""
 
     def status(self) -> dict: ...
 
@@ -145,6 +151,7 @@ class LoadedPlugin:
     error: str = ""
     origin: str = ""  # the entry point's value: module:Class
     unsubscribe: list[Callable[[], None]] = field(default_factory=list)
+    inbox: queue.Queue | None = None  # events waiting for this plugin's handlers (delivered on its own thread)
 
 
 def discover() -> dict[str, str]:
@@ -242,7 +249,7 @@ class PluginHost:
                 entry.plugin.ctx.data_dir.mkdir(parents=True, exist_ok=True)
                 entry.plugin.start()
                 for pattern, callback in entry.plugin.subscriptions().items():
-                    entry.unsubscribe.append(self._events.subscribe(pattern, self._guarded(name, callback)))
+                    entry.unsubscribe.append(self._events.subscribe(pattern, self._guarded(entry, callback)))
                 self._check_tool_names(entry)
             except Exception as exc:
                 self._fail(entry, "start", exc)
@@ -269,6 +276,9 @@ class PluginHost:
         for unsubscribe in entry.unsubscribe:
             unsubscribe()
         entry.unsubscribe.clear()
+        if entry.inbox is not None:
+            entry.inbox.put(None)  # the delivery thread ends after what is already queued
+            entry.inbox = None
         try:
             entry.plugin.stop()
         except Exception as exc:
@@ -286,14 +296,45 @@ class PluginHost:
                                                      "trace": traceback.format_exc(limit=5)}})
         self._events.publish(Event("plugin.failed", {"plugin": entry.name, "hook": hook, "error": str(exc)}))
 
-    def _guarded(self, name: str, callback: Callable[[Event], None]) -> Callable[[Event], None]:
-        def run(event: Event) -> None:
+    def _guarded(self, entry: LoadedPlugin, callback: Callable[[Event], None]) -> Callable[[Event], None]:
+        """Deliver events to a plugin on its own thread, in order. Replicated events are published from
+        Raft's apply path: a slow or blocking plugin handler (one that writes to the cluster, say) must
+        never stall consensus, and a failing one is logged and contained."""
+        if entry.inbox is None:
+            entry.inbox = queue.Queue(maxsize=EVENT_QUEUE_LIMIT)
+            threading.Thread(target=self._deliver, args=(entry, entry.inbox), name=f"plugin-{entry.name}-events",
+                             daemon=True).start()
+        inbox = entry.inbox
+
+        def enqueue(event: Event) -> None:
+            try:
+                inbox.put_nowait((callback, event))
+            except queue.Full:
+                log.error("plugin event queue full; event dropped",
+                          extra={"fields": {"plugin": entry.name, "event": event.type}})
+        return enqueue
+
+    def _deliver(self, entry: LoadedPlugin, inbox: queue.Queue) -> None:
+        while True:
+            item = inbox.get()
+            if item is None:
+                return
+            callback, event = item
             try:
                 callback(event)
             except Exception as exc:
                 log.error("plugin event handler failed",
-                          extra={"fields": {"plugin": name, "event": event.type, "error": str(exc)}})
-        return run
+                          extra={"fields": {"plugin": entry.name, "event": event.type, "error": str(exc)}})
+            finally:
+                inbox.task_done()
+
+    def drain_events(self, timeout: float = 5.0) -> None:
+        """Wait until every plugin has handled the events published so far (tests, shutdown)."""
+        for entry in list(self.plugins.values()):
+            if entry.inbox is not None:
+                waiter = threading.Thread(target=entry.inbox.join, daemon=True)
+                waiter.start()
+                waiter.join(timeout)
 
     # --- tools ---------------------------------------------------------------------------------------
     def _tools_of(self, entry: LoadedPlugin) -> list[Tool]:
