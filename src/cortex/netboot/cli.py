@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -256,13 +257,14 @@ def cmd_profiles_check(args) -> int:
     try:
         prof = profiles.load(args.file)
     except profiles.ProfileError as exc:
-        print(f"error: {exc}", file=__import__("sys").stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     groups = [{"name": g.name, "profile": g.profile, "selector": g.selector, "node_name": g.node_name,
                "default": g.is_default} for g in prof.groups]
+    default = next((g["name"] for g in groups if g["default"]), "")
+    fallback = f"default group {default}" if default else "no default group: unknown machines are refused"
     emit(args, {"ok": True, "profiles": sorted(prof.profiles), "groups": groups},
-         f"{args.file}: ok ({len(prof.profiles)} profiles, {len(groups)} groups"
-         f"{', default group ' + next((g['name'] for g in groups if g['default']), '') if any(g['default'] for g in groups) else ', no default group: unknown machines are refused'})")
+         f"{args.file}: ok ({len(prof.profiles)} profiles, {len(groups)} groups, {fallback})")
     return 0
 
 
@@ -273,7 +275,7 @@ def cmd_fetch(args) -> int:
     try:
         paths = fetch_all(args.url, Path(args.dir))
     except ArtifactError as exc:
-        print(f"cortex: {exc}", file=__import__("sys").stderr)
+        print(f"cortex: {exc}", file=sys.stderr)
         return 1
     emit(args, [str(p) for p in paths], "\n".join(f"verified {p}" for p in paths))
     return 0
