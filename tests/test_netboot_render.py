@@ -211,8 +211,9 @@ def dnsmasq_test(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
 def test_dnsmasq_configs_are_valid_for_dnsmasq(tmp_path):
     proxy = render.dnsmasq_proxy("192.168.1.0/24", f"{BASE}/boot.ipxe", "/srv/tftp", "eth0")
     assert "dhcp-range=192.168.1.0,proxy,255.255.255.0" in proxy
-    assert f"dhcp-boot=tag:ipxe,{BASE}/boot.ipxe" in proxy
-    assert 'pxe-service=tag:!ipxe,x86PC,"Cortex netboot (BIOS)",undionly' in proxy
+    # proxy mode: boot files go out as PXE boot services (iPXE 2019 ignores a proxy's plain dhcp-boot)
+    assert f'pxe-service=tag:ipxe,x86PC,"Cortex netboot",{BASE}/boot.ipxe' in proxy
+    assert 'pxe-service=tag:!ipxe,x86PC,"Cortex netboot (BIOS)",undionly.kpxe' in proxy
     lab = render.dnsmasq_lab("10.77.0.0/24", f"{BASE}/boot.ipxe", "/srv/tftp", "br0",
                              hosts=(render.LabHost("52:54:00:00:00:01", "10.77.0.11", "pxe1"),))
     assert "dhcp-range=10.77.0.128,10.77.0.254,255.255.255.0,1h" in lab

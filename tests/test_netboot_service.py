@@ -257,8 +257,8 @@ def test_dnsmasq_command_writes_config_and_tftp_dir(tmp_path, capsys):
                      "--base-url", "http://10.77.0.1:8080", "--tftp-root", str(tftp), "--host",
                      "52:54:00:00:00:01,10.77.0.11,pxe1", "--write", str(conf)]) == 0
     assert "dhcp-host=52:54:00:00:00:01,10.77.0.11,pxe1" in conf.read_text()
-    assert sorted(p.name for p in tftp.iterdir()) == ["ipxe.efi", "undionly.0", "undionly.kpxe"]
-    assert (tftp / "undionly.0").resolve() == Path("/usr/lib/ipxe/undionly.kpxe")
+    assert sorted(p.name for p in tftp.iterdir()) == ["ipxe.efi", "undionly.kpxe"]
+    assert (tftp / "undionly.kpxe").resolve() == Path("/usr/lib/ipxe/undionly.kpxe")
     capsys.readouterr()
     assert cli.main(["netboot", "dnsmasq", "--proxy", "--network", "192.168.1.0/24",
                      "--base-url", "http://192.168.1.5:8080"]) == 0

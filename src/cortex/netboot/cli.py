@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 IPXE_DIR = Path("/usr/lib/ipxe")  # Debian's ipxe package
-# TFTP names the dnsmasq templates use -> the Debian ipxe file. dnsmasq appends ".0" to the BIOS
-# pxe-service name in proxy mode, hence undionly.0 too.
-TFTP_FILES = {"undionly.kpxe": "undionly.kpxe", "undionly.0": "undionly.kpxe", "ipxe.efi": "ipxe.efi"}
+# TFTP names the dnsmasq templates use -> the file of Debian's ipxe package.
+TFTP_FILES = {"undionly.kpxe": "undionly.kpxe", "ipxe.efi": "ipxe.efi"}
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
