@@ -10,8 +10,9 @@ Everything runs inside a network namespace this test creates (bridge 10.77.0.1/2
 Then the VM loses power (QMP quit) and the leader garbage-collects it once it has been offline for the
 profile's `gc_offline_after`.
 
-Needs root, qemu-system-x86_64, dnsmasq and the netboot artifacts (`just image`; or set
-CORTEX_NETBOOT_ARTIFACTS to a directory holding cortex-netboot.vmlinuz and cortex-netboot.cpio.zst).
+Opt-in: CORTEX_QEMU_TESTS=1 (artifacts from image/.build/out) or CORTEX_NETBOOT_ARTIFACTS=DIR (a directory
+holding cortex-netboot.vmlinuz and cortex-netboot.cpio.zst). Needs root, qemu-system-x86_64, dnsmasq and
+an image built with this branch (`just image`: the netboot image must carry cortex-ephemeral.service).
 """
 
 from __future__ import annotations
@@ -36,10 +37,15 @@ MAC = "52:54:00:77:00:11"
 NODE_ID = "pxe-525400770011"
 SERVER = "10.77.0.1"
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not QEMU or not DNSMASQ or not shutil.which("ip")
-    or not (ARTIFACTS / "cortex-netboot.vmlinuz").exists() or not (ARTIFACTS / "cortex-netboot.cpio.zst").exists(),
-    reason="needs root, qemu-system-x86_64, dnsmasq, ip and the netboot artifacts (just image)")
+# Opt-in (each test boots a VM for 1-5 min under TCG): CORTEX_QEMU_TESTS=1, or CORTEX_NETBOOT_ARTIFACTS=DIR.
+ENABLED = os.environ.get("CORTEX_QEMU_TESTS") == "1" or "CORTEX_NETBOOT_ARTIFACTS" in os.environ
+pytestmark = [
+    pytest.mark.skipif(not ENABLED, reason="QEMU tests are opt-in: CORTEX_QEMU_TESTS=1 (after `just image`)"),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not QEMU or not DNSMASQ or not shutil.which("ip")
+        or not (ARTIFACTS / "cortex-netboot.vmlinuz").exists() or not (ARTIFACTS / "cortex-netboot.cpio.zst").exists(),
+        reason="needs root, qemu-system-x86_64, dnsmasq, ip and the netboot artifacts (just image)"),
+]
 
 LAB_PROFILES = """
 profiles:
