@@ -265,3 +265,45 @@ def test_dnsmasq_command_writes_config_and_tftp_dir(tmp_path, capsys):
     assert "dhcp-range=192.168.1.0,proxy,255.255.255.0" in capsys.readouterr().out
     assert cli.main(["netboot", "dnsmasq", "--proxy", "--network", "192.168.1.0/24", "--interface", "eth0;x",
                      "--base-url", "http://192.168.1.5:8080"]) == 2
+
+
+def test_cortex_netboot_serve_command(service, shared_cluster, tmp_path):
+    """The standalone service as a process: `cortex netboot serve` next to a node, SIGTERM stops it."""
+    import signal
+    import subprocess
+    import sys
+
+    port = free_base_port(1)
+    (tmp_path / "p.yaml").write_text(PROFILES)
+    proc = subprocess.Popen([sys.executable, "-m", "cortex", "--addr", shared_cluster.node("w2").grpc_address,
+                             "netboot", "serve", "--listen", f"127.0.0.1:{port}", "--join-address",
+                             shared_cluster.node("n1").grpc_address, "--artifacts", str(service.artifacts),
+                             "--profiles", str(tmp_path / "p.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        standalone = Service(url, shared_cluster, None, service.artifacts)
+        try:
+            wait_for(lambda: _listening(port) and standalone.get("/healthz")[0] == 200, 30, "cortex netboot serve")
+        except AssertionError:
+            proc.kill()
+            raise AssertionError(f"cortex netboot serve did not come up: {proc.communicate(timeout=5)[0]}") from None
+        script, node_id, _ = standalone.boot("52:54:00:00:00:51")
+        assert node_id == "pxe-525400000051" and f"kernel {url}/artifacts/cortex-netboot.vmlinuz" in script
+        assert enrollments(service, node_id)[0]["served_by"] == "w2"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0, out
+    assert f"serving on 127.0.0.1:{port}" in out
+    # loopback join addresses are refused: machines could never reach them
+    bad = subprocess.run([sys.executable, "-m", "cortex", "--addr", "127.0.0.1:1", "netboot", "serve"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--join-address" in bad.stderr
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -115,7 +115,7 @@ def cmd_serve(args) -> int:
         raise UsageError(str(exc)) from None
     base = args.base_url or f"http://{host if host not in ('0.0.0.0', '::', '') else host_address()}:{port}"
     join = args.join_address or args.addr
-    if join.startswith(("127.", "localhost", "[::1]")):
+    if not args.join_address and join.startswith(("127.", "localhost", "[::1]")):
         raise UsageError(f"machines cannot join through {join}: pass --join-address HOST:PORT (a member's "
                          "address on their network)")
     port_ = ClientPort(args.addr, args.timeout)
