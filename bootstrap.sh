@@ -23,6 +23,9 @@ command -v runc >/dev/null || packages+=(runc)
 command -v systemd-nspawn >/dev/null || packages+=(systemd-container)
 command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || packages+=(debootstrap)
 command -v ssh >/dev/null || packages+=(openssh-client)
+# netboot: the iPXE binaries handed to PXE clients (undionly.kpxe, ipxe.efi) and dnsmasq for DHCP/TFTP
+[ -e /usr/lib/ipxe/undionly.kpxe ] || packages+=(ipxe)
+command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || packages+=(dnsmasq-base)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "bootstrap: installing ${packages[*]} with apt-get" >&2

@@ -149,6 +149,18 @@ class PluginBridge:
             raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, "only servers hold a copy of the state")
         return self._agent.store.backup_to(path)
 
+    def create_token(self, role: str, ttl_seconds: float, uses: int) -> dict:
+        """A join token minted by the leader (forwarded from any node); the secret is returned only here."""
+        r = self._agent.handle_create_token(pb.CreateTokenRequest(role=role, ttl_seconds=ttl_seconds, uses=uses))
+        return {"token": r.token, "token_id": r.token_id, "expires_at": r.expires_at}
+
+    def revoke_token(self, token_id: str) -> None:
+        self._agent.handle_revoke_token(pb.RevokeTokenRequest(token_id=token_id))
+
+    def remove_node(self, node_id: str) -> bool:
+        """Remove a node from membership: the `cortex leave` path (Raft config for servers, node.remove)."""
+        return self._agent.handle_leave(pb.LeaveRequest(node_id=node_id)).removed
+
     def status(self) -> dict:
         from google.protobuf.json_format import MessageToDict
 

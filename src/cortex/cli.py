@@ -411,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("revoke", cmd_token_revoke, "revoke a join token", tokens)
     sp.add_argument("id", help="token id from `cortex token list`")
 
+    from cortex.netboot import cli as netboot_cli
+    netboot_cli.register(sub, common)
+
     dev = sub.add_parser("dev", help="local multi-node cluster on loopback").add_subparsers(dest="sub", required=True)
     sp = add("up", cmd_dev_up, "start a local cluster of real agent processes", dev)
     sp.add_argument("--servers", type=int, default=3, choices=[1, 3, 5])

@@ -57,6 +57,7 @@ BUILTIN: tuple[str, ...] = (
     "cortex.memory.domain",
     "cortex.alerts",
     "cortex.messaging",
+    "cortex.netboot.domain",
 )
 
 
