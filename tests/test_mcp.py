@@ -447,3 +447,46 @@ def test_remove_node_from_a_follower(mc):
     run(main)
     with Client(node.grpc_address) as c:
         assert "w2" not in [n["id"] for n in c.read("nodes", {})]
+
+
+# --- every plugin's tools, over MCP -------------------------------------------------------------------------
+
+def test_every_installed_tool_over_mcp_refuses_bad_arguments_and_answers_good_ones(mc):
+    """All built-in plugins' tools (tasks, memory, kubernetes, netboot, ... not only this module's): each one
+    is served with a strict schema, refuses an argument it does not know with a tool error, and each read-only
+    tool that needs no arguments answers a call with none."""
+    node = follower(mc, avoid=("n3",))
+
+    async def main():
+        async with stdio_session(node, via="socket", profile="admin", toolsets="all") as s:
+            tools = (await s.list_tools()).tools
+            assert len(tools) >= 47, sorted(t.name for t in tools)
+            loose = [t.name for t in tools if t.input_schema.get("additionalProperties") is not False]
+            assert loose == [], f"tools whose schema accepts unknown arguments: {loose}"
+            answered = []
+            for tool in tools:
+                await err(s, tool.name, {"no_such_argument": 1}, "invalid arguments")
+                if tool.name == "crash_now":  # the test plugin's deliberately broken tool (see above)
+                    continue
+                if tool.annotations.read_only_hint and not tool.input_schema.get("required"):
+                    await ok(s, tool.name, {})
+                    answered.append(tool.name)
+            assert len(answered) >= 20, answered
+            print(f"{len(tools)} tools over MCP; {len(answered)} read-only tools answered with no arguments")
+    run(main)
+
+
+def test_memory_written_on_a_follower_reads_back_there_at_once_over_mcp(mc):
+    node = follower(mc)
+
+    async def main():
+        async with stdio_session(node, profile="operator", toolsets="memory") as s:
+            for i in range(5):
+                logged = await ok(s, "memory_log_thought", {"new_thread": f"mcp thread {i}", "content":
+                                                            f"discovered the flux capacitor {i}", "type": "discovery"})
+                threads = await ok(s, "memory_list_threads", {"limit": 200})  # at once, on the same follower
+                assert logged["thread_id"] in {t["id"] for t in threads}, threads
+            found = await ok(s, "memory_search", {"query": "flux capacitor"})
+            assert len([h for h in found if h["kind"] == "thought" and "[flux] [capacitor]" in h["snippet"]]) >= 5, found
+            await err(s, "memory_query", {"sql": "DELETE FROM memory_threads"}, "refused")
+    run(main)
