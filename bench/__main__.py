@@ -302,6 +302,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     ap.add_argument("--base-port", type=int, default=27400, help="first port tried for the Cortex cluster")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs) after the run")
+    ap.add_argument("--no-membership", action="store_true",
+                    help="skip the membership benchmark (join/resume -> alive, dead-worker detection; ~40 s)")
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     signal.signal(signal.SIGTERM, _terminate)
@@ -408,8 +410,25 @@ def main(argv=None) -> int:
         for k, v in errors.items():
             print(f"  {k}: {v}", flush=True)
 
+    membership_rows: list = []
+    if not args.no_membership:
+        from . import membership
+
+        member_dir = Path(tempfile.mkdtemp(prefix="cortex-bench-membership-"))
+        try:
+            membership_rows = membership.run(member_dir, find_base_port(args.base_port + 100, width=30),
+                                             args.quick, progress)
+            print()
+            membership.print_table(membership_rows)
+        except Exception as exc:
+            errors["membership"] = f"{type(exc).__name__}: {exc}"
+            print(f"\nmembership benchmark failed: {errors['membership']} (logs in {member_dir})", flush=True)
+        else:
+            shutil.rmtree(member_dir, ignore_errors=True)
+
     if args.json:
         doc = {
+            "membership": membership_rows,
             "quick": args.quick, "sizes": sizes, "wall_s": wall, "cpus": os.cpu_count(), "etcd": have_etcd,
             "rows": rows,
             "cortex": {"values": cortex_res.values, "errors": cortex_res.errors, "details": cortex_res.extra},

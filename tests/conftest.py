@@ -92,9 +92,11 @@ class Cluster:
 def make_cluster(tmp_path: Path):
     started: list[devcluster.DevCluster] = []
 
-    def make(servers: int = 3, workers: int = 0, raft: dict | None = None, name: str = "cluster") -> Cluster:
+    def make(servers: int = 3, workers: int = 0, raft: dict | None = None, name: str = "cluster",
+             plugins: dict | None = None) -> Cluster:
         try:
-            dc = devcluster.up(tmp_path / name, servers, workers, free_base_port(), timeout=60, raft=raft)
+            dc = devcluster.up(tmp_path / name, servers, workers, free_base_port(), timeout=60, raft=raft,
+                               plugins=plugins)
         except BaseException:
             devcluster.down(tmp_path / name)  # never leave half a cluster running after a failed start
             raise

@@ -14,6 +14,8 @@ import grpc
 import pytest
 
 from cortex import devcluster
+from cortex._proto.cortex.v1 import cortex_pb2 as pb
+from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import AdminClient, Client, CortexError
 from tests.conftest import free_base_port
 
@@ -112,6 +114,12 @@ def test_agent_without_bootstrap_waits_and_never_elects_itself(tmp_path: Path, p
     assert procs[0].wait(20) == 0
     assert "STOPPING=1" in notify.recv(4096).decode()
 
+    # the data directory belongs to node "solo": the same data under another node.id refuses to start
+    write_config(tmp_path / "a", "renamed", port)
+    proc = cortex("agent", "--config", str(config), check=False)
+    assert proc.returncode == 2
+    assert "joined as 'solo'" in proc.stderr and "cortex leave" in proc.stderr
+
 
 def test_join_with_bad_token_is_refused_and_changes_nothing(make_cluster, tmp_path: Path, procs):
     cluster = make_cluster(1)
@@ -123,7 +131,7 @@ def test_join_with_bad_token_is_refused_and_changes_nothing(make_cluster, tmp_pa
     with cluster.client("n1") as c:
         before = c.read("digest", {}, level="linearizable")["digest"]
     admin = AdminClient(str(config.parent / "data" / "admin.sock"))
-    for token in ("cx1.not-a-real-token", "", "x" * 5000):
+    for token in ("cx1.not-a-real-token", "x" * 5000):  # (no token at all asks for approval: see below)
         with pytest.raises(CortexError) as info:
             admin.join(cluster.node("n1").grpc_address, token)
         assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
@@ -241,3 +249,54 @@ def test_wait_reason_from_the_config_shows_in_status(tmp_path: Path, procs):
     assert status.waiting_for == "credentials: cortex.join_token: missing"
     human = cortex("--addr", f"127.0.0.1:{port}", "status").stdout
     assert "credentials: cortex.join_token: missing" in human
+
+
+def test_join_without_token_waits_for_approval_and_reject_keeps_a_node_out(make_cluster, tmp_path: Path, procs):
+    cluster = make_cluster(3)
+    addr = cluster.node(cluster.followers()[0]).grpc_address  # any member: the request is forwarded
+
+    def agent_for(node_id: str, role: str = "worker") -> tuple[str, Path]:
+        port = free_base_port()
+        config = write_config(tmp_path / node_id, node_id, port, role=role)
+        procs.append(start_agent(config))
+        wait_status(f"127.0.0.1:{port}", lambda s: s.state == "uninitialized")
+        return f"127.0.0.1:{port}", config.parent / "data" / "admin.sock"
+
+    w1, w1_socket = agent_for("w1")
+    asked = json.loads(cortex("join", addr, "--socket", str(w1_socket), "--json").stdout)
+    assert asked == {"cluster_id": "", "admission": "pending"}
+    status = wait_status(w1, lambda s: "cortex nodes approve w1" in s.waiting_for)
+    assert status.state == "uninitialized"  # pending: not a member, no cluster of its own
+    with Client(w1) as c, pytest.raises(CortexError) as info:
+        c.put("k", "v")
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    pending = json.loads(cortex("--addr", addr, "nodes", "pending", "--json").stdout)
+    assert [(r["node_id"], r["role"], r["state"]) for r in pending] == [("w1", "worker", "pending")]
+    assert all("secret" not in key for r in pending for key in r)
+
+    # someone replaying w1's request without its secret gets nothing
+    forged = pb.JoinRequest(node_id="w1", role="worker", grpc_address="127.0.0.1:1", request_secret="x" * 32)
+    with grpc.insecure_channel(addr) as channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.ClusterStub(channel).Join(forged, timeout=10)
+    assert "another join request for node 'w1' is pending" in refused.value.details()
+
+    assert "approved w1" in cortex("--addr", addr, "nodes", "approve", "w1").stdout
+    cluster_id = Client(addr).status().cluster_id
+    wait_status(w1, lambda s: s.state == "worker" and s.cluster_id == cluster_id)
+    members = wait_status(addr, lambda s: any(n.id == "w1" and n.liveness == "alive" for n in s.nodes))
+    assert {n.id for n in members.nodes} == {"n1", "n2", "n3", "w1"}
+    assert json.loads(cortex("--addr", addr, "nodes", "pending", "--json").stdout) == []
+    again = json.loads(cortex("--addr", addr, "nodes", "approve", "w1", "--json").stdout)
+    assert again["state"] == "member"  # approving twice is harmless
+
+    w2, w2_socket = agent_for("w2")
+    cortex("join", addr, "--socket", str(w2_socket))
+    wait_status(w2, lambda s: "cortex nodes approve w2" in s.waiting_for)
+    assert "rejected w2" in cortex("--addr", addr, "nodes", "reject", "w2").stdout
+    status = wait_status(w2, lambda s: "rejected" in s.waiting_for)
+    assert status.state == "uninitialized"
+    assert "w2" not in {n.id for n in Client(addr).status().nodes}
+    late = cortex("--addr", addr, "nodes", "approve", "w2", check=False)
+    assert late.returncode != 0 and "already rejected" in late.stderr
+    unknown = cortex("--addr", addr, "nodes", "approve", "nobody", check=False)
+    assert unknown.returncode != 0 and "no join request from node 'nobody'" in unknown.stderr

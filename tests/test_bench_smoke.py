@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ETCD_BIN = "/usr/bin/etcd"
 
-pytestmark = [pytest.mark.bench, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(450)]
 
 ROWS = [
     "seq put via leader p50 (ms)",
@@ -47,7 +47,7 @@ def test_bench_quick(tmp_path):
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--json", str(out_json)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, capture_output=True, text=True, timeout=400,
     )
     report = f"stdout:\n{proc.stdout}\nstderr (tail):\n{proc.stderr[-4000:]}"
     assert proc.returncode == 0, report
@@ -82,6 +82,11 @@ def test_bench_quick(tmp_path):
     assert doc["quick"] is True
     assert not doc["cortex"]["errors"], doc["cortex"]["errors"]
     assert len(doc["cortex"]["details"]["idle_rss_mb"]) == 3
+    membership = {row[0]: row for row in doc["membership"]}
+    for metric in ("cortex join -> alive (worker)", "resume -> alive (SIGCONT+SIGUSR1)", "dead worker -> suspect",
+                   "dead worker -> offline"):
+        assert membership[metric][1] > 0, f"{metric}: {membership.get(metric)}\n{report}"
+    assert "Membership, 3 servers + workers" in proc.stdout, report
 
 
 def importlib_missing(name: str) -> bool:

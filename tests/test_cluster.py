@@ -294,7 +294,10 @@ def test_paused_worker_is_seen_unreachable_and_rejoins_on_resume_signal(shared_c
         assert time.monotonic() - woke < 10
         time.sleep(0.02)
     print(f"resume -> alive: {time.monotonic() - woke:.2f}s")
-    assert '"msg": "resumed: rejoining"' in open(worker.log_path).read()
+    # a regular heartbeat may have made it alive before the signal was handled: wait for the log line
+    while '"msg": "resumed: rejoining"' not in open(worker.log_path).read():
+        assert time.monotonic() - woke < 10, "SIGUSR1 did not trigger a rejoin"
+        time.sleep(0.1)
 
 
 def test_dead_worker_goes_suspect_then_offline_everywhere_and_comes_back(make_cluster):
@@ -323,3 +326,30 @@ def test_dead_worker_goes_suspect_then_offline_everywhere_and_comes_back(make_cl
     while state_on(follower) != "alive":
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_a_dead_server_is_removed_and_the_rest_carry_on(make_cluster):
+    from tests.test_agent import cortex
+
+    cluster = make_cluster(3)
+    leader = cluster.leader()
+    dead = cluster.followers()[0]
+    addr = cluster.node(leader).grpc_address
+    alive = cortex("--addr", addr, "nodes", "remove", dead, check=False)
+    assert alive.returncode != 0 and "is alive" in alive.stderr and "--force" in alive.stderr
+    cluster.kill(dead)
+    deadline = time.monotonic() + 20
+    with cluster.client(leader) as c:
+        while next(n.liveness for n in c.status().nodes if n.id == dead) == "alive":
+            assert time.monotonic() < deadline, "the dead server was never suspected"
+            time.sleep(0.2)
+    assert f"removed {dead}" in cortex("--addr", addr, "nodes", "remove", dead).stdout
+    again = cortex("--addr", addr, "nodes", "remove", dead, check=False)
+    assert again.returncode != 0 and f"no member named {dead!r}" in again.stderr
+    with cluster.client(leader) as c:
+        assert {n.id for n in c.status().nodes} == {"n1", "n2", "n3"} - {dead}
+        c.put("after-removal", "ok")
+    # two servers form the whole configuration now: losing one more would lose quorum, so both vote
+    survivor = next(n for n in ("n1", "n2", "n3") if n not in (dead, leader))
+    with cluster.client(survivor) as c:
+        assert c.get("after-removal") == "ok"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from cortex import config
-from cortex.config import ConfigError
+from cortex.config import Config, ConfigError
 
 GOOD = """\
 node:
@@ -54,7 +54,6 @@ def test_good_config_parses_with_types(tmp_path: Path):
         ("node: [1, 2\n", "node.yaml:2: not valid YAML"),
         ("", "node.yaml: empty config"),
         ("data_dir: x\n", "node: required"),
-        ("node:\n  id: n1\nbootstrap:\n  join:\n    address: 127.0.0.1:1\n", "bootstrap.join: needs token or token_file"),
         ("node:\n  id: w1\n  role: worker\nbootstrap:\n  init: true\n", "a worker cannot create a cluster"),
         ("node:\n  id: n1\n  id: n2\n", "node.yaml:3: node.id: given twice"),
         ("max_message_bytes: 10\nnode:\n  id: n1\n", "node.yaml:1: max_message_bytes: must be between"),
@@ -78,3 +77,10 @@ def test_wait_reason_is_only_for_nodes_that_neither_init_nor_join(tmp_path: Path
     assert cfg.bootstrap.wait_reason == "credentials: cortex.role: bad"
     with pytest.raises(ConfigError, match="bootstrap.wait_reason: only for a node"):
         config.parse("node:\n  id: n1\nbootstrap:\n  init: true\n  wait_reason: x\n")
+
+
+def test_loopback_address_added_only_when_the_grpc_address_is_a_lan_address():
+    assert Config(node_id="a", grpc_address="10.0.0.5:7400").loopback_grpc_address == "127.0.0.1:7400"
+    assert Config(node_id="a", grpc_address="127.0.0.1:7400").loopback_grpc_address is None
+    assert Config(node_id="a", grpc_address="0.0.0.0:7400").loopback_grpc_address is None
+    assert Config(node_id="a", grpc_address="[::]:7400").loopback_grpc_address is None

@@ -154,3 +154,23 @@ def test_group_committed_batch_applies_in_one_transaction_with_per_command_resul
     assert results[2]["duplicate"] is True and store.query("kv.get", {"key": "c"}) is None
     assert store.apply(3, b"\xff not json")["error"].startswith("undecodable log entry")
     assert store.last_applied == 3
+
+
+def test_join_requests_pending_approved_rejected(tmp_path: Path):
+    store = StateStore(tmp_path / "s.db")
+    secret, other = "a" * 64, "b" * 64
+    request = {"node_id": "w1", "role": "worker", "grpc_address": "127.0.0.1:9", "secret_hash": secret}
+    assert store.apply(1, env("node.request", request))["state"] == "pending"
+    assert store.apply(2, env("node.request", request))["unchanged"] is True  # the same node asking again
+    hijack = store.apply(3, env("node.request", {**request, "secret_hash": other}))
+    assert "another join request for node 'w1' is pending" in hijack["error"]
+    assert store.apply(4, env("node.reject", {"node_id": "w1"}))["state"] == "rejected"
+    assert "already rejected" in store.apply(5, env("node.approve", {"node_id": "w1"}))["error"]
+    # after a rejection a fresh request (new secret) may queue again, and be approved
+    assert store.apply(6, env("node.request", {**request, "secret_hash": other}))["state"] == "pending"
+    assert store.apply(7, env("node.approve", {"node_id": "w1"}))["changed"] is True
+    assert store.query("join_requests", {"node_id": "w1"})[0]["state"] == "approved"
+    register = {"node_id": "w1", "role": "worker", "grpc_address": "127.0.0.1:9"}
+    store.apply(8, env("node.register", register))
+    assert store.query("join_requests", {}) == []  # consumed by the registration
+    assert store.apply(9, env("node.approve", {"node_id": "w1"}))["state"] == "member"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -22,17 +24,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cortex import __version__, identity, notify
+from cortex import __version__, identity, notify, sleepwatch
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import channel_options
-from cortex.commands import INTERNAL, CommandError, Envelope, parse_args_json, validate
+from cortex.commands import CommandError, Envelope, is_internal, parse_args_json, validate
 from cortex.config import Config
 from cortex.consensus import GroupCommitter, NotLeader, ProposalError, RaftNode, wait_until
 from cortex.events import Event, EventBus
 from cortex.identity import Identity
 from cortex.liveness import LivenessTracker
 from cortex.logs import fields
+from cortex.plugins import PluginHost
 from cortex.state import StateStore
 
 log = logging.getLogger("cortex.agent")
@@ -40,6 +43,22 @@ log = logging.getLogger("cortex.agent")
 MAX_HOPS = 3
 FORWARD_TIMEOUT = 8.0
 WORKER_HEARTBEAT = 1.0
+def _image_version(paths=("/usr/lib/os-release", "/etc/os-release")) -> str:
+    """The appliance image's version when this agent runs from the Cortex image, else ""."""
+    for path in paths:
+        try:
+            fields_ = dict(line.split("=", 1) for line in Path(path).read_text().splitlines() if "=" in line)
+        except OSError:
+            continue
+        if fields_.get("IMAGE_ID", "").strip('"') == "cortex":
+            return fields_.get("IMAGE_VERSION", "").strip('"')
+        return ""
+    return ""
+
+
+IMAGE_VERSION = _image_version()
+APPROVAL_POLL = 1.0  # how often a node whose join awaits an operator asks again
+JOIN_REQUEST_FILE = "join-request.json"  # the pending request's address and secret (mode 0600)
 
 
 class AgentError(Exception):
@@ -82,12 +101,65 @@ class Peers:
         timer.start()
 
 
+class PluginBridge:
+    """The agent as plugins see it (plugins.ClusterAPI): writes from any node, reads at a level."""
+
+    LEVELS = {"stale": pb.STALE, "leader": pb.LEADER, "linearizable": pb.LINEARIZABLE}
+
+    def __init__(self, agent: Agent):
+        self._agent = agent
+        self.node_id = agent.config.node_id
+        self.role = agent.config.role
+
+    def write(self, command_type: str, args: dict, idempotency_key: str = "") -> dict:
+        command = pb.Command(type=command_type, args_json=json.dumps(args).encode(), idempotency_key=idempotency_key)
+        return json.loads(self._agent.write(command).result_json)
+
+    def propose(self, command_type: str, args: dict, idempotency_key: str = "") -> dict:
+        if not self.is_leader():
+            raise AgentError(grpc.StatusCode.UNAVAILABLE, f"{command_type} is proposed by the leader only")
+        return self._agent.propose(command_type, args, internal=True, idem=idempotency_key)
+
+    def read(self, query: str, args: dict | None = None, level: str = "leader", min_index: int = 0) -> Any:
+        """`min_index`: the answer must include the state at that log index (read-your-writes: pass the
+        index a write returned). A stale read waits briefly for this replica to apply it, else asks the leader."""
+        if level not in self.LEVELS:
+            raise ValueError(f"read level must be one of {', '.join(self.LEVELS)}")
+        if min_index and level == "stale":
+            store = self._agent.store
+            if store is None or not wait_until(lambda: store.last_applied >= min_index, 1.0, 0.005):
+                level = "leader"  # a worker (its stale read may hit any server) or a lagging replica
+        request = pb.ReadRequest(query=query, args_json=json.dumps(args or {}).encode(), level=self.LEVELS[level])
+        return json.loads(self._agent.read(request).result_json)
+
+    def is_leader(self) -> bool:
+        return self._agent.raft is not None and self._agent._is_leader()
+
+    def snapshot(self, path: Path) -> int:
+        """Servers: a consistent copy of the state database (SQLite online backup); returns its applied index."""
+        if self._agent.store is None:
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, "only servers hold a copy of the state")
+        return self._agent.store.backup_to(path)
+
+    def status(self) -> dict:
+        from google.protobuf.json_format import MessageToDict
+
+        return MessageToDict(self._agent.status(), preserving_proto_field_name=True)
+
+
 class Agent:
     def __init__(self, config: Config):
         self.config = config
         self.data_dir = config.data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.identity: Identity | None = identity.load(self.data_dir)
+        if self.identity is not None and self.identity.node_id != config.node_id:
+            # The cluster knows this data directory under another name: running on would register a second
+            # node with the same Raft address. Renaming is leave + join, never a config edit.
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"node.id is {config.node_id!r} but {self.data_dir / identity.FILE_NAME} says this node "
+                             f"joined as {self.identity.node_id!r}; restore node.id, or `cortex leave` first "
+                             f"and join again under the new name")
         self.store: StateStore | None = None
         self.raft: RaftNode | None = None
         self.committer: GroupCommitter | None = None
@@ -96,7 +168,10 @@ class Agent:
         self._stop = threading.Event()
         self.failed = threading.Event()  # set when the agent can no longer serve and must be restarted
         self._wake = threading.Event()  # run a background step now (resume)
+        self._approval_poller: threading.Thread | None = None
+        self._resume_trigger = ""
         self.events = EventBus()
+        self.plugins = PluginHost(config.plugins, PluginBridge(self), self.events, self.data_dir, config.source)
         self.liveness = LivenessTracker(config.liveness.suspect_after, config.liveness.offline_after)
         self._liveness_term = -1  # the term in which this node, as leader, started tracking liveness
         self._liveness_lock = threading.Lock()
@@ -115,7 +190,12 @@ class Agent:
         if self.identity is None:
             self._bootstrap_from_config()
         self._update_health()
+        self.plugins.load()
+        self.plugins.start()
         threading.Thread(target=self._background, name="agent-background", daemon=True).start()
+        if sleepwatch.system_bus_present():
+            threading.Thread(target=sleepwatch.watch, args=(self._on_sleep_change, self._stop),
+                             name="logind-watch", daemon=True).start()
         state = "member of " + self.identity.cluster_id if self.identity else "waiting for init or join"
         notify.sd_notify("READY=1", f"STATUS={state}")
         log.info("agent ready", extra=fields(grpc=self.config.grpc_address, role=self.config.role, state=state))
@@ -127,6 +207,7 @@ class Agent:
         self._wake.set()
         notify.sd_notify("STOPPING=1")
         log.info("agent stopping")
+        self.plugins.stop()
         if self._grpc:
             self._grpc.stop(grace=2).wait()
         if self._admin:
@@ -154,6 +235,9 @@ class Agent:
         )
         if self._grpc.add_insecure_port(self.config.grpc_address) == 0:
             raise RuntimeError(f"cannot listen on {self.config.grpc_address} (in use?)")
+        local = self.config.loopback_grpc_address
+        if local and self._grpc.add_insecure_port(local) == 0:
+            log.warning("cannot also listen on loopback", extra=fields(address=local))
         self._grpc.start()
         sock = self.config.admin_socket_path
         sock.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +250,10 @@ class Agent:
 
     def _bootstrap_from_config(self) -> None:
         boot = self.config.bootstrap
+        pending = self._pending_request()
+        if pending is not None:  # restarted while an operator had not yet decided: keep asking
+            self._start_approval_poller(pending["address"])
+            return
         if boot.init:
             token = self.init_cluster()[1]
             (self.data_dir / "join-token").write_text(token + "\n")
@@ -182,7 +270,7 @@ class Agent:
         deadline = time.monotonic() + 300
         while not self._stop.is_set() and self.identity is None and time.monotonic() < deadline:
             token = join.token
-            if not token:
+            if not token and join.token_file:
                 try:
                     token = Path(join.token_file).read_text().strip()
                 except OSError:
@@ -224,7 +312,8 @@ class Agent:
             self.store = None
 
     def _on_replicated_event(self, event_type: str, data: dict, index: int) -> None:
-        log.info("event", extra=fields(event=event_type, index=index, **data))
+        # event/index win over same-named keys in the payload (a keyword clash here would break apply)
+        log.info("event", extra=fields(**{**data, "event": event_type, "index": index}))
         self.events.publish(Event(event_type, data, index=index))
 
     def _update_health(self) -> None:
@@ -266,7 +355,7 @@ class Agent:
             sleep_offset = offset
             try:
                 self._update_health()
-                if self.identity is not None and self.identity.pending_token:
+                if self.identity is not None and (self.identity.pending_token or self.identity.pending_request_secret):
                     with self._lock:
                         self._finish_join(timeout=5)
                 if self.identity is not None and self.identity.role == "worker":
@@ -285,12 +374,22 @@ class Agent:
                 notify.sd_notify("WATCHDOG=1")
                 last_watchdog = time.monotonic()
 
-    def resume(self) -> None:
-        """Called on SIGUSR1 (the image's sleep hook sends it after resume): rejoin at once."""
+    def resume(self, trigger: str = "SIGUSR1") -> None:
+        """The machine woke up (the image's sleep hook sends SIGUSR1; logind says PrepareForSleep(false)):
+        rejoin at once."""
+        self._resume_trigger = trigger
         self._wake.set()
 
+    def _on_sleep_change(self, going_to_sleep: bool) -> None:
+        if going_to_sleep:
+            log.info("logind: suspending")
+        else:
+            self.resume("logind")
+
     def _after_resume(self, slept: float, signalled: bool) -> None:
-        log.info("resumed: rejoining", extra=fields(slept_seconds=round(max(slept, 0.0), 1), signalled=signalled))
+        trigger = self._resume_trigger if signalled else "clock jump"
+        log.info("resumed: rejoining", extra=fields(slept_seconds=round(max(slept, 0.0), 1), signalled=signalled,
+                                                    trigger=trigger))
         self.peers.reset()  # fresh connections: the old ones may point at sockets that died while asleep
 
     def _liveness_step(self) -> None:
@@ -357,19 +456,40 @@ class Agent:
             return cluster_id, token
 
     def join_cluster(self, address: str, token: str, timeout: float = 60.0) -> str:
-        """Join the cluster that the member at `address` belongs to; returns once this node is registered."""
+        """Join the cluster that the member at `address` belongs to; returns once this node is registered.
+
+        Without a token the join is a request an operator approves: this returns "" at once while it is
+        pending, and a poller keeps asking until the request is approved or rejected.
+        """
+        cluster_id = self._join_once(address, token, timeout)
+        if not cluster_id:
+            self._start_approval_poller(address)
+        return cluster_id
+
+    def _join_once(self, address: str, token: str, timeout: float) -> str:
         with self._lock:
             if self.identity is not None:
                 raise AgentError(grpc.StatusCode.ALREADY_EXISTS,
                                  f"this node already belongs to cluster {self.identity.cluster_id}")
-            response = self._call_join(address, token)
+            secret = "" if token else self._request_secret(address)
+            response = self._call_join(address, token, secret)
+            if response.admission == "pending":
+                self.waiting_for = (f"approval of this node's join request to {address}: on a member run "
+                                    f"`cortex nodes approve {self.config.node_id}`")
+                return ""
+            if response.admission == "rejected":
+                (self.data_dir / JOIN_REQUEST_FILE).unlink(missing_ok=True)
+                self.waiting_for = "an operator rejected this node's join request; ask them, then join again"
+                raise AgentError(grpc.StatusCode.PERMISSION_DENIED, "the join request was rejected by an operator")
             ident = Identity(cluster_id=response.cluster_id, node_id=self.config.node_id, role=self.config.role,
                              raft_secret=response.raft_secret, raft_peers=list(response.raft_peers),
                              server_grpc_addresses=list(response.server_grpc_addresses),
                              pending_token="" if response.admitted else token,
+                             pending_request_secret="" if response.admitted else secret,
                              join_address="" if response.admitted else address)
             self._wipe_state()
             identity.save(self.data_dir, ident)
+            (self.data_dir / JOIN_REQUEST_FILE).unlink(missing_ok=True)
             self.identity = ident
             self._server_addresses = list(ident.server_grpc_addresses)
             self._start_member()
@@ -379,11 +499,49 @@ class Agent:
             self._update_health()
             return ident.cluster_id
 
-    def _call_join(self, address: str, token: str) -> pb.JoinResponse:
+    def _pending_request(self) -> dict | None:
+        try:
+            return json.loads((self.data_dir / JOIN_REQUEST_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _request_secret(self, address: str) -> str:
+        """This node's join-request secret, kept on disk so a restart keeps its place in the queue."""
+        pending = self._pending_request()
+        if pending is not None and pending.get("address") == address:
+            return pending["secret"]
+        secret = identity.new_secret()
+        path = self.data_dir / JOIN_REQUEST_FILE
+        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"address": address, "secret": secret}, f)
+        os.replace(path.with_suffix(".tmp"), path)
+        return secret
+
+    def _start_approval_poller(self, address: str) -> None:
+        with self._lock:
+            if self._approval_poller is not None and self._approval_poller.is_alive():
+                return
+            self._approval_poller = threading.Thread(target=self._await_approval, args=(address,),
+                                                     name="join-approval", daemon=True)
+            self._approval_poller.start()
+
+    def _await_approval(self, address: str) -> None:
+        while not self._stop.wait(APPROVAL_POLL) and self.identity is None:
+            try:
+                if self._join_once(address, "", timeout=60):
+                    return
+            except AgentError as exc:
+                if exc.code == grpc.StatusCode.PERMISSION_DENIED:
+                    log.warning("join request rejected", extra=fields(address=address))
+                    return
+                log.info("join request not answered yet", extra=fields(address=address, error=str(exc)))
+
+    def _call_join(self, address: str, token: str, secret: str = "") -> pb.JoinResponse:
         request = pb.JoinRequest(node_id=self.config.node_id, role=self.config.role,
                                  grpc_address=self.config.grpc_address,
                                  raft_address=self.config.raft_address if self.config.role == "server" else "",
-                                 token=token)
+                                 token=token, request_secret=secret)
         try:
             return self.peers.stub(address).Join(request, timeout=FORWARD_TIMEOUT * 2)
         except grpc.RpcError as exc:
@@ -395,7 +553,7 @@ class Agent:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                response = self._call_join(ident.join_address, ident.pending_token)
+                response = self._call_join(ident.join_address, ident.pending_token, ident.pending_request_secret)
                 if response.admitted:
                     break
             except AgentError as exc:
@@ -405,7 +563,7 @@ class Agent:
             if time.monotonic() > deadline:
                 raise AgentError(grpc.StatusCode.DEADLINE_EXCEEDED, "the cluster did not register this node in time")
             time.sleep(0.1)
-        self.identity = Identity(**{**ident.__dict__, "pending_token": "", "join_address": "",
+        self.identity = Identity(**{**ident.__dict__, "pending_token": "", "pending_request_secret": "", "join_address": "",
                                     "raft_peers": list(response.raft_peers)})
         identity.save(self.data_dir, self.identity)
 
@@ -464,17 +622,22 @@ class Agent:
         existing = nodes.get(request.node_id)
         same = existing is not None and (existing["role"], existing["grpc_address"], existing["raft_address"]) == (
             request.role, request.grpc_address, request.raft_address)
-        token_hash = identity.token_hash(request.token)
+        token_hash = identity.token_hash(request.token) if request.token else ""
         if not same:
-            problem = self.store.query("token.check", {"token_hash": token_hash, "role": request.role,
-                                                       "now": time.time()})["problem"]
-            if problem:
-                log.warning("join refused", extra=fields(node=request.node_id, reason=problem))
-                raise AgentError(grpc.StatusCode.PERMISSION_DENIED, problem)
             if existing is not None:
                 raise AgentError(grpc.StatusCode.ALREADY_EXISTS,
                                  f"node id {request.node_id!r} is taken by a member at {existing['grpc_address']}; "
                                  "choose another node.id or remove the old node first")
+            if not request.token:
+                admission = self._approval_state(request)
+                if admission != "approved":
+                    return pb.JoinResponse(admission=admission)
+            else:
+                problem = self.store.query("token.check", {"token_hash": token_hash, "role": request.role,
+                                                           "now": time.time()})["problem"]
+                if problem:
+                    log.warning("join refused", extra=fields(node=request.node_id, reason=problem))
+                    raise AgentError(grpc.StatusCode.PERMISSION_DENIED, problem)
         response = pb.JoinResponse(
             cluster_id=self.identity.cluster_id,
             raft_secret=self.identity.raft_secret if request.role == "server" else "",
@@ -498,13 +661,35 @@ class Agent:
         response.admitted = True
         return response
 
+    def _approval_state(self, request: pb.JoinRequest) -> str:
+        """pending / approved / rejected for a join without a token; records a new request as pending."""
+        if len(request.request_secret) < 16:
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT,
+                             "a join without a token needs a request_secret of at least 16 characters "
+                             "(cortex join sends one), or give a join token")
+        secret_hash = identity.token_hash(request.request_secret)
+        rows = self.store.query("join_requests", {"node_id": request.node_id})
+        if rows and self.store.query("join_request.secret", {"node_id": request.node_id}) == secret_hash:
+            row = rows[0]
+            if row["state"] == "approved" and (row["role"], row["grpc_address"], row["raft_address"]) != (
+                    request.role, request.grpc_address, request.raft_address):
+                raise AgentError(grpc.StatusCode.PERMISSION_DENIED,
+                                 f"approved as a {row['role']} at {row['grpc_address']}; join with those settings")
+            return row["state"]
+        result = self.propose("node.request", {"node_id": request.node_id, "role": request.role,
+                                               "grpc_address": request.grpc_address,
+                                               "raft_address": request.raft_address, "secret_hash": secret_hash},
+                              internal=True)
+        log.info("join request pending approval", extra=fields(joiner=request.node_id, role=request.role))
+        return result["state"]
+
     def handle_leave(self, request: pb.LeaveRequest) -> pb.LeaveResponse:
         self._require_member()
         if not self._is_leader():
             return self._forward("Leave", request)
         node = next((n for n in self.store.query("nodes", {}) if n["id"] == request.node_id), None)
         if node is None:
-            return pb.LeaveResponse(removed=False)
+            return pb.LeaveResponse(removed=False)  # already gone: a retried removal is not an error
         if node["role"] == "server" and node["raft_address"]:
             if node["raft_address"] == self.config.raft_address:
                 raise AgentError(grpc.StatusCode.UNAVAILABLE, "the leader cannot remove itself; transfer first")
@@ -517,6 +702,10 @@ class Agent:
         self._require_member()
         if not self._is_leader():
             return self._forward("Heartbeat", request)
+        if not any(n["id"] == request.node_id for n in self.store.query("nodes", {})):
+            # removed by an operator (or never admitted): tell it, instead of tracking a ghost
+            raise AgentError(grpc.StatusCode.NOT_FOUND, f"node {request.node_id!r} is not a member of this cluster "
+                             "(removed?); on that node: cortex leave, then join again")
         self.liveness.heard(request.node_id, time.monotonic())
         if self.liveness.state(request.node_id) not in (None, "alive"):
             self._liveness_step()  # back from suspect/offline: say so now, not at the next tick
@@ -578,7 +767,7 @@ class Agent:
             args = validate(command.type, parse_args_json(command.args_json))
         except CommandError as exc:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        if command.type in INTERNAL:
+        if is_internal(command.type):
             raise AgentError(grpc.StatusCode.PERMISSION_DENIED,
                              f"{command.type} is decided by the cluster itself; use the cortex CLI")
         if len(command.idempotency_key) > 128:
@@ -626,7 +815,7 @@ class Agent:
         term = self.raft.term()
         for command in request.commands:
             try:
-                if command.type in INTERNAL:
+                if is_internal(command.type):
                     raise CommandError(f"{command.type} is internal")
                 args = validate(command.type, parse_args_json(command.args_json))
             except CommandError as exc:
@@ -665,8 +854,8 @@ class Agent:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if not isinstance(args, dict):
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "query arguments must be a JSON object")
-        if request.query == "token.check":
-            raise AgentError(grpc.StatusCode.PERMISSION_DENIED, "token.check is internal")
+        if request.query in ("token.check", "join_request.secret"):
+            raise AgentError(grpc.StatusCode.PERMISSION_DENIED, f"{request.query} is internal")
         if self.raft is None or (level != pb.STALE and not self._is_leader()):
             return self._forward("Read", pb.ReadRequest(query=request.query, args_json=request.args_json,
                                                         level=level, hops=request.hops))
@@ -689,9 +878,10 @@ class Agent:
     def status(self) -> pb.StatusResponse:
         if self.identity is None:
             return pb.StatusResponse(node_id=self.config.node_id, role=self.config.role, state="uninitialized",
-                                     version=__version__, waiting_for=self.waiting_for)
+                                     version=__version__, waiting_for=self.waiting_for,
+                                     image_version=IMAGE_VERSION)
         response = pb.StatusResponse(cluster_id=self.identity.cluster_id, node_id=self.config.node_id,
-                                     role=self.identity.role, version=__version__)
+                                     role=self.identity.role, version=__version__, image_version=IMAGE_VERSION)
         if self.raft is None:
             response.state = "worker"
             response.has_quorum = True
@@ -884,7 +1074,8 @@ class AdminService(pb_grpc.AdminServicer):
 
     @_servicer
     def JoinCluster(self, request, context):
-        return pb.JoinClusterResponse(cluster_id=self.agent.join_cluster(request.address, request.token))
+        cluster_id = self.agent.join_cluster(request.address, request.token)
+        return pb.JoinClusterResponse(cluster_id=cluster_id, admission="" if cluster_id else "pending")
 
     @_servicer
     def LeaveCluster(self, request, context):
@@ -894,7 +1085,13 @@ class AdminService(pb_grpc.AdminServicer):
 
 def run(config: Config) -> int:
     """Run the agent until SIGTERM/SIGINT."""
-    agent = Agent(config)
+    try:
+        agent = Agent(config)
+    except AgentError as exc:
+        # A setup mistake a restart cannot fix: exit 2 like a config error (the unit does not restart on it).
+        log.error("agent cannot start", extra=fields(error=str(exc)))
+        print(f"cortex agent: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -51,11 +51,12 @@ def _admin(args):
 # --- commands --------------------------------------------------------------------------------------------
 
 def cmd_agent(args) -> int:
-    from cortex import agent, config, logs
+    from cortex import agent, config, logs, plugins
 
     try:
         cfg = config.load(args.config)
-    except config.ConfigError as exc:
+        plugins.check_config(cfg.plugins, cfg.source)
+    except (config.ConfigError, plugins.PluginConfigError) as exc:
         print(f"cortex agent: {exc}", file=sys.stderr)
         return 2
     logs.setup(cfg.node_id, cfg.log.level, cfg.log.format)
@@ -63,11 +64,12 @@ def cmd_agent(args) -> int:
 
 
 def cmd_config_check(args) -> int:
-    from cortex import config
+    from cortex import config, plugins
 
     try:
         cfg = config.load(args.file)
-    except config.ConfigError as exc:
+        plugins.check_config(cfg.plugins, cfg.source)
+    except (config.ConfigError, plugins.PluginConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     emit(args, {"ok": True, "node_id": cfg.node_id, "role": cfg.role}, f"{args.file}: ok ({cfg.node_id}, {cfg.role})")
@@ -85,10 +87,14 @@ def cmd_init(args) -> int:
 
 def cmd_join(args) -> int:
     token = args.token or (Path(args.token_file).read_text().strip() if args.token_file else "")
-    if not token:
-        raise UsageError("give --token TOKEN or --token-file FILE (printed by `cortex init`)")
     response = _admin(args).join(args.address, token)
-    emit(args, {"cluster_id": response.cluster_id}, f"joined cluster {response.cluster_id}")
+    if response.admission == "pending":
+        emit(args, {"cluster_id": "", "admission": "pending"},
+             "join requested without a token: waiting for an operator's approval\n"
+             "on a member: cortex nodes pending   then: cortex nodes approve NODE_ID  (or reject)\n"
+             "this node keeps asking and joins by itself once approved; `cortex status` shows progress")
+        return 0
+    emit(args, {"cluster_id": response.cluster_id, "admission": "admitted"}, f"joined cluster {response.cluster_id}")
     return 0
 
 
@@ -151,6 +157,44 @@ def cmd_nodes(args) -> int:
         status = c.status()
         view = _leader_view(args, status)
     emit(args, _status_dict(view)["nodes"] if view.nodes else [], _nodes_table(view, status.leader_id))
+    return 0
+
+
+def cmd_nodes_pending(args) -> int:
+    with _client(args) as c:
+        rows = c.read("join_requests", {}, level="leader")
+    for row in rows:
+        row["requested"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["requested_at"]))
+    emit(args, rows, table(rows, ["node_id", "role", "grpc_address", "state", "requested"]) if rows
+         else "no join requests (nodes joining with a token do not need approval)")
+    return 0
+
+
+def _decide(args, command_type: str, verb: str) -> int:
+    with _client(args) as c:
+        result = c.write(command_type, {"node_id": args.node_id}, retry_for=args.retry)
+    emit(args, result, f"{verb} {args.node_id}" + ("" if result.get("changed", True) else " (already)"))
+    return 0
+
+
+def cmd_nodes_approve(args) -> int:
+    return _decide(args, "node.approve", "approved")
+
+
+def cmd_nodes_reject(args) -> int:
+    return _decide(args, "node.reject", "rejected")
+
+
+def cmd_nodes_remove(args) -> int:
+    with _client(args) as c:
+        node = next((n for n in c.status().nodes if n.id == args.node_id), None)
+        if node is None:
+            raise UsageError(f"no member named {args.node_id!r}; see `cortex nodes`")
+        if node.liveness == "alive" and not args.force:
+            raise UsageError(f"{args.node_id} is alive: run `cortex leave` on it, or pass --force to remove it anyway")
+        removed = c.remove_node(args.node_id)
+    emit(args, {"node_id": args.node_id, "removed": removed}, f"removed {args.node_id}" if removed
+         else f"{args.node_id} was not a member (already removed)")
     return 0
 
 
@@ -316,14 +360,28 @@ def build_parser() -> argparse.ArgumentParser:
     add("init", cmd_init, "create a new cluster with the local agent as first server")
     sp = add("join", cmd_join, "join the local agent to a cluster")
     sp.add_argument("address", help="gRPC address of any member")
-    sp.add_argument("--token", default="")
+    sp.add_argument("--token", default="", help="a join token (without one, an operator must approve the node)")
     sp.add_argument("--token-file", default="")
     add("leave", cmd_leave, "remove the local agent from its cluster")
     add("status", cmd_status, "cluster status: leader, term, indexes, nodes")
-    add("nodes", cmd_nodes, "list nodes with role, liveness and replication lag")
+    nodes_parser = add("nodes", cmd_nodes, "list nodes with role, liveness and replication lag")
+    nodes = nodes_parser.add_subparsers(dest="sub")
+    add("list", cmd_nodes, "list nodes (the default)", nodes)
+    add("pending", cmd_nodes_pending, "join requests awaiting approval", nodes)
+    for name, fn, verb in (("approve", cmd_nodes_approve, "admit"), ("reject", cmd_nodes_reject, "refuse")):
+        sp = add(name, fn, f"{verb} a node whose join request is pending", nodes)
+        sp.add_argument("node_id")
+        sp.add_argument("--retry", type=float, default=10.0, help="seconds to retry transient failures")
+    sp = add("remove", cmd_nodes_remove, "remove a member (a dead server leaves the Raft configuration)", nodes)
+    sp.add_argument("node_id")
+    sp.add_argument("--force", action="store_true", help="remove even a node that is alive")
     leader = sub.add_parser("leader", help="leadership").add_subparsers(dest="sub", required=True)
     sp = add("transfer", cmd_leader_transfer, "hand leadership to another server", leader)
     sp.add_argument("node", nargs="?", help="target server id (default: any up-to-date server)")
+
+    from cortex import update_cli
+
+    update_cli.register(sub, add, emit, table, _client)
 
     kv = sub.add_parser("kv", help="debug key/value store (replicated)").add_subparsers(dest="sub", required=True)
     sp = add("put", cmd_kv_put, "set a key", kv)
@@ -362,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("down", cmd_dev_down, "stop the local cluster (its data stays for the next `up`)", dev)
     sp.add_argument("--dir", default=DEV_DIR)
     sp.add_argument("--purge", action="store_true", help="also delete the cluster's data")
+    from cortex.memory.cli import register as register_backup
+    register_backup(sub, common)
     return p
 
 

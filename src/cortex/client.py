@@ -90,6 +90,10 @@ class Client:
     def put(self, key: str, value: str, **kw) -> dict:
         return self.write("kv.put", {"key": key, "value": value}, **kw)
 
+    def remove_node(self, node_id: str) -> bool:
+        """Remove a member (a dead server from the Raft configuration too); False if it was not a member."""
+        return self._call(self.stub.Leave, pb.LeaveRequest(node_id=node_id)).removed
+
     def write_batch(self, commands: list[tuple[str, dict]]) -> pb.WriteBatchResponse:
         request = pb.WriteBatchRequest(commands=[
             pb.Command(type=t, args_json=json.dumps(a).encode(), idempotency_key=uuid.uuid4().hex)

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from cortex import domain
+
 SCHEMA_VERSION = 1
 MAX_KEY_BYTES = 512
 MAX_VALUE_BYTES = 1024 * 1024  # one command's payload; larger values belong in a blob store, not in Raft
@@ -118,6 +120,16 @@ def _v_node_liveness(args: dict) -> dict:
     return {"node_id": _node_id(args), "state": state}
 
 
+def _v_node_request(args: dict) -> dict:
+    _no_extra(args, {"node_id", "role", "grpc_address", "raft_address", "secret_hash"})
+    normalized = _v_node_register({k: v for k, v in args.items() if k != "secret_hash"})
+    secret_hash = _require(args, "secret_hash", str)
+    if not _TOKEN_HASH_RE.match(secret_hash):
+        raise CommandError("secret_hash must be a hex SHA-256 digest")
+    del normalized["token_hash"]
+    return {**normalized, "secret_hash": secret_hash}
+
+
 def _v_node_remove(args: dict) -> dict:
     _no_extra(args, {"node_id"})
     return {"node_id": _node_id(args)}
@@ -159,21 +171,34 @@ VALIDATORS = {
     "node.register": _v_node_register,
     "node.remove": _v_node_remove,
     "node.liveness": _v_node_liveness,
+    "node.request": _v_node_request,
+    "node.approve": _v_node_remove,  # same shape: {"node_id"}
+    "node.reject": _v_node_remove,
     "token.add": _v_token_add,
     "token.revoke": _v_token_revoke,
     "cluster.init": _v_cluster_init,
 }
 
 # Commands only the agent itself may propose (membership is decided by the join protocol, not by clients).
-INTERNAL = frozenset({"node.register", "node.remove", "node.liveness", "token.add", "token.revoke",
-                      "cluster.init"})
+INTERNAL = frozenset({"node.register", "node.remove", "node.liveness", "node.request", "token.add",
+                      "token.revoke", "cluster.init"})
+
+
+def is_internal(command_type: str) -> bool:
+    if command_type in INTERNAL:
+        return True
+    command = domain.commands().get(command_type)
+    return command is not None and command.internal
 
 
 def validate(command_type: str, args: Any) -> dict:
     """Check a client's command; return normalized args or raise CommandError."""
     validator = VALIDATORS.get(command_type)
+    if validator is None and command_type in domain.commands():
+        validator = domain.commands()[command_type].validate
     if validator is None:
-        raise CommandError(f"unknown command type {command_type!r}; known: {', '.join(sorted(VALIDATORS))}")
+        known = sorted([*VALIDATORS, *domain.commands()])
+        raise CommandError(f"unknown command type {command_type!r}; known: {', '.join(known)}")
     if not isinstance(args, dict):
         raise CommandError("command arguments must be a JSON object")
     return validator(args)

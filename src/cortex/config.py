@@ -71,6 +71,17 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class PluginSettings:
+    """One plugin's section (`plugins: {NAME: {...}}`); options are checked against the plugin's own schema
+    when plugins load (plugins.py), so values keep the line they came from for the error message."""
+
+    enabled: bool | None = None  # None: the plugin's default
+    options: dict = field(default_factory=dict)
+    lines: dict = field(default_factory=dict)  # option name -> line in the config file
+    line: int = 0  # the section's own line
+
+
+@dataclass(frozen=True)
 class Config:
     node_id: str
     role: str = "server"
@@ -83,11 +94,21 @@ class Config:
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     log: LogConfig = field(default_factory=LogConfig)
     max_message_bytes: int = 4 * 1024 * 1024
+    plugins: dict[str, PluginSettings] = field(default_factory=dict)
     source: str = "<defaults>"
 
     @property
     def admin_socket_path(self) -> Path:
         return self.admin_socket or self.data_dir / "admin.sock"
+
+    @property
+    def loopback_grpc_address(self) -> str | None:
+        """Where the local CLI and MCP front end reach the agent when `listen.grpc` is a LAN address: the
+        same port on 127.0.0.1, so `cortex status` works on the node without knowing its address."""
+        host, _, port = self.grpc_address.rpartition(":")
+        if host.strip("[]") in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::", ""):
+            return None  # already loopback, or a wildcard that includes it
+        return f"127.0.0.1:{port}"
 
 
 # --- parsing -----------------------------------------------------------------------------------------------
@@ -169,6 +190,34 @@ def _check_address(reader: _Reader, node: yaml.Node, key: str, value: str) -> st
     return value
 
 
+def _plugin_sections(reader: _Reader, node: yaml.Node) -> dict[str, PluginSettings]:
+    if not isinstance(node, yaml.MappingNode):
+        raise reader.fail(node, "plugins", "must be a mapping of plugin name to its settings")
+    sections: dict[str, PluginSettings] = {}
+    for key_node, value_node in node.value:
+        name = str(key_node.value)
+        if name in sections:
+            raise reader.fail(key_node, f"plugins.{name}", "given twice")
+        if isinstance(value_node, yaml.ScalarNode) and value_node.value in ("", "~", "null"):
+            sections[name] = PluginSettings(line=key_node.start_mark.line + 1)
+            continue
+        if not isinstance(value_node, yaml.MappingNode):
+            raise reader.fail(value_node, f"plugins.{name}", "must be a mapping (enabled: true|false, options)")
+        enabled, options, lines = None, {}, {}
+        for opt_key, opt_value in value_node.value:
+            opt = str(opt_key.value)
+            if opt == "enabled":
+                enabled = reader.scalar(opt_value, f"plugins.{name}.enabled", bool)
+                continue
+            if opt in options:
+                raise reader.fail(opt_key, f"plugins.{name}.{opt}", "given twice")
+            options[opt] = yaml.safe_load(yaml.serialize(opt_value))
+            lines[opt] = opt_key.start_mark.line + 1
+        sections[name] = PluginSettings(enabled=enabled, options=options, lines=lines,
+                                        line=key_node.start_mark.line + 1)
+    return sections
+
+
 def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> Config:
     """Parse and validate a config document; raise ConfigError naming file, line and key."""
     reader = _Reader(source)
@@ -193,6 +242,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
             "bootstrap": "",
             "log": "",
             "max_message_bytes": "",
+            "plugins": "",
         },
     )
     base_dir = base_dir or Path.cwd()
@@ -277,14 +327,16 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
             token_file = ""
             if "token_file" in fields:
                 token_file = str(base_dir / reader.scalar(fields["token_file"], "bootstrap.join.token_file", str))
-            if not token and not token_file:
-                raise reader.fail(boot["join"], "bootstrap.join", "needs token or token_file")
+            # neither token nor token_file: the join is a request that an operator approves
             join = JoinConfig(address=address, token=token, token_file=token_file)
         if init and join:
             raise reader.fail(top["bootstrap"], "bootstrap", "init and join exclude each other")
         if wait_reason and (init or join):
             raise reader.fail(boot["wait_reason"], "bootstrap.wait_reason", "only for a node that neither inits nor joins")
         kwargs["bootstrap"] = BootstrapConfig(init=init, join=join, wait_reason=wait_reason)
+
+    if "plugins" in top:
+        kwargs["plugins"] = _plugin_sections(reader, top["plugins"])
 
     config = Config(**kwargs)
     if config.role == "worker" and config.bootstrap.init:

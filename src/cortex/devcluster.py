@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+
 from cortex.client import Client, CortexError
 
 STATE_FILE = "devcluster.json"
@@ -88,7 +90,8 @@ def port_free(port: int) -> bool:
             return False
 
 
-def node_config(node: DevNode, join_address: str = "", token_file: str = "", raft: dict | None = None) -> str:
+def node_config(node: DevNode, join_address: str = "", token_file: str = "", raft: dict | None = None,
+                plugins: dict | None = None) -> str:
     lines = [
         f"node:\n  id: {node.id}\n  role: {node.role}",
         "data_dir: data",
@@ -97,6 +100,8 @@ def node_config(node: DevNode, join_address: str = "", token_file: str = "", raf
     ]
     if raft:
         lines.append("raft:\n" + "\n".join(f"  {k}: {v}" for k, v in raft.items()))
+    if plugins:  # {name: {option: value}}, the same on every node
+        lines.append(yaml.safe_dump({"plugins": plugins}, sort_keys=True).rstrip())
     if join_address:
         lines.append(f"bootstrap:\n  join:\n    address: {join_address}\n    token_file: {token_file}")
     else:
@@ -154,7 +159,8 @@ def alive(pid: int) -> bool:
 
 
 def up(directory: Path, servers: int = 3, workers: int = 2, base_port: int = 7400, timeout: float = 60.0,
-       progress: Callable[[str], None] = lambda s: None, raft: dict | None = None) -> DevCluster:
+       progress: Callable[[str], None] = lambda s: None, raft: dict | None = None,
+       plugins: dict | None = None) -> DevCluster:
     directory = Path(directory).resolve()
     existing = load(directory)
     if existing and any(alive(n.pid) for n in existing.nodes):
@@ -171,9 +177,10 @@ def up(directory: Path, servers: int = 3, workers: int = 2, base_port: int = 740
     for node in cluster.nodes:
         Path(node.dir).mkdir(parents=True, exist_ok=True)
         if node is first:
-            node.config_path.write_text(node_config(node, raft=raft))
+            node.config_path.write_text(node_config(node, raft=raft, plugins=plugins))
         else:
-            node.config_path.write_text(node_config(node, first.grpc_address, str(token_file), raft=raft))
+            node.config_path.write_text(node_config(node, first.grpc_address, str(token_file), raft=raft,
+                                                    plugins=plugins))
     cluster.save()
     progress(f"starting {first.id} (creates the cluster)")
     start_node(first)

@@ -27,6 +27,7 @@ class Identity:
     server_grpc_addresses: list[str] = field(default_factory=list)
     # Kept until the cluster has registered this node, so a restart mid-join can finish it.
     pending_token: str = ""
+    pending_request_secret: str = ""  # the same, for a join approved by an operator instead of a token
     join_address: str = ""
 
 

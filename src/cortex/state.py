@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -17,7 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cortex import domain
 from cortex.commands import Envelope, decode_entry
+
+log = logging.getLogger("cortex.state")
 
 # Versioned migrations: append only. PRAGMA user_version records how many have run.
 MIGRATIONS: list[str] = [
@@ -63,11 +67,32 @@ MIGRATIONS: list[str] = [
     ALTER TABLE nodes ADD COLUMN liveness TEXT NOT NULL DEFAULT 'alive';
     ALTER TABLE nodes ADD COLUMN liveness_since REAL;
     """,
+    # 4: each state domain (domain.py) records how many of its own migrations have run
+    """
+    CREATE TABLE schema_versions (domain TEXT PRIMARY KEY, version INTEGER NOT NULL);
+    """,
+    # 5: join requests without a token wait here for an operator's approve/reject
+    """
+    CREATE TABLE join_requests (
+        node_id TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        grpc_address TEXT NOT NULL,
+        raft_address TEXT NOT NULL DEFAULT '',
+        secret_hash TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'approved', 'rejected')),
+        requested_at REAL NOT NULL,
+        decided_at REAL
+    );
+    """,
 ]
 
 REQUEST_RETENTION = 100_000  # idempotency keys are remembered for this many log entries
-# Tables that make up the replicated state (the digest and snapshots cover exactly these).
-STATE_TABLES = ("meta", "nodes", "kv", "join_tokens", "requests")
+# Tables that make up the replicated state (the digest covers exactly these, plus each domain's).
+STATE_TABLES = ("meta", "nodes", "kv", "join_tokens", "requests", "schema_versions", "join_requests")
+
+
+def state_tables() -> tuple[str, ...]:
+    return STATE_TABLES + tuple(t for d in domain.domains() for t in d.tables)
 
 
 def events_for(env: Envelope, result: dict) -> list[tuple[str, dict]]:
@@ -76,10 +101,17 @@ def events_for(env: Envelope, result: dict) -> list[tuple[str, dict]]:
         return []
     if env.type == "node.register" and not result.get("unchanged"):
         return [("node.joined", {"node_id": env.args["node_id"], "role": env.args["role"]})]
+    if env.type == "node.request" and result.get("state") == "pending" and not result.get("unchanged"):
+        return [("node.pending", {"node_id": env.args["node_id"], "role": env.args["role"]})]
+    if env.type in ("node.approve", "node.reject") and result.get("changed"):
+        return [(f"node.{result['state']}", {"node_id": env.args["node_id"]})]
     if env.type == "node.remove" and result.get("removed"):
         return [("node.left", {"node_id": env.args["node_id"]})]
     if env.type == "node.liveness" and result.get("changed"):
         return [(f"node.{env.args['state']}", {"node_id": env.args["node_id"], "previous": result["previous"]})]
+    for d in domain.domains():
+        if d.events is not None and env.type.startswith(d.name + "."):
+            return d.events(env, result)
     return []
 
 
@@ -122,16 +154,29 @@ class StateStore:
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version={number}")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            self._run_migration(script, f"PRAGMA user_version={number}")
+        for d in domain.domains():
+            row = self._db.execute("SELECT version FROM schema_versions WHERE domain=?", (d.name,)).fetchone()
+            done = row[0] if row else 0
+            if done > len(d.migrations):
+                raise RuntimeError(f"{self.path}: the {d.name} schema is at version {done}, newer than this "
+                                   f"Cortex knows ({len(d.migrations)}); run the newer version")
+            for number, script in enumerate(d.migrations[done:], start=done + 1):
+                self._run_migration(script, ("INSERT OR REPLACE INTO schema_versions VALUES (?, ?)", (d.name, number)))
+
+    def _run_migration(self, script: str, record: str | tuple[str, tuple]) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split_sql(script):
+                self._db.execute(statement)
+            if isinstance(record, str):
+                self._db.execute(record)
+            else:
+                self._db.execute(*record)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def _meta(self, key: str, default: str) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -167,8 +212,12 @@ class StateStore:
             self.last_applied = index
         if self._listener is not None:
             for env, item in zip(envs, results):
-                for event_type, data in events_for(env, item):
-                    self._listener(event_type, data, index)
+                try:
+                    for event_type, data in events_for(env, item):
+                        self._listener(event_type, data, index)
+                except Exception:
+                    # the entry is applied and committed; a failing listener must not look like a failed apply
+                    log.exception("event listener failed", extra={"fields": {"index": index, "type": env.type}})
         return result
 
     def _apply_envelope(self, db: sqlite3.Connection, index: int, env: Envelope, entry_term: int | None) -> dict:
@@ -188,6 +237,9 @@ class StateStore:
             return {**json.loads(row[0]), "duplicate": True}
         handler = _HANDLERS.get(env.type)
         if handler is None:
+            command = domain.commands().get(env.type)
+            handler = command.apply if command is not None else None
+        if handler is None:
             result = {"error": f"unknown command type {env.type!r}"}
         else:
             result = handler(db, index, env)
@@ -199,9 +251,10 @@ class StateStore:
 
     # --- reads ---------------------------------------------------------------------------------------
     def query(self, name: str, args: dict) -> Any:
-        handler = _QUERIES.get(name)
+        handler = _QUERIES.get(name) or domain.queries().get(name)
         if handler is None:
-            raise KeyError(f"unknown query {name!r}; known: {', '.join(sorted(_QUERIES))}")
+            known = sorted([*_QUERIES, *domain.queries()])
+            raise KeyError(f"unknown query {name!r}; known: {', '.join(known)}")
         db = self.reader()
         db.execute("BEGIN")
         try:
@@ -246,7 +299,7 @@ class StateStore:
 
 def _digest(db: sqlite3.Connection) -> str:
     h = hashlib.sha256()
-    for table in STATE_TABLES:
+    for table in state_tables():
         h.update(table.encode())
         for row in db.execute(f"SELECT * FROM {table} ORDER BY 1"):
             if table == "meta" and row[0] == "last_applied_index":
@@ -314,7 +367,46 @@ def _h_node_register(db, index, env) -> dict:
              raft_address=excluded.raft_address, updated_at=excluded.updated_at""",
         (a["node_id"], a["role"], a["grpc_address"], a["raft_address"], env.ts, env.ts, env.ts),
     )
+    db.execute("DELETE FROM join_requests WHERE node_id=? AND state='approved'", (a["node_id"],))
     return {"node_id": a["node_id"], "registered": True}
+
+
+def _h_node_request(db, index, env) -> dict:
+    """Record a join request without a token (pending), or refresh the requester's own pending one."""
+    a = env.args
+    row = db.execute("SELECT secret_hash, state FROM join_requests WHERE node_id=?", (a["node_id"],)).fetchone()
+    if row is not None and row[0] == a["secret_hash"]:
+        return {"node_id": a["node_id"], "state": row[1], "unchanged": True}
+    if row is not None and row[1] != "rejected":
+        return {"error": f"another join request for node {a['node_id']!r} is {row[1]}; "
+                         "if that was not you, reject it (`cortex nodes reject ID`)"}
+    db.execute("INSERT OR REPLACE INTO join_requests VALUES (?, ?, ?, ?, ?, 'pending', ?, NULL)",
+               (a["node_id"], a["role"], a["grpc_address"], a["raft_address"], a["secret_hash"], env.ts))
+    return {"node_id": a["node_id"], "state": "pending"}
+
+
+def _decide(db, env, new_state: str) -> dict:
+    node_id = env.args["node_id"]
+    row = db.execute("SELECT state FROM join_requests WHERE node_id=?", (node_id,)).fetchone()
+    if row is None:
+        member = db.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone()
+        if member:
+            return {"node_id": node_id, "state": "member", "changed": False}
+        return {"error": f"no join request from node {node_id!r}; see `cortex nodes pending`"}
+    if row[0] == new_state:
+        return {"node_id": node_id, "state": new_state, "changed": False}
+    if row[0] != "pending":
+        return {"error": f"the join request of {node_id!r} was already {row[0]}"}
+    db.execute("UPDATE join_requests SET state=?, decided_at=? WHERE node_id=?", (new_state, env.ts, node_id))
+    return {"node_id": node_id, "state": new_state, "changed": True}
+
+
+def _h_node_approve(db, index, env) -> dict:
+    return _decide(db, env, "approved")
+
+
+def _h_node_reject(db, index, env) -> dict:
+    return _decide(db, env, "rejected")
 
 
 def token_problem(db: sqlite3.Connection, token_hash: str, role: str, now: float) -> str:
@@ -388,6 +480,9 @@ _HANDLERS = {
     "node.register": _h_node_register,
     "node.remove": _h_node_remove,
     "node.liveness": _h_node_liveness,
+    "node.request": _h_node_request,
+    "node.approve": _h_node_approve,
+    "node.reject": _h_node_reject,
     "token.add": _h_token_add,
     "token.revoke": _h_token_revoke,
     "cluster.init": _h_cluster_init,
@@ -418,6 +513,20 @@ def _q_kv_list(db, args) -> list[dict]:
 def _q_nodes(db, args) -> list[dict]:
     cols = ("id", "role", "grpc_address", "raft_address", "joined_at", "updated_at", "liveness", "liveness_since")
     return [dict(zip(cols, row)) for row in db.execute(f"SELECT {', '.join(cols)} FROM nodes ORDER BY id")]
+
+
+def _q_join_requests(db, args) -> list[dict]:
+    """Join requests (secret hashes withheld), optionally one node's: args {"node_id": ...}."""
+    cols = ("node_id", "role", "grpc_address", "raft_address", "state", "requested_at", "decided_at")
+    sql, params = f"SELECT {', '.join(cols)} FROM join_requests", ()
+    if args.get("node_id"):
+        sql, params = sql + " WHERE node_id=?", (str(args["node_id"]),)
+    return [dict(zip(cols, row)) for row in db.execute(sql + " ORDER BY requested_at", params)]
+
+
+def _q_join_request_secret(db, args) -> str | None:
+    row = db.execute("SELECT secret_hash FROM join_requests WHERE node_id=?", (str(args.get("node_id")),)).fetchone()
+    return row[0] if row else None
 
 
 def _q_token_check(db, args) -> dict:
@@ -453,10 +562,26 @@ _QUERIES = {
     "kv.list": _q_kv_list,
     "nodes": _q_nodes,
     "token.check": _q_token_check,
+    "join_requests": _q_join_requests,
+    "join_request.secret": _q_join_request_secret,
     "tokens": _q_tokens,
     "cluster": _q_cluster,
     "digest": _q_digest,
 }
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration script; sqlite3.complete_statement keeps triggers (BEGIN ... END;) whole."""
+    statements, current = [], ""
+    for piece in script.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \n\t;"):
+                statements.append(current.strip())
+            current = ""
+    if current.strip(" \n\t;"):
+        statements.append(current.strip())
+    return statements
 
 
 def remove_database(path: Path) -> None:
