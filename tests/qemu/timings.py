@@ -15,9 +15,9 @@ def use(path: Path) -> None:
     path.write_text("")
 
 
-def record(test: str, what: str, seconds: float, note: str = "") -> None:
-    row = {"test": test, "what": what, "seconds": round(seconds, 2), "note": note}
-    print(f"TIMING {test}: {what}: {seconds:.1f} s {note}".rstrip(), flush=True)
+def record(test: str, what: str, value: float, note: str = "", unit: str = "s") -> None:
+    row = {"test": test, "what": what, "value": round(value, 2), "unit": unit, "note": note}
+    print(f"TIMING {test}: {what}: {value:.1f} {unit} {note}".rstrip(), flush=True)
     if _file is not None:
         with _file.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -35,8 +35,9 @@ def table(entries: list[dict]) -> str:
         return ""
     width_test = max(len("test"), *(len(e["test"]) for e in entries))
     width_what = max(len("measurement"), *(len(e["what"]) for e in entries))
-    lines = [f"{'test':<{width_test}}  {'measurement':<{width_what}}  {'seconds':>8}  note",
-             f"{'-' * width_test}  {'-' * width_what}  {'-' * 8}  ----"]
+    lines = [f"{'test':<{width_test}}  {'measurement':<{width_what}}  {'value':>9}  note",
+             f"{'-' * width_test}  {'-' * width_what}  {'-' * 9}  ----"]
     for e in entries:
-        lines.append(f"{e['test']:<{width_test}}  {e['what']:<{width_what}}  {e['seconds']:>8.1f}  {e['note']}")
+        value = f"{e['value']:.1f} {e['unit']}"
+        lines.append(f"{e['test']:<{width_test}}  {e['what']:<{width_what}}  {value:>9}  {e['note']}".rstrip())
     return "\n".join(lines)
