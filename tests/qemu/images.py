@@ -30,7 +30,8 @@ def newest_source_mtime() -> float:
     for root in SOURCES:
         paths = [root] if root.is_file() else root.rglob("*")
         for path in paths:
-            if ".build" in path.parts or "__pycache__" in path.parts or not path.is_file():
+            if (".build" in path.parts or "__pycache__" in path.parts or path.suffix == ".md"
+                    or not path.is_file()):
                 continue
             newest = max(newest, path.stat().st_mtime)
     return newest
