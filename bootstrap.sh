@@ -13,6 +13,8 @@ command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || packages+=(etcd-server)
 # the flash tool writes the ESP's credentials with mtools; its test builds a FAT image with mkfs.vfat
 command -v mcopy >/dev/null || packages+=(mtools)
 command -v mkfs.vfat >/dev/null || [ -x /usr/sbin/mkfs.vfat ] || packages+=(dosfstools)
+# the VM tests (tests/qemu) reach the VMs over SSH; image/build.sh installs QEMU and the rest itself
+command -v ssh >/dev/null || packages+=(openssh-client)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "bootstrap: installing ${packages[*]} with apt-get" >&2
