@@ -32,7 +32,8 @@ class SerialConsole:
         self.path = path
         self.poll = poll
         self.lines: list[tuple[float, str]] = []  # (host monotonic time first seen, cleaned line)
-        self._partial = ""
+        self._partial = ""        # the line being written: a prompt ("login: ") may never be finished
+        self._partial_seen = 0.0  # when its first bytes arrived
         self._offset = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -66,23 +67,34 @@ class SerialConsole:
         self._offset += len(data)
         now = time.monotonic()
         text = self._partial + data.decode("utf-8", errors="replace")
-        *complete, self._partial = text.split("\n")
+        *complete, partial = text.split("\n")
         with self._cond:
-            self.lines.extend((now, clean(line)) for line in complete)
+            if complete:
+                first, *rest = complete
+                self.lines.append((self._partial_seen if self._partial else now, clean(first)))
+                self.lines.extend((now, clean(line)) for line in rest)
+            if partial and (complete or not self._partial):
+                self._partial_seen = now
+            self._partial = partial
             self._cond.notify_all()
 
     def mark(self) -> int:
-        """A position: later searches can start from here (e.g. the lines of the next boot)."""
+        """A position: later searches can start from here (e.g. the lines of the next boot). An unfinished
+        line belongs to before the mark."""
         with self._cond:
-            return len(self.lines)
+            return len(self.lines) + (1 if self._partial else 0)
 
     def find(self, pattern: re.Pattern, start: int = 0) -> tuple[int, float, re.Match] | None:
-        """(index, time seen, match) of the first line from `start` that matches, or None."""
+        """(index, time seen, match) of the first line from `start` that matches, or None. The unfinished
+        last line counts too: a prompt is not followed by a newline."""
         with self._cond:
             for i in range(start, len(self.lines)):
                 m = pattern.search(self.lines[i][1])
                 if m:
                     return i, self.lines[i][0], m
+            m = pattern.search(clean(self._partial)) if self._partial and start <= len(self.lines) else None
+            if m:
+                return len(self.lines), self._partial_seen, m
         return None
 
     def fatal(self, start: int = 0) -> str | None:
