@@ -15,7 +15,7 @@ up servers="3" workers="2":
 down *args:
     {{bin}}/cortex dev down {{args}}
 
-# the test suite (unit, multi-process cluster, bad input)
+# the test suite (unit, multi-process cluster, bad input, and as root the VM tests: tests/qemu)
 test *args:
     {{bin}}/python -m cortex.protogen --check
     {{bin}}/python -m pytest {{args}}
@@ -51,3 +51,7 @@ flash device *args:
 # boot a built image under QEMU (software emulation here): image/README.md
 qemu name *args:
     ./image/qemu.sh {{name}} {{args}}
+
+# the VM tests alone (root; builds the image when it is older than the sources): one table of timings
+qemu-test *args:
+    {{bin}}/python -m pytest tests/qemu {{args}}

@@ -26,6 +26,8 @@ command -v ssh >/dev/null || packages+=(openssh-client)
 # netboot: the iPXE binaries handed to PXE clients (undionly.kpxe, ipxe.efi) and dnsmasq for DHCP/TFTP
 [ -e /usr/lib/ipxe/undionly.kpxe ] || packages+=(ipxe)
 command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || packages+=(dnsmasq-base)
+# the VM tests (tests/qemu) reach the VMs over SSH; image/build.sh installs QEMU and the rest itself
+command -v ssh >/dev/null || packages+=(openssh-client)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "bootstrap: installing ${packages[*]} with apt-get" >&2

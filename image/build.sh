@@ -7,6 +7,9 @@
 #   CORTEX_IMAGE_VERSION=0.1.0.7 image/build.sh
 #   CORTEX_IMAGE_CLEAN=1 image/build.sh     # also drop mkosi's incremental cache (after package changes)
 #   CORTEX_IMAGE_NETBOOT=0 image/build.sh   # disk image + update payload only
+#   CORTEX_IMAGE_UPDATE=0 image/build.sh    # no update payload (saves ~50 s of xz; the VM tests use this)
+#   CORTEX_IMAGE_PLAIN=1 image/build.sh     # also cortex-plain_V.raw: the same image minus the agent
+#                                           # (mkosi.profiles/plain.conf), the VM tests' boot-time yardstick
 #
 # Outputs (image/.build/out/, README.md "Artifacts"):
 #   cortex_V.raw                       disk image for USB sticks / laptops / VMs (image/flash.sh)
@@ -15,7 +18,8 @@
 #   cortex_V.vmlinuz, cortex_V.initrd  kernel and initrd, for direct kernel boot of the disk image
 #   cortex-netboot_V.vmlinuz + cortex-netboot_V.cpio.zst   netboot: the whole OS in RAM
 #   update/                            what an update server publishes for systemd-sysupdate
-#   cortex.raw, cortex-netboot.*       symlinks to the newest build
+#   cortex-plain_V.raw                 (CORTEX_IMAGE_PLAIN=1) the same disk image without the agent
+#   cortex.raw, cortex-netboot.*, cortex-plain.raw   symlinks to the newest build
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -36,7 +40,7 @@ mkosi_version=$(mkosi --version 2>/dev/null | awk '{print $2}') || true
 case "$mkosi_version" in 2[4-9]*|[3-9][0-9]*) ;; *) need_install=1 ;; esac
 repart_version=$(systemd-repart --version 2>/dev/null | awk 'NR==1 {print $2}') || true
 [ "${repart_version:-0}" -ge 254 ] 2>/dev/null || need_install=1
-for tool in mkfs.erofs mkfs.vfat mcopy bwrap cpio depmod xz zstd qemu-system-x86_64 veritysetup sfdisk pv; do
+for tool in mkfs.erofs mkfs.vfat mcopy bwrap cpio depmod xz zstd qemu-system-x86_64 qemu-img veritysetup sfdisk pv; do
     command -v "$tool" >/dev/null || need_install=1
 done
 [ -e /usr/lib/systemd/boot/efi/systemd-bootx64.efi ] || need_install=1
@@ -57,7 +61,7 @@ EOF
     export DEBIAN_FRONTEND=noninteractive
     timeout 600 apt-get update -qq
     timeout 900 apt-get install -y -qq -t bookworm-backports \
-        mkosi systemd systemd-container systemd-boot systemd-boot-efi qemu-system-x86 >/dev/null
+        mkosi systemd systemd-container systemd-boot systemd-boot-efi qemu-system-x86 qemu-utils >/dev/null
     timeout 900 apt-get install -y -qq \
         ovmf erofs-utils squashfs-tools cryptsetup-bin dosfstools mtools e2fsprogs fdisk zstd xz-utils \
         python3-pefile python3-venv python3-pip debian-archive-keyring bubblewrap uidmap pv cpio kmod >/dev/null
@@ -90,7 +94,8 @@ say "wheels: $(ls "$build"/wheels/*.whl | wc -l) in $(( $(date +%s) - t )) s"
 cd "$here"
 # A rebuild of the same version must not leave partition files of the previous build behind (their
 # names carry the partition UUID, which changes with the content).
-rm -f "$out/cortex_$version".* "$out/cortex-netboot_$version".* "$out/cortex_$version" "$out/cortex-netboot_$version"
+rm -f "$out/cortex_$version".* "$out/cortex-netboot_$version".* "$out/cortex_$version" "$out/cortex-netboot_$version" \
+    "$out/cortex-plain_$version".* "$out/cortex-plain_$version"
 force=(-f)
 [ "${CORTEX_IMAGE_CLEAN:-0}" = 1 ] && force=(-ff)
 t=$(date +%s)
@@ -104,21 +109,30 @@ if [ "${CORTEX_IMAGE_NETBOOT:-1}" = 1 ]; then
     timeout 2400 mkosi -f --profile=netboot --image-version="$version" build
     netboot_s=$(( $(date +%s) - t ))
 fi
+plain_s=0
+if [ "${CORTEX_IMAGE_PLAIN:-0}" = 1 ]; then
+    t=$(date +%s)
+    say "mkosi: plain image (profile plain: the same image minus the agent)"
+    timeout 2400 mkosi -f --profile=plain --image-version="$version" build
+    plain_s=$(( $(date +%s) - t ))
+fi
 
 # --- update payload -----------------------------------------------------------------------------------
 # systemd-pull 254 decompresses xz and gzip but not zstd: the partition images are published as .xz.
 t=$(date +%s)
 update="$out/update"
 rm -rf "$update"
-mkdir -p "$update"
 shopt -s nullglob
 parts=("$out/cortex_$version".usr-x86-64.*.raw "$out/cortex_$version".usr-x86-64-verity.*.raw)
 [ "${#parts[@]}" = 2 ] || die "expected the /usr and /usr-verity partition files in $out, found: ${parts[*]:-none}"
-for part in "${parts[@]}"; do
-    xz -T0 -3 -c "$part" >"$update/$(basename "$part").xz"
-done
-cp "$out/cortex_$version.efi" "$update/"
-(cd "$update" && sha256sum -- * >SHA256SUMS)
+if [ "${CORTEX_IMAGE_UPDATE:-1}" = 1 ]; then
+    mkdir -p "$update"
+    for part in "${parts[@]}"; do
+        xz -T0 -3 -c "$part" >"$update/$(basename "$part").xz"
+    done
+    cp "$out/cortex_$version.efi" "$update/"
+    (cd "$update" && sha256sum -- * >SHA256SUMS)
+fi
 update_s=$(( $(date +%s) - t ))
 
 ln -sfn "cortex_$version.raw" "$out/cortex.raw"
@@ -126,20 +140,23 @@ if [ "${CORTEX_IMAGE_NETBOOT:-1}" = 1 ]; then
     ln -sfn "cortex-netboot_$version.vmlinuz" "$out/cortex-netboot.vmlinuz"
     ln -sfn "cortex-netboot_$version.cpio.zst" "$out/cortex-netboot.cpio.zst"
 fi
+[ "${CORTEX_IMAGE_PLAIN:-0}" = 1 ] && ln -sfn "cortex-plain_$version.raw" "$out/cortex-plain.raw"
 
 # --- report -------------------------------------------------------------------------------------------
 total=$(( $(date +%s) - start ))
 human() { numfmt --to=iec-i --suffix=B --format='%.1f' "$1"; }
 echo
-echo "Cortex image $version built in ${total} s (disk ${disk_s} s, netboot ${netboot_s} s, update payload ${update_s} s)"
+echo "Cortex image $version built in ${total} s (disk ${disk_s} s, netboot ${netboot_s} s, plain ${plain_s} s, update payload ${update_s} s)"
 printf '%-58s %10s %12s\n' ARTIFACT SIZE "ON DISK"
 for f in "$out/cortex_$version".raw "$out/cortex_$version".efi "$out/cortex_$version".vmlinuz \
          "$out/cortex_$version".initrd "${parts[@]}" \
          "$out/cortex-netboot_$version".vmlinuz "$out/cortex-netboot_$version".cpio.zst \
-         "$update"/*; do
+         "$out/cortex-plain_$version".raw "$update"/*; do
     [ -e "$f" ] || continue
     printf '%-58s %10s %12s\n' "${f#"$out"/}" "$(human "$(stat -c %s "$f")")" "$(du -h "$f" | cut -f1)"
 done
-payload=$(du -cb "$update"/*.xz "$update"/*.efi | tail -n1 | cut -f1)
-echo "compressed update payload (xz partitions + UKI): $(human "$payload")"
+if [ "${CORTEX_IMAGE_UPDATE:-1}" = 1 ]; then
+    payload=$(du -cb "$update"/*.xz "$update"/*.efi | tail -n1 | cut -f1)
+    echo "compressed update payload (xz partitions + UKI): $(human "$payload")"
+fi
 echo "flash:  image/flash.sh /dev/sdX            (defaults to $out/cortex.raw)"

@@ -1,0 +1,64 @@
+"""Boot: the appliance boots to agent-ready (init from credentials), /usr is read-only erofs behind
+dm-verity, the state partition was created on first boot, the boot was blessed. Beside it, the same image
+minus the agent (profile plain) boots alone first: the ratio is what the agent costs the boot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.qemu import infra, timings
+from tests.qemu.conftest import BOOT_TIMEOUT, CORTEX
+
+
+@pytest.fixture(scope="package")  # package scope like node1, so that it runs first (argument order)
+def plain_boot(lab) -> float:
+    """Power-on -> login prompt of the plain image, booted alone (before node1, which boots alone too)."""
+    vm = lab.machine("plain", host=21, disk=lab.images.plain)
+    vm.start()
+    try:
+        _, seconds = vm.wait_for_console(r"login:", timeout=BOOT_TIMEOUT)
+        timings.record("boot", "plain Debian image (alone): power-on -> login prompt", seconds)
+        # The same boot path: verity /usr and the state partition made on first boot.
+        assert vm.succeed("findmnt -n -o FSTYPE /usr").strip() == "erofs"
+        assert vm.succeed("findmnt -n -o PARTLABEL /").strip() == "cortex-state"
+        vm.fail("systemctl cat cortex-agent.service")
+    finally:
+        vm.kill()
+    return seconds
+
+
+def test_boot(plain_boot, node1):
+    host = infra.host(node1)
+    first = timings.rows()
+    ready = next(r["value"] for r in first if r["what"].startswith("node1 (alone): power-on -> agent ready"))
+    login = next(r["value"] for r in first if r["what"].startswith("node1 (alone): power-on -> login"))
+    timings.record("boot", "ratio: cortex agent ready / plain login prompt", ready / plain_boot, unit="x")
+    timings.record("boot", "ratio: login prompt cortex / plain", login / plain_boot, unit="x")
+
+    # agent ready: the service runs and the node leads the cluster it created
+    assert host.service("cortex-agent").is_running
+    status = json.loads(node1.succeed(f"{CORTEX} status --json"))
+    assert status["state"] == "leader" and status["has_quorum"], status
+
+    # /usr: read-only erofs on the verity device, every block checked against the UKI's usrhash=
+    usr = host.mount_point("/usr")
+    assert usr.filesystem == "erofs" and "ro" in usr.options
+    assert usr.device == "/dev/mapper/usr"
+    assert "usrhash=" in host.file("/proc/cmdline").content_string
+    dm = node1.succeed("dmsetup table usr 2>/dev/null || cat /sys/block/$(basename $(readlink -f /dev/mapper/usr))/dm/uuid")
+    assert "verity" in dm.lower(), dm
+    assert "Read-only file system" in node1.fail("touch /usr/lib/cortex/x")
+
+    # state: the partition repart made on first boot holds / (and with it /etc and /var)
+    assert host.mount_point("/").filesystem == "ext4"
+    assert node1.succeed("findmnt -n -o PARTLABEL /").strip() == "cortex-state"
+    assert host.file("/var/lib/cortex").is_directory
+    assert host.file("/etc/machine-id").content_string.strip()
+
+    # blessed: boot-complete.target reached (cortex-ready gates it), the counter stripped from the entry
+    node1.wait_for_unit("systemd-bless-boot.service")
+    assert node1.succeed("/usr/lib/systemd/systemd-bless-boot status").strip() == "good"
+    entries = node1.succeed("ls /efi/EFI/Linux/").split()
+    assert any(e.startswith("cortex_") and "+" not in e for e in entries), entries
