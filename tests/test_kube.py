@@ -502,3 +502,22 @@ def test_each_node_publishes_its_contexts_and_capacity_to_the_replicated_store(m
     assert shown["capacity"][0]["cpu_free_m"] == 5900 and shown["fits"] == [[node, "lab"]]
     assert cli.main(["k8s", "capacity", "--cpu", "5", *addr]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[:6] == [node, "lab", "2", "5900m", "11.9Gi", "no"]
+
+    # the task engine places a k8s_job by the context's capacity (the node's own CPUs do not matter) and runs it
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"kind": "k8s_job", "spec": {
+        "image": "busybox", "command": ["sh", "-c", "echo hello from the lab cluster"],
+        "resources": {"cpu": "1", "memory": "256Mi"}}}))
+    assert cli.main(["tasks", "submit", "-f", str(job), "--wait", "--json", *addr]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["summary"]["all_succeeded"] and done["results"][0]["node"] == node
+    assert "hello from the lab cluster" in done["results"][0]["stdout"]
+    job.write_text(json.dumps({"kind": "k8s_job", "spec": {"image": "busybox", "command": ["sh", "-c", "echo"],
+                                                            "resources": {"cpu": "64", "memory": "1Gi"}}}))
+    assert cli.main(["tasks", "submit", "-f", str(job), "--json", *addr]) == 0
+    (big,) = json.loads(capsys.readouterr().out)["task_ids"]
+    time.sleep(2)  # a few scheduler passes
+    assert cli.main(["tasks", "show", big, "--json", *addr]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["state"] == "queued"
+    assert "has no Kubernetes node with 64000m CPU" in shown["placement_now"][node]

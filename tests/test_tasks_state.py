@@ -306,3 +306,37 @@ def test_cel_that_loops_or_explodes_is_stopped_by_the_evaluator():
             ev.evaluate("1 / 0", {})
     finally:
         ev.close()
+
+
+def test_a_k8s_job_is_placed_by_kubernetes_capacity_not_the_nodes_own():
+    def node(node_id, kinds, cpus=1):
+        return {"id": node_id, "role": "worker", "liveness": "alive", "reported_at": 1, "kinds": kinds,
+                "labels": {}, "capacity": {"cpus": cpus, "memory_mb": 512, "slots": 4}, "running": {"tasks": 0}}
+
+    nodes = [node("laptop", ["shell", "k8s_job"], cpus=1), node("nas", ["shell", "k8s_job"], cpus=16),
+             node("pi", ["shell"], cpus=4)]
+    gib = 2**30
+    records = [  # what the kubernetes plugin publishes: the laptop reaches a roomy cluster, the NAS a full one
+        {"node_id": "laptop", "current": "lab", "contexts": [{"name": "lab"}],
+         "capacity": [{"context": "lab", "node_free": [[8000, 32 * gib]], "cpu_free_m": 8000,
+                       "memory_free": 32 * gib}]},
+        {"node_id": "nas", "current": "k3s", "contexts": [{"name": "k3s"}],
+         "capacity": [{"context": "k3s", "node_free": [[500, gib]], "cpu_free_m": 500, "memory_free": gib}]},
+    ]
+
+    def job(tid, cpu, memory, context=""):
+        return {"id": tid, "kind": "k8s_job", "priority": 0, "attempt": 0,
+                "placement": {"avoid_busy": True, "strategy": "spread", "cpus": 64},  # not the node's CPUs
+                "spec": {"image": "busybox", "context": context,
+                         "resources": {"cpu": cpu, "memory": memory}}}
+
+    placed = scheduler.schedule([job("train", "4", "16Gi")], nodes, k8s_records=records)
+    assert [(a.task_id, a.node_id) for a in placed] == [("train", "laptop")]  # 1 CPU laptop, big cluster
+    small = scheduler.schedule([job("tiny", "250m", "128Mi", context="k3s")], nodes, k8s_records=records)
+    assert [a.node_id for a in small] == ["nas"]
+    assert scheduler.schedule([job("huge", "64", "1Ti")], nodes, k8s_records=records) == []
+    why = scheduler.explain(job("huge", "64", "1Ti"), nodes, records)
+    assert "has no Kubernetes node with 64000m CPU" in why["laptop"] and "does not run k8s_job" in why["pi"]
+    assert scheduler.explain(job("x", "1", "1Gi", context="gke"), nodes, records)["nas"] == \
+        "has no Kubernetes context 'gke'"
+    assert scheduler.schedule([job("none", "1", "1Gi")], nodes) == []  # no records yet: nowhere to run

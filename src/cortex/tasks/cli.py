@@ -166,7 +166,12 @@ def cmd_show(args) -> int:
         if task is None:
             raise _cli().UsageError(f"no task {args.id!r}; see `cortex tasks list`")
         if task["state"] == "queued":
-            task["placement_now"] = explain(task, c.read("task.nodes", {}, level="leader"))
+            records = ()
+            if task["kind"] == "k8s_job":
+                from cortex.kube.records import read_records
+
+                records = read_records(lambda query, a: c.read(query, a, level="leader"))
+            task["placement_now"] = explain(task, c.read("task.nodes", {}, level="leader"), records)
     lines = [f"{k:13} {task[k]}" for k in ("id", "name", "kind", "state", "priority", "attempt", "failures", "node",
                                           "exit_code", "error", "dlq", "workflow", "step", "grp") if task.get(k)
              not in (None, "", False)]

@@ -191,7 +191,12 @@ class TaskEngine(Plugin):
             for i in range(0, len(requeues), ASSIGN_BATCH):
                 cluster.propose("task.requeue", {"requeues": requeues[i:i + ASSIGN_BATCH]})
         started = time.perf_counter()
-        decisions = schedule(snap["queued"], snap["nodes"])
+        records = ()
+        if any(t["kind"] == "k8s_job" for t in snap["queued"]):  # where Kubernetes capacity is (kubernetes plugin)
+            from cortex.kube.records import read_records
+
+            records = read_records(lambda query, args: cluster.read(query, args, level="leader"))
+        decisions = schedule(snap["queued"], snap["nodes"], k8s_records=records)
         self.last_decision_seconds = time.perf_counter() - started
         for i in range(0, len(decisions), ASSIGN_BATCH):
             cluster.propose("task.assign", {"assignments": [

@@ -11,11 +11,18 @@ Filter, then rank, one task at a time in priority order (higher first, then subm
 
 Each placement reserves resources in the working copy, so one pass never overcommits a node. Tasks nobody can
 take stay queued, with the reason (`explain`) for `cortex tasks show`.
+
+A `k8s_job` runs its pod in a Kubernetes cluster, not on the Cortex node: for it the CPU/memory/GPU check is
+whether one of the node's Kubernetes contexts has a Kubernetes node with the pod's requests free
+(`kube.capacity.fit_reason` over the records the kubernetes plugin publishes), and it reserves only a task slot.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from cortex.kube.capacity import fit_reason
 
 DEFAULT_SLOTS = 32  # concurrent tasks per node when its report does not say
 
@@ -65,12 +72,13 @@ def _prepare(nodes: list[dict]) -> tuple[list[_Node], float]:
 
 def _static_ok(task: dict, n: _Node) -> bool:
     """The checks that do not change while a pass places tasks."""
-    reason = _fits(task, n)
+    reason = _fits(task, n, static_only=True)
     return not reason or reason.startswith(("no free task slot", "needs "))
 
 
-def _fits(task: dict, n: _Node) -> str:
-    """'' when the node can take the task now, else why not."""
+def _fits(task: dict, n: _Node, k8s_records: Sequence[dict] = (), static_only: bool = False) -> str:
+    """'' when the node can take the task now, else why not (static_only: skip what a pass's placements change
+    and Kubernetes capacity, which `schedule` checks per task)."""
     p = task["placement"]
     if task["kind"] not in n.kinds:
         return f"does not run {task['kind']} tasks"
@@ -85,6 +93,8 @@ def _fits(task: dict, n: _Node) -> str:
         return "busy (its owner is using it)"
     if n.free_slots < 1:
         return "no free task slot"
+    if task["kind"] == "k8s_job":
+        return "" if static_only else fit_reason(k8s_records, n.id, task.get("spec") or {})
     if p.get("cpus", 0) > n.free_cpus + 1e-9:
         return f"needs {p['cpus']:g} CPUs, {max(n.free_cpus, 0):g} free"
     if p.get("memory_mb", 0) > n.free_mem:
@@ -105,8 +115,10 @@ def _score(n: _Node, top_flops: float, strategy: str) -> float:
     return (free if strategy == "spread" else 1.0 - free) + 0.1 * speed
 
 
-def schedule(queued: list[dict], nodes: list[dict], limit: int = 5000) -> list[Assignment]:
-    """Assignments for as many ready tasks as fit. `queued` is in priority order already (state query)."""
+def schedule(queued: list[dict], nodes: list[dict], limit: int = 5000,
+             k8s_records: Sequence[dict] = ()) -> list[Assignment]:
+    """Assignments for as many ready tasks as fit. `queued` is in priority order already (state query);
+    `k8s_records` are the kubernetes plugin's per-node records (needed only for k8s_job tasks)."""
     views, top = _prepare(nodes)
     out: list[Assignment] = []
     if not views:
@@ -127,10 +139,13 @@ def schedule(queued: list[dict], nodes: list[dict], limit: int = 5000) -> list[A
         candidates = static.get(key)
         if candidates is None:
             candidates = static[key] = [n for n in views if _static_ok(task, n)]
-        cpus, mem, gpus = p.get("cpus", 0), p.get("memory_mb", 0), p.get("gpus", 0)
+        k8s = task["kind"] == "k8s_job"
+        cpus, mem, gpus = (0, 0, 0) if k8s else (p.get("cpus", 0), p.get("memory_mb", 0), p.get("gpus", 0))
         best, best_score = None, 0.0
         for n in candidates:
             if n.free_slots < 1 or cpus > n.free_cpus + 1e-9 or mem > n.free_mem or gpus > n.free_gpus:
+                continue
+            if k8s and fit_reason(k8s_records, n.id, task.get("spec") or {}):
                 continue
             score = scores[n.id][which]
             if best is None or score > best_score or (score == best_score and n.id < best.id):
@@ -138,16 +153,16 @@ def schedule(queued: list[dict], nodes: list[dict], limit: int = 5000) -> list[A
         if best is None:
             continue
         best.free_slots -= 1
-        best.free_cpus -= p.get("cpus", 0)
-        best.free_mem -= p.get("memory_mb", 0)
-        best.free_gpus -= p.get("gpus", 0)
+        best.free_cpus -= cpus
+        best.free_mem -= mem
+        best.free_gpus -= gpus
         scores[best.id] = (_score(best, top, "spread"), _score(best, top, "pack"))
         capacity_left -= 1
         out.append(Assignment(task["id"], best.id, task["attempt"] + 1))
     return out
 
 
-def explain(task: dict, nodes: list[dict]) -> dict[str, str]:
+def explain(task: dict, nodes: list[dict], k8s_records: Sequence[dict] = ()) -> dict[str, str]:
     """Why each node cannot take this task right now (for `cortex tasks show` of a queued task)."""
     views, _ = _prepare(nodes)
     ready = {n.id for n in views}
@@ -157,5 +172,5 @@ def explain(task: dict, nodes: list[dict]) -> dict[str, str]:
             reasons[n["id"]] = ("draining" if n.get("drained") else
                                 "no resource report yet" if not n.get("reported_at") else n.get("liveness", "?"))
     for n in views:
-        reasons[n.id] = _fits(task, n) or "fits"
+        reasons[n.id] = _fits(task, n, k8s_records) or "fits"
     return reasons

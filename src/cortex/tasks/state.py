@@ -624,10 +624,12 @@ def _q_sched(db, args) -> dict:
     """The scheduler's input: ready queued tasks in priority order, and every node's view."""
     now = float(args.get("now", 0))
     limit = max(1, min(int(args.get("limit", 5000)), 20000))
-    rows = db.execute("SELECT id, kind, priority, placement, attempt, seq FROM tasks WHERE state='queued' "
+    rows = db.execute("SELECT id, kind, priority, placement, attempt, seq, spec FROM tasks WHERE state='queued' "
                       "AND not_before<=? ORDER BY priority DESC, seq LIMIT ?", (now, limit)).fetchall()
-    queued = [{"id": i, "kind": k, "priority": p, "placement": json.loads(pl), "attempt": a, "seq": s}
-              for i, k, p, pl, a, s in rows]
+    # a k8s_job's spec says what its Kubernetes cluster must have free (the scheduler checks that instead)
+    queued = [{"id": i, "kind": k, "priority": p, "placement": json.loads(pl), "attempt": a, "seq": s,
+               **({"spec": json.loads(sp)} if k == "k8s_job" else {})}
+              for i, k, p, pl, a, s, sp in rows]
     waiting = db.execute("SELECT min(not_before) FROM tasks WHERE state='queued' AND not_before>?",
                          (now,)).fetchone()[0]
     lost = [{"task_id": i, "attempt": a, "node": n, "state": st} for i, a, n, st in db.execute(
