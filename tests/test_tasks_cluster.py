@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +29,11 @@ def c(shared_cluster):
         time.sleep(0.2)
     yield client
     client.close()
+
+
+# The system's Python, not the test's: the sandbox has a private /tmp, and a checkout (with its .venv) may live
+# under /tmp, where a task cannot see it.
+SANDBOX_PYTHON = "/usr/bin/python3"
 
 
 def run(c, task: dict, timeout: float = 60) -> dict:
@@ -71,7 +75,7 @@ def test_shell_sandbox_denies_writes_outside_the_workdir_and_the_network(c, shar
     data_dir = Path(shared_cluster.node("w1").dir) / "data"
     script = (f"echo inside > ok.txt && cat ok.txt; "
               f"touch {outside} 2>/dev/null && echo WROTE-OUTSIDE; touch /etc/cortex-escape 2>/dev/null && echo WROTE-ETC; "
-              f"{sys.executable} -c \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)\" "
+              f"{SANDBOX_PYTHON} -c \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)\" "
               f"2>/dev/null && echo CONNECTED || echo NET-DENIED; "
               f"echo data-dir=$(ls -A {data_dir}); cat {data_dir}/cluster.json 2>/dev/null && echo SECRET-READ; true")
     task = run(c, {"kind": "shell", "spec": {"command": script}, "placement": {"nodes": ["w1"]}})
@@ -86,7 +90,7 @@ def test_shell_sandbox_denies_writes_outside_the_workdir_and_the_network(c, shar
         listener.accept()  # nothing reached the listener
     listener.close()
     # asking for the network gives it
-    allowed = run(c, {"kind": "shell", "spec": {"network": True, "command": f"{sys.executable} -c \"import socket; "
+    allowed = run(c, {"kind": "shell", "spec": {"network": True, "command": f"{SANDBOX_PYTHON} -c \"import socket; "
                                                 f"socket.create_connection(('127.0.0.1', {c.address.split(':')[1]}))\""},
                       "placement": {"nodes": ["w1"]}})
     assert allowed["state"] == "succeeded", allowed
