@@ -95,6 +95,47 @@ class RaftStatus:
 _STATES = {0: "follower", 1: "candidate", 2: "leader"}
 
 
+# pysyncobj's journal layout (pysyncobj/journal.py): a 40-byte header whose last 4 bytes say where the records
+# end, then records of size(4) | index(8) term(8) command | size(4).
+_JOURNAL_MAGIC = b"PYSYNCOBJ"
+_JOURNAL_LAST_OFFSET_AT = 36
+_JOURNAL_FIRST_RECORD = 40
+
+
+def repair_journal(path: Path) -> str:
+    """Cut a torn journal back to its last whole record; return what was done ('' when it was intact).
+
+    pysyncobj writes its journal through mmap and never fsyncs it, so after a power loss the header can point
+    past records that never reached the disk (zeros, or a short file) and pysyncobj then fails to start, for
+    ever. The lost tail was at most this node's copy of recent entries: the leader sends them again.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ""
+    if len(data) < _JOURNAL_FIRST_RECORD or not data.startswith(_JOURNAL_MAGIC):
+        path.unlink()
+        return f"{path.name}: unreadable header ({len(data)} bytes); started a new journal"
+    (last,) = struct.unpack_from("<I", data, _JOURNAL_LAST_OFFSET_AT)
+    offset = _JOURNAL_FIRST_RECORD
+    while offset < last:
+        if offset + 4 > len(data):
+            break
+        (size,) = struct.unpack_from("<I", data, offset)
+        end = offset + 4 + size + 4
+        if size < 16 or end > len(data) or end > last or struct.unpack_from("<I", data, end - 4)[0] != size:
+            break
+        offset = end
+    if offset == last:
+        return ""
+    with open(path, "r+b") as f:
+        f.seek(_JOURNAL_LAST_OFFSET_AT)
+        f.write(struct.pack("<I", offset))
+        f.flush()
+        os.fsync(f.fileno())
+    return f"{path.name}: torn tail after an unclean stop; cut back from offset {last} to {offset}"
+
+
 class RaftNode(SyncObj):
     """A voting member. The state machine is a StateStore; every entry is an encoded command envelope."""
 
@@ -103,6 +144,9 @@ class RaftNode(SyncObj):
         self.store = store
         self._snapshot_tmp = data_dir / "snapshot.tmp.db"
         self._on_state_change = on_state_change
+        repaired = repair_journal(data_dir / "raft.journal")
+        if repaired:
+            log.warning("raft journal repaired", extra={"fields": {"what": repaired}})
         conf = SyncObjConf(
             password=secret,
             appendEntriesUseBatch=False,
