@@ -139,13 +139,7 @@ class StateStore:
 
     def reader(self) -> sqlite3.Connection:
         """A read-only connection for the calling thread."""
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
-                                 check_same_thread=False, timeout=30)
-            db.execute("PRAGMA query_only=ON")
-            self._local.db = db
-        return db
+        return thread_reader(self._local, self.path)
 
     def close(self) -> None:
         with self._write_lock:
@@ -568,6 +562,17 @@ _QUERIES = {
     "cluster": _q_cluster,
     "digest": _q_digest,
 }
+
+
+def thread_reader(local: threading.local, path: Path) -> sqlite3.Connection:
+    """The calling thread's read-only connection to `path`, opened on first use and kept in `local`."""
+    db = getattr(local, "db", None)
+    if db is None:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False,
+                             timeout=30)
+        db.execute("PRAGMA query_only=ON")
+        local.db = db
+    return db
 
 
 def _split_sql(script: str) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 from cortex.commands import CommandError, Envelope
 from cortex.memory import domain
 from cortex.memory.schema import LOCAL_MIGRATIONS
+from cortex.state import thread_reader
 
 
 class LocalStore:
@@ -57,13 +58,7 @@ class LocalStore:
         return result
 
     def reader(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
-                                 check_same_thread=False, timeout=30)
-            db.execute("PRAGMA query_only=ON")
-            self._local.db = db
-        return db
+        return thread_reader(self._local, self.path)
 
     def query(self, name: str, args: dict | None = None) -> Any:
         db = self.reader()
