@@ -63,11 +63,11 @@ def install(release: Path, version: str, keys: list[str]) -> None:
                      timeout=1800)
 
 
-def revert(version: str) -> list[str]:
+def revert(version: str, dirs: tuple[Path, ...] = UKI_DIRS) -> list[str]:
     """Mark the entries newer than `version` bad (boot counter +0-N); return what was renamed."""
     wanted = updates.parse_version(version)
     renamed = []
-    for directory in UKI_DIRS:
+    for directory in dirs:
         if not directory.is_dir():
             continue
         for uki in directory.glob("cortex_*.efi"):
@@ -77,7 +77,7 @@ def revert(version: str) -> list[str]:
                 uki.rename(target)
                 renamed.append(f"{uki.name} -> {target.name}")
     if not renamed and not any((d / f"cortex_{version}.efi").exists() or list(d.glob(f"cortex_{version}+*.efi"))
-                               for d in UKI_DIRS if d.is_dir()):
+                               for d in dirs if d.is_dir()):
         raise UpdateError(f"no boot entry for {version} left to go back to")
     return renamed
 
