@@ -93,7 +93,7 @@ def _tool(args, name: str, arguments: dict) -> dict:
     stub = ppb_grpc.PluginsStub(open_channel(target))
     try:
         response = stub.CallTool(ppb.CallToolRequest(name=name, arguments_json=json.dumps(arguments).encode()),
-                                 timeout=max(args.timeout, 120.0))
+                                 timeout=max(args.timeout, 600.0))
     except grpc.RpcError as exc:
         raise CortexError(exc.code(), exc.details() or "") from None
     if response.error:

@@ -20,7 +20,7 @@ from tests.qemu.sshchannel import make_key
 HERE = Path(__file__).parent
 ARTIFACTS = images.REPO / "image/.build/vm-tests"
 # The order the modules run in: cheap harness checks first; the cluster grows from boot to suspend.
-MODULE_ORDER = ["test_harness", "test_boot", "test_cluster", "test_failover", "test_suspend"]
+MODULE_ORDER = ["test_harness", "test_boot", "test_cluster", "test_failover", "test_suspend", "test_issu"]
 GRPC_PORT = 7400
 READY = r"cortex-ready: CORTEX-READY"
 # The cortex CLI on a node, pointed at its agent (cortex-config writes the address; ssh runs no profile).
