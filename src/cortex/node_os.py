@@ -190,7 +190,8 @@ class ApplianceOS:
 
     def facts(self) -> Facts:
         try:
-            blessed = _run(["/usr/lib/systemd/systemd-bless-boot", "status"], 10).strip() != "indeterminate"
+            # good: blessed; clean: booted without a counter (nothing on probation); indeterminate: on probation
+            blessed = _run(["/usr/lib/systemd/systemd-bless-boot", "status"], 10).strip() in ("good", "clean")
         except UpdateError:
             blessed = True  # no boot counting in use (booted without an entry counter): nothing on probation
         return Facts(self.version, self.kind, blessed, _boot_id(), _booted_at(), _free(self.state_dir))
