@@ -122,13 +122,27 @@ def cmd_rollout(args, emit, table) -> int:
         emit(args, result, human)
         return 1 if result["preflight"] else 0
     print(human, file=sys.stderr if args.json else sys.stdout, flush=True)
-    return _follow(args, emit, table, result["id"])
+    return _follow(args, emit, result["id"])
 
 
-def _follow(args, emit, table, rollout_id: str) -> int:
+def _follow(args, emit, rollout_id: str) -> int:
+    from cortex.client import CortexError
+
     seen: dict[str, str] = {}
+    unreachable_since = 0.0
     while True:
-        doc = _tool(args, "update_status", {})["rollout"]
+        try:
+            doc = _tool(args, "update_status", {})["rollout"]
+            unreachable_since = 0.0
+        except CortexError as exc:
+            # the node we talk to may be the one rebooting right now: wait for it (a boot takes minutes)
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > 900:
+                raise
+            if not args.json:
+                print(f"{time.strftime('%H:%M:%S')} (agent not answering: {exc.code.name}; waiting)", flush=True)
+            time.sleep(2)
+            continue
         for s in doc["steps"]:
             if seen.get(s["node_id"]) != s["state"]:
                 seen[s["node_id"]] = s["state"]
@@ -161,10 +175,12 @@ def cmd_status(args, emit, table) -> int:
 
 def cmd_rollback(args, emit) -> int:
     result = _tool(args, "update_rollback", {"rollout_id": args.id} if args.id else {})
-    emit(args, result, f"rollout {result['id']}: {result['state']} (updated nodes go back to their previous slot, "
-                       "newest first; follow with `cortex update status`)")
+    human = (f"rollout {result['id']}: {result['state']} (updated nodes go back to their previous slot, newest "
+             "first; follow with `cortex update status`)")
     if args.wait and result["state"] == "rolling_back":
-        return _follow(args, emit, None, result["id"])
+        print(human, file=sys.stderr if args.json else sys.stdout, flush=True)
+        return _follow(args, emit, result["id"])
+    emit(args, result, human)
     return 0
 
 
