@@ -73,7 +73,7 @@ actions = st.lists(st.one_of(
 ), max_size=60)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(actions, st.booleans())
 def test_rollout_in_the_store_moves_forward_only_and_a_new_leader_finishes_it(tmp_path_factory, steps, skip_w2):
     log = Log(tmp_path_factory.mktemp("upd") / "state.db")
