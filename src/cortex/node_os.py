@@ -187,14 +187,16 @@ class ApplianceOS:
     def __init__(self, state_dir: Path, version: str):
         self.state_dir = state_dir
         self.version = version
+        self._blessed = False  # once blessed, a boot stays blessed: no need to ask again
 
     def facts(self) -> Facts:
-        try:
-            # good: blessed; clean: booted without a counter (nothing on probation); indeterminate: on probation
-            blessed = _run(["/usr/lib/systemd/systemd-bless-boot", "status"], 10).strip() in ("good", "clean")
-        except UpdateError:
-            blessed = True  # no boot counting in use (booted without an entry counter): nothing on probation
-        return Facts(self.version, self.kind, blessed, _boot_id(), _booted_at(), _free(self.state_dir))
+        if not self._blessed:
+            try:
+                # good: blessed; clean: booted without a counter (nothing on probation); indeterminate: on probation
+                self._blessed = _run(["/usr/lib/systemd/systemd-bless-boot", "status"], 10).strip() in ("good", "clean")
+            except UpdateError:
+                self._blessed = True  # no boot counting in use (no entry counter): nothing on probation
+        return Facts(self.version, self.kind, self._blessed, _boot_id(), _booted_at(), _free(self.state_dir))
 
     def _request(self, doc: dict) -> None:
         path = self.state_dir / "request.json"
