@@ -98,6 +98,9 @@ class Lab:
         number = len(self.machines) + 1
         address = f"{SUBNET}.{host}" if host else ""
         creds = dict(credentials or {})
+        # First boot grows the partition table in the initrd (systemd-repart); on a loaded machine that took
+        # > 90 s (the default device timeout) and the VM fell into emergency mode waiting for cortex-state.
+        config.setdefault("cmdline_extra", "systemd.default_device_timeout_sec=600")
         if address:
             creds.setdefault("ssh.authorized_keys.root", self.key.with_suffix(".pub").read_text().strip())
         vm = Machine(MachineConfig(name=name, disk=disk, address=address, credentials=creds, **config),

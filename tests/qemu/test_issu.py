@@ -158,7 +158,7 @@ def follow(lab, version: str, timeout: float) -> dict:
 
 def test_rolling_update_v1_to_v2_under_writes(lab, cluster, releases):
     v2 = releases["v2"]
-    plan = json.loads(cluster["node1"].succeed(f"{CORTEX} --json update rollout {v2} --dry-run", timeout=600))
+    plan = json.loads(cluster["node1"].succeed(f"{CORTEX} --timeout 900 --json update rollout {v2} --dry-run", timeout=600))
     assert plan["preflight"] == [] and [s["state"] for s in plan["steps"]] == ["pending"] * 4
     assert plan["steps"][0]["node_id"] == "node4"  # the worker first
     writer = probes.writer(lab.netns, lab.grpc(*SERVERS), "issu", log=lab.workdir / "issu-writer.jsonl")
@@ -166,7 +166,7 @@ def test_rolling_update_v1_to_v2_under_writes(lab, cluster, releases):
     try:
         writer.wait_for(lambda d: d.get("acked") == "issu-20", 120, "20 writes before the rollout")
         start = time.monotonic()
-        cluster["node1"].succeed(f"{CORTEX} --json update rollout {v2}", timeout=600)
+        cluster["node1"].succeed(f"{CORTEX} --timeout 900 --json update rollout {v2}", timeout=600)
         doc = follow(lab, v2, 4 * 900)
         took = time.monotonic() - start
     finally:
@@ -194,7 +194,7 @@ def test_rolling_update_v1_to_v2_under_writes(lab, cluster, releases):
 def test_broken_v3_falls_back_by_itself_and_halts(lab, cluster, releases):
     v2, v3 = releases["v2"], releases["v3"]
     start = time.monotonic()
-    cluster["node1"].succeed(f"{CORTEX} --json update rollout {v3}", timeout=600)
+    cluster["node1"].succeed(f"{CORTEX} --timeout 900 --json update rollout {v3}", timeout=600)
     doc = follow(lab, v3, 2400)
     took = time.monotonic() - start
     r = doc["rollout"]
