@@ -183,7 +183,7 @@ class TaskEngine(Plugin):
         """One round of decisions; returns how long to sleep unless woken."""
         cluster = self.ctx.cluster
         now = time.time()
-        snap = cluster.read("task.sched", {"now": now}, level="leader")
+        snap = self._read_sched(now, "auto")
         if snap["lost"]:
             requeues = [{"task_id": t["task_id"], "attempt": t["attempt"],
                          "reason": f"node {t['node']} was lost or drained past its deadline; re-queued"}
@@ -191,12 +191,11 @@ class TaskEngine(Plugin):
             for i in range(0, len(requeues), ASSIGN_BATCH):
                 cluster.propose("task.requeue", {"requeues": requeues[i:i + ASSIGN_BATCH]})
         started = time.perf_counter()
-        records = ()
-        if any(t["kind"] == "k8s_job" for t in snap["queued"]):  # where Kubernetes capacity is (kubernetes plugin)
-            from cortex.kube.records import read_records
-
-            records = read_records(lambda query, args: cluster.read(query, args, level="leader"))
-        decisions = schedule(snap["queued"], snap["nodes"], k8s_records=records)
+        decisions = self._decide(snap)
+        if snap["more"] and len(decisions) < snap["free_slots"]:
+            # the page's tasks could not fill the free slots (they wait for GPUs, labels...): look deeper
+            snap = self._read_sched(now, ASSIGN_BATCH * 5)
+            decisions = self._decide(snap)
         self.last_decision_seconds = time.perf_counter() - started
         for i in range(0, len(decisions), ASSIGN_BATCH):
             cluster.propose("task.assign", {"assignments": [
@@ -211,6 +210,20 @@ class TaskEngine(Plugin):
         if snap["next_retry_at"]:
             timeout = min(timeout, max(0.01, snap["next_retry_at"] - time.time()))
         return timeout
+
+    def _decide(self, snap: dict) -> list:
+        records = ()
+        if any(t["kind"] == "k8s_job" for t in snap["queued"]):  # where Kubernetes capacity is (kubernetes plugin)
+            from cortex.kube.records import read_records
+
+            records = read_records(lambda query, args: self.ctx.cluster.read(query, args, level="leader"))
+        return schedule(snap["queued"], snap["nodes"], k8s_records=records)
+
+    def _read_sched(self, now: float, limit) -> dict:
+        args = {"now": now, "limit": limit}
+        if hasattr(self.ctx.cluster, "read_local"):  # the leader's own replica, without a JSON round trip
+            return self.ctx.cluster.read_local("task.sched", args)
+        return self.ctx.cluster.read("task.sched", args, level="leader")
 
     # --- tools -----------------------------------------------------------------------------------------------
     def tools(self) -> list[Tool]:

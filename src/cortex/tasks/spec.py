@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from cortex.commands import CommandError
 from cortex.executor import TaskSpecError
@@ -155,15 +155,14 @@ def validate_task(doc) -> dict:
 
 
 def placement_doc(p: Placement) -> dict:
-    d = asdict(p)
-    d["nodes"] = list(p.nodes)
-    return d
+    # spelled out rather than dataclasses.asdict (a deep copy per field): this runs for every submitted task
+    return {"role": p.role, "labels": dict(p.labels), "nodes": list(p.nodes), "avoid_busy": p.avoid_busy,
+            "cpus": p.cpus, "memory_mb": p.memory_mb, "gpus": p.gpus, "strategy": p.strategy}
 
 
 def retry_doc(r: RetryPolicy) -> dict:
-    d = asdict(r)
-    d["on"] = list(r.on)
-    return d
+    return {"max_attempts": r.max_attempts, "backoff": r.backoff, "backoff_max": r.backoff_max,
+            "jitter": r.jitter, "on": list(r.on)}
 
 
 def retry_from_doc(d: dict) -> RetryPolicy:
