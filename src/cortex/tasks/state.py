@@ -106,6 +106,13 @@ MIGRATIONS = (
         drained_at REAL
     );
     """,
+    # 2: the scheduler's read in its own order (priority DESC, seq ASC cannot be read off an ascending index:
+    # SQLite sorted the whole queue every round), and the earliest retry time without scanning the queue
+    """
+    DROP INDEX tasks_by_state;
+    CREATE INDEX tasks_ready ON tasks (state, priority DESC, seq);
+    CREATE INDEX tasks_backoff ON tasks (state, not_before);
+    """,
 )
 TABLES = ("tasks", "task_attempts", "task_output", "task_nodes")
 
@@ -688,7 +695,8 @@ def _q_sched(db, args) -> dict:
     rows = db.execute(
         "SELECT t.id, t.kind, t.priority, t.placement, t.attempt, t.seq, t.spec, a.node FROM tasks t "
         "LEFT JOIN task_attempts a ON a.task_id = t.id AND a.attempt = t.attempt "
-        "WHERE t.state='queued' AND t.not_before<=? ORDER BY t.priority DESC, t.seq LIMIT ?",
+        # `+not_before`: keeps the planner on tasks_ready (read in order, stop at LIMIT) instead of tasks_backoff
+        "WHERE t.state='queued' AND +t.not_before<=? ORDER BY t.priority DESC, t.seq LIMIT ?",
         (now, limit + 1)).fetchall()
     more = len(rows) > limit
     placements: dict[str, dict] = {}  # a queue of similar tasks shares a few placements: decode each once
