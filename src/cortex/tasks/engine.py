@@ -87,7 +87,9 @@ class TaskEngine(Plugin):
         if cluster is None:  # a host without a cluster (tools listing, tests): nothing to schedule or run
             return
         if self.ctx.options.get("run_tasks", True):
-            self.runner = Runner(cluster, cluster.node_id, self.executors, (self.ctx.data_dir / "work").resolve(), self.ctx.log)
+            self.runner = Runner(cluster, cluster.node_id, self.executors, (self.ctx.data_dir / "work").resolve(),
+                                 self.ctx.log, server=getattr(cluster, "role", "") == "server"
+                                 and hasattr(cluster, "read_local"))
             self.runner.start()
         for name, target in (("task-leader", self._leader_loop), ("task-resources", self._resource_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -118,8 +120,15 @@ class TaskEngine(Plugin):
             if self.runner is not None and self.ctx.cluster.node_id in event.data.get("nodes", ()):
                 self.runner.wake()
 
-        return {"task.submitted": leader, "task.finished": leader, "task.requeued": leader,
-                "task.changed": leader, "task.assigned": assigned, "node.*": leader, "workflow.*": leader,
+        def changed(event) -> None:
+            # a cancel, a re-queue, a drain, a workflow cancel may stop an attempt running here: a server's
+            # runner notices at once instead of at its next (slow) poll
+            self._wake.set()
+            if self.runner is not None:
+                self.runner.wake()
+
+        return {"task.submitted": leader, "task.finished": leader, "task.requeued": changed,
+                "task.changed": changed, "task.assigned": assigned, "node.*": changed, "workflow.*": changed,
                 "leader.changed": leader}
 
     # --- resources -------------------------------------------------------------------------------------------

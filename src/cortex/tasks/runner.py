@@ -2,8 +2,9 @@
 
 Pull, not push: the runner reads "what should this node be running" (`task.assigned`, a stale read from the
 nearest server: cheap, and staleness is harmless because every start and report names its attempt and term
-and the state machine rejects stale ones). It polls quickly while busy and slowly while idle; on servers the
-engine also wakes it on the local `task.assigned` event, so a server picks work up as soon as it applies it.
+and the state machine rejects stale ones). A worker polls quickly while busy and slowly while idle; a server
+reads its own replica, woken by the engine on its local `task.assigned`/`task.changed` events, so it picks
+work up as soon as it applies it and polls only slowly, as a safety net.
 
 Reconciliation, each poll:
 - an assigned attempt not running here: start it (`task.start`, batched), then run it on its own thread;
@@ -57,8 +58,13 @@ def _code_name(exc: BaseException) -> str:
 
 class Runner:
     def __init__(self, cluster, node_id: str, executors: dict[str, Executor], workdir_root: Path,
-                 log: logging.Logger, idle_poll: float = 0.5, busy_poll: float = 0.02):
+                 log: logging.Logger, idle_poll: float = 0.5, busy_poll: float = 0.02, server: bool = False):
         self.cluster = cluster
+        # A server applies every assignment itself and the engine wakes this runner on its own apply (and on
+        # cancels), so it reads its own replica in process and needs no fast polling; a worker polls a server.
+        self.server = server
+        if server:
+            busy_poll = idle_poll
         self.node_id = node_id
         self.executors = executors
         self.workdir_root = Path(workdir_root)
@@ -116,10 +122,18 @@ class Runner:
             if self._stop.is_set():
                 return
             try:
-                view = self.cluster.read("task.assigned", {"node_id": self.node_id}, level="stale")
-                self.reconcile(view)
+                self.reconcile(self._read_assigned())
             except Exception as exc:  # the cluster may be electing; try again next round
                 self.log.debug("task poll failed: %s", exc)
+
+    def _read_assigned(self) -> list[dict]:
+        args = {"node_id": self.node_id}
+        if self.server:
+            try:
+                return self.cluster.read_local("task.assigned", args)
+            except Exception:  # not a member yet (no replica): ask a server like a worker does
+                pass
+        return self.cluster.read("task.assigned", args, level="stale")
 
     def reconcile(self, view: list[dict]) -> None:
         now = time.monotonic()
