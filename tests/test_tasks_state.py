@@ -397,3 +397,23 @@ def test_normalized_docs_name_every_field_of_their_dataclass():
 
     assert set(placement_doc(Placement())) == {f.name for f in fields(Placement)}
     assert set(retry_doc(RetryPolicy())) == {f.name for f in fields(RetryPolicy)}
+
+
+def test_one_report_command_starts_new_attempts_and_ends_others(s):
+    done, new = submit(s, kind="noop", spec={}), submit(s, kind="noop", spec={})
+    a = assign(s, done)
+    s.apply("task.start", {"node_id": "w1", "starts": [{"task_id": done, "attempt": a, "term": 1}]})
+    b = assign(s, new)
+    both = s.apply("task.report", {"node_id": "w1", "starts": [{"task_id": new, "attempt": b, "term": 1}],
+                                   "reports": [{"task_id": done, "attempt": a, "term": 1, "exit_code": 0}]})
+    assert both["started"] == [new] and both["start_rejected"] == []
+    assert both["recorded"] == [{"task_id": done, "state": "succeeded"}]
+    assert s.q("task.get", {"id": new})["state"] == "running"
+    # starts alone; a stale one is rejected with the reason, like task.start
+    other = submit(s, kind="noop", spec={})
+    c = assign(s, other, node="w2")
+    only = s.apply("task.report", {"node_id": "w1", "starts": [{"task_id": other, "attempt": c, "term": 1}]})
+    assert only["started"] == [] and only["start_rejected"] == [{"task_id": other, "attempt": c, "state": "stale"}]
+    assert only["recorded"] == [] and s.q("task.get", {"id": other})["state"] == "assigned"
+    with pytest.raises(CommandError, match="reports must be a non-empty list"):
+        validate("task.report", {"node_id": "w1"})

@@ -77,6 +77,8 @@ class Runner:
         self._wake = threading.Event()
         self._send_wake = threading.Event()
         self._reports: deque = deque()
+        self._starts: deque = deque()  # assigned attempts to start: go out with the next round's reports
+        self._pending: set[tuple[str, int]] = set()  # (task, attempt) queued to start or being started
         self._last_activity = 0.0
         self._threads: list[threading.Thread] = []
         self._shutting_down = False
@@ -137,13 +139,15 @@ class Runner:
 
     def reconcile(self, view: list[dict]) -> None:
         now = time.monotonic()
-        self.finished = {k: t for k, t in self.finished.items() if now - t < FINISHED_MEMORY}
         seen: dict[str, dict] = {t["id"]: t for t in view}
         to_start, orphans = [], []
-        with self._lock:
+        with self._lock:  # the sender records finished attempts too
+            self.finished = {k: t for k, t in self.finished.items() if now - t < FINISHED_MEMORY}
             for t in view:
                 key = (t["id"], t["attempt"])
                 run = self.runs.get(t["id"])
+                if key in self._pending:
+                    continue  # its start is on its way (the view may already say running)
                 if key in self.finished or (run is not None and run.attempt == t["attempt"]):
                     if run is not None and t["state"] == "cancelling":
                         run.cancelled.set()
@@ -189,24 +193,30 @@ class Runner:
                 run.cancelled.set()
 
     def _start(self, tasks: list[dict]) -> None:
+        """Queue the starts for the sender: it sends them with this round's reports in one command and runs
+        the attempts the cluster accepted (an attempt never runs before its start is committed)."""
         if self._shutting_down:
             return
-        starts = [{"task_id": t["id"], "attempt": t["attempt"], "term": t["term"]} for t in tasks]
-        try:
-            result = self._write("task.start", {"node_id": self.node_id, "starts": starts},
-                                 f"start:{self.node_id}:{tasks[0]['id']}:{tasks[0]['attempt']}:{len(tasks)}")
-        except Exception as exc:
-            self.log.debug("task.start failed, retrying next poll: %s", exc)
-            return
-        accepted = set(result.get("started", []))
+        with self._lock:
+            for t in tasks:
+                self._pending.add((t["id"], t["attempt"]))
+                self._starts.append(t)
+        self._send_wake.set()
+
+    def _launch(self, tasks: list[dict], result: dict | None, key: str = "started") -> None:
+        accepted = set(result.get(key, [])) if result is not None else set()
+        now = time.monotonic()
         for t in tasks:
-            if t["id"] not in accepted:
-                self.finished[(t["id"], t["attempt"])] = time.monotonic()
-                continue
-            run = LocalRun(t["id"], t["attempt"], t["term"], t["kind"])
-            with self._lock:
-                self.runs[t["id"]] = run
-            threading.Thread(target=self._execute, args=(run, t), name=f"task-{t['id']}", daemon=True).start()
+            if result is not None and t["id"] not in accepted:
+                with self._lock:  # stale or cancelled meanwhile: not ours to run
+                    self.finished[(t["id"], t["attempt"])] = now
+            elif t["id"] in accepted and not self._shutting_down:
+                run = LocalRun(t["id"], t["attempt"], t["term"], t["kind"])
+                with self._lock:
+                    self.runs[t["id"]] = run
+                threading.Thread(target=self._execute, args=(run, t), name=f"task-{t['id']}", daemon=True).start()
+            with self._lock:  # not sent (stopping) or answered: a later poll decides afresh
+                self._pending.discard((t["id"], t["attempt"]))
 
     # --- running -------------------------------------------------------------------------------------------
     def _execute(self, run: LocalRun, task: dict) -> None:
@@ -313,13 +323,33 @@ class Runner:
             self._send_with_retry("task.output", {"node_id": self.node_id, "chunks": chunks[i:i + 16]})
 
     def _flush_reports(self) -> None:
-        batch = []
+        batch, starts = [], []
         while self._reports and len(batch) < 1000:
             batch.append(self._reports.popleft())
-        if not batch:
+        with self._lock:
+            while self._starts and len(starts) < 1000:
+                starts.append(self._starts.popleft())
+        if self._shutting_down and starts:  # a node going down starts nothing new
+            self._launch(starts, None)
+            starts = []
+        if not batch and not starts:
             return
         self._flush_output()  # output of these runs goes in before they become terminal
-        self._send_with_retry("task.report", {"node_id": self.node_id, "reports": [r for r, _ in batch]})
+        args = {"node_id": self.node_id, "reports": [r for r, _ in batch]}
+        if starts:
+            args["starts"] = [{"task_id": t["id"], "attempt": t["attempt"], "term": t["term"]} for t in starts]
+        result = self._send_with_retry("task.report", args)
+        if result is None and starts and not self._stop.is_set():
+            # refused: a leader from before combined reports (a rolling update) knows only the separate commands
+            result = self._send_with_retry("task.start", {"node_id": self.node_id, "starts": args["starts"]}) \
+                or {}
+            result = {"started": result.get("started", [])}
+            if batch:
+                self._send_with_retry("task.report", {"node_id": self.node_id, "reports": args["reports"]})
+        if starts:
+            self._launch(starts, result)
+        if not batch:
+            return
         now = time.monotonic()
         with self._lock:
             for report, run in batch:

@@ -235,9 +235,15 @@ def _v_start(args: dict) -> dict:
 
 
 def _v_report(args: dict) -> dict:
-    _no_extra(args, {"node_id", "reports"}, "task.report")
+    """Reports of ended attempts, and optionally starts of new ones (applied first): a node sends both in one
+    command per round, so a busy node costs the log one entry per round, not two."""
+    _no_extra(args, {"node_id", "reports", "starts"}, "task.report")
+    if "starts" in args and args.get("reports") in (None, []):
+        items = []  # starts only
+    else:
+        items = _require_list(args, "reports", 5000)
     reports = []
-    for r in _require_list(args, "reports", 5000):
+    for r in items:
         ref = _attempt_ref(r)
         exit_code = r.get("exit_code")
         if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
@@ -251,7 +257,10 @@ def _v_report(args: dict) -> dict:
         reports.append({**ref, "exit_code": exit_code, "error": _str(r, "error", 4000, optional=True),
                         "retryable": bool(r.get("retryable", True)), "failure": failure, "result": result,
                         })
-    return {"node_id": _node(args), "reports": reports}
+    out = {"node_id": _node(args), "reports": reports}
+    if "starts" in args:
+        out["starts"] = [_attempt_ref(s) for s in _require_list(args, "starts", 5000)]
+    return out
 
 
 def _v_output(args: dict) -> dict:
@@ -374,9 +383,13 @@ def _current(db, ref: dict, node_id: str | None) -> dict | None:
 
 
 def _h_start(db, index, env) -> dict:
+    started, rejected = _apply_starts(db, env, env.args["node_id"], env.args["starts"])
+    return {"started": started, "rejected": rejected}
+
+
+def _apply_starts(db, env, node_id: str, starts: list[dict]) -> tuple[list, list]:
     started, rejected = [], []
-    node_id = env.args["node_id"]
-    for ref in env.args["starts"]:
+    for ref in starts:
         # the common case in one statement: the named attempt is current, here, and assigned
         if db.execute("UPDATE tasks SET state='running', started_at=?, updated_at=? WHERE id=? AND attempt=? "
                       "AND term=? AND node=? AND state='assigned'",
@@ -391,7 +404,7 @@ def _h_start(db, index, env) -> dict:
         db.execute("UPDATE task_attempts SET outcome='running', started_at=? WHERE task_id=? AND attempt=?",
                    (env.ts, ref["task_id"], ref["attempt"]))
         started.append(ref["task_id"])
-    return {"started": started, "rejected": rejected}
+    return started, rejected
 
 
 def _end_attempt(db, env, task_id: str, attempt: int, outcome: str, exit_code, error: str) -> None:
@@ -450,6 +463,9 @@ def _succeeded_fast(db, env, node_id: str, r: dict) -> bool:
 
 
 def _h_report(db, index, env) -> dict:
+    out = {}
+    if "starts" in env.args:
+        out["started"], out["start_rejected"] = _apply_starts(db, env, env.args["node_id"], env.args["starts"])
     recorded, rejected = [], []
     for r in env.args["reports"]:
         if _succeeded_fast(db, env, env.args["node_id"], r):
@@ -461,7 +477,7 @@ def _h_report(db, index, env) -> dict:
                              "state": task["state"] if task else "stale"})
             continue
         recorded.append({"task_id": r["task_id"], "state": apply_outcome(db, env, task, r)})
-    return {"recorded": recorded, "rejected": rejected}
+    return {"recorded": recorded, "rejected": rejected, **out}
 
 
 def _h_output(db, index, env) -> dict:
