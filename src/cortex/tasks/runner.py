@@ -298,7 +298,8 @@ class Runner:
         while not self._stop.is_set():
             self._send_wake.wait(0.2)
             self._send_wake.clear()
-            time.sleep(0.005)  # let a burst of output or reports gather into one command
+            if not self._starts:  # a start waits for nothing (submit->running latency); while the previous
+                time.sleep(0.005)  # send was in flight, reports gathered anyway; else let a burst gather
             try:
                 self._flush_output()
                 self._flush_reports()
