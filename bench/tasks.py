@@ -9,8 +9,10 @@ measures, printing one table (metric | value | target | met?) on stdout, progres
   `task.start` (both leader clocks, read back from the replicated task): submit, schedule (`task.assign`),
   the node's pull and its start — three Raft commits and one poll;
 - durable no-op tasks/s: N no-op tasks submitted in batches of 100 from 4 threads through a worker, from the
-  first submission until every task is recorded succeeded (each task is 4 replicated commands: submit, assign,
-  start, report — batched by the engine);
+  first submission until every task is recorded succeeded in the replicated store (the leader's stamp on the
+  last report). A task's life is a submission, an assignment, a start and a report, each committed by a Raft
+  majority before the next step; they are batched (a submit command per 100 tasks, an assign command per
+  scheduling round, one command per node round carrying its starts and reports) but never skipped;
 - agent CPU per task: user + system CPU of the five agent processes during the throughput run, per task (a
   shared machine slows the rate; this figure moves much less);
 - scheduler decision time: the pure scheduler on 1,000 queued tasks x 50 simulated nodes (median of 20);
