@@ -148,8 +148,11 @@ def validate_task(doc) -> dict:
     return {
         "kind": kind, "name": name, "spec": spec,
         "priority": int(_number(doc.get("priority", 0), "task.priority", -MAX_PRIORITY, MAX_PRIORITY, integer=True)),
-        "placement": placement_doc(parse_placement(doc.get("placement"))),
-        "retry": retry_doc(parse_retry(doc.get("retry"))),
+        # most tasks say neither: the defaults' documents are built once (copied, never shared)
+        "placement": placement_doc(parse_placement(doc["placement"])) if doc.get("placement") is not None
+        else {**_DEFAULT_PLACEMENT, "labels": {}, "nodes": []},
+        "retry": retry_doc(parse_retry(doc["retry"])) if doc.get("retry") is not None
+        else {**_DEFAULT_RETRY, "on": list(RETRY_ON)},
         "timeout": timeout,
     }
 
@@ -171,3 +174,7 @@ def retry_from_doc(d: dict) -> RetryPolicy:
 
 def placement_from_doc(d: dict) -> Placement:
     return Placement(**{**d, "nodes": tuple(d.get("nodes", ()))})
+
+
+_DEFAULT_PLACEMENT = placement_doc(Placement())
+_DEFAULT_RETRY = retry_doc(RetryPolicy())
