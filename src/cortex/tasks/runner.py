@@ -335,6 +335,14 @@ class Runner:
             starts = []
         if not batch and not starts:
             return
+        try:
+            self._send_round(batch, starts)
+        except BaseException:
+            with self._lock:  # never leave a start pending for ever: the next poll decides afresh
+                self._pending.difference_update((t["id"], t["attempt"]) for t in starts)
+            raise
+
+    def _send_round(self, batch: list, starts: list[dict]) -> None:
         self._flush_output()  # output of these runs goes in before they become terminal
         args = {"node_id": self.node_id, "reports": [r for r, _ in batch]}
         if starts:
