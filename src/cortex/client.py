@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
 
+from cortex import tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 
@@ -34,8 +38,74 @@ def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str,
     ]
 
 
-def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+# --- which credentials a client presents ---------------------------------------------------------------------
+# Members serve gRPC with mutual TLS: a client presents a certificate of the cluster CA. Where it comes from,
+# first match wins: the `tls` argument; credentials registered for that address in this process (devcluster
+# does it for the clusters it starts); $CORTEX_TLS_DIR; ./.cortex-dev/tls (`just up`); /var/lib/cortex/tls
+# (on a node: admin.* on servers, the node's own certificate on workers). None found: plaintext, which only
+# a node that is not in a cluster yet answers.
+TLS_DIR_ENV = "CORTEX_TLS_DIR"
+DEFAULT_TLS_DIRS = (Path(".cortex-dev") / "tls", Path("/var/lib/cortex") / tls.TLS_DIR)
+_by_address: dict[str, tls.ClientFiles] = {}
+_registry_lock = threading.Lock()
+_process_default = None  # the agent process: its own node certificate (for plugins calling other nodes)
+
+
+def set_process_credentials(source) -> None:
+    """`source()` -> ClientFiles | None, consulted after the registry and $CORTEX_TLS_DIR."""
+    global _process_default
+    _process_default = source
+
+
+def register_credentials(addresses, files: tls.ClientFiles | None) -> None:
+    """Use `files` for these addresses in this process (None forgets them)."""
+    with _registry_lock:
+        for address in addresses:
+            if files is None:
+                _by_address.pop(address, None)
+            else:
+                _by_address[address] = files
+
+
+def find_credentials(address: str) -> tls.ClientFiles | None:
+    if address.startswith("unix:"):
+        return None
+    with _registry_lock:
+        if address in _by_address:
+            return _by_address[address]
+    configured = os.environ.get(TLS_DIR_ENV)
+    if not configured and _process_default is not None:
+        files = _process_default()
+        if files is not None:
+            return files
+    for directory in ([Path(configured)] if configured else list(DEFAULT_TLS_DIRS)):
+        try:
+            files = tls.client_files(directory)
+        except PermissionError:
+            files = None
+        if files is not None:
+            return files
+    return None
+
+
+def secure_channel(address: str, files: tls.ClientFiles, options: list[tuple[str, Any]]) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(root_certificates=files.ca, private_key=files.key,
+                                         certificate_chain=files.cert)
+    # Certificates name the cluster, not an address: verify the name every cluster certificate carries.
+    return grpc.secure_channel(address, creds, options=options + [("grpc.ssl_target_name_override",
+                                                                   tls.SERVER_NAME)])
+
+
+def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024,
+                 files: tls.ClientFiles | None = None) -> grpc.Channel:
+    files = files or find_credentials(address)
+    if files is None:
+        return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+    return secure_channel(address, files, channel_options(max_message_bytes))
+
+
+NO_CREDENTIALS_HINT = (f" (no client certificate found: set {TLS_DIR_ENV} to a server's <data_dir>/tls, "
+                       "or run the CLI on a node)")
 
 
 class CortexError(RuntimeError):
@@ -48,10 +118,11 @@ class CortexError(RuntimeError):
 class Client:
     """Talks to one node (which forwards to the leader when needed)."""
 
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, tls_files: tls.ClientFiles | None = None):
         self.address = address
         self.timeout = timeout
-        self.channel = open_channel(address)
+        self.tls_files = tls_files or find_credentials(address)
+        self.channel = open_channel(address, files=self.tls_files)
         self.stub = pb_grpc.ClusterStub(self.channel)
 
     def close(self) -> None:
@@ -67,7 +138,10 @@ class Client:
         try:
             return method(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
-            raise CortexError(exc.code(), exc.details() or "") from None
+            details = exc.details() or ""
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and self.tls_files is None:
+                details += NO_CREDENTIALS_HINT
+            raise CortexError(exc.code(), details) from None
 
     # --- writes ---------------------------------------------------------------------------------------
     def write(self, command_type: str, args: dict, idempotency_key: str | None = None,

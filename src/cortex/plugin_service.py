@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from cortex import authz
 from cortex._proto.cortex.v1 import plugins_pb2 as ppb
 from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
 from cortex.plugins import MAX_TOOL_ARGUMENT_BYTES, Caller, PluginHost, ToolError
@@ -31,6 +32,9 @@ def policy_of(host: PluginHost, node_id: str) -> Policy:
 
 def network_caller(host: PluginHost) -> Callable[[grpc.ServicerContext], Caller]:
     def caller(context: grpc.ServicerContext) -> Caller:
+        peer = authz.peer_from_context(context)
+        if peer is not None:  # mTLS: the certificate says who calls
+            return Caller(role=authz.CALLER_ROLE_OF.get(peer.role, "reader"), identity=f"{peer.role}:{peer.name}")
         role = (host.options_of(MCP_PLUGIN) or {}).get("grpc_role", "operator")
         return Caller(role=role, identity=f"grpc:{context.peer()}")
     return caller
