@@ -79,6 +79,20 @@ class Cluster:
                 out[node.id] = c.read("digest", {}, level="stale")["digest"]
         return out
 
+    def settle(self, quiet: float = 1.0, timeout: float = 15.0) -> None:
+        """Until the log stops growing for `quiet` seconds: plugins write their first records (capacity,
+        whereami) just after the nodes join, and tests that compare digests must not race them."""
+        deadline = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            with Client(self.node(self.leader()).grpc_address, timeout=2) as c:
+                index = c.status().commit_index
+            if index != last:
+                last, since = index, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
+            time.sleep(0.1)
+
     def wait_converged(self, timeout: float = 20.0) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while True:
@@ -114,8 +128,10 @@ def shared_cluster(tmp_path_factory):
     directory = tmp_path_factory.mktemp("shared")
     try:
         dc = devcluster.up(directory, 3, 2, free_base_port(), timeout=60)
+        cluster = Cluster(dc)
+        cluster.settle()
     except BaseException:
         devcluster.down(directory)
         raise
-    yield Cluster(dc)
+    yield cluster
     devcluster.down(directory)

@@ -42,7 +42,7 @@ CLUSTER_RPC_ROLES: dict[str, frozenset[str]] = {
     "Join": SERVER,  # on this port only forwarded by a server; joiners use the enrollment port
     "Leave": ADMIN,
     "Heartbeat": NODES,
-    "TransferLeadership": OPERATOR,
+    "TransferLeadership": OPERATOR | {"worker"},  # graceful, so a worker may forward its operator's request
     "CreateToken": ADMIN,
     "RevokeToken": ADMIN,
     "RenewCertificate": EVERYONE,  # renews the caller's own certificate, same name and role

@@ -57,14 +57,33 @@ def set_process_credentials(source) -> None:
     _process_default = source
 
 
-def register_credentials(addresses, files: tls.ClientFiles | None) -> None:
-    """Use `files` for these addresses in this process (None forgets them)."""
+def dev_trust_dir() -> Path:
+    """Where dev clusters on this machine note which credentials open which loopback address, so a `cortex`
+    started in another shell or by a test finds them (like known_hosts, for `cortex dev up` only)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "cortex" / "dev-trust"
+
+
+def _trust_file(address: str) -> Path:
+    return dev_trust_dir() / address.replace(":", "_").replace("/", "_")
+
+
+def register_credentials(addresses, files: tls.ClientFiles | None, directory: Path | None = None) -> None:
+    """Use `files` for these addresses in this process (None forgets them); with `directory` (where the
+    files are), other processes on this machine find them too."""
     with _registry_lock:
         for address in addresses:
             if files is None:
                 _by_address.pop(address, None)
-            else:
-                _by_address[address] = files
+                _trust_file(address).unlink(missing_ok=True)
+                continue
+            _by_address[address] = files
+            if directory is not None:
+                path = _trust_file(address)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+                tmp.write_text(str(Path(directory).resolve()))
+                os.replace(tmp, path)
 
 
 def find_credentials(address: str) -> tls.ClientFiles | None:
@@ -78,7 +97,13 @@ def find_credentials(address: str) -> tls.ClientFiles | None:
         files = _process_default()
         if files is not None:
             return files
-    for directory in ([Path(configured)] if configured else list(DEFAULT_TLS_DIRS)):
+    candidates = [Path(configured)] if configured else list(DEFAULT_TLS_DIRS)
+    if not configured:
+        try:
+            candidates.insert(0, Path(_trust_file(address).read_text().strip()))
+        except OSError:
+            pass
+    for directory in candidates:
         try:
             files = tls.client_files(directory)
         except PermissionError:

@@ -220,7 +220,7 @@ def trust(cluster: DevCluster) -> tls.ClientFiles | None:
     tls.write_file(target / "ca.crt", files.ca, 0o644)
     tls.write_file(target / "admin.key", files.key)
     tls.write_file(target / "admin.crt", files.cert, 0o644)
-    register_credentials([n.grpc_address for n in cluster.nodes], files)
+    register_credentials([n.grpc_address for n in cluster.nodes], files, target)
     return files
 
 
@@ -282,6 +282,13 @@ def health_problem(cluster: DevCluster) -> str:
     down = [n.id for n in cluster.nodes if seen[n.id].liveness != "alive"]
     if down:
         return f"waiting for {', '.join(down)} to report alive"
+    for node in cluster.workers:  # a worker serves mTLS once it holds its certificate
+        try:
+            with Client(node.grpc_address, timeout=2) as c:
+                if c.status().state != "worker":
+                    return f"waiting for {node.id} to serve as a member"
+        except CortexError as exc:
+            return f"waiting for {node.id}: {exc.code.name}"
     return ""
 
 
