@@ -40,7 +40,7 @@ CLUSTER_RPC_ROLES: dict[str, frozenset[str]] = {
     "Read": EVERYONE,
     "Status": EVERYONE,
     "Join": SERVER,  # on this port only forwarded by a server; joiners use the enrollment port
-    "Leave": ADMIN,
+    "Leave": ADMIN | {"worker"},  # a worker may leave (remove itself) only: checked in ClusterService.Leave
     "Heartbeat": NODES,
     "TransferLeadership": OPERATOR | {"worker"},  # graceful, so a worker may forward its operator's request
     "CreateToken": ADMIN,
