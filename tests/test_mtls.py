@@ -55,10 +55,11 @@ def test_certificate_names_node_role_and_cluster():
 
 def test_role_table_refuses_workers_server_only_rpcs():
     worker = tls.Peer("w1", "worker", "c-1")
-    for method in ("CreateToken", "RevokeToken", "Join", "Leave"):
+    for method in ("RevokeToken", "Join"):
         code, message = authz.refusal(f"/cortex.v1.Cluster/{method}", worker, "c-1")
         assert code == grpc.StatusCode.PERMISSION_DENIED and "call it from" in message
-    for method in ("Write", "Read", "Status", "Heartbeat", "RenewCertificate"):
+    # allowed for itself only (its own leave and heartbeat, worker tokens): ClusterService checks the rest
+    for method in ("Write", "Read", "Status", "Heartbeat", "RenewCertificate", "Leave", "CreateToken"):
         assert authz.refusal(f"/cortex.v1.Cluster/{method}", worker, "c-1") is None
     reader = tls.Peer("r", "reader", "c-1")
     assert authz.refusal("/cortex.v1.Cluster/Write", reader, "c-1")[0] == grpc.StatusCode.PERMISSION_DENIED
@@ -127,13 +128,17 @@ def test_a_worker_certificate_cannot_call_server_only_rpcs(shared_cluster):
         assert c.status().cluster_id  # allowed
         c.put("mtls/worker-write", "ok")  # workers write (their tasks, their capacity)
         with pytest.raises(CortexError) as info:
-            c.create_token("server")
+            c.create_token("server")  # a server token would make a worker's holder a server (CA key)
         assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
-        assert "CreateToken may be called by admin, server" in info.value.details
+        assert "worker join tokens only" in info.value.details and "on a server" in info.value.details
+        with pytest.raises(CortexError) as info:
+            c.revoke_token("0123456789ab")
+        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert "RevokeToken may be called by admin, server" in info.value.details
         assert "call it from" in info.value.details  # what to do instead
         with pytest.raises(CortexError) as info:
             c.remove_node("n2")
-        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED and "itself only" in info.value.details
         with pytest.raises(CortexError) as info:  # the worker speaks only for itself
             c._call(c.stub.Heartbeat, pb.HeartbeatRequest(node_id="w2"))
         assert info.value.code == grpc.StatusCode.PERMISSION_DENIED and "itself" in info.value.details

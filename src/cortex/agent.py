@@ -1225,6 +1225,11 @@ class ClusterService(pb_grpc.ClusterServicer):
 
     @_servicer
     def CreateToken(self, request, context):
+        peer = authz.current_peer.get()
+        if peer is not None and peer.role == "worker" and request.role != "worker":
+            raise AgentError(grpc.StatusCode.PERMISSION_DENIED,
+                             f"worker {peer.name} may create worker join tokens only; a {request.role} token "
+                             "needs an admin: run `cortex token create` on a server")
         return self.agent.handle_create_token(request)
 
     @_servicer

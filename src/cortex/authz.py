@@ -43,7 +43,8 @@ CLUSTER_RPC_ROLES: dict[str, frozenset[str]] = {
     "Leave": ADMIN | {"worker"},  # a worker may leave (remove itself) only: checked in ClusterService.Leave
     "Heartbeat": NODES,
     "TransferLeadership": OPERATOR | {"worker"},  # graceful, so a worker may forward its operator's request
-    "CreateToken": ADMIN,
+    # Workers mint worker tokens only (the netboot service provisions workers): checked in ClusterService.
+    "CreateToken": ADMIN | {"worker"},
     "RevokeToken": ADMIN,
     "RenewCertificate": EVERYONE,  # renews the caller's own certificate, same name and role
 }

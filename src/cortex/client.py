@@ -46,7 +46,7 @@ def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str,
 # a node that is not in a cluster yet answers.
 TLS_DIR_ENV = "CORTEX_TLS_DIR"
 DEFAULT_TLS_DIRS = (Path(".cortex-dev") / "tls", Path("/var/lib/cortex") / tls.TLS_DIR)
-_by_address: dict[str, tls.ClientFiles] = {}
+_by_address: dict[str, tls.ClientFiles | Path] = {}  # files, or a directory read when needed
 _registry_lock = threading.Lock()
 _process_default = None  # the agent process: its own node certificate (for plugins calling other nodes)
 
@@ -70,7 +70,13 @@ def _trust_file(address: str) -> Path:
 
 def register_credentials(addresses, files: tls.ClientFiles | None, directory: Path | None = None) -> None:
     """Use `files` for these addresses in this process (None forgets them); with `directory` (where the
-    files are), other processes on this machine find them too."""
+    files are), other processes on this machine find them too. Files None and a directory: read the
+    directory when a client needs them (a node that has not joined yet has none)."""
+    if files is None and directory is not None:
+        with _registry_lock:
+            for address in addresses:
+                _by_address[address] = Path(directory)
+        return
     with _registry_lock:
         for address in addresses:
             if files is None:
@@ -90,8 +96,11 @@ def find_credentials(address: str) -> tls.ClientFiles | None:
     if address.startswith("unix:"):
         return None
     with _registry_lock:
-        if address in _by_address:
-            return _by_address[address]
+        known = _by_address.get(address)
+    if isinstance(known, tls.ClientFiles):
+        return known
+    if isinstance(known, Path):
+        return tls.client_files(known)
     configured = os.environ.get(TLS_DIR_ENV)
     if not configured and _process_default is not None:
         files = _process_default()
@@ -153,6 +162,17 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
+    def _refresh_credentials(self) -> bool:
+        fresh = find_credentials(self.address)
+        if fresh == self.tls_files:
+            return False
+        old = self.channel
+        self.tls_files = fresh
+        self.channel = open_channel(self.address, files=fresh)
+        self.stub = pb_grpc.ClusterStub(self.channel)
+        old.close()
+        return True
+
     def __enter__(self) -> Client:
         return self
 
@@ -163,6 +183,10 @@ class Client:
         try:
             return method(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
+            name = next((n for n, v in vars(self.stub).items() if v is method), None)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and name and self._refresh_credentials():
+                # the node joined (or renewed) since this client was made: once more with its certificate
+                return self._call(getattr(self.stub, name), request, timeout)
             details = exc.details() or ""
             if exc.code() == grpc.StatusCode.UNAVAILABLE and self.tls_files is None:
                 details += NO_CREDENTIALS_HINT
