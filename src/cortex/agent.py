@@ -267,6 +267,10 @@ class Agent:
                 self._serve_network()
                 return
             except RuntimeError:
+                for server in (self._grpc, self._enroll):  # release what this attempt bound
+                    if server is not None:
+                        server.stop(0)
+                self._grpc = self._enroll = None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
@@ -299,10 +303,9 @@ class Agent:
             self._grpc,
         )
         if secure:
-            credentials = authz.ServerCredentials(self.certs.dir).credentials()
-
             def add_port(address: str) -> int:
-                return self._grpc.add_secure_port(address, credentials)
+                # one credentials object per port: each listener's fetcher must hand out its own first config
+                return self._grpc.add_secure_port(address, authz.ServerCredentials(self.certs.dir).credentials())
         else:
             add_port = self._grpc.add_insecure_port
         if add_port(self.config.grpc_address) == 0:

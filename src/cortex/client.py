@@ -41,11 +41,11 @@ def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str,
 # --- which credentials a client presents ---------------------------------------------------------------------
 # Members serve gRPC with mutual TLS: a client presents a certificate of the cluster CA. Where it comes from,
 # first match wins: the `tls` argument; credentials registered for that address in this process (devcluster
-# does it for the clusters it starts); $CORTEX_TLS_DIR; ./.cortex-dev/tls (`just up`); /var/lib/cortex/tls
-# (on a node: admin.* on servers, the node's own certificate on workers). None found: plaintext, which only
+# does it for the clusters it starts); $CORTEX_TLS_DIR; the dev-trust note of that address (`just up` writes
+# them); /var/lib/cortex/tls (on a node: admin.* on servers, the node's own certificate on workers). None found: plaintext, which only
 # a node that is not in a cluster yet answers.
 TLS_DIR_ENV = "CORTEX_TLS_DIR"
-DEFAULT_TLS_DIRS = (Path(".cortex-dev") / "tls", Path("/var/lib/cortex") / tls.TLS_DIR)
+DEFAULT_TLS_DIRS = (Path("/var/lib/cortex") / tls.TLS_DIR,)
 _by_address: dict[str, tls.ClientFiles | Path] = {}  # files, or a directory read when needed
 _registry_lock = threading.Lock()
 _process_default = None  # the agent process: its own node certificate (for plugins calling other nodes)
