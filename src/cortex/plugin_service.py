@@ -36,7 +36,7 @@ def network_caller(host: PluginHost) -> Callable[[grpc.ServicerContext], Caller]
         peer = authz.peer_from_context(context)
         if peer is not None:  # mTLS: the certificate says who calls, the mcp plugin's grpc_role caps it
             role = min(authz.CALLER_ROLE_OF.get(peer.role, "reader"), ceiling, key=CALLER_ROLES.index)
-            return Caller(role=role, identity=f"{peer.role}:{peer.name}")
+            return Caller(role=role, identity=f"grpc:{peer.role}:{peer.name}")  # transport first, as before
         return Caller(role=ceiling, identity=f"grpc:{context.peer()}")
     return caller
 
