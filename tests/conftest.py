@@ -102,6 +102,19 @@ class Cluster:
             time.sleep(0.1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_dev_trust(tmp_path_factory):
+    """Which credentials open which test cluster is noted in a directory of this session's own (CLI
+    subprocesses inherit it), never mixed with a developer's `just up` or an earlier crashed run."""
+    previous = os.environ.get("CORTEX_DEV_TRUST_DIR")
+    os.environ["CORTEX_DEV_TRUST_DIR"] = str(tmp_path_factory.mktemp("dev-trust"))
+    yield
+    if previous is None:
+        os.environ.pop("CORTEX_DEV_TRUST_DIR", None)
+    else:
+        os.environ["CORTEX_DEV_TRUST_DIR"] = previous
+
+
 @pytest.fixture
 def make_cluster(tmp_path: Path):
     started: list[devcluster.DevCluster] = []

@@ -60,6 +60,8 @@ def set_process_credentials(source) -> None:
 def dev_trust_dir() -> Path:
     """Where dev clusters on this machine note which credentials open which loopback address, so a `cortex`
     started in another shell or by a test finds them (like known_hosts, for `cortex dev up` only)."""
+    if os.environ.get("CORTEX_DEV_TRUST_DIR"):  # tests keep their own
+        return Path(os.environ["CORTEX_DEV_TRUST_DIR"])
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "cortex" / "dev-trust"
 
