@@ -909,7 +909,15 @@ class Agent:
                                                                     timeout=5))
             return r.cert_pem, r.ca_cert_pem
 
-        if self.certs.renew_if_due(self.identity.cluster_id, remote):
+        def rotation() -> int:  # `cortex secrets rotate` bumps it
+            from cortex.secrets_cli import ROTATION_KEY
+
+            request = pb.ReadRequest(query="kv.get", args_json=json.dumps({"key": ROTATION_KEY}).encode(),
+                                     level=pb.STALE)
+            row = json.loads(self.read(request).result_json)
+            return int(row["value"]) if row and str(row["value"]).isdigit() else 0
+
+        if self.certs.renew_if_due(self.identity.cluster_id, remote, rotation):
             self.peers.reset()  # outgoing calls present the new certificate from now on
 
     def _raft_call(self, fn):

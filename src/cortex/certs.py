@@ -85,16 +85,26 @@ class NodeCerts:
         return tls.sign(ca_cert, ca_key, csr_pem, name, role, cluster_id), ca_cert
 
     # --- renewal ----------------------------------------------------------------------------------------
-    def renew_if_due(self, cluster_id: str, remote: Callable[[bytes], tuple[bytes, bytes]] | None) -> bool:
-        """Renew node.* (and admin.* on servers) once a third of the lifetime is left. Servers sign their
+    def rotated_generation(self) -> int:
+        try:
+            return int((self.dir / "rotation").read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def renew_if_due(self, cluster_id: str, remote: Callable[[bytes], tuple[bytes, bytes]] | None,
+                     rotation: Callable[[], int] = lambda: 0) -> bool:
+        """Renew node.* (and admin.* on servers) once a third of the lifetime is left, or when `rotation()`
+        (`cortex secrets rotate`) is past the generation this node last rotated for. Servers sign their
         own; workers call `remote(csr) -> (cert, ca)` (RenewCertificate on a server). True when renewed."""
         now = time.monotonic()
         if now < self._next_check or not self.ready():
             return False
         self._next_check = now + RENEW_CHECK_SECONDS
+        generation = rotation()
+        rotate = generation > self.rotated_generation()
         with self._lock:
             renewed = False
-            if tls.needs_renewal(tls.read(self.dir, "node.crt")):
+            if rotate or tls.needs_renewal(tls.read(self.dir, "node.crt")):
                 key = tls.new_key_pem()
                 csr = tls.new_csr(key, self.node_id)
                 if self.can_sign():
@@ -110,6 +120,9 @@ class NodeCerts:
                 log.info("certificate renewed", extra=fields(not_after=str(tls.not_after(cert))))
                 renewed = True
             admin = tls.read(self.dir, "admin.crt")
-            if self.can_sign() and (admin is None or tls.needs_renewal(admin)):
+            if self.can_sign() and (rotate or admin is None or tls.needs_renewal(admin)):
                 self.issue_admin(cluster_id)
+            if rotate:
+                tls.write_file(self.dir / "rotation", str(generation).encode(), 0o644)
+                log.info("certificates rotated", extra=fields(generation=generation))
             return renewed
