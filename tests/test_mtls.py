@@ -70,6 +70,25 @@ def test_role_table_refuses_workers_server_only_rpcs():
     assert set(authz.CLUSTER_RPC_ROLES) == set(pb.DESCRIPTOR.services_by_name["Cluster"].methods_by_name)
 
 
+def test_raft_keys_rotate_with_overlap():
+    from cryptography.fernet import InvalidToken
+
+    from cortex.raft_keys import RotatingEncryptor
+
+    ca_key = tls.new_ca("c-1")[1]
+    a, b = RotatingEncryptor("s3cret", ca_key, 0), RotatingEncryptor("s3cret", ca_key, 0)
+    frame = a.encrypt_at_time(b"x", 100)
+    assert b.decrypt(frame) == b"x" and b.extract_timestamp(frame) == 100
+    a.set_generation(1)  # a switches first: b (still at 0) reads it, and a still reads b
+    assert b.decrypt(a.encrypt_at_time(b"y", 101)) == b"y" and a.decrypt(b.encrypt_at_time(b"z", 102)) == b"z"
+    stranger = RotatingEncryptor("s3cret", tls.new_ca("c-1")[1], 0)  # same secret, another CA: gen 1 differs
+    with pytest.raises(InvalidToken):
+        stranger.decrypt(a.encrypt_at_time(b"y", 103))
+    a.set_generation(3)
+    with pytest.raises(InvalidToken):  # generation 0 is retired once two rotations have passed
+        a.decrypt(RotatingEncryptor("s3cret", ca_key, 0).encrypt_at_time(b"old", 104))
+
+
 # --- against a running cluster -----------------------------------------------------------------------------
 
 def _status_with(address: str, files: tls.ClientFiles | None):
@@ -256,6 +275,8 @@ def test_secrets_rotate_replaces_every_certificate_under_write_load_losing_nothi
                     failures.append(f"{key}: {exc}")
                 i += 1
 
+    with shared_cluster.client("n1") as c:
+        term_before = c.status().term
     threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in ("n2", "w1")]
     for t in threads:
         t.start()
@@ -265,6 +286,7 @@ def test_secrets_rotate_replaces_every_certificate_under_write_load_losing_nothi
                          env=dict(os.environ))
     assert out.returncode == 0, out.stderr
     generation = json.loads(out.stdout)["generation"]
+    raft_generation = json.loads(out.stdout)["raft_generation"]
     deadline = time.monotonic() + 40
     while any(tls.fingerprint(paths[k].read_bytes()) == before[k] for k in paths):
         assert time.monotonic() < deadline, {k: tls.fingerprint(p.read_bytes()) == before[k] for k, p in paths.items()}
@@ -274,9 +296,15 @@ def test_secrets_rotate_replaces_every_certificate_under_write_load_losing_nothi
     for t in threads:
         t.join(30)
     assert all(int((Path(n.dir) / "data" / "tls" / "rotation").read_text()) >= generation for n in nodes)
+    for n in shared_cluster.dc.servers:  # every server encrypts Raft with the new key
+        assert int((Path(n.dir) / "data" / "tls" / "raft-generation").read_text()) == raft_generation
+    with shared_cluster.client("n1") as c:
+        term_after = c.status().term
+    assert term_after - term_before <= 1, "a rotation costs at most one election"
     assert {n.id: n.pid for n in nodes} == pids and all(devcluster.alive(p) for p in pids.values())
     assert len(acked) > 20, (len(acked), failures[:5])
-    print(f"rotation under load: {len(acked)} writes acknowledged, {len(failures)} failed unacknowledged")
+    print(f"rotation under load: {len(acked)} writes acknowledged, {len(failures)} failed unacknowledged, "
+          f"term {term_before} -> {term_after}")
     files = devcluster.trust(shared_cluster.dc)  # the admin certificate was rotated too
     with Client(shared_cluster.node("n3").grpc_address, tls_files=files) as c:
         for key, value in acked.items():

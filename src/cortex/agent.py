@@ -39,6 +39,7 @@ from cortex.liveness import LivenessTracker
 from cortex.logs import fields
 from cortex.plugin_service import PluginsService, network_caller, socket_caller
 from cortex.plugins import PluginHost
+from cortex.raft_keys import RotatingEncryptor
 from cortex.state import StateStore
 
 log = logging.getLogger("cortex.agent")
@@ -384,7 +385,8 @@ class Agent:
             known = [n["raft_address"] for n in self.store.query("nodes", {})
                      if n["role"] == "server" and n["raft_address"]]
             peers = sorted(set(known or ident.raft_peers) - {self.config.raft_address})
-            self.raft = RaftNode(self.store, self.config.raft_address, peers, self.config.raft, ident.raft_secret,
+            self.raft_keys = RotatingEncryptor(ident.raft_secret, self.certs.ca()[1], self._raft_generation())
+            self.raft = RaftNode(self.store, self.config.raft_address, peers, self.config.raft, self.raft_keys,
                                  self.data_dir, on_state_change=self._update_health)
             self.committer = GroupCommitter(self.raft)
         self.waiting_for = ""
@@ -450,6 +452,7 @@ class Agent:
                         self._finish_join(timeout=5)
                 if self.identity is not None and self.identity.role == "worker":
                     self._worker_heartbeat()
+                self._raft_key_step()
                 self._renew_step()
                 self._liveness_step()
                 if heartbeat_failing:
@@ -898,6 +901,24 @@ class Agent:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         log.info("certificate renewed for", extra=fields(name=peer.name, role=peer.role))
         return pb.RenewCertificateResponse(cert_pem=cert, ca_cert_pem=ca)
+
+    def _raft_generation(self) -> int:
+        try:
+            return int((self.certs.dir / "raft-generation").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _raft_key_step(self) -> None:
+        """Servers: switch the Raft transport key once this replica has applied a `cortex secrets rotate`."""
+        from cortex.secrets_cli import RAFT_ROTATION_KEY
+
+        if self.store is None or self.raft is None:
+            return
+        row = self.store.query("kv.get", {"key": RAFT_ROTATION_KEY})
+        generation = int(row["value"]) if row and str(row["value"]).isdigit() else 0
+        if generation > self.raft_keys.generation and self.raft_keys.set_generation(generation):
+            tls.write_file(self.certs.dir / "raft-generation", str(generation).encode(), 0o644)
+            log.info("raft transport key rotated", extra=fields(generation=generation))
 
     def _renew_step(self) -> None:
         """Renew this node's certificate before it expires; new connections use it at once, no restart."""

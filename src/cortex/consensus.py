@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pysyncobj.pickle as syncobj_pickle
+import pysyncobj.syncobj as syncobj_module
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
@@ -134,6 +135,17 @@ def repair_journal(path: Path) -> str:
         f.flush()
         os.fsync(f.fileno())
     return f"{path.name}: torn tail after an unclean stop; cut back from offset {last} to {offset}"
+
+
+_fernet_from_password = syncobj_module.getEncryptor
+
+
+def _encryptor(password):
+    """The agent passes a ready encryptor (raft_keys.RotatingEncryptor) whose key rotates in place."""
+    return password if hasattr(password, "encrypt_at_time") else _fernet_from_password(password)
+
+
+syncobj_module.getEncryptor = _encryptor
 
 
 class RaftNode(SyncObj):

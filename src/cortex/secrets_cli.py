@@ -1,9 +1,11 @@
-"""`cortex secrets rotate`: every node replaces its certificate (and servers the local admin one) now.
+"""`cortex secrets rotate`: every node replaces its certificate (and servers the local admin one), and the
+servers switch the Raft transport to a new key, now.
 
-The rotation is a generation number in the replicated key-value store (ROTATION_KEY). Each node compares
-it with the generation it last rotated for (<data_dir>/tls/rotation) and renews at its next certificate
-check (within a few seconds), without a restart: writes keep flowing. Not rotated yet: the Raft secret and
-the CA itself.
+Both rotations are generation numbers in the replicated key-value store. Each node compares the
+certificate generation with the one it last rotated for (<data_dir>/tls/rotation) and renews at its next
+check (within a few seconds); each server switches the Raft key when it applies the new Raft generation
+(raft_keys.py: the key is derived from the CA key, so no secret travels). No restart: writes keep flowing.
+Not rotated yet: the CA itself (and old certificates stay valid until they expire: there is no revocation).
 """
 
 from __future__ import annotations
@@ -11,13 +13,19 @@ from __future__ import annotations
 import time
 
 ROTATION_KEY = "_cortex/tls/rotation"
+RAFT_ROTATION_KEY = "_cortex/raft/rotation"  # a generation number; the keys are derived (raft_keys.py)
 
 
-def rotate(client, wait: float = 0.0) -> dict:
-    current = client.get(ROTATION_KEY, level="linearizable")
+def _bump(client, key: str) -> int:
+    current = client.get(key, level="linearizable")
     generation = (int(current) if current and current.isdigit() else 0) + 1
-    client.put(ROTATION_KEY, str(generation), retry_for=10)
-    return {"generation": generation, "requested_at": time.time()}
+    client.put(key, str(generation), retry_for=10)
+    return generation
+
+
+def rotate(client) -> dict:
+    raft = _bump(client, RAFT_ROTATION_KEY)
+    return {"generation": _bump(client, ROTATION_KEY), "raft_generation": raft, "requested_at": time.time()}
 
 
 def register(sub, add, emit, client_of) -> None:
@@ -27,8 +35,9 @@ def register(sub, add, emit, client_of) -> None:
     def cmd_rotate(args) -> int:
         with client_of(args) as c:
             result = rotate(c)
-        emit(args, result, f"rotation {result['generation']} requested: every node renews its certificate "
-                           "within seconds (no restart); the Raft secret and the CA are not rotated yet")
+        emit(args, result, f"rotation {result['generation']} requested: every node renews its certificate and "
+                           f"the servers switch to Raft key {result['raft_generation']} within seconds (no "
+                           "restart); the CA is not rotated yet")
         return 0
 
     add("rotate", cmd_rotate, "every node replaces its certificate now", secrets)
