@@ -183,7 +183,14 @@ class Client:
 
     def _call(self, method, request, timeout: float | None = None):
         try:
-            return method(request, timeout=timeout or self.timeout)
+            try:
+                return method(request, timeout=timeout or self.timeout)
+            except grpc.RpcError as exc:
+                # The node answered TCP but the TLS handshake did not finish (a busy agent, a listener being
+                # replaced after init or join): wait for the connection this once instead of failing fast.
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or "andshake" not in (exc.details() or ""):
+                    raise
+                return method(request, timeout=timeout or self.timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
             name = next((n for n, v in vars(self.stub).items() if v is method), None)
             if exc.code() == grpc.StatusCode.UNAVAILABLE and name and self._refresh_credentials():
