@@ -188,7 +188,9 @@ class Client:
             except grpc.RpcError as exc:
                 # The node answered TCP but the TLS handshake did not finish (a busy agent, a listener being
                 # replaced after init or join): wait for the connection this once instead of failing fast.
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or "andshake" not in (exc.details() or ""):
+                details = exc.details() or ""
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or not any(
+                        m in details for m in ("andshake", "SETTINGS frame")):
                     raise
                 return method(request, timeout=timeout or self.timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
