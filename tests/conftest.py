@@ -79,6 +79,20 @@ class Cluster:
                 out[node.id] = c.read("digest", {}, level="stale")["digest"]
         return out
 
+    def settle(self, quiet: float = 1.0, timeout: float = 15.0) -> None:
+        """Until the log stops growing for `quiet` seconds: plugins write their first records (capacity,
+        whereami) just after the nodes join, and tests that compare digests must not race them."""
+        deadline = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            with Client(self.node(self.leader()).grpc_address, timeout=2) as c:
+                index = c.status().commit_index
+            if index != last:
+                last, since = index, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
+            time.sleep(0.1)
+
     def wait_converged(self, timeout: float = 20.0) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while True:
@@ -86,6 +100,19 @@ class Cluster:
             if len(set(digests.values())) == 1 or time.monotonic() > deadline:
                 return digests
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_dev_trust(tmp_path_factory):
+    """Which credentials open which test cluster is noted in a directory of this session's own (CLI
+    subprocesses inherit it), never mixed with a developer's `just up` or an earlier crashed run."""
+    previous = os.environ.get("CORTEX_DEV_TRUST_DIR")
+    os.environ["CORTEX_DEV_TRUST_DIR"] = str(tmp_path_factory.mktemp("dev-trust"))
+    yield
+    if previous is None:
+        os.environ.pop("CORTEX_DEV_TRUST_DIR", None)
+    else:
+        os.environ["CORTEX_DEV_TRUST_DIR"] = previous
 
 
 @pytest.fixture
@@ -114,8 +141,10 @@ def shared_cluster(tmp_path_factory):
     directory = tmp_path_factory.mktemp("shared")
     try:
         dc = devcluster.up(directory, 3, 2, free_base_port(), timeout=60)
+        cluster = Cluster(dc)
+        cluster.settle()
     except BaseException:
         devcluster.down(directory)
         raise
-    yield Cluster(dc)
+    yield cluster
     devcluster.down(directory)

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cortex import devcluster
+from cortex import authz, devcluster, tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import AdminClient, Client, CortexError
@@ -22,8 +22,9 @@ from tests.conftest import free_base_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cortex(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "cortex", *args], capture_output=True, text=True, timeout=60)
+def cortex(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "cortex", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"cortex {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc
@@ -44,12 +45,14 @@ def start_agent(config: Path, env: dict | None = None) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=config.parent)
 
 
-def wait_status(address: str, predicate, timeout: float = 20.0):
+def wait_status(address: str, predicate, timeout: float = 20.0, data_dir: Path | None = None):
+    """`data_dir`: the node's, whose certificate (once it is a member) opens its mTLS port."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
+        files = tls.client_files(data_dir / tls.TLS_DIR) if data_dir else None
         try:
-            with Client(address, timeout=1) as c:
+            with Client(address, timeout=1, tls_files=files) as c:
                 last = c.status()
                 if predicate(last):
                     return last
@@ -102,12 +105,16 @@ def test_agent_without_bootstrap_waits_and_never_elects_itself(tmp_path: Path, p
     out = cortex("init", "--socket", str(socket_path), "--json")
     created = json.loads(out.stdout)
     assert created["cluster_id"].startswith("c-") and created["join_token"].startswith("cx1.")
-    status = wait_status(address, lambda s: s.state == "leader")
+    data_dir = config.parent / "data"
+    status = wait_status(address, lambda s: s.state == "leader", data_dir=data_dir)
     assert status.cluster_id == created["cluster_id"]
     again = cortex("init", "--socket", str(socket_path), check=False)
     assert again.returncode == 1 and "already belongs to cluster" in again.stderr
-    cortex("--addr", address, "kv", "put", "k", "v")
-    assert cortex("--addr", address, "kv", "get", "k").stdout.strip() == "v"
+    on_node = {"CORTEX_TLS_DIR": str(data_dir / tls.TLS_DIR)}  # what the CLI on that node finds by itself
+    cortex("--addr", address, "kv", "put", "k", "v", env=on_node)
+    assert cortex("--addr", address, "kv", "get", "k", env=on_node).stdout.strip() == "v"
+    refused = cortex("--addr", address, "kv", "get", "k", check=False, env={"CORTEX_TLS_DIR": str(tmp_path)})
+    assert refused.returncode != 0 and "no client certificate found" in refused.stderr
 
     # SIGTERM is a clean shutdown
     procs[0].terminate()
@@ -276,13 +283,13 @@ def test_join_without_token_waits_for_approval_and_reject_keeps_a_node_out(make_
 
     # someone replaying w1's request without its secret gets nothing
     forged = pb.JoinRequest(node_id="w1", role="worker", grpc_address="127.0.0.1:1", request_secret="x" * 32)
-    with grpc.insecure_channel(addr) as channel, pytest.raises(grpc.RpcError) as refused:
+    with authz.enroll_channel(addr, []) as channel, pytest.raises(grpc.RpcError) as refused:
         pb_grpc.ClusterStub(channel).Join(forged, timeout=10)
     assert "another join request for node 'w1' is pending" in refused.value.details()
 
     assert "approved w1" in cortex("--addr", addr, "nodes", "approve", "w1").stdout
     cluster_id = Client(addr).status().cluster_id
-    wait_status(w1, lambda s: s.state == "worker" and s.cluster_id == cluster_id)
+    wait_status(w1, lambda s: s.state == "worker" and s.cluster_id == cluster_id, data_dir=w1_socket.parent)
     members = wait_status(addr, lambda s: any(n.id == "w1" and n.liveness == "alive" for n in s.nodes))
     assert {n.id for n in members.nodes} == {"n1", "n2", "n3", "w1"}
     assert json.loads(cortex("--addr", addr, "nodes", "pending", "--json").stdout) == []

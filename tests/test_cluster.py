@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cortex.client import Client, CortexError
+from cortex.client import Client, CortexError, open_channel
 
 
 def test_cluster_forms_with_one_leader_and_all_nodes_alive(shared_cluster):
@@ -104,7 +104,7 @@ def test_garbage_bytes_on_grpc_and_raft_ports_change_nothing(shared_cluster):
 
 
 def test_health_and_reflection_are_served(shared_cluster):
-    channel = grpc.insecure_channel(shared_cluster.node("n1").grpc_address)
+    channel = open_channel(shared_cluster.node("n1").grpc_address)  # mTLS, as every member port
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)

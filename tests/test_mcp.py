@@ -22,8 +22,9 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from cortex import devcluster
+from cortex import authz, devcluster
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
+from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import Client
 
 from .conftest import Cluster, free_base_port
@@ -242,9 +243,10 @@ def test_every_tool_over_stdio_from_a_worker(mc):
 
 def _pending_join(mc: Cluster, node_id: str) -> None:
     """A join request without a token, as `cortex join` without --token sends it."""
-    with mc.client("w1") as c:
-        response = c.stub.Join(pb.JoinRequest(node_id=node_id, role="worker", grpc_address="127.0.0.1:9",
-                                              request_secret="s" * 32), timeout=10)
+    # joiners have no certificate: they call a server's enrollment port (gRPC port + 2)
+    with authz.enroll_channel(mc.node("n1").grpc_address, []) as channel:
+        response = pb_grpc.ClusterStub(channel).Join(pb.JoinRequest(
+            node_id=node_id, role="worker", grpc_address="127.0.0.1:9", request_secret="s" * 32), timeout=10)
     assert response.admission == "pending"
 
 

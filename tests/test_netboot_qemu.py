@@ -107,7 +107,10 @@ class Lab:
         return proc
 
     def cortex(self, *args: str) -> dict | list:
-        out = self.exec(sys.executable, "-m", "cortex", "--addr", f"{SERVER}:7400", "--json", *args, timeout=30)
+        # mTLS: the CLI presents the server's admin certificate (its data dir's tls/), as on the node itself
+        tls_dir = getattr(self, "tls_dir", "")
+        out = self.exec("env", f"CORTEX_TLS_DIR={tls_dir}", sys.executable, "-m", "cortex", "--addr", f"{SERVER}:7400",
+                        "--json", *args, timeout=30)
         return json.loads(out.stdout)
 
     def add_router(self) -> str:
@@ -184,6 +187,7 @@ def start_cluster(lab: Lab, tmp_path: Path, profiles_text: str) -> None:
     profiles = tmp_path / "profiles.yaml"
     profiles.write_text(profiles_text)
     config = tmp_path / "n1.yaml"
+    lab.tls_dir = tmp_path / "n1" / "tls"
     config.write_text(f"""node: {{id: n1, role: server}}
 data_dir: {tmp_path / 'n1'}
 listen: {{grpc: "{SERVER}:7400", raft: "{SERVER}:7401"}}

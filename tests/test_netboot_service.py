@@ -17,10 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cortex import cli, devcluster
+from cortex import authz, cli, devcluster
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
-from cortex.client import Client
+from cortex.client import Client, register_credentials
 from cortex.netboot import ephemeral, profiles
 from cortex.netboot.artifacts import fetch_all
 from cortex.netboot.cli import ClientPort
@@ -99,7 +99,7 @@ def service(shared_cluster, tmp_path_factory):
 
 def join(cluster, node_id: str, token: str, role: str = "worker") -> pb.JoinResponse:
     """A bare Join call, as a booting node's agent makes it (no heartbeats follow: it will go offline)."""
-    with grpc.insecure_channel(cluster.node("n2").grpc_address) as channel:
+    with authz.enroll_channel(cluster.node("n2").grpc_address, []) as channel:  # the enrollment port
         return pb_grpc.ClusterStub(channel).Join(pb.JoinRequest(
             node_id=node_id, role=role, grpc_address="127.0.0.1:9", token=token,
             raft_address="127.0.0.1:10" if role == "server" else ""), timeout=15)
@@ -227,6 +227,7 @@ def test_ephemeral_worker_reports_powers_off_when_idle_and_leaves(service, tmp_p
     Path(node.dir).mkdir()
     node.config_path.write_text(devcluster.node_config(node, service.cluster.node("n1").grpc_address,
                                                        str(tmp_path / "token")))
+    register_credentials([node.grpc_address], None, Path(node.dir) / "data" / "tls")  # its certificate, once joined
     devcluster.start_node(node)
     try:
         powered_off = threading.Event()

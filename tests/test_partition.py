@@ -33,6 +33,7 @@ class Lab:
         self.tag, self.subnet, self.count = tag, subnet, count
         self.bridge_ns = f"{tag}-br"
         self.names = [f"{tag}-n{i}" for i in range(1, count + 1)]
+        self.data_root = Path(".")  # where the fixture keeps n<i>/data (set by the fixture)
 
     def address(self, i: int) -> str:
         return f"10.231.{self.subnet}.{i}"
@@ -71,9 +72,11 @@ class Lab:
 
     def cortex(self, i: int, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run the CLI inside node i's namespace against node i's own agent."""
+        # with the node's own credentials, as the CLI on that node finds them (mTLS)
+        env = {**os.environ, "CORTEX_TLS_DIR": str(self.data_root / f"n{i}" / "data" / "tls")}
         return subprocess.run(["ip", "netns", "exec", self.names[i - 1], sys.executable, "-m", "cortex",
                                "--addr", f"{self.address(i)}:7400", "--timeout", "3", *args],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, env=env)
 
     def status(self, i: int) -> dict | None:
         proc = self.cortex(i, "status", "--json")
@@ -85,6 +88,7 @@ def lab(tmp_path: Path):
     lab = Lab(f"cx{os.getpid() % 10000}", subnet=os.getpid() % 250, count=3)
     lab.down()
     lab.up()
+    lab.data_root = tmp_path
     procs = []
     try:
         for i, ns in enumerate(lab.names, start=1):

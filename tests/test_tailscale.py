@@ -216,7 +216,7 @@ def test_a_tagged_peer_is_approved_by_its_tailscale_identity(make_cluster, tmp_p
             cortex("join", n1.grpc_address, "--socket", str(config.parent / "data" / "admin.sock"))
             joined[node_id] = (f"{host}:{port}", asked)
         address, asked = joined["desktop"]
-        wait_status(address, lambda s: s.state == "worker")
+        wait_status(address, lambda s: s.state == "worker", data_dir=tmp_path / "desktop" / "data")
         print(f"join request -> admitted by Tailscale identity: {time.monotonic() - asked:.2f}s")
         # the stranger is not on the tailnet: it waits for a person
         stranger = wait_status(joined["stranger"][0], lambda s: "cortex nodes approve stranger" in s.waiting_for)

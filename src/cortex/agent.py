@@ -24,11 +24,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cortex import __version__, identity, notify, sleepwatch
+from cortex import __version__, authz, identity, notify, sleepwatch, tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
-from cortex.client import channel_options
+from cortex.certs import NodeCerts
+from cortex.client import channel_options, secure_channel, set_process_credentials
 from cortex.commands import CommandError, Envelope, is_internal, parse_args_json, validate
 from cortex.config import Config
 from cortex.consensus import GroupCommitter, NotLeader, ProposalError, RaftNode, wait_until
@@ -38,6 +39,7 @@ from cortex.liveness import LivenessTracker
 from cortex.logs import fields
 from cortex.plugin_service import PluginsService, network_caller, socket_caller
 from cortex.plugins import PluginHost
+from cortex.raft_keys import RotatingEncryptor
 from cortex.state import StateStore
 
 log = logging.getLogger("cortex.agent")
@@ -74,16 +76,21 @@ class AgentError(Exception):
 class Peers:
     """One gRPC channel per peer address, reused; channels reconnect by themselves after restarts."""
 
-    def __init__(self, max_message_bytes: int):
+    def __init__(self, max_message_bytes: int, credentials=lambda: None):
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.ClusterStub]] = {}
         self._lock = threading.Lock()
         self._max = max_message_bytes
+        self._credentials = credentials  # () -> tls.ClientFiles | None: this node's certificate
 
     def stub(self, address: str) -> pb_grpc.ClusterStub:
         with self._lock:
             entry = self._channels.get(address)
             if entry is None:
-                channel = grpc.insecure_channel(address, options=channel_options(self._max))
+                files = self._credentials()
+                if files is None:  # a member of a cluster created before mTLS
+                    channel = grpc.insecure_channel(address, options=channel_options(self._max))
+                else:
+                    channel = secure_channel(address, files, channel_options(self._max))
                 entry = (channel, pb_grpc.ClusterStub(channel))
                 self._channels[address] = entry
             return entry[1]
@@ -190,7 +197,9 @@ class Agent:
         self.store: StateStore | None = None
         self.raft: RaftNode | None = None
         self.committer: GroupCommitter | None = None
-        self.peers = Peers(config.max_message_bytes)
+        self.certs = NodeCerts(self.data_dir, config.node_id)
+        self.peers = Peers(config.max_message_bytes, self.certs.node_files)
+        set_process_credentials(self.certs.node_files)  # plugins calling other nodes present this node's cert
         self._lock = threading.RLock()  # guards membership transitions (init/join/leave)
         self._stop = threading.Event()
         self.failed = threading.Event()  # set when the agent can no longer serve and must be restarted
@@ -206,6 +215,7 @@ class Agent:
         self._server_addresses: list[str] = list(self.identity.server_grpc_addresses) if self.identity else []
         self.waiting_for = ""
         self._grpc: grpc.Server | None = None
+        self._enroll: grpc.Server | None = None
         self._admin: grpc.Server | None = None
         self._health = health.HealthServicer()
 
@@ -237,6 +247,8 @@ class Agent:
         self.plugins.stop()
         if self._grpc:
             self._grpc.stop(grace=2).wait()
+        if self._enroll:
+            self._enroll.stop(grace=1).wait()
         if self._admin:
             self._admin.stop(grace=1).wait()
         self._stop_member()
@@ -246,14 +258,48 @@ class Agent:
         self._stop.wait()
 
     def _serve(self) -> None:
+        self._serve_network()
+        self._serve_admin()
+
+    def _restart_network(self) -> None:
+        """Membership changed (init, join, leave): serve the ports with the credentials that now apply."""
+        old, old_enroll = self._grpc, self._enroll
+        if old is not None:
+            old.stop(grace=0.5).wait()
+        if old_enroll is not None:
+            old_enroll.stop(grace=0.5).wait()
+        self._grpc = self._enroll = None
+        deadline = time.monotonic() + 5
+        while True:  # the port may take a moment to be free again
+            try:
+                self._serve_network()
+                return
+            except RuntimeError:
+                for server in (self._grpc, self._enroll):  # release what this attempt bound
+                    if server is not None:
+                        server.stop(0)
+                self._grpc = self._enroll = None
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _serve_network(self) -> None:
+        """Members: mutual TLS on the gRPC port (a client certificate of the cluster CA, role checked per
+        RPC), and on servers the enrollment port for nodes that join. Not a member: plaintext, since there is
+        nothing to protect yet and every RPC but Status answers "not in a cluster"."""
+        secure = self.identity is not None and self.certs.ready()
+        if self.identity is not None and not secure:
+            log.warning("this member has no certificate (cluster created before mTLS): serving plaintext; "
+                        "create the cluster again to get mTLS")
         opts = [("grpc.max_send_message_length", self.config.max_message_bytes),
                 ("grpc.max_receive_message_length", self.config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
                 # Peers keep idle channels alive with pings every 10 s; allow that instead of GOAWAY.
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                 ("grpc.keepalive_permit_without_calls", 1)]
+        interceptors = [authz.RoleCheck(lambda: self.identity.cluster_id if self.identity else "")] if secure else []
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
-                                 options=opts, maximum_concurrent_rpcs=1024)
+                                 options=opts, maximum_concurrent_rpcs=1024, interceptors=interceptors)
         pb_grpc.add_ClusterServicer_to_server(ClusterService(self), self._grpc)
         ppb_grpc.add_PluginsServicer_to_server(PluginsService(self.plugins, self.config.node_id,
                                                               network_caller(self.plugins), self._stop.is_set),
@@ -264,12 +310,31 @@ class Agent:
              reflection.SERVICE_NAME),
             self._grpc,
         )
-        if self._grpc.add_insecure_port(self.config.grpc_address) == 0:
+        if secure:
+            def add_port(address: str) -> int:
+                # one credentials object per port: each listener's fetcher must hand out its own first config
+                return self._grpc.add_secure_port(address, authz.ServerCredentials(self.certs.dir).credentials())
+        else:
+            add_port = self._grpc.add_insecure_port
+        if add_port(self.config.grpc_address) == 0:
             raise RuntimeError(f"cannot listen on {self.config.grpc_address} (in use?)")
         local = self.config.loopback_grpc_address
-        if local and self._grpc.add_insecure_port(local) == 0:
+        if local and add_port(local) == 0:
             log.warning("cannot also listen on loopback", extra=fields(address=local))
+        if secure and self.identity.role == "server":
+            self._serve_enrollment(opts)
         self._grpc.start()
+
+    def _serve_enrollment(self, opts) -> None:
+        self._enroll = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="enroll"),
+                                   options=opts, maximum_concurrent_rpcs=64, interceptors=[authz.OnlyJoin()])
+        pb_grpc.add_ClusterServicer_to_server(ClusterService(self), self._enroll)
+        address = authz.enroll_address(self.config.grpc_address)
+        if self._enroll.add_secure_port(address, authz.enroll_server_credentials(self.certs.dir)) == 0:
+            raise RuntimeError(f"cannot listen on {address} (the enrollment port, gRPC port + 2; in use?)")
+        self._enroll.start()
+
+    def _serve_admin(self) -> None:
         sock = self.config.admin_socket_path
         sock.parent.mkdir(parents=True, exist_ok=True)
         sock.unlink(missing_ok=True)
@@ -327,7 +392,8 @@ class Agent:
             known = [n["raft_address"] for n in self.store.query("nodes", {})
                      if n["role"] == "server" and n["raft_address"]]
             peers = sorted(set(known or ident.raft_peers) - {self.config.raft_address})
-            self.raft = RaftNode(self.store, self.config.raft_address, peers, self.config.raft, ident.raft_secret,
+            self.raft_keys = RotatingEncryptor(ident.raft_secret, self.certs.ca()[1], self._raft_generation())
+            self.raft = RaftNode(self.store, self.config.raft_address, peers, self.config.raft, self.raft_keys,
                                  self.data_dir, on_state_change=self._update_health)
             self.committer = GroupCommitter(self.raft)
         self.waiting_for = ""
@@ -393,6 +459,8 @@ class Agent:
                         self._finish_join(timeout=5)
                 if self.identity is not None and self.identity.role == "worker":
                     self._worker_heartbeat()
+                self._raft_key_step()
+                self._renew_step()
                 self._liveness_step()
                 if heartbeat_failing:
                     log.info("servers reachable again")
@@ -470,9 +538,11 @@ class Agent:
                              raft_secret=identity.new_secret(), raft_peers=[self.config.raft_address],
                              server_grpc_addresses=[self.config.grpc_address])
             self._wipe_state()
+            self.certs.create_cluster(cluster_id)
             identity.save(self.data_dir, ident)
             self.identity = ident
             self._start_member()
+            self._restart_network()
             if not wait_until(self.raft.is_leader, 15):
                 raise AgentError(grpc.StatusCode.UNAVAILABLE, "the new cluster did not elect this node in 15 s")
             token = identity.new_join_token()
@@ -505,7 +575,8 @@ class Agent:
                 raise AgentError(grpc.StatusCode.ALREADY_EXISTS,
                                  f"this node already belongs to cluster {self.identity.cluster_id}")
             secret = "" if token else self._request_secret(address)
-            response = self._call_join(address, token, secret)
+            key = tls.new_key_pem()
+            response = self._call_join(address, token, secret, csr=tls.new_csr(key, self.config.node_id))
             if response.admission == "pending":
                 self.waiting_for = (f"approval of this node's join request to {address}: on a member run "
                                     f"`cortex nodes approve {self.config.node_id}`")
@@ -520,12 +591,22 @@ class Agent:
                              pending_token="" if response.admitted else token,
                              pending_request_secret="" if response.admitted else secret,
                              join_address="" if response.admitted else address)
+            if not response.cert_pem:
+                raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"{address} admitted this node but returned no certificate (a cluster older than "
+                                 "mTLS?); upgrade its servers first")
             self._wipe_state()
+            try:
+                self.certs.install(key, response.cert_pem, response.ca_cert_pem, response.ca_key_pem,
+                                   response.cluster_id)
+            except tls.TLSError as exc:
+                raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, f"join: {exc}") from None
             identity.save(self.data_dir, ident)
             (self.data_dir / JOIN_REQUEST_FILE).unlink(missing_ok=True)
             self.identity = ident
             self._server_addresses = list(ident.server_grpc_addresses)
             self._start_member()
+            self._restart_network()
             if not response.admitted:
                 self._finish_join(timeout)
             log.info("joined cluster", extra=fields(cluster_id=ident.cluster_id, via=address, role=ident.role))
@@ -570,15 +651,22 @@ class Agent:
                     return
                 log.info("join request not answered yet", extra=fields(address=address, error=str(exc)))
 
-    def _call_join(self, address: str, token: str, secret: str = "") -> pb.JoinResponse:
+    def _call_join(self, address: str, token: str, secret: str = "", csr: bytes = b"") -> pb.JoinResponse:
+        """Join goes to the server's enrollment port (TLS; this node has no certificate yet)."""
         request = pb.JoinRequest(node_id=self.config.node_id, role=self.config.role,
                                  grpc_address=self.config.grpc_address,
                                  raft_address=self.config.raft_address if self.config.role == "server" else "",
-                                 token=token, request_secret=secret)
+                                 token=token, request_secret=secret, csr_pem=csr)
         try:
-            return self.peers.stub(address).Join(request, timeout=FORWARD_TIMEOUT * 2)
+            channel = authz.enroll_channel(address, channel_options(self.config.max_message_bytes))
+        except ConnectionError as exc:
+            raise AgentError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        try:
+            return pb_grpc.ClusterStub(channel).Join(request, timeout=FORWARD_TIMEOUT * 2)
         except grpc.RpcError as exc:
             raise AgentError(exc.code(), f"{address} refused the join: {exc.details()}") from None
+        finally:
+            channel.close()
 
     def _finish_join(self, timeout: float) -> None:
         """Second step of a server's join: ask again (Raft now running) until the cluster registers us."""
@@ -615,7 +703,10 @@ class Agent:
             self._stop_member()
             identity.remove(self.data_dir)
             self._wipe_state()
+            self.certs.remove()
             self.identity = None
+            self.peers.reset()
+            self._restart_network()
             self.waiting_for = "cortex init (new cluster) or cortex join ADDRESS --token TOKEN"
             self._update_health()
             log.info("left the cluster")
@@ -671,11 +762,25 @@ class Agent:
                 if problem:
                     log.warning("join refused", extra=fields(node=request.node_id, reason=problem))
                     raise AgentError(grpc.StatusCode.PERMISSION_DENIED, problem)
+        if same and request.csr_pem:
+            # A replayed (or re-sent) join of a registered node gets nothing: no certificate, no secret.
+            log.warning("join refused", extra=fields(node=request.node_id, reason="already a member"))
+            raise AgentError(grpc.StatusCode.ALREADY_EXISTS,
+                             f"node {request.node_id!r} is already a member; a join is not repeated. If that node "
+                             "lost its data: `cortex nodes remove` it, then join again")
         response = pb.JoinResponse(
             cluster_id=self.identity.cluster_id,
-            raft_secret=self.identity.raft_secret if request.role == "server" else "",
+            raft_secret=self.identity.raft_secret if request.role == "server" and not same else "",
             server_grpc_addresses=self._server_grpc_addresses(),
         )
+        if request.csr_pem:
+            try:
+                cert, ca = self.certs.sign(request.csr_pem, request.node_id, request.role, self.identity.cluster_id)
+            except tls.TLSError as exc:
+                raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, f"bad join request: {exc}") from None
+            response.cert_pem, response.ca_cert_pem = cert, ca
+            if request.role == "server":
+                response.ca_key_pem = self.certs.ca()[1]
         if request.role == "server" and request.raft_address not in self.raft.members():
             servers = [n for n in nodes.values() if n["role"] == "server"]
             if len(servers) >= 5:
@@ -786,6 +891,62 @@ class Agent:
             raise AgentError(grpc.StatusCode.NOT_FOUND,
                              f"no active token with id {request.token_id}; see `cortex token list`")
         return pb.RevokeTokenResponse(revoked=True)
+
+    def handle_renew(self, request: pb.RenewCertificateRequest, peer: tls.Peer | None) -> pb.RenewCertificateResponse:
+        """Sign a new certificate for the caller: same name, role and cluster as the one it presented."""
+        self._require_member()
+        if peer is None:
+            raise AgentError(grpc.StatusCode.UNAUTHENTICATED, "renewal needs the current certificate (mTLS)")
+        if not self.certs.can_sign():
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, "only servers sign certificates; ask a server")
+        if peer.role in authz.NODES and not any(n["id"] == peer.name for n in self.store.query("nodes", {})):
+            raise AgentError(grpc.StatusCode.PERMISSION_DENIED,
+                             f"node {peer.name!r} is not a member any more; it gets no new certificate")
+        try:
+            cert, ca = self.certs.sign(request.csr_pem, peer.name, peer.role, self.identity.cluster_id)
+        except tls.TLSError as exc:
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        log.info("certificate renewed for", extra=fields(name=peer.name, role=peer.role))
+        return pb.RenewCertificateResponse(cert_pem=cert, ca_cert_pem=ca)
+
+    def _raft_generation(self) -> int:
+        try:
+            return int((self.certs.dir / "raft-generation").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _raft_key_step(self) -> None:
+        """Servers: switch the Raft transport key once this replica has applied a `cortex secrets rotate`."""
+        from cortex.secrets_cli import RAFT_ROTATION_KEY
+
+        if self.store is None or self.raft is None:
+            return
+        row = self.store.query("kv.get", {"key": RAFT_ROTATION_KEY})
+        generation = int(row["value"]) if row and str(row["value"]).isdigit() else 0
+        if generation > self.raft_keys.generation and self.raft_keys.set_generation(generation):
+            tls.write_file(self.certs.dir / "raft-generation", str(generation).encode(), 0o644)
+            log.info("raft transport key rotated", extra=fields(generation=generation))
+
+    def _renew_step(self) -> None:
+        """Renew this node's certificate before it expires; new connections use it at once, no restart."""
+        if self.identity is None or not self.certs.ready():
+            return
+
+        def remote(csr: bytes) -> tuple[bytes, bytes]:
+            r = self._to_servers(lambda stub: stub.RenewCertificate(pb.RenewCertificateRequest(csr_pem=csr),
+                                                                    timeout=5))
+            return r.cert_pem, r.ca_cert_pem
+
+        def rotation() -> int:  # `cortex secrets rotate` bumps it
+            from cortex.secrets_cli import ROTATION_KEY
+
+            request = pb.ReadRequest(query="kv.get", args_json=json.dumps({"key": ROTATION_KEY}).encode(),
+                                     level=pb.STALE)
+            row = json.loads(self.read(request).result_json)
+            return int(row["value"]) if row and str(row["value"]).isdigit() else 0
+
+        if self.certs.renew_if_due(self.identity.cluster_id, remote, rotation):
+            self.peers.reset()  # outgoing calls present the new certificate from now on
 
     def _raft_call(self, fn):
         try:
@@ -1051,6 +1212,14 @@ def _servicer(fn):
     return wrapper
 
 
+def _only_itself(node_id: str, verb: str) -> None:
+    """A worker's certificate speaks for that worker alone."""
+    peer = authz.current_peer.get()
+    if peer is not None and peer.role == "worker" and node_id != peer.name:
+        raise AgentError(grpc.StatusCode.PERMISSION_DENIED,
+                         f"worker {peer.name} may {verb} itself only, not {node_id!r}; run it on a server")
+
+
 class ClusterService(pb_grpc.ClusterServicer):
     def __init__(self, agent: Agent):
         self.agent = agent
@@ -1077,11 +1246,17 @@ class ClusterService(pb_grpc.ClusterServicer):
 
     @_servicer
     def Leave(self, request, context):
+        _only_itself(request.node_id, "remove")
         return self.agent.handle_leave(request)
 
     @_servicer
     def Heartbeat(self, request, context):
+        _only_itself(request.node_id, "send heartbeats for")
         return self.agent.handle_heartbeat(request)
+
+    @_servicer
+    def RenewCertificate(self, request, context):
+        return self.agent.handle_renew(request, authz.current_peer.get())
 
     @_servicer
     def TransferLeadership(self, request, context):
@@ -1089,6 +1264,11 @@ class ClusterService(pb_grpc.ClusterServicer):
 
     @_servicer
     def CreateToken(self, request, context):
+        peer = authz.current_peer.get()
+        if peer is not None and peer.role == "worker" and request.role != "worker":
+            raise AgentError(grpc.StatusCode.PERMISSION_DENIED,
+                             f"worker {peer.name} may create worker join tokens only; a {request.role} token "
+                             "needs an admin: run `cortex token create` on a server")
         return self.agent.handle_create_token(request)
 
     @_servicer

@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cortex import update_cli
 
     update_cli.register(sub, add, emit, table, _client)
+    from cortex import secrets_cli
+
+    secrets_cli.register(sub, add, emit, _client)  # cortex secrets rotate
 
     kv = sub.add_parser("kv", help="debug key/value store (replicated)").add_subparsers(dest="sub", required=True)
     sp = add("put", cmd_kv_put, "set a key", kv)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
 
+from cortex import tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 
@@ -34,8 +38,110 @@ def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str,
     ]
 
 
-def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+# --- which credentials a client presents ---------------------------------------------------------------------
+# Members serve gRPC with mutual TLS: a client presents a certificate of the cluster CA. Where it comes from,
+# first match wins: the `tls` argument; credentials registered for that address in this process (devcluster
+# does it for the clusters it starts); $CORTEX_TLS_DIR; the dev-trust note of that address (`just up` writes
+# them); /var/lib/cortex/tls (on a node: admin.* on servers, the node's own certificate on workers). None found: plaintext, which only
+# a node that is not in a cluster yet answers.
+TLS_DIR_ENV = "CORTEX_TLS_DIR"
+DEFAULT_TLS_DIRS = (Path("/var/lib/cortex") / tls.TLS_DIR,)
+_by_address: dict[str, tls.ClientFiles | Path] = {}  # files, or a directory read when needed
+_registry_lock = threading.Lock()
+_process_default = None  # the agent process: its own node certificate (for plugins calling other nodes)
+
+
+def set_process_credentials(source) -> None:
+    """`source()` -> ClientFiles | None, consulted after the registry and $CORTEX_TLS_DIR."""
+    global _process_default
+    _process_default = source
+
+
+def dev_trust_dir() -> Path:
+    """Where dev clusters on this machine note which credentials open which loopback address, so a `cortex`
+    started in another shell or by a test finds them (like known_hosts, for `cortex dev up` only)."""
+    if os.environ.get("CORTEX_DEV_TRUST_DIR"):  # tests keep their own
+        return Path(os.environ["CORTEX_DEV_TRUST_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "cortex" / "dev-trust"
+
+
+def _trust_file(address: str) -> Path:
+    return dev_trust_dir() / address.replace(":", "_").replace("/", "_")
+
+
+def register_credentials(addresses, files: tls.ClientFiles | None, directory: Path | None = None) -> None:
+    """Use `files` for these addresses in this process (None forgets them); with `directory` (where the
+    files are), other processes on this machine find them too. Files None and a directory: read the
+    directory when a client needs them (a node that has not joined yet has none)."""
+    if files is None and directory is not None:
+        with _registry_lock:
+            for address in addresses:
+                _by_address[address] = Path(directory)
+        return
+    with _registry_lock:
+        for address in addresses:
+            if files is None:
+                _by_address.pop(address, None)
+                _trust_file(address).unlink(missing_ok=True)
+                continue
+            _by_address[address] = files
+            if directory is not None:
+                path = _trust_file(address)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+                tmp.write_text(str(Path(directory).resolve()))
+                os.replace(tmp, path)
+
+
+def find_credentials(address: str) -> tls.ClientFiles | None:
+    if address.startswith("unix:"):
+        return None
+    with _registry_lock:
+        known = _by_address.get(address)
+    if isinstance(known, tls.ClientFiles):
+        return known
+    if isinstance(known, Path):
+        return tls.client_files(known)
+    configured = os.environ.get(TLS_DIR_ENV)
+    if not configured and _process_default is not None:
+        files = _process_default()
+        if files is not None:
+            return files
+    candidates = [Path(configured)] if configured else list(DEFAULT_TLS_DIRS)
+    if not configured:
+        try:
+            candidates.insert(0, Path(_trust_file(address).read_text().strip()))
+        except OSError:
+            pass
+    for directory in candidates:
+        try:
+            files = tls.client_files(directory)
+        except PermissionError:
+            files = None
+        if files is not None:
+            return files
+    return None
+
+
+def secure_channel(address: str, files: tls.ClientFiles, options: list[tuple[str, Any]]) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(root_certificates=files.ca, private_key=files.key,
+                                         certificate_chain=files.cert)
+    # Certificates name the cluster, not an address: verify the name every cluster certificate carries.
+    return grpc.secure_channel(address, creds, options=options + [("grpc.ssl_target_name_override",
+                                                                   tls.SERVER_NAME)])
+
+
+def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024,
+                 files: tls.ClientFiles | None = None) -> grpc.Channel:
+    files = files or find_credentials(address)
+    if files is None:
+        return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+    return secure_channel(address, files, channel_options(max_message_bytes))
+
+
+NO_CREDENTIALS_HINT = (f" (no client certificate found: set {TLS_DIR_ENV} to a server's <data_dir>/tls, "
+                       "or run the CLI on a node)")
 
 
 class CortexError(RuntimeError):
@@ -48,14 +154,26 @@ class CortexError(RuntimeError):
 class Client:
     """Talks to one node (which forwards to the leader when needed)."""
 
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, tls_files: tls.ClientFiles | None = None):
         self.address = address
         self.timeout = timeout
-        self.channel = open_channel(address)
+        self.tls_files = tls_files or find_credentials(address)
+        self.channel = open_channel(address, files=self.tls_files)
         self.stub = pb_grpc.ClusterStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
+
+    def _refresh_credentials(self) -> bool:
+        fresh = find_credentials(self.address)
+        if fresh == self.tls_files:
+            return False
+        old = self.channel
+        self.tls_files = fresh
+        self.channel = open_channel(self.address, files=fresh)
+        self.stub = pb_grpc.ClusterStub(self.channel)
+        old.close()
+        return True
 
     def __enter__(self) -> Client:
         return self
@@ -65,9 +183,25 @@ class Client:
 
     def _call(self, method, request, timeout: float | None = None):
         try:
-            return method(request, timeout=timeout or self.timeout)
+            try:
+                return method(request, timeout=timeout or self.timeout)
+            except grpc.RpcError as exc:
+                # The node answered TCP but the TLS handshake did not finish (a busy agent, a listener being
+                # replaced after init or join): wait for the connection this once instead of failing fast.
+                details = exc.details() or ""
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or not any(
+                        m in details for m in ("andshake", "SETTINGS frame")):
+                    raise
+                return method(request, timeout=timeout or self.timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
-            raise CortexError(exc.code(), exc.details() or "") from None
+            name = next((n for n, v in vars(self.stub).items() if v is method), None)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and name and self._refresh_credentials():
+                # the node joined (or renewed) since this client was made: once more with its certificate
+                return self._call(getattr(self.stub, name), request, timeout)
+            details = exc.details() or ""
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and self.tls_files is None:
+                details += NO_CREDENTIALS_HINT
+            raise CortexError(exc.code(), details) from None
 
     # --- writes ---------------------------------------------------------------------------------------
     def write(self, command_type: str, args: dict, idempotency_key: str | None = None,

@@ -144,6 +144,17 @@ def repair_journal(path: Path) -> str:
     return f"{path.name}: torn tail after an unclean stop; cut back from offset {last} to {offset}"
 
 
+_fernet_from_password = syncobj_module.getEncryptor
+
+
+def _encryptor(password):
+    """The agent passes a ready encryptor (raft_keys.RotatingEncryptor) whose key rotates in place."""
+    return password if hasattr(password, "encrypt_at_time") else _fernet_from_password(password)
+
+
+syncobj_module.getEncryptor = _encryptor
+
+
 # --- durability --------------------------------------------------------------------------------------
 # pysyncobj writes its log through mmap and its term/vote/commit index with a plain rename, and fsyncs neither:
 # after a power loss a server could have acknowledged entries it no longer has, or voted twice in one term.

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from cortex.client import Client, CortexError
+from cortex import tls
+from cortex.client import Client, CortexError, register_credentials
 
 STATE_FILE = "devcluster.json"
 
@@ -118,7 +119,7 @@ def plan(directory: Path, servers: int, workers: int, base_port: int) -> DevClus
     for i in range(1, servers + 1):
         nodes.append(DevNode(f"n{i}", "server", f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}",
                              str(directory / f"n{i}")))
-        port += 2
+        port += 3  # gRPC, Raft, enrollment (gRPC + 2)
     for i in range(1, workers + 1):
         nodes.append(DevNode(f"w{i}", "worker", f"127.0.0.1:{port}", "", str(directory / f"w{i}")))
         port += 1
@@ -193,6 +194,7 @@ def up(directory: Path, servers: int = 3, workers: int = 2, base_port: int = 740
     while not token_file.exists():
         _check_started(first, deadline)
         time.sleep(0.05)
+    trust(cluster)
     progress(f"starting {', '.join(n.id for n in cluster.nodes[1:]) or 'no other nodes'}")
     for node in cluster.nodes[1:]:
         start_node(node, env)
@@ -201,8 +203,30 @@ def up(directory: Path, servers: int = 3, workers: int = 2, base_port: int = 740
     return cluster
 
 
+def tls_dir(cluster: DevCluster) -> Path:
+    """The admin client credentials of the cluster (`export CORTEX_TLS_DIR=...`; the CLI also finds
+    ./.cortex-dev/tls by itself)."""
+    return Path(cluster.dir) / "tls"
+
+
+def trust(cluster: DevCluster) -> tls.ClientFiles | None:
+    """Copy the first server's admin certificate to <cluster>/tls and use it in this process for every node
+    address of the cluster (what an operator does by hand: take the credentials from a server)."""
+    source = Path(cluster.nodes[0].dir) / "data" / tls.TLS_DIR
+    files = tls.client_files(source, ("admin",))
+    if files is None:
+        return None
+    target = tls_dir(cluster)
+    tls.write_file(target / "ca.crt", files.ca, 0o644)
+    tls.write_file(target / "admin.key", files.key)
+    tls.write_file(target / "admin.crt", files.cert, 0o644)
+    register_credentials([n.grpc_address for n in cluster.nodes], files, target)
+    return files
+
+
 def _ports(node: DevNode) -> list[int]:
-    return [int(a.rsplit(":", 1)[1]) for a in (node.grpc_address, node.raft_address) if a]
+    ports = [int(a.rsplit(":", 1)[1]) for a in (node.grpc_address, node.raft_address) if a]
+    return ports + [ports[0] + 2] if node.role == "server" else ports
 
 
 def _check_started(node: DevNode, deadline: float) -> None:
@@ -258,6 +282,13 @@ def health_problem(cluster: DevCluster) -> str:
     down = [n.id for n in cluster.nodes if seen[n.id].liveness != "alive"]
     if down:
         return f"waiting for {', '.join(down)} to report alive"
+    for node in cluster.workers:  # a worker serves mTLS once it holds its certificate
+        try:
+            with Client(node.grpc_address, timeout=2) as c:
+                if c.status().state != "worker":
+                    return f"waiting for {node.id} to serve as a member"
+        except CortexError as exc:
+            return f"waiting for {node.id}: {exc.code.name}"
     return ""
 
 
@@ -283,6 +314,7 @@ def down(directory: Path, purge: bool = False) -> list[str]:
     cluster = load(directory)
     if cluster is None:
         return []
+    register_credentials([n.grpc_address for n in cluster.nodes], None)
     stopped = []
     for node in cluster.nodes:
         if alive(node.pid):

@@ -14,9 +14,10 @@ from typing import Any
 
 import grpc
 
+from cortex import authz
 from cortex._proto.cortex.v1 import plugins_pb2 as ppb
 from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
-from cortex.plugins import MAX_TOOL_ARGUMENT_BYTES, Caller, PluginHost, ToolError
+from cortex.plugins import CALLER_ROLES, MAX_TOOL_ARGUMENT_BYTES, Caller, PluginHost, ToolError
 from cortex.toolsets import Policy
 
 log = logging.getLogger("cortex.plugins.service")
@@ -31,8 +32,12 @@ def policy_of(host: PluginHost, node_id: str) -> Policy:
 
 def network_caller(host: PluginHost) -> Callable[[grpc.ServicerContext], Caller]:
     def caller(context: grpc.ServicerContext) -> Caller:
-        role = (host.options_of(MCP_PLUGIN) or {}).get("grpc_role", "operator")
-        return Caller(role=role, identity=f"grpc:{context.peer()}")
+        ceiling = (host.options_of(MCP_PLUGIN) or {}).get("grpc_role", "operator")
+        peer = authz.peer_from_context(context)
+        if peer is not None:  # mTLS: the certificate says who calls, the mcp plugin's grpc_role caps it
+            role = min(authz.CALLER_ROLE_OF.get(peer.role, "reader"), ceiling, key=CALLER_ROLES.index)
+            return Caller(role=role, identity=f"grpc:{peer.role}:{peer.name}")  # transport first, as before
+        return Caller(role=ceiling, identity=f"grpc:{context.peer()}")
     return caller
 
 

@@ -1,0 +1,235 @@
+"""Who may call what over gRPC, and the TLS credentials the agent serves and calls with.
+
+The member port requires a client certificate of the cluster CA (refused at the TLS handshake otherwise);
+`RoleCheck` then reads the certificate's role and cluster and refuses an RPC the role may not call, with a
+PERMISSION_DENIED that says which roles may. Plugin tools check their own roles against the Caller the
+certificate maps to (plugin_service.network_caller).
+
+The enrollment port (grpc port + 2, servers only) serves Join alone with server-side TLS: a node that has
+no certificate yet sends its token and CSR there and gets its certificate back.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from cortex import tls
+from cortex.logs import fields
+
+log = logging.getLogger("cortex.authz")
+
+NODES = frozenset({"server", "worker"})
+SERVER = frozenset({"server"})
+ADMIN = frozenset({"server", "admin"})
+OPERATOR = frozenset({"server", "admin", "operator"})
+WRITERS = frozenset({"server", "worker", "admin", "operator"})
+EVERYONE = frozenset({"server", "worker", "admin", "operator", "reader"})
+
+# Every Cluster RPC names the roles that may call it; an RPC missing here is refused (fail closed).
+CLUSTER_RPC_ROLES: dict[str, frozenset[str]] = {
+    "Write": WRITERS,
+    "WriteBatch": WRITERS,
+    "Read": EVERYONE,
+    "Status": EVERYONE,
+    "Join": SERVER,  # on this port only forwarded by a server; joiners use the enrollment port
+    "Leave": ADMIN | {"worker"},  # a worker may leave (remove itself) only: checked in ClusterService.Leave
+    "Heartbeat": NODES,
+    "TransferLeadership": OPERATOR | {"worker"},  # graceful, so a worker may forward its operator's request
+    # Workers mint worker tokens only (the netboot service provisions workers): checked in ClusterService.
+    "CreateToken": ADMIN | {"worker"},
+    "RevokeToken": ADMIN,
+    "RenewCertificate": EVERYONE,  # renews the caller's own certificate, same name and role
+}
+# A certificate's role as a plugin tool caller (plugins.CALLER_ROLES: reader < operator < admin).
+CALLER_ROLE_OF = {"admin": "admin", "server": "admin", "operator": "operator", "worker": "operator",
+                  "reader": "reader"}
+# Whole services open to every certificate of the cluster (plugin tools check their own roles).
+OPEN_SERVICES = ("/cortex.v1.Plugins/", "/grpc.health.v1.Health/", "/grpc.reflection.")
+CLUSTER_SERVICE = "/cortex.v1.Cluster/"
+ENROLL_PORT_OFFSET = 2
+
+# The peer of the RPC being served (set by RoleCheck, read by handlers in the same thread).
+current_peer: contextvars.ContextVar[tls.Peer | None] = contextvars.ContextVar("current_peer", default=None)
+
+
+def enroll_address(grpc_address: str) -> str:
+    host, _, port = grpc_address.rpartition(":")
+    return f"{host}:{int(port) + ENROLL_PORT_OFFSET}"
+
+
+def peer_from_context(context: grpc.ServicerContext) -> tls.Peer | None:
+    certs = (context.auth_context() or {}).get("x509_pem_cert") or []
+    return tls.peer_of(certs[0]) if certs else None
+
+
+def allowed_roles(method: str) -> frozenset[str] | None:
+    if method.startswith(OPEN_SERVICES):
+        return EVERYONE
+    if method.startswith(CLUSTER_SERVICE):
+        return CLUSTER_RPC_ROLES.get(method[len(CLUSTER_SERVICE):], frozenset())
+    return frozenset()
+
+
+def refusal(method: str, peer: tls.Peer | None, cluster_id: str) -> tuple[grpc.StatusCode, str] | None:
+    """Why `peer` may not call `method` in `cluster_id` (None: it may). Pure, so it is tested directly."""
+    if peer is None:
+        return (grpc.StatusCode.UNAUTHENTICATED,
+                "the client certificate names no cortex identity; use one issued by this cluster")
+    if peer.cluster_id != cluster_id:
+        return (grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate of cluster {peer.cluster_id}, this is {cluster_id}; use this cluster's credentials")
+    roles = allowed_roles(method)
+    if peer.role not in roles:
+        short = method.rsplit("/", 1)[-1]
+        who = "a server, or the CLI on a server node (admin certificate in <data_dir>/tls)"
+        return (grpc.StatusCode.PERMISSION_DENIED,
+                f"{short} may be called by {', '.join(sorted(roles)) or 'no one'}; {peer.name} is a {peer.role}: "
+                f"call it from {who}")
+    return None
+
+
+class RoleCheck(grpc.ServerInterceptor):
+    """Refuse an RPC the caller's certificate role may not make; log every refusal with its reason."""
+
+    def __init__(self, cluster_id):
+        self._cluster_id = cluster_id  # callable: the id can change when the node leaves and joins again
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        def guard(behavior):
+            def checked(request_or_iterator, context):
+                peer = peer_from_context(context)
+                problem = refusal(method, peer, self._cluster_id())
+                if problem is not None:
+                    log.warning("rpc refused", extra=fields(method=method, peer=context.peer(),
+                                                           name=peer.name if peer else "", reason=problem[1]))
+                    context.abort(*problem)
+                token = current_peer.set(peer)
+                try:
+                    return behavior(request_or_iterator, context)
+                finally:
+                    current_peer.reset(token)
+            return checked
+
+        return _wrap(handler, guard)
+
+
+class OnlyJoin(grpc.ServerInterceptor):
+    """The enrollment port answers Join and nothing else."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method == CLUSTER_SERVICE + "Join":
+            return continuation(handler_call_details)
+        method = handler_call_details.method
+
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"{method}: the enrollment port serves Join only; members call the gRPC port with "
+                          "their certificate")
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, guard) -> grpc.RpcMethodHandler:
+    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+             ("unary_stream", grpc.unary_stream_rpc_method_handler),
+             ("stream_unary", grpc.stream_unary_rpc_method_handler),
+             ("stream_stream", grpc.stream_stream_rpc_method_handler))
+    for attr, make in kinds:
+        behavior = getattr(handler, attr)
+        if behavior is not None:
+            return make(guard(behavior), request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+    return handler
+
+
+class ServerCredentials:
+    """mTLS server credentials that follow the files in <data_dir>/tls: a renewed certificate is served from
+    the next handshake on, without a restart (grpc calls the fetcher at each new connection)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._stamp: tuple = ()
+        self._lock = threading.Lock()
+
+    def _files_stamp(self) -> tuple:
+        out = []
+        for name in ("ca.crt", "node.crt", "node.key"):
+            try:
+                st = os.stat(self.directory / name)
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def _config(self):
+        ca, cert, key = (tls.read(self.directory, n) for n in ("ca.crt", "node.crt", "node.key"))
+        if not (ca and cert and key):
+            raise tls.TLSError(f"{self.directory}: ca.crt, node.crt and node.key are needed to serve mTLS")
+        if not tls.key_matches(cert, key):
+            return None  # caught between writing the key and the certificate: keep the current pair
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch(self):
+        stamp = self._files_stamp()
+        with self._lock:
+            if stamp == self._stamp:
+                return None
+            try:
+                config = self._config()
+            except (tls.TLSError, ValueError) as exc:
+                log.warning("cannot load the renewed certificate; serving the previous one", extra=fields(error=str(exc)))
+                return None
+            if config is not None:
+                self._stamp = stamp
+                log.info("serving certificate loaded", extra=fields(
+                    not_after=str(tls.not_after(tls.read(self.directory, "node.crt")))))
+            return config
+
+    def credentials(self) -> grpc.ServerCredentials:
+        initial = self._config()
+        if initial is None:
+            raise tls.TLSError(f"{self.directory}: node.key does not match node.crt")
+        self._stamp = self._files_stamp()
+        return grpc.dynamic_ssl_server_credentials(initial, self.fetch, require_client_authentication=True)
+
+
+def enroll_server_credentials(directory: Path) -> grpc.ServerCredentials:
+    cert, key = tls.read(directory, "enroll.crt"), tls.read(directory, "enroll.key")
+    if not (cert and key):
+        cert, key = tls.self_signed()
+        tls.write_file(Path(directory) / "enroll.key", key)
+        tls.write_file(Path(directory) / "enroll.crt", cert, 0o644)
+    return grpc.ssl_server_credentials([(key, cert)], require_client_auth=False)
+
+
+def enroll_channel(address: str, options: list, timeout: float = 5.0) -> grpc.Channel:
+    """A TLS channel to a server's enrollment port. The joiner has no CA yet: it trusts the certificate the
+    port presents (encrypted, not authenticated against the CA: the join token is what authorizes)."""
+    host, _, port = enroll_address(address).rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pem = ssl.get_server_certificate((host, int(port)), timeout=2).encode()
+            break
+        except (OSError, ssl.SSLError) as exc:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"no enrollment port at {host}:{port} ({exc}); give the gRPC address of a "
+                                      "server (the enrollment port is its gRPC port + 2)") from None
+            time.sleep(0.2)
+    creds = grpc.ssl_channel_credentials(root_certificates=pem)
+    return grpc.secure_channel(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", creds,
+                               options=options + [("grpc.ssl_target_name_override", tls.ENROLL_NAME)])
+

@@ -1,0 +1,79 @@
+"""Rotating the Raft transport secret without stopping Raft (`cortex secrets rotate`).
+
+pysyncobj encrypts every frame with one Fernet key derived from the cluster's Raft secret. Generation 0 is
+exactly that key (so nothing changes for a cluster that never rotates). Generation g >= 1 is derived from the
+CA key, which every server holds and no worker does: HMAC-SHA256(CA key, "cortex raft secret g"). So the
+rotation itself carries no secret: `cortex secrets rotate` only raises a generation number in the
+replicated state, and each server switches when it applies it.
+
+A server encrypts with its current generation and accepts the previous one and the next few. A server
+that switches first is therefore understood by the others at once, in-flight frames of the previous
+generation still decode, and a server that was down during a rotation can read the leader, apply the
+entry and switch too. No frame is refused during a rotation, so it costs no election.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import threading
+
+from cryptography.fernet import Fernet, InvalidToken
+from pysyncobj.encryptor import getEncryptor
+
+LOOKAHEAD = 3  # generations accepted ahead of the current one
+
+
+def derive(base_secret: str, ca_key_pem: bytes, generation: int) -> Fernet:
+    if generation == 0 or not ca_key_pem:
+        return getEncryptor(base_secret)
+    digest = hmac.new(ca_key_pem, f"cortex raft secret {generation}".encode(), hashlib.sha256).digest()
+    return Fernet(base64.urlsafe_b64encode(digest))
+
+
+class RotatingEncryptor:
+    """What pysyncobj calls on each connection: encrypt_at_time, extract_timestamp, decrypt."""
+
+    def __init__(self, base_secret: str, ca_key_pem: bytes, generation: int = 0):
+        self._base, self._ca_key = base_secret, ca_key_pem
+        self._lock = threading.Lock()
+        self._keys: dict[int, Fernet] = {}
+        self.generation = -1
+        self.set_generation(generation if ca_key_pem else 0)
+
+    def _key(self, generation: int) -> Fernet:
+        if generation not in self._keys:
+            self._keys[generation] = derive(self._base, self._ca_key, generation)
+        return self._keys[generation]
+
+    def set_generation(self, generation: int) -> bool:
+        """Encrypt with `generation` from now on; True when it changed."""
+        if not self._ca_key and generation:
+            return False  # a cluster from before the CA: nothing to derive from
+        with self._lock:
+            if generation == self.generation:
+                return False
+            accepted = [generation, generation - 1] + [generation + i for i in range(1, LOOKAHEAD + 1)]
+            self._accept = [self._key(g) for g in accepted if g >= 0]
+            self._primary = self._accept[0]
+            self._keys = {g: k for g, k in self._keys.items() if g in accepted}
+            self.generation = generation
+            return True
+
+    def encrypt_at_time(self, data: bytes, current_time: int) -> bytes:
+        return self._primary.encrypt_at_time(data, current_time)
+
+    def _first(self, op: str, token: bytes):
+        for key in list(self._accept):
+            try:
+                return getattr(key, op)(token)
+            except InvalidToken:
+                continue
+        raise InvalidToken
+
+    def extract_timestamp(self, token: bytes) -> int:
+        return self._first("extract_timestamp", token)
+
+    def decrypt(self, token: bytes) -> bytes:
+        return self._first("decrypt", token)

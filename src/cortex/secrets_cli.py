@@ -1,0 +1,43 @@
+"""`cortex secrets rotate`: every node replaces its certificate (and servers the local admin one), and the
+servers switch the Raft transport to a new key, now.
+
+Both rotations are generation numbers in the replicated key-value store. Each node compares the
+certificate generation with the one it last rotated for (<data_dir>/tls/rotation) and renews at its next
+check (within a few seconds); each server switches the Raft key when it applies the new Raft generation
+(raft_keys.py: the key is derived from the CA key, so no secret travels). No restart: writes keep flowing.
+Not rotated yet: the CA itself (and old certificates stay valid until they expire: there is no revocation).
+"""
+
+from __future__ import annotations
+
+import time
+
+ROTATION_KEY = "_cortex/tls/rotation"
+RAFT_ROTATION_KEY = "_cortex/raft/rotation"  # a generation number; the keys are derived (raft_keys.py)
+
+
+def _bump(client, key: str) -> int:
+    current = client.get(key, level="linearizable")
+    generation = (int(current) if current and current.isdigit() else 0) + 1
+    client.put(key, str(generation), retry_for=10)
+    return generation
+
+
+def rotate(client) -> dict:
+    raft = _bump(client, RAFT_ROTATION_KEY)
+    return {"generation": _bump(client, ROTATION_KEY), "raft_generation": raft, "requested_at": time.time()}
+
+
+def register(sub, add, emit, client_of) -> None:
+    secrets = sub.add_parser("secrets", help="rotate the cluster's credentials").add_subparsers(
+        dest="sub", required=True)
+
+    def cmd_rotate(args) -> int:
+        with client_of(args) as c:
+            result = rotate(c)
+        emit(args, result, f"rotation {result['generation']} requested: every node renews its certificate and "
+                           f"the servers switch to Raft key {result['raft_generation']} within seconds (no "
+                           "restart); the CA is not rotated yet")
+        return 0
+
+    add("rotate", cmd_rotate, "every node replaces its certificate now", secrets)
