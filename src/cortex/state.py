@@ -291,9 +291,9 @@ class StateStore:
             source.close()
 
 
-def _digest(db: sqlite3.Connection) -> str:
+def _digest(db: sqlite3.Connection, tables: list[str] | None = None) -> str:
     h = hashlib.sha256()
-    for table in state_tables():
+    for table in tables or state_tables():
         h.update(table.encode())
         for row in db.execute(f"SELECT * FROM {table} ORDER BY 1"):
             if table == "meta" and row[0] == "last_applied_index":
@@ -548,7 +548,13 @@ def _q_cluster(db, args) -> dict:
 
 
 def _q_digest(db, args) -> dict:
-    return {"digest": _digest(db)}
+    """The state's digest; `tables` narrows it (a test of one subsystem, beside others' background writes)."""
+    tables = args.get("tables")
+    if tables is not None:
+        known = state_tables()
+        if not isinstance(tables, list) or not all(t in known for t in tables):
+            raise ValueError(f"digest: tables must be a list of state tables ({', '.join(known)})")
+    return {"digest": _digest(db, tables)}
 
 
 _QUERIES = {
