@@ -94,7 +94,9 @@ class Machine:
 
     def _qemu_argv(self, overlay: Path, qmp_socket: Path) -> list[str]:
         c = self.config
-        argv = ["qemu-system-x86_64", "-name", c.name, "-accel", "tcg", "-machine", "q35", "-cpu", "max",
+        # graphics=off: SeaBIOS (PXE boots) puts its screen, and with it iPXE's, on the serial console
+        machine = "q35,graphics=off" if c.pxe else "q35"
+        argv = ["qemu-system-x86_64", "-name", c.name, "-accel", "tcg", "-machine", machine, "-cpu", "max",
                 "-smp", str(c.smp), "-m", str(c.memory_mb), "-nodefaults", "-display", "none",
                 "-monitor", "none", "-serial", f"file:{self.serial_log}",
                 "-qmp", f"unix:{qmp_socket},server=on,wait=off",
@@ -112,10 +114,7 @@ class Machine:
             argv += ["-kernel", str(c.kernel), "-append", c.append]
             if c.initrd:
                 argv += ["-initrd", str(c.initrd)]
-        elif c.pxe:
-            # QEMU's default firmware (SeaBIOS), its screen output (and with it iPXE's) on the serial port
-            argv += ["-fw_cfg", "name=etc/sercon-port,string=0x3f8"]
-        else:
+        elif not c.pxe:  # PXE: QEMU's default firmware, SeaBIOS, which runs the NIC's iPXE ROM
             variables = self.dir / "efivars.fd"
             if not variables.exists():
                 variables.write_bytes(OVMF_VARS.read_bytes())

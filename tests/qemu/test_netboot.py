@@ -194,8 +194,11 @@ def test_pxe_node_joins_runs_a_task_and_is_garbage_collected(pxe_lab):
                                f"{node_id} joins the cluster (PXE: DHCP, iPXE, kernel + cpio over HTTP, agent)")
         join_s = joined["t"] - vm.powered_on
         timings.record("netboot", "PXE node (no disk, proxyDHCP): power-on -> joined", join_s)
+        # SeaBIOS and iPXE write to the serial console too (Machine: graphics=off)
+        _, script_s = vm.wait_for_console(r"Cortex netboot: \S+ \(group lab", timeout=5)
+        timings.record("netboot", "PXE node: power-on -> iPXE runs its script (DHCP, proxyDHCP, HTTP)", script_s)
         _, kernel_s = vm.wait_for_console(r"Linux version", timeout=5)
-        timings.record("netboot", "PXE node: power-on -> kernel started (iPXE: DHCP + download)", kernel_s)
+        timings.record("netboot", "PXE node: power-on -> kernel started (kernel + cpio downloaded)", kernel_s)
         _, reported_s = vm.wait_for_console(r"CORTEX-EPHEMERAL node", timeout=300)
         timings.record("netboot", "PXE node: power-on -> reported ephemeral", reported_s)
 
@@ -225,6 +228,7 @@ def test_pxe_node_joins_runs_a_task_and_is_garbage_collected(pxe_lab):
                         "--idempotency-key", f"pxe-task-{enrollment['id']}", "--", TASK, timeout=240)
         timings.record("netboot", "task on the PXE node: submit -> result", time.monotonic() - submitted)
         (ran,) = result["results"]
+        print(f"task output from {ran['node']}: {ran['stdout'].strip()}")
         assert ran["node"] == node_id and ran["state"] == "succeeded" and ran["exit_code"] == 0, ran
         assert f"boot={enrollment['boot_id']}" in ran["stdout"], (ran, enrollment)
         assert any(f"root={fs}" in ran["stdout"] for fs in ("tmpfs", "ramfs", "rootfs")), ran
