@@ -3,11 +3,14 @@ node starts and catches up instead of failing to start for ever (seen in the VM 
 
 from __future__ import annotations
 
+import json
 import struct
+import time
 from pathlib import Path
 
 from pysyncobj.journal import FileJournal
 
+from cortex.client import CortexError
 from cortex.consensus import repair_journal
 
 
@@ -61,3 +64,55 @@ def test_an_unreadable_header_starts_a_new_journal(tmp_path: Path):
     path.write_bytes(b"\0" * 20)
     assert "new journal" in repair_journal(path)
     assert not path.exists() and loaded(path) == []
+
+
+def put_retrying(client, key: str, value: str, timeout: float = 20.0) -> None:
+    """A write through a survivor while the cluster elects a new leader: retried under one idempotency key."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.write("kv.put", {"key": key, "value": value}, idempotency_key=key)
+            return
+        except CortexError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_a_server_that_lost_its_unsynced_state_rejoins_instead_of_leading_alone(make_cluster):
+    """The VM failover test's power loss, on loopback: the first server comes back with its state store
+    rolled back to before the others joined and its Raft log gone. It must follow the existing leader and
+    catch up, never elect itself in a cluster of its own (it did: its peers came from the store)."""
+    cluster = make_cluster(servers=3)
+    first = cluster.dc.servers[0]  # ran `cortex init`: its join-time peer list holds only itself
+    data = Path(first.dir) / "data"
+    for node in cluster.dc.servers:  # every server keeps the Raft configuration on the disk
+        members = json.loads((Path(node.dir) / "data" / "raft-members.json").read_text())["members"]
+        assert sorted(members) == sorted(n.raft_address for n in cluster.dc.servers)
+    with cluster.client(cluster.leader()) as c:
+        for i in range(50):
+            c.put(f"before-{i}", str(i))
+    cluster.kill(first.id)
+    # a power loss that took everything written without fsync (the worst case before the fix)
+    for name in ("state.db", "state.db-wal", "state.db-shm", "raft.journal", "raft.journal.meta", "raft.snapshot"):
+        (data / name).unlink(missing_ok=True)
+    survivor = next(n.id for n in cluster.dc.servers if n.id != first.id)
+    with cluster.client(survivor) as c:
+        for i in range(50):
+            put_retrying(c, f"after-{i}", str(i))
+    cluster.start(first.id)
+    deadline = time.monotonic() + 30
+    caught_up = False
+    while time.monotonic() < deadline and not caught_up:
+        try:
+            with cluster.client(first.id, timeout=2) as c:
+                status = c.status()
+                assert not (status.state == "leader" and len(status.nodes) < 3), \
+                    f"{first.id} leads a cluster of its own: {status}"
+                caught_up = (c.get("before-49", level="stale") == "49" and c.get("after-49", level="stale") == "49")
+        except CortexError:
+            pass
+        time.sleep(0.2)
+    assert caught_up, f"{first.id} did not catch up within 30 s; logs in {cluster.dc.dir}"
+    digests = cluster.wait_converged()
+    assert len(set(digests.values())) == 1, digests

@@ -615,7 +615,7 @@ class Agent:
 
     def _wipe_state(self) -> None:
         for name in ("state.db", "state.db-wal", "state.db-shm", "raft.journal", "raft.journal.meta",
-                     "raft.snapshot", "join-token"):
+                     "raft.snapshot", "raft-members.json", "join-token"):
             path = self.data_dir / name
             if path.is_dir():
                 shutil.rmtree(path)

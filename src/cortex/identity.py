@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from cortex.durable import write_atomic
 
 FILE_NAME = "cluster.json"
 TOKEN_PREFIX = "cx1"
@@ -44,14 +45,7 @@ def load(data_dir: Path) -> Identity | None:
 
 def save(data_dir: Path, identity: Identity) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / FILE_NAME
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(identity), f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(data_dir / FILE_NAME, json.dumps(asdict(identity), indent=2).encode())
 
 
 def remove(data_dir: Path) -> None:

@@ -4,10 +4,6 @@ VM boots again, rejoins and catches up."""
 
 from __future__ import annotations
 
-import os
-
-import pytest
-
 from tests.qemu import probes, timings
 from tests.qemu.conftest import BOOT_TIMEOUT, READY, wait_until
 
@@ -16,12 +12,10 @@ def leader_of(doc: dict) -> str:
     return doc.get("leader", "") if doc.get("state") in ("leader", "follower") else ""
 
 
-# Known bug, found by this test: when the power loss tears the node's Raft journal (pysyncobj never fsyncs it),
-# the agent now starts again (consensus.repair_journal) and rejoins, but its replica does not catch up with
-# the writes acknowledged meanwhile within 60 s. Until that is fixed the test runs on request only, so CI is
-# not a coin toss on whether the reset happened to tear the journal.
-@pytest.mark.skipif(not os.environ.get("CORTEX_VM_FAILOVER"),
-                    reason="known bug after a torn journal (see comment); run with CORTEX_VM_FAILOVER=1")
+# This test found two power-loss bugs: a torn Raft journal that stopped the agent from starting
+# (consensus.repair_journal), then a rebooted first server whose state store had rolled back to before the
+# others joined and which elected itself leader of a cluster of one (split brain). Raft's log and vote are
+# now fsynced and its configuration kept in raft-members.json (tests/test_journal_repair.py on loopback).
 def test_failover_after_power_loss(lab, cluster):
     servers = ["node1", "node2", "node3"]
     watch = probes.watch(lab.netns, lab.grpc(*servers), log=lab.workdir / "failover-watch.jsonl")
@@ -59,6 +53,15 @@ def test_failover_after_power_loss(lab, cluster):
             replica = probes.get(lab.netns, lab.grpc(old)[0], sorted(acked), level="stale")
             return all(replica.get(k) == v for k, v in acked.items())
 
-        wait_until(replica_complete, 60, f"{old}'s own replica has every acknowledged write", interval=1)
+        try:
+            wait_until(replica_complete, 60, f"{old}'s own replica has every acknowledged write", interval=1)
+            address = lab.grpc(old)[0]
+            watch.wait_for(lambda d: d.get("addr") == address and d.get("state") == "follower"
+                           and d.get("leader") not in ("", old) and len(d.get("nodes", {})) == 4,
+                           30, f"{old} following the cluster's leader, seeing all four nodes", since=crashed_at)
+        except AssertionError:
+            journal = lab.workdir / f"failover-{old}-agent.log"
+            journal.write_text(cluster[old].execute("journalctl -b --no-pager -u cortex-agent -n 400")[1])
+            raise AssertionError(f"{old} did not catch up; its agent's log since the reset: {journal}") from None
     finally:
         watch.stop()
