@@ -9,9 +9,14 @@ measures, printing one table (metric | value | target | met?) on stdout, progres
   `task.start` (both leader clocks, read back from the replicated task): submit, schedule (`task.assign`),
   the node's pull and its start — three Raft commits and one poll;
 - durable no-op tasks/s: N no-op tasks submitted in batches of 100 from 4 threads through a worker, from the
-  first submission until every task is recorded succeeded (each task is 4 replicated commands: submit, assign,
-  start, report — batched by the engine);
-- scheduler decision time: the pure scheduler on 1,000 queued tasks x 50 simulated nodes (median of 20).
+  first submission until every task is recorded succeeded in the replicated store (the leader's stamp on the
+  last report). A task's life is a submission, an assignment, a start and a report, each committed by a Raft
+  majority before the next step; they are batched (a submit command per 100 tasks, an assign command per
+  scheduling round, one command per node round carrying its starts and reports) but never skipped;
+- agent CPU per task: user + system CPU of the five agent processes during the throughput run, per task (a
+  shared machine slows the rate; this figure moves much less);
+- scheduler decision time: the pure scheduler on 1,000 queued tasks x 50 simulated nodes (median of 20);
+- the machine's 1-minute load average when the run ended (the rate is only comparable at similar load).
 
 A missed target is a result, not a failure (exit 0); a measurement that breaks is (exit 1).
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -70,6 +76,16 @@ def submit_to_running(c: Client, n: int) -> list[float]:
     return samples
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the given processes have used so far (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
+    return total / tick
+
+
 def throughput(c_addr: str, n: int, threads: int = 4, batch: int = 100) -> tuple[float, int]:
     group = "bench" + uuid.uuid4().hex[:8]
     chunks = [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
@@ -105,7 +121,7 @@ def throughput(c_addr: str, n: int, threads: int = 4, batch: int = 100) -> tuple
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {stats.get('succeeded', 0)}/{n} tasks finished: {stats}")
-            time.sleep(0.2)
+            time.sleep(0.5)  # the finish time is the leader's stamp on the last report, not this poll's
         nodes = {r["node"] for r in c.read("task.list", {"group": group, "limit": 1000})}
     return n / (stats["last_finished_at"] - start), len(nodes)
 
@@ -166,14 +182,20 @@ def main(argv=None) -> int:
                 failed = True
         try:
             progress(f"throughput: {sizes['throughput']} no-op tasks via w1, 4 submitters")
+            pids = [node.pid for node in dc.nodes]
+            cpu_before = cpu_seconds(pids)
             rate, used = throughput(worker_addr, sizes["throughput"])
+            cpu = cpu_seconds(pids) - cpu_before
             rows.append((f"durable no-op tasks/s (3 servers + 2 workers, ran on {used} nodes)", rate, ">= 1000",
                          rate >= 1000))
+            # less sensitive to a busy machine than the rate: what each task costs the five agents together
+            rows.append(("agent CPU per task, 5 agents together (ms)", cpu / sizes["throughput"] * 1000, "", None))
         except Exception as exc:  # noqa: BLE001
             progress(f"throughput FAILED: {exc}")
             failed = True
     finally:
         devcluster.down(workdir, purge=not args.keep)
+    rows.append(("machine load average (1 min) at the end", os.getloadavg()[0], "", None))
     width = max(len(r[0]) for r in rows)
     print(f"{'metric'.ljust(width)}  {'value':>10}  {'target':>8}  met?")
     for name, value, target, met in rows:

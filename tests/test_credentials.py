@@ -235,3 +235,16 @@ def test_member_keeps_its_node_id_without_credential(tmp_path):
     assert config.load(out).node_id == "node2"
     (data / "cluster.json").write_text("not json")
     assert credentials.member_node_id(data) == ""
+
+
+def test_update_source_and_keys_configure_the_updater_plugin():
+    key = "ed25519:" + "A" * 43 + "="
+    result = render({"cortex.node_name": "n1", "cortex.init": "yes", "cortex.address": "10.0.0.11",
+                     "cortex.update_source": "http://10.0.0.11:8470/stable",
+                     "cortex.update_keys": f"{key}\nnot-a-key"}, fallback_node_id=FALLBACK)
+    doc = yaml.safe_load(result.config_text)
+    assert doc["plugins"] == {"updater": {"source": "http://10.0.0.11:8470/stable", "trusted_keys": [key]}}
+    assert result.bootstrap == "init"  # a bad key is a problem for updates only, never for joining
+    assert any(p.startswith("cortex.update_keys:") for p in result.problems)
+    cfg = parsed(result.config_text)
+    assert cfg.plugins["updater"].options["trusted_keys"] == [key]

@@ -370,3 +370,24 @@ def test_plugin_tools_have_valid_schemas_and_work_against_the_cluster(c, tmp_pat
         call("nodes_drain", {"node_id": "ghost", "deadline": 10})
     with pytest.raises(jsonschema.ValidationError):
         call("tasks_submit", {"tasks": [{"kind": "teleport"}]})
+
+
+def test_submit_count_puts_many_tasks_in_few_commands_each_recorded_once(c, capsys):
+    group = "many" + uuid.uuid4().hex[:6]
+    key = uuid.uuid4().hex
+    argv = ["--addr", c.address, "--json", "tasks", "submit", "--kind", "noop", "--count", "2500", "--group", group,
+            "--idempotency-key", key]
+    assert cli.main(argv) == 0
+    ids = json.loads(capsys.readouterr().out)["task_ids"]
+    assert len(ids) == len(set(ids)) == 2500
+    # the same command again (a retry after a lost answer) submits nothing more and answers the same ids
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["task_ids"] == ids
+    deadline = time.monotonic() + 120
+    while (stats := c.read("task.stats", {"group": group})).get("succeeded", 0) < 2500:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.5)
+    assert stats["succeeded"] == 2500 and sum(v for k, v in stats.items() if k in ("queued", "assigned", "running",
+                                                                                  "failed", "cancelled")) == 0
+    attempts = c.read("task.attempts", {"group": group})
+    assert len(attempts) == 2500 and {a["outcome"] for a in attempts} == {"succeeded"}

@@ -340,3 +340,80 @@ def test_a_k8s_job_is_placed_by_kubernetes_capacity_not_the_nodes_own():
     assert scheduler.explain(job("x", "1", "1Gi", context="gke"), nodes, records)["nas"] == \
         "has no Kubernetes context 'gke'"
     assert scheduler.schedule([job("none", "1", "1Gi")], nodes) == []  # no records yet: nowhere to run
+
+
+def test_a_retry_prefers_another_node_than_the_failed_attempts_when_one_fits(s):
+    # w1 and w2 report the same capacity: without the rule a spread tie goes to the lower id, w1, every time
+    tid = submit(s, retry={"max_attempts": 3, "backoff": 0, "jitter": 0})
+    report(s, tid, assign(s, tid, node="w1"), exit_code=1, error="exited with code 1", failure="exit")
+    snap = s.q("task.sched", {"now": 2000.0, "limit": "auto"})
+    (queued,) = snap["queued"]
+    assert (queued["id"], queued["attempt"], queued["last_node"]) == (tid, 1, "w1")
+    nodes = [n for n in snap["nodes"] if n["id"] in ("w1", "w2")]
+    (decision,) = scheduler.schedule(snap["queued"], nodes)
+    assert (decision.node_id, decision.attempt) == ("w2", 2)
+    # when only the failed node can take it, the retry still runs there rather than waiting
+    (only,) = scheduler.schedule(snap["queued"], [n for n in nodes if n["id"] == "w1"])
+    assert only.node_id == "w1"
+    # a first attempt has no previous node: the usual ranking (lowest id on a tie)
+    fresh = submit(s)
+    first = [t for t in s.q("task.sched", {"now": 2000.0})["queued"] if t["id"] == fresh]
+    assert first[0]["last_node"] is None and scheduler.schedule(first, nodes)[0].node_id == "w1"
+
+
+def test_the_scheduler_page_grows_when_the_head_of_the_queue_cannot_run(s):
+    # 200 GPU tasks nobody can take ahead of one that fits: "auto" reads a page and says there is more
+    s.apply("task.submit", {"tasks": [{"kind": "noop", "placement": {"gpus": 1}, "priority": 5}] * 200})
+    tail = submit(s, kind="noop", spec={})
+    snap = s.q("task.sched", {"now": 2000.0, "limit": "auto"})
+    assert snap["more"] and len(snap["queued"]) < 201 and snap["free_slots"] == 24
+    assert scheduler.schedule(snap["queued"], snap["nodes"]) == []
+    deeper = s.q("task.sched", {"now": 2000.0, "limit": 5000})
+    assert [d.task_id for d in scheduler.schedule(deeper["queued"], deeper["nodes"])] == [tail]
+
+
+def test_fast_and_general_paths_record_the_same_thing(s):
+    """A plain success takes the one-statement path; inside a retried attempt it takes the general one."""
+    fast = submit(s, kind="noop", spec={})
+    a = assign(s, fast)
+    s.apply("task.start", {"node_id": "w1", "starts": [{"task_id": fast, "attempt": a, "term": 1}]})
+    # the retried start (its first answer lost) is still accepted; a start for another node is not
+    again = s.apply("task.start", {"node_id": "w1", "starts": [{"task_id": fast, "attempt": a, "term": 1}]})
+    assert again["started"] == [fast]
+    other = s.apply("task.start", {"node_id": "w2", "starts": [{"task_id": fast, "attempt": a, "term": 1}]})
+    assert other["rejected"] == [{"task_id": fast, "attempt": a, "state": "stale"}]
+    assert report(s, fast, a, result={"n": 1})["recorded"] == [{"task_id": fast, "state": "succeeded"}]
+    assert report(s, fast, a)["rejected"][0]["state"] == "succeeded"  # a duplicate changes nothing
+    task = s.q("task.get", {"id": fast})
+    assert (task["state"], task["exit_code"], task["result"], task["dlq"], task["error"]) == \
+        ("succeeded", 0, {"n": 1}, False, "")
+    assert [(x["outcome"], x["exit_code"], x["finished_at"]) for x in task["attempts"]] == [("succeeded", 0, 1001.0)]
+
+
+def test_normalized_docs_name_every_field_of_their_dataclass():
+    from dataclasses import fields
+
+    from cortex.tasks.spec import Placement, placement_doc, retry_doc
+
+    assert set(placement_doc(Placement())) == {f.name for f in fields(Placement)}
+    assert set(retry_doc(RetryPolicy())) == {f.name for f in fields(RetryPolicy)}
+
+
+def test_one_report_command_starts_new_attempts_and_ends_others(s):
+    done, new = submit(s, kind="noop", spec={}), submit(s, kind="noop", spec={})
+    a = assign(s, done)
+    s.apply("task.start", {"node_id": "w1", "starts": [{"task_id": done, "attempt": a, "term": 1}]})
+    b = assign(s, new)
+    both = s.apply("task.report", {"node_id": "w1", "starts": [{"task_id": new, "attempt": b, "term": 1}],
+                                   "reports": [{"task_id": done, "attempt": a, "term": 1, "exit_code": 0}]})
+    assert both["started"] == [new] and both["start_rejected"] == []
+    assert both["recorded"] == [{"task_id": done, "state": "succeeded"}]
+    assert s.q("task.get", {"id": new})["state"] == "running"
+    # starts alone; a stale one is rejected with the reason, like task.start
+    other = submit(s, kind="noop", spec={})
+    c = assign(s, other, node="w2")
+    only = s.apply("task.report", {"node_id": "w1", "starts": [{"task_id": other, "attempt": c, "term": 1}]})
+    assert only["started"] == [] and only["start_rejected"] == [{"task_id": other, "attempt": c, "state": "stale"}]
+    assert only["recorded"] == [] and s.q("task.get", {"id": other})["state"] == "assigned"
+    with pytest.raises(CommandError, match="reports must be a non-empty list"):
+        validate("task.report", {"node_id": "w1"})

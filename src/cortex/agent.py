@@ -140,6 +140,13 @@ class PluginBridge:
         request = pb.ReadRequest(query=query, args_json=json.dumps(args or {}).encode(), level=self.LEVELS[level])
         return json.loads(self._agent.read(request).result_json)
 
+    def read_local(self, query: str, args: dict | None = None) -> Any:
+        """Servers: a query on this node's own replica, in process (no gRPC, no JSON round trip); what the
+        leader reads this way is a leader read. For hot loops (the task scheduler); do not mutate the answer."""
+        if self._agent.store is None:
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, "only servers hold a copy of the state")
+        return self._agent.store.query(query, args or {})
+
     def is_leader(self) -> bool:
         return self._agent.raft is not None and self._agent._is_leader()
 

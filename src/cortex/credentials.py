@@ -14,6 +14,8 @@ Credentials (one file each in the credentials directory, the value is the file's
     cortex.join_token   the join token printed by `cortex init` (goes to a 0600 file, never the config)
     cortex.address      this node's address as the others reach it      default: first global IPv4
     cortex.log_level    debug | info | warning | error                  default: info
+    cortex.update_source  channel URL releases come from (plugins.updater.source), e.g. http://10.0.0.1:8470/stable
+    cortex.update_keys    trusted publisher keys, ed25519:<base64>, whitespace-separated (plugins.updater.trusted_keys)
     ssh.authorized_keys.root   SSH public key(s) for root (debugging)
 
 A missing or malformed credential never stops the agent from starting: the config is then rendered
@@ -38,7 +40,8 @@ import yaml
 from cortex.config import ADDRESS_RE, NODE_ID_RE, ROLES
 
 PREFIX = "cortex."
-NAMES = ("node_name", "role", "init", "join_address", "join_token", "address", "log_level")
+NAMES = ("node_name", "role", "init", "join_address", "join_token", "address", "log_level", "update_source",
+         "update_keys")
 SSH_KEY_CREDENTIAL = "ssh.authorized_keys.root"
 GRPC_PORT = 7400
 RAFT_PORT = 7401
@@ -328,6 +331,10 @@ def render(creds: dict[str, str], *, fallback_node_id: str, detected_address: st
         # Shown as `waiting_for` in `cortex status` (config bootstrap.wait_reason).
         doc["bootstrap"] = {"wait_reason": wait_reason}
 
+    updater = _updater_options(get["update_source"], get["update_keys"], problems)
+    if updater:
+        doc["plugins"] = {"updater": updater}
+
     authorized = ""
     if SSH_KEY_CREDENTIAL in creds:
         authorized = _authorized_keys(creds[SSH_KEY_CREDENTIAL], problems)
@@ -339,6 +346,27 @@ def render(creds: dict[str, str], *, fallback_node_id: str, detected_address: st
     return Rendered(config_text=text, node_id=node_id, grpc_address=doc["listen"]["grpc"],
                     token=token if mode == "join" else "", authorized_keys=authorized, bootstrap=mode,
                     problems=problems, notes=notes)
+
+
+def _updater_options(source: str | None, keys: str | None, problems: list[str]) -> dict:
+    """The updater plugin's source and trusted keys; a malformed one is left out (updates are refused, the
+    agent still starts)."""
+    out: dict = {}
+    if source is not None:
+        value = _single_line("cortex.update_source", source, problems)
+        if value and re.match(r"^https?://[^\s]+$", value):
+            out["source"] = value
+        elif value:
+            problems.append(f"cortex.update_source: {value!r} is not an http(s) URL")
+    if keys is not None:
+        good = [k for k in keys.split() if re.match(r"^ed25519:[A-Za-z0-9+/]{43}=$", k)]
+        bad = [k for k in keys.split() if k not in good]
+        if bad:
+            problems.append(f"cortex.update_keys: {len(bad)} key(s) are not ed25519:<base64> (from "
+                            "`cortex update keygen`); ignored")
+        if good:
+            out["trusted_keys"] = good
+    return out
 
 
 # --- writing -----------------------------------------------------------------------------------------------

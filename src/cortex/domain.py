@@ -58,6 +58,7 @@ BUILTIN: tuple[str, ...] = (
     "cortex.alerts",
     "cortex.messaging",
     "cortex.netboot.domain",
+    "cortex.update_domain",
 )
 
 

@@ -39,7 +39,8 @@ class TaskRun:
     task_id: str
     attempt: int
     spec: dict  # validated by the executor's `validate`
-    workdir: Path  # private, empty at start, removed after the attempt
+    workdir: Path  # private, empty at start, removed after the attempt (not created when the executor
+    # says `needs_workdir = False`, as the noop executor does)
     emit: Callable[[str, bytes], None]  # (stream "stdout"|"stderr", bytes): stored in chunks, capped
     cancelled: threading.Event  # set on cancel, drain deadline or node shutdown: stop promptly
     timeout: float | None = None  # seconds; the executor enforces it and reports a timeout error

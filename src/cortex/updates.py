@@ -170,6 +170,19 @@ def list_releases(root: Path, channel: str | None = None) -> list[Release]:
 
 def verify(release_dir: Path, trusted: list[str]) -> dict:
     """Check the signature against the trusted keys and every checksum; return the manifest."""
+    sums = verify_signature(release_dir, trusted)
+    for line in sums.decode().splitlines():
+        digest, _, name = line.partition("  ")
+        path = release_dir / name
+        if "/" in name or not path.is_file():
+            raise UpdateError(f"{release_dir}: {name} listed in SHA256SUMS is missing")
+        if _sha256(path) != digest:
+            raise UpdateError(f"{release_dir}: {name} does not match its checksum (truncated or tampered)")
+    return json.loads((release_dir / "manifest.json").read_text())
+
+
+def verify_signature(release_dir: Path, trusted: list[str]) -> bytes:
+    """SHA256SUMS, once its signature checks out against one of the trusted keys (nothing else is read)."""
     try:
         sums = (release_dir / "SHA256SUMS").read_bytes()
         signature = base64.b64decode((release_dir / "SHA256SUMS.sig").read_text().strip(), validate=True)
@@ -177,7 +190,7 @@ def verify(release_dir: Path, trusted: list[str]) -> dict:
         raise UpdateError(f"{release_dir}: unsigned or unreadable ({exc}); publish it with `cortex update publish`") \
             from None
     if not trusted:
-        raise UpdateError("no trusted publisher keys configured (update.trusted_keys); refusing unsigned trust")
+        raise UpdateError("no trusted publisher keys configured (plugins.updater.trusted_keys); refusing unsigned trust")
     for key_text in trusted:
         try:
             load_public_key(key_text).verify(signature, sums)
@@ -187,11 +200,4 @@ def verify(release_dir: Path, trusted: list[str]) -> dict:
     else:
         raise UpdateError(f"{release_dir}: SHA256SUMS is not signed by a trusted key (tampered, or another "
                           "publisher's); nothing installed")
-    for line in sums.decode().splitlines():
-        digest, _, name = line.partition("  ")
-        path = release_dir / name
-        if "/" in name or not path.is_file():
-            raise UpdateError(f"{release_dir}: {name} listed in SHA256SUMS is missing")
-        if _sha256(path) != digest:
-            raise UpdateError(f"{release_dir}: {name} does not match its checksum (truncated or tampered)")
-    return json.loads((release_dir / "manifest.json").read_text())
+    return sums

@@ -20,8 +20,9 @@ from tests.qemu.sshchannel import make_key
 HERE = Path(__file__).parent
 ARTIFACTS = images.REPO / "image/.build/vm-tests"
 # The order the modules run in: cheap harness checks first; the PXE node boots alone (before any disk VM);
-# the cluster grows from boot to suspend.
-MODULE_ORDER = ["test_harness", "test_netboot", "test_boot", "test_cluster", "test_failover", "test_suspend"]
+# the cluster grows from boot to suspend; the rolling update last.
+MODULE_ORDER = ["test_harness", "test_netboot", "test_boot", "test_cluster", "test_failover", "test_suspend",
+                "test_issu"]
 GRPC_PORT = 7400
 READY = r"cortex-ready: CORTEX-READY"
 # The cortex CLI on a node, pointed at its agent (cortex-config writes the address; ssh runs no profile).
@@ -102,6 +103,9 @@ class Lab:
         number = len(self.machines) + 1
         address = f"{SUBNET}.{host}" if host else ""
         creds = dict(credentials or {})
+        # First boot grows the partition table in the initrd (systemd-repart); on a loaded machine that took
+        # > 90 s (the default device timeout) and the VM fell into emergency mode waiting for cortex-state.
+        config.setdefault("cmdline_extra", "systemd.default_device_timeout_sec=600")
         if address:
             creds.setdefault("ssh.authorized_keys.root", self.key.with_suffix(".pub").read_text().strip())
         vm = Machine(MachineConfig(name=name, disk=disk, address=address, credentials=creds, **config),

@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any, Protocol
 
+from cortex.tasks.spec import MAX_TASKS_PER_SUBMIT
 from cortex.tasks.state import TERMINAL
 
 AGGREGATE_OUTPUT_CAP = 64 * 1024  # per node in an aggregated result
@@ -31,6 +32,18 @@ def submit(backend: Backend, tasks: list[dict], group: str | None = None, key: s
         args["group"] = group
     result = backend.write("task.submit", args, idempotency_key=key or uuid.uuid4().hex)
     return result["task_ids"]
+
+
+def submit_many(backend: Backend, tasks: list[dict], group: str | None = None, key: str | None = None,
+                chunk: int = MAX_TASKS_PER_SUBMIT) -> list[str]:
+    """Many tasks in few commands (one per `chunk`), ids in order. Each command has its own idempotency key
+    derived from `key`, so calling again with the same key after a failure part-way submits only the chunks
+    that did not go in, and every task is recorded once."""
+    key = key or uuid.uuid4().hex
+    ids: list[str] = []
+    for i in range(0, len(tasks), chunk):
+        ids += submit(backend, tasks[i:i + chunk], group=group, key=f"{key}:{i // chunk}")
+    return ids
 
 
 def wait(backend: Backend, task_ids: list[str], timeout: float | None, poll: float = 0.2) -> list[dict]:

@@ -113,10 +113,17 @@ def build_task(args) -> dict:
 
 def cmd_submit(args) -> int:
     task = build_task(args)
+    if not 1 <= args.count <= 1_000_000:
+        raise _cli().UsageError("--count must be between 1 and 1000000")
     with _client(args) as c:
-        result = c.write("task.submit", {"tasks": [task]}, idempotency_key=args.idempotency_key or uuid.uuid4().hex,
-                         retry_for=10.0)
-        ids = result["task_ids"]
+        if args.count == 1:
+            submit_args = {"tasks": [task], **({"group": args.group} if args.group else {})}
+            result = c.write("task.submit", submit_args, idempotency_key=args.idempotency_key or uuid.uuid4().hex,
+                             retry_for=10.0)
+            ids = result["task_ids"]
+        else:  # one command per 1,000 tasks; rerun with the same --idempotency-key to finish a partial submit
+            ids = api.submit_many(_Retrying(c), [task] * args.count, group=args.group or None,
+                                  key=args.idempotency_key)
         if not args.wait:
             _cli().emit(args, {"task_ids": ids}, "\n".join(ids))
             return 0
@@ -124,6 +131,19 @@ def cmd_submit(args) -> int:
         agg = api.aggregate(c, done)
     _cli().emit(args, agg, _aggregate_text(agg))
     return 0 if agg["summary"]["all_succeeded"] else 1
+
+
+class _Retrying:
+    """A client whose writes retry through elections (the same idempotency key each time)."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def write(self, command_type: str, args: dict, idempotency_key: str = "") -> dict:
+        return self._client.write(command_type, args, idempotency_key=idempotency_key, retry_for=10.0)
+
+    def read(self, query: str, args: dict | None = None, level: str = "leader"):
+        return self._client.read(query, args, level=level)
 
 
 def _aggregate_text(agg: dict) -> str:
@@ -377,6 +397,9 @@ def register(sub, add, common) -> None:
     sp.add_argument("--model", help="agent model (--kind agent)")
     sp.add_argument("--spec", help="kind-specific spec as JSON (other kinds)")
     sp.add_argument("--wait", action="store_true", help="wait and print the result")
+    sp.add_argument("--count", type=int, default=1,
+                    help="submit this many copies (one command per 1000; `tasks list --group` finds them)")
+    sp.add_argument("--group", default="", help="a group name for the tasks (`tasks list --group NAME` lists them)")
     sp.add_argument("--idempotency-key", default=None)
     sp.add_argument("command", nargs="*")
     sp = add("list", cmd_list, "list tasks, newest first", tasks)

@@ -87,7 +87,9 @@ class TaskEngine(Plugin):
         if cluster is None:  # a host without a cluster (tools listing, tests): nothing to schedule or run
             return
         if self.ctx.options.get("run_tasks", True):
-            self.runner = Runner(cluster, cluster.node_id, self.executors, (self.ctx.data_dir / "work").resolve(), self.ctx.log)
+            self.runner = Runner(cluster, cluster.node_id, self.executors, (self.ctx.data_dir / "work").resolve(),
+                                 self.ctx.log, server=getattr(cluster, "role", "") == "server"
+                                 and hasattr(cluster, "read_local"))
             self.runner.start()
         for name, target in (("task-leader", self._leader_loop), ("task-resources", self._resource_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -118,8 +120,15 @@ class TaskEngine(Plugin):
             if self.runner is not None and self.ctx.cluster.node_id in event.data.get("nodes", ()):
                 self.runner.wake()
 
-        return {"task.submitted": leader, "task.finished": leader, "task.requeued": leader,
-                "task.changed": leader, "task.assigned": assigned, "node.*": leader, "workflow.*": leader,
+        def changed(event) -> None:
+            # a cancel, a re-queue, a drain, a workflow cancel may stop an attempt running here: a server's
+            # runner notices at once instead of at its next (slow) poll
+            self._wake.set()
+            if self.runner is not None:
+                self.runner.wake()
+
+        return {"task.submitted": leader, "task.finished": leader, "task.requeued": changed,
+                "task.changed": changed, "task.assigned": assigned, "node.*": changed, "workflow.*": changed,
                 "leader.changed": leader}
 
     # --- resources -------------------------------------------------------------------------------------------
@@ -183,7 +192,7 @@ class TaskEngine(Plugin):
         """One round of decisions; returns how long to sleep unless woken."""
         cluster = self.ctx.cluster
         now = time.time()
-        snap = cluster.read("task.sched", {"now": now}, level="leader")
+        snap = self._read_sched(now, "auto")
         if snap["lost"]:
             requeues = [{"task_id": t["task_id"], "attempt": t["attempt"],
                          "reason": f"node {t['node']} was lost or drained past its deadline; re-queued"}
@@ -191,12 +200,11 @@ class TaskEngine(Plugin):
             for i in range(0, len(requeues), ASSIGN_BATCH):
                 cluster.propose("task.requeue", {"requeues": requeues[i:i + ASSIGN_BATCH]})
         started = time.perf_counter()
-        records = ()
-        if any(t["kind"] == "k8s_job" for t in snap["queued"]):  # where Kubernetes capacity is (kubernetes plugin)
-            from cortex.kube.records import read_records
-
-            records = read_records(lambda query, args: cluster.read(query, args, level="leader"))
-        decisions = schedule(snap["queued"], snap["nodes"], k8s_records=records)
+        decisions = self._decide(snap)
+        if snap["more"] and len(decisions) < snap["free_slots"]:
+            # the page's tasks could not fill the free slots (they wait for GPUs, labels...): look deeper
+            snap = self._read_sched(now, ASSIGN_BATCH * 5)
+            decisions = self._decide(snap)
         self.last_decision_seconds = time.perf_counter() - started
         for i in range(0, len(decisions), ASSIGN_BATCH):
             cluster.propose("task.assign", {"assignments": [
@@ -211,6 +219,20 @@ class TaskEngine(Plugin):
         if snap["next_retry_at"]:
             timeout = min(timeout, max(0.01, snap["next_retry_at"] - time.time()))
         return timeout
+
+    def _decide(self, snap: dict) -> list:
+        records = ()
+        if any(t["kind"] == "k8s_job" for t in snap["queued"]):  # where Kubernetes capacity is (kubernetes plugin)
+            from cortex.kube.records import read_records
+
+            records = read_records(lambda query, args: self.ctx.cluster.read(query, args, level="leader"))
+        return schedule(snap["queued"], snap["nodes"], k8s_records=records)
+
+    def _read_sched(self, now: float, limit) -> dict:
+        args = {"now": now, "limit": limit}
+        if hasattr(self.ctx.cluster, "read_local"):  # the leader's own replica, without a JSON round trip
+            return self.ctx.cluster.read_local("task.sched", args)
+        return self.ctx.cluster.read("task.sched", args, level="leader")
 
     # --- tools -----------------------------------------------------------------------------------------------
     def tools(self) -> list[Tool]:

@@ -241,6 +241,7 @@ class NoopExecutor:
     """Does nothing (optionally sleeps): measures the durable task pipeline itself, without process costs."""
 
     kind = "noop"
+    needs_workdir = False  # the runner creates no working directory for it
 
     def validate(self, spec: dict) -> dict:
         only(spec, {"sleep", "output"})

@@ -40,15 +40,25 @@ def gpus() -> list[Gpu]:
                               "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return []
+    if out.returncode != 0:
+        return []
     found = []
     for line in out.stdout.splitlines():
+        # "0, NVIDIA GeForce RTX 4090, 24564, 3"; a name may itself hold a comma, so count from both ends
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 4 and parts[0].isdigit():
-            try:
-                found.append(Gpu(int(parts[0]), parts[1], int(float(parts[2])), int(float(parts[3]))))
-            except ValueError:
-                continue
+        if len(parts) < 4 or not parts[0].isdigit():
+            continue
+        name, memory, util = ", ".join(parts[1:-2]), _smi_number(parts[-2]), _smi_number(parts[-1])
+        # a GPU whose utilization the driver does not report ("[N/A]", "[Not Supported]") is still a GPU
+        found.append(Gpu(int(parts[0]), name, int(memory or 0), int(util or 0)))
     return found
+
+
+def _smi_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def busy_processes(names: list[str]) -> list[str]:

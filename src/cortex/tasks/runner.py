@@ -2,8 +2,9 @@
 
 Pull, not push: the runner reads "what should this node be running" (`task.assigned`, a stale read from the
 nearest server: cheap, and staleness is harmless because every start and report names its attempt and term
-and the state machine rejects stale ones). It polls quickly while busy and slowly while idle; on servers the
-engine also wakes it on the local `task.assigned` event, so a server picks work up as soon as it applies it.
+and the state machine rejects stale ones). A worker polls quickly while busy and slowly while idle; a server
+reads its own replica, woken by the engine on its local `task.assigned`/`task.changed` events, so it picks
+work up as soon as it applies it and polls only slowly, as a safety net.
 
 Reconciliation, each poll:
 - an assigned attempt not running here: start it (`task.start`, batched), then run it on its own thread;
@@ -57,8 +58,13 @@ def _code_name(exc: BaseException) -> str:
 
 class Runner:
     def __init__(self, cluster, node_id: str, executors: dict[str, Executor], workdir_root: Path,
-                 log: logging.Logger, idle_poll: float = 0.5, busy_poll: float = 0.02):
+                 log: logging.Logger, idle_poll: float = 0.5, busy_poll: float = 0.02, server: bool = False):
         self.cluster = cluster
+        # A server applies every assignment itself and the engine wakes this runner on its own apply (and on
+        # cancels), so it reads its own replica in process and needs no fast polling; a worker polls a server.
+        self.server = server
+        if server:
+            busy_poll = idle_poll
         self.node_id = node_id
         self.executors = executors
         self.workdir_root = Path(workdir_root)
@@ -71,6 +77,8 @@ class Runner:
         self._wake = threading.Event()
         self._send_wake = threading.Event()
         self._reports: deque = deque()
+        self._starts: deque = deque()  # assigned attempts to start: go out with the next round's reports
+        self._pending: set[tuple[str, int]] = set()  # (task, attempt) queued to start or being started
         self._last_activity = 0.0
         self._threads: list[threading.Thread] = []
         self._shutting_down = False
@@ -116,20 +124,30 @@ class Runner:
             if self._stop.is_set():
                 return
             try:
-                view = self.cluster.read("task.assigned", {"node_id": self.node_id}, level="stale")
-                self.reconcile(view)
+                self.reconcile(self._read_assigned())
             except Exception as exc:  # the cluster may be electing; try again next round
                 self.log.debug("task poll failed: %s", exc)
 
+    def _read_assigned(self) -> list[dict]:
+        args = {"node_id": self.node_id}
+        if self.server:
+            try:
+                return self.cluster.read_local("task.assigned", args)
+            except Exception:  # not a member yet (no replica): ask a server like a worker does
+                pass
+        return self.cluster.read("task.assigned", args, level="stale")
+
     def reconcile(self, view: list[dict]) -> None:
         now = time.monotonic()
-        self.finished = {k: t for k, t in self.finished.items() if now - t < FINISHED_MEMORY}
         seen: dict[str, dict] = {t["id"]: t for t in view}
         to_start, orphans = [], []
-        with self._lock:
+        with self._lock:  # the sender records finished attempts too
+            self.finished = {k: t for k, t in self.finished.items() if now - t < FINISHED_MEMORY}
             for t in view:
                 key = (t["id"], t["attempt"])
                 run = self.runs.get(t["id"])
+                if key in self._pending:
+                    continue  # its start is on its way (the view may already say running)
                 if key in self.finished or (run is not None and run.attempt == t["attempt"]):
                     if run is not None and t["state"] == "cancelling":
                         run.cancelled.set()
@@ -175,36 +193,45 @@ class Runner:
                 run.cancelled.set()
 
     def _start(self, tasks: list[dict]) -> None:
+        """Queue the starts for the sender: it sends them with this round's reports in one command and runs
+        the attempts the cluster accepted (an attempt never runs before its start is committed)."""
         if self._shutting_down:
             return
-        starts = [{"task_id": t["id"], "attempt": t["attempt"], "term": t["term"]} for t in tasks]
-        try:
-            result = self._write("task.start", {"node_id": self.node_id, "starts": starts},
-                                 f"start:{self.node_id}:{tasks[0]['id']}:{tasks[0]['attempt']}:{len(tasks)}")
-        except Exception as exc:
-            self.log.debug("task.start failed, retrying next poll: %s", exc)
-            return
-        accepted = set(result.get("started", []))
+        with self._lock:
+            for t in tasks:
+                self._pending.add((t["id"], t["attempt"]))
+                self._starts.append(t)
+        self._send_wake.set()
+
+    def _launch(self, tasks: list[dict], result: dict | None, key: str = "started") -> None:
+        accepted = set(result.get(key, [])) if result is not None else set()
+        now = time.monotonic()
         for t in tasks:
-            if t["id"] not in accepted:
-                self.finished[(t["id"], t["attempt"])] = time.monotonic()
-                continue
-            run = LocalRun(t["id"], t["attempt"], t["term"], t["kind"])
-            with self._lock:
-                self.runs[t["id"]] = run
-            threading.Thread(target=self._execute, args=(run, t), name=f"task-{t['id']}", daemon=True).start()
+            if result is not None and t["id"] not in accepted:
+                with self._lock:  # stale or cancelled meanwhile: not ours to run
+                    self.finished[(t["id"], t["attempt"])] = now
+            elif t["id"] in accepted and not self._shutting_down:
+                run = LocalRun(t["id"], t["attempt"], t["term"], t["kind"])
+                with self._lock:
+                    self.runs[t["id"]] = run
+                threading.Thread(target=self._execute, args=(run, t), name=f"task-{t['id']}", daemon=True).start()
+            with self._lock:  # not sent (stopping) or answered: a later poll decides afresh
+                self._pending.discard((t["id"], t["attempt"]))
 
     # --- running -------------------------------------------------------------------------------------------
     def _execute(self, run: LocalRun, task: dict) -> None:
         workdir = self.workdir_root / f"{run.task_id}.{run.attempt}"
         executor = self.executors.get(run.kind)
+        # an executor that never touches its workdir (noop) is spared two directory syscall rounds per task
+        needs_workdir = getattr(executor, "needs_workdir", True)
         try:
             if executor is None:
                 outcome = Outcome(None, f"node {self.node_id} has no {run.kind} executor", True, {"failure": "error"})
             else:
-                shutil.rmtree(workdir, ignore_errors=True)
-                workdir.mkdir(parents=True)
-                workdir.chmod(0o700)
+                if needs_workdir:
+                    shutil.rmtree(workdir, ignore_errors=True)
+                    workdir.mkdir(parents=True)
+                    workdir.chmod(0o700)
                 outcome = executor.run(TaskRun(
                     task_id=run.task_id, attempt=run.attempt, spec=task["spec"], workdir=workdir,
                     emit=lambda stream, data: self._emit(run, stream, data), cancelled=run.cancelled,
@@ -213,7 +240,8 @@ class Runner:
             self.log.exception("executor failed")
             outcome = Outcome(None, f"executor error: {type(exc).__name__}: {exc}", True, {"failure": "error"})
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            if needs_workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
         result = dict(outcome.result)
         failure = result.pop("failure", "") if not outcome.ok else ""
         if not outcome.ok and not failure:
@@ -270,7 +298,8 @@ class Runner:
         while not self._stop.is_set():
             self._send_wake.wait(0.2)
             self._send_wake.clear()
-            time.sleep(0.005)  # let a burst of output or reports gather into one command
+            if not self._starts:  # a start waits for nothing (submit->running latency); while the previous
+                time.sleep(0.005)  # send was in flight, reports gathered anyway; else let a burst gather
             try:
                 self._flush_output()
                 self._flush_reports()
@@ -295,13 +324,41 @@ class Runner:
             self._send_with_retry("task.output", {"node_id": self.node_id, "chunks": chunks[i:i + 16]})
 
     def _flush_reports(self) -> None:
-        batch = []
+        batch, starts = [], []
         while self._reports and len(batch) < 1000:
             batch.append(self._reports.popleft())
+        with self._lock:
+            while self._starts and len(starts) < 1000:
+                starts.append(self._starts.popleft())
+        if self._shutting_down and starts:  # a node going down starts nothing new
+            self._launch(starts, None)
+            starts = []
+        if not batch and not starts:
+            return
+        try:
+            self._send_round(batch, starts)
+        except BaseException:
+            with self._lock:  # never leave a start pending for ever: the next poll decides afresh
+                self._pending.difference_update((t["id"], t["attempt"]) for t in starts)
+            raise
+
+    def _send_round(self, batch: list, starts: list[dict]) -> None:
+        self._flush_output()  # output of these runs goes in before they become terminal
+        args = {"node_id": self.node_id, "reports": [r for r, _ in batch]}
+        if starts:
+            args["starts"] = [{"task_id": t["id"], "attempt": t["attempt"], "term": t["term"]} for t in starts]
+        result = self._send_with_retry("task.report", args)
+        if result is None and starts and not self._stop.is_set():
+            # refused: a leader from before combined reports (a rolling update) knows only the separate commands
+            result = self._send_with_retry("task.start", {"node_id": self.node_id, "starts": args["starts"]}) \
+                or {}
+            result = {"started": result.get("started", [])}
+            if batch:
+                self._send_with_retry("task.report", {"node_id": self.node_id, "reports": args["reports"]})
+        if starts:
+            self._launch(starts, result)
         if not batch:
             return
-        self._flush_output()  # output of these runs goes in before they become terminal
-        self._send_with_retry("task.report", {"node_id": self.node_id, "reports": [r for r, _ in batch]})
         now = time.monotonic()
         with self._lock:
             for report, run in batch:

@@ -7,7 +7,9 @@ Filter, then rank, one task at a time in priority order (higher first, then subm
   memory, GPUs and task slots the task asks for — free meaning capacity minus what tasks already assigned
   there reserve (replicated state, so the leader never needs a fresh resource report to decide);
 - rank: "spread" prefers the node with the most free share of its resources and the fewest running tasks,
-  "pack" the opposite (fill a node before waking another); measured FLOPS break ties towards faster nodes.
+  "pack" the opposite (fill a node before waking another); measured FLOPS break ties towards faster nodes;
+- a retry (attempt > 0) avoids `last_node`, the node its previous attempt ran on (a broken disk, a missing
+  tool, a flaky GPU there would fail it again), unless no other node can take it now.
 
 Each placement reserves resources in the working copy, so one pass never overcommits a node. Tasks nobody can
 take stay queued, with the reason (`explain`) for `cortex tasks show`.
@@ -142,14 +144,20 @@ def schedule(queued: list[dict], nodes: list[dict], limit: int = 5000,
         k8s = task["kind"] == "k8s_job"
         cpus, mem, gpus = (0, 0, 0) if k8s else (p.get("cpus", 0), p.get("memory_mb", 0), p.get("gpus", 0))
         best, best_score = None, 0.0
+        avoid = task.get("last_node") if task["attempt"] > 0 else None
+        fallback = None  # the node the previous attempt ran on: taken only when no other node fits
         for n in candidates:
             if n.free_slots < 1 or cpus > n.free_cpus + 1e-9 or mem > n.free_mem or gpus > n.free_gpus:
                 continue
             if k8s and fit_reason(k8s_records, n.id, task.get("spec") or {}):
                 continue
+            if n.id == avoid:
+                fallback = n
+                continue
             score = scores[n.id][which]
             if best is None or score > best_score or (score == best_score and n.id < best.id):
                 best, best_score = n, score
+        best = best or fallback
         if best is None:
             continue
         best.free_slots -= 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from cortex.commands import CommandError
 from cortex.executor import TaskSpecError
@@ -148,22 +148,24 @@ def validate_task(doc) -> dict:
     return {
         "kind": kind, "name": name, "spec": spec,
         "priority": int(_number(doc.get("priority", 0), "task.priority", -MAX_PRIORITY, MAX_PRIORITY, integer=True)),
-        "placement": placement_doc(parse_placement(doc.get("placement"))),
-        "retry": retry_doc(parse_retry(doc.get("retry"))),
+        # most tasks say neither: the defaults' documents are built once (copied, never shared)
+        "placement": placement_doc(parse_placement(doc["placement"])) if doc.get("placement") is not None
+        else {**_DEFAULT_PLACEMENT, "labels": {}, "nodes": []},
+        "retry": retry_doc(parse_retry(doc["retry"])) if doc.get("retry") is not None
+        else {**_DEFAULT_RETRY, "on": list(RETRY_ON)},
         "timeout": timeout,
     }
 
 
 def placement_doc(p: Placement) -> dict:
-    d = asdict(p)
-    d["nodes"] = list(p.nodes)
-    return d
+    # spelled out rather than dataclasses.asdict (a deep copy per field): this runs for every submitted task
+    return {"role": p.role, "labels": dict(p.labels), "nodes": list(p.nodes), "avoid_busy": p.avoid_busy,
+            "cpus": p.cpus, "memory_mb": p.memory_mb, "gpus": p.gpus, "strategy": p.strategy}
 
 
 def retry_doc(r: RetryPolicy) -> dict:
-    d = asdict(r)
-    d["on"] = list(r.on)
-    return d
+    return {"max_attempts": r.max_attempts, "backoff": r.backoff, "backoff_max": r.backoff_max,
+            "jitter": r.jitter, "on": list(r.on)}
 
 
 def retry_from_doc(d: dict) -> RetryPolicy:
@@ -172,3 +174,7 @@ def retry_from_doc(d: dict) -> RetryPolicy:
 
 def placement_from_doc(d: dict) -> Placement:
     return Placement(**{**d, "nodes": tuple(d.get("nodes", ()))})
+
+
+_DEFAULT_PLACEMENT = placement_doc(Placement())
+_DEFAULT_RETRY = retry_doc(RetryPolicy())

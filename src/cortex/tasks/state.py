@@ -106,14 +106,24 @@ MIGRATIONS = (
         drained_at REAL
     );
     """,
+    # 2: the scheduler's read in its own order (priority DESC, seq ASC cannot be read off an ascending index:
+    # SQLite sorted the whole queue every round), and the earliest retry time without scanning the queue
+    """
+    DROP INDEX tasks_by_state;
+    CREATE INDEX tasks_ready ON tasks (state, priority DESC, seq);
+    CREATE INDEX tasks_backoff ON tasks (state, not_before);
+    """,
 )
 TABLES = ("tasks", "task_attempts", "task_output", "task_nodes")
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # built once: json.dumps builds one per call
+
+
 def _j(value) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 def _require_list(args: dict, name: str, limit: int) -> list:
@@ -172,14 +182,19 @@ def get_task(db: sqlite3.Connection, task_id: str) -> dict | None:
     return row_dict(row) if row else None
 
 
+_INSERT_TASK = """INSERT INTO tasks (id, seq, kind, name, spec, priority, placement, retry, timeout, state,
+                                     submitted_at, updated_at, grp, workflow, step, item)
+                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"""
+
+
+def _task_row(env: Envelope, task_id: str, seq: int, doc: dict, grp, workflow, step, item) -> tuple:
+    return (task_id, seq, doc["kind"], doc["name"], _j(doc["spec"]), doc["priority"], _j(doc["placement"]),
+            _j(doc["retry"]), doc["timeout"], env.ts, env.ts, grp, workflow, step, item)
+
+
 def insert_task(db: sqlite3.Connection, env: Envelope, task_id: str, seq: int, doc: dict, *, grp: str | None = None,
                 workflow: str | None = None, step: str | None = None, item: int | None = None) -> None:
-    db.execute(
-        """INSERT INTO tasks (id, seq, kind, name, spec, priority, placement, retry, timeout, state,
-                              submitted_at, updated_at, grp, workflow, step, item)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)""",
-        (task_id, seq, doc["kind"], doc["name"], _j(doc["spec"]), doc["priority"], _j(doc["placement"]),
-         _j(doc["retry"]), doc["timeout"], env.ts, env.ts, grp, workflow, step, item))
+    db.execute(_INSERT_TASK, _task_row(env, task_id, seq, doc, grp, workflow, step, item))
 
 
 def _finish(db: sqlite3.Connection, env: Envelope, task: dict, state: str) -> None:
@@ -220,9 +235,15 @@ def _v_start(args: dict) -> dict:
 
 
 def _v_report(args: dict) -> dict:
-    _no_extra(args, {"node_id", "reports"}, "task.report")
+    """Reports of ended attempts, and optionally starts of new ones (applied first): a node sends both in one
+    command per round, so a busy node costs the log one entry per round, not two."""
+    _no_extra(args, {"node_id", "reports", "starts"}, "task.report")
+    if "starts" in args and args.get("reports") in (None, []):
+        items = []  # starts only
+    else:
+        items = _require_list(args, "reports", 5000)
     reports = []
-    for r in _require_list(args, "reports", 5000):
+    for r in items:
         ref = _attempt_ref(r)
         exit_code = r.get("exit_code")
         if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
@@ -236,7 +257,10 @@ def _v_report(args: dict) -> dict:
         reports.append({**ref, "exit_code": exit_code, "error": _str(r, "error", 4000, optional=True),
                         "retryable": bool(r.get("retryable", True)), "failure": failure, "result": result,
                         })
-    return {"node_id": _node(args), "reports": reports}
+    out = {"node_id": _node(args), "reports": reports}
+    if "starts" in args:
+        out["starts"] = [_attempt_ref(s) for s in _require_list(args, "starts", 5000)]
+    return out
 
 
 def _v_output(args: dict) -> dict:
@@ -307,11 +331,10 @@ def _h_submit(db, index, env) -> dict:
     base = "t" + env.id[:12]
     if db.execute("SELECT 1 FROM tasks WHERE id=? OR id=?", (base, base + "-0")).fetchone():
         base = "t" + env.id  # a 48-bit prefix collided: the full id is unique
-    ids = []
-    for i, doc in enumerate(tasks):
-        task_id = base if len(tasks) == 1 else f"{base}-{i}"
-        insert_task(db, env, task_id, index * 10000 + i, doc, grp=env.args.get("group"))
-        ids.append(task_id)
+    ids = [base] if len(tasks) == 1 else [f"{base}-{i}" for i in range(len(tasks))]
+    group = env.args.get("group")
+    db.executemany(_INSERT_TASK, [_task_row(env, task_id, index * 10000 + i, doc, group, None, None, None)
+                                  for i, (task_id, doc) in enumerate(zip(ids, tasks))])
     return {"task_ids": ids}
 
 
@@ -320,29 +343,38 @@ def _node_known(db, node_id: str) -> bool:
 
 
 def _h_assign(db, index, env) -> dict:
-    assigned, skipped = [], []
+    assigned, skipped, nodes = [], [], set()
+    usable: dict[str, bool] = {}  # node -> known and not draining (one lookup per node, not per task)
     for a in env.args["assignments"]:
-        task = db.execute("SELECT state, attempt FROM tasks WHERE id=?", (a["task_id"],)).fetchone()
-        drained = db.execute("SELECT drained FROM task_nodes WHERE node_id=?", (a["node_id"],)).fetchone()
+        node_id = a["node_id"]
+        if node_id not in usable:
+            drained = db.execute("SELECT drained FROM task_nodes WHERE node_id=?", (node_id,)).fetchone()
+            usable[node_id] = _node_known(db, node_id) and not (drained and drained[0])
         # Only a queued task, and only as the next attempt: a second leader's (or a repeated) decision for the
-        # same task finds it assigned already and changes nothing.
-        if task is None or task[0] != "queued" or a["attempt"] != task[1] + 1 or not _node_known(db, a["node_id"]) \
-                or (drained and drained[0]):
+        # same task finds it assigned already and changes nothing (the guarded UPDATE matches no row).
+        if not usable[node_id] or db.execute(
+                """UPDATE tasks SET state='assigned', attempt=?, node=?, term=?, assigned_at=?, started_at=NULL,
+                   updated_at=?, output_bytes=0, output_dropped=0 WHERE id=? AND state='queued' AND attempt=?""",
+                (a["attempt"], node_id, env.term, env.ts, env.ts, a["task_id"], a["attempt"] - 1)).rowcount != 1:
             skipped.append(a["task_id"])
             continue
-        db.execute("""UPDATE tasks SET state='assigned', attempt=?, node=?, term=?, assigned_at=?, started_at=NULL,
-                      updated_at=?, output_bytes=0, output_dropped=0 WHERE id=?""",
-                   (a["attempt"], a["node_id"], env.term, env.ts, env.ts, a["task_id"]))
         db.execute("INSERT INTO task_attempts (task_id, attempt, node, term, assigned_at, outcome) "
-                   "VALUES (?, ?, ?, ?, ?, 'assigned')", (a["task_id"], a["attempt"], a["node_id"], env.term, env.ts))
+                   "VALUES (?, ?, ?, ?, ?, 'assigned')", (a["task_id"], a["attempt"], node_id, env.term, env.ts))
         assigned.append(a["task_id"])
-    nodes = sorted({a["node_id"] for a in env.args["assignments"] if a["task_id"] in set(assigned)})
-    return {"assigned": assigned, "skipped": skipped, "nodes": nodes}
+        nodes.add(node_id)
+    return {"assigned": assigned, "skipped": skipped, "nodes": sorted(nodes)}
+
+
+# What start/report/output need of a task: no JSON decoded (retry is parsed only when an attempt failed).
+_CURRENT_COLUMNS = ("id", "state", "attempt", "term", "node", "failures", "retry", "workflow", "step",
+                    "output_bytes", "output_seq", "output_dropped")
+_CURRENT_SQL = ", ".join(_CURRENT_COLUMNS)
 
 
 def _current(db, ref: dict, node_id: str | None) -> dict | None:
     """The task if (attempt, term[, node]) name its current attempt, else None (stale)."""
-    task = get_task(db, ref["task_id"])
+    row = db.execute(f"SELECT {_CURRENT_SQL} FROM tasks WHERE id=?", (ref["task_id"],)).fetchone()
+    task = dict(zip(_CURRENT_COLUMNS, row)) if row else None
     if task is None or task["attempt"] != ref["attempt"] or task["term"] != ref["term"]:
         return None
     if node_id is not None and task["node"] != node_id:
@@ -351,22 +383,28 @@ def _current(db, ref: dict, node_id: str | None) -> dict | None:
 
 
 def _h_start(db, index, env) -> dict:
+    started, rejected = _apply_starts(db, env, env.args["node_id"], env.args["starts"])
+    return {"started": started, "rejected": rejected}
+
+
+def _apply_starts(db, env, node_id: str, starts: list[dict]) -> tuple[list, list]:
     started, rejected = [], []
-    for ref in env.args["starts"]:
-        task = _current(db, ref, env.args["node_id"])
-        if task is not None and task["state"] == "running":
-            started.append(ref["task_id"])  # a retried start whose first answer was lost: still this node's
+    for ref in starts:
+        # the common case in one statement: the named attempt is current, here, and assigned
+        if db.execute("UPDATE tasks SET state='running', started_at=?, updated_at=? WHERE id=? AND attempt=? "
+                      "AND term=? AND node=? AND state='assigned'",
+                      (env.ts, env.ts, ref["task_id"], ref["attempt"], ref["term"], node_id)).rowcount != 1:
+            task = _current(db, ref, node_id)
+            if task is not None and task["state"] == "running":
+                started.append(ref["task_id"])  # a retried start whose first answer was lost: still this node's
+            else:
+                rejected.append({"task_id": ref["task_id"], "attempt": ref["attempt"],
+                                 "state": task["state"] if task else "stale"})
             continue
-        if task is None or task["state"] != "assigned":
-            rejected.append({"task_id": ref["task_id"], "attempt": ref["attempt"],
-                             "state": task["state"] if task else "stale"})
-            continue
-        db.execute("UPDATE tasks SET state='running', started_at=?, updated_at=? WHERE id=?",
-                   (env.ts, env.ts, ref["task_id"]))
         db.execute("UPDATE task_attempts SET outcome='running', started_at=? WHERE task_id=? AND attempt=?",
                    (env.ts, ref["task_id"], ref["attempt"]))
         started.append(ref["task_id"])
-    return {"started": started, "rejected": rejected}
+    return started, rejected
 
 
 def _end_attempt(db, env, task_id: str, attempt: int, outcome: str, exit_code, error: str) -> None:
@@ -377,7 +415,6 @@ def _end_attempt(db, env, task_id: str, attempt: int, outcome: str, exit_code, e
 def apply_outcome(db, env, task: dict, r: dict) -> str:
     """Record the end of the task's current attempt; returns the task's new state."""
     ok = r["exit_code"] == 0 and not r["error"] and not r["failure"]
-    policy = specs.retry_from_doc(task["retry"])
     result = _j(r["result"]) if r["result"] else None
     if ok:
         state, outcome = "succeeded", "succeeded"
@@ -387,6 +424,8 @@ def apply_outcome(db, env, task: dict, r: dict) -> str:
         state, outcome = "queued", "lost"
     else:
         failures = task["failures"] + 1
+        retry_doc = task["retry"]
+        policy = specs.retry_from_doc(json.loads(retry_doc) if isinstance(retry_doc, str) else retry_doc)
         category = r["failure"] or ("exit" if r["exit_code"] is not None else "error")
         retry = r["retryable"] and category in policy.on and failures < policy.max_attempts
         state, outcome = ("queued" if retry else "failed"), "failed"
@@ -407,16 +446,38 @@ def apply_outcome(db, env, task: dict, r: dict) -> str:
     return state
 
 
+def _succeeded_fast(db, env, node_id: str, r: dict) -> bool:
+    """A success of the current attempt of a task outside workflows, recorded in two statements (the common
+    case); False when the general path must decide (stale, failed, in a workflow)."""
+    if r["exit_code"] != 0 or r["error"] or r["failure"]:
+        return False
+    if db.execute("""UPDATE tasks SET state='succeeded', finished_at=?, updated_at=?, exit_code=0, error='',
+                     result=?, dlq=0, dlq_at=NULL
+                     WHERE id=? AND attempt=? AND term=? AND node=? AND state IN ('assigned','running','cancelling')
+                       AND workflow IS NULL""",
+                  (env.ts, env.ts, _j(r["result"]) if r["result"] else None, r["task_id"], r["attempt"], r["term"],
+                   node_id)).rowcount != 1:
+        return False
+    _end_attempt(db, env, r["task_id"], r["attempt"], "succeeded", 0, "")
+    return True
+
+
 def _h_report(db, index, env) -> dict:
+    out = {}
+    if "starts" in env.args:
+        out["started"], out["start_rejected"] = _apply_starts(db, env, env.args["node_id"], env.args["starts"])
     recorded, rejected = [], []
     for r in env.args["reports"]:
+        if _succeeded_fast(db, env, env.args["node_id"], r):
+            recorded.append({"task_id": r["task_id"], "state": "succeeded"})
+            continue
         task = _current(db, r, env.args["node_id"])
         if task is None or task["state"] not in ACTIVE:
             rejected.append({"task_id": r["task_id"], "attempt": r["attempt"],
                              "state": task["state"] if task else "stale"})
             continue
         recorded.append({"task_id": r["task_id"], "state": apply_outcome(db, env, task, r)})
-    return {"recorded": recorded, "rejected": rejected}
+    return {"recorded": recorded, "rejected": rejected, **out}
 
 
 def _h_output(db, index, env) -> dict:
@@ -607,29 +668,60 @@ def node_views(db) -> list[dict]:
                     "benchmark": json.loads(bench or "{}"), "reported_at": reported, "drained": bool(drained),
                     "drain_deadline": deadline})
     running = {}
-    for node, placement in db.execute(
-            "SELECT node, placement FROM tasks WHERE state IN ('assigned','running','cancelling')"):
+    # grouped by placement text: a node's running tasks mostly share a few placements, each decoded once
+    for node, placement, count in db.execute(
+            "SELECT node, placement, count(*) FROM tasks WHERE state IN ('assigned','running','cancelling') "
+            "GROUP BY node, placement ORDER BY node, placement"):
         p = json.loads(placement)
         r = running.setdefault(node, {"tasks": 0, "cpus": 0.0, "memory_mb": 0, "gpus": 0})
-        r["tasks"] += 1
-        r["cpus"] += p.get("cpus", 0)
-        r["memory_mb"] += p.get("memory_mb", 0)
-        r["gpus"] += p.get("gpus", 0)
+        r["tasks"] += count
+        r["cpus"] += p.get("cpus", 0) * count
+        r["memory_mb"] += p.get("memory_mb", 0) * count
+        r["gpus"] += p.get("gpus", 0) * count
     for n in out:
         n["running"] = running.get(n["id"], {"tasks": 0, "cpus": 0.0, "memory_mb": 0, "gpus": 0})
     return out
 
 
+SCHED_PAGE_MIN = 64  # queued tasks read per scheduling round at least ("limit": "auto")
+
+
+def free_slots(nodes: list[dict]) -> int:
+    """Task slots free on the nodes that can take work now (what one scheduling round can fill at most)."""
+    from cortex.tasks.scheduler import DEFAULT_SLOTS
+
+    return sum(max(0, int(n["capacity"].get("slots", DEFAULT_SLOTS)) - n["running"]["tasks"]) for n in nodes
+               if n["liveness"] == "alive" and not n["drained"] and n["reported_at"])
+
+
 def _q_sched(db, args) -> dict:
-    """The scheduler's input: ready queued tasks in priority order, and every node's view."""
+    """The scheduler's input: ready queued tasks in priority order, and every node's view.
+
+    `limit` caps the queued tasks read; "auto" reads twice what the free slots can take (a round places
+    at most that many, and decoding a deep queue every round would cost more than the scheduling), and says
+    `more` when the queue goes on, so a round that could not fill the free slots from this page reads all.
+    Each task carries `last_node`, where its previous attempt ran (a retry prefers another node)."""
     now = float(args.get("now", 0))
-    limit = max(1, min(int(args.get("limit", 5000)), 20000))
-    rows = db.execute("SELECT id, kind, priority, placement, attempt, seq, spec FROM tasks WHERE state='queued' "
-                      "AND not_before<=? ORDER BY priority DESC, seq LIMIT ?", (now, limit)).fetchall()
+    nodes = node_views(db)
+    free = free_slots(nodes)
+    if args.get("limit") == "auto":
+        limit = min(20000, max(SCHED_PAGE_MIN, 2 * free))
+    else:
+        limit = max(1, min(int(args.get("limit", 5000)), 20000))
+    rows = db.execute(
+        "SELECT t.id, t.kind, t.priority, t.placement, t.attempt, t.seq, t.spec, a.node FROM tasks t "
+        "LEFT JOIN task_attempts a ON a.task_id = t.id AND a.attempt = t.attempt "
+        # `+not_before`: keeps the planner on tasks_ready (read in order, stop at LIMIT) instead of tasks_backoff
+        "WHERE t.state='queued' AND +t.not_before<=? ORDER BY t.priority DESC, t.seq LIMIT ?",
+        (now, limit + 1)).fetchall()
+    more = len(rows) > limit
+    placements: dict[str, dict] = {}  # a queue of similar tasks shares a few placements: decode each once
     # a k8s_job's spec says what its Kubernetes cluster must have free (the scheduler checks that instead)
-    queued = [{"id": i, "kind": k, "priority": p, "placement": json.loads(pl), "attempt": a, "seq": s,
+    queued = [{"id": i, "kind": k, "priority": p,
+               "placement": placements[pl] if pl in placements else placements.setdefault(pl, json.loads(pl)),
+               "attempt": a, "seq": s, "last_node": last,
                **({"spec": json.loads(sp)} if k == "k8s_job" else {})}
-              for i, k, p, pl, a, s, sp in rows]
+              for i, k, p, pl, a, s, sp, last in rows[:limit]]
     waiting = db.execute("SELECT min(not_before) FROM tasks WHERE state='queued' AND not_before>?",
                          (now,)).fetchone()[0]
     lost = [{"task_id": i, "attempt": a, "node": n, "state": st} for i, a, n, st in db.execute(
@@ -637,7 +729,8 @@ def _q_sched(db, args) -> dict:
            LEFT JOIN task_nodes d ON d.node_id = t.node
            WHERE t.state IN ('assigned','running','cancelling')
              AND (n.id IS NULL OR n.liveness='offline' OR (d.drained=1 AND d.drain_deadline<=?))""", (now,))]
-    return {"queued": queued, "nodes": node_views(db), "lost": lost, "next_retry_at": waiting}
+    return {"queued": queued, "nodes": nodes, "lost": lost, "next_retry_at": waiting, "more": more,
+            "free_slots": free}
 
 
 def _q_nodes(db, args) -> list[dict]:
