@@ -40,7 +40,7 @@ mkosi_version=$(mkosi --version 2>/dev/null | awk '{print $2}') || true
 case "$mkosi_version" in 2[4-9]*|[3-9][0-9]*) ;; *) need_install=1 ;; esac
 repart_version=$(systemd-repart --version 2>/dev/null | awk 'NR==1 {print $2}') || true
 [ "${repart_version:-0}" -ge 254 ] 2>/dev/null || need_install=1
-for tool in mkfs.erofs mkfs.vfat mcopy bwrap cpio depmod xz zstd qemu-system-x86_64 qemu-img veritysetup sfdisk pv; do
+for tool in mkfs.erofs mkfs.vfat mcopy bwrap cpio depmod xz zstd qemu-system-x86_64 qemu-img veritysetup sfdisk pv dnsmasq; do
     command -v "$tool" >/dev/null || need_install=1
 done
 [ -e /usr/lib/systemd/boot/efi/systemd-bootx64.efi ] || need_install=1
@@ -64,7 +64,7 @@ EOF
         mkosi systemd systemd-container systemd-boot systemd-boot-efi qemu-system-x86 qemu-utils >/dev/null
     timeout 900 apt-get install -y -qq \
         ovmf erofs-utils squashfs-tools cryptsetup-bin dosfstools mtools e2fsprogs fdisk zstd xz-utils \
-        python3-pefile python3-venv python3-pip debian-archive-keyring bubblewrap uidmap pv cpio kmod >/dev/null
+        python3-pefile python3-venv python3-pip debian-archive-keyring bubblewrap uidmap pv cpio kmod dnsmasq-base >/dev/null
 fi
 say "host: $(mkosi --version), $(systemd-repart --version | head -n1 | cut -d' ' -f1-2)"
 

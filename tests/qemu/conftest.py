@@ -19,8 +19,10 @@ from tests.qemu.sshchannel import make_key
 
 HERE = Path(__file__).parent
 ARTIFACTS = images.REPO / "image/.build/vm-tests"
-# The order the modules run in: cheap harness checks first; the cluster grows from boot to suspend.
-MODULE_ORDER = ["test_harness", "test_boot", "test_cluster", "test_failover", "test_suspend", "test_issu"]
+# The order the modules run in: cheap harness checks first; the PXE node boots alone (before any disk VM);
+# the cluster grows from boot to suspend; the rolling update last.
+MODULE_ORDER = ["test_harness", "test_netboot", "test_boot", "test_cluster", "test_failover", "test_suspend",
+                "test_issu"]
 GRPC_PORT = 7400
 READY = r"cortex-ready: CORTEX-READY"
 # The cortex CLI on a node, pointed at its agent (cortex-config writes the address; ssh runs no profile).
@@ -74,7 +76,8 @@ def vm_artifacts() -> Path:
 def vm_images(vm_artifacts) -> images.Images:
     built = images.ensure_built(vm_artifacts / "image-build.log")
     if built.built_in:
-        timings.record("setup", "image build (image/build.sh: disk + plain)", built.built_in)
+        timings.record("setup", "image build (image/build.sh: disk + netboot + plain)", built.built_in)
+        timings.record("setup", "... of which the netboot image (kernel + cpio)", built.netboot_built_in)
     for tool in ("qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen"):
         assert shutil.which(tool), f"{tool} is missing after image/build.sh"
     return built

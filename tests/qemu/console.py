@@ -16,6 +16,7 @@ FATAL = re.compile(
     r"|Give root password for maintenance"
     r"|Starting (emergency|rescue)\.service"
     r"|No bootable option or device was found"
+    r"|No bootable device\."        # SeaBIOS: nothing left to try (a PXE node's network boot failed too)
     # the disk is the first boot option: the firmware moving on to another one means the disk did not boot
     r"|BdsDxe: failed to load Boot\d+"
 )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "image/.build/out"
 # What goes into the image: a change to any of these makes a build stale.
 SOURCES = [REPO / "src", REPO / "image", REPO / "pyproject.toml"]
-BUILD_ENV = {"CORTEX_IMAGE_NETBOOT": "0", "CORTEX_IMAGE_UPDATE": "0", "CORTEX_IMAGE_PLAIN": "1"}
+# The netboot image (kernel + cpio) is for test_netboot's diskless PXE node.
+BUILD_ENV = {"CORTEX_IMAGE_NETBOOT": "1", "CORTEX_IMAGE_UPDATE": "0", "CORTEX_IMAGE_PLAIN": "1"}
+NETBOOT = ("cortex-netboot.vmlinuz", "cortex-netboot.cpio.zst")  # symlinks to the newest netboot build
 
 
 @dataclass
@@ -23,6 +26,8 @@ class Images:
     plain: Path      # the same image minus the agent (cortex-plain_V.raw), the boot-time yardstick
     vmlinuz: Path    # the appliance's kernel, for direct-boot harness checks
     built_in: float  # seconds spent building in this session (0: reused)
+    netboot_dir: Path = OUT  # cortex-netboot.vmlinuz + .cpio.zst, as the netboot service serves them
+    netboot_built_in: float = 0.0  # the part of built_in that went to the netboot image (build.sh's count)
 
 
 def newest_source_mtime() -> float:
@@ -44,7 +49,10 @@ def current() -> Images | None:
         return None
     disk, plain = disk.resolve(), plain.resolve()
     vmlinuz = disk.with_suffix(".vmlinuz")
-    if not vmlinuz.exists() or min(disk.stat().st_mtime, plain.stat().st_mtime) < newest_source_mtime():
+    netboot = [(OUT / name).resolve() for name in NETBOOT]
+    if not vmlinuz.exists() or not all(p.exists() for p in netboot):
+        return None
+    if min(p.stat().st_mtime for p in [disk, plain, *netboot]) < newest_source_mtime():
         return None
     return Images(disk=disk, plain=plain, vmlinuz=vmlinuz, built_in=0.0)
 
@@ -64,4 +72,7 @@ def ensure_built(log: Path) -> Images:
     if images is None:
         raise RuntimeError(f"image/build.sh succeeded but left no complete build in {OUT}; log {log}")
     images.built_in = time.monotonic() - start
+    # build.sh's summary: "Cortex image V built in N s (disk N s, netboot N s, plain N s, ...)"
+    netboot = re.search(r"netboot (\d+) s", done.stdout + done.stderr)
+    images.netboot_built_in = float(netboot.group(1)) if netboot else 0.0
     return images

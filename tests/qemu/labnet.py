@@ -19,6 +19,7 @@ class LabNetwork:
     def __init__(self, name: str | None = None):
         self.name = name or f"cxvm-{os.getpid()}"
         self.taps: list[str] = []
+        self.peers: list[str] = []
         self.up = False
 
     def create(self) -> LabNetwork:
@@ -44,8 +45,32 @@ class LabNetwork:
         self.taps.append(tap)
         return tap
 
+    def add_peer(self, suffix: str, address: str) -> str:
+        """Another host on the lab's LAN: its own namespace, plugged into the bridge with a veth pair, at
+        `address` (/24). Returns the namespace's name. E.g. a home router with its own DHCP server."""
+        name = f"{self.name}-{suffix}"
+        run(["ip", "netns", "add", name])
+        self.peers.append(name)
+        ip = ["ip", "-n", self.name]
+        veth = f"veth{len(self.peers) - 1}"
+        run([*ip, "link", "add", veth, "type", "veth", "peer", "name", "lan0", "netns", name])
+        run([*ip, "link", "set", veth, "master", "br0"])
+        run([*ip, "link", "set", veth, "up"])
+        for cmd in (["link", "set", "lo", "up"], ["addr", "add", f"{address}/24", "dev", "lan0"],
+                    ["link", "set", "lan0", "up"]):
+            run(["ip", "-n", name, *cmd])
+        return name
+
+    def remove_peer(self, name: str) -> None:
+        """Unplug a peer (its processes must be gone first): the veth pair goes with its namespace."""
+        if name in self.peers:
+            run(["ip", "netns", "del", name], check=False)
+            self.peers.remove(name)
+
     def destroy(self) -> None:
         """Deleting the namespace removes the bridge and the taps with it (QEMU must be gone first)."""
+        for peer in list(self.peers):
+            self.remove_peer(peer)
         if self.up:
             run(["ip", "netns", "del", self.name], check=False)
             self.up = False

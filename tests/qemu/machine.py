@@ -43,6 +43,7 @@ class MachineConfig:
     kernel: Path | None = None          # direct kernel boot instead of OVMF + systemd-boot
     initrd: Path | None = None
     append: str = ""                    # kernel command line for direct kernel boot
+    pxe: bool = False                   # no disk: SeaBIOS runs the NIC's iPXE ROM, which boots from the network
     smp: int = 2
     memory_mb: int = 2048
 
@@ -93,15 +94,18 @@ class Machine:
 
     def _qemu_argv(self, overlay: Path, qmp_socket: Path) -> list[str]:
         c = self.config
-        argv = ["qemu-system-x86_64", "-name", c.name, "-accel", "tcg", "-machine", "q35", "-cpu", "max",
+        # graphics=off: SeaBIOS (PXE boots) puts its screen, and with it iPXE's, on the serial console
+        machine = "q35,graphics=off" if c.pxe else "q35"
+        argv = ["qemu-system-x86_64", "-name", c.name, "-accel", "tcg", "-machine", machine, "-cpu", "max",
                 "-smp", str(c.smp), "-m", str(c.memory_mb), "-nodefaults", "-display", "none",
                 "-monitor", "none", "-serial", f"file:{self.serial_log}",
                 "-qmp", f"unix:{qmp_socket},server=on,wait=off",
                 # S3 is off by default on q35; suspend() needs it.
                 "-global", "ICH9-LPC.disable_s3=0",
                 "-netdev", f"tap,id=net0,ifname={self.tap},script=no,downscript=no",
-                # romfile=: no iPXE option ROM, these VMs never boot from the network
-                "-device", f"virtio-net-pci,id=nic0,netdev=net0,mac={self.mac},romfile=",
+                # romfile=: no iPXE option ROM for VMs that never boot from the network
+                "-device", f"virtio-net-pci,id=nic0,netdev=net0,mac={self.mac},"
+                           + ("bootindex=1" if c.pxe else "romfile="),
                 "-device", "virtio-rng-pci"]
         if c.disk:
             argv += ["-drive", f"file={overlay},if=none,id=disk0,format=qcow2,cache=unsafe",
@@ -110,7 +114,7 @@ class Machine:
             argv += ["-kernel", str(c.kernel), "-append", c.append]
             if c.initrd:
                 argv += ["-initrd", str(c.initrd)]
-        else:
+        elif not c.pxe:  # PXE: QEMU's default firmware, SeaBIOS, which runs the NIC's iPXE ROM
             variables = self.dir / "efivars.fd"
             if not variables.exists():
                 variables.write_bytes(OVMF_VARS.read_bytes())
@@ -255,6 +259,19 @@ class Machine:
             if time.monotonic() > deadline:
                 raise self.error(f"unit {unit} is {state!r}, not active within {timeout:.0f} s")
             time.sleep(1)
+
+    def wait_until(self, check, timeout: float, what: str, interval: float = 0.5):
+        """Poll `check()` until it returns something truthy (returned); fail at once when the boot is lost
+        (console, QEMU gone), else naming `what` after `timeout`. For what the host sees, not the console."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = check()
+            if result:
+                return result
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise self.error(f"not within {timeout:.0f} s: {what}")
+            time.sleep(interval)
 
     def _check_alive(self) -> None:
         fatal = self.console.fatal(self.boot_mark)
