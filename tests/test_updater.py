@@ -54,7 +54,7 @@ class Supervisor:
             for node in self.cluster.nodes:
                 if node.id not in self.paused and node.pid and not devcluster.alive(node.pid):
                     self.restarts.append((time.monotonic(), node.id))
-                    devcluster.start_node(node)
+                    self.cluster.start(node.id)  # saves the new pid, so devcluster.down stops this process
 
     def stop(self) -> None:
         self._stop.set()
@@ -121,6 +121,9 @@ def cluster(releases, tmp_path_factory):
     finally:
         supervisor.stop()
         devcluster.down(directory)
+        for node in c.nodes:  # a restart the saved file missed must not outlive the tests
+            if devcluster.alive(node.pid):
+                devcluster.stop_node(node)
 
 
 def cli(c, node_id: str, *argv: str) -> tuple[int, dict | str]:
