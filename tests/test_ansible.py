@@ -308,8 +308,9 @@ def lab(tmp_path_factory):
                     "cortex_node_wheel": str(old_wheel),
                     # the dev cluster's own timings, spelled out: renders the nested section the agent validates
                     "cortex_node_raft": {"election_timeout_min": 0.5, "election_timeout_max": 1.0}},
-            # ... the worker a pinned version from a package directory; its token admits workers only
-            "cw1": {"ansible_port": base + 1, "cortex_node_grpc_port": base + 4, "cortex_node_version": version,
+            # ... the worker a pinned version from a package directory; its token admits workers only (its gRPC port
+            # skips base + 4: the server's enrollment port, gRPC + 2 — the containers share the host's network)
+            "cw1": {"ansible_port": base + 1, "cortex_node_grpc_port": base + 5, "cortex_node_version": version,
                     "vault_cortex_join_token": "{{ vault_worker_join_token }}",
                     "cortex_node_plugins": {"tailscale": {"enabled": False}}},
         }
@@ -369,7 +370,7 @@ def test_role_lifecycle(lab):
     assert nodes["cs1"]["role"] == "server" and nodes["cs1"]["liveness"] == "alive", nodes
     assert nodes["cs1"]["raft_address"] == f"127.0.0.1:{lab['base'] + 3}", nodes
     assert nodes["cw1"]["role"] == "worker" and nodes["cw1"]["liveness"] == "alive", nodes
-    assert nodes["cw1"]["grpc_address"] == f"127.0.0.1:{lab['base'] + 4}", nodes
+    assert nodes["cw1"]["grpc_address"] == f"127.0.0.1:{lab['base'] + 5}", nodes
 
     for name, host in hosts.items():
         service = host.service(SERVICE)
