@@ -211,7 +211,7 @@ def test_a_tagged_peer_is_approved_by_its_tailscale_identity(make_cluster, tmp_p
             config = write_config(tmp_path / node_id, node_id, port, role="worker")
             config.write_text(config.read_text().replace("127.0.0.1", host))
             procs.append(start_agent(config))
-            wait_status(f"{host}:{port}", lambda s: s.state == "uninitialized")
+            wait_status(f"{host}:{port}", lambda s: s.state == "uninitialized", timeout=60)  # all plugins start first
             asked = time.monotonic()
             cortex("join", n1.grpc_address, "--socket", str(config.parent / "data" / "admin.sock"))
             joined[node_id] = (f"{host}:{port}", asked)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.qemu import images, timings
+from tests.qemu import images, probes, timings
 from tests.qemu.labnet import SUBNET, LabNetwork
 from tests.qemu.machine import Machine, MachineConfig
 from tests.qemu.sshchannel import make_key
@@ -150,6 +150,13 @@ def node1(lab) -> Machine:
     _, login = vm.wait_for_console(r"login:", timeout=BOOT_TIMEOUT)
     timings.record("boot", "node1 (alone): power-on -> login prompt", login)
     boot_to_ready(vm, "boot", "node1 (alone): power-on -> agent ready (init)")
+    # the host-side probes present the admin certificate node1 issued for its local CLI (mutual TLS)
+    tls_dir = lab.workdir / "tls"
+    tls_dir.mkdir(exist_ok=True)
+    for name in ("ca.crt", "admin.crt", "admin.key"):
+        (tls_dir / name).write_text(vm.succeed(f"cat /var/lib/cortex/tls/{name}"))
+    (tls_dir / "admin.key").chmod(0o600)
+    probes.use_credentials(tls_dir)
     return vm
 
 

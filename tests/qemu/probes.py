@@ -18,10 +18,18 @@ from pathlib import Path
 from tests.qemu.hostcmd import in_netns, run
 
 SCRIPT = Path(__file__).with_name("netns_client.py")
+# Members speak mutual TLS: the probes present an admin certificate of the cluster under test
+# (use_credentials: a directory with ca.crt, admin.crt and admin.key, read by cortex.client via $CORTEX_TLS_DIR).
+_credentials: dict[str, Path] = {}
+
+
+def use_credentials(directory: Path) -> None:
+    _credentials["dir"] = directory
 
 
 def _argv(netns: str, *args: str) -> list[str]:
-    return in_netns(netns, [sys.executable, str(SCRIPT), *args])
+    env = [f"CORTEX_TLS_DIR={_credentials['dir']}"] if _credentials else []
+    return in_netns(netns, ["env", *env, sys.executable, str(SCRIPT), *args])
 
 
 class Stream:

@@ -128,6 +128,7 @@ plugins:
     reconcile_interval: 1
 """)
     SERVER_TLS["dir"] = str(directory / "data" / "tls")
+    probes.use_credentials(directory / "data" / "tls")
     services.spawn(lab.netns, "agent", [sys.executable, "-m", "cortex", "agent", "--config", str(config)])
 
     def leader() -> bool:
