@@ -56,6 +56,7 @@ def test_a_full_data_disk_loses_nothing_acknowledged(tmp_path: Path):
         filler.unlink()
         if not devcluster.alive(node.pid):  # it stopped rather than run on without its disk: start it again
             devcluster.start_node(node)
+            dc.save()  # the new pid, so devcluster.down stops this process too
         deadline = time.monotonic() + 90
         while True:
             try:
