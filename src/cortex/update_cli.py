@@ -126,6 +126,7 @@ def cmd_rollout(args, emit, table) -> int:
 
 
 def _follow(args, emit, rollout_id: str) -> int:
+    from cortex.cli import UsageError
     from cortex.client import CortexError
 
     seen: dict[str, str] = {}
@@ -134,13 +135,17 @@ def _follow(args, emit, rollout_id: str) -> int:
         try:
             doc = _tool(args, "update_status", {})["rollout"]
             unreachable_since = 0.0
-        except CortexError as exc:
-            # the node we talk to may be the one rebooting right now: wait for it (a boot takes minutes)
+        except (CortexError, UsageError) as exc:
+            # the node we talk to may be the one rebooting right now: wait for it (a boot takes minutes); just
+            # after its start its plugins are not registered yet ("unknown tool"): wait for that too
+            if isinstance(exc, UsageError) and "unknown tool" not in str(exc):
+                raise
             unreachable_since = unreachable_since or time.monotonic()
             if time.monotonic() - unreachable_since > 900:
                 raise
             if not args.json:
-                print(f"{time.strftime('%H:%M:%S')} (agent not answering: {exc.code.name}; waiting)", flush=True)
+                why = exc.code.name if isinstance(exc, CortexError) else "plugins starting"
+                print(f"{time.strftime('%H:%M:%S')} (agent not answering: {why}; waiting)", flush=True)
             time.sleep(2)
             continue
         for s in doc["steps"]:
