@@ -244,6 +244,9 @@ class Agent:
         self._wake.set()
         notify.sd_notify("STOPPING=1")
         log.info("agent stopping")
+        # this node's certificate must not outlive the agent as the default of its process (an agent run
+        # inside a test process would make every later client there present it)
+        set_process_credentials(None)
         self.plugins.stop()
         if self._grpc:
             self._grpc.stop(grace=2).wait()
