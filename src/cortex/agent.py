@@ -244,9 +244,6 @@ class Agent:
         self._wake.set()
         notify.sd_notify("STOPPING=1")
         log.info("agent stopping")
-        # this node's certificate must not outlive the agent as the default of its process (an agent run
-        # inside a test process would make every later client there present it)
-        set_process_credentials(None)
         self.plugins.stop()
         if self._grpc:
             self._grpc.stop(grace=2).wait()
@@ -256,6 +253,10 @@ class Agent:
             self._admin.stop(grace=1).wait()
         self._stop_member()
         self.peers.close()
+        # last (plugins may still call other nodes while stopping, e.g. an ephemeral node leaving): this node's
+        # certificate must not outlive the agent as its process's default (an agent run inside a test process
+        # would make every later client there present it)
+        set_process_credentials(None)
 
     def wait(self) -> None:
         self._stop.wait()
