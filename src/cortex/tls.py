@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from cortex import durable
+
 TLS_DIR = "tls"
 SERVER_NAME = "cortex"  # the DNS SAN every certificate carries and every client verifies
 ENROLL_NAME = "cortex-enroll"
@@ -220,13 +222,7 @@ def tls_dir(data_dir: Path) -> Path:
 def write_file(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Atomically replace `path`: a reader (the credentials fetcher) sees the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable.write_atomic(path, data, mode)
 
 
 def read(directory: Path, name: str) -> bytes | None:
