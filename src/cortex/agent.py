@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cortex import __version__, authz, identity, notify, sleepwatch, tls
+from cortex import __version__, authz, durable, enroll, identity, notify, sleepwatch, tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
@@ -214,6 +214,7 @@ class Agent:
         self._last_leader = ""
         self._server_addresses: list[str] = list(self.identity.server_grpc_addresses) if self.identity else []
         self.waiting_for = ""
+        self.enroll_pin = ""  # the CA pin of the last enrollment port this node talked to (shown to operators)
         self._grpc: grpc.Server | None = None
         self._enroll: grpc.Server | None = None
         self._admin: grpc.Server | None = None
@@ -380,7 +381,7 @@ class Agent:
                     time.sleep(0.2)
                     continue
             try:
-                self.join_cluster(join.address, token)
+                self.join_cluster(join.address, token, insecure_skip_ca_pin=join.insecure_skip_ca_pin)
                 return
             except AgentError as exc:
                 self.waiting_for = f"joining {join.address}: {exc}"
@@ -549,7 +550,7 @@ class Agent:
             self._restart_network()
             if not wait_until(self.raft.is_leader, 15):
                 raise AgentError(grpc.StatusCode.UNAVAILABLE, "the new cluster did not elect this node in 15 s")
-            token = identity.new_join_token()
+            token = identity.new_join_token(tls.ca_pin(self.certs.ca()[0]))
             for command_type, args in (
                 ("cluster.init", {"cluster_id": cluster_id}),
                 ("node.register", {"node_id": self.config.node_id, "role": "server",
@@ -562,28 +563,30 @@ class Agent:
             self._update_health()
             return cluster_id, token
 
-    def join_cluster(self, address: str, token: str, timeout: float = 60.0) -> str:
+    def join_cluster(self, address: str, token: str, timeout: float = 60.0, insecure_skip_ca_pin: bool = False) -> str:
         """Join the cluster that the member at `address` belongs to; returns once this node is registered.
 
         Without a token the join is a request an operator approves: this returns "" at once while it is
         pending, and a poller keeps asking until the request is approved or rejected.
         """
-        cluster_id = self._join_once(address, token, timeout)
+        cluster_id = self._join_once(address, token, timeout, insecure_skip_ca_pin)
         if not cluster_id:
             self._start_approval_poller(address)
         return cluster_id
 
-    def _join_once(self, address: str, token: str, timeout: float) -> str:
+    def _join_once(self, address: str, token: str, timeout: float, insecure_skip_ca_pin: bool = False) -> str:
         with self._lock:
             if self.identity is not None:
                 raise AgentError(grpc.StatusCode.ALREADY_EXISTS,
                                  f"this node already belongs to cluster {self.identity.cluster_id}")
             secret = "" if token else self._request_secret(address)
             key = tls.new_key_pem()
-            response = self._call_join(address, token, secret, csr=tls.new_csr(key, self.config.node_id))
+            response = self._call_join(address, token, secret, csr=tls.new_csr(key, self.config.node_id),
+                                       insecure_skip_ca_pin=insecure_skip_ca_pin)
             if response.admission == "pending":
                 self.waiting_for = (f"approval of this node's join request to {address}: on a member run "
-                                    f"`cortex nodes approve {self.config.node_id}`")
+                                    f"`cortex nodes approve {self.config.node_id}` once `cortex secrets ca` there "
+                                    f"shows the CA pin this node saw: {self.enroll_pin}")
                 return ""
             if response.admission == "rejected":
                 (self.data_dir / JOIN_REQUEST_FILE).unlink(missing_ok=True)
@@ -623,6 +626,11 @@ class Agent:
         except (OSError, ValueError):
             return None
 
+    def _record_request_pin(self, pin: str) -> None:
+        pending = self._pending_request() or {}
+        path = self.data_dir / JOIN_REQUEST_FILE
+        durable.write_atomic(path, json.dumps({**pending, "ca_pin": pin}).encode(), 0o600)
+
     def _request_secret(self, address: str) -> str:
         """This node's join-request secret, kept on disk so a restart keeps its place in the queue."""
         pending = self._pending_request()
@@ -655,22 +663,27 @@ class Agent:
                     return
                 log.info("join request not answered yet", extra=fields(address=address, error=str(exc)))
 
-    def _call_join(self, address: str, token: str, secret: str = "", csr: bytes = b"") -> pb.JoinResponse:
-        """Join goes to the server's enrollment port (TLS; this node has no certificate yet)."""
+    def _call_join(self, address: str, token: str, secret: str = "", csr: bytes = b"",
+                   insecure_skip_ca_pin: bool = False) -> pb.JoinResponse:
+        """Join goes to the server's enrollment port (TLS; this node has no certificate yet), verified against
+        the CA its token pins (enroll.py) before the token is sent."""
         request = pb.JoinRequest(node_id=self.config.node_id, role=self.config.role,
                                  grpc_address=self.config.grpc_address,
                                  raft_address=self.config.raft_address if self.config.role == "server" else "",
                                  token=token, request_secret=secret, csr_pem=csr)
+        # After the first step of a join the node has the CA; an approval join pins what it saw first.
+        known = tls.ca_pin(self.certs.ca()[0]) if self.identity is not None and self.certs.ready() else \
+            (self._pending_request() or {}).get("ca_pin", "") if secret else ""
         try:
-            channel = authz.enroll_channel(address, channel_options(self.config.max_message_bytes))
-        except ConnectionError as exc:
-            raise AgentError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-        try:
-            return pb_grpc.ClusterStub(channel).Join(request, timeout=FORWARD_TIMEOUT * 2)
-        except grpc.RpcError as exc:
-            raise AgentError(exc.code(), f"{address} refused the join: {exc.details()}") from None
-        finally:
-            channel.close()
+            pin = enroll.pin_for(token, known, insecure_skip_ca_pin)
+            response, self.enroll_pin = enroll.call_join(address, request, pin,
+                                                         channel_options(self.config.max_message_bytes),
+                                                         FORWARD_TIMEOUT * 2)
+        except enroll.EnrollError as exc:
+            raise AgentError(exc.code, str(exc)) from None
+        if secret and not known and self._pending_request() is not None:
+            self._record_request_pin(self.enroll_pin)
+        return response
 
     def _finish_join(self, timeout: float) -> None:
         """Second step of a server's join: ask again (Raft now running) until the cluster registers us."""
@@ -877,7 +890,7 @@ class Agent:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "ttl and uses must not be negative")
         if not self._is_leader():
             return self._forward("CreateToken", request)
-        token = identity.new_join_token()
+        token = identity.new_join_token(tls.ca_pin(self.certs.ca()[0]))
         expires_at = time.time() + request.ttl_seconds if request.ttl_seconds else None
         token_hash = identity.token_hash(token)
         self.propose("token.add", {"token_hash": token_hash, "role": request.role, "expires_at": expires_at,
@@ -1291,8 +1304,10 @@ class AdminService(pb_grpc.AdminServicer):
 
     @_servicer
     def JoinCluster(self, request, context):
-        cluster_id = self.agent.join_cluster(request.address, request.token)
-        return pb.JoinClusterResponse(cluster_id=cluster_id, admission="" if cluster_id else "pending")
+        cluster_id = self.agent.join_cluster(request.address, request.token,
+                                             insecure_skip_ca_pin=request.insecure_skip_ca_pin)
+        return pb.JoinClusterResponse(cluster_id=cluster_id, admission="" if cluster_id else "pending",
+                                      ca_pin=self.agent.enroll_pin)
 
     @_servicer
     def LeaveCluster(self, request, context):

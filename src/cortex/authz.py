@@ -6,7 +6,9 @@ PERMISSION_DENIED that says which roles may. Plugin tools check their own roles 
 certificate maps to (plugin_service.network_caller).
 
 The enrollment port (grpc port + 2, servers only) serves Join alone with server-side TLS: a node that has
-no certificate yet sends its token and CSR there and gets its certificate back.
+no certificate yet sends its token and CSR there and gets its certificate back. That port presents a
+certificate of the cluster CA with the CA in its chain; the joiner compares the CA with the pin its token
+carries and verifies the server against it before the token leaves the node (`open_enrollment`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -205,31 +209,140 @@ class ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(initial, self.fetch, require_client_authentication=True)
 
 
+class EnrollCredentials:
+    """The enrollment port's TLS: a certificate signed by the cluster CA (enroll.crt), served with the CA
+    bundle as its chain so a joiner can read the CA, check it against the pin in its token, and only then
+    trust it. Follows ca.crt: after a CA rotation the next handshake presents a certificate of the new CA."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._stamp: tuple = ()
+        self._lock = threading.Lock()
+
+    def _files_stamp(self) -> tuple:
+        out = []
+        for name in ("ca.crt", "ca.key"):
+            try:
+                st = os.stat(self.directory / name)
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def _config(self):
+        ca_bundle, ca_key = tls.read(self.directory, "ca.crt"), tls.read(self.directory, "ca.key")
+        if not (ca_bundle and ca_key):
+            raise tls.TLSError(f"{self.directory}: ca.crt and ca.key are needed to serve the enrollment port")
+        signing_ca = tls.split_pems(ca_bundle)[0]
+        if not tls.key_matches(signing_ca, ca_key):
+            return None  # caught between writing the CA key and certificate: keep serving the current pair
+        cert, key = tls.read(self.directory, "enroll.crt"), tls.read(self.directory, "enroll.key")
+        if not (cert and key and tls.key_matches(cert, key) and tls.issued_by(cert, signing_ca)
+                and not tls.needs_renewal(cert)):
+            cert, key = tls.issue_enrollment(signing_ca, ca_key)
+            tls.write_file(self.directory / "enroll.key", key)
+            tls.write_file(self.directory / "enroll.crt", cert, 0o644)
+        return grpc.ssl_server_certificate_configuration([(key, cert + ca_bundle)])
+
+    def fetch(self):
+        stamp = self._files_stamp()
+        with self._lock:
+            if stamp == self._stamp:
+                return None
+            try:
+                config = self._config()
+            except (tls.TLSError, ValueError, IndexError) as exc:
+                log.warning("cannot load the enrollment certificate; serving the previous one",
+                            extra=fields(error=str(exc)))
+                return None
+            if config is not None:
+                self._stamp = stamp
+            return config
+
+    def credentials(self) -> grpc.ServerCredentials:
+        initial = self._config()
+        if initial is None:
+            raise tls.TLSError(f"{self.directory}: ca.key does not match ca.crt")
+        self._stamp = self._files_stamp()
+        return grpc.dynamic_ssl_server_credentials(initial, self.fetch, require_client_authentication=False)
+
+
 def enroll_server_credentials(directory: Path) -> grpc.ServerCredentials:
-    cert, key = tls.read(directory, "enroll.crt"), tls.read(directory, "enroll.key")
-    if not (cert and key):
-        cert, key = tls.self_signed()
-        tls.write_file(Path(directory) / "enroll.key", key)
-        tls.write_file(Path(directory) / "enroll.crt", cert, 0o644)
-    return grpc.ssl_server_credentials([(key, cert)], require_client_auth=False)
+    return EnrollCredentials(directory).credentials()
 
 
-def enroll_channel(address: str, options: list, timeout: float = 5.0) -> grpc.Channel:
-    """A TLS channel to a server's enrollment port. The joiner has no CA yet: it trusts the certificate the
-    port presents (encrypted, not authenticated against the CA: the join token is what authorizes)."""
+class PinMismatch(Exception):
+    """The enrollment port presented no CA with the pinned hash: another cluster, or a man in the middle."""
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    channel: grpc.Channel
+    ca_pem: bytes  # the CA the channel trusts (the pinned one, or the one presented when nothing was pinned)
+    pin: str  # its tls.ca_pin
+
+
+def _presented_chain(host: str, port: int, timeout: float) -> list[bytes]:
+    """The certificates the enrollment port presents, unverified: only to find the CA the pin names (the
+    gRPC channel that carries the token then verifies the server against that CA alone)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, port), timeout=timeout) as raw, ctx.wrap_socket(raw) as conn:
+        # public in Python 3.13 (SSLSocket.get_unverified_chain); the same method on the C object before
+        chain = conn.get_unverified_chain() if hasattr(conn, "get_unverified_chain") else \
+            conn._sslobj.get_unverified_chain()
+        return [c.public_bytes(ssl._ssl.ENCODING_PEM).encode() for c in chain or []]
+
+
+def choose_ca(chain: list[bytes], pin: str, where: str) -> bytes:
+    """The CA of `chain` to trust: the one whose key hashes to `pin`; without a pin (trust on first use) the
+    CAs presented (an old server's self-signed certificate is its own CA). Raises PinMismatch."""
+    leaf, rest = (chain[0], chain[1:]) if chain else (b"", [])
+    cas = [c for c in rest if tls.is_ca(c)] or ([leaf] if leaf and tls.is_ca(leaf) else [])
+    if not pin:
+        if not cas:
+            raise PinMismatch(f"{where} presents no CA certificate; is it a cortex server's enrollment port?")
+        return b"".join(cas)
+    for ca in cas:
+        if tls.ca_pin(ca) == pin:
+            if not tls.issued_by(leaf, ca):
+                raise PinMismatch(f"{where}: its certificate is not signed by the pinned CA {pin[:16]}…; "
+                                  "refusing to send the join token")
+            return ca
+    seen = ", ".join(tls.ca_pin(c)[:16] + "…" for c in cas) or "none"
+    raise PinMismatch(f"{where} presents CA {seen}, but the join token pins CA {pin[:16]}…: this is not a server "
+                      "of the cluster that made the token (or something in between intercepts the connection); "
+                      "the token was NOT sent. Check the address, or make a new token on a member "
+                      "(`cortex token create`: it ends in the CA's pin; `cortex secrets ca` shows it)")
+
+
+def open_enrollment(address: str, options: list, timeout: float = 5.0, pin: str = "") -> Enrollment:
+    """A TLS channel to a server's enrollment port that trusts the cluster CA named by `pin` only. Nothing
+    is sent before the server is checked: the CA is read from the handshake, compared with the pin, and the
+    channel then verifies the server's certificate against that CA (a MITM cannot present one). Without a
+    pin (an operator-approved join) the presented CA is trusted and returned, so its pin can be shown."""
     host, _, port = enroll_address(address).rpartition(":")
     host = host.strip("[]")
     deadline = time.monotonic() + timeout
     while True:
         try:
-            pem = ssl.get_server_certificate((host, int(port)), timeout=2).encode()
+            chain = _presented_chain(host, int(port), 2.0)
             break
         except (OSError, ssl.SSLError) as exc:
             if time.monotonic() > deadline:
                 raise ConnectionError(f"no enrollment port at {host}:{port} ({exc}); give the gRPC address of a "
                                       "server (the enrollment port is its gRPC port + 2)") from None
             time.sleep(0.2)
-    creds = grpc.ssl_channel_credentials(root_certificates=pem)
-    return grpc.secure_channel(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", creds,
-                               options=options + [("grpc.ssl_target_name_override", tls.ENROLL_NAME)])
+    ca = choose_ca(chain, pin, f"{host}:{port}")
+    creds = grpc.ssl_channel_credentials(root_certificates=ca)
+    target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    channel = grpc.secure_channel(target, creds, options=options + [("grpc.ssl_target_name_override",
+                                                                     tls.ENROLL_NAME)])
+    return Enrollment(channel=channel, ca_pem=ca, pin=tls.ca_pin(tls.split_pems(ca)[0]))
 
+
+def enroll_channel(address: str, options: list, timeout: float = 5.0, pin: str = "") -> grpc.Channel:
+    """open_enrollment's channel (tests probing the port; joins use open_enrollment)."""
+    return open_enrollment(address, options, timeout, pin).channel

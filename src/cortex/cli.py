@@ -87,10 +87,12 @@ def cmd_init(args) -> int:
 
 def cmd_join(args) -> int:
     token = args.token or (Path(args.token_file).read_text().strip() if args.token_file else "")
-    response = _admin(args).join(args.address, token)
+    response = _admin(args).join(args.address, token, args.insecure_skip_ca_pin)
     if response.admission == "pending":
-        emit(args, {"cluster_id": "", "admission": "pending"},
+        emit(args, {"cluster_id": "", "admission": "pending", "ca_pin": response.ca_pin},
              "join requested without a token: waiting for an operator's approval\n"
+             f"this node trusts the cluster CA it was shown, pin {response.ca_pin}: the operator checks it\n"
+             "against `cortex secrets ca` on a member before approving\n"
              "on a member: cortex nodes pending   then: cortex nodes approve NODE_ID  (or reject)\n"
              "this node keeps asking and joins by itself once approved; `cortex status` shows progress")
         return 0
@@ -266,11 +268,15 @@ def cmd_token_create(args) -> int:
         raise UsageError("--ttl and --uses must not be negative")
     with _client(args) as c:
         response = c.create_token(args.role, ttl, args.uses)
+    from cortex.identity import split_token
+
     doc = {"token": response.token, "id": response.token_id, "role": args.role,
-           "expires_at": response.expires_at or None, "uses": args.uses or None}
+           "expires_at": response.expires_at or None, "uses": args.uses or None,
+           "ca_pin": split_token(response.token)[1]}
     emit(args, doc, f"{response.token}\n  id {response.token_id}, joins as {args.role} or less, "
                     f"expires {_when(response.expires_at)}, uses {args.uses or 'unlimited'}\n"
-                    "  shown once: the cluster stores only its hash")
+                    "  shown once: the cluster stores only its hash; it ends in the cluster CA's pin, which the "
+                    "joining node checks before sending it")
     return 0
 
 
@@ -362,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("address", help="gRPC address of any member")
     sp.add_argument("--token", default="", help="a join token (without one, an operator must approve the node)")
     sp.add_argument("--token-file", default="")
+    sp.add_argument("--insecure-skip-ca-pin", action="store_true",
+                    help="accept a token without a CA pin (the server is then not checked before the token is sent)")
     add("leave", cmd_leave, "remove the local agent from its cluster")
     add("status", cmd_status, "cluster status: leader, term, indexes, nodes")
     nodes_parser = add("nodes", cmd_nodes, "list nodes with role, liveness and replication lag")

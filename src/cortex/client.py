@@ -277,8 +277,9 @@ class AdminClient:
     def init(self) -> pb.InitResponse:
         return self._call(self.stub.Init, pb.InitRequest())
 
-    def join(self, address: str, token: str) -> pb.JoinClusterResponse:
-        return self._call(self.stub.JoinCluster, pb.JoinClusterRequest(address=address, token=token))
+    def join(self, address: str, token: str, insecure_skip_ca_pin: bool = False) -> pb.JoinClusterResponse:
+        return self._call(self.stub.JoinCluster, pb.JoinClusterRequest(address=address, token=token,
+                                                                       insecure_skip_ca_pin=insecure_skip_ca_pin))
 
     def leave(self) -> pb.LeaveClusterResponse:
         return self._call(self.stub.LeaveCluster, pb.LeaveClusterRequest())

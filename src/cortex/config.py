@@ -51,6 +51,7 @@ class JoinConfig:
     address: str
     token: str = ""
     token_file: str = ""
+    insecure_skip_ca_pin: bool = False  # accept a token without a CA pin (logged; see enroll.py)
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,8 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
         init = reader.scalar(boot["init"], "bootstrap.init", bool) if "init" in boot else False
         join = None
         if "join" in boot:
-            fields = reader.mapping(boot["join"], "bootstrap.join", {"address": "", "token": "", "token_file": ""})
+            fields = reader.mapping(boot["join"], "bootstrap.join", {"address": "", "token": "", "token_file": "",
+                                                                     "insecure_skip_ca_pin": ""})
             if "address" not in fields:
                 raise reader.fail(boot["join"], "bootstrap.join.address", "required")
             address = _check_address(
@@ -328,7 +330,9 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
             if "token_file" in fields:
                 token_file = str(base_dir / reader.scalar(fields["token_file"], "bootstrap.join.token_file", str))
             # neither token nor token_file: the join is a request that an operator approves
-            join = JoinConfig(address=address, token=token, token_file=token_file)
+            skip_pin = reader.scalar(fields["insecure_skip_ca_pin"], "bootstrap.join.insecure_skip_ca_pin", bool) \
+                if "insecure_skip_ca_pin" in fields else False
+            join = JoinConfig(address=address, token=token, token_file=token_file, insecure_skip_ca_pin=skip_pin)
         if init and join:
             raise reader.fail(top["bootstrap"], "bootstrap", "init and join exclude each other")
         if wait_reason and (init or join):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from cortex.durable import write_atomic
 
 FILE_NAME = "cluster.json"
 TOKEN_PREFIX = "cx1"
+PIN_RE = re.compile(r"[0-9a-f]{64}")  # SHA-256 hex of the cluster CA's public key (tls.ca_pin)
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,23 @@ def new_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
-def new_join_token() -> str:
-    return f"{TOKEN_PREFIX}.{secrets.token_urlsafe(24)}"
+def new_join_token(ca_pin: str = "") -> str:
+    """`cx1.<secret>.<ca pin>`: the pin (tls.ca_pin) lets the joiner check the server before it sends the
+    secret. The pin is no secret; only `cx1.<secret>` is sent, and only its hash is stored."""
+    secret = f"{TOKEN_PREFIX}.{secrets.token_urlsafe(24)}"
+    return f"{secret}.{ca_pin}" if ca_pin else secret
+
+
+def split_token(token: str) -> tuple[str, str]:
+    """(the secret part `cx1.<secret>`, the CA pin or "") of a token as `cortex token create` prints it.
+    A token of before pins (`cx1.<secret>`) has no pin: joining with it needs --insecure-skip-ca-pin."""
+    token = token.strip()
+    head, dot, tail = token.rpartition(".")
+    if dot and head.count(".") >= 1 and PIN_RE.fullmatch(tail):
+        return head, tail
+    return token, ""
 
 
 def token_hash(token: str) -> str:
-    """Tokens are stored only as hashes."""
-    return hashlib.sha256(token.strip().encode()).hexdigest()
+    """Tokens are stored only as hashes (of the secret part: the pin is public and not part of it)."""
+    return hashlib.sha256(split_token(token)[0].encode()).hexdigest()

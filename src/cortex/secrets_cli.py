@@ -41,3 +41,26 @@ def register(sub, add, emit, client_of) -> None:
         return 0
 
     add("rotate", cmd_rotate, "every node replaces its certificate now", secrets)
+
+    def cmd_ca(args) -> int:
+        with client_of(args) as c:
+            c.status()  # the handshake verified the server against this CA: it is the cluster's
+            files = c.tls_files
+        if files is None:
+            raise SystemExit(f"{args.addr} is not served with TLS (not in a cluster yet): no CA to show")
+        doc = ca_info(files.ca)
+        emit(args, doc, "\n".join(f"{'signing' if i == 0 else 'trusted'} CA  pin {ca['pin']}  "
+                                  f"fingerprint {ca['fingerprint']}  until {ca['not_after']}"
+                                  for i, ca in enumerate(doc["cas"]))
+             + "\njoin tokens end in the signing CA's pin; a node joining for approval shows the pin it saw")
+        return 0
+
+    add("ca", cmd_ca, "show the cluster CA's pin (compare with what a joining node shows)", secrets)
+
+
+def ca_info(bundle: bytes) -> dict:
+    from cortex import tls
+
+    cas = [{"pin": tls.ca_pin(pem), "fingerprint": tls.fingerprint(pem), "not_after": str(tls.not_after(pem))}
+           for pem in tls.split_pems(bundle)]
+    return {"pin": cas[0]["pin"] if cas else "", "cas": cas}

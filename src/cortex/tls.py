@@ -12,7 +12,8 @@ nodes move between addresses, what matters is that the peer holds a certificate 
 
 Files in <data_dir>/tls/: ca.crt, ca.key (servers), node.crt/node.key (the node's own identity, used for
 every call between nodes), admin.crt/admin.key (servers: an admin client certificate for the local `cortex`
-CLI), enroll.crt/enroll.key (self-signed; the enrollment listener where not-yet-certified nodes join).
+CLI), enroll.crt/enroll.key (signed by the CA, serverAuth only; the enrollment listener where
+not-yet-certified nodes join, checked against the CA pin in their token).
 Everything here is pure except the file helpers at the bottom.
 """
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -173,6 +175,65 @@ def self_signed(name: str = ENROLL_NAME, days: float = 365.0) -> tuple[bytes, by
                 ipaddress.ip_address("127.0.0.1"))]), critical=False)
             .sign(key, hashes.SHA256()))
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def issue_enrollment(ca_cert_pem: bytes, ca_key_pem: bytes, days: float = 365.0) -> tuple[bytes, bytes]:
+    """The enrollment listener's certificate, signed by the cluster CA: a joiner that pins the CA (the hash
+    in its token) can check the server before it sends its token. It names no cortex identity and is for
+    server authentication only, so it can never act as a member's client certificate."""
+    key_pem = new_key_pem()
+    key = _load_key(key_pem)
+    ca = x509.load_pem_x509_certificate(ca_cert_pem)
+    ca_key = _load_key(ca_key_pem)
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ENROLL_NAME)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(ENROLL_NAME)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def split_pems(bundle: bytes) -> list[bytes]:
+    """The certificates of a PEM bundle (ca.crt holds two while the CA is being rotated), each as PEM."""
+    try:
+        return [c.public_bytes(serialization.Encoding.PEM) for c in x509.load_pem_x509_certificates(bundle)]
+    except ValueError:
+        return []
+
+
+def ca_pin(cert_pem: bytes) -> str:
+    """SHA-256 (hex) of a CA certificate's DER SubjectPublicKeyInfo: the pin a join token carries, as
+    kubeadm's --discovery-token-ca-cert-hash. For a bundle: the first certificate (the signing CA)."""
+    spki = x509.load_pem_x509_certificate(cert_pem).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashes_sha256(spki)
+
+
+def hashes_sha256(data: bytes) -> str:
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    return digest.finalize().hex()
+
+
+def is_ca(cert_pem: bytes) -> bool:
+    try:
+        bc = x509.load_pem_x509_certificate(cert_pem).extensions.get_extension_for_class(x509.BasicConstraints)
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return bc.value.ca
+
+
+def issued_by(cert_pem: bytes, ca_pem: bytes) -> bool:
+    """Whether `ca_pem` signed `cert_pem` (signature and issuer name; validity is the TLS stack's job)."""
+    try:
+        x509.load_pem_x509_certificate(cert_pem).verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
 
 
 @functools.lru_cache(maxsize=1024)
