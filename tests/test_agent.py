@@ -139,7 +139,8 @@ def test_join_with_bad_token_is_refused_and_changes_nothing(make_cluster, tmp_pa
     with cluster.client("n1") as c:
         before = c.read("digest", membership, level="linearizable")["digest"]
     admin = AdminClient(str(config.parent / "data" / "admin.sock"))
-    for token in ("cx1.not-a-real-token", "x" * 5000):  # (no token at all asks for approval: see below)
+    pin = tls.ca_pin((Path(cluster.node("n1").dir) / "data" / "tls" / "ca.crt").read_bytes())
+    for token in (f"cx1.not-a-real-token.{pin}", f"cx1.{'x' * 5000}.{pin}"):  # (no token: approval, see below)
         with pytest.raises(CortexError) as info:
             admin.join(cluster.node("n1").grpc_address, token)
         assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
@@ -272,7 +273,8 @@ def test_join_without_token_waits_for_approval_and_reject_keeps_a_node_out(make_
 
     w1, w1_socket = agent_for("w1")
     asked = json.loads(cortex("join", addr, "--socket", str(w1_socket), "--json").stdout)
-    assert asked == {"cluster_id": "", "admission": "pending"}
+    ca_pin = tls.ca_pin((Path(cluster.node("n1").dir) / "data" / "tls" / "ca.crt").read_bytes())
+    assert asked == {"cluster_id": "", "admission": "pending", "ca_pin": ca_pin}  # for the operator to compare
     status = wait_status(w1, lambda s: "cortex nodes approve w1" in s.waiting_for)
     assert status.state == "uninitialized"  # pending: not a member, no cluster of its own
     with Client(w1) as c, pytest.raises(CortexError) as info:

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cortex import authz, cli, devcluster
+from cortex import authz, cli, devcluster, identity
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import Client, register_credentials
@@ -99,7 +99,9 @@ def service(shared_cluster, tmp_path_factory):
 
 def join(cluster, node_id: str, token: str, role: str = "worker") -> pb.JoinResponse:
     """A bare Join call, as a booting node's agent makes it (no heartbeats follow: it will go offline)."""
-    with authz.enroll_channel(cluster.node("n2").grpc_address, []) as channel:  # the enrollment port
+    pin = identity.split_token(token)[1]  # a boot's token carries the CA pin: the channel trusts that CA only
+    assert pin, "netboot tokens are pinned"
+    with authz.enroll_channel(cluster.node("n2").grpc_address, [], pin=pin) as channel:  # the enrollment port
         return pb_grpc.ClusterStub(channel).Join(pb.JoinRequest(
             node_id=node_id, role=role, grpc_address="127.0.0.1:9", token=token,
             raft_address="127.0.0.1:10" if role == "server" else ""), timeout=15)

@@ -162,6 +162,9 @@ class ServerCredentials:
     """mTLS server credentials that follow the files in <data_dir>/tls: a renewed certificate is served from
     the next handshake on, without a restart (grpc calls the fetcher at each new connection)."""
 
+    FILES = ("ca.crt", "node.crt", "node.key")
+    CLIENT_AUTH = True
+
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self._stamp: tuple = ()
@@ -169,7 +172,7 @@ class ServerCredentials:
 
     def _files_stamp(self) -> tuple:
         out = []
-        for name in ("ca.crt", "node.crt", "node.key"):
+        for name in self.FILES:
             try:
                 st = os.stat(self.directory / name)
                 out.append((st.st_mtime_ns, st.st_size, st.st_ino))
@@ -185,6 +188,10 @@ class ServerCredentials:
             return None  # caught between writing the key and the certificate: keep the current pair
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
+    def _loaded(self) -> None:
+        log.info("serving certificate loaded", extra=fields(
+            not_after=str(tls.not_after(tls.read(self.directory, "node.crt")))))
+
     def fetch(self):
         stamp = self._files_stamp()
         with self._lock:
@@ -192,42 +199,30 @@ class ServerCredentials:
                 return None
             try:
                 config = self._config()
-            except (tls.TLSError, ValueError) as exc:
+            except (tls.TLSError, ValueError, IndexError) as exc:
                 log.warning("cannot load the renewed certificate; serving the previous one", extra=fields(error=str(exc)))
                 return None
             if config is not None:
                 self._stamp = stamp
-                log.info("serving certificate loaded", extra=fields(
-                    not_after=str(tls.not_after(tls.read(self.directory, "node.crt")))))
+                self._loaded()
             return config
 
     def credentials(self) -> grpc.ServerCredentials:
         initial = self._config()
         if initial is None:
-            raise tls.TLSError(f"{self.directory}: node.key does not match node.crt")
+            raise tls.TLSError(f"{self.directory}: a key does not match its certificate")
         self._stamp = self._files_stamp()
-        return grpc.dynamic_ssl_server_credentials(initial, self.fetch, require_client_authentication=True)
+        return grpc.dynamic_ssl_server_credentials(initial, self.fetch,
+                                                   require_client_authentication=self.CLIENT_AUTH)
 
 
-class EnrollCredentials:
+class EnrollCredentials(ServerCredentials):
     """The enrollment port's TLS: a certificate signed by the cluster CA (enroll.crt), served with the CA
     bundle as its chain so a joiner can read the CA, check it against the pin in its token, and only then
     trust it. Follows ca.crt: after a CA rotation the next handshake presents a certificate of the new CA."""
 
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        self._stamp: tuple = ()
-        self._lock = threading.Lock()
-
-    def _files_stamp(self) -> tuple:
-        out = []
-        for name in ("ca.crt", "ca.key"):
-            try:
-                st = os.stat(self.directory / name)
-                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                out.append(None)
-        return tuple(out)
+    FILES = ("ca.crt", "ca.key")
+    CLIENT_AUTH = False
 
     def _config(self):
         ca_bundle, ca_key = tls.read(self.directory, "ca.crt"), tls.read(self.directory, "ca.key")
@@ -244,27 +239,8 @@ class EnrollCredentials:
             tls.write_file(self.directory / "enroll.crt", cert, 0o644)
         return grpc.ssl_server_certificate_configuration([(key, cert + ca_bundle)])
 
-    def fetch(self):
-        stamp = self._files_stamp()
-        with self._lock:
-            if stamp == self._stamp:
-                return None
-            try:
-                config = self._config()
-            except (tls.TLSError, ValueError, IndexError) as exc:
-                log.warning("cannot load the enrollment certificate; serving the previous one",
-                            extra=fields(error=str(exc)))
-                return None
-            if config is not None:
-                self._stamp = stamp
-            return config
-
-    def credentials(self) -> grpc.ServerCredentials:
-        initial = self._config()
-        if initial is None:
-            raise tls.TLSError(f"{self.directory}: ca.key does not match ca.crt")
-        self._stamp = self._files_stamp()
-        return grpc.dynamic_ssl_server_credentials(initial, self.fetch, require_client_authentication=False)
+    def _loaded(self) -> None:
+        log.info("enrollment certificate loaded", extra=fields(ca_pin=tls.ca_pin(tls.read(self.directory, "ca.crt"))))
 
 
 def enroll_server_credentials(directory: Path) -> grpc.ServerCredentials:
