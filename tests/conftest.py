@@ -135,16 +135,22 @@ def make_cluster(tmp_path: Path):
         devcluster.down(Path(dc.dir))
 
 
-@pytest.fixture(scope="module")
-def shared_cluster(tmp_path_factory):
-    """One 3-server, 2-worker cluster for the tests that do not break anything."""
-    directory = tmp_path_factory.mktemp("shared")
+def module_cluster(directory: Path, servers: int = 3, workers: int = 2):
+    """A settled cluster for a module-scoped fixture to yield from; stopped afterwards, even on failure."""
     try:
-        dc = devcluster.up(directory, 3, 2, free_base_port(), timeout=60)
+        dc = devcluster.up(directory, servers, workers, free_base_port(), timeout=60)
         cluster = Cluster(dc)
         cluster.settle()
     except BaseException:
         devcluster.down(directory)
         raise
-    yield cluster
-    devcluster.down(directory)
+    try:
+        yield cluster
+    finally:
+        devcluster.down(directory)
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    """One 3-server, 2-worker cluster for the tests that do not break anything."""
+    yield from module_cluster(tmp_path_factory.mktemp("shared"))

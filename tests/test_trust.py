@@ -13,11 +13,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cortex import authz, devcluster, identity, tls
+from cortex import authz, identity, revocation, tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
+from cortex.client import Client, CortexError
+from cortex.commands import CommandError, Envelope, validate
+from cortex.state import StateStore
 
-from .conftest import Cluster, free_base_port
+from .conftest import free_base_port, module_cluster
 from .test_agent import cortex, start_agent, wait_status, write_config
 
 
@@ -78,16 +81,7 @@ class FakeEnrollment(pb_grpc.ClusterServicer):
 @pytest.fixture(scope="module")
 def trust_cluster(tmp_path_factory):
     """3 servers and a worker of this module's own: its tests remove and rotate things."""
-    directory = tmp_path_factory.mktemp("trust")
-    try:
-        dc = devcluster.up(directory, 3, 1, free_base_port(), timeout=90)
-        cluster = Cluster(dc)
-        cluster.settle()
-    except BaseException:
-        devcluster.down(directory)
-        raise
-    yield cluster
-    devcluster.down(directory)
+    yield from module_cluster(tmp_path_factory.mktemp("trust"), 3, 1)
 
 
 @pytest.fixture
@@ -171,3 +165,141 @@ def test_an_unpinned_token_joins_only_with_insecure_skip_ca_pin(trust_cluster, t
     assert "WITHOUT checking the cluster CA" in log
     assert _uses_left(cluster, made["id"]) == 0
     cortex("leave", "--socket", sock)
+
+
+# --- revocation --------------------------------------------------------------------------------------------
+
+def _apply(store: StateStore, index: int, args: dict, ts: float) -> dict:
+    env = Envelope(type="cert.revoke", args=validate("cert.revoke", args), id=f"{index:032x}", ts=ts, term=1,
+                   idem=f"k{index}")
+    return store.apply(index, env.encode())
+
+
+def test_revocation_watermarks_are_replicated_state(tmp_path):
+    store = StateStore(tmp_path / "s.db")
+    ca, ca_key = tls.new_ca("c-1")
+    old = tls.issue(ca, ca_key, "w1", "worker", "c-1")[0]
+    # a renewal at ts 1000 revokes certificates issued before the new one, after a grace of 15 s
+    new_at = tls.issued_at(old) + 5
+    assert _apply(store, 1, {"name": "w1", "before": new_at, "until": 5e9, "grace": 15, "reason": "renewed"},
+                  ts=1000.0)["changed"]
+    rl = revocation.RevocationList()
+    rl.update(store.query("cert.revocations", {}))
+    assert rl.refusal("w1", old, now=1010.0) is None  # in its grace: calls begun with it finish
+    assert "a newer certificate replaced it" in rl.refusal("w1", old, now=1015.0)
+    assert rl.refusal("w2", old, now=1015.0) is None  # another name
+    # a lower watermark never lowers it (a retried or reordered revocation)
+    assert not _apply(store, 2, {"name": "w1", "before": new_at - 100, "until": 5e9, "reason": "renewed"},
+                      ts=1001.0)["changed"]
+    # a second renewal within the first one's grace keeps the first range pending, then in force
+    _apply(store, 3, {"name": "w1", "before": new_at + 50, "until": 5e9, "grace": 15, "reason": "renewed"},
+           ts=1005.0)
+    rl.update(store.query("cert.revocations", {}))
+    assert rl.refusal("w1", old, now=1016.0) is None and rl.refusal("w1", old, now=1020.0)
+    _apply(store, 4, {"name": "w1", "before": new_at + 60, "until": 5e9, "grace": 15, "reason": "renewed"},
+           ts=1030.0)
+    rl.update(store.query("cert.revocations", {}))
+    assert rl.refusal("w1", old, now=1031.0)  # the earlier range stays revoked through the new grace
+    # removal: before = the command's time, at once; pruned once everything it revokes has expired
+    _apply(store, 5, {"name": "n3", "before": None, "until": 2000.0, "reason": "removed"}, ts=1040.0)
+    assert {r["name"]: r["before"] for r in store.query("cert.revocations", {})}["n3"] == 1040.0
+    _apply(store, 6, {"name": "x", "before": None, "until": 9e9, "reason": "operator"}, ts=2001.0)
+    assert "n3" not in {r["name"] for r in store.query("cert.revocations", {})}
+    for bad in ({"name": "", "until": 1}, {"name": "w1", "until": 1, "reason": "bored"},
+                {"name": "w1", "until": 1, "grace": 10_000}, {"name": "w1"}, {"name": "w1", "until": 1, "x": 1}):
+        with pytest.raises(CommandError):
+            validate("cert.revoke", bad)
+    # who may write it: admins and servers any name, a node only its own
+    assert revocation.write_refusal("cert.revoke", {"name": "n1"}, tls.Peer("w1", "worker", "c")) is not None
+    assert revocation.write_refusal("cert.revoke", {"name": "w1"}, tls.Peer("w1", "worker", "c")) is None
+    assert revocation.write_refusal("cert.revoke", {"name": "n1"}, tls.Peer("admin@n2", "admin", "c")) is None
+
+
+def _status(address: str, files: tls.ClientFiles) -> None:
+    with Client(address, tls_files=files, timeout=5) as c:
+        c.status()
+
+
+def _refused_everywhere(cluster, files: tls.ClientFiles, timeout: float = 30.0) -> dict[str, str]:
+    """Until every server refuses `files` (its revocation list refreshes each second); their answers."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        answers = {}
+        for node in cluster.dc.servers:
+            try:
+                _status(node.grpc_address, files)
+                answers[node.id] = "accepted"
+            except CortexError as exc:
+                answers[node.id] = f"{exc.code.name}: {exc.details}"
+        if all(a != "accepted" for a in answers.values()) or time.monotonic() > deadline:
+            return answers
+        time.sleep(0.5)
+
+
+def _copy_files(cluster, node_id: str, stem: str) -> tls.ClientFiles:
+    files = tls.client_files(_tls_dir(cluster, node_id), (stem,))
+    assert files is not None
+    return files
+
+
+def test_a_replaced_certificate_is_refused_on_every_server_and_nothing_else_breaks(trust_cluster):
+    import time
+
+    cluster = trust_cluster
+    old_worker = _copy_files(cluster, "w1", "node")
+    old_admin = _copy_files(cluster, "n1", "admin")
+    old_server = _copy_files(cluster, "n2", "node")
+    for files in (old_worker, old_admin, old_server):
+        _status(cluster.node("n3").grpc_address, files)  # valid before
+    out = cortex("--addr", cluster.node("n1").grpc_address, "--json", "secrets", "rotate")
+    generation = json.loads(out.stdout)["generation"]
+    deadline = time.monotonic() + 40
+    while any((_tls_dir(cluster, n) / "node.crt").read_bytes() == f.cert
+              for n, f in (("w1", old_worker), ("n2", old_server))):
+        assert time.monotonic() < deadline, "certificates were not replaced"
+        time.sleep(0.3)
+    started = time.monotonic()
+    for what, files in (("worker", old_worker), ("admin", old_admin), ("server", old_server)):
+        answers = _refused_everywhere(cluster, files, timeout=60)
+        print(f"old {what} certificate after rotation {generation}: {answers}")
+        assert all(a.startswith("UNAUTHENTICATED") and "was revoked" in a for a in answers.values()), answers
+    print(f"replaced certificates refused everywhere {time.monotonic() - started:.1f} s after the switch "
+          f"(grace {revocation_grace()} s)")
+    with cluster.client("n1") as c:
+        rows = {r["name"]: r for r in c.read("cert.revocations", {}, level="linearizable")}
+    assert {"n1", "n2", "n3", "w1", "admin@n1", "admin@n2", "admin@n3"} <= set(rows)
+    assert {rows[n]["reason"] for n in ("w1", "n2", "admin@n1")} == {"rotated"}
+    # the current certificates work: writes through a worker and a server, the worker is alive
+    for node_id in ("w1", "n2"):
+        with cluster.client(node_id) as c:
+            c.put(f"after-rotation/{node_id}", "ok", retry_for=10)
+    new_worker = _copy_files(cluster, "w1", "node")
+    _status(cluster.node("n1").grpc_address, new_worker)
+    with cluster.client("n1") as c:
+        assert {n.id: n.liveness for n in c.status().nodes}["w1"] == "alive"
+        assert c.get("after-rotation/w1", level="linearizable") == "ok"
+
+
+def revocation_grace() -> float:
+    from cortex.certs import RENEW_GRACE
+
+    return RENEW_GRACE
+
+
+def test_a_removed_node_is_refused_on_every_server(trust_cluster):
+    cluster = trust_cluster
+    worker = _copy_files(cluster, "w1", "node")
+    _status(cluster.node("n1").grpc_address, worker)
+    removed = cortex("--addr", cluster.node("n2").grpc_address, "nodes", "remove", "w1", "--force")
+    assert removed.returncode == 0, removed.stderr
+    answers = _refused_everywhere(cluster, worker)
+    print(f"removed worker's certificate: {answers}")
+    assert all(a.startswith("UNAUTHENTICATED") and "node was removed" in a for a in answers.values()), answers
+    with cluster.client("n1") as c:  # everyone else works
+        c.put("after-removal", "ok", retry_for=10)
+        assert {n.id for n in c.status().nodes} == {"n1", "n2", "n3"}
+    for node_id in ("n2", "n3"):
+        with cluster.client(node_id) as c:
+            assert c.get("after-removal", level="linearizable") == "ok"

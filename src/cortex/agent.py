@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cortex import __version__, authz, durable, enroll, identity, notify, sleepwatch, tls
+from cortex import __version__, authz, durable, enroll, identity, notify, revocation, sleepwatch, tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
@@ -199,6 +199,7 @@ class Agent:
         self.committer: GroupCommitter | None = None
         self.certs = NodeCerts(self.data_dir, config.node_id)
         self.peers = Peers(config.max_message_bytes, self.certs.node_files)
+        self.revoked = revocation.RevocationList()
         set_process_credentials(self.certs.node_files)  # plugins calling other nodes present this node's cert
         self._lock = threading.RLock()  # guards membership transitions (init/join/leave)
         self._stop = threading.Event()
@@ -302,7 +303,8 @@ class Agent:
                 # Peers keep idle channels alive with pings every 10 s; allow that instead of GOAWAY.
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                 ("grpc.keepalive_permit_without_calls", 1)]
-        interceptors = [authz.RoleCheck(lambda: self.identity.cluster_id if self.identity else "")] if secure else []
+        interceptors = [authz.RoleCheck(lambda: self.identity.cluster_id if self.identity else "",
+                                        self.revoked.refusal)] if secure else []
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
                                  options=opts, maximum_concurrent_rpcs=1024, interceptors=interceptors)
         pb_grpc.add_ClusterServicer_to_server(ClusterService(self), self._grpc)
@@ -466,6 +468,7 @@ class Agent:
                     self._worker_heartbeat()
                 self._raft_key_step()
                 self._renew_step()
+                self._revocation_step()
                 self._liveness_step()
                 if heartbeat_failing:
                     log.info("servers reachable again")
@@ -845,6 +848,11 @@ class Agent:
         node = next((n for n in self.store.query("nodes", {}) if n["id"] == request.node_id), None)
         if node is None:
             return pb.LeaveResponse(removed=False)  # already gone: a retried removal is not an error
+        # Revoke first: a removal interrupted after this leaves a member without credentials (fail closed)
+        # instead of a removed node with working ones. Its certificates were issued at most a lifetime ago.
+        for name in (request.node_id, f"admin@{request.node_id}"):  # a server's local CLI certificate too
+            self.propose("cert.revoke", {"name": name, "before": None, "reason": "removed",
+                                         "until": time.time() + tls.cert_lifetime_days() * 86400 + 3600})
         if node["role"] == "server" and node["raft_address"]:
             if node["raft_address"] == self.config.raft_address:
                 raise AgentError(grpc.StatusCode.UNAVAILABLE, "the leader cannot remove itself; transfer first")
@@ -964,6 +972,22 @@ class Agent:
 
         if self.certs.renew_if_due(self.identity.cluster_id, remote, rotation):
             self.peers.reset()  # outgoing calls present the new certificate from now on
+        while self.certs.superseded:  # revoke what was replaced (after a grace), with the new certificate
+            args = self.certs.superseded[0]
+            self.write(pb.Command(type="cert.revoke", args_json=json.dumps(args).encode(),
+                                  idempotency_key=f"revoke-{args['name']}-{args['before']}"))
+            self.certs.superseded.pop(0)
+
+    def _revocation_step(self) -> None:
+        """Refresh this node's copy of the revoked certificates (servers: their replica; workers: a server)."""
+        if self.identity is None or not self.revoked.due():
+            return
+        if self.store is not None:
+            rows = self.store.query("cert.revocations", {})
+        else:
+            request = pb.ReadRequest(query="cert.revocations", args_json=b"{}", level=pb.STALE)
+            rows = json.loads(self.read(request).result_json)
+        self.revoked.update(rows, self.identity.role)
 
     def _raft_call(self, fn):
         try:
@@ -978,6 +1002,9 @@ class Agent:
             args = validate(command.type, parse_args_json(command.args_json))
         except CommandError as exc:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        refused = revocation.write_refusal(command.type, args, authz.current_peer.get())
+        if refused:
+            raise AgentError(grpc.StatusCode.PERMISSION_DENIED, refused)
         if is_internal(command.type):
             raise AgentError(grpc.StatusCode.PERMISSION_DENIED,
                              f"{command.type} is decided by the cluster itself; use the cortex CLI")

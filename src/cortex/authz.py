@@ -101,10 +101,12 @@ def refusal(method: str, peer: tls.Peer | None, cluster_id: str) -> tuple[grpc.S
 
 
 class RoleCheck(grpc.ServerInterceptor):
-    """Refuse an RPC the caller's certificate role may not make; log every refusal with its reason."""
+    """Refuse an RPC the caller's certificate role may not make, or made with a revoked certificate; log
+    every refusal with its reason."""
 
-    def __init__(self, cluster_id):
+    def __init__(self, cluster_id, revoked=None):
         self._cluster_id = cluster_id  # callable: the id can change when the node leaves and joins again
+        self._revoked = revoked  # (name, certificate PEM) -> why it is revoked, or None (revocation.py)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -114,8 +116,13 @@ class RoleCheck(grpc.ServerInterceptor):
 
         def guard(behavior):
             def checked(request_or_iterator, context):
-                peer = peer_from_context(context)
+                certs = (context.auth_context() or {}).get("x509_pem_cert") or []
+                peer = tls.peer_of(certs[0]) if certs else None
                 problem = refusal(method, peer, self._cluster_id())
+                if problem is None and peer is not None and self._revoked is not None:
+                    revoked = self._revoked(peer.name, certs[0])
+                    if revoked:
+                        problem = (grpc.StatusCode.UNAUTHENTICATED, revoked)
                 if problem is not None:
                     log.warning("rpc refused", extra=fields(method=method, peer=context.peer(),
                                                            name=peer.name if peer else "", reason=problem[1]))

@@ -16,6 +16,7 @@ from cortex.logs import fields
 log = logging.getLogger("cortex.certs")
 
 RENEW_CHECK_SECONDS = 5.0
+RENEW_GRACE = 15.0  # a replaced certificate keeps working this long: calls begun with it finish
 
 
 class NodeCerts:
@@ -24,6 +25,8 @@ class NodeCerts:
         self.node_id = node_id
         self._lock = threading.Lock()
         self._next_check = 0.0
+        # Certificates replaced here, to revoke cluster-wide (revocation.py): cert.revoke arguments.
+        self.superseded: list[dict] = []
 
     # --- state ------------------------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -85,6 +88,13 @@ class NodeCerts:
         return tls.sign(ca_cert, ca_key, csr_pem, name, role, cluster_id), ca_cert
 
     # --- renewal ----------------------------------------------------------------------------------------
+    def _supersede(self, old: bytes | None, new: bytes, reason: str) -> None:
+        peer = tls.peer_of(old) if old else None
+        if peer is None:
+            return
+        self.superseded.append({"name": peer.name, "before": tls.issued_at(new), "reason": reason,
+                                "until": tls.not_after(old).timestamp(), "grace": RENEW_GRACE})
+
     def rotated_generation(self) -> int:
         try:
             return int((self.dir / "rotation").read_text().strip() or 0)
@@ -116,12 +126,15 @@ class NodeCerts:
                     return False
                 if not tls.key_matches(cert, key):
                     raise tls.TLSError("renewed certificate does not match the new key")
+                self._supersede(tls.read(self.dir, "node.crt"), cert, "rotated" if rotate else "renewed")
                 self._write_pair("node", cert, key)
                 log.info("certificate renewed", extra=fields(not_after=str(tls.not_after(cert))))
                 renewed = True
             admin = tls.read(self.dir, "admin.crt")
             if self.can_sign() and (rotate or admin is None or tls.needs_renewal(admin)):
                 self.issue_admin(cluster_id)
+                if admin is not None:
+                    self._supersede(admin, tls.read(self.dir, "admin.crt"), "rotated" if rotate else "renewed")
             if rotate:
                 tls.write_file(self.dir / "rotation", str(generation).encode(), 0o644)
                 log.info("certificates rotated", extra=fields(generation=generation))

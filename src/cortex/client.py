@@ -85,7 +85,8 @@ def register_credentials(addresses, files: tls.ClientFiles | None, directory: Pa
                 _by_address.pop(address, None)
                 _trust_file(address).unlink(missing_ok=True)
                 continue
-            _by_address[address] = files
+            # with a directory, read it at each use: a renewed certificate replaces a revoked one
+            _by_address[address] = files if directory is None else Path(directory)
             if directory is not None:
                 path = _trust_file(address)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +159,7 @@ class Client:
         self.address = address
         self.timeout = timeout
         self.tls_files = tls_files or find_credentials(address)
+        self._given_files = tls_files is not None  # given credentials are never swapped for a revoked one
         self.channel = open_channel(address, files=self.tls_files)
         self.stub = pb_grpc.ClusterStub(self.channel)
 
@@ -195,7 +197,9 @@ class Client:
                 return method(request, timeout=timeout or self.timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
             name = next((n for n, v in vars(self.stub).items() if v is method), None)
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and name and self._refresh_credentials():
+            revoked = (exc.code() == grpc.StatusCode.UNAUTHENTICATED and not self._given_files
+                       and "was revoked" in (exc.details() or ""))
+            if (exc.code() == grpc.StatusCode.UNAVAILABLE or revoked) and name and self._refresh_credentials():
                 # the node joined (or renewed) since this client was made: once more with its certificate
                 return self._call(getattr(self.stub, name), request, timeout)
             details = exc.details() or ""

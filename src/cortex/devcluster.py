@@ -211,7 +211,9 @@ def tls_dir(cluster: DevCluster) -> Path:
 
 def trust(cluster: DevCluster) -> tls.ClientFiles | None:
     """Copy the first server's admin certificate to <cluster>/tls and use it in this process for every node
-    address of the cluster (what an operator does by hand: take the credentials from a server)."""
+    address of the cluster (what an operator does by hand: take the credentials from a server). This process
+    and the dev-trust note read the server's own files, so they follow its renewals (a replaced certificate
+    is revoked); the copy is for `export CORTEX_TLS_DIR` and is refreshed by running this again."""
     source = Path(cluster.nodes[0].dir) / "data" / tls.TLS_DIR
     files = tls.client_files(source, ("admin",))
     if files is None:
@@ -220,7 +222,7 @@ def trust(cluster: DevCluster) -> tls.ClientFiles | None:
     tls.write_file(target / "ca.crt", files.ca, 0o644)
     tls.write_file(target / "admin.key", files.key)
     tls.write_file(target / "admin.crt", files.cert, 0o644)
-    register_credentials([n.grpc_address for n in cluster.nodes], files, target)
+    register_credentials([n.grpc_address for n in cluster.nodes], files, source)
     return files
 
 

@@ -254,6 +254,13 @@ def peer_of(cert_pem: bytes) -> Peer | None:
     return Peer(name=values["node"], role=values["role"], cluster_id=values["cluster"])
 
 
+@functools.lru_cache(maxsize=1024)
+def issued_at(cert_pem: bytes) -> float:
+    """When the signer issued the certificate (unix seconds): its not-before plus the backdating. Cached:
+    the revocation check (revocation.py) reads it on every RPC."""
+    return (x509.load_pem_x509_certificate(cert_pem).not_valid_before_utc + BACKDATE).timestamp()
+
+
 def not_after(cert_pem: bytes) -> datetime.datetime:
     return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
 
