@@ -24,7 +24,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cortex import __version__, authz, durable, enroll, identity, notify, revocation, sleepwatch, tls
+from cortex import (
+    __version__,
+    authz,
+    ca_rotation,
+    durable,
+    enroll,
+    identity,
+    notify,
+    revocation,
+    sleepwatch,
+    tls,
+)
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
@@ -200,6 +211,7 @@ class Agent:
         self.certs = NodeCerts(self.data_dir, config.node_id)
         self.peers = Peers(config.max_message_bytes, self.certs.node_files)
         self.revoked = revocation.RevocationList()
+        self._ca_next_check = 0.0
         set_process_credentials(self.certs.node_files)  # plugins calling other nodes present this node's cert
         self._lock = threading.RLock()  # guards membership transitions (init/join/leave)
         self._stop = threading.Event()
@@ -469,6 +481,7 @@ class Agent:
                 self._raft_key_step()
                 self._renew_step()
                 self._revocation_step()
+                self._ca_rotation_step()
                 self._liveness_step()
                 if heartbeat_failing:
                     log.info("servers reachable again")
@@ -952,7 +965,7 @@ class Agent:
             tls.write_file(self.certs.dir / "raft-generation", str(generation).encode(), 0o644)
             log.info("raft transport key rotated", extra=fields(generation=generation))
 
-    def _renew_step(self) -> None:
+    def _renew_step(self, force: bool = False) -> None:
         """Renew this node's certificate before it expires; new connections use it at once, no restart."""
         if self.identity is None or not self.certs.ready():
             return
@@ -970,13 +983,52 @@ class Agent:
             row = json.loads(self.read(request).result_json)
             return int(row["value"]) if row and str(row["value"]).isdigit() else 0
 
-        if self.certs.renew_if_due(self.identity.cluster_id, remote, rotation):
+        if self.certs.renew_if_due(self.identity.cluster_id, remote, rotation, force=force):
             self.peers.reset()  # outgoing calls present the new certificate from now on
         while self.certs.superseded:  # revoke what was replaced (after a grace), with the new certificate
             args = self.certs.superseded[0]
             self.write(pb.Command(type="cert.revoke", args_json=json.dumps(args).encode(),
                                   idempotency_key=f"revoke-{args['name']}-{args['before']}"))
             self.certs.superseded.pop(0)
+
+    def _ca_rotation_step(self) -> None:
+        """`cortex secrets rotate --ca` (ca_rotation.py): the leader moves the phases, every node does its part
+        and acknowledges it."""
+        if self.identity is None or not self.certs.ready() or time.monotonic() < self._ca_next_check:
+            return
+        if self.store is not None:
+            doc = self.store.query("ca.rotation", {})
+        else:
+            request = pb.ReadRequest(query="ca.rotation", args_json=b"{}", level=pb.STALE)
+            doc = json.loads(self.read(request).result_json)
+        row = doc["rotation"]
+        if row is None or row["phase"] == "done":
+            self._ca_next_check = time.monotonic() + 5.0
+            return
+        if self._is_leader():
+            members = [n["id"] for n in self.store.query("nodes", {})]
+            action = ca_rotation.leader_action(doc, members, *self.certs.ca(), self.identity.cluster_id,
+                                               self.raft_keys.generation)
+            if action is not None:
+                self.propose("ca.advance", action, internal=True)
+            if row["phase"] == "reissue":  # move the Raft transport to the key of the new CA
+                from cortex.secrets_cli import RAFT_ROTATION_KEY
+
+                current = (self.store.query("kv.get", {"key": RAFT_ROTATION_KEY}) or {}).get("value", "0")
+                if int(current or 0) < row["raft_generation"]:
+                    self.propose("kv.put", {"key": RAFT_ROTATION_KEY, "value": str(row["raft_generation"])})
+        if row["phase"] not in ("trust", "reissue", "drop"):
+            return
+        if ca_rotation.needs_reissue(row, self.certs):
+            self._renew_step(force=True)
+        before = self.certs.ca()[0]
+        done = ca_rotation.node_step(row, self.certs, self.raft_keys if self.store is not None else None)
+        if self.certs.ca()[0] != before:
+            self.peers.reset()  # connect with the new trusted CAs
+        ack = {"rot_id": row["rot_id"], "phase": row["phase"]}
+        if done and doc["acks"].get(self.config.node_id) != ack:
+            self.write(pb.Command(type="ca.ack", args_json=json.dumps({"node": self.config.node_id, **ack}).encode(),
+                                  idempotency_key=f"ca-ack-{self.config.node_id}-{row['rot_id']}-{row['phase']}"))
 
     def _revocation_step(self) -> None:
         """Refresh this node's copy of the revoked certificates (servers: their replica; workers: a server)."""
@@ -1002,7 +1054,9 @@ class Agent:
             args = validate(command.type, parse_args_json(command.args_json))
         except CommandError as exc:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        refused = revocation.write_refusal(command.type, args, authz.current_peer.get())
+        peer = authz.current_peer.get()
+        refused = revocation.write_refusal(command.type, args, peer) or ca_rotation.write_refusal(
+            command.type, args, peer)
         if refused:
             raise AgentError(grpc.StatusCode.PERMISSION_DENIED, refused)
         if is_internal(command.type):

@@ -102,16 +102,17 @@ class NodeCerts:
             return 0
 
     def renew_if_due(self, cluster_id: str, remote: Callable[[bytes], tuple[bytes, bytes]] | None,
-                     rotation: Callable[[], int] = lambda: 0) -> bool:
+                     rotation: Callable[[], int] = lambda: 0, force: bool = False) -> bool:
         """Renew node.* (and admin.* on servers) once a third of the lifetime is left, or when `rotation()`
         (`cortex secrets rotate`) is past the generation this node last rotated for. Servers sign their
         own; workers call `remote(csr) -> (cert, ca)` (RenewCertificate on a server). True when renewed."""
         now = time.monotonic()
-        if now < self._next_check or not self.ready():
+        if (now < self._next_check and not force) or not self.ready():
             return False
         self._next_check = now + RENEW_CHECK_SECONDS
         generation = rotation()
-        rotate = generation > self.rotated_generation()
+        replace = generation > self.rotated_generation()
+        rotate = replace or force  # force: a CA rotation reissues every certificate (ca_rotation.py)
         with self._lock:
             renewed = False
             if rotate or tls.needs_renewal(tls.read(self.dir, "node.crt")):
@@ -135,7 +136,7 @@ class NodeCerts:
                 self.issue_admin(cluster_id)
                 if admin is not None:
                     self._supersede(admin, tls.read(self.dir, "admin.crt"), "rotated" if rotate else "renewed")
-            if rotate:
+            if replace:
                 tls.write_file(self.dir / "rotation", str(generation).encode(), 0o644)
                 log.info("certificates rotated", extra=fields(generation=generation))
             return renewed

@@ -60,6 +60,7 @@ BUILTIN: tuple[str, ...] = (
     "cortex.netboot.domain",
     "cortex.update_domain",
     "cortex.revocation",
+    "cortex.ca_rotation",
 )
 
 

@@ -39,13 +39,27 @@ class RotatingEncryptor:
         self._base, self._ca_key = base_secret, ca_key_pem
         self._lock = threading.Lock()
         self._keys: dict[int, Fernet] = {}
+        self._ca_keys: list[tuple[int, bytes]] = [(0, ca_key_pem)]  # (from generation, CA key)
         self.generation = -1
         self.set_generation(generation if ca_key_pem else 0)
 
     def _key(self, generation: int) -> Fernet:
         if generation not in self._keys:
-            self._keys[generation] = derive(self._base, self._ca_key, generation)
+            ca_key = [k for start, k in self._ca_keys if start <= generation][-1]
+            self._keys[generation] = derive(self._base, ca_key, generation)
         return self._keys[generation]
+
+    def add_ca_key(self, from_generation: int, ca_key_pem: bytes) -> None:
+        """A CA rotation: generations from `from_generation` on derive from the new CA key (accepted at
+        once within the lookahead; encrypted with once the generation is raised to it)."""
+        with self._lock:
+            if (from_generation, ca_key_pem) in self._ca_keys:
+                return
+            self._ca_keys = sorted([(s, k) for s, k in self._ca_keys if s < from_generation]
+                                   + [(from_generation, ca_key_pem)])
+            self._keys = {g: k for g, k in self._keys.items() if g < from_generation}
+            current, self.generation = self.generation, -1
+        self.set_generation(current)
 
     def set_generation(self, generation: int) -> bool:
         """Encrypt with `generation` from now on; True when it changed."""

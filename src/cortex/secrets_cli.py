@@ -24,6 +24,10 @@ def _bump(client, key: str) -> int:
 
 
 def rotate(client) -> dict:
+    row = client.read("ca.rotation", {}, level="linearizable")["rotation"]
+    if row is not None and row["phase"] != "done":  # both move the Raft key generation: one at a time
+        raise SystemExit(f"a CA rotation is in progress (phase {row['phase']}): let it finish first "
+                         "(`cortex secrets rotate --ca` shows and resumes it)")
     raft = _bump(client, RAFT_ROTATION_KEY)
     return {"generation": _bump(client, ROTATION_KEY), "raft_generation": raft, "requested_at": time.time()}
 
@@ -33,6 +37,8 @@ def register(sub, add, emit, client_of) -> None:
         dest="sub", required=True)
 
     def cmd_rotate(args) -> int:
+        if args.ca:
+            return cmd_rotate_ca(args)
         with client_of(args) as c:
             result = rotate(c)
         emit(args, result, f"rotation {result['generation']} requested: every node renews its certificate and "
@@ -40,7 +46,27 @@ def register(sub, add, emit, client_of) -> None:
                            "restart); the CA is not rotated yet")
         return 0
 
-    add("rotate", cmd_rotate, "every node replaces its certificate now", secrets)
+    def cmd_rotate_ca(args) -> int:
+        from cortex import ca_rotation
+
+        with client_of(args) as c:
+            if not args.json:
+                print("rotating the cluster CA (re-run to resume; phases: trust, reissue, drop)", flush=True)
+            result = ca_rotation.run(c, args.wait, ca_rotation.progress_printer(args.json))
+        if result.get("timed_out"):
+            emit(args, result, f"CA rotation {result['rot_id']} is still in phase {result['phase']}, waiting for "
+                               f"{', '.join(result['waiting_for']) or 'the leader'}: it goes on in the cluster; "
+                               "bring those nodes up (or remove them) and run this again to follow it")
+            return 1
+        emit(args, result, f"CA rotation {result['rot_id']} done: every node trusts and holds certificates of "
+                           f"CA {result['new_pin']} only (was {result['old_pin']}); Raft key generation "
+                           f"{result['raft_generation']}. Make new join tokens (old ones pin the old CA) and copy "
+                           "admin credentials again where you copied them")
+        return 0
+
+    sp = add("rotate", cmd_rotate, "every node replaces its certificate now (--ca: a new cluster CA)", secrets)
+    sp.add_argument("--ca", action="store_true", help="rotate the cluster CA itself (resumable, no downtime)")
+    sp.add_argument("--wait", type=float, default=300.0, help="seconds to follow a CA rotation (default 300)")
 
     def cmd_ca(args) -> int:
         with client_of(args) as c:
