@@ -996,11 +996,7 @@ class Agent:
         and acknowledges it."""
         if self.identity is None or not self.certs.ready() or time.monotonic() < self._ca_next_check:
             return
-        if self.store is not None:
-            doc = self.store.query("ca.rotation", {})
-        else:
-            request = pb.ReadRequest(query="ca.rotation", args_json=b"{}", level=pb.STALE)
-            doc = json.loads(self.read(request).result_json)
+        doc = self._replica_query("ca.rotation")
         row = doc["rotation"]
         if row is None or row["phase"] == "done":
             self._ca_next_check = time.monotonic() + 5.0
@@ -1034,12 +1030,14 @@ class Agent:
         """Refresh this node's copy of the revoked certificates (servers: their replica; workers: a server)."""
         if self.identity is None or not self.revoked.due():
             return
+        self.revoked.update(self._replica_query("cert.revocations"), self.identity.role)
+
+    def _replica_query(self, name: str):
+        """A query without arguments from this server's replica, or (workers) a server's."""
         if self.store is not None:
-            rows = self.store.query("cert.revocations", {})
-        else:
-            request = pb.ReadRequest(query="cert.revocations", args_json=b"{}", level=pb.STALE)
-            rows = json.loads(self.read(request).result_json)
-        self.revoked.update(rows, self.identity.role)
+            return self.store.query(name, {})
+        request = pb.ReadRequest(query=name, args_json=b"{}", level=pb.STALE)
+        return json.loads(self.read(request).result_json)
 
     def _raft_call(self, fn):
         try:

@@ -235,22 +235,18 @@ def node_step(row: dict, certs, raft_keys=None) -> bool:
     new_ca = row["new_ca"].encode()
     current = tls.read(directory, "ca.crt") or b""
     server = certs.can_sign()
+    key = b""
+    if server and phase in ("trust", "reissue"):
+        key = _new_key(certs, row)
+        if key is None:
+            return False
+        if raft_keys is not None:  # accept the Raft generation derived from the new key from now on
+            raft_keys.add_ca_key(row["raft_generation"], key)
     if phase == "trust":
-        if server:
-            key = _new_key(certs, row)
-            if key is None:
-                return False
-            if raft_keys is not None:
-                raft_keys.add_ca_key(row["raft_generation"], key)
         _write_ca(certs, bundle(current, new_ca))
         return True
     if phase == "reissue":
         if server:
-            key = _new_key(certs, row)
-            if key is None:
-                return False
-            if raft_keys is not None:
-                raft_keys.add_ca_key(row["raft_generation"], key)
             if tls.read(directory, "ca.key") != key:
                 tls.write_file(directory / "ca.key", key)  # sign with the new CA from now on
         _write_ca(certs, bundle(new_ca, current))
