@@ -215,6 +215,63 @@ def test_revocation_watermarks_are_replicated_state(tmp_path):
     assert revocation.write_refusal("cert.revoke", {"name": "n1"}, tls.Peer("admin@n2", "admin", "c")) is None
 
 
+def test_raft_keys_move_to_the_new_ca_key_without_refusing_a_frame():
+    from cryptography.fernet import InvalidToken
+
+    from cortex.raft_keys import RotatingEncryptor
+
+    old_key, new_key = tls.new_ca("c-1")[1], tls.new_ca("c-1")[1]
+    a, b = RotatingEncryptor("s", old_key, 1), RotatingEncryptor("s", old_key, 1)
+    a.add_ca_key(2, new_key)  # trust phase: a accepts generation 2 of the new key, still sends 1
+    b.add_ca_key(2, new_key)
+    assert b.decrypt(a.encrypt_at_time(b"x", 1)) == b"x"
+    a.set_generation(2)  # a switches first: b reads it, and a still reads b's generation 1 (old key)
+    assert b.decrypt(a.encrypt_at_time(b"y", 2)) == b"y" and a.decrypt(b.encrypt_at_time(b"z", 3)) == b"z"
+    stale = RotatingEncryptor("s", old_key, 1)  # a server that never got the new key cannot read generation 2
+    with pytest.raises(InvalidToken):
+        stale.decrypt(a.encrypt_at_time(b"w", 4))
+
+
+def test_ca_rotation_phases_advance_only_when_every_member_acknowledged(tmp_path):
+    from cortex import ca_rotation
+
+    store = StateStore(tmp_path / "s.db")
+    index = iter(range(1, 100))
+
+    def apply(kind: str, args: dict) -> dict:
+        i = next(index)
+        env = Envelope(type=kind, args=validate(kind, args), id=f"{i:032x}", ts=1000.0 + i, term=1, idem=f"k{i}")
+        return store.apply(i, env.encode())
+
+    ca, ca_key = tls.new_ca("c-1")
+    assert apply("ca.request", {"rot_id": "r1"})["started"]
+    assert not apply("ca.request", {"rot_id": "r2"})["started"]  # one at a time: re-running resumes r1
+    members = ["n1", "w1"]
+    action = ca_rotation.leader_action(store.query("ca.rotation", {}), members, ca, ca_key, "c-1", 4)
+    assert action["phase"] == "trust" and action["raft_generation"] == 5 and action["old_pin"] == tls.ca_pin(ca)
+    new_key = ca_rotation.unwrap_key(ca_key, "r1", action["key_enc"])
+    assert tls.key_matches(action["new_ca"].encode(), new_key)  # only a holder of the old CA key unwraps it
+    assert ca_rotation.unwrap_key(tls.new_ca("c-1")[1], "r1", action["key_enc"]) is None
+    assert apply("ca.advance", action)["advanced"]
+    assert not apply("ca.advance", {"rot_id": "r1", "phase": "drop"})["advanced"]  # no skipping a phase
+    doc = store.query("ca.rotation", {})
+    assert ca_rotation.pending(doc, members) == ["n1", "w1"]
+    assert ca_rotation.leader_action(doc, members, ca, ca_key, "c-1", 4) is None
+    apply("ca.ack", {"node": "n1", "rot_id": "r1", "phase": "trust"})
+    apply("ca.ack", {"node": "w1", "rot_id": "r0", "phase": "trust"})  # an ack of another rotation counts not
+    assert ca_rotation.pending(store.query("ca.rotation", {}), members) == ["w1"]
+    apply("ca.ack", {"node": "w1", "rot_id": "r1", "phase": "trust"})
+    nxt = ca_rotation.leader_action(store.query("ca.rotation", {}), members, ca, ca_key, "c-1", 4)
+    assert nxt == {"rot_id": "r1", "phase": "reissue"}
+    # who may write: an admin starts it, a node acknowledges for itself only, nobody but the leader advances
+    assert ca_rotation.write_refusal("ca.request", {}, tls.Peer("w1", "worker", "c")) is not None
+    assert ca_rotation.write_refusal("ca.ack", {"node": "n1"}, tls.Peer("w1", "worker", "c")) is not None
+    assert ca_rotation.write_refusal("ca.ack", {"node": "w1"}, tls.Peer("w1", "worker", "c")) is None
+    from cortex.commands import is_internal
+
+    assert is_internal("ca.advance") and not is_internal("ca.ack")
+
+
 def _status(address: str, files: tls.ClientFiles) -> None:
     with Client(address, tls_files=files, timeout=5) as c:
         c.status()

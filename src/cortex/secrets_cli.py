@@ -5,7 +5,8 @@ Both rotations are generation numbers in the replicated key-value store. Each no
 certificate generation with the one it last rotated for (<data_dir>/tls/rotation) and renews at its next
 check (within a few seconds); each server switches the Raft key when it applies the new Raft generation
 (raft_keys.py: the key is derived from the CA key, so no secret travels). No restart: writes keep flowing.
-Not rotated yet: the CA itself (and old certificates stay valid until they expire: there is no revocation).
+Each replaced certificate is revoked after a short grace (revocation.py). `--ca` rotates the CA itself
+(ca_rotation.py), following the phases until done; running it again resumes a rotation in progress.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def register(sub, add, emit, client_of) -> None:
             result = rotate(c)
         emit(args, result, f"rotation {result['generation']} requested: every node renews its certificate and "
                            f"the servers switch to Raft key {result['raft_generation']} within seconds (no "
-                           "restart); the CA is not rotated yet")
+                           "restart); the replaced certificates are revoked 15 s later. The CA: --ca")
         return 0
 
     def cmd_rotate_ca(args) -> int:
