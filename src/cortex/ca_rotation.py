@@ -322,9 +322,8 @@ def run(client, timeout: float, emit_progress, rot_id: str = "") -> dict:
 
 
 def progress_printer(as_json: bool):
+    """Progress lines on stderr in both modes (with --json, stdout holds only the result)."""
     def show(phase: str, done: int, total: int, waiting: list[str]) -> None:
-        if as_json:
-            return
         tail = f" (waiting for {', '.join(waiting)})" if waiting else ""
         print(f"  {phase:9} {done}/{total} nodes{tail}", file=sys.stderr, flush=True)
     return show
