@@ -1002,7 +1002,7 @@ class Agent:
             self._ca_next_check = time.monotonic() + 5.0
             return
         if self._is_leader():
-            members = [n["id"] for n in self.store.query("nodes", {})]
+            members = ca_rotation.active_members(self.store.query("nodes", {}))
             action = ca_rotation.leader_action(doc, members, *self.certs.ca(), self.identity.cluster_id,
                                                self.raft_keys.generation)
             if action is not None:

@@ -207,6 +207,11 @@ def leader_action(doc: dict, members: list[str], ca_cert: bytes, ca_key: bytes, 
     return {"rot_id": row["rot_id"], "phase": NEXT[row["phase"]]}
 
 
+def active_members(nodes: list[dict]) -> list[str]:
+    """The nodes a phase waits for: members of the `nodes` query, not those that have left."""
+    return sorted(n["id"] for n in nodes if n.get("state", "member") not in ("left", "removed"))
+
+
 def pending(doc: dict, members: list[str]) -> list[str]:
     """Members that have not acknowledged the current phase."""
     row = doc.get("rotation")
@@ -305,7 +310,7 @@ def run(client, timeout: float, emit_progress, rot_id: str = "") -> dict:
     last = None
     while True:
         doc = client.read("ca.rotation", {}, level="leader")
-        members = [n.id for n in client.status().nodes]
+        members = active_members(client.read("nodes", {}, level="leader"))
         row = doc["rotation"] or {}
         waiting = pending(doc, members)
         state = (row.get("phase"), tuple(waiting))
