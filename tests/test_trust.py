@@ -232,6 +232,25 @@ def test_raft_keys_move_to_the_new_ca_key_without_refusing_a_frame():
         stale.decrypt(a.encrypt_at_time(b"w", 4))
 
 
+def test_a_server_restarted_mid_rotation_derives_each_raft_generation_from_the_right_ca_key(tmp_path):
+    from cortex import ca_rotation
+    from cortex.certs import NodeCerts
+    from cortex.raft_keys import RotatingEncryptor
+
+    old_key, new_key = tls.new_ca("c-1")[1], tls.new_ca("c-1")[1]
+    peer = RotatingEncryptor("s", old_key, 1)
+    peer.add_ca_key(2, new_key)
+    certs = NodeCerts(tmp_path, "n2")
+    for name, data in (("ca.key", new_key), ("ca-prev.key", old_key), (ca_rotation.RAFT_FILE, b"2")):
+        tls.write_file(certs.dir / name, data)  # reissued, then restarted before the Raft key moved
+    restarted = RotatingEncryptor("s", certs.ca()[1], 1)
+    ca_rotation.restore_raft_keys(certs, restarted)
+    assert restarted.decrypt(peer.encrypt_at_time(b"g1", 1)) == b"g1"  # generation 1: the old key
+    assert peer.decrypt(restarted.encrypt_at_time(b"back", 2)) == b"back"
+    peer.set_generation(2)
+    assert restarted.decrypt(peer.encrypt_at_time(b"g2", 3)) == b"g2"  # generation 2: the new key
+
+
 def test_ca_rotation_phases_advance_only_when_every_member_acknowledged(tmp_path):
     from cortex import ca_rotation
 

@@ -412,6 +412,7 @@ class Agent:
                      if n["role"] == "server" and n["raft_address"]]
             peers = sorted(set(known or ident.raft_peers) - {self.config.raft_address})
             self.raft_keys = RotatingEncryptor(ident.raft_secret, self.certs.ca()[1], self._raft_generation())
+            ca_rotation.restore_raft_keys(self.certs, self.raft_keys)
             self.raft = RaftNode(self.store, self.config.raft_address, peers, self.config.raft, self.raft_keys,
                                  self.data_dir, on_state_change=self._update_health)
             self.committer = GroupCommitter(self.raft)

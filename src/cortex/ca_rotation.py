@@ -37,6 +37,7 @@ from cortex.commands import CommandError
 log = logging.getLogger("cortex.ca_rotation")
 
 PHASES = ("requested", "trust", "reissue", "drop", "done")
+RAFT_FILE = "ca-rotation-raft-generation"  # servers, during a rotation: G, the first generation of the new key
 NEXT = dict(zip(PHASES, PHASES[1:]))
 
 MIGRATIONS = (
@@ -247,12 +248,15 @@ def node_step(row: dict, certs, raft_keys=None) -> bool:
             return False
         if raft_keys is not None:  # accept the Raft generation derived from the new key from now on
             raft_keys.add_ca_key(row["raft_generation"], key)
+        tls.write_file(directory / RAFT_FILE, str(row["raft_generation"]).encode())
     if phase == "trust":
         _write_ca(certs, bundle(current, new_ca))
         return True
     if phase == "reissue":
         if server:
-            if tls.read(directory, "ca.key") != key:
+            old_key = tls.read(directory, "ca.key")
+            if old_key != key:
+                tls.write_file(directory / "ca-prev.key", old_key or b"")  # lower Raft generations, after a restart
                 tls.write_file(directory / "ca.key", key)  # sign with the new CA from now on
         _write_ca(certs, bundle(new_ca, current))
         node_ok = tls.issued_by(tls.read(directory, "node.crt") or b"", new_ca)
@@ -262,9 +266,24 @@ def node_step(row: dict, certs, raft_keys=None) -> bool:
         return node_ok and admin_ok and raft_ok
     if phase == "drop":
         _write_ca(certs, new_ca)
-        (directory / "ca-next.key").unlink(missing_ok=True)
+        for name in ("ca-next.key", "ca-prev.key", RAFT_FILE):
+            (directory / name).unlink(missing_ok=True)
         return True
     return False
+
+
+def restore_raft_keys(certs, raft_keys) -> None:
+    """After a restart in the middle of a rotation: which CA key each Raft generation derives from."""
+    try:
+        generation = int((certs.dir / RAFT_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    prev, current, nxt = (tls.read(certs.dir, n) for n in ("ca-prev.key", "ca.key", "ca-next.key"))
+    if prev:  # reissued: ca.key is already the new key
+        raft_keys.add_ca_key(0, prev)
+        raft_keys.add_ca_key(generation, current)
+    elif nxt:
+        raft_keys.add_ca_key(generation, nxt)
 
 
 def _new_key(certs, row: dict) -> bytes | None:
