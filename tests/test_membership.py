@@ -5,6 +5,7 @@ tests run real agent processes (tests/conftest.py)."""
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -171,3 +172,95 @@ def test_leave_keeps_a_left_record_rejoin_revives_it_and_forget_drops_it(make_cl
     assert "forgot w1" in cortex("--addr", addr, "nodes", "forget", "w1").stdout
     assert "w1" not in _nodes_json(addr)
     assert "already forgotten" in cortex("--addr", addr, "nodes", "forget", "w1").stdout
+
+
+def test_a_promoted_worker_replaces_a_dead_server_and_keeps_quorum(make_cluster):
+    from cortex import tls
+    from cortex.client import Client, CortexError
+
+    cluster = make_cluster(3, 2)
+    cluster.kill("w2")  # goes offline meanwhile: a node that is down cannot be promoted
+    leader = cluster.leader()
+    addr = cluster.node(leader).grpc_address
+    acknowledged = {}
+    with cluster.client(leader) as c:
+        for i in range(30):
+            c.put(f"before-{i}", str(i))
+            acknowledged[f"before-{i}"] = str(i)
+
+    # refusals, each saying why: unknown node, not an admin, a port the node cannot listen on, node down
+    unknown = cortex("--addr", addr, "nodes", "promote", "ghost", check=False)
+    assert unknown.returncode != 0 and "no member named 'ghost'" in unknown.stderr
+    w1_tls = tls.client_files(Path(cluster.node("w1").dir) / "data" / tls.TLS_DIR)
+    with Client(addr, tls_files=w1_tls) as as_worker, pytest.raises(CortexError) as denied:
+        as_worker.promote_node("w1")
+    assert denied.value.code.name == "PERMISSION_DENIED" and "PromoteNode may be called by admin, server" in \
+        denied.value.details
+    taken = cortex("--addr", addr, "nodes", "promote", "w1", "--raft", cluster.node(leader).raft_address,
+                   check=False)
+    assert taken.returncode != 0 and "cannot listen on" in taken.stderr
+    wait_for(lambda: _nodes_json(addr)["w2"]["liveness"] == "offline", 30, "w2 offline")
+    down = cortex("--addr", addr, "nodes", "promote", "w2", check=False)
+    assert down.returncode != 0 and "w2 is offline" in down.stderr
+
+    # a server dies and is removed; a worker takes its place as a voter
+    dead = cluster.followers()[0]
+    cluster.kill(dead)
+    wait_for(lambda: _nodes_json(addr)[dead]["liveness"] != "alive", 30, f"{dead} suspected")
+    cortex("--addr", addr, "nodes", "remove", dead)
+    raft = f"127.0.0.1:{int(cluster.node('w1').grpc_address.rsplit(':', 1)[1]) + 5}"
+    promoted = json.loads(cortex("--addr", addr, "nodes", "promote", "w1", "--raft", raft, "--json").stdout)
+    assert promoted == {"node_id": "w1", "role": "server", "raft_address": raft}
+    again = cortex("--addr", addr, "nodes", "promote", "w1", check=False)  # repeated: no second change
+    assert again.returncode != 0 and "w1 is already a server" in again.stderr
+    nodes = _nodes_json(addr)
+    assert (nodes["w1"]["role"], nodes["w1"]["raft_address"]) == ("server", raft)
+    w1 = cluster.node("w1").grpc_address
+    with Client(w1) as c:
+        status = c.status()
+        assert status.role == "server" and status.state in ("follower", "leader")
+    promoted_events = [e for e in _events(addr, "node.promoted") if e["data"]["node_id"] == "w1"]
+    assert len(promoted_events) == 1 and promoted_events[0]["data"]["previous"] == "worker"
+
+    # the old leader dies too: the two voters left (one former server, the promoted worker) keep quorum
+    cluster.kill(leader)
+    survivor = next(n for n in ("n1", "n2", "n3") if n not in (dead, leader))
+    new_leader = wait_for(lambda: _leader_among((survivor, "w1"), cluster), 30, "a new leader")
+    with Client(cluster.node(new_leader).grpc_address if new_leader != "w1" else w1) as c:
+        c.put("after", "ok")
+        acknowledged["after"] = "ok"
+        for key, value in acknowledged.items():
+            assert c.get(key) == value, key
+    with Client(w1) as c:  # the promoted node's own replica holds every acknowledged write
+        wait_for(lambda: all(c.get(k, level="stale") == v for k, v in acknowledged.items()), 20, "w1 replica")
+
+    # restarted, it is still a server (its membership record wins over its config file, which says worker)
+    cluster.kill("w1", signal.SIGTERM)
+    cluster.start("w1")
+    wait_for(lambda: _role_of(w1) == "server", 30, "w1 back as a server")
+    wait_for(lambda: _leader_among((survivor, "w1"), cluster), 30, "a leader after w1's restart")
+    with Client(w1) as c:
+        assert c.get("after") == "ok"
+
+
+def _role_of(address: str) -> str:
+    from cortex.client import Client, CortexError
+
+    try:
+        with Client(address, timeout=1) as c:
+            return c.status().role
+    except CortexError:
+        return ""
+
+
+def _leader_among(ids: tuple[str, ...], cluster) -> str:
+    from cortex.client import Client, CortexError
+
+    for node_id in ids:
+        try:
+            with Client(cluster.node(node_id).grpc_address, timeout=1) as c:
+                if c.status().state == "leader":
+                    return node_id
+        except CortexError:
+            pass
+    return ""
