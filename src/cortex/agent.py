@@ -750,23 +750,28 @@ class Agent:
             log.info("left the cluster")
 
     def _hand_over_leadership(self, timeout: float) -> bool:
-        """Leader: make the most caught-up follower leader (Raft TimeoutNow) and wait until it is. A follower
-        still catching up is refused by Raft, so ask again until one is in sync or `timeout` passes."""
+        """Leader: make the most caught-up follower leader (Raft TimeoutNow) and wait until another server is
+        known as leader. A follower still catching up is refused by Raft, and a target that does not win its
+        election leaves this node to win the next one: ask again until `timeout` passes."""
         raft = self.raft
         if raft is None or not raft.is_leader() or not any(raft.status().connected.values()):
             return False  # not the leader, or no follower to hand over to (alone, or the others are down)
+        me = self.config.raft_address
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and raft.is_leader():
-            try:
-                raft.transfer_leadership_to(None, timeout=max(0.1, deadline - time.monotonic()))
-            except ProposalError:
-                time.sleep(0.02)
-                continue
-            if wait_until(lambda: not raft.is_leader(), min(1.0, max(0.0, deadline - time.monotonic())), 0.005):
+        while time.monotonic() < deadline:
+            leader = raft.leader_address()
+            if leader and leader != me:
                 break
-        moved = not raft.is_leader()
+            if raft.is_leader():
+                try:
+                    raft.transfer_leadership_to(None, timeout=max(0.1, deadline - time.monotonic()))
+                except ProposalError:
+                    pass  # no follower in sync yet, or a transfer already under way
+            time.sleep(0.01)
+        leader = raft.leader_address()
+        moved = bool(leader) and leader != me
         log.info("leadership handed over" if moved else "leadership hand-over did not complete",
-                 extra=fields(new_leader=raft.leader_address(), term=raft.term()))
+                 extra=fields(new_leader=leader, term=raft.term()))
         return moved
 
     def _wipe_state(self) -> None:
