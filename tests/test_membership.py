@@ -226,6 +226,9 @@ def test_a_promoted_worker_replaces_a_dead_server_and_keeps_quorum(make_cluster)
     cluster.kill(leader)
     survivor = next(n for n in ("n1", "n2", "n3") if n not in (dead, leader))
     new_leader = wait_for(lambda: _leader_among((survivor, "w1"), cluster), 30, "a new leader")
+    new_raft = raft if new_leader == "w1" else cluster.node(new_leader).raft_address
+    wait_for(lambda: any(e["data"].get("leader") == new_raft for e in _events(w1, "leader.changed")), 15,
+             "leader.changed on w1's event bus")
     with Client(cluster.node(new_leader).grpc_address if new_leader != "w1" else w1) as c:
         c.put("after", "ok")
         acknowledged["after"] = "ok"
@@ -264,3 +267,21 @@ def _leader_among(ids: tuple[str, ...], cluster) -> str:
         except CortexError:
             pass
     return ""
+
+
+def test_the_leader_forgets_left_nodes_after_forget_left_after(tmp_path: Path):
+    from cortex import devcluster
+    from tests.conftest import free_base_port
+
+    directory = tmp_path / "prune"
+    extra = lambda node: "liveness:\n  forget_left_after: 1\n" if node.role == "server" else ""  # noqa: E731
+    try:
+        dc = devcluster.up(directory, 1, 1, free_base_port(), timeout=60, extra_config=extra)
+        addr = dc.node("n1").grpc_address
+        cortex("leave", "--socket", str(Path(dc.node("w1").dir) / "data" / "admin.sock"))
+        wait_for(lambda: "w1" not in _nodes_json(addr), 20, "w1's record forgotten")
+        events = _events(addr, "node.*")
+        kinds = [e["type"] for e in events if e["data"].get("node_id") == "w1"]
+        assert kinds[-2:] == ["node.left", "node.forgotten"]
+    finally:
+        devcluster.down(directory)
