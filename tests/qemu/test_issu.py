@@ -150,7 +150,7 @@ def follow(lab, version: str, timeout: float) -> dict:
                 if seen.get(s["node_id"], ("",))[0] != s["state"]:
                     seen[s["node_id"]] = (s["state"], time.monotonic())
                     print(f"ISSU {version} {s['node_id']}: {s['state']} {s['reason']}", flush=True)
-            if r["state"] not in ("running", "rolling_back"):
+            if r["state"] not in ("checking", "running", "rolling_back"):
                 return doc
         time.sleep(3)
     raise AssertionError(f"rollout to {version} not finished within {timeout:.0f} s: {update_status(lab)}")
