@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(600)
 def payload(directory: Path, version: str, broken: bool = False) -> Path:
     """A build's update directory with the three payload files (tiny stand-ins for the real partitions)."""
     directory.mkdir(parents=True)
-    part = str(uuid.UUID(int=int(version.replace(".", "")) + 1))
+    part = uuid.UUID(int=int(version.replace(".", "")) + 1).hex  # as mkosi names split partitions
     (directory / f"cortex_{version}.usr-x86-64.{part}.raw.xz").write_bytes(b"usr " + version.encode() * 100)
     (directory / f"cortex_{version}.usr-x86-64-verity.{part}.raw.xz").write_bytes(b"verity " + version.encode())
     (directory / f"cortex_{version}.efi").write_bytes(b"UKI " + version.encode() + (BROKEN_MARK if broken else b""))
