@@ -318,9 +318,11 @@ class UpdaterPlugin(Plugin):
         self.progress = [*self.progress[-49:], f"{time.strftime('%H:%M:%S')} {message}"]
 
     def _propose(self, doc: dict, node_id: str, state: str, reason: str = "") -> None:
+        # a rollback passes through `draining` again: its own keys, or the forward step's would dedupe it
+        phase = "back" if doc["state"] == "rolling_back" else "advance"
         write_with_retry(self.ctx.cluster, "update.advance", {"rollout_id": doc["id"], "node_id": node_id,
                                                               "state": state, "reason": reason},
-                         f"advance:{doc['id']}:{node_id}:{state}")
+                         f"{phase}:{doc['id']}:{node_id}:{state}")
         self._note(f"{doc['id']} {node_id}: {state}" + (f" ({reason})" if reason else ""))
 
     def _check(self, doc: dict) -> None:
