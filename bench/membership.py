@@ -1,4 +1,5 @@
-"""Membership benchmark: join → alive, resume → alive, detection of a dead worker.
+"""Membership benchmark: leader stop (graceful vs kill -9) under writes, join → alive, resume → alive,
+detection of a dead worker.
 
 A 3-server dev cluster plus worker agents on 127.0.0.1. Suspend is stood in for by SIGSTOP (the machine keeps
 running, the worker does not) and the wake by SIGCONT + SIGUSR1, which is what the image's sleep hook sends
@@ -13,12 +14,13 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from cortex import devcluster
 from cortex.client import Client, CortexError
-from cortex.config import LivenessConfig
+from cortex.config import LivenessConfig, RaftConfig
 
 from . import measure
 
@@ -106,6 +108,41 @@ def _detection_times(dc: devcluster.DevCluster, worker: devcluster.DevNode) -> t
     return suspect, time.monotonic() - killed
 
 
+def _write_gap(dc: devcluster.DevCluster, sig: int, before: float = 1.0, after: float = 4.0) -> float:
+    """Stop the leader with `sig` while a client writes one key after another through a follower; return
+    the longest time between two acknowledged writes (the unavailability the stop caused)."""
+    leader = _leader_address(dc)
+    node = next(n for n in dc.servers if n.grpc_address == leader)
+    via = next(n for n in dc.servers if n is not node).grpc_address
+    acks: list[float] = []
+    done = threading.Event()
+
+    def writer() -> None:
+        with Client(via, timeout=1.0) as c:
+            i = 0
+            while not done.is_set():
+                try:
+                    c.put(f"gap/{i}", "x")
+                    acks.append(time.monotonic())
+                    i += 1
+                except CortexError:
+                    time.sleep(0.005)  # no leader yet: ask again at once (the gap is what we measure)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    time.sleep(before)
+    devcluster.stop_node(node, sig)
+    time.sleep(after)
+    done.set()
+    thread.join(10)
+    devcluster.start_node(node)
+    dc.save()
+    devcluster.wait_healthy(dc, time.monotonic() + 60)
+    if len(acks) < 2:
+        raise RuntimeError("the writer got fewer than two writes acknowledged")
+    return max(b - a for a, b in zip(acks, acks[1:]))
+
+
 def run(workdir: Path, base_port: int, quick: bool, progress) -> list[list]:
     """Measure; return table rows: metric, p50/value, max, samples, target, met?"""
     reps = 1 if quick else 3
@@ -113,6 +150,14 @@ def run(workdir: Path, base_port: int, quick: bool, progress) -> list[list]:
                        progress=lambda s: progress(f"membership: {s}"))
     rows = []
     try:
+        graceful_limit = RaftConfig().election_timeout_min
+        for label, sig in (("SIGTERM (hand-over)", signal.SIGTERM), ("kill -9 (election)", signal.SIGKILL)):
+            progress(f"membership: leader {label} under sequential writes x{reps}")
+            gaps = [_write_gap(dc, sig) for _ in range(reps)]
+            target = f"< {graceful_limit:.1f} s (min election timeout)" if sig == signal.SIGTERM else ""
+            met = ("yes" if max(gaps) < graceful_limit else "NO") if sig == signal.SIGTERM else ""
+            rows.append([f"leader {label} -> longest write gap", statistics.median(gaps), max(gaps), len(gaps),
+                         target, met])
         progress(f"membership: join -> alive x{reps}")
         joins = _join_times(dc, workdir, base_port + 20, reps)
         rows.append(["cortex join -> alive (worker)", statistics.median(joins), max(joins), len(joins), "", ""])

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cortex import rollout
-from cortex.commands import Envelope, validate
+from cortex.commands import Envelope, is_internal, validate
 from cortex.state import StateStore
 
 NODES = [("w1", "worker"), ("w2", "worker"), ("n2", "server"), ("n3", "server"), ("n1", "server")]
@@ -80,7 +80,12 @@ def test_rollout_in_the_store_moves_forward_only_and_a_new_leader_finishes_it(tm
     plan = [{"node_id": n, "role": r, "from_version": "1.0", "state": "skipped" if skip_w2 and n == "w2"
              else "pending", "reason": "not an appliance" if skip_w2 and n == "w2" else ""} for n, r in NODES]
     started = log.apply("update.start", {"version": "2.0", "source": "http://h/stable", "steps": plan}, "start")
-    assert started["state"] == "running"
+    assert started["state"] == "checking"  # no node moves before the leader's own pre-flight
+    first = plan[0]["node_id"]
+    assert log.apply("update.advance", {"rollout_id": started["id"], "node_id": first, "state": "draining"},
+                     "early")["error"].startswith("refused")
+    assert log.apply("update.checked", {"rollout_id": started["id"], "problems": []}, "checked")["state"] == "running"
+    assert "error" in log.apply("update.checked", {"rollout_id": started["id"], "problems": ["late"]}, "again")
     views = [log.current(), log.current()]
     last: list[tuple[str, str] | None] = [None, None]
     failed = False
@@ -129,15 +134,63 @@ def test_a_second_rollout_waits_for_the_first_and_only_the_latest_rolls_back(tmp
     first = log.apply("update.start", {"version": "2.0", "source": "http://h/s", "steps": steps}, "a")
     assert "in progress" in log.apply("update.start", {"version": "3.0", "source": "http://h/s", "steps": steps},
                                       "b")["error"]
+    log.apply("update.checked", {"rollout_id": first["id"], "problems": []}, "a-checked")
     for state in FLOW[1:]:
         assert "error" not in log.apply("update.advance", {"rollout_id": first["id"], "node_id": "w1",
                                                            "state": state}, f"w1:{state}")
     second = log.apply("update.start", {"version": "3.0", "source": "http://h/s",
                                         "steps": [{**steps[0], "from_version": "2.0"}]}, "c")
-    assert second["state"] == "running"
+    assert second["state"] == "checking"
     assert "only the latest" in log.apply("update.rollback", {"rollout_id": first["id"]}, "r1")["error"]
     assert "being updated" not in str(log.apply("update.rollback", {}, "r2"))  # pending: nothing active
     assert log.current()["state"] == "rolled_back"  # nobody was updated by the second one
     assert log.apply("update.advance", {"rollout_id": second["id"], "node_id": "w1", "state": "draining"},
                      "late")["error"].startswith("refused")
+    log.store.close()
+
+
+def test_the_leaders_preflight_verdict_gates_a_raw_start(tmp_path: Path):
+    """update.start written by any path (a raw Write, not the tool) waits for the leader's own pre-flight;
+    a refusal halts it before any node moves, and only the leader may record the verdict."""
+    log = Log(tmp_path / "s.db")
+    steps = [{"node_id": n, "role": r, "from_version": "1.0", "state": "pending", "reason": ""} for n, r in NODES]
+    start = log.apply("update.start", {"version": "2.0", "source": "http://h/s", "steps": steps}, "raw")
+    assert is_internal("update.checked") and not is_internal("update.start")
+    halted = log.apply("update.checked", {"rollout_id": start["id"],
+                                          "problems": ["release 2.0: signature does not verify"]}, "verdict")
+    assert halted["state"] == "halted" and "no node was touched" in halted["reason"]
+    assert "signature does not verify" in log.current()["reason"]
+    assert [s["state"] for s in log.current()["steps"]] == ["pending"] * len(NODES)
+    assert log.apply("update.start", {"version": "2.0", "source": "http://h/s", "steps": steps,
+                                      "allow_downgrade": True}, "retry")["state"] == "checking"
+    assert log.current()["allow_downgrade"] is True
+    log.store.close()
+
+
+def test_rollback_drains_each_updated_node_again_newest_first(tmp_path: Path):
+    log = Log(tmp_path / "s.db")
+    steps = [{"node_id": n, "role": r, "from_version": "1.0", "state": "pending", "reason": ""} for n, r in NODES]
+    rid = log.apply("update.start", {"version": "2.0", "source": "http://h/s", "steps": steps}, "s")["id"]
+    log.apply("update.checked", {"rollout_id": rid, "problems": []}, "c")
+    for node in ("w1", "w2"):  # two nodes updated, then the third fails
+        for state in FLOW[1:]:
+            assert "error" not in log.apply("update.advance", {"rollout_id": rid, "node_id": node, "state": state},
+                                            f"{node}:{state}")
+    log.apply("update.advance", {"rollout_id": rid, "node_id": "n2", "state": "draining"}, "n2:d")
+    log.apply("update.advance", {"rollout_id": rid, "node_id": "n2", "state": "failed", "reason": "x"}, "n2:f")
+    assert log.apply("update.rollback", {}, "rb")["state"] == "rolling_back"
+
+    def move(node: str, state: str) -> dict:
+        return log.apply("update.advance", {"rollout_id": rid, "node_id": node, "state": state}, f"b{log.index}")
+
+    assert "error" in move("w1", "draining")  # newest first: w2 before w1
+    assert "error" in move("w2", "reverting")  # drained before it switches slots
+    for state in ("draining", "reverting", "rolled_back"):
+        assert "error" not in move("w2", state), state
+    assert log.current()["state"] == "rolling_back"
+    assert "error" not in move("w1", "draining")
+    assert "error" not in move("w1", "rolled_back")  # already back on 1.0 (fell back or reverted by hand)
+    end = log.current()
+    assert end["state"] == "rolled_back"
+    assert [s["state"] for s in end["steps"]] == ["rolled_back", "rolled_back", "failed", "pending", "pending"]
     log.store.close()

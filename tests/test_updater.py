@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(600)
 def payload(directory: Path, version: str, broken: bool = False) -> Path:
     """A build's update directory with the three payload files (tiny stand-ins for the real partitions)."""
     directory.mkdir(parents=True)
-    part = str(uuid.UUID(int=int(version.replace(".", "")) + 1))
+    part = uuid.UUID(int=int(version.replace(".", "")) + 1).hex  # as mkosi names split partitions
     (directory / f"cortex_{version}.usr-x86-64.{part}.raw.xz").write_bytes(b"usr " + version.encode() * 100)
     (directory / f"cortex_{version}.usr-x86-64-verity.{part}.raw.xz").write_bytes(b"verity " + version.encode())
     (directory / f"cortex_{version}.efi").write_bytes(b"UKI " + version.encode() + (BROKEN_MARK if broken else b""))
@@ -225,6 +225,16 @@ def test_dry_run_plan_and_bad_releases_are_refused_before_any_node_is_touched(cl
     out = subprocess.run([sys.executable, "-m", "cortex", "--socket", "/nonexistent", "--addr", node.grpc_address,
                           "update", "rollout", "2.0.0"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "admin" in out.stderr
+    # a start written straight to the log (no tool, no pre-flight of its own) waits for the leader's own
+    # pre-flight, which refuses the unsigned release: halted, no node drained or touched
+    with Client(c.node(leader).grpc_address) as client:
+        raw = client.write("update.start", {"version": "5.0.0", "source": releases["url"], "steps": plan["steps"],
+                                            "by": "raw write"})
+    assert raw["state"] == "checking"
+    doc = wait_rollout(c, timeout=60)
+    assert doc["state"] == "halted" and "no node was touched" in doc["reason"] and "unsigned" in doc["reason"], doc
+    assert [s["state"] for s in doc["steps"]] == [s["state"] for s in plan["steps"]]
+    assert {r["version"] for r in read(c, "update.nodes") if r["kind"] == "simulated"} == {"1.0.0"}
 
 
 def test_no_space_is_refused_before_any_node_is_touched():

@@ -7,11 +7,13 @@ goes to the leader over gRPC, where it is stamped (id, time, term) and replicate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -182,9 +184,10 @@ class PluginBridge:
     def revoke_token(self, token_id: str) -> None:
         self._agent.handle_revoke_token(pb.RevokeTokenRequest(token_id=token_id))
 
-    def remove_node(self, node_id: str) -> bool:
-        """Remove a node from membership: the `cortex leave` path (Raft config for servers, node.remove)."""
-        return self._agent.handle_leave(pb.LeaveRequest(node_id=node_id)).removed
+    def remove_node(self, node_id: str, reason: str = "") -> bool:
+        """Remove a node from membership: the `cortex leave` path (Raft config for servers; the node stays on
+        record as `left` with `reason`, see membership.py)."""
+        return self._agent.handle_leave(pb.LeaveRequest(node_id=node_id, reason=reason)).removed
 
     def status(self) -> dict:
         from google.protobuf.json_format import MessageToDict
@@ -205,6 +208,11 @@ class Agent:
                              f"node.id is {config.node_id!r} but {self.data_dir / identity.FILE_NAME} says this node "
                              f"joined as {self.identity.node_id!r}; restore node.id, or `cortex leave` first "
                              f"and join again under the new name")
+        self._file_config = config
+        if self.identity is not None and self.identity.raft_address:
+            # promoted from worker: the cluster's record of this node's role and Raft address wins over the file
+            self.config = config = dataclasses.replace(config, role=self.identity.role,
+                                                       raft_address=self.identity.raft_address)
         self.store: StateStore | None = None
         self.raft: RaftNode | None = None
         self.committer: GroupCommitter | None = None
@@ -223,6 +231,8 @@ class Agent:
         self.plugins = PluginHost(config.plugins, PluginBridge(self), self.events, self.data_dir, config.source)
         self.liveness = LivenessTracker(config.liveness.suspect_after, config.liveness.offline_after)
         self._liveness_term = -1  # the term in which this node, as leader, started tracking liveness
+        self._next_forget = 0.0  # when the leader next looks for records of nodes that left long ago
+        self._promote_lock = threading.Lock()  # one promotion (Raft membership change) at a time
         self._liveness_lock = threading.Lock()
         self._last_leader = ""
         self._server_addresses: list[str] = list(self.identity.server_grpc_addresses) if self.identity else []
@@ -258,6 +268,9 @@ class Agent:
         self._wake.set()
         notify.sd_notify("STOPPING=1")
         log.info("agent stopping")
+        # A leader that stops (SIGTERM, systemd, a reboot) hands leadership to the most caught-up follower
+        # first: the cluster goes on writing instead of waiting an election timeout for it to be missed.
+        self._hand_over_leadership(timeout=3.0)
         self.plugins.stop()
         if self._grpc:
             self._grpc.stop(grace=2).wait()
@@ -477,7 +490,7 @@ class Agent:
                 if self.identity is not None and (self.identity.pending_token or self.identity.pending_request_secret):
                     with self._lock:
                         self._finish_join(timeout=5)
-                if self.identity is not None and self.identity.role == "worker":
+                if self.identity is not None and self._sends_heartbeats():
                     self._worker_heartbeat()
                 self._raft_key_step()
                 self._renew_step()
@@ -537,6 +550,28 @@ class Agent:
         for transition in self.liveness.evaluate(now):
             self.propose("node.liveness", {"node_id": transition.node_id, "state": transition.new}, internal=True)
             self.liveness.apply(transition)
+        self._forget_step()
+
+    def _forget_step(self) -> None:
+        """Leader: drop the records of nodes that left more than liveness.forget_left_after ago."""
+        now, keep = time.time(), self.config.liveness.forget_left_after
+        if now < self._next_forget:
+            return
+        self._next_forget = now + min(60.0, max(0.5, keep / 4))
+        for node in self.store.query("member.list", {"left_only": True}):
+            if node["left_at"] is not None and node["left_at"] < now - keep:
+                self.propose("member.forget", {"node_id": node["id"]}, internal=True)
+                log.info("forgot a node that left", extra=fields(node=node["id"], left_at=node["left_at"]))
+
+    def _sends_heartbeats(self) -> bool:
+        """Workers do; so does a promoted node until the cluster records it as a server (the leader then
+        hears it through its Raft connection)."""
+        if self.identity.role == "worker":
+            return True
+        if self.store is None or not self.identity.raft_address:
+            return False
+        me = next((n for n in self.store.query("nodes", {}) if n["id"] == self.config.node_id), None)
+        return me is not None and me["role"] == "worker"
 
     def _worker_heartbeat(self) -> None:
         request = pb.HeartbeatRequest(node_id=self.config.node_id)
@@ -726,10 +761,8 @@ class Agent:
         with self._lock:
             if self.identity is None:
                 raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, "this node is not in a cluster")
-            if self.raft is not None and self.raft.is_leader() and len(self.raft.members()) > 1:
-                self.raft.transfer_leadership_to(None)
-                wait_until(lambda: bool(self.raft.leader_address()) and not self.raft.is_leader(), 10)
-            request = pb.LeaveRequest(node_id=self.config.node_id)
+            self._hand_over_leadership(timeout=10.0)
+            request = pb.LeaveRequest(node_id=self.config.node_id, reason="left (cortex leave)")
             if self.raft is not None and len(self.raft.members()) == 1:
                 pass  # the last server: the cluster ends with it
             else:
@@ -739,11 +772,37 @@ class Agent:
             self._wipe_state()
             self.certs.remove()
             self.identity = None
+            self.config = self._file_config  # a promoted node joins again as its config file says
             self.peers.reset()
             self._restart_network()
             self.waiting_for = "cortex init (new cluster) or cortex join ADDRESS --token TOKEN"
             self._update_health()
             log.info("left the cluster")
+
+    def _hand_over_leadership(self, timeout: float) -> bool:
+        """Leader: make the most caught-up follower leader (Raft TimeoutNow) and wait until another server is
+        known as leader. A follower still catching up is refused by Raft, and a target that does not win its
+        election leaves this node to win the next one: ask again until `timeout` passes."""
+        raft = self.raft
+        if raft is None or not raft.is_leader() or not any(raft.status().connected.values()):
+            return False  # not the leader, or no follower to hand over to (alone, or the others are down)
+        me = self.config.raft_address
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leader = raft.leader_address()
+            if leader and leader != me:
+                break
+            if raft.is_leader():
+                try:
+                    raft.transfer_leadership_to(None, timeout=max(0.1, deadline - time.monotonic()))
+                except ProposalError:
+                    pass  # no follower in sync yet, or a transfer already under way
+            time.sleep(0.01)
+        leader = raft.leader_address()
+        moved = bool(leader) and leader != me
+        log.info("leadership handed over" if moved else "leadership hand-over did not complete",
+                 extra=fields(new_leader=leader, term=raft.term()))
+        return moved
 
     def _wipe_state(self) -> None:
         for name in ("state.db", "state.db-wal", "state.db-shm", "raft.journal", "raft.journal.meta",
@@ -861,7 +920,7 @@ class Agent:
             return self._forward("Leave", request)
         node = next((n for n in self.store.query("nodes", {}) if n["id"] == request.node_id), None)
         if node is None:
-            return pb.LeaveResponse(removed=False)  # already gone: a retried removal is not an error
+            return pb.LeaveResponse(removed=False)  # already gone (or left): a retried removal is not an error
         # Revoke first: a removal interrupted after this leaves a member without credentials (fail closed)
         # instead of a removed node with working ones. Its certificates were issued at most a lifetime ago.
         for name in (request.node_id, f"admin@{request.node_id}"):  # a server's local CLI certificate too
@@ -871,9 +930,114 @@ class Agent:
             if node["raft_address"] == self.config.raft_address:
                 raise AgentError(grpc.StatusCode.UNAVAILABLE, "the leader cannot remove itself; transfer first")
             self._raft_call(lambda: self.raft.remove_member(node["raft_address"]))
-        self.propose("node.remove", {"node_id": request.node_id}, internal=True)
+        # kept on record as `left` (membership.py): shown by `cortex nodes`, counted by nothing, may rejoin
+        self.propose("member.leave", {"node_id": request.node_id, "reason": (request.reason or "removed")[:200]},
+                     internal=True)
         self.liveness.forget(request.node_id)
         return pb.LeaveResponse(removed=True)
+
+    # --- promotion: a worker becomes a voting server --------------------------------------------------------
+    def handle_promote(self, request: pb.PromoteNodeRequest) -> pb.PromoteNodeResponse:
+        """Leader: issue the node its server material, add it to Raft (one change at a time), wait until it
+        has caught up, then record its new role. Every step is a no-op when already done, so a repeated or
+        interrupted promotion (a new leader, a timeout) is finished by running it again."""
+        self._require_member()
+        if not self._is_leader():
+            return self._forward("PromoteNode", request, timeout=90)
+        on_record = {n["id"]: n for n in self.store.query("member.list", {})}
+        node = on_record.get(request.node_id)
+        if node is None:
+            raise AgentError(grpc.StatusCode.NOT_FOUND, f"no member named {request.node_id!r}; see `cortex nodes`")
+        if node["liveness"] == "left":
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"{request.node_id} left the cluster; it must join again before it can be promoted")
+        if node["role"] == "server":
+            raise AgentError(grpc.StatusCode.ALREADY_EXISTS, f"{request.node_id} is already a server")
+        if node["liveness"] != "alive":
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"{request.node_id} is {node['liveness']}: a promoted node starts Raft and catches up, "
+                             "so it must be up; bring it back (or promote another worker)")
+        if sum(1 for n in on_record.values() if n["role"] == "server" and n["liveness"] != "left") >= 5:
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                             "the cluster already has 5 voting servers; remove one first")
+        if not self._promote_lock.acquire(timeout=30):
+            raise AgentError(grpc.StatusCode.UNAVAILABLE, "another promotion is in progress; retry")
+        try:
+            return self._promote_locked(node, request.raft_address)
+        finally:
+            self._promote_lock.release()
+
+    def _promote_locked(self, node: dict, raft_address: str) -> pb.PromoteNodeResponse:
+        stub = self.peers.stub(node["grpc_address"])
+
+        def call(req: pb.BecomeServerRequest) -> pb.BecomeServerResponse:
+            try:
+                return stub.BecomeServer(req, timeout=30)
+            except grpc.RpcError as exc:
+                raise AgentError(exc.code(), f"{node['id']}: {exc.details()}") from None
+
+        checked = call(pb.BecomeServerRequest(raft_address=raft_address, check_only=True))
+        address = checked.raft_address
+        taken = next((n["id"] for n in self.store.query("member.list", {})
+                      if n["raft_address"] == address and n["id"] != node["id"]), None)
+        if taken:
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"raft address {address} is {taken}'s; pass another (`--raft HOST:PORT`)")
+        log.info("promoting", extra=fields(node=node["id"], raft=address))
+        self._raft_call(lambda: self.raft.start_add_member(address))  # no-op when already a member
+        call(pb.BecomeServerRequest(raft_address=address, raft_secret=self.identity.raft_secret,
+                                    raft_peers=sorted(set(self.raft.members()) | {address}),
+                                    ca_key_pem=self.certs.ca()[1],
+                                    server_grpc_addresses=self._server_grpc_addresses() + [node["grpc_address"]]))
+
+        def caught_up() -> bool:
+            raft = self.raft.status()
+            return (address in self.raft.members() and raft.connected.get(address, False)
+                    and raft.match_index.get(address, 0) >= raft.commit_index)
+
+        if not wait_until(caught_up, 60, 0.05):
+            raise AgentError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"{node['id']} runs Raft at {address} but has not caught up within 60 s; run the "
+                             "same promotion again to finish it (it changes nothing twice)")
+        self.propose("member.set_role", {"node_id": node["id"], "role": "server", "raft_address": address},
+                     internal=True)
+        log.info("promoted", extra=fields(node=node["id"], raft=address))
+        return pb.PromoteNodeResponse(node_id=node["id"], raft_address=address, changed=True)
+
+    def handle_become_server(self, request: pb.BecomeServerRequest) -> pb.BecomeServerResponse:
+        """The node being promoted: take the server material, start Raft, open the enrollment port."""
+        self._require_member()
+        with self._lock:
+            address = request.raft_address or _default_raft_address(self.config.grpc_address)
+            if self.identity.role == "server":
+                if self.raft is not None and self.config.raft_address == address:
+                    return pb.BecomeServerResponse(raft_address=address, already=True)
+                raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"{self.config.node_id} is already a server with Raft at {self.config.raft_address}")
+            problem = _unbindable(address) or _unbindable(authz.enroll_address(self.config.grpc_address))
+            if problem:
+                raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"cannot serve as a server: {problem}; pass another --raft address or free the port")
+            if request.check_only:
+                return pb.BecomeServerResponse(raft_address=address)
+            if not request.raft_secret or not request.ca_key_pem:
+                raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "a promotion needs the raft secret and CA key")
+            try:
+                self.certs.become_server(request.ca_key_pem, self.identity.cluster_id)
+            except (tls.TLSError, ValueError) as exc:
+                raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, f"promotion: {exc}") from None
+            self.identity = dataclasses.replace(
+                self.identity, role="server", raft_secret=request.raft_secret, raft_peers=list(request.raft_peers),
+                server_grpc_addresses=list(request.server_grpc_addresses), raft_address=address)
+            identity.save(self.data_dir, self.identity)
+            self.config = dataclasses.replace(self.config, role="server", raft_address=address)
+            self._start_member()
+            self.peers.reset()  # outgoing calls present the server certificate from now on
+            # After this answer is on its way: serve the enrollment port too (restarting the listener now
+            # would cut this very call)
+            threading.Timer(0.3, self._restart_network).start()
+            log.info("became a server", extra=fields(raft=address, peers=list(request.raft_peers)))
+            return pb.BecomeServerResponse(raft_address=address)
 
     def handle_heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         self._require_member()
@@ -1266,6 +1430,7 @@ class Agent:
             "Leave": self.handle_leave,
             "Heartbeat": self.handle_heartbeat,
             "TransferLeadership": self.handle_transfer,
+            "PromoteNode": self.handle_promote,
             "CreateToken": self.handle_create_token,
             "RevokeToken": self.handle_revoke_token,
         }[method](request)
@@ -1285,6 +1450,24 @@ class Agent:
                     raise AgentError(exc.code(), exc.details() or "") from None
                 errors.append(f"{address}: {exc.details()}")
         raise AgentError(grpc.StatusCode.UNAVAILABLE, "no server reachable (" + "; ".join(errors) + ")")
+
+
+def _default_raft_address(grpc_address: str) -> str:
+    """A promoted worker's Raft address unless given: its gRPC host, port + 1 (as servers are laid out)."""
+    host, _, port = grpc_address.rpartition(":")
+    return f"{host}:{int(port) + 1}"
+
+
+def _unbindable(address: str) -> str:
+    """Why `address` cannot be listened on here ('' when it can)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host.strip("[]"), int(port)))
+    except (OSError, ValueError) as exc:
+        return f"cannot listen on {address} ({exc})"
+    return ""
 
 
 def _suspended_seconds() -> float:
@@ -1344,7 +1527,18 @@ class ClusterService(pb_grpc.ClusterServicer):
     @_servicer
     def Leave(self, request, context):
         _only_itself(request.node_id, "remove")
+        peer = authz.current_peer.get()
+        if not request.reason and peer is not None:  # the first hop says who asked (kept with the record)
+            request.reason = "left" if peer.name == request.node_id else f"removed by {peer.name}"
         return self.agent.handle_leave(request)
+
+    @_servicer
+    def PromoteNode(self, request, context):
+        return self.agent.handle_promote(request)
+
+    @_servicer
+    def BecomeServer(self, request, context):
+        return self.agent.handle_become_server(request)
 
     @_servicer
     def Heartbeat(self, request, context):

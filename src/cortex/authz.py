@@ -51,6 +51,8 @@ CLUSTER_RPC_ROLES: dict[str, frozenset[str]] = {
     "CreateToken": ADMIN | {"worker"},
     "RevokeToken": ADMIN,
     "RenewCertificate": EVERYONE,  # renews the caller's own certificate, same name and role
+    "PromoteNode": ADMIN,  # a worker becomes a voting server (membership.py, agent.handle_promote)
+    "BecomeServer": SERVER,  # the leader hands the promoted node its server material
 }
 # A certificate's role as a plugin tool caller (plugins.CALLER_ROLES: reader < operator < admin).
 CALLER_ROLE_OF = {"admin": "admin", "server": "admin", "operator": "operator", "worker": "operator",

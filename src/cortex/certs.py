@@ -75,6 +75,17 @@ class NodeCerts:
         if ca_key_pem and cluster_id:
             self.issue_admin(cluster_id)
 
+    def become_server(self, ca_key_pem: bytes, cluster_id: str) -> None:
+        """A promoted worker: keep the CA key as servers do, sign itself a server certificate, issue the
+        local admin certificate. The worker key and certificate are replaced (key first, as in renewal)."""
+        ca_cert = tls.read(self.dir, "ca.crt") or b""
+        key = tls.new_key_pem()
+        cert = tls.sign(ca_cert, ca_key_pem, tls.new_csr(key, self.node_id), self.node_id, "server", cluster_id)
+        tls.write_file(self.dir / "ca.key", ca_key_pem)
+        self._supersede(tls.read(self.dir, "node.crt"), cert, "renewed")  # the worker certificate: revoked
+        self._write_pair("node", cert, key)
+        self.issue_admin(cluster_id)
+
     def _write_pair(self, stem: str, cert: bytes, key: bytes) -> None:
         # Key first: the serving fetcher skips a pair that does not match, so it never serves half a renewal.
         tls.write_file(self.dir / f"{stem}.key", key)

@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     leader = sub.add_parser("leader", help="leadership").add_subparsers(dest="sub", required=True)
     sp = add("transfer", cmd_leader_transfer, "hand leadership to another server", leader)
     sp.add_argument("node", nargs="?", help="target server id (default: any up-to-date server)")
+    from cortex import members_cli  # here, not at the top: it imports this module's helpers
+
+    members_cli.register(sub, add)  # cortex nodes (with nodes that left), nodes forget|promote
 
     from cortex import update_cli
 

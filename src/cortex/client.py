@@ -252,6 +252,11 @@ class Client:
     def status(self) -> pb.StatusResponse:
         return self._call(self.stub.Status, pb.StatusRequest())
 
+    def promote_node(self, node_id: str, raft_address: str = "") -> pb.PromoteNodeResponse:
+        """Make a worker a voting server; returns once it has caught up and is recorded as one."""
+        return self._call(self.stub.PromoteNode, pb.PromoteNodeRequest(node_id=node_id, raft_address=raft_address),
+                          timeout=max(self.timeout, 90))
+
     def transfer_leadership(self, target: str = "") -> pb.TransferLeadershipResponse:
         return self._call(self.stub.TransferLeadership, pb.TransferLeadershipRequest(target_node_id=target),
                           timeout=max(self.timeout, 15))

@@ -44,6 +44,7 @@ class LivenessConfig:
 
     suspect_after: float = 3.0
     offline_after: float = 10.0
+    forget_left_after: float = 72 * 3600.0  # the record of a node that left is dropped after this (membership.py)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ BUILTIN: tuple[str, ...] = (
     "cortex.messaging",
     "cortex.netboot.domain",
     "cortex.update_domain",
+    "cortex.membership",
     "cortex.revocation",
     "cortex.ca_rotation",
 )

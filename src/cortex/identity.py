@@ -32,6 +32,9 @@ class Identity:
     pending_token: str = ""
     pending_request_secret: str = ""  # the same, for a join approved by an operator instead of a token
     join_address: str = ""
+    # Set when a worker was promoted to server: the Raft address and the role recorded here win over the
+    # node's config file (which still says worker).
+    raft_address: str = ""
 
 
 def load(data_dir: Path) -> Identity | None:

@@ -4,8 +4,10 @@ Pure functions only; the updater plugin replicates every transition (so a new le
 where the old one stopped) and does the I/O: draining, installing, rebooting, waiting for a blessed boot.
 
 Order: workers first, then follower servers, the leader last (after a leadership transfer), one node at a
-time. The rollout halts at the first node that fails and says why; `rollback` then walks the nodes already
-updated back in reverse order.
+time. A new rollout starts `checking`: the leader runs the pre-flight itself before any node is touched, however
+the start was written (a tool, the CLI, a raw write), and only then moves it to `running`. The rollout halts
+at the first node that fails and says why; `rollback` then walks the nodes already updated back in reverse
+order, draining each again before it switches slots (done -> draining -> reverting -> rolled_back).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from cortex.updates import UpdateError, parse_version
 ACTIVE = ("draining", "installing", "rebooting", "verifying")
 STEP_FLOW = ("pending", *ACTIVE, "done")
 TERMINAL = ("done", "skipped", "failed", "rolled_back")
-ROLLOUT_STATES = ("running", "halted", "done", "rolling_back", "rolled_back", "cancelled")
+# A rollback takes an updated node back: drain it again, then it switches to its previous slot and reboots.
+BACK_FLOW = ("done", "draining", "reverting", "rolled_back")
+ROLLOUT_STATES = ("checking", "running", "halted", "done", "rolling_back", "rolled_back", "cancelled")
+IN_PROGRESS = ("checking", "running", "rolling_back")  # one at a time: a second start waits for these
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,17 @@ def plan(rollout_id: str, targets: list[Target], version: str) -> Rollout:
             steps.append(Step(t.node_id, t.role, t.version, "skipped", f"already runs {version}"))
         else:
             steps.append(Step(t.node_id, t.role, t.version))
-    state = "running" if any(s.state == "pending" for s in steps) else "done"
+    state = "checking" if any(s.state == "pending" for s in steps) else "done"
     return Rollout(rollout_id, version, tuple(steps), state)
+
+
+def checked(rollout: Rollout, problems: list[str]) -> Rollout:
+    """The leader's own pre-flight verdict on a new rollout: go (running) or halt before any node moved."""
+    if rollout.state != "checking":
+        raise UpdateError(f"rollout {rollout.id} is {rollout.state}, not waiting for its pre-flight check")
+    if problems:
+        return replace(rollout, state="halted", reason="pre-flight refused, no node was touched: " + "; ".join(problems))
+    return replace(rollout, state="running")
 
 
 def next_step(rollout: Rollout) -> Step | None:
@@ -91,8 +105,8 @@ def next_step(rollout: Rollout) -> Step | None:
     if rollout.state not in ("running", "rolling_back"):
         return None
     if rollout.state == "rolling_back":
-        done = [s for s in rollout.steps if s.state == "done" or s.state in ACTIVE]
-        return done[-1] if done else None
+        back = [s for s in rollout.steps if s.state in BACK_FLOW[:-1] or s.state in ACTIVE]
+        return back[-1] if back else None
     active = [s for s in rollout.steps if s.state in ACTIVE]
     if active:
         return active[0]
@@ -103,11 +117,16 @@ def advance(rollout: Rollout, node_id: str, new_state: str, reason: str = "") ->
     """Apply one reported transition; refuse anything out of order (a stale report, a second node at once)."""
     step = rollout.step(node_id)
     if rollout.state == "rolling_back":
-        if new_state != "rolled_back" or step is not next_step(rollout):
-            raise UpdateError(f"rolling back: only {getattr(next_step(rollout), 'node_id', 'no node')} may move, "
-                              "to rolled_back")
-        steps = tuple(replace(s, state="rolled_back") if s.node_id == node_id else s for s in rollout.steps)
-        left = any(s.state == "done" for s in steps)
+        current = next_step(rollout)
+        if step is not current or step.state not in BACK_FLOW[:-1]:
+            raise UpdateError(f"rolling back: only {getattr(current, 'node_id', 'no node')} may move")
+        # forward along done -> draining -> reverting -> rolled_back; straight to rolled_back when the node
+        # is already back on its previous version (it fell back, or was reverted by hand)
+        if new_state != "rolled_back" and (new_state not in BACK_FLOW
+                                           or BACK_FLOW.index(new_state) != BACK_FLOW.index(step.state) + 1):
+            raise UpdateError(f"rolling back {node_id}: {step.state} -> {new_state} is not a step of a rollback")
+        steps = tuple(replace(s, state=new_state) if s.node_id == node_id else s for s in rollout.steps)
+        left = any(s.state in BACK_FLOW[:-1] for s in steps)
         return replace(rollout, steps=steps, state="rolling_back" if left else "rolled_back")
     if rollout.state != "running":
         raise UpdateError(f"rollout {rollout.id} is {rollout.state}; nothing moves")
@@ -126,8 +145,9 @@ def advance(rollout: Rollout, node_id: str, new_state: str, reason: str = "") ->
 
 
 def start_rollback(rollout: Rollout) -> Rollout:
-    if rollout.state not in ("halted", "done", "running"):
-        raise UpdateError(f"rollout {rollout.id} is {rollout.state}; only a halted, running or done one rolls back")
+    if rollout.state not in ("checking", "halted", "done", "running"):
+        raise UpdateError(f"rollout {rollout.id} is {rollout.state}; only a checking, halted, running or done one "
+                          "rolls back")
     if any(s.state in ACTIVE for s in rollout.steps):
         # the node in flight finishes or fails first; rolling back under it would race its reboot
         raise UpdateError("a node is being updated right now; wait for it to finish or fail, then roll back")

@@ -100,7 +100,8 @@ def events_for(env: Envelope, result: dict) -> list[tuple[str, dict]]:
     if "error" in result or result.get("duplicate"):
         return []
     if env.type == "node.register" and not result.get("unchanged"):
-        return [("node.joined", {"node_id": env.args["node_id"], "role": env.args["role"]})]
+        return [("node.joined", {"node_id": env.args["node_id"], "role": env.args["role"],
+                                 **({"rejoined": True} if result.get("rejoined") else {})})]
     if env.type == "node.request" and result.get("state") == "pending" and not result.get("unchanged"):
         return [("node.pending", {"node_id": env.args["node_id"], "role": env.args["role"]})]
     if env.type in ("node.approve", "node.reject") and result.get("changed"):
@@ -343,8 +344,10 @@ def _h_kv_cas(db, index, env) -> dict:
 
 def _h_node_register(db, index, env) -> dict:
     a = env.args
-    existing = db.execute("SELECT role, grpc_address, raft_address FROM nodes WHERE id=?", (a["node_id"],)).fetchone()
-    if existing == (a["role"], a["grpc_address"], a["raft_address"]):
+    existing = db.execute("SELECT role, grpc_address, raft_address, liveness FROM nodes WHERE id=?",
+                          (a["node_id"],)).fetchone()
+    rejoined = existing is not None and existing[3] == "left"  # kept on record after leaving (membership.py)
+    if existing is not None and not rejoined and existing[:3] == (a["role"], a["grpc_address"], a["raft_address"]):
         return {"node_id": a["node_id"], "registered": True, "unchanged": True}
     if a["token_hash"]:
         problem = token_problem(db, a["token_hash"], a["role"], env.ts)
@@ -358,11 +361,14 @@ def _h_node_register(db, index, env) -> dict:
         """INSERT INTO nodes (id, role, grpc_address, raft_address, joined_at, updated_at, liveness, liveness_since)
            VALUES (?, ?, ?, ?, ?, ?, 'alive', ?)
            ON CONFLICT(id) DO UPDATE SET role=excluded.role, grpc_address=excluded.grpc_address,
-             raft_address=excluded.raft_address, updated_at=excluded.updated_at""",
+             raft_address=excluded.raft_address, updated_at=excluded.updated_at,
+             joined_at=CASE WHEN nodes.liveness='left' THEN excluded.joined_at ELSE nodes.joined_at END,
+             liveness_since=CASE WHEN nodes.liveness='left' THEN excluded.liveness_since ELSE nodes.liveness_since END,
+             liveness=CASE WHEN nodes.liveness='left' THEN 'alive' ELSE nodes.liveness END""",
         (a["node_id"], a["role"], a["grpc_address"], a["raft_address"], env.ts, env.ts, env.ts),
     )
     db.execute("DELETE FROM join_requests WHERE node_id=? AND state='approved'", (a["node_id"],))
-    return {"node_id": a["node_id"], "registered": True}
+    return {"node_id": a["node_id"], "registered": True, **({"rejoined": True} if rejoined else {})}
 
 
 def _h_node_request(db, index, env) -> dict:
@@ -383,7 +389,7 @@ def _decide(db, env, new_state: str) -> dict:
     node_id = env.args["node_id"]
     row = db.execute("SELECT state FROM join_requests WHERE node_id=?", (node_id,)).fetchone()
     if row is None:
-        member = db.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone()
+        member = db.execute("SELECT 1 FROM nodes WHERE id=? AND liveness!='left'", (node_id,)).fetchone()
         if member:
             return {"node_id": node_id, "state": "member", "changed": False}
         return {"error": f"no join request from node {node_id!r}; see `cortex nodes pending`"}
@@ -424,7 +430,7 @@ def token_problem(db: sqlite3.Connection, token_hash: str, role: str, now: float
 
 def _h_node_liveness(db, index, env) -> dict:
     row = db.execute("SELECT liveness FROM nodes WHERE id=?", (env.args["node_id"],)).fetchone()
-    if row is None:
+    if row is None or row[0] == "left":  # a transition decided before the node left changes nothing
         return {"node_id": env.args["node_id"], "changed": False}
     if row[0] == env.args["state"]:
         return {"node_id": env.args["node_id"], "changed": False}
@@ -506,7 +512,9 @@ def _q_kv_list(db, args) -> list[dict]:
 
 def _q_nodes(db, args) -> list[dict]:
     cols = ("id", "role", "grpc_address", "raft_address", "joined_at", "updated_at", "liveness", "liveness_since")
-    return [dict(zip(cols, row)) for row in db.execute(f"SELECT {', '.join(cols)} FROM nodes ORDER BY id")]
+    # members only: nodes that left stay on record (membership.py, query member.list) but count for nothing
+    return [dict(zip(cols, row)) for row in db.execute(f"SELECT {', '.join(cols)} FROM nodes "
+                                                       "WHERE liveness!='left' ORDER BY id")]
 
 
 def _q_join_requests(db, args) -> list[dict]:
@@ -543,7 +551,7 @@ def _q_cluster(db, args) -> dict:
         "last_applied_index": int(meta.get("last_applied_index", "0")),
         "fence_term": int(meta.get("fence_term", "0")),
         "kv_keys": db.execute("SELECT count(*) FROM kv").fetchone()[0],
-        "nodes": db.execute("SELECT count(*) FROM nodes").fetchone()[0],
+        "nodes": db.execute("SELECT count(*) FROM nodes WHERE liveness!='left'").fetchone()[0],
     }
 
 

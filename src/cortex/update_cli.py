@@ -154,7 +154,7 @@ def _follow(args, emit, rollout_id: str) -> int:
                 if not args.json:
                     print(f"{time.strftime('%H:%M:%S')} {s['node_id']}: {s['state']}"
                           + (f" ({s['reason']})" if s["reason"] else ""), flush=True)
-        if doc["state"] not in ("running", "rolling_back"):
+        if doc["state"] not in rollout.IN_PROGRESS:
             emit(args, doc, f"rollout {doc['id']}: {doc['state']}" + (f": {doc['reason']}" if doc["reason"] else ""))
             return 0 if doc["state"] in ("done", "rolled_back") else 1
         time.sleep(1)

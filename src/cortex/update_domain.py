@@ -3,7 +3,9 @@
 A rollout is the pure state machine of rollout.py stored as one row; every transition is a command
 (`update.advance`) checked by `rollout.advance` inside apply, so a stale or out-of-order report (a node
 retrying, an old leader) is refused by the log itself and a new leader continues exactly where the old one
-stopped. Nodes report their running version, whether the boot was blessed and whether they fell back to the
+stopped. A rollout starts `checking` and only the leader's own pre-flight (`update.checked`, internal: no
+client may write it) lets it run, so a start written by any path touches no node before the checks pass.
+Nodes report their running version, whether the boot was blessed and whether they fell back to the
 previous slot (`update.report`); the leader's driver reads those reports to decide the next transition.
 """
 
@@ -20,8 +22,7 @@ from cortex.updates import UpdateError, parse_version
 
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 KINDS = ("appliance", "simulated", "package")
-STEP_STATES = (*rollout.STEP_FLOW, "skipped", "failed", "rolled_back")
-ACTIVE_ROLLOUTS = ("running", "rolling_back")
+STEP_STATES = (*rollout.STEP_FLOW, "skipped", "failed", "reverting", "rolled_back")
 
 
 def _extra(args: dict, allowed: set[str], name: str) -> None:
@@ -47,7 +48,9 @@ def _version(args: dict, key: str = "version") -> str:
 
 
 def _v_start(args: dict) -> dict:
-    _extra(args, {"version", "source", "steps", "by"}, "update.start")
+    _extra(args, {"version", "source", "steps", "by", "allow_downgrade"}, "update.start")
+    if not isinstance(args.get("allow_downgrade", False), bool):
+        raise CommandError("allow_downgrade must be true or false")
     steps = args.get("steps")
     if not isinstance(steps, list) or not 1 <= len(steps) <= 1000:
         raise CommandError("steps must be a list of 1-1000 planned steps (see `cortex update rollout --dry-run`)")
@@ -64,7 +67,16 @@ def _v_start(args: dict) -> dict:
     if len({s["node_id"] for s in out}) != len(out):
         raise CommandError("a node appears twice in the plan")
     return {"version": _version(args), "source": _str(args, "source", 1000), "steps": out,
-            "by": _str(args, "by", 200, False)}
+            "by": _str(args, "by", 200, False), "allow_downgrade": args.get("allow_downgrade", False)}
+
+
+def _v_checked(args: dict) -> dict:
+    _extra(args, {"rollout_id", "problems"}, "update.checked")
+    problems = args.get("problems")
+    if not isinstance(problems, list) or len(problems) > 200 \
+            or not all(isinstance(p, str) and len(p) <= 1000 for p in problems):
+        raise CommandError("problems must be a list of at most 200 strings (empty: the pre-flight passed)")
+    return {"rollout_id": _str(args, "rollout_id", 64), "problems": problems}
 
 
 def _v_advance(args: dict) -> dict:
@@ -121,18 +133,19 @@ def _current_id(db: sqlite3.Connection) -> str | None:
 # --- handlers ---------------------------------------------------------------------------------------------
 
 def _h_start(db: sqlite3.Connection, index: int, env: Envelope) -> dict:
-    busy = db.execute("SELECT id, version FROM update_rollouts WHERE state IN ('running','rolling_back')").fetchone()
+    busy = db.execute(f"SELECT id, version FROM update_rollouts WHERE state IN ({','.join('?' * len(rollout.IN_PROGRESS))})",
+                      rollout.IN_PROGRESS).fetchone()
     if busy:
         return {"error": f"rollout {busy[0]} to {busy[1]} is still in progress; wait for it, or roll it back "
                          "(`cortex update rollback`)"}
     a = env.args
     plan = rollout.Rollout(env.id[:12], a["version"], tuple(rollout.Step(**s) for s in a["steps"]))
-    state = "running" if any(s.state == "pending" for s in plan.steps) else "done"
+    state = "checking" if any(s.state == "pending" for s in plan.steps) else "done"
     seq = db.execute("SELECT coalesce(max(seq), 0) + 1 FROM update_rollouts").fetchone()[0]
     db.execute("INSERT INTO update_rollouts (id, seq, version, source, state, reason, steps, since, created_by, "
-               "created_at, updated_at) VALUES (?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?)",
+               "created_at, updated_at, allow_downgrade) VALUES (?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)",
                (plan.id, seq, a["version"], a["source"], state, json.dumps([asdict(s) for s in plan.steps]),
-                json.dumps({"_rollout": env.ts}), a["by"], env.ts, env.ts))
+                json.dumps({"_rollout": env.ts}), a["by"], env.ts, env.ts, int(a["allow_downgrade"])))
     return {"id": plan.id, "state": state, "version": a["version"]}
 
 
@@ -152,6 +165,20 @@ def _h_advance(db: sqlite3.Connection, index: int, env: Envelope) -> dict:
     _save(db, moved, since, env.ts)
     return {"id": moved.id, "node_id": a["node_id"], "step": a["state"], "state": moved.state,
             "reason": moved.reason}
+
+
+def _h_checked(db: sqlite3.Connection, index: int, env: Envelope) -> dict:
+    loaded = _load(db, env.args["rollout_id"])
+    if loaded is None:
+        return {"error": f"no rollout {env.args['rollout_id']!r}"}
+    current, since = loaded
+    try:
+        moved = rollout.checked(current, env.args["problems"])
+    except UpdateError as exc:
+        return {"error": str(exc)}
+    since["_rollout"] = env.ts  # the first node's timeouts count from the end of the check
+    _save(db, moved, since, env.ts)
+    return {"id": moved.id, "state": moved.state, "reason": moved.reason}
 
 
 def _h_rollback(db: sqlite3.Connection, index: int, env: Envelope) -> dict:
@@ -188,13 +215,15 @@ def _h_report(db: sqlite3.Connection, index: int, env: Envelope) -> dict:
 # --- queries ----------------------------------------------------------------------------------------------
 
 def _rollout_doc(db: sqlite3.Connection, rollout_id: str) -> dict | None:
-    row = db.execute("SELECT id, version, source, state, reason, steps, since, created_by, created_at, updated_at "
-                     "FROM update_rollouts WHERE id=?", (rollout_id,)).fetchone()
+    row = db.execute("SELECT id, version, source, state, reason, steps, since, created_by, created_at, updated_at, "
+                     "allow_downgrade FROM update_rollouts WHERE id=?", (rollout_id,)).fetchone()
     if row is None:
         return None
-    keys = ("id", "version", "source", "state", "reason", "steps", "since", "by", "created_at", "updated_at")
+    keys = ("id", "version", "source", "state", "reason", "steps", "since", "by", "created_at", "updated_at",
+            "allow_downgrade")
     doc = dict(zip(keys, row))
     doc["steps"], doc["since"] = json.loads(doc["steps"]), json.loads(doc["since"])
+    doc["allow_downgrade"] = bool(doc["allow_downgrade"])
     return doc
 
 
@@ -219,6 +248,8 @@ def _q_nodes(db: sqlite3.Connection, args: dict) -> list[dict]:
 def _events(env: Envelope, result: dict) -> list[tuple[str, dict]]:
     if env.type == "update.advance":
         return [("update.step", {k: result.get(k) for k in ("id", "node_id", "step", "state", "reason")})]
+    if env.type == "update.checked":
+        return [("update.rollout_checked", {k: result.get(k) for k in ("id", "state", "reason")})]
     if env.type in ("update.start", "update.rollback"):
         return [(env.type.replace(".", ".rollout_"), {"id": result.get("id"), "state": result.get("state")})]
     return []
@@ -233,9 +264,11 @@ DOMAIN = domain.Domain(
       CREATE TABLE update_nodes (
         node_id TEXT PRIMARY KEY, version TEXT NOT NULL, kind TEXT NOT NULL, blessed INTEGER NOT NULL,
         fell_back INTEGER NOT NULL, boot_id TEXT NOT NULL, booted_at REAL NOT NULL, free_bytes INTEGER NOT NULL,
-        previous TEXT NOT NULL, detail TEXT NOT NULL, reported_at REAL NOT NULL);""",),
+        previous TEXT NOT NULL, detail TEXT NOT NULL, reported_at REAL NOT NULL);""",
+                "ALTER TABLE update_rollouts ADD COLUMN allow_downgrade INTEGER NOT NULL DEFAULT 0;"),
     tables=("update_rollouts", "update_nodes"),
     commands={"update.start": domain.Command(_v_start, _h_start),
+              "update.checked": domain.Command(_v_checked, _h_checked, internal=True),
               "update.advance": domain.Command(_v_advance, _h_advance),
               "update.rollback": domain.Command(_v_rollback, _h_rollback),
               "update.report": domain.Command(_v_report, _h_report)},

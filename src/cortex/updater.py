@@ -7,7 +7,8 @@ Every node runs two small loops on one thread:
   release from the update source over HTTP, verifies signature and checksums against its trusted keys into
   a local directory, installs it into the inactive slot (node_os), records `rebooting` and reboots; when a
   rollback reaches it, it switches back to the previous slot and reboots.
-- the driver, on the leader only: reads the rollout from the replicated store and proposes the next
+- the driver, on the leader only: runs the pre-flight of a new (`checking`) rollout itself and records the
+  verdict (`update.checked`), then reads the rollout from the replicated store and proposes the next
   transition (`update.advance`, checked by rollout.advance inside apply): drain → wait for the node's
   tasks → `installing` → (the node installs and reboots) → the node is back on the new version with a
   blessed boot → `verifying` → the cluster is healthy → `done`, undrain, next node. Before its own step the
@@ -123,7 +124,7 @@ def preflight_problems(status: dict, reports: list[dict], version: str, allow_do
         elif t.appliance and t.version != version and 0 <= r["free_bytes"] < SPACE_FACTOR * payload_bytes:
             problems.append(f"{t.node_id} has {r['free_bytes'] / 2**20:.0f} MiB free, needs "
                             f"{SPACE_FACTOR * payload_bytes / 2**20:.0f} MiB; free space first")
-    if current and current["state"] in ("running", "rolling_back"):
+    if current and current["state"] in rollout.IN_PROGRESS:
         problems.append(f"rollout {current['id']} to {current['version']} is {current['state']}; wait for it or "
                         "roll it back")
     if not status.get("has_quorum", False):
@@ -154,6 +155,8 @@ class UpdaterPlugin(Plugin):
             "boot_timeout": {"type": "number", "minimum": 1, "default": 1800,
                              "description": "from `rebooting` until the node reports back (all its boot tries)"},
             "verify_timeout": {"type": "number", "minimum": 1, "default": 300},
+            "check_timeout": {"type": "number", "minimum": 1, "default": 900,
+                              "description": "how long the rollout tool waits for the leader's own pre-flight"},
             "not_ready_reboot_after": {"type": "number", "minimum": 0.1, "default": 5,
                                        "description": "os=simulated: a boot that never gets ready reboots after"},
         },
@@ -259,9 +262,9 @@ class UpdaterPlugin(Plugin):
         facts = self.os.facts()
         if doc["state"] == "running" and step["state"] == "installing":
             self._install(doc, facts)
-        elif doc["state"] == "rolling_back":
-            current = rollout.next_step(_as_rollout(doc))
-            if current is not None and current.node_id == me and facts.version != step["from_version"]:
+        elif doc["state"] == "rolling_back" and step["state"] == "reverting":
+            # the leader drained this node again first (done -> draining -> reverting)
+            if facts.version != step["from_version"]:
                 self._revert(doc, step)
 
     def _advance(self, doc: dict, state: str, reason: str = "", boot_id: str = "") -> None:
@@ -315,13 +318,33 @@ class UpdaterPlugin(Plugin):
         self.progress = [*self.progress[-49:], f"{time.strftime('%H:%M:%S')} {message}"]
 
     def _propose(self, doc: dict, node_id: str, state: str, reason: str = "") -> None:
+        # a rollback passes through `draining` again: its own keys, or the forward step's would dedupe it
+        phase = "back" if doc["state"] == "rolling_back" else "advance"
         write_with_retry(self.ctx.cluster, "update.advance", {"rollout_id": doc["id"], "node_id": node_id,
                                                               "state": state, "reason": reason},
-                         f"advance:{doc['id']}:{node_id}:{state}")
+                         f"{phase}:{doc['id']}:{node_id}:{state}")
         self._note(f"{doc['id']} {node_id}: {state}" + (f" ({reason})" if reason else ""))
+
+    def _check(self, doc: dict) -> None:
+        """The leader's own pre-flight of a new rollout: whoever wrote the start, no node moves unless this
+        passes (signature, reachability, space, health, quorum, downgrade)."""
+        marker = f"check:{doc['id']}"
+        if marker in self._acted:
+            return
+        self._acted.add(marker)
+        try:
+            _, problems = self._preflight(doc["version"], doc["source"], doc["allow_downgrade"], None)
+            self.ctx.cluster.propose("update.checked", {"rollout_id": doc["id"], "problems": problems},
+                                     f"checked:{doc['id']}")
+        finally:
+            self._acted.discard(marker)  # not recorded (lost leadership, say): the next round checks again
+        self._note(f"{doc['id']} pre-flight: " + ("; ".join(problems) if problems else "passed"))
 
     def _drive(self) -> None:
         doc = self.ctx.cluster.read("update.current", {}, level="leader")
+        if doc and doc["state"] == "checking":
+            self._check(doc)
+            return
         if not doc or doc["state"] not in ("running", "rolling_back"):
             return
         step = rollout.next_step(_as_rollout(doc))
@@ -336,12 +359,20 @@ class UpdaterPlugin(Plugin):
         me = self.ctx.cluster.node_id
 
         if doc["state"] == "rolling_back":
-            if step.node_id == me and step.state == "done":
-                self._handoff(status)
-                return
             if report and report["version"] == step.from_version and report["blessed"]:
                 self._propose(doc, step.node_id, "rolled_back", f"back on {step.from_version}")
                 self._undrain(step.node_id)
+            elif step.node_id == me:
+                self._handoff(status)  # the leader is reverted last... first in reverse order: hand it off
+            elif step.state == "done":
+                self.ctx.cluster.write("task.drain", {"node_id": step.node_id,
+                                                      "deadline": float(o["drain_timeout"])},
+                                       f"drain-back:{doc['id']}:{step.node_id}")
+                self._propose(doc, step.node_id, "draining", "before switching back")
+            elif step.state == "draining":
+                busy = self.ctx.cluster.read("task.assigned", {"node_id": step.node_id}, level="leader")
+                if not busy or waited > o["drain_timeout"]:
+                    self._propose(doc, step.node_id, "reverting")
             return
 
         if step.state == "pending":
@@ -400,10 +431,9 @@ class UpdaterPlugin(Plugin):
         self.ctx.cluster.rpc("TransferLeadership", pb.TransferLeadershipRequest())
 
     # --- tools ---------------------------------------------------------------------------------------
-    def start_rollout(self, version: str, source: str = "", allow_downgrade: bool = False,
-                      dry_run: bool = False, by: str = "") -> dict:
-        """Pre-flight (signature, reachability, space, health, quorum, downgrade) then the replicated start."""
-        source = source or self.ctx.options["source"]
+    def _preflight(self, version: str, source: str, allow_downgrade: bool,
+                   current: dict | None) -> tuple[dict, list[str]]:
+        """Signature, reachability, space, health, quorum, downgrade: the plan and why it must not start."""
         problems: list[str] = []
         payload = 0
         try:
@@ -421,18 +451,32 @@ class UpdaterPlugin(Plugin):
                 problems.append(f"release {version}: {exc}")
         status = self.ctx.cluster.status()
         reports = self.ctx.cluster.read("update.nodes", {}, level="leader")
-        current = self.ctx.cluster.read("update.current", {}, level="leader")
         targets, more = preflight_problems(status, reports, version, allow_downgrade, payload, current)
         problems += more
         plan = rollout.plan("dry-run", targets, version)
-        steps = [asdict(s) for s in plan.steps]
-        out = {"version": version, "source": source, "payload_bytes": payload, "steps": steps,
-               "preflight": problems}
+        return {"version": version, "source": source, "payload_bytes": payload,
+                "steps": [asdict(s) for s in plan.steps], "preflight": problems}, problems
+
+    def start_rollout(self, version: str, source: str = "", allow_downgrade: bool = False,
+                      dry_run: bool = False, by: str = "") -> dict:
+        """Pre-flight here (a quick answer, a dry run), the replicated start, then wait for the leader's own
+        pre-flight verdict: the rollout runs only once the leader checked it too."""
+        source = source or self.ctx.options["source"]
+        current = self.ctx.cluster.read("update.current", {}, level="leader")
+        out, problems = self._preflight(version, source, allow_downgrade, current)
         if dry_run or problems:
             return {**out, "started": False}
-        result = self.ctx.cluster.write("update.start", {"version": version, "source": source, "steps": steps,
-                                                         "by": by}, f"start:{version}:{uuid.uuid4().hex}")
-        return {**out, "started": True, "id": result["id"], "state": result["state"]}
+        result = self.ctx.cluster.write("update.start", {"version": version, "source": source, "steps": out["steps"],
+                                                         "by": by, "allow_downgrade": allow_downgrade},
+                                        f"start:{version}:{uuid.uuid4().hex}")
+        doc = {"state": result["state"], "reason": ""}
+        deadline = time.monotonic() + self.ctx.options["check_timeout"]
+        while doc and doc["state"] == "checking" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            doc = self.ctx.cluster.read("update.current", {"id": result["id"]}, level="leader")
+        if doc and doc["state"] == "halted":
+            raise ToolError(f"rollout {result['id']}: {doc['reason']}")
+        return {**out, "started": True, "id": result["id"], "state": doc["state"] if doc else result["state"]}
 
     def status_doc(self) -> dict:
         return {"rollout": self.ctx.cluster.read("update.current", {}, level="leader"),

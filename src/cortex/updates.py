@@ -34,8 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 VERSION_RE = re.compile(r"^\d+(\.\d+){1,5}$")
 CHANNEL_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 PAYLOAD_PATTERNS = (
-    re.compile(r"^cortex_(?P<v>[\d.]+)\.usr-x86-64\.[0-9a-f-]{36}\.raw\.xz$"),
-    re.compile(r"^cortex_(?P<v>[\d.]+)\.usr-x86-64-verity\.[0-9a-f-]{36}\.raw\.xz$"),
+    # the partition UUID as mkosi writes it (32 hex digits) or dashed; sysupdate's @u reads both
+    re.compile(r"^cortex_(?P<v>[\d.]+)\.usr-x86-64\.(?:[0-9a-f]{32}|[0-9a-f-]{36})\.raw\.xz$"),
+    re.compile(r"^cortex_(?P<v>[\d.]+)\.usr-x86-64-verity\.(?:[0-9a-f]{32}|[0-9a-f-]{36})\.raw\.xz$"),
     re.compile(r"^cortex_(?P<v>[\d.]+)\.efi$"),
 )
 

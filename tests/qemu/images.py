@@ -14,7 +14,7 @@ from tests.qemu.hostcmd import run
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "image/.build/out"
 # What goes into the image: a change to any of these makes a build stale.
-SOURCES = [REPO / "src", REPO / "image", REPO / "pyproject.toml"]
+SOURCES = [REPO / "src", REPO / "proto", REPO / "image", REPO / "pyproject.toml"]
 # The netboot image (kernel + cpio) is for test_netboot's diskless PXE node.
 BUILD_ENV = {"CORTEX_IMAGE_NETBOOT": "1", "CORTEX_IMAGE_UPDATE": "0", "CORTEX_IMAGE_PLAIN": "1"}
 NETBOOT = ("cortex-netboot.vmlinuz", "cortex-netboot.cpio.zst")  # symlinks to the newest netboot build
@@ -35,7 +35,8 @@ def newest_source_mtime() -> float:
     for root in SOURCES:
         paths = [root] if root.is_file() else root.rglob("*")
         for path in paths:
-            if (".build" in path.parts or "__pycache__" in path.parts or path.suffix == ".md"
+            # _proto: stubs generated from proto/ (every wheel build rewrites them, the v2 build of test_issu too)
+            if (".build" in path.parts or "__pycache__" in path.parts or "_proto" in path.parts or path.suffix == ".md"
                     or not path.is_file()):
                 continue
             newest = max(newest, path.stat().st_mtime)

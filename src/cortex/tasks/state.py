@@ -339,7 +339,7 @@ def _h_submit(db, index, env) -> dict:
 
 
 def _node_known(db, node_id: str) -> bool:
-    return db.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone() is not None
+    return db.execute("SELECT 1 FROM nodes WHERE id=? AND liveness!='left'", (node_id,)).fetchone() is not None
 
 
 def _h_assign(db, index, env) -> dict:
@@ -658,7 +658,8 @@ def _q_assigned(db, args) -> list[dict]:
 def node_views(db) -> list[dict]:
     rows = db.execute("""SELECT n.id, n.role, n.liveness, t.capacity, t.usage, t.labels, t.kinds, t.busy,
                                 t.benchmark, t.reported_at, t.drained, t.drain_deadline
-                         FROM nodes n LEFT JOIN task_nodes t ON t.node_id = n.id ORDER BY n.id""").fetchall()
+                         FROM nodes n LEFT JOIN task_nodes t ON t.node_id = n.id WHERE n.liveness!='left'
+                         ORDER BY n.id""").fetchall()
     out = []
     for (node_id, role, liveness, capacity, usage, labels, kinds, busy, bench, reported, drained,
          deadline) in rows:
@@ -728,7 +729,7 @@ def _q_sched(db, args) -> dict:
         """SELECT t.id, t.attempt, t.node, t.state FROM tasks t LEFT JOIN nodes n ON n.id = t.node
            LEFT JOIN task_nodes d ON d.node_id = t.node
            WHERE t.state IN ('assigned','running','cancelling')
-             AND (n.id IS NULL OR n.liveness='offline' OR (d.drained=1 AND d.drain_deadline<=?))""", (now,))]
+             AND (n.id IS NULL OR n.liveness IN ('offline','left') OR (d.drained=1 AND d.drain_deadline<=?))""", (now,))]
     return {"queued": queued, "nodes": nodes, "lost": lost, "next_retry_at": waiting, "more": more,
             "free_slots": free}
 
