@@ -27,9 +27,18 @@ def use_credentials(directory: Path) -> None:
     _credentials["dir"] = directory
 
 
-def _argv(netns: str, *args: str) -> list[str]:
+def _with_credentials(netns: str, argv: list[str]) -> list[str]:
     env = [f"CORTEX_TLS_DIR={_credentials['dir']}"] if _credentials else []
-    return in_netns(netns, ["env", *env, sys.executable, str(SCRIPT), *args])
+    return in_netns(netns, ["env", *env, *argv])
+
+
+def _argv(netns: str, *args: str) -> list[str]:
+    return _with_credentials(netns, [sys.executable, str(SCRIPT), *args])
+
+
+def cortex_cli(netns: str, *args: str) -> list[str]:
+    """argv of the `cortex` CLI run in the lab, presenting the probes' admin certificate."""
+    return _with_credentials(netns, [sys.executable, "-m", "cortex", *args])
 
 
 class Stream:

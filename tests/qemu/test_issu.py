@@ -30,7 +30,6 @@ import pytest
 from cortex import updates
 from tests.qemu import images, probes, timings
 from tests.qemu.conftest import CORTEX, wait_until
-from tests.qemu.hostcmd import in_netns
 from tests.qemu.labnet import GATEWAY
 
 pytestmark = pytest.mark.skipif(not os.environ.get("CORTEX_VM_ISSU"),
@@ -74,12 +73,12 @@ def healthy(vm) -> bool:
 
 def update_status(lab) -> dict:
     """`cortex update status` from the host side of the lab network, through the first server that answers
-    (nodes reboot during a rollout; the status tool needs only the reader role, so --addr will do)."""
+    (nodes reboot during a rollout), presenting the lab's admin certificate (mutual TLS)."""
     last = ""
     for address in lab.grpc(*SERVERS):
-        done = subprocess.run(in_netns(lab.netns, [sys.executable, "-m", "cortex", "--socket", "/nonexistent",
-                                                   "--addr", address, "--timeout", "5", "--json", "update",
-                                                   "status"]), capture_output=True, text=True, timeout=60)
+        done = subprocess.run(probes.cortex_cli(lab.netns, "--socket", "/nonexistent", "--addr", address,
+                                                "--timeout", "5", "--json", "update", "status"),
+                              capture_output=True, text=True, timeout=60)
         if done.returncode == 0:
             return json.loads(done.stdout)
         last = done.stderr
