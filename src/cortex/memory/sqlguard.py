@@ -78,6 +78,10 @@ class _Authorizer:
         return sqlite3.SQLITE_OK
 
 
+def _loading_schema(action: int, arg1, arg2) -> bool:
+    return action == sqlite3.SQLITE_UPDATE and arg1 in ("sqlite_master", "sqlite_schema") and arg2 in _SCHEMA_COLUMNS
+
+
 def _read_decision(action: int, arg1, arg2, trigger) -> str:
     if action == sqlite3.SQLITE_SELECT or action == sqlite3.SQLITE_RECURSIVE:
         return ""
@@ -87,7 +91,7 @@ def _read_decision(action: int, arg1, arg2, trigger) -> str:
         return f"the function {arg2}()" if arg2 in FORBIDDEN_ANYWHERE else ""
     if action == sqlite3.SQLITE_PRAGMA and arg1 == "data_version" and arg2 is None:
         return ""  # FTS5 asks this itself before a MATCH
-    if action == sqlite3.SQLITE_UPDATE and arg1 in ("sqlite_master", "sqlite_schema") and arg2 in _SCHEMA_COLUMNS:
+    if _loading_schema(action, arg1, arg2):
         return ""  # SQLite loading the schema into a fresh connection (which is read-only anyway)
     what = _ACTION_NAMES.get(action, str(action)).removeprefix("SQLITE_").lower()
     target = f" {arg1}" if arg1 else ""
@@ -95,6 +99,11 @@ def _read_decision(action: int, arg1, arg2, trigger) -> str:
 
 
 def _write_decision(action: int, arg1, arg2, trigger, applying: bool = False) -> str:
+    if _loading_schema(action, arg1, arg2):
+        # SQLite re-reads the schema after another domain's migration (ALTER TABLE ... ADD COLUMN) changed it;
+        # a statement of the caller's cannot write sqlite_master (SQLite refuses without writable_schema, and
+        # PRAGMA is refused here)
+        return ""
     if action in (sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE):
         if arg1 in CONTENT_TABLES:
             return ""
