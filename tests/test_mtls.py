@@ -161,6 +161,9 @@ def test_a_worker_certificate_cannot_call_server_only_rpcs(shared_cluster):
         with pytest.raises(CortexError) as info:  # the worker speaks only for itself
             c._call(c.stub.Heartbeat, pb.HeartbeatRequest(node_id="w2"))
         assert info.value.code == grpc.StatusCode.PERMISSION_DENIED and "itself" in info.value.details
+        with pytest.raises(CortexError) as info:  # the rotation generations are the admins' to change
+            c.put("_cortex/raft/rotation", "999")
+        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED and "secrets rotate" in info.value.details
     with Client(address) as admin:
         assert admin.get("mtls/worker-write") == "ok"
         assert {n.id for n in admin.status().nodes} >= {"n2", "w2"}
@@ -174,6 +177,8 @@ def test_a_worker_certificate_cannot_call_server_only_rpcs(shared_cluster):
         with pytest.raises(CortexError) as info:
             reader.put("mtls/reader", "no")
         assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+    with Client(address) as admin:
+        assert admin.get("_cortex/raft/rotation") != "999"
 
 
 def test_enrollment_port_serves_join_only_and_refuses_bad_joins(shared_cluster):

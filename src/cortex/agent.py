@@ -1219,7 +1219,7 @@ class Agent:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         peer = authz.current_peer.get()
         refused = revocation.write_refusal(command.type, args, peer) or ca_rotation.write_refusal(
-            command.type, args, peer)
+            command.type, args, peer) or authz.kv_refusal(command.type, args, peer)
         if refused:
             raise AgentError(grpc.StatusCode.PERMISSION_DENIED, refused)
         if is_internal(command.type):
