@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from cortex import node_os, updates
 from cortex.updates import UpdateError
 
 DEFINITIONS = Path("/usr/lib/sysupdate.d")
+SYSUPDATE_PATHS = (Path("/usr/lib/systemd/systemd-sysupdate"), Path("/lib/systemd/systemd-sysupdate"))
 UKI_DIRS = (Path("/efi/EFI/Linux"), Path("/boot/EFI/Linux"))
 UKI_RE = re.compile(r"^cortex_(?P<v>[\d.]+)(\+(?P<left>\d+)(-(?P<done>\d+))?)?\.efi$")
 
@@ -59,8 +61,14 @@ def install(release: Path, version: str, keys: list[str]) -> None:
         raise UpdateError(f"{release} holds {manifest['version']}, not {version}")
     with tempfile.TemporaryDirectory(prefix="cortex-sysupdate-") as tmp:
         definitions = local_definitions(release, Path(tmp))
-        node_os._run(["systemd-sysupdate", f"--definitions={definitions}", "--verify=no", "update", version],
+        node_os._run([sysupdate_binary(), f"--definitions={definitions}", "--verify=no", "update", version],
                      timeout=1800)
+
+
+def sysupdate_binary() -> str:
+    """systemd-sysupdate lives outside $PATH on Debian (systemd 254: /usr/lib/systemd/)."""
+    return shutil.which("systemd-sysupdate") or next(
+        (str(p) for p in SYSUPDATE_PATHS if p.exists()), "systemd-sysupdate")
 
 
 def revert(version: str, dirs: tuple[Path, ...] = UKI_DIRS) -> list[str]:
