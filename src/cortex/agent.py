@@ -324,10 +324,7 @@ class Agent:
                         "create the cluster again to get mTLS")
         opts = [("grpc.max_send_message_length", self.config.max_message_bytes),
                 ("grpc.max_receive_message_length", self.config.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-                # Peers keep idle channels alive with pings every 10 s; allow that instead of GOAWAY.
-                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-                ("grpc.keepalive_permit_without_calls", 1)]
+                ("grpc.so_reuseport", 0), *ALLOW_CLIENT_PINGS]
         interceptors = [authz.RoleCheck(lambda: self.identity.cluster_id if self.identity else "",
                                         self.revoked.refusal)] if secure else []
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
@@ -370,7 +367,9 @@ class Agent:
         sock = self.config.admin_socket_path
         sock.parent.mkdir(parents=True, exist_ok=True)
         sock.unlink(missing_ok=True)
-        self._admin = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="admin"))
+        # a long call on the socket (a rollout's pre-flight downloads a release) must survive the CLI's pings
+        self._admin = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="admin"),
+                                  options=ALLOW_CLIENT_PINGS)
         pb_grpc.add_AdminServicer_to_server(AdminService(self), self._admin)
         ppb_grpc.add_PluginsServicer_to_server(PluginsService(self.plugins, self.config.node_id, socket_caller,
                                                               self._stop.is_set), self._admin)
@@ -1468,6 +1467,12 @@ def _unbindable(address: str) -> str:
     except (OSError, ValueError) as exc:
         return f"cannot listen on {address} ({exc})"
     return ""
+
+
+# Clients (client.py) ping idle channels and long calls every 10 s; allow that instead of GOAWAY
+# "too_many_pings", which ends the call in flight with UNAVAILABLE.
+ALLOW_CLIENT_PINGS = [("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                      ("grpc.keepalive_permit_without_calls", 1)]
 
 
 def _suspended_seconds() -> float:
