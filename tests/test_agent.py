@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -161,6 +162,27 @@ def test_join_with_bad_token_is_refused_and_changes_nothing(make_cluster, tmp_pa
     status = wait_status(cluster.node("n1").grpc_address, lambda s: all(n.id != "w9" for n in s.nodes))
     assert [n.id for n in status.nodes] == ["n1"]
     assert wait_status(address, lambda s: True).state == "uninitialized"
+
+
+def test_a_server_that_left_stops_cleanly(make_cluster, tmp_path: Path, procs):
+    """Leaving destroys the node's Raft; the background thread (woken every 10 ms by a short systemd watchdog
+    here) must not take the ended tick thread for a crash: a server that left and was then stopped exited 3,
+    and its systemd unit stayed loaded as failed after an uninstall."""
+    cluster = make_cluster(1)
+    port = free_base_port()
+    config = write_config(tmp_path / "s9", "s9", port, role="server")
+    agent = start_agent(config, env={"WATCHDOG_USEC": "20000"})
+    procs.append(agent)
+    wait_status(f"127.0.0.1:{port}", lambda s: s.state == "uninitialized")
+    addr = cluster.node("n1").grpc_address
+    token = json.loads(cortex("--addr", addr, "--json", "token", "create", "--role", "server").stdout)["token"]
+    sock = str(config.parent / "data" / "admin.sock")
+    cortex("join", addr, "--token", token, "--socket", sock)
+    wait_status(addr, lambda s: any(n.id == "s9" and n.liveness == "alive" for n in s.nodes))
+    assert "left the cluster" in cortex("leave", "--socket", sock).stdout
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(30) == 0, (config.parent / "agent.log").read_text()[-3000:]
+    assert "tick thread died" not in (config.parent / "agent.log").read_text()
 
 
 def test_cli_status_tables_and_json(shared_cluster):

@@ -435,9 +435,12 @@ class Agent:
             self.committer.close()
             self.committer = None
         if self.raft is not None:
-            self.raft.destroy()
-            wait_until(lambda: not self.raft.tick_thread_alive(), 5)
-            self.raft = None
+            # Let go of it before destroying it: the background thread takes a tick thread that has ended
+            # under a live self.raft for a crash and exits the agent (a server that left then stopped with
+            # an error, and its unit stayed loaded as failed).
+            raft, self.raft = self.raft, None
+            raft.destroy()
+            wait_until(lambda: not raft.tick_thread_alive(), 5)
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -472,7 +475,8 @@ class Agent:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            if self.raft is not None and not self.raft.tick_thread_alive():
+            raft = self.raft
+            if raft is not None and not raft.tick_thread_alive():
                 # Raft stopped ticking (it should never): exit so the supervisor restarts a clean process
                 # instead of leaving a node that answers gRPC but no longer takes part in consensus.
                 log.critical("raft tick thread died; exiting for a restart")
