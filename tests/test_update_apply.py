@@ -69,6 +69,15 @@ def test_a_tampered_release_is_refused_before_sysupdate_runs(tmp_path: Path):
     assert result["ok"] is False and "does not match its checksum" in result["error"]
     assert not (state / "request.json").exists()  # consumed: the path unit does not fire again for it
 
+    # garbage is consumed too (cortex-update.path uses PathExists: a file left behind would start the service
+    # again and again) and answered with the reason
+    for garbage in ("{not json", "[1, 2]"):
+        (state / "request.json").write_text(garbage)
+        assert update_apply.main(state, config) == 1
+        assert not (state / "request.json").exists()
+        assert "unreadable request" in json.loads((state / "result.json").read_text())["error"]
+    assert update_apply.main(state, config) == 0  # no request: nothing to do
+
 
 def test_cortex_ready_probation_timeout_from_the_kernel_command_line(tmp_path: Path):
     path = str(REPO / "image/tree/usr/lib/cortex/cortex-ready")

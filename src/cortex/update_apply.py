@@ -93,10 +93,18 @@ def revert(version: str, dirs: tuple[Path, ...] = UKI_DIRS) -> list[str]:
 def main(state_dir: Path, config: Path) -> int:
     request_path = state_dir / "request.json"
     try:
-        request = json.loads(request_path.read_text())
-    except (OSError, ValueError):
-        return 0  # nothing (complete) to do
+        text = request_path.read_text()
+    except OSError:
+        return 0  # nothing to do
+    # Consumed before anything else: cortex-update.path starts this service for as long as the file exists.
     request_path.unlink(missing_ok=True)
+    try:
+        request = json.loads(text)
+        if not isinstance(request, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        (state_dir / "result.json").write_text(json.dumps({"ok": False, "error": f"unreadable request: {exc}"}))
+        return 1
     action, version = request.get("action"), request.get("version", "")
     result = {"action": action, "version": version, "ok": True}
     try:
