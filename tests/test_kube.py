@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -169,6 +171,20 @@ def test_contexts_from_several_kubeconfig_files_merge_like_kubectl_without_runni
     assert defaults == [home / ".kube" / "config", b]
     assert [c.name for c in discover(defaults).contexts][:2] == ["alpha", "beta"]
     assert discover(kubeconfig_paths({}, tmp_path / "nobody")).contexts == ()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as a user with no passwd entry: needs root")
+def test_a_process_without_a_home_finds_no_default_kubeconfig_and_no_error(tmp_path: Path):
+    # The appliance's agent is a DynamicUser without $HOME: Path.home() raises there, and every kubernetes
+    # monitoring round failed with "Could not determine home directory" (seen in a VM's journal).
+    code = ("from cortex.kube.kubeconfig import discover, kubeconfig_paths, user_home; "
+            "home = user_home(); paths = kubeconfig_paths({}, home, ['/nonexistent/k3s.yaml']); "
+            "print(home, [str(p) for p in paths], discover(paths).contexts)")
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "KUBECONFIG")}
+    done = subprocess.run(["setpriv", "--reuid=64999", "--regid=64999", "--clear-groups", sys.executable, "-c", code],
+                          capture_output=True, text=True, env=env, cwd="/", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None ['/nonexistent/k3s.yaml'] ()"
 
 
 def test_the_client_library_picks_the_same_definition_as_discovery(tmp_path: Path):

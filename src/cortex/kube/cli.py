@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 
 def _records(args) -> list[dict]:
@@ -22,9 +21,9 @@ def cmd_contexts(args) -> int:
     from cortex.cli import emit, table
 
     if args.local:
-        from cortex.kube.kubeconfig import discover, kubeconfig_paths
+        from cortex.kube.kubeconfig import discover, kubeconfig_paths, user_home
 
-        found = discover(kubeconfig_paths(os.environ, Path.home()))
+        found = discover(kubeconfig_paths(os.environ, user_home()))
         records = [{"node_id": "(this machine)", "current": found.current, "problems": list(found.problems),
                     "contexts": [c.public() for c in found.contexts]}]
     else:

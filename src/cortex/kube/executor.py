@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from cortex.executor import Outcome, TaskRun, TaskSpecError
 from cortex.kube import spec as specs
-from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths
+from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths, user_home
 
 KIND = "k8s_job"
 
 
 def default_discovery(extra_paths: tuple[str, ...] = ()) -> Callable[[], Discovery]:
     """Discovery from KUBECONFIG / ~/.kube/config (+ extra files), re-read on every call (files change)."""
-    return lambda: discover(kubeconfig_paths(os.environ, Path.home(), extra_paths))
+    return lambda: discover(kubeconfig_paths(os.environ, user_home(), extra_paths))
 
 
 class K8sJobExecutor:

@@ -59,10 +59,22 @@ class Discovery:
                 "files": list(self.files), "problems": list(self.problems)}
 
 
-def kubeconfig_paths(environ: Mapping[str, str], home: Path, extra: Sequence[str] = ()) -> list[Path]:
+def user_home() -> Path | None:
+    """The home directory, or None where there is none (the appliance's agent runs as a DynamicUser without
+    $HOME: Path.home() raises there)."""
+    try:
+        return Path.home()
+    except RuntimeError:
+        return None
+
+
+def kubeconfig_paths(environ: Mapping[str, str], home: Path | None, extra: Sequence[str] = ()) -> list[Path]:
     """The kubeconfig files to read, in precedence order, each once."""
     raw = environ.get("KUBECONFIG", "")
-    paths = [p for p in raw.split(os.pathsep) if p] if raw else [str(home / ".kube" / "config")]
+    if raw:
+        paths = [p for p in raw.split(os.pathsep) if p]
+    else:
+        paths = [str(home / ".kube" / "config")] if home is not None else []
     out: list[Path] = []
     for p in [*paths, *extra]:
         path = Path(os.path.expanduser(p))

@@ -15,14 +15,13 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from pathlib import Path
 from typing import Any
 
 from cortex.executor import TaskSpecError
 from cortex.kube import spec as specs
 from cortex.kube.capacity import ContextCapacity
 from cortex.kube.executor import K8sJobExecutor
-from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths
+from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths, user_home
 from cortex.kube.records import build_record, encode, k8s_capacity, read_records, record_key, where_is
 from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError
 
@@ -67,7 +66,7 @@ class KubernetesPlugin(Plugin):
 
     # --- discovery and monitoring ---------------------------------------------------------------------
     def discovery(self) -> Discovery:
-        return discover(kubeconfig_paths(os.environ, Path.home(), self.ctx.options["extra_paths"]))
+        return discover(kubeconfig_paths(os.environ, user_home(), self.ctx.options["extra_paths"]))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="kubernetes-monitor", daemon=True)
