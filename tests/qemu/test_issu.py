@@ -71,6 +71,14 @@ def healthy(vm) -> bool:
     return bool(doc.get("has_quorum")) and bool(doc.get("leader_id"))
 
 
+def save_journals(cluster, directory: Path) -> None:
+    """Every node's agent journal of this boot, next to the test's other artifacts (for a failure's reason)."""
+    for name, vm in cluster.items():
+        code, out, _ = vm.execute("journalctl -b --no-pager -u cortex-agent -u cortex-config -n 400", timeout=60)
+        (directory / f"journal-{name}.log").write_text(out)
+        print(f"ISSU {name}: agent journal saved to {directory / f'journal-{name}.log'}", flush=True)
+
+
 def update_status(lab) -> dict:
     """`cortex update status` from the host side of the lab network, through the first server that answers
     (nodes reboot during a rollout), presenting the lab's admin certificate (mutual TLS)."""
@@ -135,13 +143,26 @@ def releases(lab, cluster):
                    "&& systemctl restart cortex-config.service cortex-agent.service")
         wait_until(lambda vm=vm: healthy(vm), 120, f"{name} back in the cluster after the agent restart",
                    interval=2)
-    wait_until(lambda: len([n for n in update_status(lab)["nodes"] if n["version"] == v1]) == 4, 120,
-               "every node reports v1")
+    try:
+        wait_until(lambda: len([n for n in reachable_status(lab)["nodes"] if n["version"] == v1]) == 4, 120,
+                   "every node reports v1")
+    except AssertionError:
+        save_journals(cluster, work)
+        raise
     try:
         yield {"v1": v1, "v2": v2, "v3": v3, "cmdline": cmdline}
     finally:
         server.terminate()
         server.wait(10)
+
+
+def reachable_status(lab) -> dict:
+    """update_status, or no nodes while no server answers (a restarted agent's port may refuse a moment)."""
+    try:
+        return update_status(lab)
+    except AssertionError as exc:
+        print(f"ISSU status not answered yet: {exc}", flush=True)
+        return {"nodes": []}
 
 
 def follow(lab, version: str, timeout: float) -> dict:
