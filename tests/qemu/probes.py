@@ -100,3 +100,9 @@ def writer(netns: str, addresses: list[str], prefix: str, log: Path) -> Stream:
 def get(netns: str, address: str, keys: list[str], level: str = "linearizable") -> dict[str, str | None]:
     out = run(_argv(netns, "get", address, *keys, "--level", level), timeout=120).stdout
     return json.loads(out.splitlines()[-1])["values"]
+
+
+def scan(netns: str, address: str, prefix: str, level: str = "linearizable") -> dict[str, str]:
+    """Every key under `prefix` and its value (a few reads, for the thousands of keys a writer leaves)."""
+    out = run(_argv(netns, "scan", address, prefix, "--level", level), timeout=300).stdout
+    return json.loads(out.splitlines()[-1])["values"]
