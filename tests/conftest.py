@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,15 @@ from cortex import devcluster
 from cortex.client import Client, CortexError
 
 _port_counter = itertools.count()
+
+
+def python_without_home(code: str, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `code` in this interpreter as a uid with no passwd entry and no $HOME (what the appliance's
+    DynamicUser agent is: Path.home() raises there), with `unset` also dropped from the environment.
+    Needs root; callers skip otherwise."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", *unset)}
+    return subprocess.run(["setpriv", "--reuid=64999", "--regid=64999", "--clear-groups", sys.executable, "-c", code],
+                          capture_output=True, text=True, env=env, cwd="/", timeout=60)
 
 
 def free_base_port(width: int = 20) -> int:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from cortex.kube.capacity import fit_reason, parse_quantity, placements
 from cortex.kube.executor import K8sJobExecutor
 from cortex.kube.kubeconfig import discover, kubeconfig_paths
 from cortex.kube.records import k8s_capacity, parse_records
+from tests.conftest import python_without_home
 from tests.fake_kube import FakeKube
 
 
@@ -177,12 +176,10 @@ def test_contexts_from_several_kubeconfig_files_merge_like_kubectl_without_runni
 def test_a_process_without_a_home_finds_no_default_kubeconfig_and_no_error(tmp_path: Path):
     # The appliance's agent is a DynamicUser without $HOME: Path.home() raises there, and every kubernetes
     # monitoring round failed with "Could not determine home directory" (seen in a VM's journal).
-    code = ("from cortex.kube.kubeconfig import discover, kubeconfig_paths, user_home; "
+    code = ("from cortex.kube.kubeconfig import discover, kubeconfig_paths; from cortex.userdirs import user_home; "
             "home = user_home(); paths = kubeconfig_paths({}, home, ['/nonexistent/k3s.yaml']); "
             "print(home, [str(p) for p in paths], discover(paths).contexts)")
-    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "KUBECONFIG")}
-    done = subprocess.run(["setpriv", "--reuid=64999", "--regid=64999", "--clear-groups", sys.executable, "-c", code],
-                          capture_output=True, text=True, env=env, cwd="/", timeout=60)
+    done = python_without_home(code, unset=("KUBECONFIG",))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "None ['/nonexistent/k3s.yaml'] ()"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import Client, CortexError, channel_options, secure_channel
 
-from .conftest import free_base_port
+from .conftest import free_base_port, python_without_home
 
 
 def _files(cluster, node_id: str, stem: str) -> tls.ClientFiles:
@@ -320,3 +321,14 @@ def test_secrets_rotate_replaces_every_certificate_under_write_load_losing_nothi
     with Client(shared_cluster.node("n3").grpc_address, tls_files=files) as c:
         for key, value in acked.items():
             assert c.get(key, level="linearizable") == value, key
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as a user with no passwd entry: needs root")
+def test_a_client_in_a_process_without_a_home_finds_no_dev_trust_note_and_no_error(tmp_path: Path):
+    # The appliance's agent is a DynamicUser without $HOME (Path.home() raises there): a client it opens to a
+    # network address before it has credentials of its own must not raise looking for `cortex dev up` notes.
+    code = ("from cortex.client import dev_trust_dir, find_credentials; "
+            "print(dev_trust_dir(), find_credentials('127.0.0.1:1'))")
+    done = python_without_home(code, unset=("XDG_CACHE_HOME", "CORTEX_DEV_TRUST_DIR", "CORTEX_TLS_DIR"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None None"

@@ -15,6 +15,7 @@ import grpc
 from cortex import tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
+from cortex.userdirs import user_home
 
 LEVELS = {"stale": pb.STALE, "leader": pb.LEADER, "linearizable": pb.LINEARIZABLE}
 DEFAULT_TIMEOUT = 10.0
@@ -57,17 +58,21 @@ def set_process_credentials(source) -> None:
     _process_default = source
 
 
-def dev_trust_dir() -> Path:
+def dev_trust_dir() -> Path | None:
     """Where dev clusters on this machine note which credentials open which loopback address, so a `cortex`
-    started in another shell or by a test finds them (like known_hosts, for `cortex dev up` only)."""
+    started in another shell or by a test finds them (like known_hosts, for `cortex dev up` only). None for
+    a user without a home (the appliance's DynamicUser agent): no notes, rather than a client that raises."""
     if os.environ.get("CORTEX_DEV_TRUST_DIR"):  # tests keep their own
         return Path(os.environ["CORTEX_DEV_TRUST_DIR"])
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "cortex" / "dev-trust"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "cortex" / "dev-trust"
+    home = user_home()
+    return None if home is None else home / ".cache" / "cortex" / "dev-trust"
 
 
-def _trust_file(address: str) -> Path:
-    return dev_trust_dir() / address.replace(":", "_").replace("/", "_")
+def _trust_file(address: str) -> Path | None:
+    directory = dev_trust_dir()
+    return None if directory is None else directory / address.replace(":", "_").replace("/", "_")
 
 
 def register_credentials(addresses, files: tls.ClientFiles | None, directory: Path | None = None) -> None:
@@ -81,14 +86,15 @@ def register_credentials(addresses, files: tls.ClientFiles | None, directory: Pa
         return
     with _registry_lock:
         for address in addresses:
+            path = _trust_file(address)
             if files is None:
                 _by_address.pop(address, None)
-                _trust_file(address).unlink(missing_ok=True)
+                if path is not None:
+                    path.unlink(missing_ok=True)
                 continue
             # with a directory, read it at each use: a renewed certificate replaces a revoked one
             _by_address[address] = files if directory is None else Path(directory)
-            if directory is not None:
-                path = _trust_file(address)
+            if directory is not None and path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
                 tmp.write_text(str(Path(directory).resolve()))
@@ -110,9 +116,10 @@ def find_credentials(address: str) -> tls.ClientFiles | None:
         if files is not None:
             return files
     candidates = [Path(configured)] if configured else list(DEFAULT_TLS_DIRS)
-    if not configured:
+    note = None if configured else _trust_file(address)
+    if note is not None:
         try:
-            candidates.insert(0, Path(_trust_file(address).read_text().strip()))
+            candidates.insert(0, Path(note.read_text().strip()))
         except OSError:
             pass
     for directory in candidates:

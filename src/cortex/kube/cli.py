@@ -21,7 +21,8 @@ def cmd_contexts(args) -> int:
     from cortex.cli import emit, table
 
     if args.local:
-        from cortex.kube.kubeconfig import discover, kubeconfig_paths, user_home
+        from cortex.kube.kubeconfig import discover, kubeconfig_paths
+        from cortex.userdirs import user_home
 
         found = discover(kubeconfig_paths(os.environ, user_home()))
         records = [{"node_id": "(this machine)", "current": found.current, "problems": list(found.problems),

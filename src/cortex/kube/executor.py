@@ -12,7 +12,8 @@ from typing import Any
 
 from cortex.executor import Outcome, TaskRun, TaskSpecError
 from cortex.kube import spec as specs
-from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths, user_home
+from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths
+from cortex.userdirs import user_home
 
 KIND = "k8s_job"
 

@@ -59,15 +59,6 @@ class Discovery:
                 "files": list(self.files), "problems": list(self.problems)}
 
 
-def user_home() -> Path | None:
-    """The home directory, or None where there is none (the appliance's agent runs as a DynamicUser without
-    $HOME: Path.home() raises there)."""
-    try:
-        return Path.home()
-    except RuntimeError:
-        return None
-
-
 def kubeconfig_paths(environ: Mapping[str, str], home: Path | None, extra: Sequence[str] = ()) -> list[Path]:
     """The kubeconfig files to read, in precedence order, each once."""
     raw = environ.get("KUBECONFIG", "")

@@ -21,9 +21,10 @@ from cortex.executor import TaskSpecError
 from cortex.kube import spec as specs
 from cortex.kube.capacity import ContextCapacity
 from cortex.kube.executor import K8sJobExecutor
-from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths, user_home
+from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths
 from cortex.kube.records import build_record, encode, k8s_capacity, read_records, record_key, where_is
 from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError
+from cortex.userdirs import user_home
 
 
 def _schema(properties: dict, required: tuple[str, ...] = ()) -> dict:
