@@ -74,7 +74,7 @@ def healthy(vm) -> bool:
 def save_journals(cluster, directory: Path) -> None:
     """Every node's agent journal of this boot, next to the test's other artifacts (for a failure's reason)."""
     for name, vm in cluster.items():
-        code, out, _ = vm.execute("journalctl -b --no-pager -u cortex-agent -u cortex-config -n 400", timeout=60)
+        _, out, _ = vm.execute("journalctl -b --no-pager -u cortex-agent -u cortex-config -n 400", timeout=60)
         (directory / f"journal-{name}.log").write_text(out)
         print(f"ISSU {name}: agent journal saved to {directory / f'journal-{name}.log'}", flush=True)
 
@@ -239,6 +239,6 @@ def test_broken_v3_falls_back_by_itself_and_halts(lab, cluster, releases):
     timings.record("issu", f"broken v3 on node4: rollout start -> fell back to {base} by itself, rollout halted",
                    took)
     timings.record("issu", "broken v3: rollout start -> failure recorded (replicated clock)", fallback)
-    # the node rejoined on v2 and the cluster stays healthy; nobody else was touched
+    # the node rejoined on the version it ran before and the cluster stays healthy; nobody else was touched
     assert healthy(cluster["node4"])
     assert all(n["version"] == base for n in doc["nodes"])
