@@ -90,6 +90,13 @@ class Cluster:
                 out[node.id] = c.read("digest", {}, level="stale")["digest"]
         return out
 
+    def applied_entries_truncated(self) -> dict[str, int]:
+        """Per node, how often pysyncobj deleted log entries it had already applied. Raft never does (applied
+        means committed); pysyncobj did on every late AppendEntries until consensus.reconcile_append."""
+        counts = {n.id: n.log_path.read_text(errors="replace").count("truncating already-applied log entries")
+                  for n in self.nodes if n.log_path.exists()}
+        return {k: v for k, v in counts.items() if v}
+
     def settle(self, quiet: float = 1.0, timeout: float = 15.0) -> None:
         """Until the log stops growing for `quiet` seconds: plugins write their first records (capacity,
         whereami) just after the nodes join, and tests that compare digests must not race them."""

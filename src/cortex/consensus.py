@@ -13,6 +13,9 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
   acknowledged (`DurableJournal`), and the cluster configuration kept in its own file (`raft-members.json`),
   so a power loss can neither tear the log nor leave a server believing it is alone (split brain: found by
   the VM failover test).
+- a follower that keeps the entries it already has (`reconcile_append`): pysyncobj truncates everything after
+  a message's prevLogIdx, so a late or repeated AppendEntries made it delete (and write again) entries it had
+  applied, and under load such rewinds fed each other until a follower's log was minutes behind its state.
 """
 
 from __future__ import annotations
@@ -197,6 +200,57 @@ def _store_meta_durably(self, meta) -> None:
 syncobj_module.createJournal = _create_journal
 syncobj_journal.MetaStorer.storeMeta = _store_meta_durably
 
+# --- a follower appends only what it lacks ------------------------------------------------------------
+# Raft (Figure 2, AppendEntries step 3) deletes a follower's entries only where one conflicts with the
+# leader's (same index, other term). pysyncobj deletes everything after prevLogIdx whenever it has more, so an
+# AppendEntries that arrives late (the leader rewound on an old rejection, or resent after a reconnect) makes
+# a follower drop entries it already applied ("truncating already-applied log entries"), write them again,
+# and answer with a shorter log, which rewinds the leader again. Under a write load that loop kept a follower's
+# log far behind what it had applied, so its replica stopped moving for tens of seconds (a revoked
+# certificate still accepted there, CI). `reconcile_append` trims such a message before pysyncobj sees it.
+
+@dataclass(frozen=True)
+class AppendPlan:
+    """What to do with one AppendEntries: hand `message` to pysyncobj as it is or trimmed (ack None), or, when
+    every entry is already here, let pysyncobj see only its term and commit index and acknowledge
+    `ack_next_index` (the index after the message's last entry, never after entries it did not vouch for)."""
+
+    message: dict
+    ack_next_index: int | None = None
+
+
+def reconcile_append(message: dict, term_at: Callable[[int], int | None], last_index: int) -> AppendPlan:
+    """Drop the leading entries of an AppendEntries that this log already holds with the same term.
+
+    `term_at(i)` is the term of this log's entry i (None: not in this log, past its end or compacted away).
+    Messages this cannot judge (chunked transmissions, snapshots, a prevLogIdx this log lacks or holds with
+    another term) pass unchanged: pysyncobj answers those with a reset, as before.
+    """
+    if message.get("type") != "append_entries" or "prevLogIdx" not in message or "transmission" in message:
+        return AppendPlan(message)
+    prev_idx, prev_term = message["prevLogIdx"], message["prevLogTerm"]
+    if prev_idx >= last_index or term_at(prev_idx) != prev_term:
+        return AppendPlan(message)  # appends at the end, or pysyncobj must refuse it
+    entries = list(message.get("entries") or [])
+    held = 0
+    for entry in entries:
+        index, term = entry[1], entry[2]
+        if index > last_index or term_at(index) != term:
+            break  # missing here, or a real conflict: pysyncobj deletes from this entry on, as Raft does
+        held += 1
+    if held < len(entries):
+        if held:
+            message = {**message, "prevLogIdx": entries[held - 1][1], "prevLogTerm": entries[held - 1][2],
+                       "entries": entries[held:]}
+        return AppendPlan(message)
+    # Every entry is here already (or a heartbeat behind this log's end): nothing to write. Commit no further
+    # than the message vouches for: entries after it may be a deposed leader's.
+    end = entries[-1][1] if entries else prev_idx
+    bare = {k: v for k, v in message.items() if k not in ("prevLogIdx", "prevLogTerm", "entries")}
+    bare["commit_index"] = min(message["commit_index"], end)
+    return AppendPlan(bare, ack_next_index=end + 1)
+
+
 MEMBERS_FILE = "raft-members.json"
 
 
@@ -272,6 +326,24 @@ class RaftNode(SyncObj):
     def _SyncObj__updateClusterConfiguration(self, new_nodes):
         SyncObj._SyncObj__updateClusterConfiguration(self, new_nodes)
         self._save_members()
+
+    def _SyncObj__onMessageReceived(self, node, message):
+        # Every Raft message from a peer passes here first (pysyncobj's transport callback, on the tick thread).
+        if isinstance(message, dict) and message.get("type") == "append_entries" \
+                and message.get("term", -1) >= self.raftCurrentTerm:
+            raft_log = self._SyncObj__raftLog
+            first = raft_log[0][1]
+
+            def term_at(index: int) -> int | None:
+                position = index - first
+                return raft_log[position][2] if 0 <= position < len(raft_log) else None
+
+            plan = reconcile_append(message, term_at, raft_log[-1][1])
+            SyncObj._SyncObj__onMessageReceived(self, node, plan.message)
+            if plan.ack_next_index is not None:
+                self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=plan.ack_next_index, success=True)
+            return
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
 
     def _save_members(self) -> None:
         members = self.members()
