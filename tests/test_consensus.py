@@ -26,9 +26,12 @@ def _message(leader: list[int], prev: int, count: int, commit: int) -> dict:
             "prevLogTerm": leader[prev - 1], "entries": entries}
 
 
+def _term_at(log: list[int]):
+    return lambda i: log[i - 1] if 1 <= i <= len(log) else None
+
+
 def _deliver(follower: list[int], message: dict) -> tuple[list[int], int | None, int | None]:
-    plan = reconcile_append(message, lambda i: follower[i - 1] if 1 <= i <= len(follower) else None,
-                            len(follower))
+    plan = reconcile_append(message, _term_at(follower), len(follower))
     log, ack, commit = _pysyncobj_follower(follower, plan.message)
     return log, plan.ack_next_index or ack, commit
 
@@ -56,8 +59,7 @@ def test_a_heartbeat_behind_the_end_keeps_the_log_and_commits_only_what_it_cover
 
 def test_an_overlapping_message_appends_only_the_new_tail():
     follower = LEADER[:7]
-    plan = reconcile_append(_message(LEADER, prev=4, count=6, commit=8),
-                            lambda i: follower[i - 1] if 1 <= i <= len(follower) else None, len(follower))
+    plan = reconcile_append(_message(LEADER, prev=4, count=6, commit=8), _term_at(follower), len(follower))
     assert plan.message["prevLogIdx"] == 7 and [e[1] for e in plan.message["entries"]] == [8, 9, 10]
     assert plan.ack_next_index is None  # pysyncobj appends and answers itself
 
@@ -74,7 +76,7 @@ def test_messages_it_cannot_judge_pass_unchanged():
                     {**_message(LEADER, prev=3, count=1, commit=3), "prevLogTerm": 9},  # term mismatch
                     {"type": "append_entries", "term": 3, "commit_index": 4, "serialized": b"..."},
                     {**_message(LEADER, prev=2, count=1, commit=3), "transmission": "start", "data": b""}):
-        assert reconcile_append(message, lambda i: follower[i - 1] if 1 <= i <= 5 else None, 5).message is message
+        assert reconcile_append(message, _term_at(follower), len(follower)).message is message
 
 
 @st.composite

@@ -331,14 +331,11 @@ class RaftNode(SyncObj):
         # Every Raft message from a peer passes here first (pysyncobj's transport callback, on the tick thread).
         if isinstance(message, dict) and message.get("type") == "append_entries" \
                 and message.get("term", -1) >= self.raftCurrentTerm:
-            raft_log = self._SyncObj__raftLog
-            first = raft_log[0][1]
+            def term_at(index: int) -> int | None:  # pysyncobj's own lookup, as _apply uses it
+                entries = self._SyncObj__getEntries(index, 1)
+                return entries[0][2] if entries else None
 
-            def term_at(index: int) -> int | None:
-                position = index - first
-                return raft_log[position][2] if 0 <= position < len(raft_log) else None
-
-            plan = reconcile_append(message, term_at, raft_log[-1][1])
+            plan = reconcile_append(message, term_at, self._SyncObj__getCurrentLogIndex())
             SyncObj._SyncObj__onMessageReceived(self, node, plan.message)
             if plan.ack_next_index is not None:
                 self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=plan.ack_next_index, success=True)
