@@ -332,3 +332,99 @@ def test_join_without_token_waits_for_approval_and_reject_keeps_a_node_out(make_
     assert late.returncode != 0 and "already rejected" in late.stderr
     unknown = cortex("--addr", addr, "nodes", "approve", "nobody", check=False)
     assert unknown.returncode != 0 and "no join request from node 'nobody'" in unknown.stderr
+
+
+def _join_in_background(cluster, config: Path) -> subprocess.Popen:
+    """`cortex join` of the agent at `config` to n1 with a server token; the command returns once registered."""
+    addr = cluster.node("n1").grpc_address
+    token = json.loads(cortex("--addr", addr, "--json", "token", "create", "--role", "server").stdout)["token"]
+    return subprocess.Popen([sys.executable, "-m", "cortex", "join", addr, "--token", token,
+                             "--socket", str(config.parent / "data" / "admin.sock")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _freeze_between_join_steps(cluster, data_dir: Path) -> None:
+    """SIGSTOP n1 once the joiner holds its certificate (step one) but the cluster has not registered it (step
+    two: the joiner's Raft must run and the configuration change commit, which takes longer than this poll)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            pending = json.loads((data_dir / "cluster.json").read_text()).get("pending_token")
+        except (OSError, ValueError):
+            pending = None
+        if pending:
+            os.kill(cluster.node("n1").pid, signal.SIGSTOP)
+            still = json.loads((data_dir / "cluster.json").read_text()).get("pending_token")
+            assert still, "the join finished before n1 could be frozen; nothing left to test"
+            return
+        time.sleep(0.005)
+    raise AssertionError("the joiner never finished step one of its join")
+
+
+def test_a_server_whose_join_stalls_keeps_feeding_the_systemd_watchdog(make_cluster, tmp_path: Path, procs):
+    """CI: an appliance node's join waited on a slow cluster longer than WatchdogSec=30 and systemd aborted the
+    agent, because the watchdog was fed by the background loop and that loop waited for the joining thread.
+    Here the leader freezes between the two steps of a join for 3x the watchdog's deadline."""
+    cluster = make_cluster(1)
+    port = free_base_port()
+    config = write_config(tmp_path / "s9", "s9", port, role="server")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(0.2)
+    deadline_s = 3.0
+    procs.append(start_agent(config, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+                                          "WATCHDOG_USEC": str(int(deadline_s * 1e6))}))
+    wait_status(f"127.0.0.1:{port}", lambda s: s.state == "uninitialized")
+    join = _join_in_background(cluster, config)
+    _freeze_between_join_steps(cluster, config.parent / "data")
+    frozen_at, fed = time.monotonic(), []
+    try:
+        while time.monotonic() - frozen_at < 3 * deadline_s:
+            try:
+                if "WATCHDOG=1" in notify.recv(4096).decode():
+                    fed.append(time.monotonic())
+            except TimeoutError:
+                pass
+    finally:
+        os.kill(cluster.node("n1").pid, signal.SIGCONT)
+    thawed_at = time.monotonic()
+    gaps = [b - a for a, b in zip([frozen_at, *fed], [*fed, thawed_at])]
+    assert max(gaps) < deadline_s, f"watchdog fed at {[round(t - frozen_at, 1) for t in fed]} s: systemd " \
+                                   f"would have aborted the agent"
+    assert join.wait(60) == 0, join.stderr.read()
+    assert procs[0].poll() is None
+    wait_status(cluster.node("n1").grpc_address,
+                lambda s: any(n.id == "s9" and n.liveness == "alive" for n in s.nodes))
+
+
+def test_a_server_killed_between_the_steps_of_its_join_finishes_it_after_a_restart(make_cluster, tmp_path: Path,
+                                                                                      procs):
+    """Power lost after step one of a join (certificate and Raft secret on disk, not yet registered): the
+    restarted agent asks again until the cluster registers it, then follows the leader with its data."""
+    cluster = make_cluster(1)
+    with cluster.client("n1") as c:
+        c.put("before-join", "1")
+    port = free_base_port()
+    config = write_config(tmp_path / "s9", "s9", port, role="server")
+    procs.append(start_agent(config))
+    address = f"127.0.0.1:{port}"
+    wait_status(address, lambda s: s.state == "uninitialized")
+    join = _join_in_background(cluster, config)
+    try:
+        _freeze_between_join_steps(cluster, config.parent / "data")
+        procs[0].kill()
+        procs[0].wait(10)
+    finally:
+        os.kill(cluster.node("n1").pid, signal.SIGCONT)
+    join.wait(60)  # the agent it asked died under it: an error, whatever it says
+    procs.append(start_agent(config))
+    data_dir = config.parent / "data"
+    status = wait_status(address, lambda s: s.state == "follower" and s.leader_id == "n1", timeout=30,
+                         data_dir=data_dir)
+    assert status.has_quorum
+    wait_status(cluster.node("n1").grpc_address,
+                lambda s: any(n.id == "s9" and n.liveness == "alive" for n in s.nodes))
+    assert not json.loads((data_dir / "cluster.json").read_text())["pending_token"]
+    files = tls.client_files(data_dir / tls.TLS_DIR)
+    with Client(address, tls_files=files) as c:
+        assert c.get("before-join", level="stale") == "1"

@@ -60,6 +60,9 @@ log = logging.getLogger("cortex.agent")
 MAX_HOPS = 3
 FORWARD_TIMEOUT = 8.0
 WORKER_HEARTBEAT = 1.0
+# A background round is bounded by its calls' timeouts (seconds each); one that has not ended in this long is
+# stuck, and the agent stops feeding systemd's watchdog so that it gets restarted.
+BACKGROUND_STALL_LIMIT = 120.0
 def _image_version(paths=("/usr/lib/os-release", "/etc/os-release")) -> str:
     """The appliance image's version when this agent runs from the Cortex image, else ""."""
     for path in paths:
@@ -225,6 +228,7 @@ class Agent:
         self._stop = threading.Event()
         self.failed = threading.Event()  # set when the agent can no longer serve and must be restarted
         self._wake = threading.Event()  # run a background step now (resume)
+        self._background_round = time.monotonic()  # when the background loop last started a round
         self._approval_poller: threading.Thread | None = None
         self._resume_trigger = ""
         self.events = EventBus()
@@ -254,6 +258,8 @@ class Agent:
         self.plugins.load()
         self.plugins.start()
         threading.Thread(target=self._background, name="agent-background", daemon=True).start()
+        if (watchdog := notify.watchdog_interval()) is not None:
+            threading.Thread(target=self._feed_watchdog, args=(watchdog,), name="watchdog", daemon=True).start()
         if sleepwatch.system_bus_present():
             threading.Thread(target=sleepwatch.watch, args=(self._on_sleep_change, self._stop),
                              name="logind-watch", daemon=True).start()
@@ -463,14 +469,32 @@ class Agent:
         self._health.set("", status)
         self._health.set("cortex.v1.Cluster", status)
 
+    def _feed_watchdog(self, interval: float) -> None:
+        """Feed systemd's watchdog from a thread of its own. One slow background round must not get a healthy
+        agent killed: a call to a frozen leader waits out its timeout, and a server's join waits for the cluster
+        to commit it (an agent aborted by WatchdogSec=30 in the middle of a slow join, CI). A background loop
+        that has not started a round for BACKGROUND_STALL_LIMIT is stuck: feeding stops and systemd restarts
+        the agent, as it does within WatchdogSec for a process that is frozen whole."""
+        said = False
+        while not self._stop.wait(interval):
+            stalled = time.monotonic() - self._background_round
+            if stalled <= BACKGROUND_STALL_LIMIT:
+                notify.sd_notify("WATCHDOG=1")
+                said = False
+            elif not said:
+                log.critical("background loop stuck; no longer feeding the systemd watchdog",
+                             extra=fields(stuck_seconds=round(stalled)))
+                said = True
+
     def _background(self) -> None:
-        """Worker heartbeats, health refresh, resume detection and the systemd watchdog."""
+        """Worker heartbeats, health refresh, resume detection, certificate and key upkeep."""
         watchdog = notify.watchdog_interval()
+        # A watchdog shorter than the heartbeat shortens the rounds too (a test's 10 ms watchdog runs them often)
         interval = WORKER_HEARTBEAT if watchdog is None else min(WORKER_HEARTBEAT, watchdog)
-        last_watchdog = 0.0
         sleep_offset = _suspended_seconds()
         heartbeat_failing = False
         while not self._stop.is_set():
+            self._background_round = time.monotonic()
             woken = self._wake.wait(interval)
             self._wake.clear()
             if self._stop.is_set():
@@ -490,9 +514,12 @@ class Agent:
             sleep_offset = offset
             try:
                 self._update_health()
-                if self.identity is not None and (self.identity.pending_token or self.identity.pending_request_secret):
-                    with self._lock:
+                if self.identity is not None and (self.identity.pending_token or self.identity.pending_request_secret) \
+                        and self._lock.acquire(blocking=False):  # held: the joining thread is finishing it itself
+                    try:
                         self._finish_join(timeout=5)
+                    finally:
+                        self._lock.release()
                 if self.identity is not None and self._sends_heartbeats():
                     self._worker_heartbeat()
                 self._raft_key_step()
@@ -509,9 +536,6 @@ class Agent:
                 heartbeat_failing = True
             except Exception:
                 log.exception("background step failed")
-            if watchdog is not None and time.monotonic() - last_watchdog >= watchdog:
-                notify.sd_notify("WATCHDOG=1")
-                last_watchdog = time.monotonic()
 
     def resume(self, trigger: str = "SIGUSR1") -> None:
         """The machine woke up (the image's sleep hook sends SIGUSR1; logind says PrepareForSleep(false)):
