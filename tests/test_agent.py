@@ -334,17 +334,17 @@ def test_join_without_token_waits_for_approval_and_reject_keeps_a_node_out(make_
     assert unknown.returncode != 0 and "no join request from node 'nobody'" in unknown.stderr
 
 
-def _join_in_background(cluster, config: Path) -> subprocess.Popen:
-    """`cortex join` of the agent at `config` to n1 with a server token; the command returns once registered."""
-    addr = cluster.node("n1").grpc_address
-    token = json.loads(cortex("--addr", addr, "--json", "token", "create", "--role", "server").stdout)["token"]
-    return subprocess.Popen([sys.executable, "-m", "cortex", "join", addr, "--token", token,
+def _join_in_background(cluster, config: Path, via: str = "n1") -> subprocess.Popen:
+    """`cortex join` of the agent at `config` to `via` with a server token; the command returns once registered."""
+    token = json.loads(cortex("--addr", cluster.node("n1").grpc_address, "--json", "token", "create", "--role",
+                              "server").stdout)["token"]
+    return subprocess.Popen([sys.executable, "-m", "cortex", "join", cluster.node(via).grpc_address, "--token", token,
                              "--socket", str(config.parent / "data" / "admin.sock")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _freeze_between_join_steps(cluster, data_dir: Path) -> None:
-    """SIGSTOP n1 once the joiner holds its certificate (step one) but the cluster has not registered it (step
+def _freeze_between_join_steps(cluster, data_dir: Path, node: str = "n1") -> None:
+    """SIGSTOP `node` once the joiner holds its certificate (step one) but the cluster has not registered it (step
     two: the joiner's Raft must run and the configuration change commit, which takes longer than this poll)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -353,7 +353,7 @@ def _freeze_between_join_steps(cluster, data_dir: Path) -> None:
         except (OSError, ValueError):
             pending = None
         if pending:
-            os.kill(cluster.node("n1").pid, signal.SIGSTOP)
+            os.kill(cluster.node(node).pid, signal.SIGSTOP)
             still = json.loads((data_dir / "cluster.json").read_text()).get("pending_token")
             assert still, "the join finished before n1 could be frozen; nothing left to test"
             return
@@ -428,3 +428,43 @@ def test_a_server_killed_between_the_steps_of_its_join_finishes_it_after_a_resta
     files = tls.client_files(data_dir / tls.TLS_DIR)
     with Client(address, tls_files=files) as c:
         assert c.get("before-join", level="stale") == "1"
+
+
+def test_a_server_elected_leader_before_it_was_registered_registers_itself(make_cluster, tmp_path: Path, procs):
+    """A joining server votes and can be elected from step one on. Elected before the cluster registered it,
+    no one could register it: joins are forwarded to the leader, and no node record names the leader (VM
+    cluster, CI: every join refused with "no leader" for minutes). Here s9 joins through the follower, the
+    follower s8 freezes before step two, and n1 hands over to s9 (the only follower keeping up)."""
+    cluster = make_cluster(1)
+    s8_port = free_base_port()
+    s8_config = write_config(tmp_path / "s8", "s8", s8_port, role="server")
+    procs.append(start_agent(s8_config))
+    wait_status(f"127.0.0.1:{s8_port}", lambda s: s.state == "uninitialized")
+    assert _join_in_background(cluster, s8_config).wait(60) == 0
+    cluster.dc.nodes.append(devcluster.DevNode(id="s8", role="server", dir=str(tmp_path / "s8"),
+                                               grpc_address=f"127.0.0.1:{s8_port}",
+                                               raft_address=f"127.0.0.1:{s8_port + 1}", pid=procs[-1].pid))
+    leader, follower = "n1", "s8"
+    port = free_base_port()
+    config = write_config(tmp_path / "s9", "s9", port, role="server")
+    procs.append(start_agent(config))
+    address, data_dir = f"127.0.0.1:{port}", config.parent / "data"
+    wait_status(address, lambda s: s.state == "uninitialized")
+    join = _join_in_background(cluster, config, via=follower)
+    _freeze_between_join_steps(cluster, data_dir, node=follower)
+    try:
+        wait_status(address, lambda s: s.commit_index > 0, data_dir=data_dir)  # s9's Raft runs, in the config
+        with cluster.client(leader) as c:
+            c.put("after-freeze", "1")  # s9 is now further along than the frozen follower
+            c.transfer_leadership()
+        wait_status(address, lambda s: s.state == "leader", timeout=30, data_dir=data_dir)
+        status = wait_status(address, lambda s: s.leader_id == "s9", timeout=40, data_dir=data_dir)
+        assert "s9" in {n.id for n in status.nodes}
+        assert not json.loads((data_dir / "cluster.json").read_text())["pending_token"]
+    finally:
+        os.kill(cluster.node(follower).pid, signal.SIGCONT)
+    assert join.wait(60) == 0, join.stderr.read()
+    with cluster.client("n1") as c:
+        c.put("after-thaw", "1")  # forwarded to s9, found by its record
+    wait_status(cluster.node("n1").grpc_address,
+                lambda s: s.leader_id == "s9" and any(n.id == "s9" and n.liveness == "alive" for n in s.nodes))
