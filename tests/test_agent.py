@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cortex import authz, devcluster, tls
+from cortex import authz, devcluster, identity, tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import AdminClient, Client, CortexError
@@ -348,14 +348,10 @@ def _freeze_between_join_steps(cluster, data_dir: Path, node: str = "n1") -> Non
     two: the joiner's Raft must run and the configuration change commit, which takes longer than this poll)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        try:
-            pending = json.loads((data_dir / "cluster.json").read_text()).get("pending_token")
-        except (OSError, ValueError):
-            pending = None
-        if pending:
+        joined = identity.load(data_dir)
+        if joined is not None and joined.pending_token:
             os.kill(cluster.node(node).pid, signal.SIGSTOP)
-            still = json.loads((data_dir / "cluster.json").read_text()).get("pending_token")
-            assert still, "the join finished before n1 could be frozen; nothing left to test"
+            assert identity.load(data_dir).pending_token, f"the join finished before {node} was frozen: nothing to test"
             return
         time.sleep(0.005)
     raise AssertionError("the joiner never finished step one of its join")
@@ -424,7 +420,7 @@ def test_a_server_killed_between_the_steps_of_its_join_finishes_it_after_a_resta
     assert status.has_quorum
     wait_status(cluster.node("n1").grpc_address,
                 lambda s: any(n.id == "s9" and n.liveness == "alive" for n in s.nodes))
-    assert not json.loads((data_dir / "cluster.json").read_text())["pending_token"]
+    assert not identity.load(data_dir).pending_token
     files = tls.client_files(data_dir / tls.TLS_DIR)
     with Client(address, tls_files=files) as c:
         assert c.get("before-join", level="stale") == "1"
@@ -460,7 +456,7 @@ def test_a_server_elected_leader_before_it_was_registered_registers_itself(make_
         wait_status(address, lambda s: s.state == "leader", timeout=30, data_dir=data_dir)
         status = wait_status(address, lambda s: s.leader_id == "s9", timeout=40, data_dir=data_dir)
         assert "s9" in {n.id for n in status.nodes}
-        assert not json.loads((data_dir / "cluster.json").read_text())["pending_token"]
+        assert not identity.load(data_dir).pending_token
     finally:
         os.kill(cluster.node(follower).pid, signal.SIGCONT)
     assert join.wait(60) == 0, join.stderr.read()

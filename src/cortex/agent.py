@@ -257,8 +257,9 @@ class Agent:
         self._update_health()
         self.plugins.load()
         self.plugins.start()
-        threading.Thread(target=self._background, name="agent-background", daemon=True).start()
-        if (watchdog := notify.watchdog_interval()) is not None:
+        watchdog = notify.watchdog_interval()
+        threading.Thread(target=self._background, args=(watchdog,), name="agent-background", daemon=True).start()
+        if watchdog is not None:
             threading.Thread(target=self._feed_watchdog, args=(watchdog,), name="watchdog", daemon=True).start()
         if sleepwatch.system_bus_present():
             threading.Thread(target=sleepwatch.watch, args=(self._on_sleep_change, self._stop),
@@ -486,9 +487,8 @@ class Agent:
                              extra=fields(stuck_seconds=round(stalled)))
                 said = True
 
-    def _background(self) -> None:
+    def _background(self, watchdog: float | None) -> None:
         """Worker heartbeats, health refresh, resume detection, certificate and key upkeep."""
-        watchdog = notify.watchdog_interval()
         # A watchdog shorter than the heartbeat shortens the rounds too (a test's 10 ms watchdog runs them often)
         interval = WORKER_HEARTBEAT if watchdog is None else min(WORKER_HEARTBEAT, watchdog)
         sleep_offset = _suspended_seconds()
