@@ -464,3 +464,32 @@ def test_a_server_elected_leader_before_it_was_registered_registers_itself(make_
         c.put("after-thaw", "1")  # forwarded to s9, found by its record
     wait_status(cluster.node("n1").grpc_address,
                 lambda s: s.leader_id == "s9" and any(n.id == "s9" and n.liveness == "alive" for n in s.nodes))
+
+
+def test_background_rounds_run_fast_only_while_a_wake_is_unanswered():
+    from cortex import agent
+
+    assert agent._round_wait(1.0, None, 100.0) == 1.0  # no wake pending: one round a heartbeat
+    assert agent._round_wait(1.0, 99.5, 100.0) == agent.RESUME_RETRY  # woke, no server answered yet
+    assert agent._round_wait(1.0, 100.0 - agent.RESUME_RETRY_FOR - 1, 100.0) == 1.0  # gave up fast retries
+    assert agent._round_wait(0.01, 99.5, 100.0) == 0.01  # a shorter regular interval stays shorter
+
+
+def test_the_agent_keeps_systemds_notify_socket_from_its_children(tmp_path: Path):
+    """notify.claim(): the agent still notifies and reads its watchdog interval, the processes it starts
+    (podman, task shells) no longer inherit NOTIFY_SOCKET or the watchdog variables."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify.sock"
+    listener.bind(str(path))
+    listener.settimeout(20)
+    script = (
+        "import subprocess, sys\n"
+        "from cortex import notify\n"
+        "notify.claim()\n"
+        "child = subprocess.run(['env'], capture_output=True, text=True, check=True).stdout\n"
+        "assert 'NOTIFY_SOCKET' not in child and 'WATCHDOG_USEC' not in child, child\n"
+        "assert notify.watchdog_interval() == 10.0\n"
+        "assert notify.sd_notify('READY=1', 'STATUS=claimed')\n")
+    env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "20000000"}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60)
+    assert listener.recv(4096).decode() == "READY=1\nSTATUS=claimed"
