@@ -308,6 +308,18 @@ def test_paused_worker_is_seen_unreachable_and_rejoins_on_resume_signal(shared_c
             resent = True
         assert time.monotonic() - woke < 15, "SIGUSR1 did not trigger a rejoin"
         time.sleep(0.1)
+    wait_for_log(worker, "resumed: the servers answered", "the first heartbeat after the wake was answered")
+    # the sleep hook, logind and the clock jump all report one wake: the later notices keep the new connections
+    if not resent:
+        os_kill(worker.pid, signal.SIGUSR1)
+        wait_for_log(worker, "resumed: already rejoining", "a second notice of the same wake is recognised")
+
+
+def wait_for_log(node, msg: str, what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while f'"msg": "{msg}"' not in open(node.log_path).read():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(0.1)
 
 
 def test_dead_worker_goes_suspect_then_offline_everywhere_and_comes_back(make_cluster):

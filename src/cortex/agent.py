@@ -60,6 +60,13 @@ log = logging.getLogger("cortex.agent")
 MAX_HOPS = 3
 FORWARD_TIMEOUT = 8.0
 WORKER_HEARTBEAT = 1.0
+# After a wake the first heartbeat often finds the network not back yet (the NIC is re-initialised, the
+# link renegotiated): retry this often, instead of once a round, until a server answers or RESUME_RETRY_FOR
+# has passed. A wake noticed twice (the clock jump, then the sleep hook or logind) within RESUME_SAME_WAKE
+# is one wake: its fresh connections are not thrown away again.
+RESUME_RETRY = 0.1
+RESUME_RETRY_FOR = 30.0
+RESUME_SAME_WAKE = 10.0
 # A background round is bounded by its calls' timeouts (seconds each); one that has not ended in this long is
 # stuck, and the agent stops feeding systemd's watchdog so that it gets restarted.
 BACKGROUND_STALL_LIMIT = 120.0
@@ -231,6 +238,8 @@ class Agent:
         self._background_round = time.monotonic()  # when the background loop last started a round
         self._approval_poller: threading.Thread | None = None
         self._resume_trigger = ""
+        self._resumed_at: float | None = None  # a wake whose first heartbeat has not been answered yet
+        self._last_wake = -RESUME_SAME_WAKE  # when the last wake was handled (monotonic)
         self.events = EventBus()
         self.plugins = PluginHost(config.plugins, PluginBridge(self), self.events, self.data_dir, config.source)
         self.liveness = LivenessTracker(config.liveness.suspect_after, config.liveness.offline_after)
@@ -495,7 +504,7 @@ class Agent:
         heartbeat_failing = False
         while not self._stop.is_set():
             self._background_round = time.monotonic()
-            woken = self._wake.wait(interval)
+            woken = self._wake.wait(_round_wait(interval, self._resumed_at, time.monotonic()))
             self._wake.clear()
             if self._stop.is_set():
                 return
@@ -509,7 +518,7 @@ class Agent:
             # CLOCK_BOOTTIME counts time spent suspended, CLOCK_MONOTONIC does not: a jump in their
             # difference means the machine slept, even where no one told us (no logind, no sleep hook).
             offset = _suspended_seconds()
-            if woken or offset - sleep_offset > 1.0:
+            if (woken and self._resume_trigger) or offset - sleep_offset > 1.0:
                 self._after_resume(slept=offset - sleep_offset, signalled=woken)
             sleep_offset = offset
             try:
@@ -551,8 +560,17 @@ class Agent:
 
     def _after_resume(self, slept: float, signalled: bool) -> None:
         trigger = self._resume_trigger if signalled else "clock jump"
+        self._resume_trigger = ""
+        now = time.monotonic()
+        if slept <= 1.0 and now - self._last_wake < RESUME_SAME_WAKE:
+            # the second notice of a wake already handled (the clock jump came first): keep its connections
+            log.info("resumed: already rejoining", extra=fields(trigger=trigger))
+            return
         log.info("resumed: rejoining", extra=fields(slept_seconds=round(max(slept, 0.0), 1), signalled=signalled,
                                                     trigger=trigger))
+        self._last_wake = now
+        if self.identity is not None and self._sends_heartbeats():  # servers are heard through Raft instead
+            self._resumed_at = now
         self.peers.reset()  # fresh connections: the old ones may point at sockets that died while asleep
 
     def _liveness_step(self) -> None:
@@ -602,7 +620,16 @@ class Agent:
 
     def _worker_heartbeat(self) -> None:
         request = pb.HeartbeatRequest(node_id=self.config.node_id)
-        response = self._to_servers(lambda stub: stub.Heartbeat(request, timeout=2))
+        try:
+            response = self._to_servers(lambda stub: stub.Heartbeat(request, timeout=2))
+        except AgentError:
+            if self._resumed_at is not None and time.monotonic() - self._resumed_at > RESUME_RETRY_FOR:
+                self._resumed_at = None  # the servers stay out of reach: back to one heartbeat a round
+            raise
+        if self._resumed_at is not None:
+            log.info("resumed: the servers answered", extra=fields(
+                after_ms=round((time.monotonic() - self._resumed_at) * 1000), server=self._server_addresses[0]))
+            self._resumed_at = None
         if response.server_grpc_addresses:
             self._server_addresses = list(response.server_grpc_addresses)
 
@@ -1488,6 +1515,14 @@ class Agent:
         raise AgentError(grpc.StatusCode.UNAVAILABLE, "no server reachable (" + "; ".join(errors) + ")")
 
 
+def _round_wait(interval: float, resumed_at: float | None, now: float) -> float:
+    """How long the background loop waits for its next round: RESUME_RETRY while a wake's first heartbeat
+    is unanswered (for at most RESUME_RETRY_FOR), else the regular interval."""
+    if resumed_at is not None and now - resumed_at <= RESUME_RETRY_FOR:
+        return min(interval, RESUME_RETRY)
+    return interval
+
+
 def _default_raft_address(grpc_address: str) -> str:
     """A promoted worker's Raft address unless given: its gRPC host, port + 1 (as servers are laid out)."""
     host, _, port = grpc_address.rpartition(":")
@@ -1633,6 +1668,7 @@ class AdminService(pb_grpc.AdminServicer):
 
 def run(config: Config) -> int:
     """Run the agent until SIGTERM/SIGINT."""
+    notify.claim()
     try:
         agent = Agent(config)
     except AgentError as exc:

@@ -3,6 +3,7 @@ and is alive again within the target without its agent having been restarted."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 from tests.qemu import probes, timings
@@ -43,10 +44,17 @@ def test_suspended_worker_comes_back_alive(lab, cluster):
     finally:
         watch.stop()
 
-    # the guest's side of the wake, for the artifacts: kernel resume, sleep hook, the agent's reaction
+    # the guest's side of the wake, for the artifacts: kernel resume, the link, sleep hook, the agent's reaction
     (lab.workdir / "suspend-journal.txt").write_text(worker.succeed(
         "journalctl -b --no-pager -o short-monotonic "
-        "| grep -E 'PM: suspend|sleep hook|systemd-sleep|cortex-agent|agent\\[|resum' | tail -n 80 || true"))
+        "| grep -E 'PM: suspend|sleep hook|systemd-sleep|networkd|carrier|cortex-agent|cortex\\[|resum' "
+        "| tail -n 120 || true"))
+    answered = [json.loads(line) for line in worker.succeed(
+        "journalctl -b -u cortex-agent --no-pager -o cat | grep -F 'resumed: the servers answered' || true"
+    ).splitlines() if line.startswith("{")]
+    assert answered, "the agent never logged that the servers answered after the wake"
+    timings.record("suspend", "... of which: the agent noticed the wake -> a server answered its heartbeat",
+                   answered[-1]["after_ms"] / 1000)
     assert agent_process(worker) == before, "the agent was restarted across the sleep"
     journal = worker.succeed("journalctl -b --no-pager -o cat | grep -E 'cortex sleep hook|PM: suspend exit' || true")
     assert "cortex sleep hook: resumed" in journal, journal
