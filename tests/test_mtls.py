@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -332,3 +333,71 @@ def test_a_client_in_a_process_without_a_home_finds_no_dev_trust_note_and_no_err
     done = python_without_home(code, unset=("XDG_CACHE_HOME", "CORTEX_DEV_TRUST_DIR", "CORTEX_TLS_DIR"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "None None"
+
+
+# --- a slow peer ---------------------------------------------------------------------------------------------
+
+class SlowLink:
+    """A TCP relay that holds every chunk the server sends for `delay` seconds: a peer as slow as a loaded
+    small board or an emulated VM, where a mutual-TLS handshake takes several hundred milliseconds."""
+
+    def __init__(self, upstream: tuple[str, int], delay: float):
+        self.upstream, self.delay, self.delayed_chunks = upstream, delay, 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, server, 0.0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, self.delay), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, delay: float) -> None:
+        try:
+            while chunk := source.recv(65536):
+                if delay:
+                    time.sleep(delay)
+                    self.delayed_chunks += 1
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                s.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_slow_peer_gets_time_to_finish_the_tls_handshake():
+    """gRPC takes grpc.min_reconnect_backoff_ms as the time a connection attempt may take; at 100 ms a
+    handshake with a slow peer never finished on the first attempts (VM tests: the first heartbeats after a
+    wake, and joins, failed with 'connection attempt timed out' / 'Handshake read failed')."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    ca, ca_key = tls.new_ca("c-1")
+    server_cert, server_key = tls.issue(ca, ca_key, "n1", "server", "c-1")
+    client_cert, client_key = tls.issue(ca, ca_key, "w1", "worker", "c-1")
+    server = grpc.server(ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(server_key, server_cert)], root_certificates=ca, require_client_auth=True))
+    server.start()
+    link = SlowLink(("127.0.0.1", port), delay=0.2)
+    channel = secure_channel(f"127.0.0.1:{link.port}", tls.ClientFiles(ca, client_cert, client_key),
+                             channel_options())
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert link.delayed_chunks >= 2, "the handshake did not cross the slow link"
+    finally:
+        channel.close()
+        link.close()
+        server.stop(0)

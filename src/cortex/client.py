@@ -23,14 +23,21 @@ DEFAULT_TIMEOUT = 10.0
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
 
 
+CONNECT_TIMEOUT_MS = 1000
+
+
 def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         # Reconnect quickly after a peer restarts: the default backoff grows to 2 minutes.
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
+        # Despite its name, gRPC takes this as the time a connection attempt (TCP, mutual TLS, HTTP/2
+        # settings) may take. At 100 ms, handshakes with a slow or loaded peer failed as 'Handshake read
+        # failed' until the backoff had grown (first heartbeats after a wake, joins, in the VM tests). A
+        # peer that does not answer at all still fails a call within this, sooner than its deadline.
+        ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
