@@ -493,3 +493,23 @@ def test_the_agent_keeps_systemds_notify_socket_from_its_children(tmp_path: Path
     env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "20000000"}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60)
     assert listener.recv(4096).decode() == "READY=1\nSTATUS=claimed"
+
+
+def test_the_clock_watch_reports_each_jump_between_the_clocks_once():
+    """watch_clock with a scripted suspended-time clock: a jump over the threshold is one wake, drift is none."""
+    import threading
+
+    from cortex import sleepwatch
+
+    readings = iter([5.0, 5.0, 5.3, 17.3, 17.3, 17.4, 40.0] + [40.0] * 1000)  # small drift, a sleep, another
+    stop, wakes = threading.Event(), []
+
+    def clock() -> float:
+        value = next(readings)
+        if value == 40.0 and len(wakes) == 2:
+            stop.set()
+        return value
+
+    sleepwatch.watch_clock(lambda: wakes.append(time.monotonic()), stop, interval=0.001, clock=clock)
+    assert len(wakes) == 2
+    assert 0.0 <= sleepwatch.suspended_seconds() < 1e9  # the real clocks read without error

@@ -342,7 +342,7 @@ class SlowLink:
     small board or an emulated VM, where a mutual-TLS handshake takes several hundred milliseconds."""
 
     def __init__(self, upstream: tuple[str, int], delay: float):
-        self.upstream, self.delay, self.delayed_chunks = upstream, delay, 0
+        self.upstream, self.delay, self.delayed_chunks, self.accepted = upstream, delay, 0, 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -353,6 +353,7 @@ class SlowLink:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             server = socket.create_connection(self.upstream)
             threading.Thread(target=self._pump, args=(client, server, 0.0), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, self.delay), daemon=True).start()
@@ -399,5 +400,40 @@ def test_a_slow_peer_gets_time_to_finish_the_tls_handshake():
         assert link.delayed_chunks >= 2, "the handshake did not cross the slow link"
     finally:
         channel.close()
+        link.close()
+        server.stop(0)
+
+
+def test_fresh_channels_after_a_wake_open_fresh_connections():
+    """Peers.reset() (after a wake) really opens new connections: gRPC shares one connection between channels
+    whose arguments match, and a connection from before the sleep may be dead without knowing it yet. (Each
+    secure channel's credentials object differs, so they do not match; this keeps it that way.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cortex.agent import Peers
+
+    ca, ca_key = tls.new_ca("c-1")
+    server_cert, server_key = tls.issue(ca, ca_key, "n1", "server", "c-1")
+    client_cert, client_key = tls.issue(ca, ca_key, "w1", "worker", "c-1")
+    server = grpc.server(ThreadPoolExecutor(2))  # serves no Cluster methods: each call ends UNIMPLEMENTED
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(server_key, server_cert)], root_certificates=ca, require_client_auth=True))
+    server.start()
+    link = SlowLink(("127.0.0.1", port), delay=0.0)
+    peers = Peers(4 * 1024 * 1024, credentials=lambda: tls.ClientFiles(ca, client_cert, client_key))
+    address = f"127.0.0.1:{link.port}"
+
+    def call() -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as info:
+            peers.stub(address).Status(pb.StatusRequest(), timeout=10)
+        return info.value.code()
+
+    try:
+        assert call() == grpc.StatusCode.UNIMPLEMENTED and link.accepted == 1
+        assert call() == grpc.StatusCode.UNIMPLEMENTED and link.accepted == 1  # reused while nothing happened
+        peers.reset()
+        assert call() == grpc.StatusCode.UNIMPLEMENTED and link.accepted == 2, "reset() reused the old connection"
+    finally:
+        peers.close()
         link.close()
         server.stop(0)

@@ -270,6 +270,8 @@ class Agent:
         threading.Thread(target=self._background, args=(watchdog,), name="agent-background", daemon=True).start()
         if watchdog is not None:
             threading.Thread(target=self._feed_watchdog, args=(watchdog,), name="watchdog", daemon=True).start()
+        threading.Thread(target=sleepwatch.watch_clock, args=(lambda: self.resume("clock jump"), self._stop),
+                         name="clock-watch", daemon=True).start()
         if sleepwatch.system_bus_present():
             threading.Thread(target=sleepwatch.watch, args=(self._on_sleep_change, self._stop),
                              name="logind-watch", daemon=True).start()
@@ -500,7 +502,7 @@ class Agent:
         """Worker heartbeats, health refresh, resume detection, certificate and key upkeep."""
         # A watchdog shorter than the heartbeat shortens the rounds too (a test's 10 ms watchdog runs them often)
         interval = WORKER_HEARTBEAT if watchdog is None else min(WORKER_HEARTBEAT, watchdog)
-        sleep_offset = _suspended_seconds()
+        sleep_offset = sleepwatch.suspended_seconds()
         heartbeat_failing = False
         while not self._stop.is_set():
             self._background_round = time.monotonic()
@@ -517,8 +519,8 @@ class Agent:
                 return
             # CLOCK_BOOTTIME counts time spent suspended, CLOCK_MONOTONIC does not: a jump in their
             # difference means the machine slept, even where no one told us (no logind, no sleep hook).
-            offset = _suspended_seconds()
-            if (woken and self._resume_trigger) or offset - sleep_offset > 1.0:
+            offset = sleepwatch.suspended_seconds()
+            if (woken and self._resume_trigger) or offset - sleep_offset > sleepwatch.SLEPT_THRESHOLD:
                 self._after_resume(slept=offset - sleep_offset, signalled=woken)
             sleep_offset = offset
             try:
@@ -1545,10 +1547,6 @@ def _unbindable(address: str) -> str:
 # "too_many_pings", which ends the call in flight with UNAVAILABLE.
 ALLOW_CLIENT_PINGS = [("grpc.http2.min_ping_interval_without_data_ms", 5000),
                       ("grpc.keepalive_permit_without_calls", 1)]
-
-
-def _suspended_seconds() -> float:
-    return time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
 
 
 def _servicer(fn):

@@ -58,6 +58,8 @@ def test_suspended_worker_comes_back_alive(lab, cluster):
     assert agent_process(worker) == before, "the agent was restarted across the sleep"
     journal = worker.succeed("journalctl -b --no-pager -o cat | grep -E 'cortex sleep hook|PM: suspend exit' || true")
     assert "cortex sleep hook: resumed" in journal, journal
+    agent_log = worker.succeed("journalctl -b -u cortex-agent --no-pager -o cat | grep -F cortex.sleepwatch || true")
+    assert "watching logind for sleep and resume" in agent_log, f"the agent could not listen to logind: {agent_log}"
     worker.succeed(f"{CORTEX} status --json")
     assert back <= LIMIT, f"resume -> alive took {back:.1f} s (target {TARGET:.0f} s, limit {LIMIT:.0f} s)"
     if back > TARGET:
