@@ -421,12 +421,15 @@ def machine_node_id(machine_id_path: str = "/etc/machine-id") -> str:
 
 
 def detect_address() -> str:
-    """The first global IPv4 address (then IPv6) of this machine, read from `ip -j addr`; no traffic sent."""
+    """The first global IPv4 address (then IPv6) of this machine, read from `ip -j addr`; no traffic sent.
+    The generous timeout is for a first boot under load: at 5 s, `ip` (cold, from a verity-checked /usr under
+    emulation) timed out and the node came up listening on 127.0.0.1 only (VM test, 4 VMs on 2 cores)."""
     try:
         out = subprocess.run(["ip", "-j", "addr", "show", "scope", "global"], capture_output=True, text=True,
-                             timeout=5, check=True).stdout
+                             timeout=60, check=True).stdout
         links = json.loads(out or "[]")
-    except (OSError, subprocess.SubprocessError, ValueError):
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        _console(f"cannot read this machine's addresses with `ip -j addr`: {exc}")
         return ""
     for family in ("inet", "inet6"):
         for link in links:
