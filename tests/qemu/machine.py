@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.protocol import ConnectError
 
 from tests.qemu.console import SerialConsole
 from tests.qemu.hostcmd import in_netns, run
@@ -143,9 +144,19 @@ class Machine:
             if time.monotonic() > deadline:
                 raise self.error("QEMU did not open its QMP socket within 30 s")
             time.sleep(0.05)
-        qmp = QEMUMonitorProtocol(str(path))
-        qmp.connect()
-        return qmp
+        # Once (CI rehearsal, QEMU 10 with wait=off) the first message on a new connection was a RESUME event
+        # instead of the greeting; a new connection gets a proper greeting, so try again a few times.
+        for attempt in range(5):
+            qmp = QEMUMonitorProtocol(str(path))
+            try:
+                qmp.connect()
+                return qmp
+            except (ConnectError, OSError) as exc:
+                qmp.close()
+                if attempt == 4:
+                    raise self.error(f"QMP: no session after 5 connections: {exc}") from exc
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
