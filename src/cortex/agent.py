@@ -237,7 +237,8 @@ class Agent:
         self._wake = threading.Event()  # run a background step now (resume)
         self._background_round = time.monotonic()  # when the background loop last started a round
         self._approval_poller: threading.Thread | None = None
-        self._resume_trigger = ""
+        self._resume_trigger = ""  # who reported the wake the background loop has yet to handle
+        self._resume_slept = 0.0  # how long it slept, where known (the clock watch measures it)
         self._resumed_at: float | None = None  # a wake whose first heartbeat has not been answered yet
         self._last_wake = -RESUME_SAME_WAKE  # when the last wake was handled (monotonic)
         self.events = EventBus()
@@ -270,7 +271,8 @@ class Agent:
         threading.Thread(target=self._background, args=(watchdog,), name="agent-background", daemon=True).start()
         if watchdog is not None:
             threading.Thread(target=self._feed_watchdog, args=(watchdog,), name="watchdog", daemon=True).start()
-        threading.Thread(target=sleepwatch.watch_clock, args=(lambda: self.resume("clock jump"), self._stop),
+        threading.Thread(target=sleepwatch.watch_clock,
+                         args=(lambda slept: self.resume("clock jump", slept), self._stop),
                          name="clock-watch", daemon=True).start()
         if sleepwatch.system_bus_present():
             threading.Thread(target=sleepwatch.watch, args=(self._on_sleep_change, self._stop),
@@ -502,7 +504,6 @@ class Agent:
         """Worker heartbeats, health refresh, resume detection, certificate and key upkeep."""
         # A watchdog shorter than the heartbeat shortens the rounds too (a test's 10 ms watchdog runs them often)
         interval = WORKER_HEARTBEAT if watchdog is None else min(WORKER_HEARTBEAT, watchdog)
-        sleep_offset = sleepwatch.suspended_seconds()
         heartbeat_failing = False
         while not self._stop.is_set():
             self._background_round = time.monotonic()
@@ -517,12 +518,8 @@ class Agent:
                 log.critical("raft tick thread died; exiting for a restart")
                 self.failed.set()
                 return
-            # CLOCK_BOOTTIME counts time spent suspended, CLOCK_MONOTONIC does not: a jump in their
-            # difference means the machine slept, even where no one told us (no logind, no sleep hook).
-            offset = sleepwatch.suspended_seconds()
-            if (woken and self._resume_trigger) or offset - sleep_offset > sleepwatch.SLEPT_THRESHOLD:
-                self._after_resume(slept=offset - sleep_offset, signalled=woken)
-            sleep_offset = offset
+            if woken and self._resume_trigger:  # the clock watch, the sleep hook or logind said it woke
+                self._after_resume()
             try:
                 self._update_health()
                 if self.identity is not None and (self.identity.pending_token or self.identity.pending_request_secret) \
@@ -548,9 +545,10 @@ class Agent:
             except Exception:
                 log.exception("background step failed")
 
-    def resume(self, trigger: str = "SIGUSR1") -> None:
-        """The machine woke up (the image's sleep hook sends SIGUSR1; logind says PrepareForSleep(false)):
-        rejoin at once."""
+    def resume(self, trigger: str = "SIGUSR1", slept: float = 0.0) -> None:
+        """The machine woke up (the clocks jumped apart; the image's sleep hook sends SIGUSR1; logind says
+        PrepareForSleep(false)): rejoin at once."""
+        self._resume_slept = max(self._resume_slept, slept)
         self._resume_trigger = trigger
         self._wake.set()
 
@@ -560,16 +558,15 @@ class Agent:
         else:
             self.resume("logind")
 
-    def _after_resume(self, slept: float, signalled: bool) -> None:
-        trigger = self._resume_trigger if signalled else "clock jump"
-        self._resume_trigger = ""
+    def _after_resume(self) -> None:
+        trigger, slept = self._resume_trigger, self._resume_slept
+        self._resume_trigger, self._resume_slept = "", 0.0
         now = time.monotonic()
-        if slept <= 1.0 and now - self._last_wake < RESUME_SAME_WAKE:
+        if slept <= sleepwatch.SLEPT_THRESHOLD and now - self._last_wake < RESUME_SAME_WAKE:
             # the second notice of a wake already handled (the clock jump came first): keep its connections
             log.info("resumed: already rejoining", extra=fields(trigger=trigger))
             return
-        log.info("resumed: rejoining", extra=fields(slept_seconds=round(max(slept, 0.0), 1), signalled=signalled,
-                                                    trigger=trigger))
+        log.info("resumed: rejoining", extra=fields(slept_seconds=round(slept, 1), trigger=trigger))
         self._last_wake = now
         if self.identity is not None and self._sends_heartbeats():  # servers are heard through Raft instead
             self._resumed_at = now

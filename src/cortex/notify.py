@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 
-
 # What systemd handed this process, once claim() took it out of the environment.
 _claimed: dict[str, str] | None = None
 _VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")

@@ -35,16 +35,17 @@ def suspended_seconds() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME) - monotonic
 
 
-def watch_clock(on_wake: Callable[[], None], stop: threading.Event, interval: float = CLOCK_POLL,
+def watch_clock(on_wake: Callable[[float], None], stop: threading.Event, interval: float = CLOCK_POLL,
                 clock: Callable[[], float] = suspended_seconds) -> None:
-    """Call on_wake() whenever the clocks moved apart since the last look, until `stop`. Works anywhere (no
+    """Call on_wake(seconds slept) whenever the clocks moved apart since the last look, until `stop`. The one
+    place that reads the clocks for a wake. Works anywhere (no
     bus, no sleep hook) and is the first to know: two clock reads every 0.1 s, where logind and the sleep
     hook only speak once systemd-sleep has finished (seconds later on a slow machine)."""
     last = clock()
     while not stop.wait(interval):
         now = clock()
         if now - last > SLEPT_THRESHOLD:
-            on_wake()
+            on_wake(now - last)
         last = now
 
 
