@@ -17,7 +17,7 @@ down *args:
 
 # the test suite (unit, multi-process cluster, bad input, and as root the VM tests: tests/qemu)
 test *args:
-    {{bin}}/python -m cortex.protogen --check
+    {{bin}}/python -m cortex.dev.protogen --check
     {{bin}}/python -m pytest {{args}}
 
 # benchmarks, Cortex beside etcd on loopback, then the task engine, printed as tables
@@ -33,12 +33,12 @@ bench-mcp *args:
 # static checks and stub freshness
 lint:
     {{bin}}/ruff check src tests bench
-    {{bin}}/python -m cortex.protogen --check
+    {{bin}}/python -m cortex.dev.protogen --check
     PATH="{{bin}}:$PATH" {{bin}}/ansible-lint --offline --profile production ansible/
 
 # regenerate the gRPC stubs after editing proto/
 proto:
-    {{bin}}/python -m cortex.protogen
+    {{bin}}/python -m cortex.dev.protogen
 
 # build the appliance image (mkosi; installs its own build tools): image/README.md
 image *args:

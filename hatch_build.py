@@ -1,6 +1,6 @@
 """Build hook: generate the gRPC stubs from proto/ into src/cortex/_proto.
 
-The stubs are build output, never edited by hand and never committed; `cortex.protogen.check()` (run by
+The stubs are build output, never edited by hand and never committed; `cortex.dev.protogen.check()` (run by
 `just lint` and the test suite) regenerates them into a temporary folder and fails if the installed ones differ.
 """
 
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent / "src"))
 
 class ProtoBuildHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict) -> None:
-        from cortex.protogen import generate
+        from cortex.dev.protogen import generate
 
         root = Path(self.root)
         generate(root / "proto", root / "src" / "cortex" / "_proto")

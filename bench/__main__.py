@@ -31,8 +31,8 @@ import time
 import traceback
 from pathlib import Path
 
-from cortex import devcluster
 from cortex.config import RaftConfig
+from cortex.dev import cluster as devcluster
 
 from . import measure
 from .cortex_adapter import CortexBench, CortexClient

@@ -20,7 +20,7 @@ Two pipelining styles are offered, so the benchmark can report both:
   still replicated as its own Raft entry, pipelined inside the leader), at most
   ``in_flight`` batches outstanding.
 
-``CortexBench`` wraps a ``cortex.devcluster.DevCluster`` with what
+``CortexBench`` wraps a ``cortex.dev.cluster.DevCluster`` with what
 ``measure.failover_time`` and the idle measurement need: ``follower_endpoint()``,
 ``leader_endpoint()``, ``kill_leader()``, ``pids()``, plus ``restart_killed()``.
 """
@@ -35,9 +35,9 @@ import time
 import uuid
 
 from bench import measure
-from cortex import devcluster
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.client import Client, CortexError
+from cortex.dev import cluster as devcluster
 
 DEFAULT_TIMEOUT = 10.0  # seconds, per RPC (the leader's own proposal timeout is 8 s)
 

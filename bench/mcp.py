@@ -28,8 +28,8 @@ from pathlib import Path
 
 import anyio
 
-from cortex import devcluster
 from cortex.client import Client
+from cortex.dev import cluster as devcluster
 
 from . import measure
 

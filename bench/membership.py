@@ -18,9 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-from cortex import devcluster
 from cortex.client import Client, CortexError
 from cortex.config import LivenessConfig, RaftConfig
+from cortex.dev import cluster as devcluster
 
 from . import measure
 

@@ -35,8 +35,8 @@ import time
 import uuid
 from pathlib import Path
 
-from cortex import devcluster
 from cortex.client import Client
+from cortex.dev import cluster as devcluster
 from cortex.tasks import api
 from cortex.tasks.scheduler import schedule
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: real agent processes on loopback, started through cortex.devcluster."""
+"""Shared fixtures: real agent processes on loopback, started through cortex.dev.cluster."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cortex import devcluster
 from cortex.client import Client, CortexError
+from cortex.dev import cluster as devcluster
 
 _port_counter = itertools.count()
 

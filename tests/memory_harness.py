@@ -11,11 +11,11 @@ import time
 import uuid
 from pathlib import Path
 
-from cortex.commands import Envelope, validate
 from cortex.config import PluginSettings
-from cortex.events import Event, EventBus
+from cortex.core.commands import Envelope, validate
+from cortex.core.events import Event, EventBus
+from cortex.core.state import StateStore
 from cortex.plugins import Caller, PluginHost, discover
-from cortex.state import StateStore
 
 OPERATOR = Caller(role="operator", identity="test")
 READER = Caller(role="reader", identity="test")

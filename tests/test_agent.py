@@ -14,10 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cortex import authz, devcluster, identity, tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import AdminClient, Client, CortexError
+from cortex.dev import cluster as devcluster
+from cortex.membership import identity
+from cortex.security import authz, tls
 from tests.conftest import free_base_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +200,7 @@ def test_cli_status_tables_and_json(shared_cluster):
 
 
 def test_grpc_stubs_are_fresh():
-    from cortex import protogen
+    from cortex.dev import protogen
 
     assert protogen.check(ROOT / "proto", ROOT / "src" / "cortex" / "_proto") == []
 
@@ -467,7 +469,7 @@ def test_a_server_elected_leader_before_it_was_registered_registers_itself(make_
 
 
 def test_background_rounds_run_fast_only_while_a_wake_is_unanswered():
-    from cortex import agent
+    from cortex.node import agent
 
     assert agent._round_wait(1.0, None, 100.0) == 1.0  # no wake pending: one round a heartbeat
     assert agent._round_wait(1.0, 99.5, 100.0) == agent.RESUME_RETRY  # woke, no server answered yet
@@ -499,7 +501,7 @@ def test_the_clock_watch_reports_each_jump_between_the_clocks_once():
     """watch_clock with a scripted suspended-time clock: a jump over the threshold is one wake, drift is none."""
     import threading
 
-    from cortex import sleepwatch
+    from cortex.appliance import sleepwatch
 
     readings = iter([5.0, 5.0, 5.3, 17.3, 17.3, 17.4, 40.0] + [40.0] * 1000)  # small drift, a sleep, another
     stop, wakes = threading.Event(), []

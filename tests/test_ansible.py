@@ -6,7 +6,7 @@ all its hardening really runs) from a rootfs that debootstrap makes once and `.c
 so every run starts from a clean host and the cache is never modified. The containers share the host's
 network namespace and everything talks over 127.0.0.1 only: Ansible and testinfra reach each container's
 sshd on its own loopback port, and the containers' agents join a real one-server dev cluster
-(`cortex.devcluster`) with real join tokens (`cortex token create`) kept in an Ansible Vault file.
+(`cortex.dev.cluster`) with real join tokens (`cortex token create`) kept in an Ansible Vault file.
 
 One server (installed from a wheel file) and one worker (installed by version from a package directory, pip
 `--find-links`) go through the role's whole life: install and join, a second run that changes nothing, an
@@ -33,7 +33,7 @@ import pytest
 import testinfra
 import yaml
 
-from cortex import devcluster
+from cortex.dev import cluster as devcluster
 from tests.conftest import free_base_port
 
 needs_root = pytest.mark.skipif(

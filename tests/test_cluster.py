@@ -273,7 +273,7 @@ def test_raft_peer_with_wrong_secret_cannot_disturb_the_cluster(shared_cluster):
 
 def test_paused_worker_is_seen_unreachable_and_rejoins_on_resume_signal(shared_cluster):
     """SIGSTOP/SIGCONT stands in for suspend; SIGUSR1 is what the image's sleep hook sends on resume."""
-    from cortex import devcluster
+    from cortex.dev import cluster as devcluster
 
     worker = shared_cluster.node("w2")
     leader = shared_cluster.leader()

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from cortex import commands
-from cortex.commands import CommandError, Envelope
+from cortex.core import commands
+from cortex.core.commands import CommandError, Envelope
 
 
 def test_envelope_round_trip_is_byte_stable():

@@ -4,7 +4,7 @@ with the message afterwards: a follower keeps the entries it holds unless one co
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from cortex.consensus import reconcile_append
+from cortex.raft.consensus import reconcile_append
 
 
 def _pysyncobj_follower(log: list[int], message: dict) -> tuple[list[int], int | None, int | None]:

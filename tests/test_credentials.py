@@ -1,4 +1,4 @@
-"""cortex.credentials: systemd credentials -> agent config, for appliance nodes (image/)."""
+"""cortex.appliance.credentials: systemd credentials -> agent config, for appliance nodes (image/)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cortex import config, credentials
-from cortex.credentials import main, parse_env_file, read_directory, render, write_outputs
+from cortex import config
+from cortex.appliance import credentials
+from cortex.appliance.credentials import main, parse_env_file, read_directory, render, write_outputs
 
 TOKEN = "cx1.abcdefghijklmnopqrstuvwxyz012345"
 FALLBACK = "node-0123abcd"

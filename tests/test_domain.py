@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cortex import domain
-from cortex.commands import CommandError, Envelope, is_internal, validate
-from cortex.state import StateStore, state_tables
+from cortex.core import domain
+from cortex.core.commands import CommandError, Envelope, is_internal, validate
+from cortex.core.state import StateStore, state_tables
 
 
 def _v_add(args: dict) -> dict:

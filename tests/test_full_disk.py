@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cortex import devcluster
 from cortex.client import Client, CortexError
+from cortex.dev import cluster as devcluster
 from tests.conftest import free_base_port
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")

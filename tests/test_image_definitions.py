@@ -2,7 +2,7 @@
 
 Checks the repart partition definitions (build time and first boot), the systemd-sysupdate transfers,
 the UKI naming, the kernel command line, the units' ordering (cortex-ready gates boot-complete.target)
-and the paths shared between the units and cortex.credentials.
+and the paths shared between the units and cortex.appliance.credentials.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex import credentials
+from cortex.appliance import credentials
 
 IMAGE = Path(__file__).resolve().parent.parent / "image"
 TREE = IMAGE / "tree"
@@ -394,7 +394,7 @@ def test_config_unit_renders_before_agent():
     assert "cortex-agent.service" in words(cfg, "Unit", "Before")
     assert "cortex.*" in cfg["Service"]["ImportCredential"]
     command = one(cfg, "Service", "ExecStart").split()
-    assert command[1:4] == ["-m", "cortex.credentials", "render"]
+    assert command[1:4] == ["-m", "cortex.appliance.credentials", "render"]
     assert command[command.index("--out") + 1] == "/run/cortex/config.yaml"
     out = Path(command[command.index("--out") + 1])
     # write_outputs puts the token beside the config: where the agent unit loads it from.

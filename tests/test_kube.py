@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cortex.executor import Outcome, TaskRun, TaskSpecError
 from cortex.kube import spec as specs
 from cortex.kube.capacity import fit_reason, parse_quantity, placements
 from cortex.kube.executor import K8sJobExecutor
 from cortex.kube.kubeconfig import discover, kubeconfig_paths
 from cortex.kube.records import k8s_capacity, parse_records
+from cortex.tasks.executor import Outcome, TaskRun, TaskSpecError
 from tests.conftest import python_without_home
 from tests.fake_kube import FakeKube
 
@@ -407,7 +407,7 @@ def test_capacity_counts_allocatable_against_requests_and_placement_uses_it(fake
 @pytest.fixture
 def plugin_host(fake: FakeKube, tmp_path: Path, monkeypatch):
     from cortex import config
-    from cortex.events import EventBus
+    from cortex.core.events import EventBus
     from cortex.plugins import PluginHost
 
     monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "config", "dev")))

@@ -1,4 +1,4 @@
-"""Tests for the WGL linearizability checker (cortex.linearizability)."""
+"""Tests for the WGL linearizability checker (tests.support.linearizability)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cortex.linearizability import (
+from tests.support.linearizability import (
     CAS,
     DELETE,
     FAIL,

@@ -14,7 +14,7 @@ import time
 import grpc
 
 from cortex.client import Client, CortexError
-from cortex.linearizability import HistoryRecorder, check
+from tests.support.linearizability import HistoryRecorder, check
 
 MAYBE_APPLIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
 

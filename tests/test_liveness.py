@@ -2,7 +2,7 @@
 
 import pytest
 
-from cortex.liveness import LivenessTracker, Transition
+from cortex.membership.liveness import LivenessTracker, Transition
 
 
 def test_silence_makes_a_node_suspect_then_offline_and_a_heartbeat_brings_it_back():
@@ -40,7 +40,7 @@ def test_forgotten_and_unknown_nodes_are_ignored_and_bad_timeouts_refused():
 
 
 def test_event_bus_delivers_by_pattern_and_survives_a_failing_subscriber():
-    from cortex.events import Event, EventBus
+    from cortex.core.events import Event, EventBus
 
     bus = EventBus()
     seen = []

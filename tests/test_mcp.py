@@ -22,10 +22,11 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from cortex import authz, devcluster
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import Client
+from cortex.dev import cluster as devcluster
+from cortex.security import authz
 
 from .conftest import Cluster, free_base_port
 

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from cortex import alerts, config
-from cortex.commands import CommandError, Envelope, validate
-from cortex.events import EventBus
-from cortex.mcp_http import BearerTokens
+from cortex import config
+from cortex.builtin import alerts
+from cortex.builtin.skills import parse_skill, scan
+from cortex.core.commands import CommandError, Envelope, validate
+from cortex.core.events import EventBus
+from cortex.core.state import StateStore
+from cortex.mcp.http import BearerTokens
+from cortex.mcp.toolsets import Policy, ToolSpec, View, select
 from cortex.plugins import Caller, PluginHost, ToolError
-from cortex.skills import parse_skill, scan
-from cortex.state import StateStore
-from cortex.toolsets import Policy, ToolSpec, View, select
 
 
 def spec(name, toolset, *, read_only=True, destructive=False, role="reader"):

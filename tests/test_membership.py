@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cortex import state
-from cortex.state import StateStore
+from cortex.core import state
+from cortex.core.state import StateStore
 from tests.test_agent import cortex
 from tests.test_memory_cluster import wait_for
 from tests.test_state import env
@@ -98,7 +98,7 @@ def test_set_role_records_a_promotion_once(tmp_path: Path):
 
 
 def test_bad_membership_commands_are_refused_clearly():
-    from cortex.commands import CommandError, is_internal, validate
+    from cortex.core.commands import CommandError, is_internal, validate
 
     for command_type, args, message in (
         ("member.leave", {"node_id": "w1", "reason": "x" * 500}, "at most 200"),
@@ -175,8 +175,8 @@ def test_leave_keeps_a_left_record_rejoin_revives_it_and_forget_drops_it(make_cl
 
 
 def test_a_promoted_worker_replaces_a_dead_server_and_keeps_quorum(make_cluster):
-    from cortex import tls
     from cortex.client import Client, CortexError
+    from cortex.security import tls
 
     cluster = make_cluster(3, 2)
     cluster.kill("w2")  # goes offline meanwhile: a node that is down cannot be promoted
@@ -270,7 +270,7 @@ def _leader_among(ids: tuple[str, ...], cluster) -> str:
 
 
 def test_the_leader_forgets_left_nodes_after_forget_left_after(tmp_path: Path):
-    from cortex import devcluster
+    from cortex.dev import cluster as devcluster
     from tests.conftest import free_base_port
 
     directory = tmp_path / "prune"

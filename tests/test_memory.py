@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cortex.commands import CommandError, Envelope, validate
+from cortex.core.commands import CommandError, Envelope, validate
+from cortex.core.state import StateStore
 from cortex.memory import backup, sqlguard
 from cortex.memory.schema import SHARED_MIGRATIONS
 from cortex.plugins import ToolError
-from cortex.state import StateStore
 from tests.memory_harness import OPERATOR, READER, start_host
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from cortex import config, devcluster
-from cortex.agent import Agent
+from cortex import config
+from cortex.dev import cluster as devcluster
+from cortex.node.agent import Agent
 from cortex.plugins import Caller
 from tests.conftest import free_base_port
 

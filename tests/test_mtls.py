@@ -12,10 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cortex import authz, devcluster, tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import Client, CortexError, channel_options, secure_channel
+from cortex.dev import cluster as devcluster
+from cortex.security import authz, tls
 
 from .conftest import free_base_port, python_without_home
 
@@ -75,7 +76,7 @@ def test_role_table_refuses_workers_server_only_rpcs():
 def test_raft_keys_rotate_with_overlap():
     from cryptography.fernet import InvalidToken
 
-    from cortex.raft_keys import RotatingEncryptor
+    from cortex.raft.keys import RotatingEncryptor
 
     ca_key = tls.new_ca("c-1")[1]
     a, b = RotatingEncryptor("s3cret", ca_key, 0), RotatingEncryptor("s3cret", ca_key, 0)
@@ -410,7 +411,7 @@ def test_fresh_channels_after_a_wake_open_fresh_connections():
     secure channel's credentials object differs, so they do not match; this keeps it that way.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cortex.agent import Peers
+    from cortex.node.agent import Peers
 
     ca, ca_key = tls.new_ca("c-1")
     server_cert, server_key = tls.issue(ca, ca_key, "n1", "server", "c-1")

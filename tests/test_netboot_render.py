@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from cortex.commands import Envelope
+from cortex.core.commands import Envelope
+from cortex.core.state import StateStore
 from cortex.netboot import profiles, render
 from cortex.netboot.artifacts import ArtifactError, ArtifactStore, fetch, parse_sums
 from cortex.netboot.ephemeral import IdleClock
 from cortex.netboot.plugin import reconcile_actions
 from cortex.netboot.profiles import Machine, NoMatch, ProfileError
 from cortex.netboot.service import Refused, machine_from_query
-from cortex.state import StateStore
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "netboot" / "profiles.example.yaml"
 BASE = "http://10.77.0.1:8080"
@@ -294,14 +294,14 @@ def test_enrollment_lifecycle_in_the_state_machine(tmp_path):
     {**enroll_args(), "group": "g\nx"},
 ])
 def test_enroll_validation(args):
-    from cortex.commands import CommandError, validate
+    from cortex.core.commands import CommandError, validate
 
     with pytest.raises(CommandError):
         validate("netboot.enroll", args)
 
 
 def test_netboot_commands_that_the_leader_decides_are_internal():
-    from cortex.commands import is_internal
+    from cortex.core.commands import is_internal
 
     assert is_internal("netboot.joined") and is_internal("netboot.left")
     assert not is_internal("netboot.enroll") and not is_internal("netboot.report")

@@ -17,14 +17,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cortex import authz, cli, devcluster, identity
+from cortex import cli
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import Client, register_credentials
+from cortex.dev import cluster as devcluster
+from cortex.membership import identity
 from cortex.netboot import ephemeral, profiles
 from cortex.netboot.artifacts import fetch_all
 from cortex.netboot.cli import ClientPort
 from cortex.netboot.service import HttpService, Provisioner, ServiceConfig
+from cortex.security import authz
 from tests.conftest import free_base_port
 
 PROFILES = """

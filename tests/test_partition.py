@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex.linearizability import HistoryRecorder, check
+from tests.support.linearizability import HistoryRecorder, check
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 for network namespaces"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cortex import config
-from cortex.events import Event, EventBus
+from cortex.core.events import Event, EventBus
 from cortex.plugins import Caller, PluginConfigError, PluginHost, ToolError, check_config, discover
 
 PLUGIN_SOURCE = '''

@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cortex import rollout, updates
 from cortex.client import Client
-from cortex.rollout import ACTIVE, Slots, Target
-from cortex.updates import UpdateError
+from cortex.update import releases as updates
+from cortex.update import rollout
+from cortex.update.releases import UpdateError
+from cortex.update.rollout import ACTIVE, Slots, Target
 
 
 @st.composite

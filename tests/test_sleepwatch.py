@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex import sleepwatch
+from cortex.appliance import sleepwatch
 from cortex.client import Client
 
 pytestmark = pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")

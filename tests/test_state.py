@@ -4,9 +4,9 @@ import random
 import sqlite3
 from pathlib import Path
 
-from cortex import identity
-from cortex.commands import Envelope, validate
-from cortex.state import StateStore
+from cortex.core.commands import Envelope, validate
+from cortex.core.state import StateStore
+from cortex.membership import identity
 
 
 def env(command_type: str, args: dict, term: int = 1, idem: str | None = None, ts: float = 1000.0) -> bytes:
@@ -143,7 +143,7 @@ def test_command_appended_in_another_term_than_stamped_is_fenced(tmp_path: Path)
 
 
 def test_group_committed_batch_applies_in_one_transaction_with_per_command_results(tmp_path: Path):
-    from cortex.commands import encode_batch
+    from cortex.core.commands import encode_batch
 
     store = StateStore(tmp_path / "s.db")
     batch = encode_batch([env("kv.put", {"key": "b", "value": "1"}, idem="one"),

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cortex.tailscale import (
+from cortex.builtin.tailscale import (
     ApprovalRule,
     Peer,
     TailscaleUnavailable,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cortex.executor import TaskRun
 from cortex.tasks import api
 from cortex.tasks.agent_executor import AgentExecutor
+from cortex.tasks.executor import TaskRun
 from cortex.tasks.executors import ExecutorSettings
 
 

@@ -13,8 +13,8 @@ from collections import Counter
 
 import pytest
 
-from cortex import devcluster
 from cortex.client import CortexError
+from cortex.dev import cluster as devcluster
 from tests.conftest import Cluster, free_base_port
 
 

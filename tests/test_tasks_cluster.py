@@ -335,7 +335,7 @@ def test_plugin_tools_have_valid_schemas_and_work_against_the_cluster(c, tmp_pat
 
     import jsonschema
 
-    from cortex.events import EventBus
+    from cortex.core.events import EventBus
     from cortex.plugins import Caller, PluginContext
     from cortex.tasks.engine import TaskEngine
     from cortex.tasks.tools import engine_tools

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from cortex import devcluster
+from cortex.dev import cluster as devcluster
 from cortex.tasks import resources
 
 FAKE_DIR = Path(__file__).parent / "fixtures" / "nvidia_smi"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cortex.commands import CommandError, Envelope, validate
-from cortex.state import StateStore
+from cortex.core.commands import CommandError, Envelope, validate
+from cortex.core.state import StateStore
 from cortex.tasks import celeval, scheduler, workflow
 from cortex.tasks.spec import RetryPolicy
 from cortex.tasks.state import OUTPUT_CAP

@@ -13,12 +13,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cortex import authz, devcluster, identity, revocation, tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import Client, CortexError, secure_channel
-from cortex.commands import CommandError, Envelope, validate
-from cortex.state import StateStore
+from cortex.core.commands import CommandError, Envelope, validate
+from cortex.core.state import StateStore
+from cortex.dev import cluster as devcluster
+from cortex.membership import identity
+from cortex.security import authz, revocation, tls
 
 from .conftest import free_base_port, module_cluster
 from .test_agent import cortex, start_agent, wait_status, write_config
@@ -218,7 +220,7 @@ def test_revocation_watermarks_are_replicated_state(tmp_path):
 def test_raft_keys_move_to_the_new_ca_key_without_refusing_a_frame():
     from cryptography.fernet import InvalidToken
 
-    from cortex.raft_keys import RotatingEncryptor
+    from cortex.raft.keys import RotatingEncryptor
 
     old_key, new_key = tls.new_ca("c-1")[1], tls.new_ca("c-1")[1]
     a, b = RotatingEncryptor("s", old_key, 1), RotatingEncryptor("s", old_key, 1)
@@ -233,9 +235,9 @@ def test_raft_keys_move_to_the_new_ca_key_without_refusing_a_frame():
 
 
 def test_a_server_restarted_mid_rotation_derives_each_raft_generation_from_the_right_ca_key(tmp_path):
-    from cortex import ca_rotation
-    from cortex.certs import NodeCerts
-    from cortex.raft_keys import RotatingEncryptor
+    from cortex.raft.keys import RotatingEncryptor
+    from cortex.security import ca_rotation
+    from cortex.security.certs import NodeCerts
 
     old_key, new_key = tls.new_ca("c-1")[1], tls.new_ca("c-1")[1]
     peer = RotatingEncryptor("s", old_key, 1)
@@ -252,7 +254,7 @@ def test_a_server_restarted_mid_rotation_derives_each_raft_generation_from_the_r
 
 
 def test_ca_rotation_phases_advance_only_when_every_member_acknowledged(tmp_path):
-    from cortex import ca_rotation
+    from cortex.security import ca_rotation
 
     store = StateStore(tmp_path / "s.db")
     index = iter(range(1, 100))
@@ -286,7 +288,7 @@ def test_ca_rotation_phases_advance_only_when_every_member_acknowledged(tmp_path
     assert ca_rotation.write_refusal("ca.request", {}, tls.Peer("w1", "worker", "c")) is not None
     assert ca_rotation.write_refusal("ca.ack", {"node": "n1"}, tls.Peer("w1", "worker", "c")) is not None
     assert ca_rotation.write_refusal("ca.ack", {"node": "w1"}, tls.Peer("w1", "worker", "c")) is None
-    from cortex.commands import is_internal
+    from cortex.core.commands import is_internal
 
     assert is_internal("ca.advance") and not is_internal("ca.ack")
 
@@ -359,7 +361,7 @@ def test_a_replaced_certificate_is_refused_on_every_server_and_nothing_else_brea
 
 
 def revocation_grace() -> float:
-    from cortex.certs import RENEW_GRACE
+    from cortex.security.certs import RENEW_GRACE
 
     return RENEW_GRACE
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from cortex import update_apply, updates
+from cortex.update import apply as update_apply
+from cortex.update import releases as updates
 
 REPO = Path(__file__).resolve().parents[1]
 SYSUPDATE = REPO / "image/tree/usr/lib/sysupdate.d"

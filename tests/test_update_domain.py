@@ -10,9 +10,9 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cortex import rollout
-from cortex.commands import Envelope, is_internal, validate
-from cortex.state import StateStore
+from cortex.core.commands import Envelope, is_internal, validate
+from cortex.core.state import StateStore
+from cortex.update import rollout
 
 NODES = [("w1", "worker"), ("w2", "worker"), ("n2", "server"), ("n3", "server"), ("n1", "server")]
 FLOW = rollout.STEP_FLOW

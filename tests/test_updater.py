@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from cortex import devcluster, updates
 from cortex.client import Client, CortexError
-from cortex.node_os import BROKEN_MARK, SimulatedOS
-from cortex.rollout import Slots
-from cortex.updater import preflight_problems
+from cortex.dev import cluster as devcluster
+from cortex.update import releases as updates
+from cortex.update.node_os import BROKEN_MARK, SimulatedOS
+from cortex.update.plugin import preflight_problems
+from cortex.update.rollout import Slots
 
 pytestmark = pytest.mark.timeout(600)
 

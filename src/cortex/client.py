@@ -12,9 +12,9 @@ from typing import Any
 
 import grpc
 
-from cortex import tls
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
+from cortex.security import tls
 from cortex.userdirs import user_home
 
 LEVELS = {"stale": pb.STALE, "leader": pb.LEADER, "linearizable": pb.LINEARIZABLE}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex import updates
+from cortex.update import releases as updates
 from tests.qemu import images, probes, timings
 from tests.qemu.conftest import CORTEX, wait_until
 from tests.qemu.labnet import GATEWAY

@@ -60,7 +60,7 @@ def test_suspended_worker_comes_back_alive(lab, cluster):
     assert "cortex sleep hook: resumed" in journal, journal
     # Reported, not enforced: on the appliance the system bus still refuses the agent (a known gap, see
     # image/README.md); the clock watch and the sleep hook are what the wake above relied on.
-    agent_log = worker.succeed("journalctl -b -u cortex-agent --no-pager -o cat | grep -F cortex.sleepwatch || true")
+    agent_log = worker.succeed("journalctl -b -u cortex-agent --no-pager -o cat | grep -F cortex.appliance.sleepwatch || true")
     if "watching logind for sleep and resume" not in agent_log:
         warnings.warn(f"the agent does not hear logind on the appliance: {agent_log.strip()[-300:]}", stacklevel=1)
     worker.succeed(f"{CORTEX} status --json")

@@ -1,4 +1,4 @@
-"""The `k8s_job` executor as the task engine sees it (cortex.executor.Executor).
+"""The `k8s_job` executor as the task engine sees it (cortex.tasks.executor.Executor).
 
 Light on purpose: validating a spec and checking availability need no Kubernetes client, so a node that
 has no kubeconfig never imports the `kubernetes` library; `run` loads it (jobs.py) on first use.
@@ -10,9 +10,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from cortex.executor import Outcome, TaskRun, TaskSpecError
 from cortex.kube import spec as specs
 from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths
+from cortex.tasks.executor import Outcome, TaskRun, TaskSpecError
 from cortex.userdirs import user_home
 
 KIND = "k8s_job"

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 from kubernetes import client as k8s
 
-from cortex.executor import Outcome, TaskRun
 from cortex.kube import spec as specs
 from cortex.kube.client import CONNECT_TIMEOUT, READ_TIMEOUT, Kube, KubeError, connect, explain, resolve
 from cortex.kube.kubeconfig import Discovery
+from cortex.tasks.executor import Outcome, TaskRun
 
 IMAGE_PULL_WAITING = ("ErrImagePull", "ImagePullBackOff")
 PERMANENT_WAITING = ("InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError")

@@ -17,13 +17,13 @@ import threading
 import uuid
 from typing import Any
 
-from cortex.executor import TaskSpecError
 from cortex.kube import spec as specs
 from cortex.kube.capacity import ContextCapacity
 from cortex.kube.executor import K8sJobExecutor
 from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths
 from cortex.kube.records import build_record, encode, k8s_capacity, read_records, record_key, where_is
 from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError
+from cortex.tasks.executor import TaskSpecError
 from cortex.userdirs import user_home
 
 
@@ -136,7 +136,7 @@ class KubernetesPlugin(Plugin):
 
     # --- task engine hook -----------------------------------------------------------------------------
     def executors(self) -> list[K8sJobExecutor]:
-        """The executors this plugin adds to the task engine's registry (cortex.executor.Executor)."""
+        """The executors this plugin adds to the task engine's registry (cortex.tasks.executor.Executor)."""
         return [self.executor]
 
     # --- resources ------------------------------------------------------------------------------------

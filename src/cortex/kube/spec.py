@@ -22,8 +22,8 @@ import hashlib
 import math
 import re
 
-from cortex.executor import TaskSpecError
 from cortex.kube.capacity import bytes_of, millicores
+from cortex.tasks.executor import TaskSpecError
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

@@ -13,8 +13,8 @@ import json
 import sqlite3
 from collections.abc import Callable
 
-from cortex.commands import CommandError, Envelope
-from cortex.domain import Command, Domain
+from cortex.core.commands import CommandError, Envelope
+from cortex.core.domain import Command, Domain
 from cortex.memory import sqlguard
 from cortex.memory.schema import (
     CONTENT_TABLES,

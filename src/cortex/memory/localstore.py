@@ -14,10 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cortex.commands import CommandError, Envelope
+from cortex.core.commands import CommandError, Envelope
+from cortex.core.state import thread_reader
 from cortex.memory import domain
 from cortex.memory.schema import LOCAL_MIGRATIONS
-from cortex.state import thread_reader
 
 
 class LocalStore:

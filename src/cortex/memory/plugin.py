@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cortex.commands import CommandError
+from cortex.core.commands import CommandError
 from cortex.memory import sqlguard, whereami
 from cortex.memory.localstore import LocalStore
 from cortex.memory.schema import CONTEXT_CATEGORIES, LOCAL_TIER, THOUGHT_TYPES, THREAD_STATUSES, TIERS

@@ -98,7 +98,7 @@ class ClientPort:
 
 def host_address() -> str:
     """This host's first global IPv4 address (from `ip`; no traffic sent)."""
-    from cortex.credentials import detect_address
+    from cortex.appliance.credentials import detect_address
 
     return detect_address()
 

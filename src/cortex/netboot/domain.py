@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 
-from cortex.commands import CommandError
-from cortex.domain import Command, Domain
+from cortex.core.commands import CommandError
+from cortex.core.domain import Command, Domain
 
 NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cortex.logs import fields
 from cortex.netboot import profiles as profiles_mod
 from cortex.netboot.service import HttpService, Provisioner, ServiceConfig, split_listen
+from cortex.node.logs import fields
 from cortex.plugins import Plugin, Tool, ToolError
 
 DEFAULT_ARTIFACTS = "/usr/share/cortex/netboot"

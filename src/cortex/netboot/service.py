@@ -33,10 +33,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from cortex.logs import fields
 from cortex.netboot import render
 from cortex.netboot.artifacts import CHUNK, SUMS_NAME, ArtifactError, ArtifactStore
 from cortex.netboot.profiles import SELECTOR_VALUE_RE, Machine, NoMatch, Profiles, normalize_mac
+from cortex.node.logs import fields
 
 log = logging.getLogger("cortex.netboot")
 

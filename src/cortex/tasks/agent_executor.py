@@ -17,7 +17,7 @@ import os
 import threading
 from pathlib import Path
 
-from cortex.executor import Outcome, TaskRun, TaskSpecError
+from cortex.tasks.executor import Outcome, TaskRun, TaskSpecError
 from cortex.tasks.executors import ExecutorSettings, ShellExecutor, number, only
 
 DEFAULT_MODEL = "claude-sonnet-4-6"  # a task may name any other

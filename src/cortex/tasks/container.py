@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 
-from cortex.executor import Outcome, TaskRun, TaskSpecError
+from cortex.tasks.executor import Outcome, TaskRun, TaskSpecError
 from cortex.tasks.executors import (
     RESULT_FILE,
     ExecutorSettings,

@@ -23,8 +23,8 @@ from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from cortex.commands import CommandError
-from cortex.executor import Executor, Outcome, TaskRun, TaskSpecError
+from cortex.core.commands import CommandError
+from cortex.tasks.executor import Executor, Outcome, TaskRun, TaskSpecError
 
 ENTRY_POINT_GROUP = "cortex.executors"
 BUILTIN = {

@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cortex.executor import Executor, Outcome, TaskRun
+from cortex.tasks.executor import Executor, Outcome, TaskRun
 from cortex.tasks.state import MAX_CHUNK, OUTPUT_CAP
 
 PERMANENT_CODES = {"INVALID_ARGUMENT", "PERMISSION_DENIED", "FAILED_PRECONDITION", "NOT_FOUND"}

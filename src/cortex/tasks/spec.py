@@ -11,8 +11,8 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from cortex.commands import CommandError
-from cortex.executor import TaskSpecError
+from cortex.core.commands import CommandError
+from cortex.tasks.executor import TaskSpecError
 
 MAX_TASKS_PER_SUBMIT = 1000
 MAX_PRIORITY = 1000

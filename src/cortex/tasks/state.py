@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from cortex import domain
-from cortex.commands import CommandError, Envelope
+from cortex.core import domain
+from cortex.core.commands import CommandError, Envelope
 from cortex.tasks import spec as specs
 
 OUTPUT_CAP = 256 * 1024  # bytes of output kept per attempt

@@ -33,8 +33,8 @@ import json
 import re
 import sqlite3
 
-from cortex import domain
-from cortex.commands import CommandError, Envelope
+from cortex.core import domain
+from cortex.core.commands import CommandError, Envelope
 from cortex.tasks import state as tstate
 from cortex.tasks.celeval import CelError, Evaluator, compile_check
 from cortex.tasks.spec import validate_task

@@ -1,0 +1,2 @@
+"""Who belongs to the cluster: the on-disk membership record, the join protocol (token or operator
+approval, CA pinning), the membership domain (leave, forget, role changes) and liveness decisions."""

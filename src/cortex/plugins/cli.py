@@ -1,0 +1,147 @@
+"""CLI: `cortex plugins`, `cortex tools list|call`, `cortex mcp` (stdio MCP server for a local assistant)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import grpc
+
+from cortex.cli import UsageError, emit, table
+
+
+def _stub(args):
+    from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
+    from cortex.client import open_channel
+
+    return ppb_grpc.PluginsStub(open_channel(args.addr))
+
+
+def _call(method, request, args):
+    from cortex.client import CortexError
+
+    try:
+        return method(request, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        raise CortexError(exc.code(), exc.details() or "") from None
+
+
+def cmd_plugins(args) -> int:
+    from cortex._proto.cortex.v1 import plugins_pb2 as ppb
+
+    response = _call(_stub(args).ListPlugins, ppb.ListPluginsRequest(), args)
+    rows = [{"name": p.name, "state": p.state, "tools": p.tools, "error": p.error, "origin": p.origin}
+            for p in response.plugins]
+    emit(args, {"node_id": response.node_id, "plugins": rows},
+         f"plugins on {response.node_id}\n\n" + table(rows, ["name", "state", "tools", "error"]))
+    return 0
+
+
+def _set_state(args, running: bool) -> int:
+    from cortex._proto.cortex.v1 import plugins_pb2 as ppb
+    from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
+    from cortex.client import open_channel
+
+    if not Path(args.socket).exists():
+        raise UsageError(f"no agent admin socket at {args.socket}: starting and stopping plugins is done on the "
+                         "node itself (pass --socket PATH or set CORTEX_SOCKET)")
+    stub = ppb_grpc.PluginsStub(open_channel(f"unix:{args.socket}"))
+    response = _call(stub.SetPluginState, ppb.SetPluginStateRequest(name=args.name, running=running), args)
+    p = response.plugin
+    emit(args, {"name": p.name, "state": p.state, "error": p.error, "tools": p.tools},
+         f"{p.name}: {p.state}" + (f" ({p.error})" if p.error else ""))
+    return 0
+
+
+def cmd_plugins_start(args) -> int:
+    return _set_state(args, True)
+
+
+def cmd_plugins_stop(args) -> int:
+    return _set_state(args, False)
+
+
+def cmd_tools_list(args) -> int:
+    from cortex._proto.cortex.v1 import plugins_pb2 as ppb
+
+    response = _call(_stub(args).ListTools, ppb.ListToolsRequest(), args)
+    rows = [{"name": t.name, "toolset": t.toolset, "plugin": t.plugin, "role": t.role,
+             "kind": "destructive" if t.destructive else "read-only" if t.read_only else "write",
+             "idempotent": t.idempotent, "description": t.description,
+             "input_schema": json.loads(t.input_schema_json or b"{}")} for t in response.tools]
+    human = table([{**r, "description": r["description"][:70]} for r in rows],
+                  ["name", "toolset", "role", "kind", "description"])
+    emit(args, {"node_id": response.node_id, "caller_role": response.caller_role, "tools": rows},
+         f"{len(rows)} tools on {response.node_id} (this connection's role: {response.caller_role})\n\n{human}")
+    return 0
+
+
+def cmd_tools_call(args) -> int:
+    from cortex._proto.cortex.v1 import plugins_pb2 as ppb
+
+    try:
+        arguments = json.loads(args.args)
+    except ValueError as exc:
+        raise UsageError(f"--args is not valid JSON: {exc}; e.g. --args '{{\"key\": \"a\"}}'") from None
+    if not isinstance(arguments, dict):
+        raise UsageError("--args must be a JSON object, e.g. '{\"key\": \"a\"}'")
+    response = _call(_stub(args).CallTool, ppb.CallToolRequest(name=args.name,
+                                                              arguments_json=json.dumps(arguments).encode()), args)
+    if response.error:
+        print(f"cortex: {response.error}", file=sys.stderr)
+        return 1
+    result = json.loads(response.result_json) if response.result_json else None
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_mcp(args) -> int:
+    import anyio
+
+    from cortex.mcp.server import Frontend, GrpcBackend, parse_view, serve_stdio
+
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # stdout is the MCP wire
+    via = args.via
+    if via == "auto":
+        via = "socket" if Path(args.socket).exists() else "addr"
+    target = f"unix:{args.socket}" if via == "socket" else args.addr
+    try:
+        view = parse_view(args.profile, args.toolsets)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    backend = GrpcBackend(target, timeout=max(args.timeout, 30.0))
+    try:
+        anyio.run(serve_stdio, Frontend(backend, view))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        backend.close()
+    return 0
+
+
+def register(sub, common) -> None:
+    def add(name, fn, help, parent=sub):
+        sp = parent.add_parser(name, help=help, parents=[common])
+        sp.set_defaults(fn=fn)
+        return sp
+
+    plugins = add("plugins", cmd_plugins, "plugins on a node: state, error, tools").add_subparsers(dest="sub")
+    add("list", cmd_plugins, "plugins on a node (the default)", plugins)
+    for name, fn in (("start", cmd_plugins_start), ("stop", cmd_plugins_stop)):
+        sp = add(name, fn, f"{name} a plugin on the local node (admin socket)", plugins)
+        sp.add_argument("name")
+    tools = sub.add_parser("tools", help="plugin tools (what MCP clients call)").add_subparsers(dest="sub",
+                                                                                               required=True)
+    add("list", cmd_tools_list, "every tool the node offers, with role and kind", tools)
+    sp = add("call", cmd_tools_call, "call a tool on the node (--args JSON)", tools)
+    sp.add_argument("name")
+    sp.add_argument("--args", default="{}", help="the arguments as a JSON object")
+    sp = add("mcp", cmd_mcp, "serve MCP on stdio for a local assistant (claude mcp add cortex -- cortex mcp)")
+    sp.add_argument("--via", choices=["auto", "socket", "addr"], default="auto",
+                    help="reach the local agent by its admin socket (admin role) or --addr (network role); "
+                         "auto: the socket when it exists")
+    sp.add_argument("--profile", default="", help="read-only | operator | admin (default: the node's policy)")
+    sp.add_argument("--toolsets", default="", help="comma-separated toolsets to load, or 'all' "
+                                                   "(default: the node's, up to its tool limit)")

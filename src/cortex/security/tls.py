@@ -1,0 +1,321 @@
+"""Cluster identity in X.509: the cluster CA, node and client certificates, and gRPC credentials from them.
+
+`cortex init` creates the CA; servers keep its key (as they keep the Raft secret) so any server can sign.
+A certificate names its holder in the subject CN and in SAN URIs:
+
+    cortex://node/<id>      who (a node id, or a client name such as "admin@n1")
+    cortex://role/<role>    server | worker (nodes), admin | operator | reader (clients)
+    cortex://cluster/<id>   which cluster (a certificate of another cluster is refused even with the same CA)
+
+Every certificate also carries DNS:cortex, the name clients verify (`grpc.ssl_target_name_override`):
+nodes move between addresses, what matters is that the peer holds a certificate of this cluster's CA.
+
+Files in <data_dir>/tls/: ca.crt, ca.key (servers), node.crt/node.key (the node's own identity, used for
+every call between nodes), admin.crt/admin.key (servers: an admin client certificate for the local `cortex`
+CLI), enroll.crt/enroll.key (signed by the CA, serverAuth only; the enrollment listener where
+not-yet-certified nodes join, checked against the CA pin in their token).
+Everything here is pure except the file helpers at the bottom.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from cortex.core import durable
+
+TLS_DIR = "tls"
+SERVER_NAME = "cortex"  # the DNS SAN every certificate carries and every client verifies
+ENROLL_NAME = "cortex-enroll"
+NODE_ROLES = ("server", "worker")
+CLIENT_ROLES = ("reader", "operator", "admin")
+DEFAULT_CERT_DAYS = 30.0
+CA_DAYS = 3650.0
+# Renew once less than this share of a certificate's lifetime is left.
+RENEW_AT_REMAINING = 1 / 3
+_URI_PREFIX = "cortex://"
+BACKDATE = datetime.timedelta(seconds=60)  # tolerate clocks a little behind the signer's
+
+
+class TLSError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who a certificate says its holder is."""
+
+    name: str
+    role: str
+    cluster_id: str
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def cert_lifetime_days() -> float:
+    """Node certificate lifetime; CORTEX_CERT_DAYS shortens it (tests of renewal use seconds)."""
+    try:
+        return float(os.environ.get("CORTEX_CERT_DAYS", DEFAULT_CERT_DAYS))
+    except ValueError:
+        return DEFAULT_CERT_DAYS
+
+
+def new_key_pem() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _load_key(key_pem: bytes):
+    return serialization.load_pem_private_key(key_pem, password=None)
+
+
+def new_ca(cluster_id: str) -> tuple[bytes, bytes]:
+    """A new cluster CA: (certificate PEM, key PEM)."""
+    key_pem = new_key_pem()
+    key = _load_key(key_pem)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"cortex cluster CA {cluster_id}"),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, cluster_id)])
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def new_csr(key_pem: bytes, name: str) -> bytes:
+    """A certificate signing request for `name`; the signer decides the role and cluster, not the requester."""
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+           .sign(_load_key(key_pem), hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, name: str, role: str, cluster_id: str,
+         days: float | None = None, now: datetime.datetime | None = None) -> bytes:
+    """Sign a CSR as `name` with `role` in `cluster_id`. The CSR only contributes its public key."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise TLSError(f"not a PEM certificate signing request: {exc}") from None
+    if not csr.is_signature_valid:
+        raise TLSError("the certificate signing request's signature is invalid")
+    if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
+        raise TLSError("the certificate signing request must carry an EC P-256 key")
+    return _issue(ca_cert_pem, ca_key_pem, csr.public_key(), name, role, cluster_id, days, now)
+
+
+def _issue(ca_cert_pem: bytes, ca_key_pem: bytes, public_key, name: str, role: str, cluster_id: str,
+           days: float | None, now: datetime.datetime | None) -> bytes:
+    if role not in NODE_ROLES + CLIENT_ROLES:
+        raise TLSError(f"unknown role {role!r}")
+    ca = x509.load_pem_x509_certificate(ca_cert_pem)
+    ca_key = _load_key(ca_key_pem)
+    now = now or _now()
+    lifetime = datetime.timedelta(days=cert_lifetime_days() if days is None else days)
+    sans: list[x509.GeneralName] = [
+        x509.DNSName(SERVER_NAME),
+        x509.UniformResourceIdentifier(f"{_URI_PREFIX}node/{name}"),
+        x509.UniformResourceIdentifier(f"{_URI_PREFIX}role/{role}"),
+        x509.UniformResourceIdentifier(f"{_URI_PREFIX}cluster/{cluster_id}"),
+    ]
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                                     x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)]))
+            .issuer_name(ca.subject).public_key(public_key).serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE).not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def issue(ca_cert_pem: bytes, ca_key_pem: bytes, name: str, role: str, cluster_id: str,
+          days: float | None = None, now: datetime.datetime | None = None) -> tuple[bytes, bytes]:
+    """A fresh key and its certificate, signed here (admin client certificates): (cert PEM, key PEM)."""
+    key_pem = new_key_pem()
+    cert = _issue(ca_cert_pem, ca_key_pem, _load_key(key_pem).public_key(), name, role, cluster_id, days, now)
+    return cert, key_pem
+
+
+def self_signed(name: str = ENROLL_NAME, days: float = 365.0) -> tuple[bytes, bytes]:
+    """The enrollment listener's certificate: it proves nothing (the joiner has no CA yet), it encrypts."""
+    key_pem = new_key_pem()
+    key = _load_key(key_pem)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(
+                ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def issue_enrollment(ca_cert_pem: bytes, ca_key_pem: bytes, days: float = 365.0) -> tuple[bytes, bytes]:
+    """The enrollment listener's certificate, signed by the cluster CA: a joiner that pins the CA (the hash
+    in its token) can check the server before it sends its token. It names no cortex identity and is for
+    server authentication only, so it can never act as a member's client certificate."""
+    key_pem = new_key_pem()
+    key = _load_key(key_pem)
+    ca = x509.load_pem_x509_certificate(ca_cert_pem)
+    ca_key = _load_key(ca_key_pem)
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ENROLL_NAME)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(ENROLL_NAME)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def split_pems(bundle: bytes) -> list[bytes]:
+    """The certificates of a PEM bundle (ca.crt holds two while the CA is being rotated), each as PEM."""
+    try:
+        return [c.public_bytes(serialization.Encoding.PEM) for c in x509.load_pem_x509_certificates(bundle)]
+    except ValueError:
+        return []
+
+
+def ca_pin(cert_pem: bytes) -> str:
+    """SHA-256 (hex) of a CA certificate's DER SubjectPublicKeyInfo: the pin a join token carries, as
+    kubeadm's --discovery-token-ca-cert-hash. For a bundle: the first certificate (the signing CA)."""
+    spki = x509.load_pem_x509_certificate(cert_pem).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashes_sha256(spki)
+
+
+def hashes_sha256(data: bytes) -> str:
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    return digest.finalize().hex()
+
+
+def is_ca(cert_pem: bytes) -> bool:
+    try:
+        bc = x509.load_pem_x509_certificate(cert_pem).extensions.get_extension_for_class(x509.BasicConstraints)
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return bc.value.ca
+
+
+def issued_by(cert_pem: bytes, ca_pem: bytes) -> bool:
+    """Whether `ca_pem` signed `cert_pem` (signature and issuer name; validity is the TLS stack's job)."""
+    try:
+        x509.load_pem_x509_certificate(cert_pem).verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+
+
+@functools.lru_cache(maxsize=1024)
+def peer_of(cert_pem: bytes) -> Peer | None:
+    """The holder a certificate names (None when it names none). Cached: called on every RPC."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    values: dict[str, str] = {}
+    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(_URI_PREFIX):
+            kind, _, value = uri[len(_URI_PREFIX):].partition("/")
+            values[kind] = value
+    if not all(k in values for k in ("node", "role", "cluster")):
+        return None
+    return Peer(name=values["node"], role=values["role"], cluster_id=values["cluster"])
+
+
+@functools.lru_cache(maxsize=1024)
+def issued_at(cert_pem: bytes) -> float:
+    """When the signer issued the certificate (unix seconds): its not-before plus the backdating. Cached:
+    the revocation check (revocation.py) reads it on every RPC."""
+    return (x509.load_pem_x509_certificate(cert_pem).not_valid_before_utc + BACKDATE).timestamp()
+
+
+def not_after(cert_pem: bytes) -> datetime.datetime:
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+
+
+def needs_renewal(cert_pem: bytes, now: datetime.datetime | None = None) -> bool:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    now = now or _now()
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc - BACKDATE
+    return cert.not_valid_after_utc - now < lifetime * RENEW_AT_REMAINING
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    return x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA256()).hex()
+
+
+def key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
+    pub = x509.load_pem_x509_certificate(cert_pem).public_key()
+    return pub.public_numbers() == _load_key(key_pem).public_key().public_numbers()
+
+
+# --- files ------------------------------------------------------------------------------------------------
+
+def tls_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / TLS_DIR
+
+
+def write_file(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Atomically replace `path`: a reader (the credentials fetcher) sees the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    durable.write_atomic(path, data, mode)
+
+
+def read(directory: Path, name: str) -> bytes | None:
+    try:
+        return (Path(directory) / name).read_bytes()
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class ClientFiles:
+    """What a client needs to open an mTLS channel: the CA to trust, its certificate and key."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+
+def client_files(directory: Path, stems: tuple[str, ...] = ("admin", "client", "node")) -> ClientFiles | None:
+    """admin.* (servers issue it for the local CLI) else node.* (workers: the node's own identity)."""
+    ca = read(directory, "ca.crt")
+    if ca is None:
+        return None
+    for stem in stems:
+        cert, key = read(directory, f"{stem}.crt"), read(directory, f"{stem}.key")
+        if cert and key:
+            return ClientFiles(ca=ca, cert=cert, key=key)
+    return None
