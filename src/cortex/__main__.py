@@ -1,3 +1,3 @@
-from cortex.cli import main
+from cortex.cli.main import main
 
 raise SystemExit(main())

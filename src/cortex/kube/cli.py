@@ -6,10 +6,10 @@ import os
 
 
 def _records(args) -> list[dict]:
-    from cortex.cli import _client
+    from cortex.cli.output import cluster_client
     from cortex.kube.records import read_records
 
-    with _client(args) as c:
+    with cluster_client(args) as c:
         return read_records(lambda q, a: c.read(q, a, level=args.level))
 
 
@@ -18,7 +18,7 @@ def _gib(n: int) -> str:
 
 
 def cmd_contexts(args) -> int:
-    from cortex.cli import emit, table
+    from cortex.cli.output import emit, table
 
     if args.local:
         from cortex.kube.kubeconfig import discover, kubeconfig_paths
@@ -40,7 +40,7 @@ def cmd_contexts(args) -> int:
 
 
 def cmd_capacity(args) -> int:
-    from cortex.cli import UsageError, emit, table
+    from cortex.cli.output import UsageError, emit, table
     from cortex.kube.capacity import bytes_of, millicores, placements
     from cortex.kube.records import k8s_capacity
 
@@ -65,19 +65,16 @@ def cmd_capacity(args) -> int:
     return 0
 
 
-def register(sub, common) -> None:
-    """Add `cortex k8s contexts|capacity` to the CLI's subparsers (`common` holds the global options)."""
-    k8s = sub.add_parser("k8s", help="Kubernetes contexts and capacity, per node").add_subparsers(
-        dest="sub", required=True)
+def register(commands) -> None:
+    """`cortex k8s contexts|capacity` (the `cortex.cli` entry point of this package)."""
+    k8s = commands.group("k8s", "Kubernetes contexts and capacity, per node")
     levels = ["stale", "leader", "linearizable"]
-    sp = k8s.add_parser("contexts", help="kubeconfig contexts each node has (no credentials)", parents=[common])
+    sp = commands.add("contexts", cmd_contexts, "kubeconfig contexts each node has (no credentials)", k8s)
     sp.add_argument("--local", action="store_true", help="read this machine's kubeconfig instead of the cluster")
     sp.add_argument("--level", choices=levels, default="stale")
-    sp.set_defaults(fn=cmd_contexts)
-    sp = k8s.add_parser("capacity", help="free CPU/memory per context; --cpu/--memory show where a job fits",
-                        parents=[common])
+    sp = commands.add("capacity", cmd_capacity, "free CPU/memory per context; --cpu/--memory show where a job fits",
+                      k8s)
     sp.add_argument("--cpu", default="", help="CPU a pod needs, e.g. 500m or 2")
     sp.add_argument("--memory", default="", help="memory a pod needs, e.g. 512Mi")
     sp.add_argument("--context", default="", help="only this context")
     sp.add_argument("--level", choices=levels, default="stale")
-    sp.set_defaults(fn=cmd_capacity)

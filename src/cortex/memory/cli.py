@@ -31,7 +31,7 @@ def _target(args):
 
 
 def cmd_list(args) -> int:
-    from cortex.cli import emit, table
+    from cortex.cli.output import emit, table
     from cortex.memory import backup
 
     target = _target(args)
@@ -46,8 +46,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    from cortex.cli import UsageError, emit
-    from cortex.client import Client
+    from cortex.cli.output import UsageError, cluster_client, emit
     from cortex.memory import backup
 
     if not args.yes:
@@ -55,7 +54,7 @@ def cmd_restore(args) -> int:
                          "add --yes to go ahead (node-local memory is kept)")
     target = _target(args)
     say = (lambda s: None) if args.json else (lambda s: print(f"  … {s}", flush=True))
-    with tempfile.TemporaryDirectory(prefix="cortex-restore-") as tmp, Client(args.addr, timeout=args.timeout) as c:
+    with tempfile.TemporaryDirectory(prefix="cortex-restore-") as tmp, cluster_client(args) as c:
         path, manifest = backup.fetch(target, args.name, Path(tmp))
         say(f"{manifest['name']}: checksum and content digest verified")
         result = backup.restore(lambda t, a, k: c.write(t, a, idempotency_key=k, retry_for=args.retry),
@@ -69,9 +68,8 @@ def cmd_restore(args) -> int:
     return 0 if doc["matches"] else 1
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:
-    group = sub.add_parser("backup", help="shared memory backups (list, restore)").add_subparsers(dest="sub",
-                                                                                                 required=True)
+def register(commands) -> None:
+    group = commands.group("backup", "shared memory backups (list, restore)")
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--dir", default="", help="a directory of backups")
     where.add_argument("--s3-bucket", default="", help="an S3-compatible bucket")
@@ -79,10 +77,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     where.add_argument("--s3-endpoint", default="", help="e.g. http://127.0.0.1:9000 for MinIO")
     where.add_argument("--s3-region", default="")
     where.add_argument("--config", default="", help="take the target from this node config's plugins.memory.backup")
-    sp = group.add_parser("list", help="backups, oldest first", parents=[common, where])
-    sp.set_defaults(fn=cmd_list)
-    sp = group.add_parser("restore", help="replace the cluster's shared memory with a backup", parents=[common, where])
+    commands.add("list", cmd_list, "backups, oldest first", group, parents=[where])
+    sp = commands.add("restore", cmd_restore, "replace the cluster's shared memory with a backup", group,
+                      parents=[where])
     sp.add_argument("name", help="a backup name from `cortex backup list`, or `latest`")
     sp.add_argument("--yes", action="store_true", help="confirm: all shared memory is replaced")
     sp.add_argument("--retry", type=float, default=10.0, help="seconds to retry transient failures")
-    sp.set_defaults(fn=cmd_restore)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,14 +17,11 @@ IPXE_DIR = Path("/usr/lib/ipxe")  # Debian's ipxe package
 TFTP_FILES = {"undionly.kpxe": "undionly.kpxe", "ipxe.efi": "ipxe.efi"}
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:
-    netboot = sub.add_parser("netboot", help="netboot provisioning (iPXE, dnsmasq, ephemeral nodes)")
-    nsub = netboot.add_subparsers(dest="sub", required=True)
+def register(commands) -> None:
+    netboot = commands.group("netboot", "netboot provisioning (iPXE, dnsmasq, ephemeral nodes)")
 
-    def add(name, fn, help, parent=nsub):
-        sp = parent.add_parser(name, help=help, parents=[common])
-        sp.set_defaults(fn=fn)
-        return sp
+    def add(name, fn, help, parent=netboot):
+        return commands.add(name, fn, help, parent)
 
     sp = add("serve", cmd_serve, "serve iPXE scripts and netboot artifacts (HTTP), minting a token per boot")
     sp.add_argument("--listen", default="0.0.0.0:8080", help="HOST:PORT to listen on (default 0.0.0.0:8080)")
@@ -53,7 +48,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     sp.add_argument("--host", action="append", default=[], help="--lab: fixed lease MAC,IP[,NAME] (repeatable)")
     sp.add_argument("--write", default="", help="write the config to this file and fill --tftp-root with iPXE")
 
-    profiles = nsub.add_parser("profiles", help="netboot profiles").add_subparsers(dest="sub2", required=True)
+    profiles = commands.group("profiles", "netboot profiles", netboot)
     sp = add("check", cmd_profiles_check, "validate a profiles YAML file", profiles)
     sp.add_argument("file")
 
@@ -61,8 +56,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     sp.add_argument("url", help="the service, e.g. http://10.0.0.5:8080")
     sp.add_argument("dir")
 
-    eph = nsub.add_parser("ephemeral", help="on a netbooted node (cortex-ephemeral.service)") \
-        .add_subparsers(dest="sub2", required=True)
+    eph = commands.group("ephemeral", "on a netbooted node (cortex-ephemeral.service)", netboot)
     sp = add("run", cmd_ephemeral_run, "report this node as ephemeral, power off when idle", eph)
     sp.add_argument("--poll", type=float, default=2.0)
     add("leave", cmd_ephemeral_leave, "leave the cluster cleanly (on shutdown)", eph)
@@ -104,7 +98,7 @@ def host_address() -> str:
 
 
 def cmd_serve(args) -> int:
-    from cortex.cli import UsageError
+    from cortex.cli.output import UsageError
     from cortex.netboot import profiles
     from cortex.netboot.service import HttpService, Provisioner, ServiceConfig, split_listen
 
@@ -154,9 +148,9 @@ def display_state(row: dict, now: float) -> str:
 
 
 def cmd_machines(args) -> int:
-    from cortex.cli import _client, emit, table
+    from cortex.cli.output import cluster_client, emit, table
 
-    with _client(args) as c:
+    with cluster_client(args) as c:
         rows = c.read("netboot.enrollments" if args.all else "netboot.machines",
                       {"limit": 1000} if args.all else {}, level="leader")
     now = time.time()
@@ -205,7 +199,7 @@ def install_tftp(tftp_root: Path, ipxe_dir: Path = IPXE_DIR) -> list[str]:
 
 
 def cmd_dnsmasq(args) -> int:
-    from cortex.cli import UsageError, emit
+    from cortex.cli.output import UsageError, emit
     from cortex.netboot import render
 
     network, address, interface = args.network, "", args.interface
@@ -250,7 +244,7 @@ def cmd_dnsmasq(args) -> int:
 # --- profiles, fetch, ephemeral ------------------------------------------------------------------------------
 
 def cmd_profiles_check(args) -> int:
-    from cortex.cli import emit
+    from cortex.cli.output import emit
     from cortex.netboot import profiles
 
     try:
@@ -268,7 +262,7 @@ def cmd_profiles_check(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from cortex.cli import emit
+    from cortex.cli.output import emit
     from cortex.netboot.artifacts import ArtifactError, fetch_all
 
     try:
@@ -291,4 +285,4 @@ def cmd_ephemeral_run(args) -> int:
 def cmd_ephemeral_leave(args) -> int:
     from cortex.netboot import ephemeral
 
-    return ephemeral.leave(os.environ.get("CORTEX_SOCKET", args.socket))
+    return ephemeral.leave(args.socket)  # --socket, else $CORTEX_SOCKET (its default), else the node's path

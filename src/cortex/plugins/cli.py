@@ -5,18 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 
 import grpc
 
-from cortex.cli import UsageError, emit, table
+from cortex.cli.output import UsageError, emit, node_target, plugins_stub, require_socket, table
+from cortex.cli.registry import CommandRegistry
 
 
 def _stub(args):
-    from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
-    from cortex.client import open_channel
-
-    return ppb_grpc.PluginsStub(open_channel(args.addr))
+    return plugins_stub(node_target(args, "addr"))
 
 
 def _call(method, request, args):
@@ -41,13 +38,9 @@ def cmd_plugins(args) -> int:
 
 def _set_state(args, running: bool) -> int:
     from cortex._proto.cortex.v1 import plugins_pb2 as ppb
-    from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
-    from cortex.client import open_channel
 
-    if not Path(args.socket).exists():
-        raise UsageError(f"no agent admin socket at {args.socket}: starting and stopping plugins is done on the "
-                         "node itself (pass --socket PATH or set CORTEX_SOCKET)")
-    stub = ppb_grpc.PluginsStub(open_channel(f"unix:{args.socket}"))
+    require_socket(args, "starting and stopping plugins is done on the node itself")
+    stub = plugins_stub(node_target(args, "socket"))
     response = _call(stub.SetPluginState, ppb.SetPluginStateRequest(name=args.name, running=running), args)
     p = response.plugin
     emit(args, {"name": p.name, "state": p.state, "error": p.error, "tools": p.tools},
@@ -103,10 +96,7 @@ def cmd_mcp(args) -> int:
     from cortex.mcp.server import Frontend, GrpcBackend, parse_view, serve_stdio
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # stdout is the MCP wire
-    via = args.via
-    if via == "auto":
-        via = "socket" if Path(args.socket).exists() else "addr"
-    target = f"unix:{args.socket}" if via == "socket" else args.addr
+    target = node_target(args, args.via)
     try:
         view = parse_view(args.profile, args.toolsets)
     except ValueError as exc:
@@ -121,19 +111,14 @@ def cmd_mcp(args) -> int:
     return 0
 
 
-def register(sub, common) -> None:
-    def add(name, fn, help, parent=sub):
-        sp = parent.add_parser(name, help=help, parents=[common])
-        sp.set_defaults(fn=fn)
-        return sp
-
-    plugins = add("plugins", cmd_plugins, "plugins on a node: state, error, tools").add_subparsers(dest="sub")
+def register(commands: CommandRegistry) -> None:
+    add = commands.add
+    plugins = commands.group("plugins", "plugins on a node: state, error, tools", fn=cmd_plugins)
     add("list", cmd_plugins, "plugins on a node (the default)", plugins)
     for name, fn in (("start", cmd_plugins_start), ("stop", cmd_plugins_stop)):
         sp = add(name, fn, f"{name} a plugin on the local node (admin socket)", plugins)
         sp.add_argument("name")
-    tools = sub.add_parser("tools", help="plugin tools (what MCP clients call)").add_subparsers(dest="sub",
-                                                                                               required=True)
+    tools = commands.group("tools", "plugin tools (what MCP clients call)")
     add("list", cmd_tools_list, "every tool the node offers, with role and kind", tools)
     sp = add("call", cmd_tools_call, "call a tool on the node (--args JSON)", tools)
     sp.add_argument("name")

@@ -33,9 +33,12 @@ def rotate(client) -> dict:
     return {"generation": _bump(client, ROTATION_KEY), "raft_generation": raft, "requested_at": time.time()}
 
 
-def register(sub, add, emit, client_of) -> None:
-    secrets = sub.add_parser("secrets", help="rotate the cluster's credentials").add_subparsers(
-        dest="sub", required=True)
+def register(commands) -> None:
+    from cortex.cli.output import cluster_client as client_of
+    from cortex.cli.output import emit
+
+    add = commands.add
+    secrets = commands.group("secrets", "rotate the cluster's credentials")
 
     def cmd_rotate(args) -> int:
         if args.ca:

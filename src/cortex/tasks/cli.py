@@ -1,8 +1,7 @@
-"""`cortex tasks|dlq|workflows` and `cortex nodes drain|undrain`: registered by cli.py through `register`."""
+"""`cortex tasks|dlq|workflows` and `cortex nodes drain|undrain`: registered through the `cortex.cli` entry point."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -14,13 +13,13 @@ from cortex.tasks.state import STATES, TERMINAL
 
 
 def _cli():
-    from cortex import cli
+    from cortex.cli import output
 
-    return cli
+    return output
 
 
 def _client(args):
-    return _cli()._client(args)
+    return _cli().cluster_client(args)
 
 
 def _when(ts) -> str:
@@ -369,9 +368,10 @@ def cmd_undrain(args) -> int:
     return 0
 
 
-def register(sub, add, common) -> None:
-    """Add the task engine's commands to the `cortex` parser (cli.build_parser calls this)."""
-    tasks = sub.add_parser("tasks", help="persistent tasks").add_subparsers(dest="sub", required=True)
+def register(commands) -> None:
+    """`cortex tasks|dlq|workflows`, `cortex nodes drain|undrain` (the `cortex.cli` entry point)."""
+    add = commands.add
+    tasks = commands.group("tasks", "persistent tasks")
     sp = add("submit", cmd_submit, "submit a task (the command goes after --)", tasks)
     sp.add_argument("--kind", default="shell", choices=["shell", "container", "agent", "k8s_job", "noop"])
     sp.add_argument("-f", "--file", help="a whole task document (YAML/JSON, '-' for stdin) instead of options")
@@ -427,9 +427,8 @@ def register(sub, add, common) -> None:
     sp.add_argument("command", nargs="+")
     add("nodes", cmd_task_nodes, "nodes as the scheduler sees them: capacity, busy, FLOPS, running", tasks)
 
-    dlq = sub.add_parser("dlq", help="dead-letter queue: tasks that failed their last attempt", parents=[common])
-    dlq.set_defaults(fn=cmd_dlq_list, limit=100)
-    dlq_sub = dlq.add_subparsers(dest="sub")
+    dlq_sub = commands.group("dlq", "dead-letter queue: tasks that failed their last attempt", fn=cmd_dlq_list,
+                             limit=100)
     sp = add("list", cmd_dlq_list, "list dead-lettered tasks", dlq_sub)
     sp.add_argument("--limit", type=int, default=100)
     sp = add("show", cmd_show, "one dead-lettered task in full", dlq_sub)
@@ -438,7 +437,7 @@ def register(sub, add, common) -> None:
     sp.add_argument("ids", nargs="*")
     sp.add_argument("--all", action="store_true")
 
-    wf = sub.add_parser("workflows", help="DAG workflows").add_subparsers(dest="sub", required=True)
+    wf = commands.group("workflows", "DAG workflows")
     sp = add("submit", cmd_wf_submit, "start a workflow from a YAML/JSON file ('-' for stdin)", wf)
     sp.add_argument("file")
     sp.add_argument("--wait", action="store_true")
@@ -450,10 +449,7 @@ def register(sub, add, common) -> None:
     sp = add("cancel", cmd_wf_cancel, "cancel a workflow run", wf)
     sp.add_argument("id")
 
-    nodes = sub.choices["nodes"]
-    # `cortex nodes` may already have sub-commands (pending, approve, ...): add ours to the same group
-    existing = [a for a in nodes._actions if isinstance(a, argparse._SubParsersAction)]
-    nodes_sub = existing[0] if existing else nodes.add_subparsers(dest="nodes_sub")
+    nodes_sub = "nodes"  # the core CLI's group (cortex.cli.nodes)
     sp = add("drain", cmd_drain, "stop new tasks on a node; re-queue the rest after the deadline", nodes_sub)
     sp.add_argument("id")
     sp.add_argument("--deadline", default="5m", help="how long running tasks may finish: 90s, 5m, 1h")

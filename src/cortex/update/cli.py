@@ -86,12 +86,10 @@ def _tool(args, name: str, arguments: dict) -> dict:
     import grpc
 
     from cortex._proto.cortex.v1 import plugins_pb2 as ppb
-    from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
-    from cortex.cli import UsageError
-    from cortex.client import CortexError, open_channel
+    from cortex.cli.output import UsageError, node_target, plugins_stub
+    from cortex.client import CortexError
 
-    target = f"unix:{args.socket}" if Path(args.socket).exists() else args.addr
-    stub = ppb_grpc.PluginsStub(open_channel(target))
+    stub = plugins_stub(node_target(args, "auto"))
     try:
         response = stub.CallTool(ppb.CallToolRequest(name=name, arguments_json=json.dumps(arguments).encode()),
                                  timeout=max(args.timeout, 600.0))
@@ -127,7 +125,7 @@ def cmd_rollout(args, emit, table) -> int:
 
 
 def _follow(args, emit, rollout_id: str) -> int:
-    from cortex.cli import UsageError
+    from cortex.cli.output import UsageError
     from cortex.client import CortexError
 
     seen: dict[str, str] = {}
@@ -202,9 +200,12 @@ def cmd_apply_local(args) -> int:
     return main(Path(args.state_dir), Path(args.config))
 
 
-def register(sub, add, emit, table, client) -> None:
-    up = sub.add_parser("update", help="signed update releases and the rolling-update plan").add_subparsers(
-        dest="sub", required=True)
+def register(commands) -> None:
+    from cortex.cli.output import cluster_client as client
+    from cortex.cli.output import emit, table
+
+    add = commands.add
+    up = commands.group("update", "signed update releases and the rolling-update plan")
     sp = add("keygen", lambda a: cmd_keygen(a, emit), "create a publisher signing key (Ed25519)", up)
     sp.add_argument("--key", required=True, help="where to write the private key (PEM, mode 0600)")
     sp = add("publish", lambda a: cmd_publish(a, emit), "publish an image build's update payload, signed", up)

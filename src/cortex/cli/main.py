@@ -1,0 +1,54 @@
+"""`cortex`: the command line for humans. Tables by default, `--json` everywhere, errors say what to do next."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import entry_points
+
+from cortex.cli import agent, dev, kv, lifecycle, nodes, status, token
+from cortex.cli.output import UsageError, common_options
+from cortex.cli.registry import ENTRY_POINT_GROUP, CommandRegistry
+
+# The core commands, in the order `cortex --help` lists them; everything else comes from entry points.
+CORE = (agent, lifecycle, status, nodes, kv, token, dev)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cortex", description=__doc__, parents=[common_options(defaults=True)])
+    commands = CommandRegistry(parser.add_subparsers(dest="command", required=True), common_options(defaults=False))
+    for module in CORE:
+        module.register(commands)
+    # by name, so the tree (and the generated reference) is the same whatever order packages were installed in
+    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+        try:
+            entry.load()(commands)
+        except Exception as exc:  # one broken extension must not take the whole CLI down
+            print(f"cortex: commands from {entry.name} ({entry.value}) not loaded: {exc}", file=sys.stderr)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cortex.client import CortexError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UsageError as exc:
+        print(f"cortex: {exc}", file=sys.stderr)
+        return 2
+    except CortexError as exc:
+        hint = {
+            "UNAVAILABLE": f"is a node listening at {args.addr}? start one with `just up`, or pass --addr",
+            "FAILED_PRECONDITION": "see `cortex status` for what the node is waiting for",
+            "DEADLINE_EXCEEDED": "the cluster may have lost quorum; check `cortex status` and retry",
+        }.get(exc.code.name, "")
+        print(f"cortex: {exc.details or exc.code.name}" + (f"\n  hint: {hint}" if hint else ""), file=sys.stderr)
+        return 1
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"cortex: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
