@@ -55,3 +55,7 @@ qemu name *args:
 # the VM tests alone (root; builds the image when it is older than the sources): one table of timings
 qemu-test *args:
     {{bin}}/python -m pytest tests/qemu {{args}}
+
+# regenerate the reference (docs/reference: commands, config keys, MCP tools) from the code
+docs:
+    {{bin}}/python -m cortex.dev.reference

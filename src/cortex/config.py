@@ -113,6 +113,87 @@ class Config:
         return f"127.0.0.1:{port}"
 
 
+# --- every key, in one table: parse() takes each section's allowed keys from it and `python -m
+# cortex.dev.reference` writes docs/reference/config.md from it. Defaults are the dataclasses' own. ----------
+
+REQUIRED = "(required)"
+
+
+@dataclass(frozen=True)
+class Key:
+    path: str  # dotted, as written in the file: "raft.heartbeat_interval"
+    kind: str  # what the YAML value is: str, int, float, bool, or a section (mapping)
+    default: Any
+    meaning: str
+
+
+KEYS: tuple[Key, ...] = (
+    Key("node", "mapping", REQUIRED, "who this node is"),
+    Key("node.id", "str", REQUIRED, "the node's name in the cluster: 1-63 lowercase letters, digits and '-', "
+        "starting alphanumeric"),
+    Key("node.role", "str", Config.role, "server (votes in Raft, holds the replicated state) or worker (runs "
+        "tasks and plugins, holds no vote)"),
+    Key("data_dir", "str", Config.data_dir, "where the node keeps its state, certificates and plugin data "
+        "(relative paths are relative to the config file)"),
+    Key("listen", "mapping", "", "the addresses the node serves"),
+    Key("listen.grpc", "str", Config.grpc_address, "HOST:PORT of the gRPC API (CLI, other nodes); the "
+        "enrollment port is this port + 2"),
+    Key("listen.raft", "str", Config.raft_address, "HOST:PORT of the Raft transport (servers)"),
+    Key("admin_socket", "str", "<data_dir>/admin.sock", "the local admin API's unix socket (init, join, leave, "
+        "plugins start/stop; the admin role for tools)"),
+    Key("raft", "mapping", "", "consensus timings in seconds; the defaults keep failover near 1 s on a LAN or "
+        "tailnet; every value must be > 0"),
+    Key("raft.election_timeout_min", "float", RaftConfig.election_timeout_min, "shortest wait for a leader's "
+        "heartbeat before a server starts an election"),
+    Key("raft.election_timeout_max", "float", RaftConfig.election_timeout_max, "longest such wait (each server "
+        "picks at random in between); above election_timeout_min"),
+    Key("raft.heartbeat_interval", "float", RaftConfig.heartbeat_interval, "how often the leader sends "
+        "heartbeats; at most a third of election_timeout_min"),
+    Key("raft.leader_fallback_timeout", "float", RaftConfig.leader_fallback_timeout, "the leader steps down "
+        "after not hearing from a majority this long; below election_timeout_min, so a partitioned leader is "
+        "gone before the majority elects a new one"),
+    Key("raft.connection_timeout", "float", RaftConfig.connection_timeout, "how long a Raft connection may stay "
+        "silent before it is dropped; at least election_timeout_max"),
+    Key("raft.log_compaction_entries", "int", RaftConfig.log_compaction_entries, "compact the Raft log into a "
+        "snapshot after this many entries"),
+    Key("raft.log_compaction_seconds", "float", RaftConfig.log_compaction_seconds, "or after this many seconds"),
+    Key("liveness", "mapping", "", "how the leader judges nodes by their heartbeats (seconds, > 0)"),
+    Key("liveness.suspect_after", "float", LivenessConfig.suspect_after, "a node without a heartbeat this long "
+        "is suspect; below offline_after"),
+    Key("liveness.offline_after", "float", LivenessConfig.offline_after, "and offline after this long"),
+    Key("liveness.forget_left_after", "float", LivenessConfig.forget_left_after, "the record of a node that left "
+        "is dropped after this long (`cortex nodes forget` drops it sooner)"),
+    Key("bootstrap", "mapping", "", "what an agent that is not in a cluster yet does at start; nothing by "
+        "default: it waits for `cortex init` or `cortex join`"),
+    Key("bootstrap.init", "bool", BootstrapConfig.init, "create a new cluster with this node as its first "
+        "server (servers only; excludes join)"),
+    Key("bootstrap.join", "mapping", "", "join an existing cluster (excludes init)"),
+    Key("bootstrap.join.address", "str", REQUIRED, "HOST:PORT of any member's gRPC API"),
+    Key("bootstrap.join.token", "str", JoinConfig.token, "a join token; with neither token nor token_file the "
+        "join is a request an operator approves (`cortex nodes approve`)"),
+    Key("bootstrap.join.token_file", "str", JoinConfig.token_file, "a file holding the join token (relative to "
+        "the config file)"),
+    Key("bootstrap.join.insecure_skip_ca_pin", "bool", JoinConfig.insecure_skip_ca_pin, "accept a token without "
+        "a CA pin: the server is then not checked before the token is sent (logged)"),
+    Key("bootstrap.wait_reason", "str", BootstrapConfig.wait_reason, "why neither init nor join is set, shown as "
+        "the node's `waiting_for` in `cortex status` (written by generators such as the appliance's)"),
+    Key("log", "mapping", "", "the agent's log"),
+    Key("log.level", "str", LogConfig.level, "debug, info, warning or error"),
+    Key("log.format", "str", LogConfig.format, "json (one object per line) or text"),
+    Key("max_message_bytes", "int", Config.max_message_bytes, "the largest gRPC message the node sends or "
+        "accepts, 65536 to 67108864"),
+    Key("plugins", "mapping", "", "one section per plugin by name: `enabled: true|false` (default: the "
+        "plugin's own) and its options, checked against the plugin's schema when plugins load"),
+)
+
+
+def section_keys(section: str) -> dict[str, str]:
+    """The keys allowed directly under `section` ("" for the top level), as _Reader.mapping takes them."""
+    prefix = f"{section}." if section else ""
+    return {k.path[len(prefix):]: k.kind for k in KEYS
+            if k.path.startswith(prefix) and "." not in k.path[len(prefix):]}
+
+
 # --- parsing -----------------------------------------------------------------------------------------------
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -164,7 +245,7 @@ def _dataclass_from(reader: _Reader, node: yaml.Node, key: str, cls: type, custo
     custom = custom or {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kinds = {name: f.type for name, f in fields.items()}
-    allowed = {name: str(kinds[name]) for name in fields if name != "source"}
+    allowed = section_keys(key)  # the table's keys; tests/test_reference.py checks they match the dataclass
     values = {}
     for name, value_node in reader.mapping(node, key, allowed).items():
         dotted = f"{key}.{name}" if key else name
@@ -231,28 +312,13 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
         raise ConfigError(f"{source}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if root is None:
         raise ConfigError(f"{source}: empty config: at least node.id is required")
-    top = reader.mapping(
-        root,
-        "",
-        {
-            "node": "",
-            "data_dir": "",
-            "listen": "",
-            "admin_socket": "",
-            "raft": "",
-            "liveness": "",
-            "bootstrap": "",
-            "log": "",
-            "max_message_bytes": "",
-            "plugins": "",
-        },
-    )
+    top = reader.mapping(root, "", section_keys(""))
     base_dir = base_dir or Path.cwd()
     kwargs: dict[str, Any] = {"source": source}
 
     if "node" not in top:
         raise reader.fail(root, "node", "required (node.id and node.role)")
-    node = reader.mapping(top["node"], "node", {"id": "", "role": ""})
+    node = reader.mapping(top["node"], "node", section_keys("node"))
     if "id" not in node:
         raise reader.fail(top["node"], "node.id", "required")
     node_id = reader.scalar(node["id"], "node.id", str)
@@ -276,7 +342,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
         kwargs["max_message_bytes"] = size
 
     if "listen" in top:
-        listen = reader.mapping(top["listen"], "listen", {"grpc": "", "raft": ""})
+        listen = reader.mapping(top["listen"], "listen", section_keys("listen"))
         for name, attr in (("grpc", "grpc_address"), ("raft", "raft_address")):
             if name in listen:
                 value = reader.scalar(listen[name], f"listen.{name}", str)
@@ -313,13 +379,12 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
         kwargs["log"] = LogConfig(level=level, format=fmt)
 
     if "bootstrap" in top:
-        boot = reader.mapping(top["bootstrap"], "bootstrap", {"init": "", "join": "", "wait_reason": ""})
+        boot = reader.mapping(top["bootstrap"], "bootstrap", section_keys("bootstrap"))
         wait_reason = reader.scalar(boot["wait_reason"], "bootstrap.wait_reason", str) if "wait_reason" in boot else ""
         init = reader.scalar(boot["init"], "bootstrap.init", bool) if "init" in boot else False
         join = None
         if "join" in boot:
-            fields = reader.mapping(boot["join"], "bootstrap.join", {"address": "", "token": "", "token_file": "",
-                                                                     "insecure_skip_ca_pin": ""})
+            fields = reader.mapping(boot["join"], "bootstrap.join", section_keys("bootstrap.join"))
             if "address" not in fields:
                 raise reader.fail(boot["join"], "bootstrap.join.address", "required")
             address = _check_address(

@@ -14,13 +14,17 @@ from cortex.cli.registry import ENTRY_POINT_GROUP, CommandRegistry
 CORE = (agent, lifecycle, status, nodes, kv, token, dev)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(builtin_only: bool = False) -> argparse.ArgumentParser:
+    """The whole `cortex` parser; `builtin_only` leaves out commands of other installed packages (the
+    generated reference documents Cortex's own)."""
     parser = argparse.ArgumentParser(prog="cortex", description=__doc__, parents=[common_options(defaults=True)])
     commands = CommandRegistry(parser.add_subparsers(dest="command", required=True), common_options(defaults=False))
     for module in CORE:
         module.register(commands)
     # by name, so the tree (and the generated reference) is the same whatever order packages were installed in
     for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+        if builtin_only and not entry.value.startswith("cortex."):
+            continue
         try:
             entry.load()(commands)
         except Exception as exc:  # one broken extension must not take the whole CLI down
