@@ -449,7 +449,7 @@ def register(commands) -> None:
     sp = add("cancel", cmd_wf_cancel, "cancel a workflow run", wf)
     sp.add_argument("id")
 
-    nodes_sub = "nodes"  # the core CLI's group (cortex.cli.nodes)
+    nodes_sub = "nodes"  # under the core `cortex nodes` group (cortex.cli.nodes)
     sp = add("drain", cmd_drain, "stop new tasks on a node; re-queue the rest after the deadline", nodes_sub)
     sp.add_argument("id")
     sp.add_argument("--deadline", default="5m", help="how long running tasks may finish: 90s, 5m, 1h")
