@@ -56,8 +56,8 @@ def namespace_with(veth_pairs: list[tuple[str, str]], addresses: list[Address]) 
 def run_in(name: str, code: str):
     """Run Python code in the namespace; the code prints one JSON value, which is returned."""
     prelude = f"from pyroute2 import netns\nnetns.setns({name!r}, flags=0)\n"
-    result = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120,
-                            check=False)
+    result = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
+                            timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -74,5 +74,6 @@ def ip_json(name: str, *argv: str) -> list[dict]:
     """`ip -j` in the namespace, for comparing with what `ip` itself reports (skips without iproute2)."""
     if shutil.which("ip") is None:
         pytest.skip("iproute2 not installed")
-    out = subprocess.run(["ip", "-n", name, "-j", *argv], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(["ip", "-n", name, "-j", *argv], capture_output=True, text=True, timeout=60,
+                         check=True)
     return json.loads(out.stdout or "[]")
