@@ -21,7 +21,7 @@ from cortex.memory.schema import (
     THREAD_STATUSES,
 )
 
-# --- validation helpers -------------------------------------------------------------------------------------
+# --- argument checks the validators share -------------------------------------------------------------------
 
 def _no_extra(args: dict, allowed: set[str]) -> None:
     extra = set(args) - allowed
