@@ -5,7 +5,8 @@ together with what it answered: the results, the events, the queries, the schema
 the digest and a hash of the whole database. Replicas of both ages must agree on every byte of it, so the
 test opens the old database with today's code and also replays the entries on a fresh one.
 
-Run `python -m tests.test_state_compat` only to write the fixture anew from a checkout of the older code.
+The fixture was written once by the older code (commit 3358862) with `build` and `summary` as below.
+`python -m tests.test_state_compat DIR` writes the same into DIR from today's code, for comparing by hand.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def test_old_and_new_replicas_agree_after_more_entries_and_through_snapshots(tmp
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else FIXTURE
+    target = Path(sys.argv[1])
     target.mkdir(parents=True, exist_ok=True)
     (target / "state.db").unlink(missing_ok=True)
     built = build(target / "state.db")
