@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from cortex.core.args import no_extra
 from cortex.core.commands import CommandError
 from cortex.memory import sqlguard
 from cortex.memory.content import MAX_CHUNK_BYTES, parse_chunk
@@ -22,12 +23,6 @@ from cortex.memory.schema import (
 )
 
 # --- argument checks the validators share -------------------------------------------------------------------
-
-def _no_extra(args: dict, allowed: set[str]) -> None:
-    extra = set(args) - allowed
-    if extra:
-        raise CommandError(f"unknown argument(s) {', '.join(sorted(extra))}; allowed: {', '.join(sorted(allowed))}")
-
 
 def _text(args: dict, name: str, *, required: bool = False, limit: int = MAX_NAME_BYTES, default: str = "") -> str:
     value = args.get(name)
@@ -92,14 +87,14 @@ def _source(args: dict) -> str:
 # --- validators (args -> normalized args); `local` selects the node-local store's tier -------------------
 
 def v_thread_start(args: dict, local: bool = False) -> dict:
-    _no_extra(args, {"title", "project", "status", "tier", "source"})
+    no_extra(args, {"title", "project", "status", "tier", "source"})
     return {"title": _text(args, "title", required=True), "project": _text(args, "project"),
             "status": _choice(args, "status", THREAD_STATUSES, "active"), "tier": _tier(args, local),
             "source": _source(args)}
 
 
 def v_thread_update(args: dict, local: bool = False) -> dict:
-    _no_extra(args, {"thread_id", "title", "project", "status", "source"})
+    no_extra(args, {"thread_id", "title", "project", "status", "source"})
     out = {"thread_id": _text(args, "thread_id", required=True), "source": _source(args)}
     for name in ("title", "project"):
         if args.get(name) is not None:
@@ -112,7 +107,7 @@ def v_thread_update(args: dict, local: bool = False) -> dict:
 
 
 def v_thought(args: dict, local: bool = False) -> dict:
-    _no_extra(args, {"thread_id", "type", "content", "metadata", "source"})
+    no_extra(args, {"thread_id", "type", "content", "metadata", "source"})
     return {"thread_id": _text(args, "thread_id", required=True),
             "type": _choice(args, "type", THOUGHT_TYPES, "progress"),
             "content": _text(args, "content", required=True, limit=MAX_TEXT_BYTES),
@@ -120,7 +115,7 @@ def v_thought(args: dict, local: bool = False) -> dict:
 
 
 def v_handoff(args: dict, local: bool = False) -> dict:
-    _no_extra(args, {"thread_id", "summary", "next_steps", "to", "status", "source"})
+    no_extra(args, {"thread_id", "summary", "next_steps", "to", "status", "source"})
     steps = args.get("next_steps") or []
     if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
         raise CommandError("argument 'next_steps' must be a list of strings")
@@ -132,7 +127,7 @@ def v_handoff(args: dict, local: bool = False) -> dict:
 
 
 def v_context_set(args: dict, local: bool = False) -> dict:
-    _no_extra(args, {"key", "value", "category", "label", "pinned", "source", "tier"})
+    no_extra(args, {"key", "value", "category", "label", "pinned", "source", "tier"})
     if "value" not in args:
         raise CommandError("missing argument 'value' (JSON text)")
     if not isinstance(args["value"], str):
@@ -147,12 +142,12 @@ def v_context_set(args: dict, local: bool = False) -> dict:
 
 
 def v_context_delete(args: dict, local: bool = False) -> dict:
-    _no_extra(args, {"key", "source"})
+    no_extra(args, {"key", "source"})
     return {"key": _text(args, "key", required=True), "source": _source(args)}
 
 
 def v_project_set(args: dict, local: bool = False) -> dict:
-    _no_extra(args, {"name", "description", "status", "repo", "metadata", "tier", "source"})
+    no_extra(args, {"name", "description", "status", "repo", "metadata", "tier", "source"})
     return {"name": _text(args, "name", required=True),
             "description": _text(args, "description", limit=MAX_TEXT_BYTES), "status": _text(args, "status",
                                                                                             default="active"),
@@ -161,7 +156,7 @@ def v_project_set(args: dict, local: bool = False) -> dict:
 
 
 def v_network_set(args: dict, local: bool = False) -> dict:
-    _no_extra(args, {"name", "ip", "mac", "kind", "owner", "notes", "metadata", "tier", "source"})
+    no_extra(args, {"name", "ip", "mac", "kind", "owner", "notes", "metadata", "tier", "source"})
     out = {"name": _text(args, "name", required=True), "metadata": _metadata(args), "tier": _tier(args, local),
            "source": _source(args)}
     for name in ("ip", "mac", "kind", "owner"):
@@ -172,7 +167,7 @@ def v_network_set(args: dict, local: bool = False) -> dict:
 
 
 def v_sql(args: dict, local: bool = False) -> dict:
-    _no_extra(args, {"sql", "params", "source"})
+    no_extra(args, {"sql", "params", "source"})
     sql, params = args.get("sql"), args.get("params")
     try:
         sqlguard.check_write(sql, params, SHARED_MIGRATIONS)
@@ -182,7 +177,7 @@ def v_sql(args: dict, local: bool = False) -> dict:
 
 
 def v_restore_chunk(args: dict, local: bool = False) -> dict:
-    _no_extra(args, {"restore_id", "seq", "rows"})
+    no_extra(args, {"restore_id", "seq", "rows"})
     restore_id = _text(args, "restore_id", required=True, limit=64)
     seq = args.get("seq")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
@@ -196,7 +191,7 @@ def v_restore_chunk(args: dict, local: bool = False) -> dict:
 
 
 def v_restore_commit(args: dict, local: bool = False) -> dict:
-    _no_extra(args, {"restore_id", "chunks", "digest"})
+    no_extra(args, {"restore_id", "chunks", "digest"})
     chunks = args.get("chunks")
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 0:
         raise CommandError("argument 'chunks' must be an integer >= 0")
@@ -205,5 +200,5 @@ def v_restore_commit(args: dict, local: bool = False) -> dict:
 
 
 def v_restore_abort(args: dict, local: bool = False) -> dict:
-    _no_extra(args, {"restore_id"})
+    no_extra(args, {"restore_id"})
     return {"restore_id": _text(args, "restore_id", required=True, limit=64)}

@@ -153,7 +153,7 @@ def _int(doc: dict, name: str, lo: int = 0) -> int:
 
 def _node(doc: dict) -> str:
     value = _str(doc, "node_id", 63)
-    if not specs._NODE_RE.match(value):
+    if not specs.NODE_ID_RE.match(value):
         raise CommandError(f"node_id {value!r} is not a valid node id")
     return value
 
