@@ -12,8 +12,8 @@ from cortex.core.state import StateStore
 from cortex.kube.records import encode
 from cortex.plugins.host import installed_placements
 from cortex.tasks import celeval, scheduler, workflow
+from cortex.tasks.lifecycle import OUTPUT_CAP
 from cortex.tasks.spec import RetryPolicy
-from cortex.tasks.state import OUTPUT_CAP
 
 _ids = itertools.count(1)
 
