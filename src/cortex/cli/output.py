@@ -12,9 +12,11 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from cortex.core.args import READ_LEVELS
+
 DEFAULT_ADDR = "127.0.0.1:7400"
 DEFAULT_SOCKET = "/var/lib/cortex/admin.sock"
-LEVELS = ["stale", "leader", "linearizable"]
+LEVELS = list(READ_LEVELS)
 SOCKET_HINT = "(pass --socket PATH or set CORTEX_SOCKET)"
 
 

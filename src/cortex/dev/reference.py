@@ -112,14 +112,30 @@ def _default(value) -> str:
     return f"`{json.dumps(value)}`" if not isinstance(value, str) else f"`{value}`"
 
 
-def _builtin_plugins() -> dict[str, str]:
+def builtin_plugins() -> list[tuple[str, str, type, list]]:
+    """(name, entry point, class, tools) of every built-in plugin as a node loads it (each one enabled, no
+    cluster: neither its options nor its tools need one)."""
     from cortex import plugins
+    from cortex.config import PluginSettings
+    from cortex.core.events import EventBus
 
-    return {name: origin for name, origin in sorted(plugins.discover().items()) if origin.startswith("cortex.")}
+    builtin = {name: origin for name, origin in plugins.discover().items() if origin.startswith("cortex.")}
+    logging.disable(logging.WARNING)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cortex-reference-") as data:
+            host = plugins.PluginHost({name: PluginSettings(enabled=True) for name in builtin}, cluster=None,
+                                      events=EventBus(), data_dir=Path(data), source="<reference>")
+            host.load()
+            failed = {n: e.error for n, e in host.plugins.items() if n in builtin and e.plugin is None}
+            if failed:
+                raise RuntimeError(f"built-in plugins did not load: {failed}")
+            return [(name, builtin[name], type(entry.plugin), entry.plugin.tools())
+                    for name, entry in sorted(host.plugins.items()) if name in builtin]
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def render_config() -> str:
-    from cortex import plugins
     from cortex.config import KEYS
 
     lines = [HEADER + "# Node configuration reference", "",
@@ -129,8 +145,7 @@ def render_config() -> str:
     lines += [f"| `{k.path}` | {k.kind} | {_default(k.default)} | {cell(k.meaning)} |" for k in KEYS]
     lines += ["", "## Plugin options", "",
               "Under `plugins.NAME` besides `enabled`; checked against each plugin's schema when plugins load."]
-    for name, origin in _builtin_plugins().items():
-        cls = plugins._load_class(name)
+    for name, origin, cls, _tools in builtin_plugins():
         about = cell(cls.description).rstrip(".")
         lines += ["", f"### `plugins.{name}`", "", (f"{about}. " if about else "") + f"Plugin `{origin}`, enabled by "
                   f"default: {'yes' if cls.enabled_by_default else 'no'}."]
@@ -150,26 +165,8 @@ def render_config() -> str:
 # --- mcp-tools.md --------------------------------------------------------------------------------------------
 
 def builtin_tools() -> list[tuple[str, object]]:
-    """(plugin, tool) for every tool of the built-in plugins, from the plugins as a node loads them (every one
-    enabled, no cluster: listing tools needs none)."""
-    from cortex import plugins
-    from cortex.config import PluginSettings
-    from cortex.core.events import EventBus
-
-    builtin = _builtin_plugins()
-    logging.disable(logging.WARNING)
-    try:
-        with tempfile.TemporaryDirectory(prefix="cortex-reference-") as data:
-            host = plugins.PluginHost({name: PluginSettings(enabled=True) for name in builtin}, cluster=None,
-                                      events=EventBus(), data_dir=Path(data), source="<reference>")
-            host.load()
-            failed = {n: e.error for n, e in host.plugins.items() if n in builtin and e.plugin is None}
-            if failed:
-                raise RuntimeError(f"built-in plugins did not load: {failed}")
-            return [(name, tool) for name, entry in sorted(host.plugins.items()) if name in builtin
-                    for tool in entry.plugin.tools()]
-    finally:
-        logging.disable(logging.NOTSET)
+    """(plugin, tool) for every tool of the built-in plugins."""
+    return [(name, tool) for name, _origin, _cls, tools in builtin_plugins() for tool in tools]
 
 
 def render_mcp_tools() -> str:

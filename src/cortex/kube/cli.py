@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from cortex.core.args import READ_LEVELS
+
 
 def _records(args) -> list[dict]:
     from cortex.cli.output import cluster_client
@@ -68,7 +70,7 @@ def cmd_capacity(args) -> int:
 def register(commands) -> None:
     """`cortex k8s contexts|capacity` (the `cortex.cli` entry point of this package)."""
     k8s = commands.group("k8s", "Kubernetes contexts and capacity, per node")
-    levels = ["stale", "leader", "linearizable"]
+    levels = list(READ_LEVELS)
     sp = commands.add("contexts", cmd_contexts, "kubeconfig contexts each node has (no credentials)", k8s)
     sp.add_argument("--local", action="store_true", help="read this machine's kubeconfig instead of the cluster")
     sp.add_argument("--level", choices=levels, default="stale")

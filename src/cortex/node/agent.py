@@ -33,7 +33,7 @@ from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
 from cortex.appliance import notify, sleepwatch
 from cortex.client import channel_options, secure_channel, set_process_credentials
 from cortex.config import Config
-from cortex.core import durable
+from cortex.core import domain, durable
 from cortex.core.commands import CommandError, Envelope, is_internal, parse_args_json, validate
 from cortex.core.events import Event, EventBus
 from cortex.core.state import StateStore
@@ -45,7 +45,7 @@ from cortex.plugins import PluginHost
 from cortex.plugins.service import PluginsService, network_caller, socket_caller
 from cortex.raft.consensus import GroupCommitter, NotLeader, ProposalError, RaftNode, wait_until
 from cortex.raft.keys import RotatingEncryptor
-from cortex.security import authz, ca_rotation, revocation, tls
+from cortex.security import authz, ca_rotation, revocation, rotation_driver, tls
 from cortex.security.certs import NodeCerts
 
 log = logging.getLogger("cortex.agent")
@@ -437,7 +437,7 @@ class Agent:
                      if n["role"] == "server" and n["raft_address"]]
             peers = sorted(set(known or ident.raft_peers) - {self.config.raft_address})
             self.raft_keys = RotatingEncryptor(ident.raft_secret, self.certs.ca()[1], self._raft_generation())
-            ca_rotation.restore_raft_keys(self.certs, self.raft_keys)
+            rotation_driver.restore_raft_keys(self.certs, self.raft_keys)
             self.raft = RaftNode(self.store, self.config.raft_address, peers, self.config.raft, self.raft_keys,
                                  self.data_dir, on_state_change=self._update_health)
             self.committer = GroupCommitter(self.raft)
@@ -1223,7 +1223,7 @@ class Agent:
             return
         if self._is_leader():
             members = ca_rotation.active_members(self.store.query("nodes", {}))
-            action = ca_rotation.leader_action(doc, members, *self.certs.ca(), self.identity.cluster_id,
+            action = rotation_driver.leader_action(doc, members, *self.certs.ca(), self.identity.cluster_id,
                                                self.raft_keys.generation)
             if action is not None:
                 self.propose("ca.advance", action, internal=True)
@@ -1235,10 +1235,10 @@ class Agent:
                     self.propose("kv.put", {"key": RAFT_ROTATION_KEY, "value": str(row["raft_generation"])})
         if row["phase"] not in ("trust", "reissue", "drop"):
             return
-        if ca_rotation.needs_reissue(row, self.certs):
+        if rotation_driver.needs_reissue(row, self.certs):
             self._renew_step(force=True)
         before = self.certs.ca()[0]
-        done = ca_rotation.node_step(row, self.certs, self.raft_keys if self.store is not None else None)
+        done = rotation_driver.node_step(row, self.certs, self.raft_keys if self.store is not None else None)
         if self.certs.ca()[0] != before:
             self.peers.reset()  # connect with the new trusted CAs
         ack = {"rot_id": row["rot_id"], "phase": row["phase"]}
@@ -1272,14 +1272,9 @@ class Agent:
             args = validate(command.type, parse_args_json(command.args_json))
         except CommandError as exc:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        peer = authz.current_peer.get()
-        refused = revocation.write_refusal(command.type, args, peer) or ca_rotation.write_refusal(
-            command.type, args, peer) or authz.kv_refusal(command.type, args, peer)
+        refused = domain.refusal(command.type, args, authz.current_peer.get(), internal=False)
         if refused:
             raise AgentError(grpc.StatusCode.PERMISSION_DENIED, refused)
-        if is_internal(command.type):
-            raise AgentError(grpc.StatusCode.PERMISSION_DENIED,
-                             f"{command.type} is decided by the cluster itself; use the cortex CLI")
         if len(command.idempotency_key) > 128:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "idempotency_key is longer than 128 characters")
         if not self._is_leader():
