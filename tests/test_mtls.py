@@ -411,7 +411,7 @@ def test_fresh_channels_after_a_wake_open_fresh_connections():
     secure channel's credentials object differs, so they do not match; this keeps it that way.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cortex.node.agent import Peers
+    from cortex.node.peers import Peers
 
     ca, ca_key = tls.new_ca("c-1")
     server_cert, server_key = tls.issue(ca, ca_key, "n1", "server", "c-1")
