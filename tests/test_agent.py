@@ -486,7 +486,7 @@ def test_the_agent_keeps_systemds_notify_socket_from_its_children(tmp_path: Path
     listener.settimeout(20)
     script = (
         "import subprocess, sys\n"
-        "from cortex import notify\n"
+        "from cortex.appliance import notify\n"
         "notify.claim()\n"
         "child = subprocess.run(['env'], capture_output=True, text=True, check=True).stdout\n"
         "assert 'NOTIFY_SOCKET' not in child and 'WATCHDOG_USEC' not in child, child\n"
