@@ -224,3 +224,19 @@ def test_heartbeats_from_a_removed_worker_are_refused(tmp_path: Path, nodes, lea
     with pytest.raises(AgentError) as info:
         w1.router.to_servers(lambda stub: stub.Heartbeat(beat))
     assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_status_pairs_the_state_with_the_reason_it_waits(tmp_path: Path, nodes):
+    from cortex.config import BootstrapConfig
+    from cortex.node.status import node_status
+
+    node = LocalNode(tmp_path, "a1", "server", nodes)
+    reason = "credentials: cortex.join_token: missing"
+    node.member.config = node.config = Config(**{**node.config.__dict__,
+                                                 "bootstrap": BootstrapConfig(wait_reason=reason)})
+    node.joiner.announce_wait()  # what the agent does before its ports answer
+    status = node_status(node.member, node.router, node.admission.liveness)
+    assert (status.state, status.waiting_for) == ("uninitialized", reason)
+    with pytest.raises(AgentError) as info:
+        node.router.write(pb.Command(type="kv.put", args_json=b'{"key": "k", "value": "v"}'))
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and reason in str(info.value)
