@@ -3,6 +3,7 @@ and joiners whose one network call, the join over the enrollment port, is handed
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -232,8 +233,7 @@ def test_status_pairs_the_state_with_the_reason_it_waits(tmp_path: Path, nodes):
 
     node = LocalNode(tmp_path, "a1", "server", nodes)
     reason = "credentials: cortex.join_token: missing"
-    node.member.config = node.config = Config(**{**node.config.__dict__,
-                                                 "bootstrap": BootstrapConfig(wait_reason=reason)})
+    node.member.config = dataclasses.replace(node.config, bootstrap=BootstrapConfig(wait_reason=reason))
     node.joiner.announce_wait()  # what the agent does before its ports answer
     status = node_status(node.member, node.router, node.admission.liveness)
     assert (status.state, status.waiting_for) == ("uninitialized", reason)
