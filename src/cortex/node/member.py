@@ -65,6 +65,9 @@ class Replica:
 
 
 class Member:
+    """This node as a (would-be) member of a cluster: every part of the agent reads it, and membership
+    transitions (init, join, leave, promotion) change it under `lock`."""
+
     def __init__(self, config: Config, events: EventBus):
         self.data_dir = config.data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
