@@ -4,7 +4,7 @@ Its migrations create the tables the first Cortex had (meta, nodes, kv, join tok
 and schema_versions, where every later domain counts its own migrations; this domain counts its own in
 PRAGMA user_version, as data directories have since the start. The tables list is the head of the digest
 in this exact order: replicas of every version hash the same bytes. The key-value store (kv.py), admission
-(membership/admission.py) and join tokens (membership/tokens.py) work on tables created here.
+(membership/nodes.py) and join tokens (membership/tokens.py) work on tables created here.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ class Domain:
 CORE: tuple[str, ...] = (
     "cortex.core.cluster",
     "cortex.core.kv",
-    "cortex.membership.admission",
+    "cortex.membership.nodes",
     "cortex.membership.tokens",
 )
 BUILTIN: tuple[str, ...] = (

@@ -1,6 +1,6 @@
 """Membership over time: nodes that left stay on record, and members change role (worker <-> server).
 
-The core schema (core/cluster.py) owns the `nodes` table; admission is admission.py. This domain adds what happens after admission:
+The core schema (core/cluster.py) owns the `nodes` table; node registration is nodes.py. This domain adds what happens after admission:
 - `member.leave` (leader only): a node that left (`cortex leave`) or was removed (`cortex nodes remove`) keeps
   its row with liveness `left`, when and why. The core's `nodes` query, the task scheduler, the updater's
   pre-flight, alerts and liveness tracking see members only, so a left node never counts toward quorum,

@@ -2,7 +2,7 @@
 
 The table belongs to the core schema (core/cluster.py). Tokens are added and revoked by the agent on an
 operator's request (internal commands: the token RPCs check the caller's role), and spent by admission
-(admission.py) when a node registers with one.
+(nodes.py) when a node registers with one.
 """
 
 from __future__ import annotations
