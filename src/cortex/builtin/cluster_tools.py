@@ -189,8 +189,8 @@ class ClusterToolsPlugin(Plugin):
 
     def _drain(self, command_type: str, args: dict) -> dict:
         if command_type not in domain.commands():
-            raise ToolError(f"not available yet: draining belongs to the task engine ({command_type} is not part "
-                            "of this cluster's software yet); until it lands, remove_node takes a node out for good")
+            raise ToolError(f"draining belongs to the task engine ({command_type} is not part of this cluster's "
+                            "software); remove_node takes a node out for good")
         command = {"node_id": args["node_id"]}
         if command_type == DRAIN_COMMAND and "deadline_seconds" in args:
             command["deadline"] = args["deadline_seconds"]

@@ -5,8 +5,8 @@ whether destructive tools are offered at all, the default toolsets and the tool 
 role of callers of the Plugins gRPC service on the network port.
 
 Authentication is pluggable (`Authenticator`): today a bearer token, generated into the plugin's data
-directory (`<data_dir>/plugins/mcp/token`, mode 0600) unless `token_file` names one; the membership work's
-mutual TLS can add a certificate authenticator beside it. A session picks its profile and toolsets with
+directory (`<data_dir>/plugins/mcp/token`, mode 0600) unless `token_file` names one; a certificate
+authenticator can stand beside it. A session picks its profile and toolsets with
 query parameters: `http://HOST:PORT/mcp?profile=operator&toolsets=cluster,kv`.
 """
 

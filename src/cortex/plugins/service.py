@@ -1,8 +1,8 @@
 """The `cortex.v1.Plugins` gRPC service: this node's plugin host for the MCP front end and the CLI.
 
 Served on the node's gRPC address and on its admin unix socket. Who the caller is decides the role its tool
-calls run with: the admin socket (file permissions are its authentication) is `admin`; the network port is
-`plugins.mcp.grpc_role` (default `operator`) until mutual TLS names callers (the membership work).
+calls run with: the admin socket (file permissions are its authentication) is `admin`; on the network port
+the client certificate's role decides, capped by `plugins.mcp.grpc_role` (default `operator`).
 """
 
 from __future__ import annotations
