@@ -22,7 +22,7 @@ from cortex.membership import identity
 from cortex.security import authz, tls
 from tests.conftest import free_base_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cortex(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

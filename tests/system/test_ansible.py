@@ -40,7 +40,7 @@ needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="boots Debian containers with systemd-nspawn and builds their rootfs: needs root"
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
 VENV_BIN = Path(sys.executable).parent
 CACHE = REPO / ".cache" / "ansible-test"

@@ -19,7 +19,7 @@ import pytest
 
 from cortex.appliance import credentials
 
-IMAGE = Path(__file__).resolve().parent.parent / "image"
+IMAGE = Path(__file__).resolve().parents[2] / "image"
 TREE = IMAGE / "tree"
 UNITS = TREE / "usr/lib/systemd/system"
 MiB = 1024 * 1024

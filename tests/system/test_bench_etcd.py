@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.timeout(120),
 ]
 
-_ROOT = str(Path(__file__).resolve().parent.parent)
+_ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:  # `bench` is a top-level package at the repo root
     sys.path.insert(0, _ROOT)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ETCD_BIN = "/usr/bin/etcd"
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(450)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-FLASH = Path(__file__).resolve().parent.parent / "image" / "flash.sh"
+FLASH = Path(__file__).resolve().parents[2] / "image" / "flash.sh"
 MiB = 1024 * 1024
 
 pytestmark = [

@@ -16,7 +16,7 @@ import yaml
 from cortex.update import apply as update_apply
 from cortex.update import releases as updates
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYSUPDATE = REPO / "image/tree/usr/lib/sysupdate.d"
 
 

@@ -22,7 +22,7 @@ from cortex.netboot.plugin import reconcile_actions
 from cortex.netboot.profiles import Machine, NoMatch, ProfileError
 from cortex.netboot.service import Refused, machine_from_query
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "netboot" / "profiles.example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "netboot" / "profiles.example.yaml"
 BASE = "http://10.77.0.1:8080"
 TOKEN = "cx1.AbCdEf_0123456789-xyzXYZabcdef12"
 # What iPXE would run as a command (first word of a line), minus labels and comments.

@@ -9,7 +9,7 @@ import pytest
 
 from .conftest import free_base_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(300)]
 
