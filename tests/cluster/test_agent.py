@@ -20,59 +20,10 @@ from cortex.client import AdminClient, Client, CortexError
 from cortex.dev import cluster as devcluster
 from cortex.membership import identity
 from cortex.security import authz, tls
-from tests.conftest import free_base_port
+from tests.support.agent import cortex, start_agent, wait_status, write_config
+from tests.support.cluster import free_base_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def cortex(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "cortex", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cortex {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
-    return proc
-
-
-def write_config(directory: Path, node_id: str, port: int, role: str = "server", extra: str = "") -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    raft = f"\n  raft: 127.0.0.1:{port + 1}" if role == "server" else ""
-    path = directory / "config.yaml"
-    path.write_text(f"node:\n  id: {node_id}\n  role: {role}\ndata_dir: data\n"
-                    f"listen:\n  grpc: 127.0.0.1:{port}{raft}\nlog:\n  format: text\n{extra}")
-    return path
-
-
-def start_agent(config: Path, env: dict | None = None) -> subprocess.Popen:
-    log = open(config.parent / "agent.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "cortex", "agent", "--config", str(config)], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=config.parent)
-
-
-def wait_status(address: str, predicate, timeout: float = 20.0, data_dir: Path | None = None):
-    """`data_dir`: the node's, whose certificate (once it is a member) opens its mTLS port."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        files = tls.client_files(data_dir / tls.TLS_DIR) if data_dir else None
-        try:
-            with Client(address, timeout=1, tls_files=files) as c:
-                last = c.status()
-                if predicate(last):
-                    return last
-        except CortexError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"status never matched; last: {last}")
-
-
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
 
 
 def test_malformed_config_exits_nonzero_naming_file_line_and_key(tmp_path: Path):

@@ -245,7 +245,7 @@ def test_raft_peer_with_wrong_secret_cannot_disturb_the_cluster(shared_cluster):
     """A stranger (or a node of another cluster) speaking pysyncobj with another password is ignored."""
     from pysyncobj import SyncObj, SyncObjConf
 
-    from tests.conftest import free_base_port
+    from tests.support.cluster import free_base_port
 
     leader = shared_cluster.leader()
     with shared_cluster.client(leader) as c:
@@ -351,7 +351,7 @@ def test_dead_worker_goes_suspect_then_offline_everywhere_and_comes_back(make_cl
 
 
 def test_a_dead_server_is_removed_and_the_rest_carry_on(make_cluster):
-    from tests.test_agent import cortex
+    from tests.support.agent import cortex
 
     cluster = make_cluster(3)
     leader = cluster.leader()

@@ -14,7 +14,7 @@ import pytest
 
 from cortex.client import Client, CortexError
 from cortex.dev import cluster as devcluster
-from tests.conftest import free_base_port
+from tests.support.cluster import free_base_port
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 

@@ -24,8 +24,8 @@ from cortex.kube.executor import K8sJobExecutor
 from cortex.kube.kubeconfig import discover, kubeconfig_paths
 from cortex.kube.records import k8s_capacity, parse_records
 from cortex.tasks.executor import Outcome, TaskRun, TaskSpecError
-from tests.conftest import python_without_home
-from tests.fake_kube import FakeKube
+from tests.support.fake_kube import FakeKube
+from tests.support.procs import python_without_home
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ import pytest
 
 from cortex.core import state
 from cortex.core.state import StateStore
-from tests.test_agent import cortex
-from tests.test_memory_cluster import wait_for
-from tests.test_state import env
+from tests.support.agent import cortex
+from tests.support.cluster import current_leader
+from tests.support.envelopes import env
+from tests.support.wait import wait_until
 
 SERVER = {"node_id": "n1", "role": "server", "grpc_address": "127.0.0.1:1", "raft_address": "127.0.0.1:2"}
 WORKER = {"node_id": "w1", "role": "worker", "grpc_address": "127.0.0.1:3", "raft_address": ""}
@@ -160,7 +161,7 @@ def test_leave_keeps_a_left_record_rejoin_revives_it_and_forget_drops_it(make_cl
 
     token = (Path(cluster.node("n1").dir) / "data" / "join-token").read_text().strip()
     cortex("join", addr, "--token", token, "--socket", w1_socket)
-    wait_for(lambda: _nodes_json(addr).get("w1", {}).get("liveness") == "alive", what="w1 alive again")
+    wait_until(lambda: _nodes_json(addr).get("w1", {}).get("liveness") == "alive", 20, "w1 alive again")
     assert any(e["type"] == "node.joined" and e["data"].get("rejoined") for e in _events(addr, "node.joined"))
 
     removed = cortex("--addr", addr, "nodes", "remove", "w1", "--force").stdout
@@ -199,14 +200,14 @@ def test_a_promoted_worker_replaces_a_dead_server_and_keeps_quorum(make_cluster)
     taken = cortex("--addr", addr, "nodes", "promote", "w1", "--raft", cluster.node(leader).raft_address,
                    check=False)
     assert taken.returncode != 0 and "cannot listen on" in taken.stderr
-    wait_for(lambda: _nodes_json(addr)["w2"]["liveness"] == "offline", 30, "w2 offline")
+    wait_until(lambda: _nodes_json(addr)["w2"]["liveness"] == "offline", 30, "w2 offline")
     down = cortex("--addr", addr, "nodes", "promote", "w2", check=False)
     assert down.returncode != 0 and "w2 is offline" in down.stderr
 
     # a server dies and is removed; a worker takes its place as a voter
     dead = cluster.followers()[0]
     cluster.kill(dead)
-    wait_for(lambda: _nodes_json(addr)[dead]["liveness"] != "alive", 30, f"{dead} suspected")
+    wait_until(lambda: _nodes_json(addr)[dead]["liveness"] != "alive", 30, f"{dead} suspected")
     cortex("--addr", addr, "nodes", "remove", dead)
     raft = f"127.0.0.1:{int(cluster.node('w1').grpc_address.rsplit(':', 1)[1]) + 5}"
     promoted = json.loads(cortex("--addr", addr, "nodes", "promote", "w1", "--raft", raft, "--json").stdout)
@@ -225,9 +226,9 @@ def test_a_promoted_worker_replaces_a_dead_server_and_keeps_quorum(make_cluster)
     # the old leader dies too: the two voters left (one former server, the promoted worker) keep quorum
     cluster.kill(leader)
     survivor = next(n for n in ("n1", "n2", "n3") if n not in (dead, leader))
-    new_leader = wait_for(lambda: _leader_among((survivor, "w1"), cluster), 30, "a new leader")
+    new_leader = wait_until(lambda: current_leader(map(cluster.node, (survivor, "w1"))), 30, "a new leader")
     new_raft = raft if new_leader == "w1" else cluster.node(new_leader).raft_address
-    wait_for(lambda: any(e["data"].get("leader") == new_raft for e in _events(w1, "leader.changed")), 15,
+    wait_until(lambda: any(e["data"].get("leader") == new_raft for e in _events(w1, "leader.changed")), 15,
              "leader.changed on w1's event bus")
     with Client(cluster.node(new_leader).grpc_address if new_leader != "w1" else w1) as c:
         c.put("after", "ok")
@@ -235,13 +236,13 @@ def test_a_promoted_worker_replaces_a_dead_server_and_keeps_quorum(make_cluster)
         for key, value in acknowledged.items():
             assert c.get(key) == value, key
     with Client(w1) as c:  # the promoted node's own replica holds every acknowledged write
-        wait_for(lambda: all(c.get(k, level="stale") == v for k, v in acknowledged.items()), 20, "w1 replica")
+        wait_until(lambda: all(c.get(k, level="stale") == v for k, v in acknowledged.items()), 20, "w1 replica")
 
     # restarted, it is still a server (its membership record wins over its config file, which says worker)
     cluster.kill("w1", signal.SIGTERM)
     cluster.start("w1")
-    wait_for(lambda: _role_of(w1) == "server", 30, "w1 back as a server")
-    wait_for(lambda: _leader_among((survivor, "w1"), cluster), 30, "a leader after w1's restart")
+    wait_until(lambda: _role_of(w1) == "server", 30, "w1 back as a server")
+    wait_until(lambda: current_leader(map(cluster.node, (survivor, "w1"))), 30, "a leader after w1's restart")
     with Client(w1) as c:
         assert c.get("after") == "ok"
 
@@ -256,22 +257,9 @@ def _role_of(address: str) -> str:
         return ""
 
 
-def _leader_among(ids: tuple[str, ...], cluster) -> str:
-    from cortex.client import Client, CortexError
-
-    for node_id in ids:
-        try:
-            with Client(cluster.node(node_id).grpc_address, timeout=1) as c:
-                if c.status().state == "leader":
-                    return node_id
-        except CortexError:
-            pass
-    return ""
-
-
 def test_the_leader_forgets_left_nodes_after_forget_left_after(tmp_path: Path):
     from cortex.dev import cluster as devcluster
-    from tests.conftest import free_base_port
+    from tests.support.cluster import free_base_port
 
     directory = tmp_path / "prune"
     extra = lambda node: "liveness:\n  forget_left_after: 1\n" if node.role == "server" else ""  # noqa: E731
@@ -279,7 +267,7 @@ def test_the_leader_forgets_left_nodes_after_forget_left_after(tmp_path: Path):
         dc = devcluster.up(directory, 1, 1, free_base_port(), timeout=60, extra_config=extra)
         addr = dc.node("n1").grpc_address
         cortex("leave", "--socket", str(Path(dc.node("w1").dir) / "data" / "admin.sock"))
-        wait_for(lambda: "w1" not in _nodes_json(addr), 20, "w1's record forgotten")
+        wait_until(lambda: "w1" not in _nodes_json(addr), 20, "w1's record forgotten")
         events = _events(addr, "node.*")
         kinds = [e["type"] for e in events if e["data"].get("node_id") == "w1"]
         assert kinds[-2:] == ["node.left", "node.forgotten"]

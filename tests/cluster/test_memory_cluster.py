@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +22,9 @@ from cortex import config
 from cortex.dev import cluster as devcluster
 from cortex.node.agent import Agent
 from cortex.plugins import Caller
-from tests.conftest import free_base_port
+from tests.support import procs
+from tests.support.cluster import free_base_port
+from tests.support.wait import wait_until
 
 OPERATOR = Caller(role="operator", identity="test")
 BUCKET = "cortex-memory"
@@ -33,19 +34,21 @@ BUCKET = "cortex-memory"
 def s3(tmp_path: Path, monkeypatch):
     port = free_base_port(width=1)
     log = open(tmp_path / "moto.log", "wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = procs.popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+
+    def moto_answers() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"moto did not start: {(tmp_path / 'moto.log').read_text()}")
+        urllib.request.urlopen(url + "/", timeout=1)
+        return True
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url + "/", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError(f"moto did not start: {(tmp_path / 'moto.log').read_text()}") from None
-                time.sleep(0.1)
+        try:
+            wait_until(moto_answers, 30, "moto to answer", interval=0.1, ignore=(OSError,))
+        except AssertionError as exc:
+            raise AssertionError(f"moto did not start: {(tmp_path / 'moto.log').read_text()}") from exc
         for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                             ("AWS_DEFAULT_REGION", "us-east-1")):
             monkeypatch.setenv(name, value)  # the agents started below inherit them
@@ -64,21 +67,9 @@ def in_process(node: devcluster.DevNode) -> Agent:
     devcluster.stop_node(node)
     agent = Agent(config.load(node.config_path))
     agent.start()
-    deadline = time.monotonic() + 30
-    while not (agent.raft and agent.raft.leader_address() and agent.plugins.plugins["memory"].state == "running"):
-        assert time.monotonic() < deadline, "the in-process agent did not rejoin"
-        time.sleep(0.05)
+    wait_until(lambda: agent.raft and agent.raft.leader_address() and agent.plugins.plugins["memory"].state == "running",
+               30, "the in-process agent to rejoin")
     return agent
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def whereami(node: devcluster.DevNode) -> str:
@@ -115,7 +106,7 @@ def test_memory_tools_in_a_follower_agent_with_whereami_and_s3_backups(make_clus
              next_steps=["merge mcp", "run the MCP client tests"], to="laptop")
         assert "Handed off to laptop" in whereami(follower) and "- [ ] merge mcp" in whereami(follower)
         for node in cluster.nodes:
-            wait_for(lambda n=node: "memory done; MCP client tests next" in whereami(n), what=f"{node.id} whereami")
+            wait_until(lambda n=node: "memory done; MCP client tests next" in whereami(n), 20, f"{node.id} whereami")
         assert all("### Ship memory" in whereami(n) for n in cluster.nodes)
 
         # the leader backs up to S3; wait for a backup holding exactly the current content
@@ -128,7 +119,7 @@ def test_memory_tools_in_a_follower_agent_with_whereami_and_s3_backups(make_clus
             docs = [json.loads(client.get_object(Bucket=BUCKET, Key=k)["Body"].read()) for k in keys
                     if k.endswith(".json")]
             return [d for d in docs if d["content_digest"] == digest]
-        (manifest,) = wait_for(backed_up, 30, "a backup in S3")
+        (manifest,) = wait_until(backed_up, 30, "a backup in S3")
         assert manifest["rows"]["memory_context"] == 20 and manifest["tiers"] == ["public", "internal"]
 
         # wipe, then restore from S3 through the CLI on a running cluster
@@ -152,7 +143,7 @@ def test_memory_tools_in_a_follower_agent_with_whereami_and_s3_backups(make_clus
                 with cluster.client(node.id) as c:
                     out.add(c.read("memory.digest", {}, level="stale")["digest"])
             return out
-        assert wait_for(lambda: digests() == {digest}, what="replicas to converge on the restored content")
+        assert wait_until(lambda: digests() == {digest}, 20, "replicas to converge on the restored content")
         assert call("memory_list_threads")[0]["id"] == thread
         assert len(set(cluster.wait_converged().values())) == 1
     finally:

@@ -216,7 +216,7 @@ def test_publish_refuses_an_incomplete_or_mixed_build(tmp_path: Path):
 
 
 def test_update_cli_publishes_lists_verifies_and_plans_against_a_live_cluster(shared_cluster, tmp_path: Path):
-    from tests.test_agent import cortex
+    from tests.support.agent import cortex
 
     key = tmp_path / "publisher.pem"
     public = json.loads(cortex("update", "keygen", "--key", str(key), "--json").stdout)["public"]

@@ -17,6 +17,8 @@ import pytest
 
 from cortex.appliance import sleepwatch
 from cortex.client import Client
+from tests.support import procs
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")
 
@@ -55,12 +57,14 @@ def system_bus(tmp_path: Path, monkeypatch):
     socket_path = tmp_path / "system_bus_socket"
     config = tmp_path / "bus.conf"
     config.write_text(BUS_CONFIG.format(socket=socket_path))
-    daemon = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while not socket_path.exists():
-        assert daemon.poll() is None and time.monotonic() < deadline, daemon.stderr.read().decode()
-        time.sleep(0.02)
+    daemon = procs.popen(["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def bus_listening() -> bool:
+        assert daemon.poll() is None, daemon.stderr.read().decode()
+        return socket_path.exists()
+
+    wait_until(bus_listening, 10, "the private dbus-daemon's socket", interval=0.02)
     address = f"unix:path={socket_path}"
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
     yield address
@@ -69,8 +73,8 @@ def system_bus(tmp_path: Path, monkeypatch):
 
 
 def emit(address: str, who: str, what: str) -> None:
-    subprocess.run([sys.executable, "-c", EMIT, who, what], check=True, timeout=30,
-                   env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": address})
+    procs.run([sys.executable, "-c", EMIT, who, what], check=True, timeout=30,
+              env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": address})
 
 
 def test_only_logind_can_say_the_machine_slept(system_bus):
@@ -82,10 +86,7 @@ def test_only_logind_can_say_the_machine_slept(system_bus):
     emit(system_bus, "impostor", "wake")  # anyone may send the signal; only logind's copy counts
     emit(system_bus, "logind", "sleep")
     emit(system_bus, "logind", "wake")
-    deadline = time.monotonic() + 10
-    while len(seen) < 2:
-        assert time.monotonic() < deadline, seen
-        time.sleep(0.02)
+    wait_until(lambda: len(seen) >= 2, 10, f"two signals seen (so far {seen})", interval=0.02)
     time.sleep(0.3)
     assert seen == [True, False]
     stop.set()
@@ -110,29 +111,23 @@ def test_a_worker_rejoins_when_logind_says_it_woke(system_bus, make_cluster):
         with Client(leader) as c:
             return next(n.liveness for n in c.status().nodes if n.id == "w1")
 
-    deadline = time.monotonic() + 30
-    while liveness() != "alive" or "watching logind" not in open(worker.log_path).read():
-        assert time.monotonic() < deadline, "the worker did not come back with its logind watch"
-        time.sleep(0.1)
+    wait_until(lambda: liveness() == "alive" and "watching logind" in open(worker.log_path).read(), 30,
+               "the worker to come back with its logind watch", interval=0.1)
     os.kill(worker.pid, signal.SIGSTOP)  # "asleep"
     try:
-        deadline = time.monotonic() + 15
-        while liveness() == "alive":
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until(lambda: liveness() != "alive", 15, "the sleeping worker to be suspected", interval=0.1)
     finally:
         os.kill(worker.pid, signal.SIGCONT)
     woke = time.monotonic()
     emit(system_bus, "logind", "wake")
-    while liveness() != "alive":
-        assert time.monotonic() - woke < 10
-        time.sleep(0.02)
+    wait_until(lambda: liveness() == "alive", 10, "the worker alive after logind's wake", interval=0.02)
     print(f"logind wake -> alive: {time.monotonic() - woke:.2f}s")
-    deadline = time.monotonic() + 10
-    while True:
+    def rejoined_on_loginds_word() -> bool:
         lines = [json.loads(line) for line in open(worker.log_path) if '"resumed: rejoining"' in line]
-        if any(line.get("trigger") == "logind" for line in lines):
-            break
-        assert time.monotonic() < deadline, open(worker.log_path).read()[-3000:]
-        time.sleep(0.1)
+        return any(line.get("trigger") == "logind" for line in lines)
+
+    try:
+        wait_until(rejoined_on_loginds_word, 10, "a rejoin triggered by logind", interval=0.1)
+    except AssertionError as exc:
+        raise AssertionError(open(worker.log_path).read()[-3000:]) from exc
 

@@ -35,8 +35,8 @@ from cortex.builtin.tailscale import (
     peers_from_devices,
     peers_from_status,
 )
-from tests.conftest import free_base_port
-from tests.test_agent import cortex, start_agent, wait_status, write_config
+from tests.support.agent import cortex, start_agent, wait_status, write_config
+from tests.support.cluster import free_base_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tailscale"
 

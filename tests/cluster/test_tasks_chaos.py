@@ -15,7 +15,7 @@ import pytest
 
 from cortex.client import CortexError
 from cortex.dev import cluster as devcluster
-from tests.conftest import Cluster, free_base_port
+from tests.support.cluster import Cluster, free_base_port
 
 
 @pytest.fixture(scope="module")

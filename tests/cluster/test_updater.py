@@ -90,14 +90,14 @@ def releases(tmp_path_factory):
 
 
 def devcluster_free_port() -> int:
-    from tests.conftest import free_base_port
+    from tests.support.cluster import free_base_port
 
     return free_base_port(1)
 
 
 @pytest.fixture(scope="module")
 def cluster(releases, tmp_path_factory):
-    from tests.conftest import Cluster, free_base_port
+    from tests.support.cluster import Cluster, free_base_port
 
     directory = tmp_path_factory.mktemp("upd")
     plugins = {"updater": {"os": "simulated", "simulate_version": "1.0.0", "source": releases["url"],

@@ -34,7 +34,7 @@ import testinfra
 import yaml
 
 from cortex.dev import cluster as devcluster
-from tests.conftest import free_base_port
+from tests.support.cluster import free_base_port
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="boots Debian containers with systemd-nspawn and builds their rootfs: needs root"

@@ -28,7 +28,7 @@ from cortex.netboot.artifacts import fetch_all
 from cortex.netboot.cli import ClientPort
 from cortex.netboot.service import HttpService, Provisioner, ServiceConfig
 from cortex.security import authz
-from tests.conftest import free_base_port
+from tests.support.cluster import free_base_port
 
 PROFILES = """
 profiles:

@@ -13,7 +13,7 @@ from cortex.core.state import StateStore
 from cortex.memory import backup, sqlguard
 from cortex.memory.schema import SHARED_MIGRATIONS
 from cortex.plugins import ToolError
-from tests.memory_harness import OPERATOR, READER, start_host
+from tests.support.memory_harness import OPERATOR, READER, start_host
 
 
 @pytest.fixture

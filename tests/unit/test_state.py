@@ -4,15 +4,9 @@ import random
 import sqlite3
 from pathlib import Path
 
-from cortex.core.commands import Envelope, validate
 from cortex.core.state import StateStore
 from cortex.membership import identity
-
-
-def env(command_type: str, args: dict, term: int = 1, idem: str | None = None, ts: float = 1000.0) -> bytes:
-    command_id = f"id-{random.random()}"
-    return Envelope(type=command_type, args=validate(command_type, args), id=command_id, ts=ts, term=term,
-                    idem=idem or command_id).encode()
+from tests.support.envelopes import env
 
 
 def test_apply_put_get_and_index_recorded_in_same_transaction(tmp_path: Path):

@@ -1,0 +1,30 @@
+"""Polling for a condition the system reaches on its own time (an election, a replica catching up)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05,
+               ignore: tuple[type[BaseException], ...] = ()) -> T:
+    """The predicate's first truthy value, polled every `interval` seconds. After `timeout` seconds the test
+    fails naming `what` and the last value seen (or the last of the `ignore`d exceptions: a node that is
+    restarting or electing refuses calls for a while, which is not yet an answer)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = predicate()
+        except ignore as exc:
+            value, last = None, exc
+        else:
+            if value:
+                return value
+            last = value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
