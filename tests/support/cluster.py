@@ -7,8 +7,9 @@ import itertools
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -17,6 +18,7 @@ from cortex.dev import cluster as devcluster
 from tests.support.wait import wait_until
 
 _port_counter = itertools.count()
+T = TypeVar("T")
 
 
 def free_base_port(width: int = 20) -> int:
@@ -29,18 +31,27 @@ def free_base_port(width: int = 20) -> int:
     raise RuntimeError("no free port range on loopback")
 
 
+def first_leader(candidates: Iterable[T], state: Callable[[T], str]) -> T | None:
+    """The first candidate whose Raft state (as `state` asks it) is "leader"; None while there is none, an
+    election under way, say. The one leader lookup, whatever the candidates are and however they are asked."""
+    return next((c for c in candidates if state(c) == "leader"), None)
+
+
+def grpc_state(node: devcluster.DevNode) -> str:
+    """A node's Raft state over gRPC; "" when it does not answer (stopped, restarting)."""
+    if not devcluster.alive(node.pid):
+        return ""
+    try:
+        with Client(node.grpc_address, timeout=1) as c:
+            return c.status().state
+    except CortexError:
+        return ""
+
+
 def current_leader(nodes: Iterable[devcluster.DevNode], exclude: Iterable[str] = ()) -> str:
     """Id of the running node among `nodes` that reports itself leader right now, "" when none does."""
-    for node in nodes:
-        if node.id in exclude or not devcluster.alive(node.pid):
-            continue
-        try:
-            with Client(node.grpc_address, timeout=1) as c:
-                if c.status().state == "leader":
-                    return node.id
-        except CortexError:
-            pass
-    return ""
+    leader = first_leader((n for n in nodes if n.id not in exclude), grpc_state)
+    return leader.id if leader else ""
 
 
 class Cluster:

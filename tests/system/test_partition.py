@@ -1,15 +1,14 @@
 """Network partitions between real agents, each in its own network namespace (root only, as CI runs).
 
 Topology: a bridge namespace and one namespace per server, joined by veth pairs on 10.231.<k>.0/24. Every
-packet of the test stays inside namespaces this test creates: clients run with `ip netns exec` in a node's
-namespace, never from the root namespace (where 10.x would be routed off the machine).
+packet of the test stays inside namespaces this test creates: clients run in a node's
+namespace (nsenter), never from the root namespace (where 10.x would be routed off the machine).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,19 +16,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import procs
+from tests.support.cluster import first_leader
 from tests.support.linearizability import HistoryRecorder, check
+from tests.support.netlab import NetLab, in_netns
+from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 for network namespaces"
-)
-
-
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=60)
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
 
-class Lab:
+class Lab(NetLab):
     def __init__(self, tag: str, subnet: int, count: int):
+        super().__init__()
         self.tag, self.subnet, self.count = tag, subnet, count
         self.bridge_ns = f"{tag}-br"
         self.names = [f"{tag}-n{i}" for i in range(1, count + 1)]
@@ -39,44 +37,25 @@ class Lab:
         return f"10.231.{self.subnet}.{i}"
 
     def up(self) -> None:
-        sh("ip", "netns", "add", self.bridge_ns)
-        sh("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
+        self.namespace(self.bridge_ns)
+        self.bridge(self.bridge_ns)
         for i, ns in enumerate(self.names, start=1):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "link", "add", f"{self.tag}v{i}", "type", "veth", "peer", "name", f"{self.tag}p{i}")
-            sh("ip", "link", "set", f"{self.tag}v{i}", "netns", ns)
-            sh("ip", "link", "set", f"{self.tag}p{i}", "netns", self.bridge_ns)
-            sh("ip", "-n", ns, "link", "set", f"{self.tag}v{i}", "name", "eth0")
-            sh("ip", "-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", self.bridge_ns, "link", "set", f"{self.tag}p{i}", "master", "br0")
-            sh("ip", "-n", self.bridge_ns, "link", "set", f"{self.tag}p{i}", "up")
-
-    def down(self) -> None:
-        for ns in [*self.names, self.bridge_ns]:
-            sh("ip", "netns", "pids", ns, check=False)
-            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), 9)
-                except ProcessLookupError:
-                    pass
-            sh("ip", "netns", "del", ns, check=False)
+            self.namespace(ns)
+            self.plug(ns, self.bridge_ns, f"{self.tag}p{i}", address=f"{self.address(i)}/24")
 
     def isolate(self, i: int) -> None:
-        sh("ip", "-n", self.bridge_ns, "link", "set", f"{self.tag}p{i}", "down")
+        self.set_link(self.bridge_ns, f"{self.tag}p{i}", up=False)
 
     def heal(self, i: int) -> None:
-        sh("ip", "-n", self.bridge_ns, "link", "set", f"{self.tag}p{i}", "up")
+        self.set_link(self.bridge_ns, f"{self.tag}p{i}", up=True)
 
     def cortex(self, i: int, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run the CLI inside node i's namespace against node i's own agent."""
         # with the node's own credentials, as the CLI on that node finds them (mTLS)
         env = {**os.environ, "CORTEX_TLS_DIR": str(self.data_root / f"n{i}" / "data" / "tls")}
-        return subprocess.run(["ip", "netns", "exec", self.names[i - 1], sys.executable, "-m", "cortex",
-                               "--addr", f"{self.address(i)}:7400", "--timeout", "3", *args],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+        return procs.run(in_netns(self.names[i - 1], [sys.executable, "-m", "cortex", "--addr",
+                                                      f"{self.address(i)}:7400", "--timeout", "3", *args]),
+                         capture_output=True, text=True, timeout=timeout, env=env)
 
     def status(self, i: int) -> dict | None:
         proc = self.cortex(i, "status", "--json")
@@ -86,11 +65,10 @@ class Lab:
 @pytest.fixture
 def lab(tmp_path: Path):
     lab = Lab(f"cx{os.getpid() % 10000}", subnet=os.getpid() % 250, count=3)
-    lab.down()
-    lab.up()
     lab.data_root = tmp_path
-    procs = []
+    agents = []
     try:
+        lab.up()
         for i, ns in enumerate(lab.names, start=1):
             node_dir = tmp_path / f"n{i}"
             node_dir.mkdir()
@@ -100,36 +78,32 @@ def lab(tmp_path: Path):
             (node_dir / "config.yaml").write_text(
                 f"node:\n  id: n{i}\n  role: server\ndata_dir: data\n"
                 f"listen:\n  grpc: {lab.address(i)}:7400\n  raft: {lab.address(i)}:7401\n{boot}")
-            log = open(node_dir / "agent.log", "ab")
-            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "cortex", "agent",
-                                           "--config", str(node_dir / "config.yaml")],
+            with open(node_dir / "agent.log", "ab") as log:
+                agents.append(procs.popen(in_netns(ns, [sys.executable, "-m", "cortex", "agent", "--config",
+                                                        str(node_dir / "config.yaml")]),
                                           stdout=log, stderr=subprocess.STDOUT, cwd=node_dir))
             if i == 1:
-                deadline = time.monotonic() + 30
-                while not (tmp_path / "n1" / "data" / "join-token").exists():
-                    assert time.monotonic() < deadline and procs[0].poll() is None, "n1 did not init"
-                    time.sleep(0.1)
-        deadline = time.monotonic() + 60
-        while True:
+                def initialised() -> bool:
+                    assert agents[0].poll() is None, "n1 did not init"
+                    return (tmp_path / "n1" / "data" / "join-token").exists()
+
+                wait_until(initialised, 30, "n1 to init", interval=0.1)
+
+        def formed() -> bool:
             s = lab.status(1)
-            if s and len(s["nodes"]) == 3 and all(n["liveness"] == "alive" for n in s["nodes"]):
-                break
-            assert time.monotonic() < deadline, f"cluster did not form: {s}"
-            time.sleep(0.3)
+            return bool(s and len(s["nodes"]) == 3 and all(n["liveness"] == "alive" for n in s["nodes"]))
+
+        wait_until(formed, 60, "the cluster to form", interval=0.3)
         yield lab
     finally:
-        for p in procs:
+        for p in agents:
             p.kill()
             p.wait(10)
-        lab.down()
+        lab.destroy()
 
 
 def leader_of(lab: Lab, among: list[int]) -> int | None:
-    for i in among:
-        s = lab.status(i)
-        if s and s["state"] == "leader":
-            return i
-    return None
+    return first_leader(among, lambda i: (lab.status(i) or {}).get("state", ""))
 
 
 def test_partitioned_leader_cannot_write_majority_elects_and_heals_without_split_brain(lab: Lab):
@@ -140,10 +114,7 @@ def test_partitioned_leader_cannot_write_majority_elects_and_heals_without_split
 
     lab.isolate(old)
     isolated_at = time.monotonic()
-    new = None
-    while new is None:
-        assert time.monotonic() - isolated_at < 20, "the majority did not elect a leader"
-        new = leader_of(lab, majority)
+    new = wait_until(lambda: leader_of(lab, majority), 20, "the majority to elect a leader", interval=0)
     elected = time.monotonic() - isolated_at
     assert lab.cortex(new, "kv", "put", "during", "majority").returncode == 0
 
@@ -153,13 +124,11 @@ def test_partitioned_leader_cannot_write_majority_elects_and_heals_without_split
     assert s is not None and s["state"] != "leader", "the isolated leader must step down"
 
     lab.heal(old)
-    deadline = time.monotonic() + 30
-    while True:
+    def converged() -> bool:
         digests = {i: json.loads(lab.cortex(i, "state", "--json").stdout or "{}").get("digest") for i in (1, 2, 3)}
-        if len(set(digests.values())) == 1 and None not in digests.values():
-            break
-        assert time.monotonic() < deadline, f"replicas did not converge: {digests}"
-        time.sleep(0.3)
+        return len(set(digests.values())) == 1 and None not in digests.values()
+
+    wait_until(converged, 30, "the replicas to converge", interval=0.3)
     for i in (1, 2, 3):
         assert lab.cortex(i, "kv", "get", "during").stdout.strip() == "majority"
         assert lab.cortex(i, "kv", "get", "before").stdout.strip() == "1"
@@ -178,10 +147,8 @@ def test_checker_catches_a_real_stale_read_from_an_isolated_follower(lab: Lab):
     h = history.invoke("writer", "write", "k", value="old")
     assert lab.cortex(leader, "kv", "put", "k", "old").returncode == 0
     history.ok(h)
-    deadline = time.monotonic() + 10
-    while lab.cortex(follower, "kv", "get", "k", "--level", "stale").stdout.strip() != "old":
-        assert time.monotonic() < deadline, "the follower never received the first write"
-        time.sleep(0.1)
+    wait_until(lambda: lab.cortex(follower, "kv", "get", "k", "--level", "stale").stdout.strip() == "old", 10,
+               "the follower to receive the first write", interval=0.1)
 
     lab.isolate(follower)
     try:
@@ -198,7 +165,5 @@ def test_checker_catches_a_real_stale_read_from_an_isolated_follower(lab: Lab):
         assert lab.cortex(follower, "kv", "get", "k", "--level", "linearizable").returncode != 0
     finally:
         lab.heal(follower)
-    deadline = time.monotonic() + 30
-    while lab.cortex(follower, "kv", "get", "k", "--level", "linearizable").stdout.strip() != "new":
-        assert time.monotonic() < deadline, "the healed follower never caught up"
-        time.sleep(0.3)
+    wait_until(lambda: lab.cortex(follower, "kv", "get", "k", "--level", "linearizable").stdout.strip() == "new",
+               30, "the healed follower to catch up", interval=0.3)

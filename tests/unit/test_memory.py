@@ -257,7 +257,7 @@ def test_backup_wipe_restore_gives_identical_content(tmp_path: Path):
         for n in range(40):
             call(host, "memory_log_thought", thread_id=thread, content=f"thought {n} " + "x" * 2000)
         call(host, "memory_set_context", key="secret-ish", value={"k": 1}, tier="internal")
-        call(host, "memory_write", kind="network", data={"name": "nas", "ip": "10.0.0.5", "mac": "AA:BB:CC:00:11:22"})
+        call(host, "memory_write", kind="network", data=dict(name="nas", ip="10.0.0.5", mac="AA:BB:CC:00:11:22"))
         call(host, "memory_write", kind="project", data={"name": "cortex", "description": "the cluster"})
         call(host, "memory_set_context", key="here-only", value=1, tier="local")
         original = digest(host)
