@@ -20,6 +20,7 @@ from cortex.client import AdminClient, Client, CortexError
 from cortex.dev import cluster as devcluster
 from cortex.membership import identity
 from cortex.security import authz, tls
+from tests.support import procs
 from tests.support.agent import cortex, start_agent, wait_status, write_config
 from tests.support.cluster import free_base_port
 
@@ -291,9 +292,9 @@ def _join_in_background(cluster, config: Path, via: str = "n1") -> subprocess.Po
     """`cortex join` of the agent at `config` to `via` with a server token; the command returns once registered."""
     token = json.loads(cortex("--addr", cluster.node("n1").grpc_address, "--json", "token", "create", "--role",
                               "server").stdout)["token"]
-    return subprocess.Popen([sys.executable, "-m", "cortex", "join", cluster.node(via).grpc_address, "--token", token,
-                             "--socket", str(config.parent / "data" / "admin.sock")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return procs.popen([sys.executable, "-m", "cortex", "join", cluster.node(via).grpc_address, "--token", token,
+                        "--socket", str(config.parent / "data" / "admin.sock")],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _freeze_between_join_steps(cluster, data_dir: Path, node: str = "n1") -> None:

@@ -1,7 +1,7 @@
 """MCP end to end: a real `mcp` SDK client over stdio (spawning `cortex mcp`) and over streamable HTTP (every
 agent serves it) against a live local cluster, calling every tool of cluster-tools, messaging and skills with
 valid and invalid arguments; writes issued from a follower and from a worker; failure isolation; a third-party
-plugin installed through its entry point (tests/fixtures/plugin_site on the agents' PYTHONPATH); list-changed
+plugin installed through its entry point (tests/cluster/fixtures/plugin_site on the agents' PYTHONPATH); list-changed
 notifications when a plugin stops and starts.
 """
 
@@ -27,8 +27,7 @@ from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import Client
 from cortex.dev import cluster as devcluster
 from cortex.security import authz
-
-from .conftest import Cluster, free_base_port
+from tests.support.cluster import Cluster, free_base_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plugin_site"
 MY_TOOLS = {

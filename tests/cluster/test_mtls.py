@@ -17,8 +17,8 @@ from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import Client, CortexError, channel_options, secure_channel
 from cortex.dev import cluster as devcluster
 from cortex.security import authz, tls
-
-from .conftest import free_base_port, python_without_home
+from tests.support.cluster import free_base_port
+from tests.support.procs import python_without_home
 
 
 def _files(cluster, node_id: str, stem: str) -> tls.ClientFiles:

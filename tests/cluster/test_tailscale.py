@@ -1,7 +1,7 @@
 """Tailscale discovery and approval by Tailscale identity.
 
 No tailnet is reachable here, so: the local daemon is stood in for by a `tailscale` executable that prints
-`status --json` documents shaped like the real CLI's output (tests/fixtures/tailscale/), and the API by a
+`status --json` documents shaped like the real CLI's output (tests/cluster/fixtures/tailscale/), and the API by a
 local HTTPS server speaking its real path and JSON (`GET /api/v2/tailnet/{tailnet}/devices`), reached through
 the real `tailscale` client library with the host name resolved to loopback and the server's own CA trusted.
 """

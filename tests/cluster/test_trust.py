@@ -21,9 +21,8 @@ from cortex.core.state import StateStore
 from cortex.dev import cluster as devcluster
 from cortex.membership import identity
 from cortex.security import authz, revocation, tls
-
-from .conftest import free_base_port, module_cluster
-from .test_agent import cortex, start_agent, wait_status, write_config
+from tests.support.agent import cortex, start_agent, wait_status, write_config
+from tests.support.cluster import free_base_port, module_cluster
 
 
 def _tls_dir(cluster, node_id: str) -> Path:

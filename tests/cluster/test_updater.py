@@ -25,6 +25,7 @@ from cortex.update import releases as updates
 from cortex.update.node_os import BROKEN_MARK, SimulatedOS
 from cortex.update.plugin import preflight_problems
 from cortex.update.rollout import Slots
+from tests.support import procs
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -78,9 +79,9 @@ def releases(tmp_path_factory):
     updates.publish(payload(base / "build-5.0.0", "5.0.0"), root, "stable", key)
     (root / "stable" / "5.0.0" / "SHA256SUMS.sig").unlink()
     port = devcluster_free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cortex", "update", "serve", "--root", str(root),
-                               "--listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True)
+    server = procs.popen([sys.executable, "-m", "cortex", "update", "serve", "--root", str(root),
+                          "--listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True)
     try:
         assert "serving" in server.stdout.readline()
         yield {"url": f"http://127.0.0.1:{port}/stable", "public": public, "root": root}

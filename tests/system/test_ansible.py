@@ -34,6 +34,7 @@ import testinfra
 import yaml
 
 from cortex.dev import cluster as devcluster
+from tests.support import procs
 from tests.support.cluster import free_base_port
 
 needs_root = pytest.mark.skipif(
@@ -95,7 +96,7 @@ class Container:
         self.log = workdir / "console.log"
         with open(self.log, "wb") as log:
             # --register=no --keep-unit: the host needs no systemd-machined (CI machines have no systemd PID 1).
-            self.proc = subprocess.Popen(
+            self.proc = procs.popen(
                 ["systemd-nspawn", "--register=no", "--keep-unit", "--quiet", "--boot", f"--directory={rootfs}",
                  # the machine name keys nspawn's state under /run: unique, so parallel runs do not collide
                  "--volatile=overlay", f"--machine={name}-{ssh_port}", f"--hostname={name}", "--console=passive",

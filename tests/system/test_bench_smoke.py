@@ -9,11 +9,12 @@ Without /usr/bin/etcd the benchmark runs Cortex only and the etcd cells read n/a
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 ETCD_BIN = "/usr/bin/etcd"
@@ -45,7 +46,7 @@ def test_bench_quick(tmp_path):
     if importlib_missing("grpc_tools") and os.path.exists(ETCD_BIN):
         pytest.skip("grpcio-tools is needed to compile bench/etcd_kv.proto")
     out_json = tmp_path / "bench.json"
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-m", "bench", "--quick", "--json", str(out_json)],
         cwd=ROOT, capture_output=True, text=True, timeout=400,
     )

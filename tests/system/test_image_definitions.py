@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cortex.appliance import credentials
+from tests.support import procs
 
 IMAGE = Path(__file__).resolve().parents[2] / "image"
 TREE = IMAGE / "tree"
@@ -461,7 +462,7 @@ def test_sleep_hook_signals_only_an_agent_that_handles_sigusr1(tmp_path, handles
     if handles:
         code += "signal.signal(signal.SIGUSR1, lambda *a: None)\n"
     code += "print('up', flush=True)\ntime.sleep(30)\n"
-    agent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    agent = procs.popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert agent.stdout.readline().strip() == "up"
         env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "FAKE_PID": str(agent.pid),

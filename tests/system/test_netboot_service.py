@@ -28,6 +28,7 @@ from cortex.netboot.artifacts import fetch_all
 from cortex.netboot.cli import ClientPort
 from cortex.netboot.service import HttpService, Provisioner, ServiceConfig
 from cortex.security import authz
+from tests.support import procs
 from tests.support.cluster import free_base_port
 
 PROFILES = """
@@ -281,11 +282,11 @@ def test_cortex_netboot_serve_command(service, shared_cluster, tmp_path):
 
     port = free_base_port(1)
     (tmp_path / "p.yaml").write_text(PROFILES)
-    proc = subprocess.Popen([sys.executable, "-m", "cortex", "--addr", shared_cluster.node("w2").grpc_address,
-                             "netboot", "serve", "--listen", f"127.0.0.1:{port}", "--join-address",
-                             shared_cluster.node("n1").grpc_address, "--artifacts", str(service.artifacts),
-                             "--profiles", str(tmp_path / "p.yaml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = procs.popen([sys.executable, "-m", "cortex", "--addr", shared_cluster.node("w2").grpc_address,
+                        "netboot", "serve", "--listen", f"127.0.0.1:{port}", "--join-address",
+                        shared_cluster.node("n1").grpc_address, "--artifacts", str(service.artifacts),
+                        "--profiles", str(tmp_path / "p.yaml")],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         standalone = Service(url, shared_cluster, None, service.artifacts)
