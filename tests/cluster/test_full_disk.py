@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from cortex.client import Client, CortexError
 from cortex.dev import cluster as devcluster
 from tests.support.cluster import free_base_port
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 
@@ -57,15 +57,13 @@ def test_a_full_data_disk_loses_nothing_acknowledged(tmp_path: Path):
         if not devcluster.alive(node.pid):  # it stopped rather than run on without its disk: start it again
             devcluster.start_node(node)
             dc.save()  # the new pid, so devcluster.down stops this process too
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with Client(node.grpc_address, timeout=3) as c:
-                    c.put("after", "room again")
-                    break
-            except CortexError:
-                assert time.monotonic() < deadline, devcluster.tail(node.log_path)
-                time.sleep(0.5)
+        def put_after() -> bool:
+            with Client(node.grpc_address, timeout=3) as c:
+                c.put("after", "room again")
+            return True
+
+        wait_until(put_after, 90, f"a write through {node.id} once its disk has room", interval=0.5,
+                   ignore=(CortexError,), detail=lambda: devcluster.tail(node.log_path))
         with Client(node.grpc_address, timeout=5) as c:
             for key, value in acked.items():
                 assert c.get(key) == value, f"acknowledged write {key} lost"

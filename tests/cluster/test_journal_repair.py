@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from pathlib import Path
 
 from pysyncobj.journal import FileJournal
 
 from cortex.client import CortexError
 from cortex.raft.consensus import repair_journal
+from tests.support.wait import wait_until
 
 
 def journal_with(path: Path, entries: int) -> None:
@@ -68,15 +68,8 @@ def test_an_unreadable_header_starts_a_new_journal(tmp_path: Path):
 
 def put_retrying(client, key: str, value: str, timeout: float = 20.0) -> None:
     """A write through a survivor while the cluster elects a new leader: retried under one idempotency key."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.write("kv.put", {"key": key, "value": value}, idempotency_key=key)
-            return
-        except CortexError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    wait_until(lambda: client.write("kv.put", {"key": key, "value": value}, idempotency_key=key) or True, timeout,
+               f"a write of {key} through a survivor", interval=0.1, ignore=(CortexError,))
 
 
 def test_a_server_that_lost_its_unsynced_state_rejoins_instead_of_leading_alone(make_cluster):
@@ -101,18 +94,13 @@ def test_a_server_that_lost_its_unsynced_state_rejoins_instead_of_leading_alone(
         for i in range(50):
             put_retrying(c, f"after-{i}", str(i))
     cluster.start(first.id)
-    deadline = time.monotonic() + 30
-    caught_up = False
-    while time.monotonic() < deadline and not caught_up:
-        try:
-            with cluster.client(first.id, timeout=2) as c:
-                status = c.status()
-                assert not (status.state == "leader" and len(status.nodes) < 3), \
-                    f"{first.id} leads a cluster of its own: {status}"
-                caught_up = (c.get("before-49", level="stale") == "49" and c.get("after-49", level="stale") == "49")
-        except CortexError:
-            pass
-        time.sleep(0.2)
-    assert caught_up, f"{first.id} did not catch up within 30 s; logs in {cluster.dc.dir}"
+    def caught_up() -> bool:
+        with cluster.client(first.id, timeout=2) as c:
+            status = c.status()
+            assert not (status.state == "leader" and len(status.nodes) < 3), \
+                f"{first.id} leads a cluster of its own: {status}"
+            return c.get("before-49", level="stale") == "49" and c.get("after-49", level="stale") == "49"
+
+    wait_until(caught_up, 30, f"{first.id} to catch up; logs in {cluster.dc.dir}", interval=0.2, ignore=(CortexError,))
     digests = cluster.wait_converged()
     assert len(set(digests.values())) == 1, digests

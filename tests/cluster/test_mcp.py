@@ -28,6 +28,7 @@ from cortex.client import Client
 from cortex.dev import cluster as devcluster
 from cortex.security import authz
 from tests.support.cluster import Cluster, free_base_port
+from tests.support.wait import wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plugin_site"
 MY_TOOLS = {
@@ -55,10 +56,8 @@ def mc(tmp_path_factory):
         dc = devcluster.up(directory, 3, 2, free_base_port(), timeout=90, extra_config=extra,
                            env={"PYTHONPATH": str(FIXTURES)})
         for node in dc.nodes:  # plugins start once the node is in the cluster
-            deadline = time.monotonic() + 30
-            while not (Path(node.dir) / "data/plugins/mcp/mcp.json").exists():
-                assert time.monotonic() < deadline, devcluster.tail(node.log_path)
-                time.sleep(0.1)
+            wait_until(lambda node=node: (Path(node.dir) / "data/plugins/mcp/mcp.json").exists(), 30,
+                       f"{node.id}'s MCP plugin", interval=0.1, detail=lambda node=node: devcluster.tail(node.log_path))
     except BaseException:
         devcluster.down(directory)
         raise

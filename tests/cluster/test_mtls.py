@@ -19,6 +19,7 @@ from cortex.dev import cluster as devcluster
 from cortex.security import authz, tls
 from tests.support.cluster import free_base_port
 from tests.support.procs import python_without_home
+from tests.support.wait import wait_until
 
 
 def _files(cluster, node_id: str, stem: str) -> tls.ClientFiles:
@@ -235,10 +236,8 @@ def test_certificates_renew_without_restart(tmp_path):
         paths = {n.id: Path(n.dir) / "data" / "tls" / "node.crt" for n in (n1, w1)}
         first = {k: p.read_bytes() for k, p in paths.items()}
         expiry = max(tls.not_after(c) for c in first.values())
-        deadline = time.monotonic() + 60
-        while any(paths[k].read_bytes() == first[k] for k in paths):
-            assert time.monotonic() < deadline, "certificates were not renewed"
-            time.sleep(0.5)
+        wait_until(lambda: all(paths[k].read_bytes() != first[k] for k in paths), 60, "renewed certificates",
+                   interval=0.5)
         for k in paths:
             new = paths[k].read_bytes()
             assert tls.peer_of(new) == tls.peer_of(first[k]) and tls.not_after(new) > tls.not_after(first[k])
@@ -297,10 +296,9 @@ def test_secrets_rotate_replaces_every_certificate_under_write_load_losing_nothi
     assert out.returncode == 0, out.stderr
     generation = json.loads(out.stdout)["generation"]
     raft_generation = json.loads(out.stdout)["raft_generation"]
-    deadline = time.monotonic() + 40
-    while any(tls.fingerprint(paths[k].read_bytes()) == before[k] for k in paths):
-        assert time.monotonic() < deadline, {k: tls.fingerprint(p.read_bytes()) == before[k] for k, p in paths.items()}
-        time.sleep(0.3)
+    wait_until(lambda: all(tls.fingerprint(paths[k].read_bytes()) != before[k] for k in paths), 40,
+               "replaced certificates", interval=0.3,
+               detail=lambda: f"unchanged: {[k for k, p in paths.items() if tls.fingerprint(p.read_bytes()) == before[k]]}")
     time.sleep(1.5)  # keep writing on the new certificates
     stop.set()
     for t in threads:

@@ -26,6 +26,7 @@ from cortex.update.node_os import BROKEN_MARK, SimulatedOS
 from cortex.update.plugin import preflight_problems
 from cortex.update.rollout import Slots
 from tests.support import procs
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -151,29 +152,29 @@ def read(c, query: str):
 
 
 def wait_reports(c, check, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def matching() -> tuple[list] | None:
         reports = read(c, "update.nodes")
-        if check(reports):
-            return {r["node_id"]: r for r in reports}
-        time.sleep(0.3)
-    raise AssertionError(f"reports never matched: {read(c, 'update.nodes')}")
+        return (reports,) if check(reports) else None
+
+    (reports,) = wait_until(matching, timeout, "matching update reports", interval=0.3,
+                            detail=lambda: f"reports never matched: {read(c, 'update.nodes')}")
+    return {r["node_id"]: r for r in reports}
 
 
 def wait_rollout(c, until=("done", "halted", "rolled_back"), timeout: float = 300, on_step=None) -> dict:
-    deadline = time.monotonic() + timeout
     seen = {}
-    while time.monotonic() < deadline:
+
+    def ended() -> dict | None:
         doc = read(c, "update.current")
         for s in doc["steps"]:
             if seen.get(s["node_id"]) != s["state"]:
                 seen[s["node_id"]] = s["state"]
                 if on_step:
                     on_step(s)
-        if doc["state"] in until:
-            return doc
-        time.sleep(0.2)
-    raise AssertionError(f"rollout still {read(c, 'update.current')}")
+        return doc if doc["state"] in until else None
+
+    return wait_until(ended, timeout, f"the rollout to reach {until}", interval=0.2,
+                      detail=lambda: f"rollout still {read(c, 'update.current')}")
 
 
 class Writer:

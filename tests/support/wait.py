@@ -10,10 +10,11 @@ T = TypeVar("T")
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05,
-               ignore: tuple[type[BaseException], ...] = ()) -> T:
+               ignore: tuple[type[BaseException], ...] = (), detail: Callable[[], str] | None = None) -> T:
     """The predicate's first truthy value, polled every `interval` seconds. After `timeout` seconds the test
     fails naming `what` and the last value seen (or the last of the `ignore`d exceptions: a node that is
-    restarting or electing refuses calls for a while, which is not yet an answer)."""
+    restarting or electing refuses calls for a while, which is not yet an answer), then what `detail()` says
+    (a log's tail, say)."""
     deadline = time.monotonic() + timeout
     last: object = None
     while True:
@@ -26,5 +27,6 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
                 return value
             last = value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+            more = f"\n{detail()}" if detail else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}{more}")
         time.sleep(interval)
