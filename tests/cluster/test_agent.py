@@ -23,6 +23,7 @@ from cortex.security import authz, tls
 from tests.support import procs
 from tests.support.agent import cortex, start_agent, wait_status, write_config
 from tests.support.cluster import free_base_port
+from tests.support.wait import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -300,15 +301,10 @@ def _join_in_background(cluster, config: Path, via: str = "n1") -> subprocess.Po
 def _freeze_between_join_steps(cluster, data_dir: Path, node: str = "n1") -> None:
     """SIGSTOP `node` once the joiner holds its certificate (step one) but the cluster has not registered it (step
     two: the joiner's Raft must run and the configuration change commit, which takes longer than this poll)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        joined = identity.load(data_dir)
-        if joined is not None and joined.pending_token:
-            os.kill(cluster.node(node).pid, signal.SIGSTOP)
-            assert identity.load(data_dir).pending_token, f"the join finished before {node} was frozen: nothing to test"
-            return
-        time.sleep(0.005)
-    raise AssertionError("the joiner never finished step one of its join")
+    wait_until(lambda: (joined := identity.load(data_dir)) is not None and joined.pending_token, 30,
+               "the joiner to finish step one of its join", interval=0.005)
+    os.kill(cluster.node(node).pid, signal.SIGSTOP)
+    assert identity.load(data_dir).pending_token, f"the join finished before {node} was frozen: nothing to test"
 
 
 def test_a_server_whose_join_stalls_keeps_feeding_the_systemd_watchdog(make_cluster, tmp_path: Path, procs):

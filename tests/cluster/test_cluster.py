@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cortex.client import Client, CortexError, open_channel
+from tests.support.wait import wait_until
 
 
 def test_cluster_forms_with_one_leader_and_all_nodes_alive(shared_cluster):
@@ -120,10 +121,8 @@ def test_read_levels_and_stale_read_on_worker(shared_cluster):
         c.put("levels", "v")
     for level in ("stale", "leader", "linearizable"):
         with shared_cluster.client("w1") as c:
-            deadline = time.monotonic() + 5
-            while c.get("levels", level=level) != "v":  # stale may lag by a heartbeat
-                assert time.monotonic() < deadline, level
-                time.sleep(0.05)
+            # stale may lag by a heartbeat
+            wait_until(lambda c=c, level=level: c.get("levels", level=level) == "v", 5, f"the value at level {level}")
 
 
 def test_leadership_transfer_is_graceful(shared_cluster):
@@ -285,10 +284,8 @@ def test_paused_worker_is_seen_unreachable_and_rejoins_on_resume_signal(shared_c
     os_kill = devcluster.os.kill
     os_kill(worker.pid, signal.SIGSTOP)
     try:
-        deadline = time.monotonic() + 15
-        while liveness() not in ("suspect", "offline"):
-            assert time.monotonic() < deadline, "a paused worker must be reported suspect"
-            time.sleep(0.2)
+        wait_until(lambda: liveness() in ("suspect", "offline"), 15, "a paused worker to be reported suspect",
+                   interval=0.2)
     finally:
         os_kill(worker.pid, signal.SIGCONT)
     woke = time.monotonic()
@@ -316,10 +313,7 @@ def test_paused_worker_is_seen_unreachable_and_rejoins_on_resume_signal(shared_c
 
 
 def wait_for_log(node, msg: str, what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while f'"msg": "{msg}"' not in open(node.log_path).read():
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        time.sleep(0.1)
+    wait_until(lambda: f'"msg": "{msg}"' in open(node.log_path).read(), timeout, what, interval=0.1)
 
 
 def test_dead_worker_goes_suspect_then_offline_everywhere_and_comes_back(make_cluster):
@@ -333,21 +327,19 @@ def test_dead_worker_goes_suspect_then_offline_everywhere_and_comes_back(make_cl
     cluster.kill("w1")
     killed = time.monotonic()
     seen: dict[str, float] = {}
-    while "offline" not in seen:
+    def offline_seen() -> bool:
         state = state_on(follower)  # replicated: a follower reports what the leader decided
         seen.setdefault(state, time.monotonic() - killed)
-        assert time.monotonic() - killed < 20, seen
-        time.sleep(0.1)
+        return "offline" in seen
+
+    wait_until(offline_seen, 20, f"w1 offline on {follower}", interval=0.1, detail=lambda: str(seen))
     print(f"dead worker: suspect after {seen.get('suspect', -1):.1f}s, offline after {seen['offline']:.1f}s")
     assert 2.0 <= seen["suspect"] < seen["offline"] and seen["offline"] >= 9.0
     assert '"event": "node.offline"' in open(cluster.node(follower).log_path).read()
     with cluster.client(follower) as c:
         c.put("quorum-unaffected", "yes")  # an offline worker never touches quorum
     cluster.start("w1")
-    deadline = time.monotonic() + 15
-    while state_on(follower) != "alive":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: state_on(follower) == "alive", 15, "w1 alive again", interval=0.1)
 
 
 def test_a_dead_server_is_removed_and_the_rest_carry_on(make_cluster):
@@ -360,11 +352,9 @@ def test_a_dead_server_is_removed_and_the_rest_carry_on(make_cluster):
     alive = cortex("--addr", addr, "nodes", "remove", dead, check=False)
     assert alive.returncode != 0 and "is alive" in alive.stderr and "--force" in alive.stderr
     cluster.kill(dead)
-    deadline = time.monotonic() + 20
     with cluster.client(leader) as c:
-        while next(n.liveness for n in c.status().nodes if n.id == dead) == "alive":
-            assert time.monotonic() < deadline, "the dead server was never suspected"
-            time.sleep(0.2)
+        wait_until(lambda: next(n.liveness for n in c.status().nodes if n.id == dead) != "alive", 20,
+                   "the dead server to be suspected", interval=0.2)
     assert f"removed {dead}" in cortex("--addr", addr, "nodes", "remove", dead).stdout
     again = cortex("--addr", addr, "nodes", "remove", dead, check=False)
     assert again.returncode != 0 and f"no member named {dead!r}" in again.stderr

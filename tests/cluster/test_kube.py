@@ -26,6 +26,7 @@ from cortex.kube.records import k8s_capacity, parse_records
 from cortex.tasks.executor import Outcome, TaskRun, TaskSpecError
 from tests.support.fake_kube import FakeKube
 from tests.support.procs import python_without_home
+from tests.support.wait import wait_until
 
 
 @pytest.fixture
@@ -444,16 +445,14 @@ def test_plugin_tools_submit_watch_log_delete_and_scale(plugin_host, fake: FakeK
     with pytest.raises(ToolError, match="no kubeconfig context 'prod' on this node"):
         call("k8s_submit_job", {"image": "busybox", "context": "prod"}, operator)
 
-    deadline = time.monotonic() + 30
-    while "via tool" not in json.dumps(call("k8s_job_logs", {"job": "cortex-report-1-1"}, reader)):
-        assert time.monotonic() < deadline, "the pod never logged"
-        time.sleep(0.05)
+    budget_from = time.monotonic()  # 30 s for the log and the finish together
+    wait_until(lambda: "via tool" in json.dumps(call("k8s_job_logs", {"job": "cortex-report-1-1"}, reader)), 30,
+               "the pod to log")
     status = call("k8s_job_status", {"job": "cortex-report-1-1"}, reader)
     assert status["state"] == "running" and status["pods"][0]["phase"] == "Running"
     fake.release("t")
-    while call("k8s_job_status", {"job": "cortex-report-1-1"}, reader)["state"] == "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: call("k8s_job_status", {"job": "cortex-report-1-1"}, reader)["state"] != "running",
+               30 - (time.monotonic() - budget_from), "the released job to finish")
     status = call("k8s_job_status", {"job": "cortex-report-1-1"}, reader)
     assert status["state"] == "succeeded" and status["pods"][0]["exit_code"] == 0
     assert call("k8s_delete_job", {"job": "cortex-report-1-1"}, operator)["deleted"] is True
@@ -491,11 +490,9 @@ def test_each_node_publishes_its_contexts_and_capacity_to_the_replicated_store(m
     monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig", "lab")))
     cluster = make_cluster(servers=1)
     node = cluster.nodes[0].id
-    deadline = time.monotonic() + 60
     with cluster.client(node) as c:
-        while not (records := read_records(lambda q, a: c.read(q, a, level="leader"))):
-            assert time.monotonic() < deadline, f"no record under {RECORD_PREFIX}; logs: {cluster.dc.dir}"
-            time.sleep(0.2)
+        records = wait_until(lambda: read_records(lambda q, a: c.read(q, a, level="leader")), 60,
+                             f"a record under {RECORD_PREFIX}; logs: {cluster.dc.dir}", interval=0.2)
         raw = c.read("kv.list", {"prefix": RECORD_PREFIX}, level="leader")
     assert [r["node_id"] for r in records] == [node]
     assert [(x["name"], x["server"]) for x in records[0]["contexts"]] == [("lab", fake.url)]
