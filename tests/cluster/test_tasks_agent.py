@@ -3,9 +3,9 @@ driven through the official `anthropic` SDK: no real model is reachable from her
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from cortex.tasks import api
 from cortex.tasks.agent_executor import AgentExecutor
 from cortex.tasks.executor import TaskRun
 from cortex.tasks.executors import ExecutorSettings
+from tests.support.wait import wait_until
 
 
 class FakeMessagesAPI:
@@ -130,9 +131,9 @@ def test_agent_task_through_the_cluster(fake, monkeypatch, make_cluster):
     monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)  # the nodes inherit the endpoint and the key
     cluster = make_cluster(servers=1, workers=0)
     with cluster.client("n1") as c:
-        deadline = time.monotonic() + 30
-        while "agent" not in (c.read("task.nodes", {})[0]["kinds"]) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        with contextlib.suppress(AssertionError):  # the submit below fails clearly if it never does
+            wait_until(lambda: "agent" in c.read("task.nodes", {})[0]["kinds"], 30, "the agent executor",
+                       interval=0.2)
         (task_id,) = api.submit(c, [{"kind": "agent", "timeout": 60,
                                      "spec": {"prompt": "run echo", "tools": ["shell"], "max_turns": 4}}])
         done = api.wait(c, [task_id], 60)[0]

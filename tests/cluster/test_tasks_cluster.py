@@ -3,6 +3,7 @@ timeouts, retries and the DLQ, output floods, bad input, distributed runs, workf
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -16,17 +17,15 @@ from cortex import cli
 from cortex.client import CortexError
 from cortex.tasks import api
 from cortex.tasks.state import OUTPUT_CAP
+from tests.support.wait import wait_for_value, wait_until
 
 
 @pytest.fixture(scope="module")
 def c(shared_cluster):
     client = shared_cluster.client("n1", timeout=15)
-    deadline = time.monotonic() + 30
-    while True:  # every node reports its resources shortly after start
-        nodes = client.read("task.nodes", {})
-        if all(n["reported_at"] and "shell" in n["kinds"] for n in nodes) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    with contextlib.suppress(AssertionError):  # every node reports its resources shortly after start
+        wait_until(lambda: all(n["reported_at"] and "shell" in n["kinds"] for n in client.read("task.nodes", {})),
+                   30, "every node's resources", interval=0.2)
     yield client
     client.close()
 
@@ -42,13 +41,8 @@ def run(c, task: dict, timeout: float = 60) -> dict:
 
 
 def wait_state(c, task_id: str, states: tuple[str, ...], timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        task = c.read("task.get", {"id": task_id})
-        if task["state"] in states:
-            return task
-        assert time.monotonic() < deadline, f"task {task_id} stuck in {task['state']}"
-        time.sleep(0.05)
+    return wait_for_value(lambda: c.read("task.get", {"id": task_id}), lambda t: t["state"] in states, timeout,
+                          f"task {task_id} to reach {states}")
 
 
 def processes_with(marker: str) -> list[int]:
@@ -105,20 +99,15 @@ def test_cancel_and_timeout_kill_the_whole_process_tree(c, how):
         task["timeout"] = 2.0
     (task_id,) = api.submit(c, [task])
     wait_state(c, task_id, ("running",))
-    deadline = time.monotonic() + 10
-    while len(processes_with(f"sleep {marker}")) < 3:
-        assert time.monotonic() < deadline, "the task's processes never appeared"
-        time.sleep(0.05)
+    wait_until(lambda: len(processes_with(f"sleep {marker}")) >= 3, 10, "the task's processes")
     if how == "cancel":
         assert c.write("task.cancel", {"task_ids": [task_id]})["states"][task_id] == "cancelling"
     final = wait_state(c, task_id, ("cancelled", "failed"))
     assert final["state"] == ("cancelled" if how == "cancel" else "failed")
     if how == "timeout":
         assert "timed out after 2 s" in final["error"]
-    deadline = time.monotonic() + 5
-    while processes_with(f"sleep {marker}"):
-        assert time.monotonic() < deadline, f"left behind: {processes_with(f'sleep {marker}')}"
-        time.sleep(0.1)
+    wait_until(lambda: not processes_with(f"sleep {marker}"), 5, "the task's processes to be gone", interval=0.1,
+               detail=lambda: f"left behind: {processes_with(f'sleep {marker}')}")
 
 
 def test_retries_back_off_then_dead_letter_then_replay_succeeds(c):
@@ -227,10 +216,8 @@ def test_workflow_cancel_stops_running_and_pending_steps(c):
         {"name": "a", "task": {"kind": "shell", "spec": {"command": "sleep 60"}}},
         {"name": "b", "depends_on": ["a"], "task": {"kind": "noop"}}]}})
     task_id = f"{wf['workflow_id']}.a"
-    deadline = time.monotonic() + 20
-    while c.read("task.get", {"id": task_id}) is None or c.read("task.get", {"id": task_id})["state"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for_value(lambda: c.read("task.get", {"id": task_id}), lambda t: t is not None and t["state"] == "running",
+                   20, "the workflow's first task to run", interval=0.1)
     assert c.write("workflow.cancel", {"workflow_id": wf["workflow_id"]})["state"] == "cancelled"
     assert wait_state(c, task_id, ("cancelled",))["state"] == "cancelled"
     got = c.read("workflow.get", {"id": wf["workflow_id"]})
@@ -298,13 +285,10 @@ def test_a_podman_container_task_runs_and_streams(c, image):
     command = "for i in 1 2 3; do echo line $i; sleep 0.7; done; echo '{\"ok\": true}' > $CORTEX_RESULT"
     (task_id,) = api.submit(c, [{"kind": "container", "timeout": 60,
                                  "spec": {"image": image, "command": command, "memory_mb": 64, "cpus": 0.5}}])
-    deadline = time.monotonic() + 30
-    while True:  # output arrives while the container still runs
-        page = c.read("task.output", {"id": task_id})
-        if any("line 1" in ch["data"] for ch in page["chunks"]):
-            break
-        assert time.monotonic() < deadline, page
-        time.sleep(0.1)
+    # output arrives while the container still runs
+    page = wait_for_value(lambda: c.read("task.output", {"id": task_id}),
+                          lambda p: any("line 1" in ch["data"] for ch in p["chunks"]), 30, "the first line",
+                          interval=0.1)
     assert page["state"] == "running"
     done = wait_state(c, task_id, ("succeeded", "failed"))
     assert done["state"] == "succeeded", done
@@ -316,10 +300,8 @@ def test_container_cancel_removes_it_and_a_missing_image_is_a_clear_error(c, ima
     import subprocess
 
     (task_id,) = api.submit(c, [{"kind": "container", "spec": {"image": image, "command": "echo up; sleep 120"}}])
-    deadline = time.monotonic() + 30
-    while not any("up" in ch["data"] for ch in c.read("task.output", {"id": task_id})["chunks"]):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: any("up" in ch["data"] for ch in c.read("task.output", {"id": task_id})["chunks"]), 30,
+               "the container's first output", interval=0.1)
     c.write("task.cancel", {"task_ids": [task_id]})
     assert wait_state(c, task_id, ("cancelled",))["state"] == "cancelled"
     ps = subprocess.run(["podman", "--runtime=runc", "--cgroup-manager=cgroupfs", "--events-backend=file", "ps",
@@ -383,10 +365,8 @@ def test_submit_count_puts_many_tasks_in_few_commands_each_recorded_once(c, caps
     # the same command again (a retry after a lost answer) submits nothing more and answers the same ids
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["task_ids"] == ids
-    deadline = time.monotonic() + 120
-    while (stats := c.read("task.stats", {"group": group})).get("succeeded", 0) < 2500:
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.5)
+    stats = wait_for_value(lambda: c.read("task.stats", {"group": group}), lambda s: s.get("succeeded", 0) >= 2500,
+                           120, "2500 tasks succeeded", interval=0.5)
     assert stats["succeeded"] == 2500 and sum(v for k, v in stats.items() if k in ("queued", "assigned", "running",
                                                                                   "failed", "cancelled")) == 0
     attempts = c.read("task.attempts", {"group": group})

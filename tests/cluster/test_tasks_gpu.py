@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from cortex.dev import cluster as devcluster
 from cortex.tasks import resources
+from tests.support.wait import wait_for_value
 
 FAKE_DIR = Path(__file__).parent / "fixtures" / "nvidia_smi"
 
@@ -45,25 +45,16 @@ def test_a_gpu_task_runs_only_on_the_node_with_a_gpu(make_cluster):
                                                                     "memory_mb": 24564, "util": 0}])})
     cluster.dc.save()
     with cluster.client("n1", timeout=15) as c:
-        deadline = time.monotonic() + 60
-        while True:
-            nodes = {n["id"]: n for n in c.read("task.nodes", {})}
-            if all(nodes.get(i, {}).get("reported_at") for i in ("n1", "w1", "w2")) and \
-                    nodes["w2"]["capacity"].get("gpus") == 1:
-                break
-            assert time.monotonic() < deadline, f"w2 never reported its GPU: {nodes.get('w2')}"
-            time.sleep(0.2)
+        nodes = wait_for_value(lambda: {n["id"]: n for n in c.read("task.nodes", {})},
+                               lambda ns: all(ns.get(i, {}).get("reported_at") for i in ("n1", "w1", "w2"))
+                               and ns["w2"]["capacity"].get("gpus") == 1, 60, "w2 to report its GPU", interval=0.2)
         assert nodes["n1"]["capacity"]["gpus"] == 0 and nodes["w1"]["capacity"]["gpus"] == 0
         gpu_ids = c.write("task.submit", {"tasks": [{"kind": "noop", "spec": {"sleep": 0.3},
                                                      "placement": {"gpus": 1}}] * 3})["task_ids"]
         cpu_ids = c.write("task.submit", {"tasks": [{"kind": "noop"}] * 6})["task_ids"]
-        deadline = time.monotonic() + 60
-        while True:
-            tasks = {i: c.read("task.get", {"id": i}) for i in gpu_ids + cpu_ids}
-            if all(t["state"] == "succeeded" for t in tasks.values()):
-                break
-            assert time.monotonic() < deadline, {i: t["state"] for i, t in tasks.items()}
-            time.sleep(0.2)
+        tasks = wait_for_value(lambda: {i: c.read("task.get", {"id": i}) for i in gpu_ids + cpu_ids},
+                               lambda ts: all(t["state"] == "succeeded" for t in ts.values()), 60,
+                               "every task succeeded", interval=0.2)
     assert {tasks[i]["node"] for i in gpu_ids} == {"w2"}
     # one GPU: the GPU tasks ran one after another, never two at once
     spans = sorted((tasks[i]["started_at"], tasks[i]["finished_at"]) for i in gpu_ids)

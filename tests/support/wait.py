@@ -30,3 +30,18 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
             more = f"\n{detail()}" if detail else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}{more}")
         time.sleep(interval)
+
+
+def wait_for_value(fetch: Callable[[], T], accept: Callable[[T], bool], timeout: float, what: str,
+                   interval: float = 0.05, ignore: tuple[type[BaseException], ...] = ()) -> T:
+    """The first value of `fetch()` that `accept` takes (an empty list or a zero may be the answer), polled
+    like wait_until; on timeout the failure shows the last value fetched."""
+    seen: list = []
+
+    def accepted() -> tuple | None:
+        seen[:] = [fetch()]
+        return (seen[0],) if accept(seen[0]) else None
+
+    (value,) = wait_until(accepted, timeout, what, interval, ignore,
+                          detail=lambda: f"last value: {seen[0]!r}" if seen else "no value fetched")
+    return value

@@ -36,6 +36,7 @@ import yaml
 from cortex.dev import cluster as devcluster
 from tests.support import procs
 from tests.support.cluster import free_base_port
+from tests.support.wait import wait_until
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="boots Debian containers with systemd-nspawn and builds their rootfs: needs root"
@@ -111,20 +112,13 @@ class Container:
                    timeout=timeout)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def booted() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if self.ssh("systemctl is-system-running --wait", timeout=20).stdout.strip() in ("running",
-                                                                                                   "degraded"):
-                    return
-            except subprocess.TimeoutExpired:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: no ssh on port {self.ssh_port} in {timeout}s:\n"
-                                     f"{self.log.read_text()[-3000:]}")
-            time.sleep(0.5)
+            return self.ssh("systemctl is-system-running --wait", timeout=20).stdout.strip() in ("running", "degraded")
+
+        wait_until(booted, timeout, f"{self.name}: ssh on port {self.ssh_port}", interval=0.5,
+                   ignore=(subprocess.TimeoutExpired,), detail=lambda: self.log.read_text()[-3000:])
 
     def stop(self) -> None:
         """SIGTERM makes nspawn shut the container down (systemd's poweroff); SIGKILL if that hangs."""
@@ -241,17 +235,6 @@ def cluster_nodes(address: str) -> dict[str, dict]:
     """The cluster's own view (`cortex status --json` through its first server): node id -> node."""
     doc = json.loads(checked(VENV_BIN / "cortex", "--addr", address, "--json", "status").stdout)
     return {n["id"]: n for n in doc["nodes"]}
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
 
 
 # --- the lab -------------------------------------------------------------------------------------------------
@@ -424,7 +407,7 @@ def test_role_lifecycle(lab):
         nodes = cluster_nodes(lab["join_address"])
         return nodes if all(nodes.get(h, {}).get("liveness") == "alive" for h in hosts) else None
 
-    nodes = wait_for(members_alive, 30, "cs1 and cw1 alive after the upgrade")
+    nodes = wait_until(members_alive, 30, "cs1 and cw1 alive after the upgrade", interval=0.5)
     assert set(nodes) == {"n1", "cs1", "cw1"}, nodes
 
     # --- leave and uninstall -----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from cortex.netboot.service import HttpService, Provisioner, ServiceConfig
 from cortex.security import authz
 from tests.support import procs
 from tests.support.cluster import free_base_port
+from tests.support.wait import wait_until
 
 PROFILES = """
 profiles:
@@ -45,16 +46,6 @@ profiles: {worker: {}}
 groups:
   - {name: known, profile: worker, selector: {mac: "52:54:00:00:00:01"}, node_name: known-1}
 """
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Service:
@@ -158,7 +149,7 @@ def test_each_boot_gets_a_single_use_worker_token_and_is_enrolled(service):
         ("issued", new[0]["id"], "everyone", "w1")
 
     assert join(service.cluster, node_id, token).admitted
-    wait_for(lambda: enrollments(service, node_id)[0]["state"] == "joined", 15, "the leader to mark it joined")
+    wait_until(lambda: enrollments(service, node_id)[0]["state"] == "joined", 15, "the leader to mark it joined")
     # The same token again (a replayed script, a copied command line): refused, nothing enrolled.
     with pytest.raises(grpc.RpcError) as info:
         join(service.cluster, "pxe-replayed", token)
@@ -219,9 +210,9 @@ def test_unknown_machine_and_hostile_hostname_are_refused(service, shared_cluste
 def test_offline_ephemeral_node_is_garbage_collected(service):
     _, node_id, token = service.boot("52:54:00:00:00:31")
     assert join(service.cluster, node_id, token).admitted  # then silent: no heartbeats, like a lost machine
-    wait_for(lambda: enrollments(service, node_id)[0]["state"] == "joined", 15, "joined")
+    wait_until(lambda: enrollments(service, node_id)[0]["state"] == "joined", 15, "joined")
     # offline after liveness.offline_after (10 s), then removed gc_offline_after (2 s) later
-    wait_for(lambda: member(service, node_id) is None, 40, "the leader to remove the offline node")
+    wait_until(lambda: member(service, node_id) is None, 40, "the leader to remove the offline node")
     assert enrollments(service, node_id)[0]["state"] == "collected"
 
 
@@ -250,7 +241,7 @@ def test_ephemeral_worker_reports_powers_off_when_idle_and_leaves(service, tmp_p
         # what cortex-ephemeral.service's ExecStop does at shutdown
         assert ephemeral.leave(str(node.admin_socket)) == 0
         assert member(service, node_id) is None
-        wait_for(lambda: enrollments(service, node_id)[0]["state"] == "left", 15, "the leader to mark it left")
+        wait_until(lambda: enrollments(service, node_id)[0]["state"] == "left", 15, "the leader to mark it left")
     finally:
         stop.set()
         devcluster.stop_node(node)
@@ -291,7 +282,7 @@ def test_cortex_netboot_serve_command(service, shared_cluster, tmp_path):
         url = f"http://127.0.0.1:{port}"
         standalone = Service(url, shared_cluster, None, service.artifacts)
         try:
-            wait_for(lambda: _listening(port) and standalone.get("/healthz")[0] == 200, 30, "cortex netboot serve")
+            wait_until(lambda: _listening(port) and standalone.get("/healthz")[0] == 200, 30, "cortex netboot serve")
         except AssertionError:
             proc.kill()
             raise AssertionError(f"cortex netboot serve did not come up: {proc.communicate(timeout=5)[0]}") from None

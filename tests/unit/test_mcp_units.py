@@ -4,7 +4,6 @@ store, bearer-token checks."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from cortex.core.state import StateStore
 from cortex.mcp.http import BearerTokens
 from cortex.mcp.toolsets import Policy, ToolSpec, View, select
 from cortex.plugins import Caller, PluginHost, ToolError
+from tests.support.wait import wait_until
 
 
 def spec(name, toolset, *, read_only=True, destructive=False, role="reader"):
@@ -112,13 +112,6 @@ def skills_host(tmp_path: Path, roots: Path) -> PluginHost:
     return host
 
 
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def test_skills_hot_reload(tmp_path: Path):
     roots = tmp_path / "skills"
     roots.mkdir()
@@ -127,17 +120,19 @@ def test_skills_hot_reload(tmp_path: Path):
         listed = lambda: [s["name"] for s in host.call_tool("list_skills", {}, Caller("reader"))["skills"]]  # noqa: E731
         assert listed() == []
         path = write_skill(roots, "deploy", "---\nname: deploy\ndescription: Ship it\n---\nv1\n")
-        wait_for(lambda: listed() == ["deploy"])
+        wait_until(lambda: listed() == ["deploy"], 5, "the new skill listed")
         path.write_text("---\nname: deploy\ndescription: Ship it\n---\nv2, longer\n")
-        wait_for(lambda: host.call_tool("get_skill", {"name": "deploy"}, Caller())["instructions"] == "v2, longer\n")
+        wait_until(lambda: host.call_tool("get_skill", {"name": "deploy"}, Caller())["instructions"] == "v2, longer\n", 5,
+                   "the edited skill reloaded")
         path.unlink()
-        wait_for(lambda: listed() == [])
+        wait_until(lambda: listed() == [], 5, "the removed skill gone")
         with pytest.raises(ToolError, match="no skill 'deploy' on this node"):
             host.call_tool("get_skill", {"name": "deploy"}, Caller())
         host.stop_plugin("skills")
         write_skill(roots, "late", "---\nname: late\ndescription: after a restart\n---\n")
         host.start_plugin("skills")  # a plugin can be stopped and started at run time
-        wait_for(lambda: "late" in [s["name"] for s in host.plugins["skills"].plugin.list_skills({}, Caller())["skills"]])
+        wait_until(lambda: "late" in [s["name"] for s in host.plugins["skills"].plugin.list_skills({}, Caller())["skills"]],
+                   5, "the late skill listed")
     finally:
         host.stop()
 

@@ -14,6 +14,7 @@ from cortex.memory import backup, sqlguard
 from cortex.memory.schema import SHARED_MIGRATIONS
 from cortex.plugins import ToolError
 from tests.support.memory_harness import OPERATOR, READER, start_host
+from tests.support.wait import wait_until
 
 
 @pytest.fixture
@@ -243,10 +244,8 @@ def test_whereami_is_regenerated_after_changes_debounced(host):
     plugin = host.plugins["memory"].plugin
     for n in range(5):
         call(host, "memory_set_context", key=f"burst/{n}", value=n)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not (plugin.whereami_path.exists()
-                                               and "burst/4" in plugin.whereami_path.read_text()):
-        time.sleep(0.02)
+    wait_until(lambda: plugin.whereami_path.exists() and "burst/4" in plugin.whereami_path.read_text(), 5,
+               "whereami.md regenerated after the burst", interval=0.02)
     assert "`burst/4` (fact" in plugin.whereami_path.read_text()
 
 
