@@ -151,6 +151,17 @@ _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
 
 
+def _spawn_dying_with_parent(args: list[str], kwargs: dict) -> subprocess.Popen:
+    """PR_SET_PDEATHSIG set by setpriv, which then execs `args` (same pid, the signal survives exec): the spawn
+    stays a plain fork+exec. A preexec_fn runs Python in the child, and with it the fork handlers gRPC
+    registers, which abort the child now and then in a process with live channels (as bench/etcd.py found);
+    prctl through preexec_fn is only the fallback for a system without setpriv."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return subprocess.Popen([setpriv, "--pdeathsig", "KILL", "--", *args], **kwargs)
+    return subprocess.Popen(args, preexec_fn=_arm_death_signal(), **kwargs)
+
+
 def popen_dying_with_parent(args: list[str], **kwargs) -> subprocess.Popen:
     """subprocess.Popen whose child is SIGKILLed when this process dies, however it dies. The kernel ties the
     signal to the forking thread, not the process, so every such child is forked from one thread that lives
@@ -159,7 +170,7 @@ def popen_dying_with_parent(args: list[str], **kwargs) -> subprocess.Popen:
     with _spawner_lock:
         if _spawner is None:
             _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="die-with-parent")
-    return _spawner.submit(subprocess.Popen, args, preexec_fn=_arm_death_signal(), **kwargs).result()
+    return _spawner.submit(_spawn_dying_with_parent, list(args), kwargs).result()
 
 
 def start_node(node: DevNode, env: dict | None = None) -> int:
