@@ -91,7 +91,8 @@ fi
 say "wheels: $(ls "$build"/wheels/*.whl | wc -l) in $(( $(date +%s) - t )) s"
 
 # --- mkosi --------------------------------------------------------------------------------------------
-cd "$here"
+# From the repository root, mkosi's convention: its mkosi.conf includes the definitions in this directory.
+cd "$repo"
 # A rebuild of the same version must not leave partition files of the previous build behind (their
 # names carry the partition UUID, which changes with the content).
 rm -f "$out/cortex_$version".* "$out/cortex-netboot_$version".* "$out/cortex_$version" "$out/cortex-netboot_$version" \

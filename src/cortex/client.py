@@ -14,10 +14,11 @@ import grpc
 
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
+from cortex.core.args import READ_LEVELS
 from cortex.security import tls
 from cortex.userdirs import user_home
 
-LEVELS = {"stale": pb.STALE, "leader": pb.LEADER, "linearizable": pb.LINEARIZABLE}
+LEVELS = {level: pb.ReadLevel.Value(level.upper()) for level in READ_LEVELS}  # proto names, upper case
 DEFAULT_TIMEOUT = 10.0
 # Errors after which a retry with the same idempotency key is safe and may succeed.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)

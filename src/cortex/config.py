@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
+from cortex.core.args import NODE_ID_RE
+
 ROLES = ("server", "worker")
-NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 

@@ -417,12 +417,12 @@ def test_a_server_elected_leader_before_it_was_registered_registers_itself(make_
 
 
 def test_background_rounds_run_fast_only_while_a_wake_is_unanswered():
-    from cortex.node import agent
+    from cortex.node import wake
 
-    assert agent._round_wait(1.0, None, 100.0) == 1.0  # no wake pending: one round a heartbeat
-    assert agent._round_wait(1.0, 99.5, 100.0) == agent.RESUME_RETRY  # woke, no server answered yet
-    assert agent._round_wait(1.0, 100.0 - agent.RESUME_RETRY_FOR - 1, 100.0) == 1.0  # gave up fast retries
-    assert agent._round_wait(0.01, 99.5, 100.0) == 0.01  # a shorter regular interval stays shorter
+    assert wake.round_wait(1.0, None, 100.0) == 1.0  # no wake pending: one round a heartbeat
+    assert wake.round_wait(1.0, 99.5, 100.0) == wake.RESUME_RETRY  # woke, no server answered yet
+    assert wake.round_wait(1.0, 100.0 - wake.RESUME_RETRY_FOR - 1, 100.0) == 1.0  # gave up fast retries
+    assert wake.round_wait(0.01, 99.5, 100.0) == 0.01  # a shorter regular interval stays shorter
 
 
 def test_the_agent_keeps_systemds_notify_socket_from_its_children(tmp_path: Path):
@@ -434,7 +434,7 @@ def test_the_agent_keeps_systemds_notify_socket_from_its_children(tmp_path: Path
     listener.settimeout(20)
     script = (
         "import subprocess, sys\n"
-        "from cortex import notify\n"
+        "from cortex.appliance import notify\n"
         "notify.claim()\n"
         "child = subprocess.run(['env'], capture_output=True, text=True, check=True).stdout\n"
         "assert 'NOTIFY_SOCKET' not in child and 'WATCHDOG_USEC' not in child, child\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex.core import state
+from cortex.core import cluster
 from cortex.core.state import StateStore
 from tests.support.agent import cortex
 from tests.support.cluster import current_leader
@@ -116,7 +116,7 @@ def test_bad_membership_commands_are_refused_clearly():
 def test_an_existing_store_gets_the_new_columns_by_migration(tmp_path: Path):
     path = tmp_path / "old.db"
     db = sqlite3.connect(path, isolation_level=None)
-    for number, script in enumerate(state.MIGRATIONS, start=1):  # a store from before the membership domain
+    for number, script in enumerate(cluster.MIGRATIONS, start=1):  # a store from before the membership domain
         db.executescript(script)
         db.execute(f"PRAGMA user_version={number}")
     db.execute("INSERT INTO nodes (id, role, grpc_address, raft_address, joined_at, updated_at) "

@@ -168,10 +168,21 @@ def test_a_worker_certificate_cannot_call_server_only_rpcs(shared_cluster):
         with pytest.raises(CortexError) as info:  # the rotation generations are the admins' to change
             c.put("_cortex/raft/rotation", "999")
         assert info.value.code == grpc.StatusCode.PERMISSION_DENIED and "secrets rotate" in info.value.details
+    # a batch is judged by the same rules, on the node the worker reached (leader or follower alike): a
+    # forwarding server's own certificate does not lend the worker its role
+    for node_id in ("n1", "n2", "n3"):
+        with Client(shared_cluster.node(node_id).grpc_address, tls_files=worker) as c:
+            reply = c.write_batch([("kv.put", {"key": "_cortex/raft/rotation", "value": "998"}),
+                                   ("kv.put", {"key": f"mtls/worker-batch-{node_id}", "value": "ok"}),
+                                   ("token.revoke", {"token_id": "0123456789ab"})])
+        assert "secrets rotate" in reply.errors[0], (node_id, list(reply.errors))
+        assert reply.errors[1] == "" and reply.results[1].index > 0, (node_id, list(reply.errors))
+        assert "decided by the cluster itself" in reply.errors[2], (node_id, list(reply.errors))
     with Client(address) as admin:
         assert admin.get("mtls/worker-write") == "ok"
+        assert all(admin.get(f"mtls/worker-batch-{n}") == "ok" for n in ("n1", "n2", "n3"))
         assert {n.id for n in admin.status().nodes} >= {"n2", "w2"}
-    assert before != _digest(shared_cluster)  # exactly the one allowed write happened
+    assert before != _digest(shared_cluster)  # the allowed writes happened
     # a reader certificate reads and does not write
     cluster_id = _cluster_id(shared_cluster)
     ca_key = (Path(shared_cluster.node("n1").dir) / "data" / "tls" / "ca.key").read_bytes()
@@ -409,7 +420,7 @@ def test_fresh_channels_after_a_wake_open_fresh_connections():
     secure channel's credentials object differs, so they do not match; this keeps it that way.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cortex.node.agent import Peers
+    from cortex.node.peers import Peers
 
     ca, ca_key = tls.new_ca("c-1")
     server_cert, server_key = tls.issue(ca, ca_key, "n1", "server", "c-1")

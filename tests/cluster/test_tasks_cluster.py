@@ -16,7 +16,7 @@ import pytest
 from cortex import cli
 from cortex.client import CortexError
 from cortex.tasks import api
-from cortex.tasks.state import OUTPUT_CAP
+from cortex.tasks.lifecycle import OUTPUT_CAP
 from tests.support.wait import wait_for_value, wait_until
 
 

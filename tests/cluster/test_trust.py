@@ -236,17 +236,17 @@ def test_raft_keys_move_to_the_new_ca_key_without_refusing_a_frame():
 
 def test_a_server_restarted_mid_rotation_derives_each_raft_generation_from_the_right_ca_key(tmp_path):
     from cortex.raft.keys import RotatingEncryptor
-    from cortex.security import ca_rotation
+    from cortex.security import rotation_driver
     from cortex.security.certs import NodeCerts
 
     old_key, new_key = tls.new_ca("c-1")[1], tls.new_ca("c-1")[1]
     peer = RotatingEncryptor("s", old_key, 1)
     peer.add_ca_key(2, new_key)
     certs = NodeCerts(tmp_path, "n2")
-    for name, data in (("ca.key", new_key), ("ca-prev.key", old_key), (ca_rotation.RAFT_FILE, b"2")):
+    for name, data in (("ca.key", new_key), ("ca-prev.key", old_key), (rotation_driver.RAFT_FILE, b"2")):
         tls.write_file(certs.dir / name, data)  # reissued, then restarted before the Raft key moved
     restarted = RotatingEncryptor("s", certs.ca()[1], 1)
-    ca_rotation.restore_raft_keys(certs, restarted)
+    rotation_driver.restore_raft_keys(certs, restarted)
     assert restarted.decrypt(peer.encrypt_at_time(b"g1", 1)) == b"g1"  # generation 1: the old key
     assert peer.decrypt(restarted.encrypt_at_time(b"back", 2)) == b"back"
     peer.set_generation(2)
@@ -254,7 +254,7 @@ def test_a_server_restarted_mid_rotation_derives_each_raft_generation_from_the_r
 
 
 def test_ca_rotation_phases_advance_only_when_every_member_acknowledged(tmp_path):
-    from cortex.security import ca_rotation
+    from cortex.security import ca_rotation, rotation_driver
 
     store = StateStore(tmp_path / "s.db")
     index = iter(range(1, 100))
@@ -268,21 +268,21 @@ def test_ca_rotation_phases_advance_only_when_every_member_acknowledged(tmp_path
     assert apply("ca.request", {"rot_id": "r1"})["started"]
     assert not apply("ca.request", {"rot_id": "r2"})["started"]  # one at a time: re-running resumes r1
     members = ["n1", "w1"]
-    action = ca_rotation.leader_action(store.query("ca.rotation", {}), members, ca, ca_key, "c-1", 4)
+    action = rotation_driver.leader_action(store.query("ca.rotation", {}), members, ca, ca_key, "c-1", 4)
     assert action["phase"] == "trust" and action["raft_generation"] == 5 and action["old_pin"] == tls.ca_pin(ca)
-    new_key = ca_rotation.unwrap_key(ca_key, "r1", action["key_enc"])
+    new_key = rotation_driver.unwrap_key(ca_key, "r1", action["key_enc"])
     assert tls.key_matches(action["new_ca"].encode(), new_key)  # only a holder of the old CA key unwraps it
-    assert ca_rotation.unwrap_key(tls.new_ca("c-1")[1], "r1", action["key_enc"]) is None
+    assert rotation_driver.unwrap_key(tls.new_ca("c-1")[1], "r1", action["key_enc"]) is None
     assert apply("ca.advance", action)["advanced"]
     assert not apply("ca.advance", {"rot_id": "r1", "phase": "drop"})["advanced"]  # no skipping a phase
     doc = store.query("ca.rotation", {})
     assert ca_rotation.pending(doc, members) == ["n1", "w1"]
-    assert ca_rotation.leader_action(doc, members, ca, ca_key, "c-1", 4) is None
+    assert rotation_driver.leader_action(doc, members, ca, ca_key, "c-1", 4) is None
     apply("ca.ack", {"node": "n1", "rot_id": "r1", "phase": "trust"})
     apply("ca.ack", {"node": "w1", "rot_id": "r0", "phase": "trust"})  # an ack of another rotation counts not
     assert ca_rotation.pending(store.query("ca.rotation", {}), members) == ["w1"]
     apply("ca.ack", {"node": "w1", "rot_id": "r1", "phase": "trust"})
-    nxt = ca_rotation.leader_action(store.query("ca.rotation", {}), members, ca, ca_key, "c-1", 4)
+    nxt = rotation_driver.leader_action(store.query("ca.rotation", {}), members, ca, ca_key, "c-1", 4)
     assert nxt == {"rot_id": "r1", "phase": "reissue"}
     # who may write: an admin starts it, a node acknowledges for itself only, nobody but the leader advances
     assert ca_rotation.write_refusal("ca.request", {}, tls.Peer("w1", "worker", "c")) is not None

@@ -98,7 +98,7 @@ class Cluster:
 
     def applied_entries_truncated(self) -> dict[str, int]:
         """Per node, how often pysyncobj deleted log entries it had already applied. Raft never does (applied
-        means committed); pysyncobj did on every late AppendEntries until consensus.reconcile_append."""
+        means committed); pysyncobj did on every late AppendEntries until append.reconcile_append."""
         counts = {n.id: n.log_path.read_text(errors="replace").count("truncating already-applied log entries")
                   for n in self.nodes if n.log_path.exists()}
         return {k: v for k, v in counts.items() if v}

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,8 @@ import pytest
 from cortex.appliance import credentials
 from tests.support import procs
 
-IMAGE = Path(__file__).resolve().parents[2] / "image"
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = REPO / "image"
 TREE = IMAGE / "tree"
 UNITS = TREE / "usr/lib/systemd/system"
 MiB = 1024 * 1024
@@ -161,6 +164,60 @@ def test_mkosi_conf(mkosi):
     assert one(mkosi, "Content", "Initrds") == "%O/" + one(initrd, "Output", "Output") + ".cpio.zst"
     for needed in ("systemd", "udev", "libcryptsetup12", "e2fsprogs", "util-linux"):
         assert needed in mkosi_list(initrd, "Content", "Packages")
+
+
+def included(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A top-level mkosi file that only names what it includes: [Config] Include= and nothing else."""
+    conf = read_mkosi(path)
+    assert set(conf) == {"Config"} and set(conf["Config"]) == {"Include"}, f"{path} holds more than Include="
+    return conf["Config"]["Include"]
+
+
+def test_top_level_mkosi_conf_includes_the_image_definitions():
+    """`mkosi build` at the repository root builds what image/ defines: the main image, every profile and
+    every subimage (mkosi looks for mkosi.profiles/ and mkosi.images/ only where it runs)."""
+    assert included(REPO / "mkosi.conf") == ["image/"]
+    assert (IMAGE / "mkosi.conf").is_file()
+    profiles = sorted(p.name for p in (IMAGE / "mkosi.profiles").glob("*.conf"))
+    assert profiles == ["netboot.conf", "plain.conf"]
+    assert sorted(p.name for p in (REPO / "mkosi.profiles").iterdir()) == profiles
+    for name in profiles:
+        assert included(REPO / "mkosi.profiles" / name) == [f"image/mkosi.profiles/{name}"]
+        # an included file's relative paths resolve against the directory mkosi runs in, so the profiles'
+        # paths are anchored to their own directory (%C) to mean the same from image/ and from the top
+        profile = read_mkosi(IMAGE / "mkosi.profiles" / name)
+        for key in ("ExtraTrees", "PostInstallationScripts", "FinalizeScripts", "BuildSources", "Initrds"):
+            for value in mkosi_list(profile, "Content", key):
+                assert value.startswith(("%C/", "/")), f"{name}: {key}={value} depends on where mkosi runs"
+    subimages = sorted(p.name for p in (IMAGE / "mkosi.images").iterdir())
+    assert subimages == ["initrd"]
+    assert sorted(p.name for p in (REPO / "mkosi.images").iterdir()) == [f"{s}.conf" for s in subimages]
+    for name in subimages:
+        assert included(REPO / "mkosi.images" / f"{name}.conf") == [f"image/mkosi.images/{name}/"]
+
+
+def mkosi_summary(directory: Path, *argv: str) -> list[dict]:
+    done = subprocess.run(["mkosi", "--json", "--image-version=0.1.0.7", *argv, "summary"], cwd=directory,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    images = json.loads(done.stdout)["Images"]
+    for image in images:
+        image.pop("Seed")  # random on every run without Seed=
+        image.pop("Include")  # the top level adds its own Include= lines: the one expected difference
+    return images
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile=netboot"], ["--profile=plain"]], ids=["disk", "netboot", "plain"])
+def test_top_level_mkosi_conf_resolves_to_the_same_configuration(profile):
+    """mkosi's own reading of both directories (`mkosi summary`, no build): identical, image by image."""
+    version = subprocess.run(["mkosi", "--version"], capture_output=True, text=True).stdout.split() \
+        if shutil.which("mkosi") else []
+    if len(version) < 2 or int(version[1].split(".")[0].split("~")[0]) < 24:
+        pytest.skip("mkosi 24 or newer not installed (image/build.sh installs it from bookworm-backports)")
+    at_top, in_image = mkosi_summary(REPO, *profile), mkosi_summary(IMAGE, *profile)
+    assert [i["Image"] for i in at_top] == [i["Image"] for i in in_image] == ["initrd", None]
+    assert at_top == in_image
+    assert at_top[-1]["OutputDirectory"] == str(IMAGE / ".build/out")
 
 
 def test_kernel_command_line_matches_layout(mkosi, runtime_parts, build_parts):

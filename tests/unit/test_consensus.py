@@ -1,10 +1,10 @@
-"""The follower's side of AppendEntries (consensus.reconcile_append), against a model of what pysyncobj does
+"""The follower's side of AppendEntries (append.reconcile_append), against a model of what pysyncobj does
 with the message afterwards: a follower keeps the entries it holds unless one conflicts with the leader's."""
 
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from cortex.raft.consensus import reconcile_append
+from cortex.raft.append import reconcile_append
 
 
 def _pysyncobj_follower(log: list[int], message: dict) -> tuple[list[int], int | None, int | None]:

@@ -12,6 +12,7 @@ import yaml
 from cortex import config
 from cortex.appliance import credentials
 from cortex.appliance.credentials import main, parse_env_file, read_directory, render, write_outputs
+from tests.support import netns
 
 TOKEN = "cx1.abcdefghijklmnopqrstuvwxyz012345"
 FALLBACK = "node-0123abcd"
@@ -249,3 +250,63 @@ def test_update_source_and_keys_configure_the_updater_plugin():
     assert any(p.startswith("cortex.update_keys:") for p in result.problems)
     cfg = parsed(result.config_text)
     assert cfg.plugins["updater"].options["trusted_keys"] == [key]
+
+
+# --- address discovery, in a network namespace of its own ---------------------------------------------------
+
+ADDRESSES_CODE = """
+import dataclasses, json
+from cortex.appliance.addresses import global_addresses
+from cortex.appliance.credentials import detect_address
+print(json.dumps({"detected": detect_address(),
+                  "all": [dataclasses.asdict(a) for a in global_addresses()]}))
+"""
+
+
+def first_address_as_ip_reports(links: list[dict]) -> str:
+    """The choice rule applied to `ip -j addr show scope global`: IPv4 before IPv6, loopback skipped."""
+    for family in ("inet", "inet6"):
+        for link in links:
+            if "LOOPBACK" in link.get("flags", []):
+                continue
+            for info in link.get("addr_info", []):
+                if info.get("family") == family and info.get("local"):
+                    return info["local"]
+    return ""
+
+
+@netns.requires_root
+def test_detect_address_prefers_ipv4_and_skips_loopback_and_link_scope():
+    addresses = [
+        netns.Address("lo", "198.51.100.1/32"),  # global, but on loopback
+        netns.Address("cxb0", "2001:db8::10/64"),
+        netns.Address("cxb0", "169.254.7.7/16", scope=netns.RT_SCOPE_LINK),
+        netns.Address("cxa0", "203.0.113.10/24"),
+        netns.Address("cxa0", "203.0.113.11/24"),
+    ]
+    with netns.namespace_with([("cxa0", "cxb0")], addresses) as name:
+        found = netns.run_in(name, ADDRESSES_CODE)
+        order = netns.links_index_order(name)
+        reported = netns.ip_json(name, "addr", "show", "scope", "global")
+    assert found["detected"] == "203.0.113.10"
+    assert found["detected"] == first_address_as_ip_reports(reported)
+    # every global address, grouped by interface in link order, each interface's in the order they were added
+    expected = [a for ifname in order for a in addresses if a.interface == ifname and a.scope == 0]
+    assert [(a["interface"], f"{a['address']}/{a['prefixlen']}") for a in found["all"]] == \
+        [(a.interface, a.cidr) for a in expected]
+    assert [a["loopback"] for a in found["all"]] == [a.interface == "lo" for a in expected]
+    # the same addresses, in the same order, as `ip` lists them
+    assert [(link["ifname"], info["local"]) for link in reported for info in link["addr_info"] if info] == \
+        [(a["interface"], a["address"]) for a in found["all"]]
+
+
+@netns.requires_root
+def test_detect_address_falls_back_to_ipv6_then_nothing():
+    with netns.namespace_with([("cxa0", "cxb0")], [netns.Address("cxa0", "2001:db8::7/64"),
+                                                   netns.Address("cxb0", "169.254.1.2/16",
+                                                                 scope=netns.RT_SCOPE_LINK)]) as name:
+        assert netns.run_in(name, ADDRESSES_CODE)["detected"] == "2001:db8::7"
+    with netns.namespace_with([], [netns.Address("lo", "198.51.100.2/32")]) as name:
+        assert netns.run_in(name, ADDRESSES_CODE) == {
+            "detected": "",
+            "all": [{"interface": "lo", "family": 2, "address": "198.51.100.2", "prefixlen": 32, "loopback": True}]}

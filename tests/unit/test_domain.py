@@ -10,6 +10,7 @@ import pytest
 from cortex.core import domain
 from cortex.core.commands import CommandError, Envelope, is_internal, validate
 from cortex.core.state import StateStore, state_tables
+from cortex.security.tls import Peer
 
 
 def _v_add(args: dict) -> dict:
@@ -39,6 +40,10 @@ DOMAIN = domain.Domain(
     queries={"counter.get": lambda db, args: dict(db.execute("SELECT name, n FROM counters").fetchall())},
     events=lambda env, result: [("counter.bumped", {"name": env.args["name"], "n": result["n"]})]
     if env.type == "counter.add" else [],
+    # only the counter's owner may bump it: the certificate's name must equal the counter's
+    refuse=lambda command_type, args, peer: (
+        f"{peer.name} may bump its own counter only"
+        if command_type == "counter.add" and peer is not None and args.get("name") != peer.name else ""),
 )
 
 
@@ -108,3 +113,57 @@ def test_a_failing_event_listener_never_fails_apply(counter_domain, tmp_path: Pa
     store = StateStore(tmp_path / "s.db", listener=broken)
     assert store.apply(1, stamped("counter.add", {"name": "a"}, "x")) == {"n": 1}
     assert store.last_applied == 1 and store.query("counter.get", {}) == {"a": 1}
+
+
+def test_a_domains_refusal_hook_decides_who_may_propose_its_commands(counter_domain):
+    owner, other = Peer("a", "worker", "c"), Peer("b", "worker", "c")
+    assert domain.refusal("counter.add", {"name": "a"}, owner, internal=False) == ""
+    assert domain.refusal("counter.add", {"name": "a"}, other, internal=False) == "b may bump its own counter only"
+    assert domain.refusal("counter.add", {"name": "a"}, None, internal=False) == ""  # in-process caller
+    # the hook is asked about its own domain's commands only
+    assert domain.refusal("kv.put", {"key": "k", "name": "a"}, other, internal=False) == ""
+
+
+def test_internal_commands_are_refused_to_clients_only(counter_domain):
+    admin = Peer("admin@n1", "admin", "c")
+    assert domain.refusal("counter.reset", {}, admin, internal=False) == (
+        "counter.reset is decided by the cluster itself; use the cortex CLI")
+    assert domain.refusal("counter.reset", {}, None, internal=True) == ""
+    for core_internal in ("node.register", "node.liveness", "token.add", "token.revoke", "cluster.init"):
+        assert domain.refusal(core_internal, {}, admin, internal=False).startswith(core_internal + " is decided")
+    for client_command in ("node.approve", "node.reject", "kv.put", "noop"):
+        assert domain.refusal(client_command, {"key": "k"}, admin, internal=False) == ""
+
+
+def test_the_core_domains_refuse_what_the_write_path_always_refused():
+    worker, admin, server = Peer("w1", "worker", "c"), Peer("admin@n1", "admin", "c"), Peer("n1", "server", "c")
+    reserved = {"key": "_cortex/tls/rotation", "value": "9"}
+    for command_type in ("kv.put", "kv.delete", "kv.cas"):
+        assert "is one of the cluster's own keys (_cortex/*: credential rotation), changed by admins and servers " \
+               "only, not a worker (w1)" in domain.refusal(command_type, reserved, worker, internal=False)
+        assert domain.refusal(command_type, reserved, admin, internal=False) == ""
+        assert domain.refusal(command_type, reserved, server, internal=False) == ""
+    assert domain.refusal("kv.put", {"key": "app/x", "value": "1"}, worker, internal=False) == ""
+    assert "only an admin starts a CA rotation" in domain.refusal("ca.request", {"rot_id": "r"}, worker, internal=False)
+    assert domain.refusal("ca.ack", {"node": "n1"}, worker, internal=False) == "w1 may acknowledge for itself only"
+    assert domain.refusal("ca.ack", {"node": "w1"}, worker, internal=False) == ""
+    assert "may revoke only its own certificates" in domain.refusal("cert.revoke", {"name": "n1"}, worker,
+                                                                    internal=False)
+    assert domain.refusal("cert.revoke", {"name": "n1"}, admin, internal=False) == ""
+    assert domain.refusal("ca.advance", {}, admin, internal=False) == (
+        "ca.advance is decided by the cluster itself; use the cortex CLI")
+
+
+def test_the_core_is_registered_first_whatever_else_is(counter_domain):
+    names = [d.name for d in domain.domains()]
+    assert names[:4] == ["cluster", "kv", "node", "token"] and names[4:] == ["counter"]
+    assert [d.name for d in domain.domains() if d.version_in_user_version] == ["cluster"]
+    owners = [name for d in domain.domains() for name in d.commands]
+    assert len(owners) == len(set(owners))  # every command type has exactly one domain
+
+
+def test_names_from_before_the_prefix_rule_are_declared_not_assumed():
+    query = {"nodes": lambda db, args: []}
+    with pytest.raises(ValueError, match="must start with 'node.'"):
+        domain.Domain(name="node", queries=query)
+    assert domain.Domain(name="node", queries=query, unprefixed=frozenset({"nodes"})).queries == query

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pysyncobj.journal import FileJournal
 
-from cortex.raft.consensus import repair_journal
+from cortex.raft.journal import repair_journal
 
 
 def journal_with(path: Path, entries: int) -> None:

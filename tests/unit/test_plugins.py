@@ -204,3 +204,30 @@ def test_plugin_options_are_checked_against_the_schema_with_file_and_line(instal
         check_config(unknown.plugins, unknown.source)
     with pytest.raises(config.ConfigError, match=r"node.yaml:5: plugins.greeter.enabled: must be a bool"):
         config.parse("node:\n  id: n1\nplugins:\n  greeter:\n    enabled: maybe\n", source="node.yaml")
+
+
+def test_the_cluster_api_is_what_the_agent_offers_and_a_missing_replica_is_a_declared_error():
+    import inspect
+    import re
+
+    import grpc
+
+    from cortex.node import agent
+    from cortex.plugins.api import ClusterAPI, holds_no_replica
+
+    declared = {name for name in vars(ClusterAPI) if not name.startswith("_")} | set(ClusterAPI.__annotations__)
+    bridge = agent.PluginBridge
+    offered = {name for name in vars(bridge) if not name.startswith("_")}
+    offered |= set(re.findall(r"self\.(\w+) = ", inspect.getsource(bridge.__init__)))  # instance attributes
+    assert declared == {"LEVELS", "node_id", "role", "grpc_address", "rpc", "write", "propose", "read", "read_local",
+                        "is_leader", "snapshot", "create_token", "revoke_token", "remove_node", "status"}
+    assert declared <= offered
+    for name in declared & set(vars(ClusterAPI)):
+        if callable(getattr(ClusterAPI, name)):
+            assert list(inspect.signature(getattr(ClusterAPI, name)).parameters) == \
+                list(inspect.signature(getattr(bridge, name)).parameters), name
+
+    # what the bridge raises on a node without a replica, and what it raises when there is no leader
+    assert holds_no_replica(agent.AgentError(grpc.StatusCode.FAILED_PRECONDITION, "only servers hold a copy"))
+    assert not holds_no_replica(agent.AgentError(grpc.StatusCode.UNAVAILABLE, "no leader"))
+    assert not holds_no_replica(ValueError("not a cluster failure"))

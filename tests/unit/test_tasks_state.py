@@ -9,9 +9,11 @@ import pytest
 
 from cortex.core.commands import CommandError, Envelope, validate
 from cortex.core.state import StateStore
+from cortex.kube.records import encode
+from cortex.plugins.host import installed_placements
 from cortex.tasks import celeval, scheduler, workflow
+from cortex.tasks.lifecycle import OUTPUT_CAP
 from cortex.tasks.spec import RetryPolicy
-from cortex.tasks.state import OUTPUT_CAP
 
 _ids = itertools.count(1)
 
@@ -330,16 +332,21 @@ def test_a_k8s_job_is_placed_by_kubernetes_capacity_not_the_nodes_own():
                 "spec": {"image": "busybox", "context": context,
                          "resources": {"cpu": cpu, "memory": memory}}}
 
-    placed = scheduler.schedule([job("train", "4", "16Gi")], nodes, k8s_records=records)
+    def rules(published):  # as the leader gets them: from the installed plugins, over the kv rows published
+        return scheduler.round_rules(installed_placements(), {"k8s_job"},
+                                     lambda query, args: [{"value": encode(r)} for r in published])
+
+    kube = rules(records)
+    placed = scheduler.schedule([job("train", "4", "16Gi")], nodes, rules=kube)
     assert [(a.task_id, a.node_id) for a in placed] == [("train", "laptop")]  # 1 CPU laptop, big cluster
-    small = scheduler.schedule([job("tiny", "250m", "128Mi", context="k3s")], nodes, k8s_records=records)
+    small = scheduler.schedule([job("tiny", "250m", "128Mi", context="k3s")], nodes, rules=kube)
     assert [a.node_id for a in small] == ["nas"]
-    assert scheduler.schedule([job("huge", "64", "1Ti")], nodes, k8s_records=records) == []
-    why = scheduler.explain(job("huge", "64", "1Ti"), nodes, records)
+    assert scheduler.schedule([job("huge", "64", "1Ti")], nodes, rules=kube) == []
+    why = scheduler.explain(job("huge", "64", "1Ti"), nodes, kube)
     assert "has no Kubernetes node with 64000m CPU" in why["laptop"] and "does not run k8s_job" in why["pi"]
-    assert scheduler.explain(job("x", "1", "1Gi", context="gke"), nodes, records)["nas"] == \
+    assert scheduler.explain(job("x", "1", "1Gi", context="gke"), nodes, kube)["nas"] == \
         "has no Kubernetes context 'gke'"
-    assert scheduler.schedule([job("none", "1", "1Gi")], nodes) == []  # no records yet: nowhere to run
+    assert scheduler.schedule([job("none", "1", "1Gi")], nodes, rules=rules([])) == []  # no records yet: nowhere
 
 
 def test_a_retry_prefers_another_node_than_the_failed_attempts_when_one_fits(s):

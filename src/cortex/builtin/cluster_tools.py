@@ -20,11 +20,11 @@ from google.protobuf.json_format import MessageToDict
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.builtin import alerts
 from cortex.core import domain
-from cortex.core.commands import VALIDATORS
+from cortex.core.args import NODE_ID_PATTERN, READ_LEVELS
 from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError, write_with_retry
 
-NODE_ID = {"type": "string", "pattern": r"^[a-z0-9][a-z0-9-]{0,62}$", "description": "a node id, as list_nodes shows"}
-LEVEL = {"enum": ["stale", "leader", "linearizable"], "default": "leader",
+NODE_ID = {"type": "string", "pattern": NODE_ID_PATTERN, "description": "a node id, as list_nodes shows"}
+LEVEL = {"enum": list(READ_LEVELS), "default": "leader",
          "description": "stale: this node's replica; leader: the leader's; linearizable: after a log barrier"}
 KEY = {"idempotency_key": {"type": "string", "maxLength": 128,
                            "description": "retrying with the same key applies the change once"}}
@@ -188,7 +188,7 @@ class ClusterToolsPlugin(Plugin):
         return {"node_id": node_id, "removed": response.removed}
 
     def _drain(self, command_type: str, args: dict) -> dict:
-        if command_type not in VALIDATORS and command_type not in domain.commands():
+        if command_type not in domain.commands():
             raise ToolError(f"not available yet: draining belongs to the task engine ({command_type} is not part "
                             "of this cluster's software yet); until it lands, remove_node takes a node out for good")
         command = {"node_id": args["node_id"]}

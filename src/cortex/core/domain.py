@@ -1,13 +1,13 @@
-"""State domains: how a subsystem (tasks, memory, netboot, updates, ...) adds to the replicated state.
+"""State domains: the one way anything adds to the replicated state.
 
-The core state machine (state.py, commands.py) owns membership, tokens and the key-value store. Every other
-subsystem brings a `Domain`: its own tables with their own append-only migrations, the command types it
-handles (validator + pure handler), the queries it answers and the events its commands mean. The core
-routes by command type and never learns what a domain does.
+Every subsystem, the core's key-value store and membership included, brings a `Domain`: its own tables with
+their own append-only migrations, the command types it handles (validator + pure handler), the queries it
+answers, the events its commands mean and who may propose its commands. The store routes by command type
+and never learns what a domain does.
 
 Domains are part of the state machine, so every replica must have the same ones: they are built in and
-always registered (`BUILTIN`), independent of which plugins a node enables. A third-party plugin keeps its
-state in the key-value store under its own prefix instead of adding tables.
+always registered (`CORE`, then `BUILTIN`), independent of which plugins a node enables. A third-party
+plugin keeps its state in the key-value store under its own prefix instead of adding tables.
 """
 
 from __future__ import annotations
@@ -20,12 +20,15 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cortex.core.commands import Envelope
+    from cortex.core.envelope import Envelope
+    from cortex.security.tls import Peer
 
-Validator = Callable[[dict], dict]  # client args -> normalized args, or raise commands.CommandError
+Validator = Callable[[dict], dict]  # client args -> normalized args, or raise args.CommandError
 Handler = Callable[[sqlite3.Connection, int, "Envelope"], dict]  # (db, log index, envelope) -> result
 Query = Callable[[sqlite3.Connection, dict], Any]  # (read-only db, args) -> JSON-able
 EventMapper = Callable[["Envelope", dict], list[tuple[str, dict]]]  # (envelope, result) -> events
+# (command type, validated args, the caller's certificate or None in-process) -> why it may not, or ''
+Refusal = Callable[[str, dict, "Peer | None"], str | None]
 
 
 @dataclass(frozen=True)
@@ -33,24 +36,38 @@ class Command:
     validate: Validator
     apply: Handler
     internal: bool = False  # decided by the leader itself; clients may not propose it
+    keep_result: bool = True  # remembered under its idempotency key (a barrier like noop is not)
 
 
 @dataclass(frozen=True)
 class Domain:
     name: str  # also the prefix of its command types and queries: "task.submit", "task.list"
     migrations: tuple[str, ...] = ()  # append-only SQL scripts; their count is the domain's schema version
-    tables: tuple[str, ...] = ()  # replicated tables: covered by digests and snapshots
+    tables: tuple[str, ...] = ()  # replicated tables: covered by digests and snapshots, in this order
     commands: Mapping[str, Command] = field(default_factory=dict)
     queries: Mapping[str, Query] = field(default_factory=dict)
     events: EventMapper | None = None
+    refuse: Refusal | None = None  # asked for every client write of its commands, before it is proposed
+    # Names clients have called since before names carried their domain ("nodes", "noop"): kept as they are.
+    unprefixed: frozenset[str] = frozenset()
+    # The core schema counts its migrations in PRAGMA user_version (it creates schema_versions, where every
+    # other domain's count lives); only the first domain registered may.
+    version_in_user_version: bool = False
 
     def __post_init__(self) -> None:
         for name in [*self.commands, *self.queries]:
-            if not name.startswith(self.name + "."):
+            if name not in self.unprefixed and name != self.name and not name.startswith(self.name + "."):
                 raise ValueError(f"domain {self.name}: {name!r} must start with {self.name + '.'!r}")
 
 
-# Modules exposing DOMAIN, in registration order. Add one line per subsystem.
+# Modules exposing DOMAIN, in registration order: the order of migrations and of the digest's tables.
+# The core comes first and never changes; add one line to BUILTIN per subsystem.
+CORE: tuple[str, ...] = (
+    "cortex.core.cluster",
+    "cortex.core.kv",
+    "cortex.membership.nodes",
+    "cortex.membership.tokens",
+)
 BUILTIN: tuple[str, ...] = (
     "cortex.tasks.state",
     "cortex.tasks.workflow",
@@ -67,7 +84,10 @@ BUILTIN: tuple[str, ...] = (
 
 @cache
 def domains() -> tuple[Domain, ...]:
-    return tuple(import_module(path).DOMAIN for path in BUILTIN)
+    found = tuple(import_module(path).DOMAIN for path in (*CORE, *BUILTIN))
+    if any(d.version_in_user_version for d in found[1:]):
+        raise ValueError("only the first domain (the core schema) counts its migrations in PRAGMA user_version")
+    return found
 
 
 @cache
@@ -84,3 +104,22 @@ def queries() -> dict[str, Query]:
     for d in domains():
         out.update(d.queries)
     return out
+
+
+def tables() -> tuple[str, ...]:
+    """The replicated tables, in digest order."""
+    return tuple(t for d in domains() for t in d.tables)
+
+
+def refusal(command_type: str, args: dict, peer: Peer | None, internal: bool) -> str:
+    """Why `peer` may not propose this command ('' when it may). `internal`: the cluster itself proposes it
+    (the leader's own decisions); anyone else is refused the commands their domain marks internal."""
+    for d in domains():
+        if d.refuse is not None and command_type in d.commands:
+            reason = d.refuse(command_type, args, peer)
+            if reason:
+                return reason
+    command = commands().get(command_type)
+    if not internal and command is not None and command.internal:
+        return f"{command_type} is decided by the cluster itself; use the cortex CLI"
+    return ""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from cortex.core.args import READ_LEVELS
+
 
 def _records(args) -> list[dict]:
     from cortex.cli import _client
@@ -69,7 +71,7 @@ def register(sub, common) -> None:
     """Add `cortex k8s contexts|capacity` to the CLI's subparsers (`common` holds the global options)."""
     k8s = sub.add_parser("k8s", help="Kubernetes contexts and capacity, per node").add_subparsers(
         dest="sub", required=True)
-    levels = ["stale", "leader", "linearizable"]
+    levels = list(READ_LEVELS)
     sp = k8s.add_parser("contexts", help="kubeconfig contexts each node has (no credentials)", parents=[common])
     sp.add_argument("--local", action="store_true", help="read this machine's kubeconfig instead of the cluster")
     sp.add_argument("--level", choices=levels, default="stale")

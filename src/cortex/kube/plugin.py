@@ -1,4 +1,4 @@
-"""The `kubernetes` plugin: kubeconfig contexts per node, the `k8s_job` executor, capacity, tools.
+"""The `kubernetes` plugin: kubeconfig contexts per node, capacity, where `k8s_job` tasks fit, tools.
 
 On every node it runs on, the plugin re-reads the kubeconfig files each `poll_interval`, measures each
 context's capacity (nodes, allocatable vs requested, pods per namespace) and, when anything changed, writes
@@ -19,8 +19,8 @@ from typing import Any
 
 from cortex.kube import spec as specs
 from cortex.kube.capacity import ContextCapacity
-from cortex.kube.executor import K8sJobExecutor
 from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths
+from cortex.kube.placement import KubernetesPlacement
 from cortex.kube.records import build_record, encode, k8s_capacity, read_records, record_key, where_is
 from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError
 from cortex.tasks.executor import TaskSpecError
@@ -39,6 +39,7 @@ _JOB = {"type": "string", "description": "the Job's name, as returned by k8s_sub
 class KubernetesPlugin(Plugin):
     name = "kubernetes"
     description = "Kubernetes contexts of each node, Jobs as k8s_job tasks, cluster capacity"
+    placement = KubernetesPlacement()
     options_schema = {
         "type": "object", "additionalProperties": False,
         "properties": {
@@ -48,7 +49,8 @@ class KubernetesPlugin(Plugin):
             "poll_interval": {"type": "number", "minimum": 1, "default": 30,
                               "description": "seconds between capacity measurements"},
             "job_poll_interval": {"type": "number", "exclusiveMinimum": 0, "default": 1.0,
-                                  "description": "seconds between Job status polls while a task runs"},
+                                  "description": "accepted so existing configurations still load; the k8s_job "
+                                                 "executor (entry point cortex.executors) polls every second"},
             "publish": {"type": "boolean", "default": True,
                         "description": "write this node's context record to the replicated store"},
         },
@@ -63,7 +65,6 @@ class KubernetesPlugin(Plugin):
         self._nonce = uuid.uuid4().hex[:8]  # idempotency keys: one writer incarnation, a counter per change
         self._seq = 0
         self._pending: tuple[str, int] | None = None
-        self.executor = K8sJobExecutor(self.discovery, poll_interval=self.ctx.options["job_poll_interval"])
 
     # --- discovery and monitoring ---------------------------------------------------------------------
     def discovery(self) -> Discovery:
@@ -133,11 +134,6 @@ class KubernetesPlugin(Plugin):
     def capacities(self) -> list[ContextCapacity]:
         with self._lock:
             return list(self._capacity.values())
-
-    # --- task engine hook -----------------------------------------------------------------------------
-    def executors(self) -> list[K8sJobExecutor]:
-        """The executors this plugin adds to the task engine's registry (cortex.tasks.executor.Executor)."""
-        return [self.executor]
 
     # --- resources ------------------------------------------------------------------------------------
     def resources(self) -> list[Resource]:

@@ -1,6 +1,6 @@
 """Membership over time: nodes that left stay on record, and members change role (worker <-> server).
 
-The core (state.py) owns the `nodes` table and admission. This domain adds what happens after admission:
+The core schema (core/cluster.py) owns the `nodes` table; node registration is nodes.py. This domain adds what happens after admission:
 - `member.leave` (leader only): a node that left (`cortex leave`) or was removed (`cortex nodes remove`) keeps
   its row with liveness `left`, when and why. The core's `nodes` query, the task scheduler, the updater's
   pre-flight, alerts and liveness tracking see members only, so a left node never counts toward quorum,
@@ -14,8 +14,10 @@ Events: node.left, node.forgotten, node.promoted, node.demoted.
 
 from __future__ import annotations
 
+from cortex.core import args as rules
 from cortex.core import domain
-from cortex.core.commands import CommandError, Envelope, _no_extra, _node_id
+from cortex.core.args import CommandError
+from cortex.core.envelope import Envelope
 
 LEFT = "left"
 MAX_REASON = 200
@@ -33,26 +35,26 @@ COLUMNS = ("id", "role", "grpc_address", "raft_address", "joined_at", "updated_a
 
 
 def _v_leave(args: dict) -> dict:
-    _no_extra(args, {"node_id", "reason"})
+    rules.no_extra(args, {"node_id", "reason"})
     reason = args.get("reason", "")
     if not isinstance(reason, str) or len(reason) > MAX_REASON:
         raise CommandError(f"reason must be a string of at most {MAX_REASON} characters")
-    return {"node_id": _node_id(args), "reason": reason}
+    return {"node_id": rules.node_id(args), "reason": reason}
 
 
 def _v_forget(args: dict) -> dict:
-    _no_extra(args, {"node_id"})
-    return {"node_id": _node_id(args)}
+    rules.no_extra(args, {"node_id"})
+    return {"node_id": rules.node_id(args)}
 
 
 def _v_set_role(args: dict) -> dict:
-    _no_extra(args, {"node_id", "role", "raft_address"})
+    rules.no_extra(args, {"node_id", "role", "raft_address"})
     role, raft = args.get("role"), args.get("raft_address", "")
     if role not in ("server", "worker"):
         raise CommandError("role must be server or worker")
     if not isinstance(raft, str) or (role == "server" and not raft):
         raise CommandError("a server needs its raft_address")
-    return {"node_id": _node_id(args), "role": role, "raft_address": raft if role == "server" else ""}
+    return {"node_id": rules.node_id(args), "role": role, "raft_address": raft if role == "server" else ""}
 
 
 def _h_leave(db, index, env: Envelope) -> dict:

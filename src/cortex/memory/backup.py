@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from cortex.memory.domain import MAX_CHUNK_BYTES, content_digest
+from cortex.memory.content import MAX_CHUNK_BYTES, content_digest
 from cortex.memory.schema import CONTENT_TABLES
 
 FORMAT = 1

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cortex.core.args import READ_LEVELS
 from cortex.core.commands import CommandError
 from cortex.memory import sqlguard, whereami
 from cortex.memory.localstore import LocalStore
@@ -69,7 +70,7 @@ class MemoryPlugin(Plugin):
             "whereami_debounce": {"type": "number", "minimum": 0, "default": 1.0},
             "whereami_poll": {"type": "number", "minimum": 0.2, "default": 15.0,
                               "description": "seconds between checks for changes made elsewhere (workers)"},
-            "read_level": {"type": "string", "enum": ["stale", "leader", "linearizable"], "default": "stale"},
+            "read_level": {"type": "string", "enum": list(READ_LEVELS), "default": "stale"},
             "backup": {
                 "type": "object", "additionalProperties": False,
                 "properties": {

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import os
 import signal
-import subprocess
+import socket
 import sys
 import threading
 import time
@@ -97,7 +96,7 @@ class ClientPort:
 
 
 def host_address() -> str:
-    """This host's first global IPv4 address (from `ip`; no traffic sent)."""
+    """This host's first global IPv4 address (over netlink; no traffic sent)."""
     from cortex.appliance.credentials import detect_address
 
     return detect_address()
@@ -176,17 +175,15 @@ def cmd_machines(args) -> int:
 
 def first_network() -> tuple[str, str, str]:
     """(network CIDR, address, interface) of this host's first global IPv4 address."""
+    from cortex.appliance.addresses import global_addresses
+
     try:
-        out = subprocess.run(["ip", "-j", "-4", "addr", "show", "scope", "global"], capture_output=True,
-                             text=True, timeout=5, check=True).stdout
-        links = json.loads(out or "[]")
-    except (OSError, subprocess.SubprocessError, ValueError):
-        links = []
-    for link in links:
-        for info in link.get("addr_info", []):
-            if info.get("local"):
-                net = ipaddress.ip_interface(f"{info['local']}/{info['prefixlen']}").network
-                return str(net), info["local"], link.get("ifname", "")
+        addresses = global_addresses(socket.AF_INET)
+    except OSError:
+        addresses = []
+    for addr in addresses:
+        net = ipaddress.ip_interface(f"{addr.address}/{addr.prefixlen}").network
+        return str(net), addr.address, addr.interface
     return "", "", ""
 
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import re
 
-from cortex.core.commands import CommandError
+from cortex.core.args import NODE_ID_RE, CommandError, no_extra
 from cortex.core.domain import Command, Domain
 
-NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 TOKEN_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 _SAFE_RE = re.compile(r"^[A-Za-z0-9._:-]{0,128}$")
@@ -60,12 +59,6 @@ _COLUMNS = ("id", "machine", "mac", "uuid", "serial", "grp", "profile", "node_id
 
 # --- validators ---------------------------------------------------------------------------------------------
 
-def _no_extra(args: dict, allowed: set[str]) -> None:
-    extra = set(args) - allowed
-    if extra:
-        raise CommandError(f"unknown argument(s) {', '.join(sorted(extra))}; allowed: {', '.join(sorted(allowed))}")
-
-
 def _text(args: dict, name: str, pattern: re.Pattern = _SAFE_RE, optional: bool = False) -> str:
     value = args.get(name, "" if optional else None)
     if not isinstance(value, str) or not pattern.match(value):
@@ -85,7 +78,7 @@ def _seconds(args: dict, name: str) -> float | None:
 def _v_enroll(args: dict) -> dict:
     allowed = {"machine", "mac", "uuid", "serial", "group", "profile", "node_id", "token_id", "token_expires_at",
                "ephemeral", "gc_offline_after", "idle_poweroff_after", "served_by"}
-    _no_extra(args, allowed)
+    no_extra(args, allowed)
     mac = _text(args, "mac", optional=True)
     if mac and not MAC_RE.match(mac):
         raise CommandError("argument 'mac' must be aa:bb:cc:dd:ee:ff (lower case)")
@@ -109,19 +102,19 @@ def _v_enroll(args: dict) -> dict:
 
 
 def _v_node(args: dict) -> dict:
-    _no_extra(args, {"node_id"})
+    no_extra(args, {"node_id"})
     return {"node_id": _text(args, "node_id", NODE_ID_RE)}
 
 
 def _v_report(args: dict) -> dict:
-    _no_extra(args, {"node_id", "boot_id", "ephemeral"})
+    no_extra(args, {"node_id", "boot_id", "ephemeral"})
     if args.get("ephemeral") is not True:
         raise CommandError("argument 'ephemeral' must be true (only ephemeral nodes report here)")
     return {"node_id": _text(args, "node_id", NODE_ID_RE), "boot_id": _text(args, "boot_id"), "ephemeral": True}
 
 
 def _v_left(args: dict) -> dict:
-    _no_extra(args, {"node_id", "reason"})
+    no_extra(args, {"node_id", "reason"})
     reason = args.get("reason")
     if reason not in ("left", "collected"):
         raise CommandError("argument 'reason' must be left or collected")

@@ -21,6 +21,8 @@ from typing import Any
 
 import jinja2
 
+from cortex.core.args import NODE_ID_RE
+
 TEMPLATES = Path(__file__).with_name("templates")
 WORD_RE = re.compile(r"^[A-Za-z0-9._,:/=+@%?&-]+$")
 _TEXT_UNSAFE_RE = re.compile(r"[^A-Za-z0-9 ._,:/()+@=-]")
@@ -205,7 +207,7 @@ def dnsmasq_lab(network: str, boot_url: str, tftp_root: str, interface: str = ""
     for host in hosts:
         if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", host.mac):
             raise IpxeEscapeError(f"host {host.mac[:40]!r}: expected a MAC address aa:bb:cc:dd:ee:ff")
-        if host.name and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", host.name):
+        if host.name and not NODE_ID_RE.fullmatch(host.name):
             raise IpxeEscapeError(f"host name {host.name[:80]!r} is not a valid host name")
         try:
             ip = ipaddress.ip_address(host.ip)

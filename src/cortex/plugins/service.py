@@ -17,7 +17,8 @@ import grpc
 from cortex._proto.cortex.v1 import plugins_pb2 as ppb
 from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
 from cortex.mcp.toolsets import Policy
-from cortex.plugins import CALLER_ROLES, MAX_TOOL_ARGUMENT_BYTES, Caller, PluginHost, ToolError
+from cortex.plugins.api import CALLER_ROLES, MAX_TOOL_ARGUMENT_BYTES, Caller, ToolError
+from cortex.plugins.host import PluginHost
 from cortex.security import authz
 
 log = logging.getLogger("cortex.plugins.service")

@@ -7,15 +7,17 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
 - snapshots that are SQLite backups (no fork, no pickled object state);
 - batching off, so a confirmed write does not wait for a 100 ms tick;
 - a restricted unpickler on the Raft port, on top of the mandatory Fernet password;
-- group commit (`GroupCommitter`), since pysyncobj with batching off sends one round per entry;
+- group commit (`GroupCommitter`, raft/commit.py), since pysyncobj with batching off sends one round per
+  entry;
 - the entry's Raft term handed to apply, so a command stamped in another term is fenced off;
 - durability Raft assumes and pysyncobj leaves out: log entries and term/vote on the disk before they are
-  acknowledged (`DurableJournal`), and the cluster configuration kept in its own file (`raft-members.json`),
-  so a power loss can neither tear the log nor leave a server believing it is alone (split brain: found by
-  the VM failover test).
-- a follower that keeps the entries it already has (`reconcile_append`): pysyncobj truncates everything after
-  a message's prevLogIdx, so a late or repeated AppendEntries made it delete (and write again) entries it had
-  applied, and under load such rewinds fed each other until a follower's log was minutes behind its state.
+  acknowledged (`DurableJournal`, raft/journal.py), and the cluster configuration kept in its own file
+  (`raft-members.json`), so a power loss can neither tear the log nor leave a server believing it is alone
+  (split brain: found by the VM failover test).
+- a follower that keeps the entries it already has (`reconcile_append`, raft/append.py): pysyncobj truncates
+  everything after a message's prevLogIdx, so a late or repeated AppendEntries made it delete (and write
+  again) entries it had applied, and under load such rewinds fed each other until a follower's log was
+  minutes behind its state.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import json
 import logging
 import os
 import pickle
-import queue
 import struct
 import threading
 import time
@@ -33,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pysyncobj.journal as syncobj_journal
 import pysyncobj.pickle as syncobj_pickle
 import pysyncobj.syncobj as syncobj_module
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
@@ -41,24 +41,18 @@ from pysyncobj.node import TCPNode
 
 from cortex.config import RaftConfig
 from cortex.core import durable
-from cortex.core.commands import encode_batch
 from cortex.core.state import StateStore
+from cortex.raft.append import reconcile_append
+from cortex.raft.commit import GroupCommitter
+from cortex.raft.errors import NotLeader, ProposalError, fail_name
+from cortex.raft.journal import repair_journal
+
+# The agent imports these from here, the adapter's one public face.
+__all__ = ["GroupCommitter", "NotLeader", "ProposalError", "RaftNode", "RaftStatus", "load_members", "wait_until"]
 
 log = logging.getLogger("cortex.consensus")
 
 _SNAPSHOT_MAGIC = b"CXSNAP1\n"
-
-
-class ProposalError(RuntimeError):
-    """A command was not committed. `maybe_applied` says whether it could still have been."""
-
-    def __init__(self, message: str, maybe_applied: bool = False):
-        super().__init__(message)
-        self.maybe_applied = maybe_applied
-
-
-class NotLeader(ProposalError):
-    pass
 
 
 # --- a restricted unpickler for the Raft port -----------------------------------------------------------
@@ -106,47 +100,6 @@ class RaftStatus:
 _STATES = {0: "follower", 1: "candidate", 2: "leader"}
 
 
-# pysyncobj's journal layout (pysyncobj/journal.py): a 40-byte header whose last 4 bytes say where the records
-# end, then records of size(4) | index(8) term(8) command | size(4).
-_JOURNAL_MAGIC = b"PYSYNCOBJ"
-_JOURNAL_LAST_OFFSET_AT = 36
-_JOURNAL_FIRST_RECORD = 40
-
-
-def repair_journal(path: Path) -> str:
-    """Cut a torn journal back to its last whole record; return what was done ('' when it was intact).
-
-    pysyncobj writes its journal through mmap and never fsyncs it, so after a power loss the header can point
-    past records that never reached the disk (zeros, or a short file) and pysyncobj then fails to start, for
-    ever. The lost tail was at most this node's copy of recent entries: the leader sends them again.
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return ""
-    if len(data) < _JOURNAL_FIRST_RECORD or not data.startswith(_JOURNAL_MAGIC):
-        path.unlink()
-        return f"{path.name}: unreadable header ({len(data)} bytes); started a new journal"
-    (last,) = struct.unpack_from("<I", data, _JOURNAL_LAST_OFFSET_AT)
-    offset = _JOURNAL_FIRST_RECORD
-    while offset < last:
-        if offset + 4 > len(data):
-            break
-        (size,) = struct.unpack_from("<I", data, offset)
-        end = offset + 4 + size + 4
-        if size < 16 or end > len(data) or end > last or struct.unpack_from("<I", data, end - 4)[0] != size:
-            break
-        offset = end
-    if offset == last:
-        return ""
-    with open(path, "r+b") as f:
-        f.seek(_JOURNAL_LAST_OFFSET_AT)
-        f.write(struct.pack("<I", offset))
-        f.flush()
-        os.fsync(f.fileno())
-    return f"{path.name}: torn tail after an unclean stop; cut back from offset {last} to {offset}"
-
-
 _fernet_from_password = syncobj_module.getEncryptor
 
 
@@ -156,99 +109,6 @@ def _encryptor(password):
 
 
 syncobj_module.getEncryptor = _encryptor
-
-
-# --- durability --------------------------------------------------------------------------------------
-# pysyncobj writes its log through mmap and its term/vote/commit index with a plain rename, and fsyncs neither:
-# after a power loss a server could have acknowledged entries it no longer has, or voted twice in one term.
-# Raft's safety argument needs both on the disk first. An fdatasync per appended entry costs 0.1-6 ms here
-# (depending on what else uses the disk), amortised by group commit (many commands per entry).
-
-class DurableJournal(syncobj_journal.FileJournal):
-    """pysyncobj's file journal, on the disk after every change (before pysyncobj acknowledges or votes).
-
-    fdatasync on the file rather than mmap.flush(): on Linux it writes back the mapping's dirty pages all the
-    same, and it lets go of the GIL while the disk works (msync from Python holds it, stalling every thread).
-    """
-
-    def _sync(self) -> None:
-        os.fdatasync(self._FileJournal__journalFile._ResizableFile__f.fileno())
-
-    def add(self, command, idx, term):
-        super().add(command, idx, term)
-        self._sync()
-
-    def clear(self):
-        super().clear()
-        self._sync()
-
-    def deleteEntriesFrom(self, entryFrom):
-        super().deleteEntriesFrom(entryFrom)
-        self._sync()
-
-
-def _create_journal(journal_file=None):
-    if journal_file is None:
-        return syncobj_journal.MemoryJournal()
-    return DurableJournal(journal_file)
-
-
-def _store_meta_durably(self, meta) -> None:
-    durable.write_atomic(Path(self.getPath()), syncobj_pickle.dumps(meta))
-
-
-syncobj_module.createJournal = _create_journal
-syncobj_journal.MetaStorer.storeMeta = _store_meta_durably
-
-# --- a follower appends only what it lacks ------------------------------------------------------------
-# Raft (Figure 2, AppendEntries step 3) deletes a follower's entries only where one conflicts with the
-# leader's (same index, other term). pysyncobj deletes everything after prevLogIdx whenever it has more, so an
-# AppendEntries that arrives late (the leader rewound on an old rejection, or resent after a reconnect) makes
-# a follower drop entries it already applied ("truncating already-applied log entries"), write them again,
-# and answer with a shorter log, which rewinds the leader again. Under a write load that loop kept a follower's
-# log far behind what it had applied, so its replica stopped moving for tens of seconds (a revoked
-# certificate still accepted there, CI). `reconcile_append` trims such a message before pysyncobj sees it.
-
-@dataclass(frozen=True)
-class AppendPlan:
-    """What to do with one AppendEntries: hand `message` to pysyncobj as it is or trimmed (ack None), or, when
-    every entry is already here, let pysyncobj see only its term and commit index and acknowledge
-    `ack_next_index` (the index after the message's last entry, never after entries it did not vouch for)."""
-
-    message: dict
-    ack_next_index: int | None = None
-
-
-def reconcile_append(message: dict, term_at: Callable[[int], int | None], last_index: int) -> AppendPlan:
-    """Drop the leading entries of an AppendEntries that this log already holds with the same term.
-
-    `term_at(i)` is the term of this log's entry i (None: not in this log, past its end or compacted away).
-    Messages this cannot judge (chunked transmissions, snapshots, a prevLogIdx this log lacks or holds with
-    another term) pass unchanged: pysyncobj answers those with a reset, as before.
-    """
-    if message.get("type") != "append_entries" or "prevLogIdx" not in message or "transmission" in message:
-        return AppendPlan(message)
-    prev_idx, prev_term = message["prevLogIdx"], message["prevLogTerm"]
-    if prev_idx >= last_index or term_at(prev_idx) != prev_term:
-        return AppendPlan(message)  # appends at the end, or pysyncobj must refuse it
-    entries = list(message.get("entries") or [])
-    held = 0
-    for entry in entries:
-        index, term = entry[1], entry[2]
-        if index > last_index or term_at(index) != term:
-            break  # missing here, or a real conflict: pysyncobj deletes from this entry on, as Raft does
-        held += 1
-    if held < len(entries):
-        if held:
-            message = {**message, "prevLogIdx": entries[held - 1][1], "prevLogTerm": entries[held - 1][2],
-                       "entries": entries[held:]}
-        return AppendPlan(message)
-    # Every entry is here already (or a heartbeat behind this log's end): nothing to write. Commit no further
-    # than the message vouches for: entries after it may be a deposed leader's.
-    end = entries[-1][1] if entries else prev_idx
-    bare = {k: v for k, v in message.items() if k not in ("prevLogIdx", "prevLogTerm", "entries")}
-    bare["commit_index"] = min(message["commit_index"], end)
-    return AppendPlan(bare, ack_next_index=end + 1)
 
 
 MEMBERS_FILE = "raft-members.json"
@@ -379,7 +239,7 @@ class RaftNode(SyncObj):
             raise NotLeader("not the leader", maybe_applied=False)
         maybe = error in (FAIL_REASON.DISCARDED, FAIL_REASON.LEADER_CHANGED, FAIL_REASON.REQUEST_DENIED) \
             or error == getattr(FAIL_REASON, "UNKNOWN_OUTCOME", -1)
-        raise ProposalError(f"proposal failed: {_fail_name(error)}", maybe_applied=maybe)
+        raise ProposalError(f"proposal failed: {fail_name(error)}", maybe_applied=maybe)
 
     # --- status --------------------------------------------------------------------------------------
     def status(self) -> RaftStatus:
@@ -425,7 +285,7 @@ class RaftNode(SyncObj):
         if not done.wait(timeout):
             raise ProposalError(f"{what}: no answer within {timeout:.1f}s", maybe_applied=True)
         if box["error"] != FAIL_REASON.SUCCESS:
-            raise ProposalError(f"{what} failed: {_fail_name(box['error'])}", maybe_applied=True)
+            raise ProposalError(f"{what} failed: {fail_name(box['error'])}", maybe_applied=True)
 
     def add_member(self, address: str, timeout: float = 10.0) -> None:
         if address in self.members():
@@ -444,7 +304,7 @@ class RaftNode(SyncObj):
 
         self.addNodeToCluster(address, callback=callback)
         if done.wait(wait) and box["error"] != FAIL_REASON.SUCCESS:
-            raise ProposalError(f"adding {address} refused: {_fail_name(box['error'])} "
+            raise ProposalError(f"adding {address} refused: {fail_name(box['error'])} "
                                 "(another membership change in progress?); retry", maybe_applied=False)
 
     def remove_member(self, address: str, timeout: float = 10.0) -> None:
@@ -492,107 +352,6 @@ class RaftNode(SyncObj):
     def _state_changed(self, old, new) -> None:
         if self._on_state_change is not None:
             self._on_state_change()
-
-
-class GroupCommitter:
-    """Coalesces concurrent proposals into one log entry: group commit.
-
-    pysyncobj sends an AppendEntries round per log entry once batching is off, and the leader's CPU is the
-    limit (GIL, pickling, encryption per message). Proposals that arrive while earlier ones are in flight
-    are therefore joined into one batch entry, applied in one SQLite transaction. A lone proposal goes out
-    as it is, so sequential latency is unchanged; under concurrency throughput grows with the batch size.
-    """
-
-    def __init__(self, raft: RaftNode, max_batch: int = 256, in_flight: int = 2):
-        self.raft = raft
-        self.max_batch = max_batch
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, name=f"group-commit-{i}", daemon=True)
-                         for i in range(in_flight)]
-        self._closed = False
-        for t in self._threads:
-            t.start()
-
-    def submit(self, envelopes: list[bytes], timeout: float) -> list[dict | ProposalError]:
-        """Replicate each envelope (possibly batched with others); one outcome per envelope, in order."""
-        slots = [_Slot(data) for data in envelopes]
-        for slot in slots:
-            self._queue.put(slot)
-        deadline = time.monotonic() + timeout
-        out = []
-        for slot in slots:
-            if not slot.done.wait(max(0.0, deadline - time.monotonic())):
-                slot.outcome = ProposalError(f"not committed within {timeout:.1f}s (no quorum?)",
-                                             maybe_applied=True)
-            out.append(slot.outcome)
-        return out
-
-    def propose(self, envelope: bytes, timeout: float) -> tuple[dict, int]:
-        outcome = self.submit([envelope], timeout)[0]
-        if isinstance(outcome, ProposalError):
-            raise outcome
-        return outcome
-
-    def close(self) -> None:
-        self._closed = True
-        for _ in self._threads:
-            self._queue.put(None)
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None or self._closed:
-                return
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    slot = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if slot is None:
-                    self._queue.put(None)  # leave the stop marker for this thread's next turn
-                    break
-                batch.append(slot)
-            self._commit(batch)
-
-    def _commit(self, batch: list[_Slot]) -> None:
-        data = batch[0].data if len(batch) == 1 else encode_batch([s.data for s in batch])
-        try:
-            result, index = self.raft.propose(data, timeout=FORWARD_TIMEOUT)
-            results = result if isinstance(result, list) else [result]
-            if len(results) != len(batch):
-                raise ProposalError(f"entry {index} was already applied before this proposal; retry",
-                                    maybe_applied=True)
-            for slot, item in zip(batch, results):
-                slot.outcome = (item, index)
-        except ProposalError as exc:
-            for slot in batch:
-                slot.outcome = exc
-        except Exception as exc:  # never leave a caller hanging
-            log.exception("group commit failed")
-            for slot in batch:
-                slot.outcome = ProposalError(f"internal error: {exc}", maybe_applied=True)
-        for slot in batch:
-            slot.done.set()
-
-
-class _Slot:
-    __slots__ = ("data", "done", "outcome")
-
-    def __init__(self, data: bytes):
-        self.data = data
-        self.done = threading.Event()
-        self.outcome = None
-
-
-FORWARD_TIMEOUT = 8.0
-
-
-def _fail_name(code) -> str:
-    for name in dir(FAIL_REASON):
-        if not name.startswith("_") and getattr(FAIL_REASON, name) == code:
-            return name
-    return str(code)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:

@@ -66,21 +66,6 @@ ENROLL_PORT_OFFSET = 2
 current_peer: contextvars.ContextVar[tls.Peer | None] = contextvars.ContextVar("current_peer", default=None)
 
 
-# The cluster's own keys in the key-value store (the rotation generations of secrets_cli.py): a write there
-# rotates every certificate and the Raft key, so only admins and servers may make it.
-RESERVED_KV_PREFIX = "_cortex/"
-
-
-def kv_refusal(command_type: str, args: dict, peer: tls.Peer | None) -> str:
-    if command_type not in ("kv.put", "kv.delete", "kv.cas") or peer is None or peer.role in ADMIN:
-        return ""
-    key = str(args.get("key", ""))
-    if not key.startswith(RESERVED_KV_PREFIX):
-        return ""
-    return (f"{key!r} is one of the cluster's own keys ({RESERVED_KV_PREFIX}*: credential rotation), changed by "
-            f"admins and servers only, not a {peer.role} ({peer.name}); use `cortex secrets rotate` on a server")
-
-
 def enroll_address(grpc_address: str) -> str:
     host, _, port = grpc_address.rpartition(":")
     return f"{host}:{int(port) + ENROLL_PORT_OFFSET}"

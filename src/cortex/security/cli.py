@@ -11,7 +11,11 @@ Each replaced certificate is revoked after a short grace (revocation.py). `--ca`
 
 from __future__ import annotations
 
+import sys
 import time
+import uuid
+
+from cortex.security import ca_rotation
 
 ROTATION_KEY = "_cortex/tls/rotation"
 RAFT_ROTATION_KEY = "_cortex/raft/rotation"  # a generation number; the keys are derived (raft_keys.py)
@@ -48,12 +52,10 @@ def register(sub, add, emit, client_of) -> None:
         return 0
 
     def cmd_rotate_ca(args) -> int:
-        from cortex.security import ca_rotation
-
         with client_of(args) as c:
             if not args.json:
                 print("rotating the cluster CA (re-run to resume; phases: trust, reissue, drop)", flush=True)
-            result = ca_rotation.run(c, args.wait, ca_rotation.progress_printer(args.json))
+            result = follow_ca_rotation(c, args.wait, progress_printer(args.json))
         if result.get("timed_out"):
             emit(args, result, f"CA rotation {result['rot_id']} is still in phase {result['phase']}, waiting for "
                                f"{', '.join(result['waiting_for']) or 'the leader'}: it goes on in the cluster; "
@@ -83,6 +85,38 @@ def register(sub, add, emit, client_of) -> None:
         return 0
 
     add("ca", cmd_ca, "show the cluster CA's pin (compare with what a joining node shows)", secrets)
+
+
+def follow_ca_rotation(client, timeout: float, emit_progress, rot_id: str = "") -> dict:
+    """Start (or resume) a rotation and follow it until done or `timeout`."""
+    started = client.write("ca.request", {"rot_id": rot_id or uuid.uuid4().hex[:16]},
+                           idempotency_key=f"ca-request-{rot_id}" if rot_id else None, retry_for=15)
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        doc = client.read("ca.rotation", {}, level="leader")
+        members = ca_rotation.active_members(client.read("nodes", {}, level="leader"))
+        row = doc["rotation"] or {}
+        waiting = ca_rotation.pending(doc, members)
+        state = (row.get("phase"), tuple(waiting))
+        if state != last:
+            emit_progress(row.get("phase", ""), len(members) - len(waiting), len(members), waiting)
+            last = state
+        if row.get("phase") == "done" and row.get("rot_id") == started["rot_id"]:
+            return {"rot_id": row["rot_id"], "phase": "done", "resumed": not started["started"],
+                    "old_pin": row["old_pin"], "new_pin": row["new_pin"], "raft_generation": row["raft_generation"]}
+        if time.monotonic() > deadline:
+            return {"rot_id": row.get("rot_id"), "phase": row.get("phase"), "waiting_for": waiting,
+                    "resumed": not started["started"], "timed_out": True}
+        time.sleep(0.5)
+
+
+def progress_printer(as_json: bool):
+    """Progress lines on stderr in both modes (with --json, stdout holds only the result)."""
+    def show(phase: str, done: int, total: int, waiting: list[str]) -> None:
+        tail = f" (waiting for {', '.join(waiting)})" if waiting else ""
+        print(f"  {phase:9} {done}/{total} nodes{tail}", file=sys.stderr, flush=True)
+    return show
 
 
 def ca_info(bundle: bytes) -> dict:

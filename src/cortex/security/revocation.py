@@ -97,16 +97,6 @@ def _events(env, result: dict) -> list[tuple[str, dict]]:
     return []
 
 
-DOMAIN = domain.Domain(
-    name="cert",
-    migrations=MIGRATIONS,
-    tables=("cert_revocations",),
-    commands={"cert.revoke": domain.Command(validate=validate_revoke, apply=apply_revoke)},
-    queries={"cert.revocations": query_revocations},
-    events=_events,
-)
-
-
 def write_refusal(command_type: str, args: dict, peer: tls.Peer | None) -> str | None:
     """Who may revoke: servers and admins any name; anyone else only its own (a node that renewed revokes
     its older certificates). None (allowed) for every other command and in-process callers (peer None)."""
@@ -116,6 +106,17 @@ def write_refusal(command_type: str, args: dict, peer: tls.Peer | None) -> str |
         return (f"{peer.name} ({peer.role}) may revoke only its own certificates, not {args.get('name')!r}; "
                 "ask an admin (on a server: cortex nodes remove)")
     return None
+
+
+DOMAIN = domain.Domain(
+    name="cert",
+    migrations=MIGRATIONS,
+    tables=("cert_revocations",),
+    commands={"cert.revoke": domain.Command(validate=validate_revoke, apply=apply_revoke)},
+    queries={"cert.revocations": query_revocations},
+    events=_events,
+    refuse=write_refusal,
+)
 
 
 @dataclass(frozen=True)

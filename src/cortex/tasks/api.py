@@ -10,8 +10,8 @@ import time
 import uuid
 from typing import Any, Protocol
 
+from cortex.tasks.lifecycle import TERMINAL
 from cortex.tasks.spec import MAX_TASKS_PER_SUBMIT
-from cortex.tasks.state import TERMINAL
 
 AGGREGATE_OUTPUT_CAP = 64 * 1024  # per node in an aggregated result
 

@@ -179,19 +179,16 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from cortex.tasks.scheduler import explain
+    from cortex.plugins.host import installed_placements
+    from cortex.tasks.scheduler import explain, round_rules
 
     with _client(args) as c:
         task = c.read("task.get", {"id": args.id}, level="leader")
         if task is None:
             raise _cli().UsageError(f"no task {args.id!r}; see `cortex tasks list`")
         if task["state"] == "queued":
-            records = ()
-            if task["kind"] == "k8s_job":
-                from cortex.kube.records import read_records
-
-                records = read_records(lambda query, a: c.read(query, a, level="leader"))
-            task["placement_now"] = explain(task, c.read("task.nodes", {}, level="leader"), records)
+            rules = round_rules(installed_placements(), {task["kind"]}, lambda query, a: c.read(query, a, level="leader"))
+            task["placement_now"] = explain(task, c.read("task.nodes", {}, level="leader"), rules)
     lines = [f"{k:13} {task[k]}" for k in ("id", "name", "kind", "state", "priority", "attempt", "failures", "node",
                                           "exit_code", "error", "dlq", "workflow", "step", "grp") if task.get(k)
              not in (None, "", False)]

@@ -17,11 +17,12 @@ import time
 import uuid
 from typing import Any, ClassVar
 
-from cortex.plugins import Caller, Plugin, Tool, ToolError
+from cortex.plugins.api import Caller, Plugin, Tool, ToolError, holds_no_replica
+from cortex.plugins.host import installed_placements
 from cortex.tasks import api, executors, resources
 from cortex.tasks.executors import ExecutorSettings
 from cortex.tasks.runner import Runner
-from cortex.tasks.scheduler import schedule
+from cortex.tasks.scheduler import round_rules, schedule
 
 ASSIGN_BATCH = 1000
 
@@ -50,6 +51,8 @@ class TaskEngine(Plugin):
         },
     }
 
+    _stop: threading.Event | None = None
+
     # --- lifecycle -------------------------------------------------------------------------------------------
     def init(self) -> None:
         self._stop = threading.Event()
@@ -64,6 +67,7 @@ class TaskEngine(Plugin):
         self.settings = ExecutorSettings(hide_paths=(str(node_data.resolve()),),
                                          agent_base_url=self.ctx.options.get("agent_base_url", ""))
         self.executors = self._build_executors()
+        self.placements = installed_placements()
 
     def _build_executors(self) -> dict:
         wanted = self.ctx.options.get("kinds")
@@ -88,8 +92,7 @@ class TaskEngine(Plugin):
             return
         if self.ctx.options.get("run_tasks", True):
             self.runner = Runner(cluster, cluster.node_id, self.executors, (self.ctx.data_dir / "work").resolve(),
-                                 self.ctx.log, server=getattr(cluster, "role", "") == "server"
-                                 and hasattr(cluster, "read_local"))
+                                 self.ctx.log, server=cluster.role == "server")
             self.runner.start()
         for name, target in (("task-leader", self._leader_loop), ("task-resources", self._resource_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -97,7 +100,7 @@ class TaskEngine(Plugin):
             self._threads.append(t)
 
     def stop(self) -> None:
-        if not hasattr(self, "_stop"):
+        if self._stop is None:  # never initialised: nothing to stop
             return
         self._stop.set()
         self._wake.set()
@@ -221,17 +224,17 @@ class TaskEngine(Plugin):
         return timeout
 
     def _decide(self, snap: dict) -> list:
-        records = ()
-        if any(t["kind"] == "k8s_job" for t in snap["queued"]):  # where Kubernetes capacity is (kubernetes plugin)
-            from cortex.kube.records import read_records
-
-            records = read_records(lambda query, args: self.ctx.cluster.read(query, args, level="leader"))
-        return schedule(snap["queued"], snap["nodes"], k8s_records=records)
+        rules = round_rules(self.placements, {t["kind"] for t in snap["queued"]},
+                            lambda query, args: self.ctx.cluster.read(query, args, level="leader"))
+        return schedule(snap["queued"], snap["nodes"], rules=rules)
 
     def _read_sched(self, now: float, limit) -> dict:
         args = {"now": now, "limit": limit}
-        if hasattr(self.ctx.cluster, "read_local"):  # the leader's own replica, without a JSON round trip
+        try:  # the leader's own replica, without a JSON round trip
             return self.ctx.cluster.read_local("task.sched", args)
+        except Exception as exc:
+            if not holds_no_replica(exc):
+                raise
         return self.ctx.cluster.read("task.sched", args, level="leader")
 
     # --- tools -----------------------------------------------------------------------------------------------

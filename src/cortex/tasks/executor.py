@@ -3,8 +3,8 @@
 The engine owns the task's lifecycle in replicated state: assignment, attempts, retries, the dead-letter
 queue. An executor only runs one attempt on this node: it checks a spec at submit time (`validate`), then
 `run`s an attempt, streaming output through `TaskRun.emit` and watching `TaskRun.cancelled`, and says how
-the attempt ended (`Outcome`). Executors are looked up by task kind in a registry the engine builds from
-the built-ins and from plugins (`executors()` of a plugin).
+the attempt ended (`Outcome`). Executors are looked up by task kind in the entry-point group
+`cortex.executors` (executors.py).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Executors by task kind, and the built-in ones that need no daemon: noop and the bubblewrap shell.
 
-The registry: built-in kinds below, overridden or extended by installed packages through the entry-point
-group `cortex.executors` (name = the kind, value = `module:Class`; the class is built with no arguments, or
-with `settings=` when its constructor takes it). A running plugin may also offer executors through an
-`executors()` method (engine.py collects them). The kube integration plugs its `k8s_job` executor in this
-way; until it is installed the kind exists but no node offers it, so such tasks wait in the queue.
+The registry is the entry-point group `cortex.executors` and nothing else (name = the kind, value =
+`module:Class`; the class is built with no arguments, or with `settings=` when its constructor takes it).
+Cortex's own kinds are listed there in pyproject.toml like a third party's would be, so every node and the
+command validator agree on the kinds that exist, whichever plugins a node enables. A kind whose executor
+is unavailable on a node (no bwrap, no kubeconfig) is simply not offered by that node's reports, so its
+tasks wait in the queue until a node that can run them appears.
 """
 
 from __future__ import annotations
@@ -27,12 +28,6 @@ from cortex.core.commands import CommandError
 from cortex.tasks.executor import Executor, Outcome, TaskRun, TaskSpecError
 
 ENTRY_POINT_GROUP = "cortex.executors"
-BUILTIN = {
-    "noop": "cortex.tasks.executors:NoopExecutor",
-    "shell": "cortex.tasks.executors:ShellExecutor",
-    "container": "cortex.tasks.container:ContainerExecutor",
-    "agent": "cortex.tasks.agent_executor:AgentExecutor",
-}
 RESULT_FILE = "result.json"  # a task may leave a JSON result here; workflows and fan-in read it
 MAX_RESULT_BYTES = 64 * 1024
 STDOUT_TAIL = 4096
@@ -57,10 +52,8 @@ def _load(value: str):
 
 @cache
 def factories() -> dict[str, str]:
-    out = dict(BUILTIN)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        out[ep.name] = ep.value
-    return out
+    """{kind: "module:Class"} of the installed executors."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def kinds() -> list[str]:

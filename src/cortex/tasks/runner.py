@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cortex.tasks.executor import Executor, Outcome, TaskRun
-from cortex.tasks.state import MAX_CHUNK, OUTPUT_CAP
+from cortex.tasks.lifecycle import MAX_CHUNK, OUTPUT_CAP
 
 PERMANENT_CODES = {"INVALID_ARGUMENT", "PERMISSION_DENIED", "FAILED_PRECONDITION", "NOT_FOUND"}
 FINISHED_MEMORY = 30.0  # seconds a finished attempt is remembered (stale reads may still list it)

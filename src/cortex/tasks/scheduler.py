@@ -14,17 +14,20 @@ Filter, then rank, one task at a time in priority order (higher first, then subm
 Each placement reserves resources in the working copy, so one pass never overcommits a node. Tasks nobody can
 take stay queued, with the reason (`explain`) for `cortex tasks show`.
 
-A `k8s_job` runs its pod in a Kubernetes cluster, not on the Cortex node: for it the CPU/memory/GPU check is
-whether one of the node's Kubernetes contexts has a Kubernetes node with the pod's requests free
-(`kube.capacity.fit_reason` over the records the kubernetes plugin publishes), and it reserves only a task slot.
+Plugins may decide where tasks of some kinds fit (cortex.plugins.api.Placement): for such a kind the rule's
+refusal is checked after the slot, and a kind whose work runs elsewhere (a `k8s_job`'s pod runs in a
+Kubernetes cluster) is placed without checking or reserving the node's CPUs, memory and GPUs: only a task
+slot. `round_rules` asks the plugins once per round; everything else here is pure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cortex.kube.capacity import fit_reason
+if TYPE_CHECKING:
+    from cortex.plugins.api import Placement, StateRead
 
 DEFAULT_SLOTS = 32  # concurrent tasks per node when its report does not say
 
@@ -34,6 +37,26 @@ class Assignment:
     task_id: str
     node_id: str
     attempt: int
+
+
+@dataclass(frozen=True)
+class KindRule:
+    """A plugin's placement for one task kind, ready for one round."""
+
+    refusal: Callable[[dict, str], str]  # (task, node id) -> '' when that node may take the task now, else why not
+    uses_node_resources: bool = True
+
+
+def round_rules(placements: Iterable[Placement], kinds: Iterable[str], read: StateRead) -> dict[str, KindRule]:
+    """The rules for the task kinds waiting this round: each placement prepares (reads its records) only when
+    one of its kinds waits; the first placement to claim a kind decides it."""
+    wanted, rules = set(kinds), {}
+    for placement in placements:
+        claimed = (placement.kinds & wanted) - rules.keys()
+        if claimed:
+            rule = KindRule(placement.prepare(read), placement.uses_node_resources)
+            rules.update(dict.fromkeys(claimed, rule))
+    return rules
 
 
 @dataclass
@@ -78,9 +101,9 @@ def _static_ok(task: dict, n: _Node) -> bool:
     return not reason or reason.startswith(("no free task slot", "needs "))
 
 
-def _fits(task: dict, n: _Node, k8s_records: Sequence[dict] = (), static_only: bool = False) -> str:
+def _fits(task: dict, n: _Node, rules: Mapping[str, KindRule] = {}, static_only: bool = False) -> str:
     """'' when the node can take the task now, else why not (static_only: skip what a pass's placements change
-    and Kubernetes capacity, which `schedule` checks per task)."""
+    and the kind's plugin rule, which `schedule` checks per task)."""
     p = task["placement"]
     if task["kind"] not in n.kinds:
         return f"does not run {task['kind']} tasks"
@@ -95,8 +118,13 @@ def _fits(task: dict, n: _Node, k8s_records: Sequence[dict] = (), static_only: b
         return "busy (its owner is using it)"
     if n.free_slots < 1:
         return "no free task slot"
-    if task["kind"] == "k8s_job":
-        return "" if static_only else fit_reason(k8s_records, n.id, task.get("spec") or {})
+    rule = rules.get(task["kind"])
+    if rule is not None:
+        if static_only:
+            return ""
+        refusal = rule.refusal(task, n.id)
+        if refusal or not rule.uses_node_resources:
+            return refusal
     if p.get("cpus", 0) > n.free_cpus + 1e-9:
         return f"needs {p['cpus']:g} CPUs, {max(n.free_cpus, 0):g} free"
     if p.get("memory_mb", 0) > n.free_mem:
@@ -118,9 +146,9 @@ def _score(n: _Node, top_flops: float, strategy: str) -> float:
 
 
 def schedule(queued: list[dict], nodes: list[dict], limit: int = 5000,
-             k8s_records: Sequence[dict] = ()) -> list[Assignment]:
+             rules: Mapping[str, KindRule] = {}) -> list[Assignment]:
     """Assignments for as many ready tasks as fit. `queued` is in priority order already (state query);
-    `k8s_records` are the kubernetes plugin's per-node records (needed only for k8s_job tasks)."""
+    `rules` are the plugins' placements for the kinds queued this round (round_rules)."""
     views, top = _prepare(nodes)
     out: list[Assignment] = []
     if not views:
@@ -141,15 +169,16 @@ def schedule(queued: list[dict], nodes: list[dict], limit: int = 5000,
         candidates = static.get(key)
         if candidates is None:
             candidates = static[key] = [n for n in views if _static_ok(task, n)]
-        k8s = task["kind"] == "k8s_job"
-        cpus, mem, gpus = (0, 0, 0) if k8s else (p.get("cpus", 0), p.get("memory_mb", 0), p.get("gpus", 0))
+        rule = rules.get(task["kind"])
+        elsewhere = rule is not None and not rule.uses_node_resources
+        cpus, mem, gpus = (0, 0, 0) if elsewhere else (p.get("cpus", 0), p.get("memory_mb", 0), p.get("gpus", 0))
         best, best_score = None, 0.0
         avoid = task.get("last_node") if task["attempt"] > 0 else None
         fallback = None  # the node the previous attempt ran on: taken only when no other node fits
         for n in candidates:
             if n.free_slots < 1 or cpus > n.free_cpus + 1e-9 or mem > n.free_mem or gpus > n.free_gpus:
                 continue
-            if k8s and fit_reason(k8s_records, n.id, task.get("spec") or {}):
+            if rule is not None and rule.refusal(task, n.id):
                 continue
             if n.id == avoid:
                 fallback = n
@@ -170,7 +199,7 @@ def schedule(queued: list[dict], nodes: list[dict], limit: int = 5000,
     return out
 
 
-def explain(task: dict, nodes: list[dict], k8s_records: Sequence[dict] = ()) -> dict[str, str]:
+def explain(task: dict, nodes: list[dict], rules: Mapping[str, KindRule] = {}) -> dict[str, str]:
     """Why each node cannot take this task right now (for `cortex tasks show` of a queued task)."""
     views, _ = _prepare(nodes)
     ready = {n.id for n in views}
@@ -180,5 +209,5 @@ def explain(task: dict, nodes: list[dict], k8s_records: Sequence[dict] = ()) -> 
             reasons[n["id"]] = ("draining" if n.get("drained") else
                                 "no resource report yet" if not n.get("reported_at") else n.get("liveness", "?"))
     for n in views:
-        reasons[n.id] = _fits(task, n, k8s_records) or "fits"
+        reasons[n.id] = _fits(task, n, rules) or "fits"
     return reasons

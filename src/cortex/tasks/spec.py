@@ -11,7 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from cortex.core.commands import CommandError
+from cortex.core.args import NODE_ID_RE, CommandError
 from cortex.tasks.executor import TaskSpecError
 
 MAX_TASKS_PER_SUBMIT = 1000
@@ -21,7 +21,6 @@ RETRY_ON = ("exit", "timeout", "error")  # nonzero exit code, time limit hit, ex
 STRATEGIES = ("spread", "pack")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
-_NODE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ def parse_placement(doc) -> Placement:
             for k, v in labels.items()):
         raise _err("placement.labels must map label names to strings, e.g. {\"gpu\": \"rtx4090\"}")
     nodes = doc.get("nodes", [])
-    if not isinstance(nodes, list) or not all(isinstance(n, str) and _NODE_RE.match(n) for n in nodes):
+    if not isinstance(nodes, list) or not all(isinstance(n, str) and NODE_ID_RE.match(n) for n in nodes):
         raise _err("placement.nodes must be a list of node ids")
     if not isinstance(doc.get("avoid_busy", True), bool):
         raise _err("placement.avoid_busy must be true or false")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from cortex.plugins import Caller, Tool, ToolError
 from cortex.tasks import api
-from cortex.tasks.state import STATES
+from cortex.tasks.lifecycle import STATES
 
 if TYPE_CHECKING:
     from cortex.tasks.engine import TaskEngine

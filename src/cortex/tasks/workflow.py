@@ -31,12 +31,17 @@ import copy
 import hashlib
 import json
 import re
-import sqlite3
 
 from cortex.core import domain
 from cortex.core.commands import CommandError, Envelope
-from cortex.tasks import state as tstate
 from cortex.tasks.celeval import CelError, Evaluator, compile_check
+from cortex.tasks.lifecycle import (
+    STEP_TERMINAL,
+    cancel_task,
+    get_task,
+    insert_task,
+    settle_workflow,
+)
 from cortex.tasks.spec import validate_task
 
 TRIGGERS = ("all_success", "all_done", "one_failed", "one_success")
@@ -44,7 +49,6 @@ MAX_STEPS = 200
 MAX_FAN_OUT = 1000
 INPUTS_CAP = 32 * 1024
 _STEP_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-STEP_TERMINAL = ("succeeded", "failed", "skipped", "cancelled")
 _ENV_KINDS = ("shell", "container")  # kinds whose spec takes an `env` map (fan-in inputs go there)
 
 MIGRATIONS = (
@@ -238,41 +242,15 @@ def _h_advance(db, index, env) -> dict:
         if d["action"] == "run" and d["tasks"]:
             for i, doc in enumerate(d["tasks"]):
                 task_id = f"{wf_id}.{d['step']}" + (f".{i}" if len(d["tasks"]) > 1 else "")
-                tstate.insert_task(db, env, task_id, index * 10000 + i, doc, workflow=wf_id, step=d["step"], item=i)
+                insert_task(db, env, task_id, index * 10000 + i, doc, workflow=wf_id, step=d["step"], item=i)
             db.execute("UPDATE workflow_steps SET state='running', tasks_total=?, started_at=?, reason=? "
                        "WHERE workflow_id=? AND name=?", (len(d["tasks"]), env.ts, d["reason"], wf_id, d["step"]))
         else:
             state = {"run": "succeeded", "skip": "skipped", "fail": "failed"}[d["action"]]
             db.execute("UPDATE workflow_steps SET state=?, reason=?, started_at=?, finished_at=? "
                        "WHERE workflow_id=? AND name=?", (state, d["reason"], env.ts, env.ts, wf_id, d["step"]))
-    _settle(db, env, wf_id)
+    settle_workflow(db, env, wf_id)
     return {"workflow_id": wf_id, "applied": applied}
-
-
-def task_terminal(db: sqlite3.Connection, env: Envelope, wf_id: str, step: str) -> None:
-    """Called by the task domain when a workflow task finishes: settle its step, then the workflow."""
-    row = db.execute("SELECT state FROM workflow_steps WHERE workflow_id=? AND name=?", (wf_id, step)).fetchone()
-    if row is None or row[0] != "running":
-        return
-    counts = dict(db.execute("SELECT state, count(*) FROM tasks WHERE workflow=? AND step=? GROUP BY state",
-                             (wf_id, step)).fetchall())
-    total = sum(counts.values())
-    if sum(counts.get(s, 0) for s in tstate.TERMINAL) < total:
-        return
-    state = "succeeded" if counts.get("succeeded", 0) == total else \
-        "cancelled" if counts.get("cancelled", 0) == total else "failed"
-    db.execute("UPDATE workflow_steps SET state=?, finished_at=? WHERE workflow_id=? AND name=?",
-               (state, env.ts, wf_id, step))
-    _settle(db, env, wf_id)
-
-
-def _settle(db, env, wf_id: str) -> None:
-    states = [r[0] for r in db.execute("SELECT state FROM workflow_steps WHERE workflow_id=?", (wf_id,))]
-    current = db.execute("SELECT state FROM workflows WHERE id=?", (wf_id,)).fetchone()[0]
-    if current != "running" or not all(s in STEP_TERMINAL for s in states):
-        return
-    final = "failed" if "failed" in states else "cancelled" if "cancelled" in states else "succeeded"
-    db.execute("UPDATE workflows SET state=?, finished_at=?, updated_at=? WHERE id=?", (final, env.ts, env.ts, wf_id))
 
 
 def _h_cancel(db, index, env) -> dict:
@@ -288,7 +266,7 @@ def _h_cancel(db, index, env) -> dict:
     cancelled = 0
     for (task_id,) in db.execute("SELECT id FROM tasks WHERE workflow=? AND state NOT IN "
                                  "('succeeded','failed','cancelled')", (wf_id,)).fetchall():
-        tstate.cancel_task(db, env, tstate.get_task(db, task_id))
+        cancel_task(db, env, get_task(db, task_id))
         cancelled += 1
     db.execute("UPDATE workflow_steps SET state='cancelled', finished_at=? WHERE workflow_id=? AND state='running'",
                (env.ts, wf_id))
