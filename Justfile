@@ -15,8 +15,7 @@ up servers="3" workers="2":
 down *args:
     {{bin}}/cortex dev down {{args}}
 
-# every tier, as CI runs it: tests/unit, tests/cluster (agent processes on loopback), tests/system (ansible,
-# image, bench, netboot...) and as root the VM tests (tests/qemu); the 25 slowest tests are listed at the end
+# every tier as CI runs it: unit, cluster (agents on loopback), system, and as root the VMs; 25 slowest listed
 test *args:
     {{bin}}/python -m cortex.dev.protogen --check
     {{bin}}/python -m pytest --durations=25 {{args}}
