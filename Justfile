@@ -15,10 +15,14 @@ up servers="3" workers="2":
 down *args:
     {{bin}}/cortex dev down {{args}}
 
-# the test suite (unit, multi-process cluster, bad input, and as root the VM tests: tests/qemu)
+# every tier as CI runs it: unit, cluster (agents on loopback), system, and as root the VMs; 25 slowest listed
 test *args:
     {{bin}}/python -m cortex.dev.protogen --check
-    {{bin}}/python -m pytest {{args}}
+    {{bin}}/python -m pytest --durations=25 {{args}}
+
+# the unit tier alone: no agent processes, well under two minutes
+test-fast *args:
+    {{bin}}/python -m pytest tests/unit {{args}}
 
 # benchmarks, Cortex beside etcd on loopback, then the task engine, printed as tables
 bench *args:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Sequence
 
+from tests.support import netlab
+
 
 class HostCommandError(RuntimeError):
     pass
@@ -25,4 +27,4 @@ def run(argv: Sequence[str], *, timeout: float = 60, check: bool = True,
 
 def in_netns(netns: str, argv: Sequence[str]) -> list[str]:
     """argv prefixed to run inside a network namespace (traffic never leaves the test's lab)."""
-    return ["ip", "netns", "exec", netns, *argv]
+    return netlab.in_netns(netns, argv)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from tests.qemu.hostcmd import run
+from tests.support.netlab import NetLab
 
 SUBNET = "10.233.0"  # /24 inside the namespace only; the partition tests use 10.231.x
 GATEWAY = f"{SUBNET}.1"
@@ -21,50 +21,36 @@ class LabNetwork:
         self.taps: list[str] = []
         self.peers: list[str] = []
         self.up = False
+        self._lab = NetLab()
 
     def create(self) -> LabNetwork:
-        run(["ip", "netns", "add", self.name])
+        self._lab.namespace(self.name)
         self.up = True
-        ip = ["ip", "-n", self.name]
-        run([*ip, "link", "set", "lo", "up"])
-        run([*ip, "link", "add", "br0", "type", "bridge"])
-        run([*ip, "addr", "add", f"{GATEWAY}/24", "dev", "br0"])
-        run([*ip, "link", "set", "br0", "up"])
+        self._lab.bridge(self.name, "br0", f"{GATEWAY}/24")
         # Guard: inside the namespace the lab subnet must route to the bridge and nowhere else.
-        route = run([*ip, "route", "get", f"{SUBNET}.11"]).stdout
-        if "dev br0" not in route:
-            raise RuntimeError(f"lab route check failed in {self.name}: {route.strip()}")
+        device = self._lab.route_device(self.name, f"{SUBNET}.11")
+        if device != "br0":
+            raise RuntimeError(f"lab route check failed in {self.name}: {SUBNET}.11 goes out of {device}")
         return self
 
     def add_tap(self) -> str:
         tap = f"tap{len(self.taps)}"
-        ip = ["ip", "-n", self.name]
-        run([*ip, "tuntap", "add", "dev", tap, "mode", "tap"])
-        run([*ip, "link", "set", tap, "master", "br0"])
-        run([*ip, "link", "set", tap, "up"])
+        self._lab.tap(self.name, tap)
         self.taps.append(tap)
         return tap
 
     def add_peer(self, suffix: str, address: str) -> str:
         """Another host on the lab's LAN: its own namespace, plugged into the bridge with a veth pair, at
         `address` (/24). Returns the namespace's name. E.g. a home router with its own DHCP server."""
-        name = f"{self.name}-{suffix}"
-        run(["ip", "netns", "add", name])
+        name = self._lab.namespace(f"{self.name}-{suffix}")
         self.peers.append(name)
-        ip = ["ip", "-n", self.name]
-        veth = f"veth{len(self.peers) - 1}"
-        run([*ip, "link", "add", veth, "type", "veth", "peer", "name", "lan0", "netns", name])
-        run([*ip, "link", "set", veth, "master", "br0"])
-        run([*ip, "link", "set", veth, "up"])
-        for cmd in (["link", "set", "lo", "up"], ["addr", "add", f"{address}/24", "dev", "lan0"],
-                    ["link", "set", "lan0", "up"]):
-            run(["ip", "-n", name, *cmd])
+        self._lab.plug(name, self.name, f"veth{len(self.peers) - 1}", ifname="lan0", address=f"{address}/24")
         return name
 
     def remove_peer(self, name: str) -> None:
         """Unplug a peer (its processes must be gone first): the veth pair goes with its namespace."""
         if name in self.peers:
-            run(["ip", "netns", "del", name], check=False)
+            self._lab.remove(name)
             self.peers.remove(name)
 
     def destroy(self) -> None:
@@ -72,5 +58,5 @@ class LabNetwork:
         for peer in list(self.peers):
             self.remove_peer(peer)
         if self.up:
-            run(["ip", "netns", "del", self.name], check=False)
+            self._lab.remove(self.name)
             self.up = False

@@ -25,6 +25,7 @@ from qemu.qmp.protocol import ConnectError
 from tests.qemu.console import SerialConsole
 from tests.qemu.hostcmd import in_netns, run
 from tests.qemu.sshchannel import SSHChannel
+from tests.support import procs
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -82,9 +83,9 @@ class Machine:
         qmp_socket = self.dir / "qmp.sock"
         qmp_socket.unlink(missing_ok=True)
         stderr = (self.dir / "qemu.stderr").open("ab")
-        self.process = subprocess.Popen(in_netns(self.netns, self._qemu_argv(overlay, qmp_socket)),
-                                        stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                                        start_new_session=True)
+        self.process = procs.popen(in_netns(self.netns, self._qemu_argv(overlay, qmp_socket)),
+                                   stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                                   start_new_session=True)
         stderr.close()
         self.powered_on = time.monotonic()
         if self.console._thread is None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.qemu.hostcmd import in_netns, run
+from tests.support import procs
 
 SCRIPT = Path(__file__).with_name("netns_client.py")
 # Members speak mutual TLS: the probes present an admin certificate of the cluster under test
@@ -46,8 +47,8 @@ class Stream:
         self.lines: list[dict] = []
         self._cond = threading.Condition()
         self._log = log.open("a")
-        self.process = subprocess.Popen(_argv(netns, *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self._log, text=True)
+        self.process = procs.popen(_argv(netns, *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=self._log, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

@@ -30,7 +30,9 @@ import pytest
 from cortex.update import releases as updates
 from tests.qemu import images, probes, timings
 from tests.qemu.conftest import CORTEX, wait_until
+from tests.qemu.hostcmd import in_netns
 from tests.qemu.labnet import GATEWAY
+from tests.support import procs
 
 pytestmark = pytest.mark.skipif(not os.environ.get("CORTEX_VM_ISSU"),
                                 reason="minutes of TCG per node; run with CORTEX_VM_ISSU=1")
@@ -131,9 +133,9 @@ def releases(lab, cluster):
         os.link(path, broken / path.name.replace(f"cortex_{v2}.", f"cortex_{v3}."))
     cmdline = patch_uki_cmdline(update_dir / f"cortex_{v2}.efi", broken / f"cortex_{v3}.efi", BROKEN_WORDS)
     updates.publish(broken, root, "stable", key)
-    server = subprocess.Popen(["ip", "netns", "exec", lab.netns, sys.executable, "-m", "cortex", "update", "serve",
-                               "--root", str(root), "--listen", f"{GATEWAY}:{PORT}"],
-                              stdout=subprocess.PIPE, stderr=open(work / "serve.log", "w"), text=True)
+    server = procs.popen(in_netns(lab.netns, [sys.executable, "-m", "cortex", "update", "serve", "--root", str(root),
+                                              "--listen", f"{GATEWAY}:{PORT}"]),
+                         stdout=subprocess.PIPE, stderr=open(work / "serve.log", "w"), text=True)
     assert "serving" in server.stdout.readline()
     source = f"http://{GATEWAY}:{PORT}/stable"
     # every node learns the source and the key (ESP credentials) and restarts its agent, one at a time

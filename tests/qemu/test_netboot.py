@@ -35,6 +35,7 @@ from tests.qemu import probes, timings
 from tests.qemu.conftest import wait_until
 from tests.qemu.hostcmd import in_netns, run
 from tests.qemu.labnet import GATEWAY, SUBNET
+from tests.support import procs
 
 ROUTER = f"{SUBNET}.254"
 GRPC = f"{GATEWAY}:7400"
@@ -72,8 +73,8 @@ class Services:
 
     def spawn(self, netns: str, name: str, argv: list[str]) -> subprocess.Popen:
         with (self.dir / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(in_netns(netns, argv), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = procs.popen(in_netns(netns, argv), stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs.append(proc)
         return proc
 

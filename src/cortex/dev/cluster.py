@@ -7,6 +7,7 @@ too, so what a person runs is what is tested.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -14,8 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +28,10 @@ from cortex.client import Client, CortexError, register_credentials
 from cortex.security import tls
 
 STATE_FILE = "devcluster.json"
+# Set to 1 by a test run: its agents must not outlive it, even when it is SIGKILLed. A person's `cortex dev up`
+# leaves it unset, so the cluster keeps running after the command returns.
+DIE_WITH_PARENT_ENV = "CORTEX_DIE_WITH_PARENT"
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -126,10 +133,51 @@ def plan(directory: Path, servers: int, workers: int, base_port: int) -> DevClus
     return DevCluster(dir=str(directory), nodes=nodes)
 
 
+def _arm_death_signal() -> Callable[[], None]:
+    """The child's last step before exec: SIGKILL when the forking thread ends (PR_SET_PDEATHSIG). The kernel
+    does not send it when that thread ended before the call, hence the parent check."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: the child only calls it
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn_dying_with_parent(args: list[str], kwargs: dict) -> subprocess.Popen:
+    """PR_SET_PDEATHSIG set by setpriv, which then execs `args` (same pid, the signal survives exec): the spawn
+    stays a plain fork+exec. A preexec_fn runs Python in the child, and with it the fork handlers gRPC
+    registers, which abort the child now and then in a process with live channels (as bench/etcd.py found);
+    prctl through preexec_fn is only the fallback for a system without setpriv."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return subprocess.Popen([setpriv, "--pdeathsig", "KILL", "--", *args], **kwargs)
+    return subprocess.Popen(args, preexec_fn=_arm_death_signal(), **kwargs)
+
+
+def popen_dying_with_parent(args: list[str], **kwargs) -> subprocess.Popen:
+    """subprocess.Popen whose child is SIGKILLed when this process dies, however it dies. The kernel ties the
+    signal to the forking thread, not the process, so every such child is forked from one thread that lives
+    until the interpreter exits: a child started from a short-lived worker thread would otherwise die with it."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="die-with-parent")
+    return _spawner.submit(_spawn_dying_with_parent, list(args), kwargs).result()
+
+
 def start_node(node: DevNode, env: dict | None = None) -> int:
     """Start (or restart) one agent process; returns its pid."""
     log = open(node.log_path, "ab")
-    proc = subprocess.Popen(
+    popen = popen_dying_with_parent if os.environ.get(DIE_WITH_PARENT_ENV) == "1" else subprocess.Popen
+    proc = popen(
         [sys.executable, "-m", "cortex", "agent", "--config", str(node.config_path)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=node.dir,
         start_new_session=True, env={**os.environ, **(env or {})},
