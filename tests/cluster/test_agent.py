@@ -370,7 +370,8 @@ def test_a_server_killed_between_the_steps_of_its_join_finishes_it_after_a_resta
     assert status.has_quorum
     wait_status(cluster.node("n1").grpc_address,
                 lambda s: any(n.id == "s9" and n.liveness == "alive" for n in s.nodes))
-    assert not identity.load(data_dir).pending_token
+    # the cluster answers the second step before the joiner writes its record down: wait for the write
+    wait_until(lambda: not identity.load(data_dir).pending_token, 15, "s9 records that its join finished")
     files = tls.client_files(data_dir / tls.TLS_DIR)
     with Client(address, tls_files=files) as c:
         assert c.get("before-join", level="stale") == "1"
