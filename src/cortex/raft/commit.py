@@ -6,13 +6,17 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cortex.core.commands import encode_batch
 from cortex.raft.errors import ProposalError
 
-if TYPE_CHECKING:
-    from cortex.raft.consensus import RaftNode
+
+class Proposer(Protocol):
+    """What group commit needs of Raft (RaftNode): one replicated entry, its result and log index."""
+
+    def propose(self, data: bytes, timeout: float) -> tuple[dict, int]: ...
+
 
 log = logging.getLogger("cortex.consensus")
 
@@ -28,7 +32,7 @@ class GroupCommitter:
     as it is, so sequential latency is unchanged; under concurrency throughput grows with the batch size.
     """
 
-    def __init__(self, raft: RaftNode, max_batch: int = 256, in_flight: int = 2):
+    def __init__(self, raft: Proposer, max_batch: int = 256, in_flight: int = 2):
         self.raft = raft
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
