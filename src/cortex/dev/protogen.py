@@ -68,8 +68,8 @@ def check(proto_root: Path, out_dir: Path) -> list[str]:
 
 
 def main() -> int:
-    root = Path(__file__).resolve().parents[2]
-    out = Path(__file__).resolve().parent / "_proto"
+    root = Path(__file__).resolve().parents[3]
+    out = Path(__file__).resolve().parents[1] / "_proto"
     if sys.argv[1:] == ["--check"]:
         stale = check(root / "proto", out)
         if stale:
