@@ -93,8 +93,8 @@ class Upkeep:
         self.renew_step()
         self.revocation_step()
         self.ca_rotation_step()
+        self.replicas.step()  # local and cheap: before the liveness step, whose proposals may fail
         self.admission.liveness_step()
-        self.replicas.step()
 
     def feed_watchdog(self, interval: float) -> None:
         """Feed systemd's watchdog from a thread of its own. One slow background round must not get a healthy
