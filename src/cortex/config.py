@@ -37,6 +37,9 @@ class RaftConfig:
     connection_timeout: float = 30.0
     log_compaction_entries: int = 5000
     log_compaction_seconds: float = 300.0
+    # The leader reports a server stuck when its replication lag has not shrunk for this long while the
+    # leader kept committing (raft/convergence.py).
+    replica_stuck_after: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,9 @@ KEYS: tuple[Key, ...] = (
     Key("raft.log_compaction_entries", "int", RaftConfig.log_compaction_entries, "compact the Raft log into a "
         "snapshot after this many entries"),
     Key("raft.log_compaction_seconds", "float", RaftConfig.log_compaction_seconds, "or after this many seconds"),
+    Key("raft.replica_stuck_after", "float", RaftConfig.replica_stuck_after, "the leader reports a server "
+        "stuck (`cortex status`, alert node.stuck) when its replication lag has not shrunk for this long "
+        "while the leader kept committing"),
     Key("liveness", "mapping", "", "how the leader judges nodes by their heartbeats (seconds, > 0)"),
     Key("liveness.suspect_after", "float", LivenessConfig.suspect_after, "a node without a heartbeat this long "
         "is suspect; below offline_after"),

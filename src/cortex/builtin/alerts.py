@@ -1,9 +1,10 @@
 """Alerts: conditions worth a person's attention, derived from the cluster's state, and their squelches.
 
 An alert is computed, not stored: a node that is suspect or offline, a cluster without quorum, a lagging
-server, a plugin that failed. Each has a key (`node.offline:w1`, `plugin.failed:skills@n2`) that a squelch
-matches with a glob for a while (`node.offline:*` for an hour during maintenance). Squelches are replicated
-state (this domain), so every node hides the same alerts and a squelch outlives a leader change.
+server or one whose log does not converge (stuck), a plugin that failed. Each has a key (`node.offline:w1`,
+`plugin.failed:skills@n2`) that a squelch matches with a glob for a while (`node.offline:*` for an hour
+during maintenance). Squelches are replicated state (this domain), so every node hides the same alerts and a
+squelch outlives a leader change. A computed alert clears by itself once its condition is gone.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def active_alerts(status: dict, local_plugins: list[dict], node_id: str) -> list
                            else "critical" if n.get("role") == "server" else "warning",
                            "message": f"{n.get('role', 'node')} {n['id']} is {liveness}"})
         lag = int(n.get("replication_lag", -1))
+        if n.get("replication") == "stuck":
+            alerts.append({"key": f"node.stuck:{n['id']}", "severity": "critical",
+                           "message": f"server {n['id']} is {lag} entries behind the leader and has not caught "
+                                      f"up for {float(n.get('stuck_for', 0)):.0f}s although it answers: the "
+                                      "cluster runs on one replica fewer; see its log and `cortex status`"})
+            continue
         if n.get("role") == "server" and lag > 1000:
             alerts.append({"key": f"node.lagging:{n['id']}", "severity": "warning",
                            "message": f"server {n['id']} is {lag} entries behind the leader"})

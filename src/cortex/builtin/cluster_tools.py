@@ -107,7 +107,8 @@ class ClusterToolsPlugin(Plugin):
             out.append({"id": n["id"], "role": n.get("role", ""), "liveness": n.get("liveness", ""),
                         "leader": n["id"] == view.get("leader_id"), "grpc_address": n.get("grpc_address", ""),
                         "raft_address": n.get("raft_address", ""), "replication_lag": n.get("replication_lag", -1),
-                        "last_seen_age": n.get("last_seen_age", -1), "joined_at": row.get("joined_at"),
+                        "last_seen_age": n.get("last_seen_age", -1), "replication": n.get("replication", ""),
+                        "stuck_for": n.get("stuck_for", 0), "joined_at": row.get("joined_at"),
                         "liveness_since": row.get("liveness_since")})
         return out
 

@@ -125,7 +125,9 @@ def nodes_table(status, leader_id: str) -> str:
     rows = []
     for n in status.nodes:
         rows.append({
-            "id": n.id + (" *" if n.id == leader_id else ""), "role": n.role, "liveness": n.liveness,
+            "id": n.id + (" *" if n.id == leader_id else ""), "role": n.role,
+            # answering but not converging: not plain "alive" (the leader's view, raft/convergence.py)
+            "liveness": f"{n.liveness}, stuck {n.stuck_for:.0f}s" if n.replication == "stuck" else n.liveness,
             "lag": "" if n.replication_lag < 0 else n.replication_lag,
             "seen": "" if n.last_seen_age < 0 else f"{n.last_seen_age:.1f}s ago",
             "grpc": n.grpc_address, "raft": n.raft_address,

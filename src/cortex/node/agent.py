@@ -29,6 +29,7 @@ from cortex.node.bridge import PluginBridge
 from cortex.node.logs import fields
 from cortex.node.member import AgentError, Member
 from cortex.node.peers import Peers
+from cortex.node.replicas import ReplicaWatch
 from cortex.node.router import Router
 from cortex.node.services import AdminService, ClusterService
 from cortex.node.serving import Health, Servers
@@ -60,7 +61,9 @@ class Agent:
                                cluster_service=lambda: ClusterService(self.router, self.admission, self.status),
                                admin_service=lambda: AdminService(self.joiner))
         self.wake = Wake(member)
-        self.upkeep = Upkeep(member, self.router, self.admission, self.joiner, self.health, self.wake)
+        self.replicas = ReplicaWatch(member)
+        self.upkeep = Upkeep(member, self.router, self.admission, self.joiner, self.health, self.wake,
+                             self.replicas)
 
     # --- what callers of the agent read ----------------------------------------------------------------------
     @property
@@ -81,7 +84,7 @@ class Agent:
         return self.upkeep.failed
 
     def status(self) -> pb.StatusResponse:
-        return node_status(self.member, self.router, self.admission.liveness)
+        return node_status(self.member, self.router, self.admission.liveness, self.replicas)
 
     def resume(self, trigger: str = "SIGUSR1", slept: float = 0.0) -> None:
         """The machine woke up (the clocks jumped apart; the image's sleep hook sends SIGUSR1; logind says

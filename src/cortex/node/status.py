@@ -9,6 +9,7 @@ from cortex import __version__
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.membership.liveness import LivenessTracker
 from cortex.node.member import AgentError, Member
+from cortex.node.replicas import ReplicaWatch
 from cortex.node.router import Router
 
 
@@ -28,7 +29,8 @@ def _image_version(paths=("/usr/lib/os-release", "/etc/os-release")) -> str:
 IMAGE_VERSION = _image_version()
 
 
-def node_status(member: Member, router: Router, liveness: LivenessTracker) -> pb.StatusResponse:
+def node_status(member: Member, router: Router, liveness: LivenessTracker,
+                replicas: ReplicaWatch | None = None) -> pb.StatusResponse:
     # Read once: a join, leave or promotion on another thread replaces these whole, never field by field.
     standing, replica, config = member.standing, member.replica, member.config
     ident = standing.identity
@@ -68,6 +70,9 @@ def node_status(member: Member, router: Router, liveness: LivenessTracker) -> pb
         elif raft.state == "leader":
             if node["role"] == "server" and node["raft_address"] in raft.match_index:
                 entry.replication_lag = max(0, raft.commit_index - raft.match_index[node["raft_address"]])
+                if replicas is not None:
+                    entry.replication = replicas.state(node["raft_address"])
+                    entry.stuck_for = replicas.stuck_for(node["raft_address"], now)
             heard = liveness.last_heard(node["id"])
             if heard is not None:
                 entry.last_seen_age = now - heard

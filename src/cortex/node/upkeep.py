@@ -1,7 +1,7 @@
 """The agent's background loop: a round a heartbeat interval (sooner after a wake) that keeps this node a
 healthy member: health, the second step of a server's join, worker heartbeats, the Raft transport key,
-certificate renewal, the revocation list, CA rotation, and (leader) the members' liveness. It also feeds
-systemd's watchdog while its rounds keep coming."""
+certificate renewal, the revocation list, CA rotation, and (leader) the members' liveness and whether each
+server's log keeps up. It also feeds systemd's watchdog while its rounds keep coming."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from cortex.membership.admission import Admission
 from cortex.membership.join import Joiner
 from cortex.node.logs import fields
 from cortex.node.member import AgentError, Member
+from cortex.node.replicas import ReplicaWatch
 from cortex.node.router import Router
 from cortex.node.serving import Health
 from cortex.node.wake import Wake
@@ -32,13 +33,14 @@ CA_ROTATION_IDLE_CHECK = 5.0  # how often a node looks for a CA rotation while n
 
 class Upkeep:
     def __init__(self, member: Member, router: Router, admission: Admission, joiner: Joiner, health: Health,
-                 wake: Wake):
+                 wake: Wake, replicas: ReplicaWatch):
         self.member = member
         self.router = router
         self.admission = admission
         self.joiner = joiner
         self.health = health
         self.wake = wake
+        self.replicas = replicas
         self.failed = threading.Event()  # set when the agent can no longer serve and must be restarted
         self._round_started = time.monotonic()  # when the background loop last started a round
         self._ca_next_check = 0.0
@@ -91,6 +93,7 @@ class Upkeep:
         self.renew_step()
         self.revocation_step()
         self.ca_rotation_step()
+        self.replicas.step()  # local and cheap: before the liveness step, whose proposals may fail
         self.admission.liveness_step()
 
     def feed_watchdog(self, interval: float) -> None:
