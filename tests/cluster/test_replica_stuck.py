@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from tests.conftest import Cluster
+from tests.support.cluster import Cluster
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None,
                                 reason="needs root and nftables to cut one server's Raft port on loopback")
@@ -98,17 +99,16 @@ def test_a_follower_cut_off_from_raft_is_stuck_then_clears(make_cluster):
         subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, timeout=30)
 
     healed = time.monotonic()
-    deadline, last = healed + 90, {}
-    while time.monotonic() < deadline:
-        try:
-            last = node_entry(leader_doc(c), target.id)
-            if last.get("replication") != "stuck" and last["liveness"] == "alive" \
-                    and f"node.stuck:{target.id}" not in alert_keys(c):
-                break
-        except (AssertionError, StopIteration):
-            pass  # an election after the cut heals: ask the next leader
-        time.sleep(0.5)
-    else:
-        raise AssertionError(f"{target.id} still stuck (or its alert still up) 90s after the cut healed: {last}")
+
+    def cleared() -> dict | None:
+        last = node_entry(leader_doc(c), target.id)
+        if last.get("replication") != "stuck" and last["liveness"] == "alive" \
+                and f"node.stuck:{target.id}" not in alert_keys(c):
+            return last
+        return None
+
+    # an election after the cut heals may refuse a call for a while: ask the next leader
+    wait_until(cleared, 90, f"{target.id} no longer stuck and its alert gone after the cut healed",
+               interval=0.5, ignore=(AssertionError, StopIteration))
     print(f"cleared {time.monotonic() - healed:.1f}s after the cut healed")
     assert len(set(c.wait_converged(timeout=60).values())) == 1
