@@ -8,28 +8,32 @@ from cortex.cli.output import emit
 from cortex.cli.registry import CommandRegistry
 
 
-def cmd_agent(args) -> int:
+def _checked_config(path: str, prefix: str):
+    """The config at `path` with its plugin options checked, or None after printing why (prefixed)."""
     from cortex import config, plugins
-    from cortex.node import agent, logs
 
     try:
-        cfg = config.load(args.config)
+        cfg = config.load(path)
         plugins.check_config(cfg.plugins, cfg.source)
     except (config.ConfigError, plugins.PluginConfigError) as exc:
-        print(f"cortex agent: {exc}", file=sys.stderr)
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return None
+    return cfg
+
+
+def cmd_agent(args) -> int:
+    from cortex.node import agent, logs
+
+    cfg = _checked_config(args.config, "cortex agent")
+    if cfg is None:
         return 2
     logs.setup(cfg.node_id, cfg.log.level, cfg.log.format)
     return agent.run(cfg)
 
 
 def cmd_config_check(args) -> int:
-    from cortex import config, plugins
-
-    try:
-        cfg = config.load(args.file)
-        plugins.check_config(cfg.plugins, cfg.source)
-    except (config.ConfigError, plugins.PluginConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = _checked_config(args.file, "error")
+    if cfg is None:
         return 2
     emit(args, {"ok": True, "node_id": cfg.node_id, "role": cfg.role}, f"{args.file}: ok ({cfg.node_id}, {cfg.role})")
     return 0
