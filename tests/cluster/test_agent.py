@@ -20,7 +20,7 @@ from cortex.client import AdminClient, Client, CortexError
 from cortex.dev import cluster as devcluster
 from cortex.membership import identity
 from cortex.security import authz, tls
-from tests.support import procs
+from tests.support import procs as test_procs
 from tests.support.agent import cortex, start_agent, wait_status, write_config
 from tests.support.cluster import free_base_port
 from tests.support.wait import wait_until
@@ -57,13 +57,23 @@ def test_agent_without_bootstrap_waits_and_never_elects_itself(tmp_path: Path, p
         c.put("k", "v")
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and "not in a cluster" in info.value.details
 
+    # the appliance's boot check waits through "not in a cluster" and the switch to mutual TLS on one channel
+    data_dir = config.parent / "data"
+    ready = test_procs.popen([sys.executable, "-m", "cortex.appliance.ready", "--addr", address, "--interval", "0.2",
+                              "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "CORTEX_TLS_DIR": str(data_dir / tls.TLS_DIR)})
+    procs.append(ready)
+
     socket_path = config.parent / "data" / "admin.sock"
     out = cortex("init", "--socket", str(socket_path), "--json")
     created = json.loads(out.stdout)
     assert created["cluster_id"].startswith("c-") and created["join_token"].startswith("cx1.")
-    data_dir = config.parent / "data"
     status = wait_status(address, lambda s: s.state == "leader", data_dir=data_dir)
     assert status.cluster_id == created["cluster_id"]
+    said, _ = ready.communicate(timeout=60)
+    assert ready.returncode == 0, said
+    assert "cortex-ready: waiting: state uninitialized: cortex init (new cluster) or cortex join" in said
+    assert "cortex-ready: CORTEX-READY state leader, leader solo, quorum" in said
     again = cortex("init", "--socket", str(socket_path), check=False)
     assert again.returncode == 1 and "already belongs to cluster" in again.stderr
     on_node = {"CORTEX_TLS_DIR": str(data_dir / tls.TLS_DIR)}  # what the CLI on that node finds by itself
@@ -293,7 +303,7 @@ def _join_in_background(cluster, config: Path, via: str = "n1") -> subprocess.Po
     """`cortex join` of the agent at `config` to `via` with a server token; the command returns once registered."""
     token = json.loads(cortex("--addr", cluster.node("n1").grpc_address, "--json", "token", "create", "--role",
                               "server").stdout)["token"]
-    return procs.popen([sys.executable, "-m", "cortex", "join", cluster.node(via).grpc_address, "--token", token,
+    return test_procs.popen([sys.executable, "-m", "cortex", "join", cluster.node(via).grpc_address, "--token", token,
                         "--socket", str(config.parent / "data" / "admin.sock")],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

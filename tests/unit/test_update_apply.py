@@ -5,14 +5,13 @@ on a real directory tree, refusing a tampered release before systemd-sysupdate r
 from __future__ import annotations
 
 import configparser
-import importlib.machinery
-import importlib.util
 import json
 import uuid
 from pathlib import Path
 
 import yaml
 
+from cortex.appliance import ready as cortex_ready
 from cortex.update import apply as update_apply
 from cortex.update import releases as updates
 
@@ -81,10 +80,7 @@ def test_a_tampered_release_is_refused_before_sysupdate_runs(tmp_path: Path):
 
 
 def test_cortex_ready_probation_timeout_from_the_kernel_command_line(tmp_path: Path):
-    path = str(REPO / "image/tree/usr/lib/cortex/cortex-ready")
-    loader = importlib.machinery.SourceFileLoader("cortex_ready_t", path)
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("cortex_ready_t", loader))
-    loader.exec_module(module)
+    module = cortex_ready
     cmdline = tmp_path / "cmdline"
     cmdline.write_text("quiet usrhash=abc cortex.ready_timeout=45 rw\n")
     assert module.cmdline_timeout(600, str(cmdline)) == 45

@@ -29,7 +29,18 @@ from cortex.plugins.api import (
     ToolError,
     write_with_retry,
 )
-from cortex.plugins.host import PluginHost, check_config, discover
+
+# The host is the node's side and brings jsonschema with it: loaded when first named, so a plugin's CLI
+# module (imported by every `cortex` command) does not pay for it.
+_FROM_HOST = ("PluginHost", "check_config", "discover")
+
+
+def __getattr__(name: str):
+    if name in _FROM_HOST:
+        from cortex.plugins import host
+
+        return getattr(host, name)
+    raise AttributeError(f"module 'cortex.plugins' has no attribute {name!r}")
 
 __all__ = ["CALLER_ROLES", "MAX_TOOL_ARGUMENT_BYTES", "Caller", "ClusterAPI", "Placement", "Plugin",
            "PluginConfigError", "PluginContext", "PluginHost", "Resource", "Tool", "ToolError", "check_config",

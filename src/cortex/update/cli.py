@@ -8,14 +8,20 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cortex.update import releases as updates
-from cortex.update import rollout
+if TYPE_CHECKING:
+    from cortex.update import rollout
+
+# releases and rollout (cryptography, the plan) are imported by the commands that use them: every `cortex`
+# command loads this module to register `cortex update`.
 
 DEFAULT_ROOT = "/var/lib/cortex/updates"
 
 
 def cmd_keygen(args, emit) -> int:
+    from cortex.update import releases as updates
+
     public = updates.generate_key(Path(args.key))
     emit(args, {"key": args.key, "public": public},
          f"signing key written to {args.key} (keep it offline)\ntrust it on the nodes (config update.trusted_keys):"
@@ -24,6 +30,8 @@ def cmd_keygen(args, emit) -> int:
 
 
 def cmd_publish(args, emit) -> int:
+    from cortex.update import releases as updates
+
     key = updates.load_private_key(Path(args.key))
     release = updates.publish(Path(args.source), Path(args.root), args.channel, key)
     manifest = updates.verify(release, [updates.public_key_text(key.public_key())])
@@ -34,6 +42,8 @@ def cmd_publish(args, emit) -> int:
 
 
 def cmd_list(args, emit, table) -> int:
+    from cortex.update import releases as updates
+
     rows = [{"channel": r.channel, "version": r.version, "size_mib": f"{r.size / 2**20:.1f}",
              "published": time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.published_at)), "path": str(r.path)}
             for r in updates.list_releases(Path(args.root), args.channel)]
@@ -43,6 +53,8 @@ def cmd_list(args, emit, table) -> int:
 
 
 def cmd_verify(args, emit) -> int:
+    from cortex.update import releases as updates
+
     manifest = updates.verify(Path(args.release), args.trust)
     emit(args, manifest, f"{args.release}: signature and checksums good ({manifest['channel']}/{manifest['version']})")
     return 0
@@ -50,6 +62,8 @@ def cmd_verify(args, emit) -> int:
 
 def targets_from_cluster(client_factory, status) -> list[rollout.Target]:
     """Every member, with the version it runs now (asked directly) and whether it is healthy."""
+    from cortex.update import rollout
+
     out = []
     for n in status.nodes:
         try:
@@ -65,6 +79,8 @@ def targets_from_cluster(client_factory, status) -> list[rollout.Target]:
 
 def cmd_plan(args, emit, table, client) -> int:
     from cortex.client import Client
+    from cortex.update import releases as updates
+    from cortex.update import rollout
 
     updates.parse_version(args.version)
     with client(args) as c:
@@ -127,6 +143,7 @@ def cmd_rollout(args, emit, table) -> int:
 def _follow(args, emit, rollout_id: str) -> int:
     from cortex.cli.output import UsageError
     from cortex.client import CortexError
+    from cortex.update import rollout
 
     seen: dict[str, str] = {}
     unreachable_since = 0.0
