@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,10 +14,13 @@ import pytest
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.client import channel_options
 from cortex.config import MembershipConfig
+from cortex.core.state import StateStore
 from cortex.membership import enroll, identity
+from cortex.membership.gate import SourceLimit, source_host
 from cortex.security import tls
 from tests.test_agent import cortex
 from tests.test_memory_cluster import wait_for
+from tests.test_state import env
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +127,7 @@ def test_an_expired_request_leaves_the_approval_list(make_cluster):
 
 def test_the_init_token_is_refused_once_expired(make_cluster):
     cl = make_cluster(servers=1, extra_config="membership:\n  init_token_ttl: 3\n")
-    token = (cl.node("n1").dir + "/data/join-token")
-    token = open(token).read().strip()
+    token = (Path(cl.node("n1").dir) / "data" / "join-token").read_text().strip()  # bootstrap.init wrote it
     with cl.client("n1") as c:
         expires_at = c.read("tokens", {})[0]["expires_at"]
     assert expires_at is not None
@@ -133,3 +136,39 @@ def test_the_init_token_is_refused_once_expired(make_cluster):
     assert response is None and error is not None
     assert error.code == grpc.StatusCode.PERMISSION_DENIED, error
     assert "expired" in str(error) and "cortex token create" in str(error), error
+
+
+def test_expiry_is_decided_by_the_command_time_on_every_replica(tmp_path: Path):
+    """Two replicas applying the same entries drop the same requests, whatever their own clocks say."""
+    replicas = [StateStore(tmp_path / "a.db"), StateStore(tmp_path / "b.db")]
+    entries = [env("node.request", {"node_id": f"r{i}", "role": "worker", "grpc_address": "127.0.0.1:9",
+                                     "secret_hash": identity.token_hash(f"secret-{i}")}, ts=1000.0 + i * 100)
+               for i in range(3)]
+    entries.append(env("node.approve", {"node_id": "r0"}, ts=1250.0))
+    entries.append(env("node.expire_requests", {"older_than": 100.0}, ts=1250.0))  # cutoff 1150: r1 only
+    for store in replicas:
+        results = [store.apply(index, entry) for index, entry in enumerate(entries, start=2)]
+        assert results[-1] == {"expired": ["r1"]}
+        assert {r["node_id"]: r["state"] for r in store.query("join_requests", {})} == {"r0": "approved",
+                                                                                          "r2": "pending"}
+    assert replicas[0].digest() == replicas[1].digest()
+
+
+def test_a_source_allowance_refills_at_its_rate():
+    now = [0.0]
+    limit = SourceLimit(burst=3, per_minute=6.0, clock=lambda: now[0])
+    assert [limit.take("10.0.0.5") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limit.take("10.0.0.5") == pytest.approx(10.0)  # one every 10 s
+    assert limit.take("10.0.0.6") == 0.0  # another source has its own
+    now[0] = 10.0
+    assert limit.take("10.0.0.5") == 0.0
+    assert limit.take("10.0.0.5") > 0
+    now[0] = 1000.0  # never more than the burst
+    assert [limit.take("10.0.0.5") == 0.0 for _ in range(4)] == [True, True, True, False]
+
+
+def test_a_source_is_the_callers_host_without_its_port():
+    assert source_host("ipv4:10.0.0.5:53124") == "10.0.0.5"
+    assert source_host("ipv6:[::1]:53124") == "::1"
+    assert source_host("ipv6:[fd7a:115c::5]:1") == "fd7a:115c::5"
+    assert source_host("unix:/run/x.sock") == "unix:/run/x.sock"
