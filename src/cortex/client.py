@@ -298,8 +298,9 @@ class AdminClient:
         except grpc.RpcError as exc:
             raise CortexError(exc.code(), exc.details() or "") from None
 
-    def init(self) -> pb.InitResponse:
-        return self._call(self.stub.Init, pb.InitRequest())
+    def init(self, token_ttl: float = 0.0) -> pb.InitResponse:
+        """`token_ttl`: the join token's lifetime in seconds (0: the agent's membership.init_token_ttl)."""
+        return self._call(self.stub.Init, pb.InitRequest(token_ttl_seconds=token_ttl))
 
     def join(self, address: str, token: str, insecure_skip_ca_pin: bool = False) -> pb.JoinClusterResponse:
         return self._call(self.stub.JoinCluster, pb.JoinClusterRequest(address=address, token=token,
