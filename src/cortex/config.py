@@ -278,7 +278,7 @@ def _dataclass_from(reader: _Reader, node: yaml.Node, key: str, cls: type, custo
     custom = custom or {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kinds = {name: f.type for name, f in fields.items()}
-    allowed = section_keys(key)  # the table's keys; tests/test_reference.py checks they match the dataclass
+    allowed = section_keys(key)  # the table's keys; tests/unit/test_reference.py checks they match the dataclass
     values = {}
     for name, value_node in reader.mapping(node, key, allowed).items():
         dotted = f"{key}.{name}" if key else name

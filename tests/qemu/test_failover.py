@@ -15,7 +15,7 @@ def leader_of(doc: dict) -> str:
 # This test found two power-loss bugs: a torn Raft journal that stopped the agent from starting
 # (journal.repair_journal), then a rebooted first server whose state store had rolled back to before the
 # others joined and which elected itself leader of a cluster of one (split brain). Raft's log and vote are
-# now fsynced and its configuration kept in raft-members.json (tests/test_journal_repair.py on loopback).
+# now fsynced and its configuration kept in raft-members.json (tests/cluster/test_journal_repair.py on loopback).
 def test_failover_after_power_loss(lab, cluster):
     servers = ["node1", "node2", "node3"]
     watch = probes.watch(lab.netns, lab.grpc(*servers), log=lab.workdir / "failover-watch.jsonl")

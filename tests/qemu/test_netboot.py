@@ -16,7 +16,7 @@ power, and the leader removes it from membership once it has been offline for gc
 
 One boot only (TCG on shared cores: every boot costs minutes). The isolated-lab mode (dnsmasq as the only
 DHCP server, `--lab`) differs in the dnsmasq config alone: its rendering is checked against dnsmasq in
-tests/test_netboot_render.py.
+tests/unit/test_netboot_render.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The generated reference: `python -m cortex.dev.reference` (`just docs`) writes docs/reference/ from the code
 itself (the CLI's argparse tree, the config key table, the built-in plugins' tools), so it cannot drift;
-`--check` says which files differ (tests/test_reference.py runs it)."""
+`--check` says which files differ (tests/unit/test_reference.py runs it)."""
 
 from __future__ import annotations
 
