@@ -174,6 +174,10 @@ NO_CREDENTIALS_HINT = (f" (no client certificate found: set {TLS_DIR_ENV} to a s
                        "or run the CLI on a node)")
 
 
+def no_credentials_hint(address: str) -> str:
+    return NO_CREDENTIALS_HINT[:-1] + f"; looked in: {where_credentials_are_looked_for(address)})"
+
+
 class CortexError(RuntimeError):
     def __init__(self, code: grpc.StatusCode, details: str):
         super().__init__(f"{code.name}: {details}")
@@ -243,7 +247,7 @@ class Client:
                 return self._call(getattr(self.stub, name), request, timeout)
             details = exc.details() or ""
             if exc.code() == grpc.StatusCode.UNAVAILABLE and self.plaintext:
-                details += NO_CREDENTIALS_HINT
+                details += no_credentials_hint(self.address)
             elif exc.code() == grpc.StatusCode.UNAVAILABLE and self._lost_credentials:
                 details += (" (kept the client certificate in use: it is no longer found in "
                             f"{where_credentials_are_looked_for(self.address)})")
