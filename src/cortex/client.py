@@ -161,21 +161,21 @@ def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024,
 
 
 def where_credentials_are_looked_for(address: str) -> str:
-    """Every place find_credentials reads, so an error names the one to fill."""
+    """The places find_credentials reads for this address, so an error names the one to fill."""
+    configured = os.environ.get(TLS_DIR_ENV)
+    if configured:  # then it is the only place
+        return f"${TLS_DIR_ENV}={configured}"
+    places = [f"${TLS_DIR_ENV} (unset)"]
     note = _trust_file(address)
-    places = [f"${TLS_DIR_ENV} (a server's <data_dir>/tls, or a copy of its ca.crt and admin.crt/.key)"]
     if note is not None:
         places.append(f"the dev-trust note {note} (`cortex dev up` writes it)")
-    places.append(" or ".join(str(d) for d in DEFAULT_TLS_DIRS) + " (on a node)")
-    return "; ".join(places)
-
-
-NO_CREDENTIALS_HINT = (f" (no client certificate found: set {TLS_DIR_ENV} to a server's <data_dir>/tls, "
-                       "or run the CLI on a node)")
+    places.extend(str(d) for d in DEFAULT_TLS_DIRS)
+    return ", ".join(places)
 
 
 def no_credentials_hint(address: str) -> str:
-    return NO_CREDENTIALS_HINT[:-1] + f"; looked in: {where_credentials_are_looked_for(address)})"
+    return (f" (no client certificate found in {where_credentials_are_looked_for(address)}: set {TLS_DIR_ENV} "
+            "to a server's <data_dir>/tls, or run the CLI on a node)")
 
 
 class CortexError(RuntimeError):
@@ -249,8 +249,9 @@ class Client:
             if exc.code() == grpc.StatusCode.UNAVAILABLE and self.plaintext:
                 details += no_credentials_hint(self.address)
             elif exc.code() == grpc.StatusCode.UNAVAILABLE and self._lost_credentials:
-                details += (" (kept the client certificate in use: it is no longer found in "
-                            f"{where_credentials_are_looked_for(self.address)})")
+                details += (" (kept the client certificate in use, which is no longer found in "
+                            f"{where_credentials_are_looked_for(self.address)}: set {TLS_DIR_ENV} to a "
+                            "server's <data_dir>/tls)")
             raise CortexError(exc.code(), details) from None
 
     # --- writes ---------------------------------------------------------------------------------------
