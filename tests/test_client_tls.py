@@ -5,6 +5,8 @@ HTTP/2 preface to a TLS port is what a member logs as WRONG_VERSION_NUMBER every
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from cortex import client as client_mod
 from cortex.client import Client, CortexError
 from cortex.security import tls
+from tests.conftest import free_base_port
 
 TLS_RECORD_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello; an HTTP/2 preface starts with b"P"
 
@@ -162,3 +165,54 @@ def test_plaintext_until_credentials_appear_then_tls(port, no_credentials_anywhe
         listener.first_bytes.clear()
         call_until_connected(c, listener)
     assert_only_tls(listener)
+
+
+@pytest.fixture
+def late_agent(tmp_path: Path):
+    """A real agent, not in a cluster (so it serves plaintext), started when the test says so."""
+    port = free_base_port()
+    config = tmp_path / "agent" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text(f"node:\n  id: late\n  role: server\ndata_dir: data\nlisten:\n  grpc: 127.0.0.1:{port}\n"
+                      f"  raft: 127.0.0.1:{port + 1}\nlog:\n  format: json\n")
+    procs: list[subprocess.Popen] = []
+
+    def start() -> None:
+        with open(config.parent / "agent.log", "ab") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "cortex", "agent", "--config", str(config)],
+                                          stdout=log, stderr=subprocess.STDOUT, cwd=config.parent))
+
+    yield f"127.0.0.1:{port}", start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(20)
+
+
+def test_tls_client_never_reaches_a_plaintext_server_after_unavailable(late_agent, no_credentials_anywhere):
+    """The node was down when the client first called (UNAVAILABLE, a re-lookup that finds nothing) and
+    comes back serving plaintext: a client given TLS files gets errors, never that node's answer."""
+    address, start = late_agent
+    files = cluster_files(no_credentials_anywhere / "given")
+    with Client(address, timeout=3, tls_files=files) as c:
+        with pytest.raises(CortexError) as refused:
+            c.status()
+        assert refused.value.code.name == "UNAVAILABLE"
+        start()
+        deadline = time.monotonic() + 60
+        answered = None
+        while time.monotonic() < deadline:  # until the node answers a plaintext client
+            try:
+                with Client(address, timeout=3) as plain:
+                    answered = plain.status()
+                break
+            except CortexError:
+                time.sleep(0.2)
+        assert answered is not None and answered.state == "uninitialized"
+        for _ in range(3):
+            with pytest.raises(CortexError):
+                c.status()
+        assert c.tls_files == files
