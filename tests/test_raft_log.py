@@ -17,7 +17,7 @@ from cortex.node import logs
 from cortex.security import tls
 from tests.conftest import free_base_port
 
-FILE_LIMIT_KB = 2048  # every file the agent writes stops growing here: its disk is full
+FILE_LIMIT_KB = 2048  # no file the agent writes grows past this: its disk is full
 
 
 def json_lines(path: Path) -> list[dict]:
