@@ -15,7 +15,8 @@ import pytest
 from cortex.client import AdminClient, Client, CortexError
 from cortex.node import logs
 from cortex.security import tls
-from tests.conftest import free_base_port
+from tests.support import procs as test_procs
+from tests.support.cluster import free_base_port
 
 FILE_LIMIT_KB = 2048  # no file the agent writes grows past this: its disk is full
 
@@ -40,7 +41,7 @@ def full_disk_agent(tmp_path: Path):
                       f"  raft: 127.0.0.1:{port + 1}\nlog:\n  format: json\n")
     log_path = tmp_path / "agent.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(["bash", "-c", f'trap "" XFSZ; ulimit -f {FILE_LIMIT_KB}; exec "$@"', "agent",
+        proc = test_procs.popen(["bash", "-c", f'trap "" XFSZ; ulimit -f {FILE_LIMIT_KB}; exec "$@"', "agent",
                                  sys.executable, "-m", "cortex", "agent", "--config", str(config)],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:

@@ -16,7 +16,8 @@ import pytest
 from cortex import client as client_mod
 from cortex.client import Client, CortexError
 from cortex.security import tls
-from tests.conftest import free_base_port
+from tests.support import procs as test_procs
+from tests.support.cluster import free_base_port
 
 TLS_RECORD_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello; an HTTP/2 preface starts with b"P"
 
@@ -179,7 +180,7 @@ def late_agent(tmp_path: Path):
 
     def start() -> None:
         with open(config.parent / "agent.log", "ab") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "cortex", "agent", "--config", str(config)],
+            procs.append(test_procs.popen([sys.executable, "-m", "cortex", "agent", "--config", str(config)],
                                           stdout=log, stderr=subprocess.STDOUT, cwd=config.parent))
 
     yield f"127.0.0.1:{port}", start
