@@ -51,8 +51,9 @@ def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str,
 # Members serve gRPC with mutual TLS: a client presents a certificate of the cluster CA. Where it comes from,
 # first match wins: the `tls` argument; credentials registered for that address in this process (devcluster
 # does it for the clusters it starts); $CORTEX_TLS_DIR; the dev-trust note of that address (`just up` writes
-# them); /var/lib/cortex/tls (on a node: admin.* on servers, the node's own certificate on workers). None found: plaintext, which only
-# a node that is not in a cluster yet answers.
+# them); /var/lib/cortex/tls (on a node: admin.* on servers, the node's own certificate on workers). None found
+# when a Client is made: plaintext, which only a node that is not in a cluster yet answers (its first contact;
+# the client takes TLS once a re-lookup finds credentials). A client that has TLS never goes back to plaintext.
 TLS_DIR_ENV = "CORTEX_TLS_DIR"
 DEFAULT_TLS_DIRS = (Path("/var/lib/cortex") / tls.TLS_DIR,)
 _by_address: dict[str, tls.ClientFiles | Path] = {}  # files, or a directory read when needed
@@ -150,14 +151,31 @@ def secure_channel(address: str, files: tls.ClientFiles, options: list[tuple[str
 
 def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024,
                  files: tls.ClientFiles | None = None) -> grpc.Channel:
+    """The admin socket (`unix:`) is plaintext by design: its file mode is its access control."""
+    if address.startswith("unix:"):
+        return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
     files = files or find_credentials(address)
-    if files is None:
+    if files is None:  # first contact with a node that is not in a cluster yet
         return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
     return secure_channel(address, files, channel_options(max_message_bytes))
 
 
-NO_CREDENTIALS_HINT = (f" (no client certificate found: set {TLS_DIR_ENV} to a server's <data_dir>/tls, "
-                       "or run the CLI on a node)")
+def where_credentials_are_looked_for(address: str) -> str:
+    """The places find_credentials reads for this address, so an error names the one to fill."""
+    configured = os.environ.get(TLS_DIR_ENV)
+    if configured:  # then it is the only place
+        return f"${TLS_DIR_ENV}={configured}"
+    places = [f"${TLS_DIR_ENV} (unset)"]
+    note = _trust_file(address)
+    if note is not None:
+        places.append(f"the dev-trust note {note} (`cortex dev up` writes it)")
+    places.extend(str(d) for d in DEFAULT_TLS_DIRS)
+    return ", ".join(places)
+
+
+def no_credentials_hint(address: str) -> str:
+    return (f" (no client certificate found in {where_credentials_are_looked_for(address)}: set {TLS_DIR_ENV} "
+            "to a server's <data_dir>/tls, or run the CLI on a node)")
 
 
 class CortexError(RuntimeError):
@@ -174,7 +192,11 @@ class Client:
         self.address = address
         self.timeout = timeout
         self.tls_files = tls_files or find_credentials(address)
-        self._given_files = tls_files is not None  # given credentials are never swapped for a revoked one
+        self._given_files = tls_files is not None  # given credentials are never swapped for others
+        # Plaintext is decided here, once: only a node not in a cluster yet answers it, and a member's TLS
+        # port logs every plaintext connection as WRONG_VERSION_NUMBER. A client with TLS keeps it.
+        self.plaintext = self.tls_files is None
+        self._lost_credentials = False  # a re-lookup found none: the error says where they are looked for
         self.channel = open_channel(address, files=self.tls_files)
         self.stub = pb_grpc.ClusterStub(self.channel)
 
@@ -182,12 +204,18 @@ class Client:
         self.channel.close()
 
     def _refresh_credentials(self) -> bool:
+        """After UNAVAILABLE (the node may have joined or renewed since): credentials found anew replace
+        the ones in use. Given ones stay, and nothing found keeps TLS rather than falling to plaintext."""
+        if self._given_files:
+            return False
         fresh = find_credentials(self.address)
-        if fresh == self.tls_files:
+        self._lost_credentials = fresh is None and not self.plaintext
+        if fresh is None or fresh == self.tls_files:
             return False
         old = self.channel
         self.tls_files = fresh
-        self.channel = open_channel(self.address, files=fresh)
+        self.plaintext = False
+        self.channel = secure_channel(self.address, fresh, channel_options())
         self.stub = pb_grpc.ClusterStub(self.channel)
         old.close()
         return True
@@ -218,8 +246,12 @@ class Client:
                 # the node joined (or renewed) since this client was made: once more with its certificate
                 return self._call(getattr(self.stub, name), request, timeout)
             details = exc.details() or ""
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and self.tls_files is None:
-                details += NO_CREDENTIALS_HINT
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and self.plaintext:
+                details += no_credentials_hint(self.address)
+            elif exc.code() == grpc.StatusCode.UNAVAILABLE and self._lost_credentials:
+                details += (" (kept the client certificate in use, which is no longer found in "
+                            f"{where_credentials_are_looked_for(self.address)}: set {TLS_DIR_ENV} to a "
+                            "server's <data_dir>/tls)")
             raise CortexError(exc.code(), details) from None
 
     # --- writes ---------------------------------------------------------------------------------------
@@ -298,8 +330,9 @@ class AdminClient:
         except grpc.RpcError as exc:
             raise CortexError(exc.code(), exc.details() or "") from None
 
-    def init(self) -> pb.InitResponse:
-        return self._call(self.stub.Init, pb.InitRequest())
+    def init(self, token_ttl: float = 0.0) -> pb.InitResponse:
+        """`token_ttl`: the join token's lifetime in seconds (0: the agent's membership.init_token_ttl)."""
+        return self._call(self.stub.Init, pb.InitRequest(token_ttl_seconds=token_ttl))
 
     def join(self, address: str, token: str, insecure_skip_ca_pin: bool = False) -> pb.JoinClusterResponse:
         return self._call(self.stub.JoinCluster, pb.JoinClusterRequest(address=address, token=token,

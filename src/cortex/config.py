@@ -52,6 +52,18 @@ class LivenessConfig:
 
 
 @dataclass(frozen=True)
+class MembershipConfig:
+    """Bounds on joins without a token (anyone who reaches the enrollment port can ask), and the lifetime of
+    the token `cortex init` makes. Counts and seconds, all > 0."""
+
+    max_pending_requests: int = 100  # cluster-wide: the leader's value counts
+    request_burst: int = 10  # new requests one source address may send at once, on the node it reaches
+    requests_per_minute: float = 6.0  # and how fast that allowance refills
+    pending_request_ttl: float = 24 * 3600.0  # an undecided request leaves the approval list after this
+    init_token_ttl: float = 3600.0  # the join token made with a new cluster (`cortex init --token-ttl`)
+
+
+@dataclass(frozen=True)
 class JoinConfig:
     address: str
     token: str = ""
@@ -97,6 +109,7 @@ class Config:
     admin_socket: Path | None = None
     raft: RaftConfig = field(default_factory=RaftConfig)
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     log: LogConfig = field(default_factory=LogConfig)
     max_message_bytes: int = 4 * 1024 * 1024
@@ -170,6 +183,19 @@ KEYS: tuple[Key, ...] = (
     Key("liveness.offline_after", "float", LivenessConfig.offline_after, "and offline after this long"),
     Key("liveness.forget_left_after", "float", LivenessConfig.forget_left_after, "the record of a node that left "
         "is dropped after this long (`cortex nodes forget` drops it sooner)"),
+    Key("membership", "mapping", "", "bounds on join requests without a token and the init token's lifetime "
+        "(> 0)"),
+    Key("membership.max_pending_requests", "int", MembershipConfig.max_pending_requests, "join requests "
+        "awaiting approval the cluster holds at most (the leader's value); more are refused until an operator "
+        "decides"),
+    Key("membership.request_burst", "int", MembershipConfig.request_burst, "new join requests without a token "
+        "one source address may send at once (counted by the node that receives them)"),
+    Key("membership.requests_per_minute", "float", MembershipConfig.requests_per_minute, "how fast a source's "
+        "allowance refills; a joiner asking again about its own request is not counted"),
+    Key("membership.pending_request_ttl", "float", MembershipConfig.pending_request_ttl, "seconds after which an "
+        "undecided join request leaves the approval list"),
+    Key("membership.init_token_ttl", "float", MembershipConfig.init_token_ttl, "seconds the join token made "
+        "with a new cluster (`cortex init`, bootstrap.init) is valid; `cortex init --token-ttl` chooses too"),
     Key("bootstrap", "mapping", "", "what an agent that is not in a cluster yet does at start; nothing by "
         "default: it waits for `cortex init` or `cortex join`"),
     Key("bootstrap.init", "bool", BootstrapConfig.init, "create a new cluster with this node as its first "
@@ -374,6 +400,9 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
         if liveness.suspect_after >= liveness.offline_after:
             raise reader.fail(top["liveness"], "liveness.suspect_after", "must be below liveness.offline_after")
         kwargs["liveness"] = liveness
+
+    if "membership" in top:
+        kwargs["membership"] = _positive_section(reader, top["membership"], "membership", MembershipConfig)
 
     if "log" in top:
         values = _dataclass_from(reader, top["log"], "log", LogConfig)

@@ -65,9 +65,12 @@ def test_agent_without_bootstrap_waits_and_never_elects_itself(tmp_path: Path, p
     procs.append(ready)
 
     socket_path = config.parent / "data" / "admin.sock"
-    out = cortex("init", "--socket", str(socket_path), "--json")
+    assert "positive duration" in cortex("init", "--socket", str(socket_path), "--token-ttl", "0", check=False).stderr
+    before = time.time()
+    out = cortex("init", "--socket", str(socket_path), "--token-ttl", "2m", "--json")
     created = json.loads(out.stdout)
     assert created["cluster_id"].startswith("c-") and created["join_token"].startswith("cx1.")
+    assert before + 120 <= created["expires_at"] <= time.time() + 120  # the init token expires, as `--token-ttl` says
     status = wait_status(address, lambda s: s.state == "leader", data_dir=data_dir)
     assert status.cluster_id == created["cluster_id"]
     said, _ = ready.communicate(timeout=60)
@@ -79,6 +82,9 @@ def test_agent_without_bootstrap_waits_and_never_elects_itself(tmp_path: Path, p
     on_node = {"CORTEX_TLS_DIR": str(data_dir / tls.TLS_DIR)}  # what the CLI on that node finds by itself
     cortex("--addr", address, "kv", "put", "k", "v", env=on_node)
     assert cortex("--addr", address, "kv", "get", "k", env=on_node).stdout.strip() == "v"
+    listed = json.loads(cortex("--addr", address, "token", "list", "--json", env=on_node).stdout)
+    assert [t["expires_at"] for t in listed] == [created["expires_at"]]  # listed with its expiry, never its secret
+    assert created["join_token"] not in json.dumps(listed)
     refused = cortex("--addr", address, "kv", "get", "k", check=False, env={"CORTEX_TLS_DIR": str(tmp_path)})
     assert refused.returncode != 0 and "no client certificate found" in refused.stderr
 

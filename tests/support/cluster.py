@@ -165,10 +165,11 @@ def make_cluster(tmp_path: Path):
     started: list[devcluster.DevCluster] = []
 
     def make(servers: int = 3, workers: int = 0, raft: dict | None = None, name: str = "cluster",
-             plugins: dict | None = None) -> Cluster:
+             plugins: dict | None = None, extra_config: str = "") -> Cluster:
+        """`extra_config` is YAML appended to every node's config (a `membership:` section, say)."""
         try:
             dc = devcluster.up(tmp_path / name, servers, workers, free_base_port(), timeout=60, raft=raft,
-                               plugins=plugins)
+                               plugins=plugins, extra_config=(lambda node: extra_config) if extra_config else None)
         except BaseException:
             devcluster.down(tmp_path / name)  # never leave half a cluster running after a failed start
             raise

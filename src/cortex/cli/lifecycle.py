@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cortex.cli.output import admin_client, emit
+from cortex.cli.output import UsageError, admin_client, emit, parse_duration, when
 from cortex.cli.registry import CommandRegistry
 
 
 def cmd_init(args) -> int:
-    response = admin_client(args).init()
-    emit(args, {"cluster_id": response.cluster_id, "join_token": response.join_token},
+    ttl = parse_duration(args.token_ttl) if args.token_ttl else 0.0
+    if ttl < 0 or (args.token_ttl and ttl == 0):
+        raise UsageError("--token-ttl must be a positive duration (90s, 30m, 1h, 2d): the init token always expires")
+    response = admin_client(args).init(ttl)
+    emit(args, {"cluster_id": response.cluster_id, "join_token": response.join_token,
+                "expires_at": response.token_expires_at or None},
          f"created cluster {response.cluster_id}\n"
          f"join token (servers and workers; keep it secret): {response.join_token}\n"
+         f"  shown once, expires {when(response.token_expires_at)}; later: `cortex token create`\n"
          f"on another node: cortex join THIS_NODE_GRPC_ADDRESS --token {response.join_token}")
     return 0
 
@@ -39,7 +44,9 @@ def cmd_leave(args) -> int:
 
 
 def register(commands: CommandRegistry) -> None:
-    commands.add("init", cmd_init, "create a new cluster with the local agent as first server")
+    sp = commands.add("init", cmd_init, "create a new cluster with the local agent as first server")
+    sp.add_argument("--token-ttl", default="", help="lifetime of the join token it prints: 90s, 30m, 1h, 2d "
+                    "(default: the agent's membership.init_token_ttl, 1h)")
     sp = commands.add("join", cmd_join, "join the local agent to a cluster")
     sp.add_argument("address", help="gRPC address of any member")
     sp.add_argument("--token", default="", help="a join token (without one, an operator must approve the node)")

@@ -18,6 +18,7 @@ import grpc
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.core.commands import CommandError, validate
 from cortex.membership import identity
+from cortex.membership.gate import SourceLimit
 from cortex.membership.liveness import LivenessTracker
 from cortex.node.logs import fields
 from cortex.node.member import AgentError, Member
@@ -47,6 +48,10 @@ class Admission:
         self._liveness_term = -1  # the term in which this node, as leader, started tracking liveness
         self._next_forget = 0.0  # when the leader next looks for records of nodes that left long ago
         self._promote_lock = threading.Lock()  # one promotion (Raft membership change) at a time
+        bounds = config.membership
+        self._sources = SourceLimit(bounds.request_burst, bounds.requests_per_minute)
+        self._request_lock = threading.Lock()  # the leader counts pending requests and files one at a time
+        self._next_expiry = 0.0  # when the leader next looks for requests nobody decided on
         router.handlers.update({
             "Join": self.handle_join,
             "Leave": self.handle_leave,
@@ -65,8 +70,12 @@ class Admission:
         return self.member.store
 
     # --- join ------------------------------------------------------------------------------------------------
-    def handle_join(self, request: pb.JoinRequest) -> pb.JoinResponse:
+    def handle_join(self, request: pb.JoinRequest, source: str = "") -> pb.JoinResponse:
+        """`source` is the caller's address when this node is the first to receive the request (the
+        enrollment port); forwarded requests and this node's own join carry none."""
         ident = self.member.require_member()
+        if source and not request.token:
+            self._admit_source(request, source)
         if not self.member.is_leader():
             return self.router.forward("Join", request)
         try:
@@ -151,12 +160,61 @@ class Admission:
                 raise AgentError(grpc.StatusCode.PERMISSION_DENIED,
                                  f"approved as a {row['role']} at {row['grpc_address']}; join with those settings")
             return row["state"]
-        result = self.router.propose("node.request", {"node_id": request.node_id, "role": request.role,
-                                                      "grpc_address": request.grpc_address,
-                                                      "raft_address": request.raft_address,
-                                                      "secret_hash": secret_hash}, internal=True)
+        with self._request_lock:  # counted and filed together: concurrent requests cannot pass the cap
+            self._check_room(store)
+            result = self.router.propose("node.request", {"node_id": request.node_id, "role": request.role,
+                                                          "grpc_address": request.grpc_address,
+                                                          "raft_address": request.raft_address,
+                                                          "secret_hash": secret_hash}, internal=True)
         log.info("join request pending approval", extra=fields(joiner=request.node_id, role=request.role))
         return result["state"]
+
+    def _known_request(self, request: pb.JoinRequest) -> bool:
+        """The joiner asking again about its own request (same node id and secret): not a new one."""
+        store = self.member.store
+        if store is None or len(request.request_secret) < 16:
+            return False
+        return store.query("join_request.secret", {"node_id": request.node_id}) == identity.token_hash(
+            request.request_secret)
+
+    def _admit_source(self, request: pb.JoinRequest, source: str) -> None:
+        """On the node the request reached, before anything is forwarded or written: a new request without a
+        token spends its source's allowance, and none is taken while the cluster is full."""
+        if self._known_request(request):
+            return
+        store = self.member.store
+        if store is not None:
+            self._check_room(store)
+        wait = self._sources.take(source)
+        if wait:
+            log.warning("join request refused", extra=fields(node=request.node_id, source=source,
+                                                              reason="source over its allowance"))
+            raise AgentError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"too many join requests without a token from {source}; retry in {wait:.0f} s, or "
+                             "join with a token (an operator makes one with `cortex token create`)")
+
+    def _check_room(self, store) -> None:
+        cap = self.member.config.membership.max_pending_requests
+        waiting = sum(1 for row in store.query("join_requests", {}) if row["state"] == "pending")
+        if waiting >= cap:
+            raise AgentError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"the cluster already holds {waiting} join requests awaiting approval "
+                             f"(membership.max_pending_requests: {cap}); retry once an operator has decided "
+                             "on some (`cortex nodes pending`, then approve or reject), or join with a token "
+                             "(`cortex token create` on a member)")
+
+    def _expire_step(self) -> None:
+        """Leader: drop join requests nobody decided on within membership.pending_request_ttl, so they leave
+        the approval list and free their place under the cap."""
+        now, ttl = time.time(), self.member.config.membership.pending_request_ttl
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + min(60.0, max(0.5, ttl / 4))
+        rows = self._store().query("join_requests", {})
+        if any(row["state"] == "pending" and row["requested_at"] <= now - ttl for row in rows):
+            result = self.router.propose("node.expire_requests", {"older_than": ttl}, internal=True)
+            for node_id in result.get("expired", ()):
+                log.info("join request expired", extra=fields(joiner=node_id))
 
     # --- leave -----------------------------------------------------------------------------------------------
     def handle_leave(self, request: pb.LeaveRequest) -> pb.LeaveResponse:
@@ -329,6 +387,7 @@ class Admission:
                                 internal=True)
             self.liveness.apply(transition)
         self._forget_step()
+        self._expire_step()
 
     def _forget_step(self) -> None:
         """Leader: drop the records of nodes that left more than liveness.forget_left_after ago."""

@@ -80,7 +80,7 @@ class Joiner:
             self._start_approval_poller(pending["address"])
             return
         if boot.init:
-            token = self.init_cluster()[1]
+            token = self.init_cluster()[1]  # for the nodes that join first; expires like every token
             (self._data_dir / "join-token").write_text(token + "\n")
             (self._data_dir / "join-token").chmod(0o600)
         elif boot.join is not None:
@@ -113,8 +113,12 @@ class Joiner:
                 time.sleep(0.5)
 
     # --- a new cluster ---------------------------------------------------------------------------------------
-    def init_cluster(self) -> tuple[str, str]:
-        """Create a new cluster with this node as its first server. Returns (cluster id, join token)."""
+    def init_cluster(self, token_ttl: float = 0.0) -> tuple[str, str, float]:
+        """Create a new cluster with this node as its first server. Returns (cluster id, join token, when the
+        token expires). The token admits servers, so it lives `token_ttl` seconds (membership.init_token_ttl
+        when 0): long enough to join the first nodes, not a standing key to the cluster."""
+        if token_ttl < 0:
+            raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "the init token's lifetime must not be negative")
         member, config = self.member, self._config
         with member.lock:
             if member.identity is not None:
@@ -137,16 +141,17 @@ class Joiner:
             if not wait_until(member.is_leader, 15):
                 raise AgentError(grpc.StatusCode.UNAVAILABLE, "the new cluster did not elect this node in 15 s")
             token = identity.new_join_token(tls.ca_pin(member.certs.ca()[0]))
+            expires_at = time.time() + (token_ttl or config.membership.init_token_ttl)
             for command_type, args in (
                 ("cluster.init", {"cluster_id": cluster_id}),
                 ("node.register", {"node_id": config.node_id, "role": "server",
                                    "grpc_address": config.grpc_address, "raft_address": config.raft_address}),
-                ("token.add", {"token_hash": identity.token_hash(token), "role": "server"}),
+                ("token.add", {"token_hash": identity.token_hash(token), "role": "server", "expires_at": expires_at}),
             ):
                 self.router.propose(command_type, args, internal=True)
             log.info("cluster created", extra=fields(cluster_id=cluster_id))
             self._on_changed()
-            return cluster_id, token
+            return cluster_id, token, expires_at
 
     # --- joining ---------------------------------------------------------------------------------------------
     def join_cluster(self, address: str, token: str, timeout: float = 60.0, insecure_skip_ca_pin: bool = False) -> str:

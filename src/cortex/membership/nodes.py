@@ -48,6 +48,14 @@ def _v_request(args: dict) -> dict:
     return {**normalized, "secret_hash": secret_hash}
 
 
+def _v_expire(args: dict) -> dict:
+    rules.no_extra(args, {"older_than"})
+    older_than = rules.require(args, "older_than", (int, float))
+    if older_than <= 0:
+        raise CommandError("older_than must be > 0 seconds")
+    return {"older_than": float(older_than)}
+
+
 def _v_node(args: dict) -> dict:
     rules.no_extra(args, {"node_id"})
     return {"node_id": rules.node_id(args)}
@@ -94,6 +102,16 @@ def _h_request(db, index, env) -> dict:
     db.execute("INSERT OR REPLACE INTO join_requests VALUES (?, ?, ?, ?, ?, 'pending', ?, NULL)",
                (a["node_id"], a["role"], a["grpc_address"], a["raft_address"], a["secret_hash"], env.ts))
     return {"node_id": a["node_id"], "state": "pending"}
+
+
+def _h_expire(db, index, env) -> dict:
+    """Drop the requests still pending `older_than` seconds before this command was proposed: the cutoff
+    comes from the envelope's time, so every replica drops the same rows."""
+    cutoff = env.ts - env.args["older_than"]
+    expired = [row[0] for row in db.execute(
+        "SELECT node_id FROM join_requests WHERE state='pending' AND requested_at <= ? ORDER BY node_id", (cutoff,))]
+    db.execute("DELETE FROM join_requests WHERE state='pending' AND requested_at <= ?", (cutoff,))
+    return {"expired": expired}
 
 
 def _decide(db, env, new_state: str) -> dict:
@@ -165,6 +183,8 @@ def _events(env, result: dict) -> list[tuple[str, dict]]:
         return [("node.pending", {"node_id": env.args["node_id"], "role": env.args["role"]})]
     if env.type in ("node.approve", "node.reject") and result.get("changed"):
         return [(f"node.{result['state']}", {"node_id": env.args["node_id"]})]
+    if env.type == "node.expire_requests":
+        return [("node.request_expired", {"node_id": node_id}) for node_id in result.get("expired", ())]
     if env.type == "node.remove" and result.get("removed"):
         return [("node.left", {"node_id": env.args["node_id"]})]
     if env.type == "node.liveness" and result.get("changed"):
@@ -179,6 +199,7 @@ DOMAIN = domain.Domain(
         "node.remove": domain.Command(_v_node, _h_remove, internal=True),
         "node.liveness": domain.Command(_v_liveness, _h_liveness, internal=True),
         "node.request": domain.Command(_v_request, _h_request, internal=True),
+        "node.expire_requests": domain.Command(_v_expire, _h_expire, internal=True),
         "node.approve": domain.Command(_v_node, _h_approve),
         "node.reject": domain.Command(_v_node, _h_reject),
     },

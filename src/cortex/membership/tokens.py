@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 
 from cortex.core import args as rules
 from cortex.core import domain
@@ -60,7 +61,9 @@ def token_problem(db: sqlite3.Connection, token_hash: str, role: str, now: float
     if token_role == "worker" and role == "server":
         return "this join token admits workers only"
     if expires_at is not None and now >= expires_at:
-        return "join token expired; create a new one"
+        expired = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires_at))
+        return (f"join token expired at {expired}; ask an operator for a new one "
+                "(`cortex token create --role server|worker` on a member)")
     if uses_left is not None and uses_left <= 0:
         return "join token already used up; create a new one"
     return ""

@@ -11,6 +11,7 @@ import grpc
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.membership.admission import Admission
+from cortex.membership.gate import source_host
 from cortex.membership.join import Joiner
 from cortex.node.logs import fields
 from cortex.node.member import AgentError
@@ -70,7 +71,10 @@ class ClusterService(pb_grpc.ClusterServicer):
 
     @_servicer
     def Join(self, request, context):
-        return self.admission.handle_join(request)
+        # A caller without a certificate reached this node first (the enrollment port): it is counted by
+        # its address. A server forwarding a join presents its certificate and was counted where it arrived.
+        source = "" if authz.current_peer.get() is not None else source_host(context.peer())
+        return self.admission.handle_join(request, source)
 
     @_servicer
     def Leave(self, request, context):
@@ -121,8 +125,8 @@ class AdminService(pb_grpc.AdminServicer):
 
     @_servicer
     def Init(self, request, context):
-        cluster_id, token = self.joiner.init_cluster()
-        return pb.InitResponse(cluster_id=cluster_id, join_token=token)
+        cluster_id, token, expires_at = self.joiner.init_cluster(request.token_ttl_seconds)
+        return pb.InitResponse(cluster_id=cluster_id, join_token=token, token_expires_at=expires_at)
 
     @_servicer
     def JoinCluster(self, request, context):
