@@ -21,7 +21,7 @@ import grpc
 
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.client import channel_options
-from cortex.core import durable
+from cortex.core import domain, durable
 from cortex.membership import enroll, identity
 from cortex.membership.admission import Admission
 from cortex.membership.identity import Identity
@@ -260,7 +260,8 @@ class Joiner:
         config = self._config
         return pb.JoinRequest(node_id=config.node_id, role=config.role, grpc_address=config.grpc_address,
                               raft_address=config.raft_address if config.role == "server" else "",
-                              token=token, request_secret=secret, csr_pem=csr)
+                              token=token, request_secret=secret, csr_pem=csr,
+                              state_machine_level=domain.level())
 
     def _call_join(self, address: str, token: str, secret: str = "", csr: bytes = b"",
                    insecure_skip_ca_pin: bool = False) -> pb.JoinResponse:
