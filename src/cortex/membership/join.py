@@ -44,6 +44,11 @@ class EnrollCall(Protocol):
                  timeout: float) -> tuple[pb.JoinResponse, str]: ...
 
 
+# A join is one call that may take long anyway: its connection gets time for a slow handshake (a small board,
+# an emulated appliance booting beside others), which the agent's short per-attempt limit would never allow.
+JOIN_CONNECT_TIMEOUT_MS = 10_000
+
+
 class Joiner:
     """`restart_network()` serves the ports with the credentials that apply after a membership change;
     `on_changed()` tells the rest of the node (health) that this node's membership changed."""
@@ -275,7 +280,8 @@ class Joiner:
         try:
             pin = enroll.pin_for(token, known, insecure_skip_ca_pin)
             response, member.enroll_pin = self._enroll_call(address, request, pin,
-                                                            channel_options(self._config.max_message_bytes),
+                                                            channel_options(self._config.max_message_bytes,
+                                                                            JOIN_CONNECT_TIMEOUT_MS),
                                                             FORWARD_TIMEOUT * 2)
         except enroll.EnrollError as exc:
             raise AgentError(exc.code, str(exc)) from None
