@@ -1,0 +1,39 @@
+"""Every replica converges after a heal: a leader cut off while it holds entries of its term that nobody else
+has, while the others commit more than one AppendEntries batch, must end with the same log, applied index
+and digest as the rest within seconds of the heal (cut in both directions and in each one alone).
+
+Three RaftNodes in this process on loopback, the leader's Raft port dropped with nftables
+(tests/support/raftlab.py); bench/heal.py runs the same trial many times.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import raftlab
+from tests.support.cluster import free_base_port
+
+pytestmark = pytest.mark.skipif(bool(raftlab.available()), reason=raftlab.available() or "runs")
+
+CONVERGE_WITHIN = 5.0  # the figure bench/heal.py reports; a healed replica converges well inside it
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    lab = raftlab.Lab(tmp_path_factory.mktemp("heal"), free_base_port())
+    try:
+        lab.leader(timeout=60)
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.mark.parametrize("direction", raftlab.DIRECTIONS)
+def test_a_healed_leader_with_entries_of_its_old_term_converges(lab, direction):
+    trial = raftlab.heal_trial(lab, direction, converge_within=CONVERGE_WITHIN)
+    assert trial["converged_s"] is not None, trial
+    # Every store holds what the majority committed and nothing of what the cut-off leader alone had.
+    for node in lab.nodes:
+        db = node.store.reader()
+        assert db.execute("SELECT count(*) FROM kv WHERE key LIKE 'lost/%'").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM kv WHERE key LIKE 'heal/%'").fetchone()[0] == 41  # 40 + before

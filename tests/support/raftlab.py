@@ -1,0 +1,207 @@
+"""Raft servers (RaftNode over real StateStores and journals) in one process on loopback, and an nftables cut
+of one server's Raft port: the bench for "a leader partitioned while it holds entries nobody else has, then
+healed" (tests/cluster/test_heal.py, bench/heal.py).
+
+pysyncobj connects from the server with the larger address to the smaller one, so the server with the lowest
+port only accepts: dropping that port cuts every Raft connection it has. The lab makes that server the leader
+before it cuts it. The nftables table is the lab's own (named after the process and port) and is deleted
+when the cut ends and on close. Needs root and `nft`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cortex.config import RaftConfig
+from cortex.core.state import StateStore
+from cortex.raft.consensus import RaftNode
+from tests.support.envelopes import env
+
+DIRECTIONS = ("both", "in", "out")
+SECRET = "raftlab-secret"
+
+
+def available() -> str:
+    """'' when the lab can run here, else why not."""
+    if os.geteuid() != 0:
+        return "needs root to cut a Raft port with nftables"
+    if shutil.which("nft") is None:
+        return "needs nftables (the nft command)"
+    return ""
+
+
+def nft(*args: str) -> None:
+    subprocess.run(["nft", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+@dataclass(frozen=True)
+class Replica:
+    """What one server holds: equal on every server once they have converged."""
+
+    last: tuple[int, int]  # (index, term) of the last log entry
+    commit: int
+    applied: int
+    digest: str
+
+
+class Lab:
+    def __init__(self, root: Path, base_port: int, servers: int = 3, raft: RaftConfig | None = None):
+        self.root = root
+        self.addresses = [f"127.0.0.1:{base_port + i}" for i in range(servers)]
+        self.nodes: list[RaftNode] = []
+        self._tables: list[str] = []
+        # A short connection timeout: a cut outlasts it, as a real partition outlasts TCP, so the healed
+        # server is reached over a new connection and not by TCP replaying what the cut held back.
+        raft = raft or RaftConfig(connection_timeout=2.0)
+        for i, address in enumerate(self.addresses):
+            data_dir = root / f"s{i}"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            store = StateStore(data_dir / "state.db")
+            self.nodes.append(RaftNode(store, address, self.addresses, raft, SECRET, data_dir))
+
+    def close(self) -> None:
+        for table in list(self._tables):
+            self._drop_table(table)
+        for node in self.nodes:
+            node.destroy()
+        for node in self.nodes:
+            node.store.close() if hasattr(node.store, "close") else None
+
+    # --- leadership and writes -----------------------------------------------------------------------
+    def leader(self, timeout: float = 30.0, exclude: tuple[RaftNode, ...] = ()) -> RaftNode:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leaders = [n for n in self.nodes if n not in exclude and n.is_leader() and n.status().has_quorum]
+            if len(leaders) == 1:
+                return leaders[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no single leader within {timeout:.0f}s: "
+                             f"{[(n.selfNode.id, n.status().state, n.term()) for n in self.nodes]}")
+
+    def lead_with(self, node: RaftNode, timeout: float = 30.0) -> None:
+        """Make `node` the leader (a graceful transfer), waiting for the others to follow it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            current = self.leader(timeout=max(1.0, deadline - time.monotonic()))
+            if current is node:
+                return
+            try:
+                current.transfer_leadership_to(node.selfNode.id, timeout=10)
+            except Exception:  # noqa: BLE001 - a transfer may race an election; ask again
+                time.sleep(0.2)
+        raise AssertionError(f"{node.selfNode.id} did not become the leader within {timeout:.0f}s")
+
+    def put(self, node: RaftNode, key: str, value: str, timeout: float = 20.0) -> int:
+        """A committed write through `node` (the leader); returns its log index."""
+        _, index = node.propose(env("kv.put", {"key": key, "value": value}, term=node.term()), timeout)
+        return index
+
+    def append_unacknowledged(self, node: RaftNode, count: int, size: int = 64) -> None:
+        """Hand `count` writes to `node` without waiting: on a cut-off leader they reach its log only."""
+        term = node.term()
+        for i in range(count):
+            node._apply(env("kv.put", {"key": f"lost/{i}", "value": "x" * size}, term=term),
+                        callback=lambda result, error: None)
+
+    # --- the cut --------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def cut(self, node: RaftNode, direction: str = "both") -> Iterator[None]:
+        """Drop `node`'s Raft traffic: 'in' (packets to its port), 'out' (packets from it) or 'both'."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction {direction!r}: expected one of {', '.join(DIRECTIONS)}")
+        port = node.selfNode.id.rsplit(":", 1)[1]
+        table = f"cortex_raftlab_{os.getpid()}_{port}"
+        nft("add", "table", "inet", table)
+        self._tables.append(table)
+        try:
+            nft("add", "chain", "inet", table, "out", "{ type filter hook output priority 0 ; }")
+            if direction in ("both", "in"):
+                nft("add", "rule", "inet", table, "out", "tcp", "dport", port, "drop")
+            if direction in ("both", "out"):
+                nft("add", "rule", "inet", table, "out", "tcp", "sport", port, "drop")
+            yield
+        finally:
+            self._drop_table(table)
+
+    def _drop_table(self, table: str) -> None:
+        if table in self._tables:
+            self._tables.remove(table)
+            subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, timeout=30)
+
+    # --- convergence ----------------------------------------------------------------------------------
+    def replicas(self) -> dict[str, Replica]:
+        out = {}
+        for node in self.nodes:
+            log = node._SyncObj__raftLog
+            last = log[-1]
+            status = node.status()
+            out[node.selfNode.id] = Replica((last[1], last[2]), status.commit_index, status.applied_index,
+                                            node.store.digest())
+        return out
+
+    def converged(self) -> bool:
+        replicas = list(self.replicas().values())
+        first = replicas[0]
+        return first.applied == first.commit == first.last[0] and all(r == first for r in replicas)
+
+    def wait_converged(self, timeout: float) -> float | None:
+        """Seconds until every server holds the same log, commit and applied index and digest; None if not
+        within `timeout`."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.converged():
+                return time.monotonic() - start
+            time.sleep(0.02)
+        return None
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def heal_trial(lab: Lab, direction: str, lost: int = 3, writes: int = 40, value_size: int = 8192,
+               converge_within: float = 5.0) -> dict:
+    """One trial: the lowest-port server leads, is cut off in `direction`, takes `lost` writes it cannot
+    commit, the others elect a leader and commit `writes` (enough bytes for several AppendEntries batches),
+    then the cut heals. Returns the trial's figures; 'converged_s' is None when it did not converge."""
+    target = min(lab.nodes, key=lambda n: int(n.selfNode.id.rsplit(":", 1)[1]))
+    lab.lead_with(target)
+    lab.put(target, "heal/before", "1")
+    before_term = target.term()
+    with lab.cut(target, direction):
+        lab.append_unacknowledged(target, lost)
+        others = tuple(n for n in lab.nodes if n is not target)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # a new leader among the others, in a later term
+            leaders = [n for n in others if n.is_leader() and n.term() > before_term and n.status().has_quorum]
+            if leaders:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the servers left with a majority elected no leader within 30s")
+        new_leader = leaders[0]
+        for i in range(writes):
+            lab.put(new_leader, f"heal/{i}", str(i % 10) * value_size)
+        if not wait_for(lambda: not new_leader.status().connected.get(target.selfNode.id, False), 30):
+            raise AssertionError("the leader kept its connection to the cut-off server for 30s")
+        cut_tail = lab.replicas()[target.selfNode.id].last
+    healed = time.monotonic()
+    took = lab.wait_converged(converge_within)
+    figures = {"direction": direction, "cut_tail": list(cut_tail), "converged_s": took}
+    if took is None:
+        figures["replicas"] = {k: [*v.last, v.commit, v.applied] for k, v in lab.replicas().items()}
+        figures["converged_s_late"] = lab.wait_converged(0.0)
+    figures["heal_s"] = round(time.monotonic() - healed, 3)
+    return figures
