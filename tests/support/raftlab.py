@@ -57,6 +57,7 @@ class Lab:
         self.addresses = [f"127.0.0.1:{base_port + i}" for i in range(servers)]
         self.nodes: list[RaftNode] = []
         self._tables: list[str] = []
+        self.trials = 0
         # A short connection timeout: a cut outlasts it, as a real partition outlasts TCP, so the healed
         # server is reached over a new connection and not by TCP replaying what the cut held back.
         raft = raft or RaftConfig(connection_timeout=2.0)
@@ -103,11 +104,12 @@ class Lab:
         _, index = node.propose(env("kv.put", {"key": key, "value": value}, term=node.term()), timeout)
         return index
 
-    def append_unacknowledged(self, node: RaftNode, count: int, size: int = 64) -> None:
-        """Hand `count` writes to `node` without waiting: on a cut-off leader they reach its log only."""
+    def append_unacknowledged(self, node: RaftNode, keys: list[str], size: int = 64) -> None:
+        """Hand writes of `keys` to `node` without waiting: a cut-off leader appends them to its log, and they
+        reach another server only if the cut lets its outgoing traffic through."""
         term = node.term()
-        for i in range(count):
-            node._apply(env("kv.put", {"key": f"lost/{i}", "value": "x" * size}, term=term),
+        for key in keys:
+            node._apply(env("kv.put", {"key": key, "value": "x" * size}, term=term),
                         callback=lambda result, error: None)
 
     # --- the cut --------------------------------------------------------------------------------------
@@ -175,13 +177,16 @@ def heal_trial(lab: Lab, direction: str, lost: int = 3, writes: int = 40, value_
                converge_within: float = 5.0) -> dict:
     """One trial: the lowest-port server leads, is cut off in `direction`, takes `lost` writes it cannot
     commit, the others elect a leader and commit `writes` (enough bytes for several AppendEntries batches),
-    then the cut heals. Returns the trial's figures; 'converged_s' is None when it did not converge."""
+    then the cut heals. Returns the trial's figures: 'converged_s' (None: not within `converge_within`),
+    'diverged' (the cut-off server's log ended with entries of its old term where the leader's holds others:
+    the case that has to be repaired, certain when the cut drops both directions)."""
+    lab.trials += 1
     target = min(lab.nodes, key=lambda n: int(n.selfNode.id.rsplit(":", 1)[1]))
     lab.lead_with(target)
     lab.put(target, "heal/before", "1")
     before_term = target.term()
     with lab.cut(target, direction):
-        lab.append_unacknowledged(target, lost)
+        lab.append_unacknowledged(target, [f"lost/{lab.trials}/{i}" for i in range(lost)])
         others = tuple(n for n in lab.nodes if n is not target)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # a new leader among the others, in a later term
@@ -197,9 +202,11 @@ def heal_trial(lab: Lab, direction: str, lost: int = 3, writes: int = 40, value_
         if not wait_for(lambda: not new_leader.status().connected.get(target.selfNode.id, False), 30):
             raise AssertionError("the leader kept its connection to the cut-off server for 30s")
         cut_tail = lab.replicas()[target.selfNode.id].last
+        leader_entry = new_leader._SyncObj__getEntries(cut_tail[0], 1)
+        diverged = not leader_entry or leader_entry[0][2] != cut_tail[1]
     healed = time.monotonic()
     took = lab.wait_converged(converge_within)
-    figures = {"direction": direction, "cut_tail": list(cut_tail), "converged_s": took}
+    figures = {"direction": direction, "cut_tail": list(cut_tail), "diverged": diverged, "converged_s": took}
     if took is None:
         figures["replicas"] = {k: [*v.last, v.commit, v.applied] for k, v in lab.replicas().items()}
         figures["converged_s_late"] = lab.wait_converged(0.0)
