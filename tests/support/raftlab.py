@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cortex.config import RaftConfig
+from cortex.core.commands import decode_entry
 from cortex.core.state import StateStore
 from cortex.raft.consensus import RaftNode
 from tests.support.envelopes import env
@@ -37,8 +38,24 @@ def available() -> str:
     return ""
 
 
-def nft(*args: str) -> None:
-    subprocess.run(["nft", *args], check=True, capture_output=True, text=True, timeout=30)
+class RecordingStore(StateStore):
+    """A state store that also notes the key of every write it applied (without error), in order."""
+
+    def __init__(self, path: Path, keys: list[str]):
+        super().__init__(path)
+        self.keys = keys
+
+    def apply(self, index: int, data: bytes, entry_term: int | None = None):
+        result = super().apply(index, data, entry_term)
+        try:
+            entry = decode_entry(data)
+        except (ValueError, KeyError, TypeError):
+            return result
+        envs, results = (entry, result) if isinstance(entry, list) else ([entry], [result])
+        for env_, outcome in zip(envs, results):
+            if isinstance(outcome, dict) and "error" not in outcome and "skipped" not in outcome:
+                self.keys.append(str(env_.args.get("key", "")))
+        return result
 
 
 @dataclass(frozen=True)
@@ -58,13 +75,17 @@ class Lab:
         self.nodes: list[RaftNode] = []
         self._tables: list[str] = []
         self.trials = 0
+        self.applied_keys: dict[str, list[str]] = {}  # server -> keys of the writes it applied, in order
         # A short connection timeout: a cut outlasts it, as a real partition outlasts TCP, so the healed
         # server is reached over a new connection and not by TCP replaying what the cut held back.
-        raft = raft or RaftConfig(connection_timeout=2.0)
+        # Elections slower than the default, so a cut-off leader surely appends the writes handed to it before
+        # it steps down (leader_fallback_timeout), even on a loaded machine.
+        raft = raft or RaftConfig(connection_timeout=2.0, election_timeout_min=1.0, election_timeout_max=2.0,
+                                  leader_fallback_timeout=0.8)
         for i, address in enumerate(self.addresses):
             data_dir = root / f"s{i}"
             data_dir.mkdir(parents=True, exist_ok=True)
-            store = StateStore(data_dir / "state.db")
+            store = RecordingStore(data_dir / "state.db", self.applied_keys.setdefault(address, []))
             self.nodes.append(RaftNode(store, address, self.addresses, raft, SECRET, data_dir))
 
     def close(self) -> None:
@@ -120,14 +141,17 @@ class Lab:
             raise ValueError(f"direction {direction!r}: expected one of {', '.join(DIRECTIONS)}")
         port = node.selfNode.id.rsplit(":", 1)[1]
         table = f"cortex_raftlab_{os.getpid()}_{port}"
-        nft("add", "table", "inet", table)
+        rules = [f"add table inet {table}",
+                 f"add chain inet {table} out {{ type filter hook output priority 0 ; }}"]
+        if direction in ("both", "in"):
+            rules.append(f"add rule inet {table} out tcp dport {port} drop")
+        if direction in ("both", "out"):
+            rules.append(f"add rule inet {table} out tcp sport {port} drop")
         self._tables.append(table)
         try:
-            nft("add", "chain", "inet", table, "out", "{ type filter hook output priority 0 ; }")
-            if direction in ("both", "in"):
-                nft("add", "rule", "inet", table, "out", "tcp", "dport", port, "drop")
-            if direction in ("both", "out"):
-                nft("add", "rule", "inet", table, "out", "tcp", "sport", port, "drop")
+            # One transaction: the cut starts at once, while the leader still leads.
+            subprocess.run(["nft", "-f", "-"], input="\n".join(rules) + "\n", check=True, capture_output=True,
+                           text=True, timeout=30)
             yield
         finally:
             self._drop_table(table)
@@ -174,12 +198,14 @@ def wait_for(predicate, timeout: float) -> bool:
 
 
 def heal_trial(lab: Lab, direction: str, lost: int = 3, writes: int = 40, value_size: int = 8192,
-               converge_within: float = 5.0) -> dict:
+               converge_within: float = 5.0, compact: bool = False) -> dict:
     """One trial: the lowest-port server leads, is cut off in `direction`, takes `lost` writes it cannot
     commit, the others elect a leader and commit `writes` (enough bytes for several AppendEntries batches),
     then the cut heals. Returns the trial's figures: 'converged_s' (None: not within `converge_within`),
     'diverged' (the cut-off server's log ended with entries of its old term where the leader's holds others:
-    the case that has to be repaired, certain when the cut drops both directions)."""
+    the case that has to be repaired, certain when the cut drops both directions), 'applied_lost' (servers
+    that applied one of the cut-off leader's unacknowledged writes, even for a moment). With `compact` the
+    new leader compacts its log past the cut-off server's end, so the heal goes through a snapshot."""
     lab.trials += 1
     target = min(lab.nodes, key=lambda n: int(n.selfNode.id.rsplit(":", 1)[1]))
     lab.lead_with(target)
@@ -187,6 +213,8 @@ def heal_trial(lab: Lab, direction: str, lost: int = 3, writes: int = 40, value_
     before_term = target.term()
     with lab.cut(target, direction):
         lab.append_unacknowledged(target, [f"lost/{lab.trials}/{i}" for i in range(lost)])
+        appended = wait_for(lambda: target._SyncObj__raftLog[-1][2] == before_term and
+                            target._SyncObj__raftLog[-1][1] >= target.status().commit_index + lost, 5)
         others = tuple(n for n in lab.nodes if n is not target)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # a new leader among the others, in a later term
@@ -204,9 +232,18 @@ def heal_trial(lab: Lab, direction: str, lost: int = 3, writes: int = 40, value_
         cut_tail = lab.replicas()[target.selfNode.id].last
         leader_entry = new_leader._SyncObj__getEntries(cut_tail[0], 1)
         diverged = not leader_entry or leader_entry[0][2] != cut_tail[1]
+        if compact:
+            new_leader.forceLogCompaction()
+            if not wait_for(lambda: new_leader._SyncObj__raftLog[0][1] > cut_tail[0], 30):
+                raise AssertionError("the leader did not compact its log within 30s")
     healed = time.monotonic()
     took = lab.wait_converged(converge_within)
-    figures = {"direction": direction, "cut_tail": list(cut_tail), "diverged": diverged, "converged_s": took}
+    prefix = f"lost/{lab.trials}/"
+    figures = {"direction": direction, "compact": compact, "cut_tail": list(cut_tail), "appended": appended,
+               "diverged": diverged,
+               "converged_s": took,
+               "applied_lost": sorted(a for a, keys in lab.applied_keys.items() if any(k.startswith(prefix)
+                                                                                        for k in keys))}
     if took is None:
         figures["replicas"] = {k: [*v.last, v.commit, v.applied] for k, v in lab.replicas().items()}
         figures["converged_s_late"] = lab.wait_converged(0.0)

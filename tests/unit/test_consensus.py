@@ -5,7 +5,7 @@ conflicts with the leader's, and a pipelining leader brings a follower with a co
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from cortex.raft.append import reconcile_append, rejection_next_index
+from cortex.raft.append import reconcile_append, rejection_next_index, snapshot_chunk
 
 
 def _pysyncobj_follower(log: list[int], message: dict) -> tuple[list[int], int | None, int | None]:
@@ -188,3 +188,14 @@ def test_every_follower_converges_within_two_rounds(case):
     leader, follower, commit, next_index, batch = case
     ours = lambda log, message, commit: rejection_next_index(_pysyncobj_rejection(log, message), commit, 1)  # noqa: E731
     assert _rounds_to_converge(leader, follower, commit, max(next_index, 2), batch, hint=ours) in (1, 2)
+
+
+def test_a_snapshot_chunk_commits_none_of_the_followers_entries():
+    chunk = {"type": "append_entries", "term": 4, "commit_index": 40, "serialized": (b"..", 0, False)}
+    held = snapshot_chunk(chunk, commit_index=6)
+    assert held["commit_index"] == 6 and held["serialized"] == chunk["serialized"]
+    # A deposed leader's entries 7 and 8 stay uncommitted: the model follower takes min(commit, its end).
+    assert _pysyncobj_follower(DEPOSED, held)[2] == 6
+    assert _pysyncobj_follower(DEPOSED, chunk)[2] == 8  # what the unpatched path commits
+    plain = _message(LEADER, prev=6, count=1, commit=9)
+    assert snapshot_chunk(plain, commit_index=6) is plain

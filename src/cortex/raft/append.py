@@ -74,3 +74,19 @@ def rejection_next_index(proposed: int, commit_index: int, first_index: int) -> 
     past the entry after its commit index (or after the first entry it still holds, when compaction has
     taken the log beyond its commit index: that entry is in its snapshot, so committed too)."""
     return min(proposed, max(commit_index, first_index) + 1)
+
+
+# --- a snapshot chunk commits nothing -------------------------------------------------------------------
+# pysyncobj's follower takes every AppendEntries' commit index as "committed up to min(that, my last index)",
+# snapshot chunks included, which vouch for none of its entries. A server holding a deposed leader's entries of
+# its old term (never committed) that is brought level by a snapshot thus marked them committed on the first
+# chunk and applied them (a write nobody acknowledged, visible there until the snapshot replaced its state;
+# tests/cluster/test_heal.py). pysyncobj 0.3.17 as installed here does so too. The snapshot, once loaded,
+# commits what it holds (RaftNode raises the commit index to it).
+
+def snapshot_chunk(message: dict, commit_index: int) -> dict:
+    """A snapshot chunk (an AppendEntries with 'serialized', no prevLogIdx) with its commit index held to this
+    server's own, so the chunk commits none of this log's entries; other messages unchanged."""
+    if message.get("type") != "append_entries" or "serialized" not in message or "prevLogIdx" in message:
+        return message
+    return {**message, "commit_index": min(message["commit_index"], commit_index)}

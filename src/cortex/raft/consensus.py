@@ -20,7 +20,9 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
   minutes behind its state.
 - a follower that rejects an AppendEntries names the entry after its commit index (`rejection_next_index`,
   raft/append.py): pysyncobj's answers, read by a pipelining leader, could leave a deposed leader's tail of
-  its old term in place for ever (the leader streaming the same batches, the replica never converging).
+  its old term in place for ever (the leader streaming the same batches, the replica never converging);
+- a snapshot chunk that commits none of the follower's own entries (`snapshot_chunk`, raft/append.py), so
+  a deposed leader's entries are never applied while a snapshot replaces them.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from pysyncobj.node import TCPNode
 from cortex.config import RaftConfig
 from cortex.core import durable
 from cortex.core.state import StateStore
-from cortex.raft.append import reconcile_append, rejection_next_index
+from cortex.raft.append import reconcile_append, rejection_next_index, snapshot_chunk
 from cortex.raft.commit import GroupCommitter
 from cortex.raft.errors import NotLeader, ProposalError, fail_name
 from cortex.raft.journal import repair_journal
@@ -192,6 +194,13 @@ class RaftNode(SyncObj):
 
     def _SyncObj__onMessageReceived(self, node, message):
         # Every Raft message from a peer passes here first (pysyncobj's transport callback, on the tick thread).
+        if isinstance(message, dict) and message.get("type") == "append_entries" \
+                and message.get("term", -1) >= self.raftCurrentTerm and "serialized" in message:
+            SyncObj._SyncObj__onMessageReceived(self, node, snapshot_chunk(message, self._SyncObj__raftCommitIndex))
+            if self._SyncObj__raftCommitIndex < self.raftLastApplied:  # a snapshot loaded: all of it committed
+                self._SyncObj__raftCommitIndex = self.raftLastApplied
+                self._SyncObj__raftLog.setRaftCommitIndex(self.raftLastApplied)
+            return
         if isinstance(message, dict) and message.get("type") == "append_entries" \
                 and message.get("term", -1) >= self.raftCurrentTerm:
             def term_at(index: int) -> int | None:  # pysyncobj's own lookup, as _apply uses it
