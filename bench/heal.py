@@ -4,12 +4,14 @@
 
 Each trial (tests/support/raftlab.py): three Raft servers in this process on loopback; the lowest-port one
 leads, has its Raft port dropped by nftables (both directions, packets to it only, or packets from it only,
-in turn), takes writes it cannot commit, the other two elect a leader and commit more than one AppendEntries
-batch, the cut outlasts the Raft connection timeout, then heals. A trial converged when every server holds
-the same last log entry, commit index, applied index and state digest. Prints one row per trial and a
-summary (per direction: trials, converged within the limit, median and slowest time); --json writes the
-same as a document. Needs root and nft. Exit status 1 when a trial could not be run (the error is printed)
-or did not converge within the limit.
+in turn, and both directions with the new leader's log compacted past the cut-off server's end, so a
+snapshot brings it level), takes writes it cannot commit, the other two elect a leader and commit more than
+one AppendEntries batch, the cut outlasts the Raft connection timeout, then heals. A trial converged when
+every server holds the same last log entry, commit index, applied index and state digest; it was unsafe
+when the cut-off server's tail conflicted with the leader's (diverged) and a server applied one of its
+unacknowledged writes. Prints one row per trial and a summary (per kind: trials, diverged, converged within
+the limit, unsafe, median and slowest time); --json writes the same as a document. Needs root and nft. Exit status 1 when a trial could not be run (the error is printed)
+or did not converge within the limit, or was unsafe.
 """
 
 from __future__ import annotations
@@ -34,16 +36,20 @@ def free_base_port(start: int, width: int = 10) -> int:
     raise SystemExit(f"no {width} free ports on loopback from {start}; pass --base-port")
 
 
+KINDS = (*raftlab.DIRECTIONS, "both+snapshot")
+
+
 def summarise(trials: list[dict], within: float) -> list[dict]:
     rows = []
-    for direction in (*raftlab.DIRECTIONS, "all"):
-        mine = [t for t in trials if direction in ("all", t["direction"])]
+    for kind in (*KINDS, "all"):
+        mine = [t for t in trials if kind in ("all", t["kind"])]
         if not mine:
             continue
         times = [t["converged_s"] for t in mine if t["converged_s"] is not None]
-        rows.append({"direction": direction, "trials": len(mine),
+        rows.append({"kind": kind, "trials": len(mine),
                      "diverged": sum(1 for t in mine if t.get("diverged")),
                      "converged": sum(1 for s in times if s <= within),
+                     "unsafe": sum(1 for t in mine if t.get("diverged") and t.get("applied_lost")),
                      "median_s": round(statistics.median(times), 3) if times else None,
                      "max_s": round(max(times), 3) if times else None})
     return rows
@@ -68,22 +74,26 @@ def main(argv: list[str] | None = None) -> int:
     lab = None
     with tempfile.TemporaryDirectory(prefix="cortex-heal-") as tmp:
         try:
-            print(f"{'#':>3}  {'direction':<9} {'diverged':<8} {'converged_s':>11}", flush=True)
+            print(f"{'#':>3}  {'kind':<13} {'diverged':<8} {'unsafe':<6} {'converged_s':>11}", flush=True)
             for n in range(args.trials):
                 if lab is None:
                     lab = raftlab.Lab(Path(tmp) / f"lab{n}", free_base_port(args.base_port))
                     lab.leader(timeout=60)
-                direction = raftlab.DIRECTIONS[n % len(raftlab.DIRECTIONS)]
+                kind = KINDS[n % len(KINDS)]
+                direction, compact = kind.split("+")[0], kind.endswith("+snapshot")
                 started = time.monotonic()
                 try:
-                    trial = raftlab.heal_trial(lab, direction, converge_within=args.within)
+                    trial = raftlab.heal_trial(lab, direction, converge_within=args.within, compact=compact)
                 except Exception as exc:  # noqa: BLE001 - a trial that cannot run is reported, not fatal
                     traceback.print_exc()
                     trial = {"direction": direction, "converged_s": None, "error": str(exc)}
+                trial["kind"] = kind
                 trial["trial_s"] = round(time.monotonic() - started, 3)
                 trials.append(trial)
                 took = trial["converged_s"]
-                print(f"{n + 1:>3}  {direction:<9} {str(trial.get('diverged', '?')):<8} "
+                unsafe = bool(trial.get("diverged") and trial.get("applied_lost"))
+                failed = failed or unsafe
+                print(f"{n + 1:>3}  {kind:<13} {str(trial.get('diverged', '?')):<8} {str(unsafe):<6} "
                       f"{'NO' if took is None else f'{took:.3f}':>11}", flush=True)
                 if took is None:  # a server left behind: the next trial starts from a fresh lab
                     failed = True
@@ -93,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             if lab is not None:
                 lab.close()
     summary = summarise(trials, args.within)
-    print(f"\n{'direction':<9} {'trials':>6} {'diverged':>8} {f'<= {args.within:g}s':>8} {'median_s':>9} "
-          f"{'max_s':>7}")
+    print(f"\n{'kind':<13} {'trials':>6} {'diverged':>8} {f'<= {args.within:g}s':>8} {'unsafe':>6} "
+          f"{'median_s':>9} {'max_s':>7}")
     for row in summary:
-        print(f"{row['direction']:<9} {row['trials']:>6} {row['diverged']:>8} {row['converged']:>8} "
+        print(f"{row['kind']:<13} {row['trials']:>6} {row['diverged']:>8} {row['converged']:>8} {row['unsafe']:>6} "
               f"{row['median_s'] if row['median_s'] is not None else '-':>9} "
               f"{row['max_s'] if row['max_s'] is not None else '-':>7}")
     if args.json:
