@@ -94,7 +94,7 @@ class Lab:
         for node in self.nodes:
             node.destroy()
         for node in self.nodes:
-            node.store.close() if hasattr(node.store, "close") else None
+            node.store.close()
 
     # --- leadership and writes -----------------------------------------------------------------------
     def leader(self, timeout: float = 30.0, exclude: tuple[RaftNode, ...] = ()) -> RaftNode:
@@ -165,8 +165,7 @@ class Lab:
     def replicas(self) -> dict[str, Replica]:
         out = {}
         for node in self.nodes:
-            log = node._SyncObj__raftLog
-            last = log[-1]
+            last = log_edge(node, -1)
             status = node.status()
             out[node.selfNode.id] = Replica((last[1], last[2]), status.commit_index, status.applied_index,
                                             node.store.digest())
@@ -186,6 +185,17 @@ class Lab:
                 return time.monotonic() - start
             time.sleep(0.02)
         return None
+
+
+def log_edge(node: RaftNode, at: int) -> tuple:
+    """The first (at=0) or last (at=-1) entry of `node`'s log as (command, index, term). Read from outside the
+    tick thread, which may be between clearing the journal and refilling it (a snapshot loading): retried."""
+    for _ in range(200):
+        try:
+            return node._SyncObj__raftLog[at]
+        except IndexError:
+            time.sleep(0.005)
+    return node._SyncObj__raftLog[at]
 
 
 def wait_for(predicate, timeout: float) -> bool:
@@ -213,8 +223,8 @@ def heal_trial(lab: Lab, direction: str, lost: int = 3, writes: int = 40, value_
     before_term = target.term()
     with lab.cut(target, direction):
         lab.append_unacknowledged(target, [f"lost/{lab.trials}/{i}" for i in range(lost)])
-        appended = wait_for(lambda: target._SyncObj__raftLog[-1][2] == before_term and
-                            target._SyncObj__raftLog[-1][1] >= target.status().commit_index + lost, 5)
+        appended = wait_for(lambda: log_edge(target, -1)[2] == before_term and
+                            log_edge(target, -1)[1] >= target.status().commit_index + lost, 5)
         others = tuple(n for n in lab.nodes if n is not target)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # a new leader among the others, in a later term
@@ -234,7 +244,7 @@ def heal_trial(lab: Lab, direction: str, lost: int = 3, writes: int = 40, value_
         diverged = not leader_entry or leader_entry[0][2] != cut_tail[1]
         if compact:
             new_leader.forceLogCompaction()
-            if not wait_for(lambda: new_leader._SyncObj__raftLog[0][1] > cut_tail[0], 30):
+            if not wait_for(lambda: log_edge(new_leader, 0)[1] > cut_tail[0], 30):
                 raise AssertionError("the leader did not compact its log within 30s")
     healed = time.monotonic()
     took = lab.wait_converged(converge_within)
