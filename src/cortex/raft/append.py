@@ -63,8 +63,9 @@ def reconcile_append(message: dict, term_at: Callable[[int], int | None], last_i
 # round. When the follower's tail holds entries of an older term (a deposed leader's, never committed), the
 # first batch is rejected with "prevLogIdx" and every later batch with "last index + 1", so the leader ends
 # each round where it began, streaming the same batches for ever while the follower never truncates its tail
-# (seen after partition heals; tests/cluster/test_heal.py). pysyncobj 0.3.17 as installed here answers the
-# same way (its __onMessageReceived, 'append_entries' branch); no upstream change we know of. The follower's
+# (seen after partition heals; tests/cluster/test_heal.py). pysyncobj 0.3.17 (its syncobj.py, read as installed
+# here: __onMessageReceived, 'append_entries' and 'next_node_idx') has no guard against this, and we know of
+# no upstream release that has one, so the rule lives here. The follower's
 # commit index is the fix: committed entries are in every later leader's log, so "next index = commit + 1"
 # is always accepted on the next round, and every rejection from one follower then names the same index or a
 # later one, so no late answer can undo an earlier one. It is correct whatever the leader runs.
@@ -81,7 +82,8 @@ def rejection_next_index(proposed: int, commit_index: int, first_index: int) -> 
 # snapshot chunks included, which vouch for none of its entries. A server holding a deposed leader's entries of
 # its old term (never committed) that is brought level by a snapshot thus marked them committed on the first
 # chunk and applied them (a write nobody acknowledged, visible there until the snapshot replaced its state;
-# tests/cluster/test_heal.py). pysyncobj 0.3.17 as installed here does so too. The snapshot, once loaded,
+# tests/cluster/test_heal.py). pysyncobj 0.3.17 as installed here does so; we know of no upstream release
+# that does not. The snapshot, once loaded,
 # commits what it holds (RaftNode raises the commit index to it).
 
 def snapshot_chunk(message: dict, commit_index: int) -> dict:
