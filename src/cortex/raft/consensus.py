@@ -18,6 +18,11 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
   everything after a message's prevLogIdx, so a late or repeated AppendEntries made it delete (and write
   again) entries it had applied, and under load such rewinds fed each other until a follower's log was
   minutes behind its state.
+- a follower that rejects an AppendEntries names the entry after its commit index (`rejection_next_index`,
+  raft/append.py): pysyncobj's answers, read by a pipelining leader, could leave a deposed leader's tail of
+  its old term in place for ever (the leader streaming the same batches, the replica never converging);
+- a snapshot chunk that commits none of the follower's own entries (`snapshot_chunk`, raft/append.py), so
+  a deposed leader's entries are never applied while a snapshot replaces them.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from pysyncobj.node import TCPNode
 from cortex.config import RaftConfig
 from cortex.core import durable
 from cortex.core.state import StateStore
-from cortex.raft.append import reconcile_append
+from cortex.raft.append import reconcile_append, rejection_next_index, snapshot_chunk
 from cortex.raft.commit import GroupCommitter
 from cortex.raft.errors import NotLeader, ProposalError, fail_name
 from cortex.raft.journal import repair_journal
@@ -190,6 +195,13 @@ class RaftNode(SyncObj):
     def _SyncObj__onMessageReceived(self, node, message):
         # Every Raft message from a peer passes here first (pysyncobj's transport callback, on the tick thread).
         if isinstance(message, dict) and message.get("type") == "append_entries" \
+                and message.get("term", -1) >= self.raftCurrentTerm and "serialized" in message:
+            SyncObj._SyncObj__onMessageReceived(self, node, snapshot_chunk(message, self._SyncObj__raftCommitIndex))
+            if self._SyncObj__raftCommitIndex < self.raftLastApplied:  # a snapshot loaded: all of it committed
+                self._SyncObj__raftCommitIndex = self.raftLastApplied
+                self._SyncObj__raftLog.setRaftCommitIndex(self.raftLastApplied)
+            return
+        if isinstance(message, dict) and message.get("type") == "append_entries" \
                 and message.get("term", -1) >= self.raftCurrentTerm:
             def term_at(index: int) -> int | None:  # pysyncobj's own lookup, as _apply uses it
                 entries = self._SyncObj__getEntries(index, 1)
@@ -201,6 +213,15 @@ class RaftNode(SyncObj):
                 self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=plan.ack_next_index, success=True)
             return
         SyncObj._SyncObj__onMessageReceived(self, node, message)
+
+    def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
+        # A rejection (reset, not success) names at most the entry after this server's commit index; the
+        # other answers (acknowledgements, a chunked transmission's progress) pass as pysyncobj sends them.
+        if reset and not success:
+            log_entries = self._SyncObj__raftLog
+            proposed = nextNodeIdx if nextNodeIdx is not None else log_entries[-1][1] + 1
+            nextNodeIdx = rejection_next_index(proposed, self._SyncObj__raftCommitIndex, log_entries[0][1])
+        SyncObj._SyncObj__sendNextNodeIdx(self, node, reset=reset, nextNodeIdx=nextNodeIdx, success=success)
 
     def _save_members(self) -> None:
         members = self.members()
