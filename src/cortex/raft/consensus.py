@@ -234,6 +234,11 @@ class RaftNode(SyncObj):
         return getattr(self.journal, "failure", "")
 
     def _journal_refused(self) -> None:
+        # pysyncobj moves its commit index before the journal syncs it (setRaftCommitIndex): after a failed
+        # sync, back to the last one the journal vouched for, so nothing unsynced is applied or answered.
+        durable_commit = max(self.journal.getRaftCommitIndex(), self.raftLastApplied)
+        if self._SyncObj__raftCommitIndex > durable_commit:
+            self._SyncObj__raftCommitIndex = durable_commit
         if self._SyncObj__raftState != 0:
             was = _STATES.get(self._SyncObj__raftState)
             log.warning("raft: stepping down, this node cannot persist its log",

@@ -104,6 +104,7 @@ class AppendJournal(syncobj_journal.Journal):
         self._starts: list[int] = []  # file offset of each entry's record
         self._offset = _JOURNAL_FIRST_RECORD
         self._dirty = False
+        self._synced = (0, _JOURNAL_FIRST_RECORD)  # entries and file offset an fdatasync last vouched for
         self.failure = ""  # why the disk refuses writes now, "" while it takes them
         self._failed_since = 0.0
         self._retry_at = 0.0
@@ -130,6 +131,7 @@ class AppendJournal(syncobj_journal.Journal):
             self._starts.append(offset)
             offset += size + 8
         self._offset = offset
+        self._synced = (len(self._entries), offset)
         if len(data) > offset:  # pysyncobj grew its file ahead of the records; the zeros are of no use
             os.ftruncate(self._fd, offset)
 
@@ -206,13 +208,27 @@ class AppendJournal(syncobj_journal.Journal):
         self._recovered()
 
     def sync(self) -> None:
-        """One fdatasync for everything appended or truncated since the last one."""
+        """One fdatasync for everything appended or truncated since the last one.
+
+        When it fails, what reached the disk is unknown, and a later fdatasync may succeed without writing the
+        pages again (Linux marks them clean): the entries since the last good one are dropped, as a crash
+        would drop them. None was acknowledged (answers wait for this), and the leader sends them again.
+        """
         if self._dirty:
             try:
                 os.fdatasync(self._fd)
             except OSError as exc:
+                count, offset = self._synced
+                del self._entries[count:], self._starts[count:]
+                self._offset = offset
+                try:
+                    self._write_all(struct.pack("<I", offset), _JOURNAL_LAST_OFFSET_AT)
+                    os.ftruncate(self._fd, offset)
+                except OSError:
+                    pass  # repair_journal cuts a torn tail at the next start
                 raise self._failed(exc, "syncing") from None
             self._dirty = False
+            self._synced = (len(self._entries), self._offset)
 
     def _cut(self, offset: int) -> None:
         try:
@@ -222,16 +238,20 @@ class AppendJournal(syncobj_journal.Journal):
             raise self._failed(exc, "truncating") from None
         self._offset, self._dirty = offset, True
 
+    def _forget_after(self, count: int) -> None:
+        del self._entries[count:], self._starts[count:]
+        self._synced = min(self._synced, (count, self._offset))
+
     def clear(self):
         self._cut(_JOURNAL_FIRST_RECORD)
-        self._entries, self._starts = [], []
+        self._forget_after(0)
         self.sync()
 
     def deleteEntriesFrom(self, entryFrom):
         if entryFrom >= len(self._entries):
             return
         self._cut(self._starts[entryFrom])
-        del self._entries[entryFrom:], self._starts[entryFrom:]
+        self._forget_after(entryFrom)
 
     def deleteEntriesTo(self, entryTo):
         """Log compaction: the kept entries go to a new file that replaces the old one whole (pysyncobj
@@ -253,6 +273,7 @@ class AppendJournal(syncobj_journal.Journal):
             raise self._failed(exc, "compacting") from None
         os.close(self._fd)
         self._fd, self._entries, self._starts, self._offset = fd, kept, starts, offset
+        self._synced, self._dirty = (len(kept), offset), False
 
     def __getitem__(self, item):
         return self._entries[item]
