@@ -135,7 +135,7 @@ def test_a_server_whose_disk_fills_stays_up_and_catches_up(make_cluster, tmp_pat
 
         shown = wait_until(refusal, 60, f"{full.id}'s status naming its full disk", interval=0.5,
                            ignore=(CortexError,), detail=lambda: devcluster.tail(full.log_path))
-        assert str(data) in shown, shown
+        assert str(data) in shown and f"node {full.id}" in shown, shown
         assert cluster.leader(timeout=30, exclude=(full.id,)) != full.id
         with cluster.client(full.id, timeout=10) as c:  # not its own to append: it goes to the leader
             c.write("kv.put", {"key": "through-the-full-one", "value": "x"}, retry_for=30)

@@ -133,7 +133,7 @@ class RaftNode(SyncObj):
     """A voting member. The state machine is a StateStore; every entry is an encoded command envelope."""
 
     def __init__(self, store: StateStore, self_address: str, peers: list[str], raft: RaftConfig, secret: str,
-                 data_dir: Path, on_state_change: Callable[[], None] | None = None):
+                 data_dir: Path, on_state_change: Callable[[], None] | None = None, name: str = ""):
         self.store = store
         self._snapshot_tmp = data_dir / "snapshot.tmp.db"
         self._on_state_change = on_state_change
@@ -178,7 +178,7 @@ class RaftNode(SyncObj):
         # request's thread, so tie the tick thread to the process's main thread instead.
         self._SyncObj__mainThread = threading.main_thread()
         if isinstance(self.journal, AppendJournal):
-            self.journal.owner = self_address
+            self.journal.owner = name or self_address  # named in its errors
             self.addOnTickCallback(self.journal.sync)  # group commit: the tick's appends, one fdatasync
         self._save_members()
 

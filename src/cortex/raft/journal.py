@@ -284,6 +284,8 @@ class AppendJournal(syncobj_journal.Journal):
     def _destroy(self):
         try:
             self.sync()
+        except JournalWriteError:
+            pass  # logged when it failed; what it could not sync was never acknowledged
         finally:
             os.close(self._fd)
 
