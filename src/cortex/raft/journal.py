@@ -270,6 +270,7 @@ class AppendJournal(syncobj_journal.Journal):
             durable.write_atomic(Path(self.path), bytes(image))
             fd = os.open(self.path, os.O_RDWR)
         except OSError as exc:
+            Path(self.path + ".tmp").unlink(missing_ok=True)  # a partial copy must not keep the space it took
             raise self._failed(exc, "compacting") from None
         os.close(self._fd)
         self._fd, self._entries, self._starts, self._offset = fd, kept, starts, offset
