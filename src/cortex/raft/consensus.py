@@ -225,7 +225,8 @@ class RaftNode(SyncObj):
     # --- a journal the disk refuses -------------------------------------------------------------------
     # An append that fails (AppendJournal raises JournalWriteError, logged once) leaves the log as it was.
     # A node that cannot persist must not lead nor stand for election (it would win on its up-to-date log and
-    # fail again); it keeps voting and answering, and rejoins once a retry on the journal's backoff succeeds.
+    # fail again); it keeps answering (and voting, while its small term/vote file can still be written), and
+    # rejoins once a retry on the journal's backoff succeeds.
     @property
     def journal(self):
         return self._SyncObj__raftLog
