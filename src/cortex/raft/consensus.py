@@ -139,6 +139,7 @@ class RaftNode(SyncObj):
         self._on_state_change = on_state_change
         self._data_dir = data_dir
         self._members_saved: list[str] | None = None
+        self._change_in_hand: tuple | None = None  # see _checkCommandsToApply
         repaired = repair_journal(data_dir / "raft.journal")
         if repaired:
             log.warning("raft journal repaired", extra={"fields": {"what": repaired}})
@@ -209,11 +210,45 @@ class RaftNode(SyncObj):
                 return entries[0][2] if entries else None
 
             plan = reconcile_append(message, term_at, self._SyncObj__getCurrentLogIndex())
-            SyncObj._SyncObj__onMessageReceived(self, node, plan.message)
+            self._hand_over(node, plan.message)
             if plan.ack_next_index is not None:
                 self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=plan.ack_next_index, success=True)
             return
-        SyncObj._SyncObj__onMessageReceived(self, node, message)
+        self._hand_over(node, message)
+
+    def _hand_over(self, node, message) -> None:
+        appends = getattr(self.journal, "appends", 0)
+        try:
+            SyncObj._SyncObj__onMessageReceived(self, node, message)
+        except JournalWriteError:
+            # pysyncobj applies an AppendEntries' membership changes after appending all its entries: an append
+            # the disk refused part-way leaves entries whose changes were never applied, and the resend would
+            # skip them (reconcile_append keeps what the log holds). Drop them (never acknowledged); the
+            # resend brings them again. Entries are appended at the end, after any conflict deletes.
+            added = self.journal.appends - appends
+            if added:
+                self.journal.deleteEntriesFrom(len(self.journal) - added)
+            raise
+
+    def _SyncObj__changeCluster(self, request):
+        # The leader applies a membership change before it appends its entry (pysyncobj
+        # _checkCommandsToApply); remembered so that an append the disk refuses can undo it.
+        changed = SyncObj._SyncObj__changeCluster(self, request)
+        self._change_in_hand = (request, getattr(self.journal, "appends", 0)) if changed else None
+        return changed
+
+    def _checkCommandsToApply(self):
+        self._change_in_hand = None
+        try:
+            super()._checkCommandsToApply()
+        except JournalWriteError:
+            change, self._change_in_hand = self._change_in_hand, None
+            if change is not None and change[1] == self.journal.appends:  # its entry is not in the log
+                try:
+                    self._SyncObj__doChangeCluster(change[0], reverse=True)
+                except OSError:
+                    pass  # raft-members.json on the same full disk: written again at the next change
+            raise
 
     def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
         # A follower's answer to AppendEntries: the entries it vouches for are on the disk first.

@@ -104,6 +104,7 @@ class AppendJournal(syncobj_journal.Journal):
         self._starts: list[int] = []  # file offset of each entry's record
         self._offset = _JOURNAL_FIRST_RECORD
         self._dirty = False
+        self.appends = 0  # successful appends since start: the node tells which entries one message added
         self._synced = (0, _JOURNAL_FIRST_RECORD)  # entries and file offset an fdatasync last vouched for
         self.failure = ""  # why the disk refuses writes now, "" while it takes them
         self._failed_since = 0.0
@@ -205,6 +206,7 @@ class AppendJournal(syncobj_journal.Journal):
         self._entries.append((command, idx, term))
         self._starts.append(self._offset)
         self._offset, self._dirty = end, True
+        self.appends += 1
         self._recovered()
 
     def sync(self) -> None:
