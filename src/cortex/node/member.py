@@ -148,7 +148,7 @@ class Member:
         keys = RotatingEncryptor(ident.raft_secret, self.certs.ca()[1], self.raft_generation())
         rotation_driver.restore_raft_keys(self.certs, keys)
         raft = RaftNode(store, self.config.raft_address, peers, self.config.raft, keys, self.data_dir,
-                        on_state_change=lambda: self.on_raft_state_change())
+                        on_state_change=lambda: self.on_raft_state_change(), name=self.config.node_id)
         self.replica = Replica(store, raft, GroupCommitter(raft), keys)
 
     def stop_replica(self) -> None:

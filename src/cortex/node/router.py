@@ -268,6 +268,9 @@ class Router:
                     return node["grpc_address"]
             if raft_leader == me and raft.is_leader():
                 return ""
+            refused = raft.journal_failure()
+            if refused and not raft_leader:  # this node cannot lead; say why rather than wait out an election
+                raise AgentError(grpc.StatusCode.UNAVAILABLE, f"no leader; {refused}")
             if time.monotonic() >= deadline:
                 raise AgentError(grpc.StatusCode.UNAVAILABLE,
                                  "no leader: the servers have no quorum right now; retry, or check `cortex status`")

@@ -55,6 +55,7 @@ def node_status(member: Member, router: Router, liveness: LivenessTracker,
     raft = replica.raft.status()
     nodes = replica.store.query("nodes", {})
     response.state = raft.state
+    response.waiting_for = replica.raft.journal_failure()  # a disk that refuses the Raft log, until it takes it
     response.term, response.commit_index = raft.term, raft.commit_index
     response.applied_index, response.has_quorum = replica.store.last_applied, raft.has_quorum
     leader = next((n for n in nodes if n["raft_address"] == raft.leader), None) if raft.leader else None
