@@ -27,7 +27,8 @@ from cortex.node.logs import fields
 from cortex.node.peers import Peers
 from cortex.raft.consensus import GroupCommitter, ProposalError, RaftNode, wait_until
 from cortex.raft.keys import RotatingEncryptor
-from cortex.security import revocation, rotation_driver
+from cortex.raft.transport import Settings as RaftTransport
+from cortex.security import revocation, rotation_driver, tls
 from cortex.security.certs import NodeCerts
 
 log = logging.getLogger("cortex.agent")
@@ -147,9 +148,32 @@ class Member:
         peers = sorted(set(known or ident.raft_peers) - {self.config.raft_address})
         keys = RotatingEncryptor(ident.raft_secret, self.certs.ca()[1], self.raft_generation())
         rotation_driver.restore_raft_keys(self.certs, keys)
-        raft = RaftNode(store, self.config.raft_address, peers, self.config.raft, keys, self.data_dir,
-                        on_state_change=lambda: self.on_raft_state_change())
+        rc = self.config.raft
+        transport = RaftTransport(rc.transport, rc.max_frame_bytes, rc.max_inbound_connections, self.certs.dir,
+                                  refusal=self.raft_peer_refusal, owner_of=self._raft_owner)
+        raft = RaftNode(store, self.config.raft_address, peers, rc, keys, self.data_dir,
+                        on_state_change=lambda: self.on_raft_state_change(), transport=transport)
         self.replica = Replica(store, raft, GroupCommitter(raft), keys)
+
+    def raft_peer_refusal(self, cert_pem: bytes) -> str | None:
+        """Why the holder of `cert_pem` may not speak Raft with this server (None: a current server
+        certificate of this cluster). Checked at each handshake and again every second (revocations)."""
+        peer = tls.peer_of(cert_pem)
+        ident = self.identity
+        if peer is None:
+            return "the certificate names no cortex identity"
+        if ident is None or peer.cluster_id != ident.cluster_id:
+            return f"a certificate of cluster {peer.cluster_id}, this is {ident.cluster_id if ident else 'none yet'}"
+        if peer.role != "server":
+            return f"{peer.name} holds a {peer.role} certificate; only servers speak Raft"
+        return self.revoked.refusal(peer.name, cert_pem)
+
+    def _raft_owner(self, raft_address: str) -> str | None:
+        try:
+            node = self.node_by_raft(raft_address)
+        except Exception:  # noqa: BLE001 - the replica closing; the certificate check still holds
+            return None
+        return node["id"] if node else None
 
     def stop_replica(self) -> None:
         # Let go of it before destroying it: the background thread takes a tick thread that has ended under a
