@@ -41,7 +41,7 @@ class RaftConfig:
     # leader kept committing (raft/convergence.py).
     replica_stuck_after: float = 10.0
     # The Raft port: mutual TLS with typed frames, or pysyncobj's password transport (upgrades only).
-    transport: str = "mtls"
+    transport: str = "auto"
     max_frame_bytes: int = 8 * 1024 * 1024  # one command is at most ~1 MiB (core/args.py), so room to spare
     max_inbound_connections: int = 64
 
@@ -182,8 +182,9 @@ KEYS: tuple[Key, ...] = (
         "stuck (`cortex status`, alert node.stuck) when its replication lag has not shrunk for this long "
         "while the leader kept committing"),
     Key("raft.transport", "str", RaftConfig.transport, "mtls (mutual TLS with the node certificates, typed "
-        "frames) or password (pysyncobj's own format, for a rolling update from a version before mtls); every "
-        "server must use the same (docs/operations/raft-transport.md)"),
+        "frames), password (pysyncobj's own format, spoken by versions before mtls) or auto (mtls for Raft "
+        "state begun on this version, password for older state); every server must use the same "
+        "(docs/operations/raft-transport.md)"),
     Key("raft.max_frame_bytes", "int", RaftConfig.max_frame_bytes, "a Raft frame announcing more than this "
         "closes its connection before anything is buffered; 65536 to 268435456"),
     Key("raft.max_inbound_connections", "int", RaftConfig.max_inbound_connections, "Raft connections this "
@@ -404,8 +405,9 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
             raise reader.fail(top["raft"], "raft.connection_timeout", "must be at least raft.election_timeout_max")
         if raft.heartbeat_interval * 3 >= raft.election_timeout_min:
             raise reader.fail(top["raft"], "raft.heartbeat_interval", "must be at most a third of election_timeout_min")
-        if raft.transport not in ("mtls", "password"):
-            raise reader.fail(top["raft"], "raft.transport", f"must be mtls or password, got {raft.transport!r}")
+        if raft.transport not in ("auto", "mtls", "password"):
+            raise reader.fail(top["raft"], "raft.transport",
+                              f"must be auto, mtls or password, got {raft.transport!r}")
         if not 64 * 1024 <= raft.max_frame_bytes <= 256 * 1024 * 1024:
             raise reader.fail(top["raft"], "raft.max_frame_bytes", "must be between 65536 and 268435456")
         kwargs["raft"] = raft

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import resource
+import signal
 import socket
 import ssl
 import struct
@@ -210,3 +211,35 @@ def test_the_listener_comes_back_after_a_descriptor_shortage(cluster, tmp_path):
     cluster.wait_healthy(timeout=30)
     with cluster.client(leader) as c:
         c.put("after-shortage", "fine")
+
+
+def test_a_password_cluster_is_bounded_too_and_moves_to_mtls_one_server_at_a_time(make_cluster):
+    """The upgrade path (docs/operations/raft-transport.md): servers whose Raft state predates mutual TLS
+    keep the password transport (here chosen explicitly), then switch one at a time; a majority keeps
+    committing throughout and the odd server out is told why."""
+    cluster = make_cluster(3, raft={"transport": "password"})
+    leader = cluster.leader()
+    stranger = _connect(cluster.node(leader).raft_address)
+    try:  # the password transport bounds frames as well: refused at the header, nothing buffered
+        stranger.sendall(b"\xff\xff\xff\x7f" + b"A" * 65536)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert _closed_by_server(stranger, 15)
+    stranger.close()
+    for step, node_id in enumerate(("n1", "n2", "n3"), start=1):
+        node = cluster.node(node_id)
+        cluster.kill(node_id, signal.SIGTERM)
+        path = Path(node.config_path)
+        path.write_text(path.read_text().replace("transport: password", "transport: mtls"))
+        cluster.start(node_id)
+        writer = ("n2", "n1", "n3")[step - 1]  # a server on the side that holds the majority
+        with cluster.client(writer) as c:
+            wait_until(lambda c=c, step=step: c.put("switch", str(step)), 30, "a write during the switch",
+                       ignore=(Exception,))
+    cluster.wait_healthy(timeout=30)
+    digests = cluster.wait_converged(timeout=30)
+    assert len(set(digests.values())) == 1
+    refusals = "".join(Path(cluster.node(n).log_path).read_text() for n in ("n1", "n2", "n3"))
+    assert "does not speak TLS: this server has raft.transport=mtls" in refusals
+    for n in ("n1", "n2", "n3"):
+        assert (Path(cluster.node(n).dir) / "data" / "raft-transport").read_text().strip() == "mtls"

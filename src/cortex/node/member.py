@@ -25,9 +25,9 @@ from cortex.membership import identity
 from cortex.membership.identity import Identity
 from cortex.node.logs import fields
 from cortex.node.peers import Peers
+from cortex.raft import transport as raft_transport
 from cortex.raft.consensus import GroupCommitter, ProposalError, RaftNode, wait_until
 from cortex.raft.keys import RotatingEncryptor
-from cortex.raft.transport import Settings as RaftTransport
 from cortex.security import revocation, rotation_driver, tls
 from cortex.security.certs import NodeCerts
 
@@ -36,7 +36,7 @@ log = logging.getLogger("cortex.agent")
 NOT_IN_A_CLUSTER = "cortex init (new cluster) or cortex join ADDRESS --token TOKEN"
 # what a node's data directory holds of the cluster it belonged to (removed when it leaves or joins anew)
 CLUSTER_FILES = ("state.db", "state.db-wal", "state.db-shm", "raft.journal", "raft.journal.meta",
-                 "raft.snapshot", "raft-members.json", "join-token")
+                 "raft.snapshot", "raft-members.json", "join-token", raft_transport.MARKER)
 
 
 class AgentError(Exception):
@@ -149,7 +149,11 @@ class Member:
         keys = RotatingEncryptor(ident.raft_secret, self.certs.ca()[1], self.raft_generation())
         rotation_driver.restore_raft_keys(self.certs, keys)
         rc = self.config.raft
-        transport = RaftTransport(rc.transport, rc.max_frame_bytes, rc.max_inbound_connections, self.certs.dir,
+        mode = raft_transport.resolve_mode(rc.transport, self.data_dir)
+        if mode == "password":
+            log.warning("Raft runs on the password transport (state from before mutual TLS); once every server "
+                        "runs this version set raft.transport: mtls (docs/operations/raft-transport.md)")
+        transport = raft_transport.Settings(mode, rc.max_frame_bytes, rc.max_inbound_connections, self.certs.dir,
                                   refusal=self.raft_peer_refusal, owner_of=self._raft_owner)
         raft = RaftNode(store, self.config.raft_address, peers, rc, keys, self.data_dir,
                         on_state_change=lambda: self.on_raft_state_change(), transport=transport)

@@ -99,7 +99,7 @@ class Listener:
                 break
             except OSError as exc:
                 if exc.errno in _ACCEPT_ERRORS:
-                    # The pending connection stays in the backlog and poll keeps reporting it: stop asking
+                    # The pending connection stays in the backlog and poll keeps reporting it: leave it
                     # until the backoff has passed, then try again (the shortage may be over).
                     self._backoff = min(max(self._backoff * 2, 0.1), 5.0)
                     self._paused_until = time.monotonic() + self._backoff

@@ -5,11 +5,11 @@ one thread for seconds, by re-copying the growing buffer), unpickles frames, and
 good after one failed accept (EMFILE). This keeps pysyncobj's node bookkeeping (TCPTransport: who dials
 whom, reconnects, the message callbacks) and replaces what is on the socket:
 
-- `raft.transport: mtls` (the default): TLS 1.2+ with the node certificates the cluster issues (the files
+- `mtls` (new clusters; `raft.transport`, see resolve_mode): TLS 1.2+ with the node certificates the cluster signs (the files
   in <data_dir>/tls, reloaded when renewed); both ends must present a server certificate of this cluster,
   not revoked (checked again every second on open connections). Frames are a 4-byte big-endian length and
   the typed encoding of raft/frames.py; nothing from the network is unpickled.
-- `raft.transport: password`: pysyncobj's own wire format (Fernet with the Raft secret, pickles through the
+- `password` (servers whose Raft state predates mtls, until switched): pysyncobj's own wire format (Fernet with the Raft secret, pickles through the
   restricted unpickler), so a server can still talk to servers of earlier versions during a rolling update
   (docs/operations/raft-transport.md).
 
@@ -39,6 +39,7 @@ from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.tcp_connection import CONNECTION_STATE, _getAddrType
 from pysyncobj.transport import TCPTransport
 
+from cortex.core import durable
 from cortex.raft import frames
 from cortex.raft.listener import Listener, throttled
 from cortex.security import tls
@@ -46,11 +47,31 @@ from cortex.security import tls
 log = logging.getLogger("cortex.raft.transport")
 
 MODES = ("mtls", "password")
+MARKER = "raft-transport"  # in the data dir: the transport this server's Raft log was started with
 HANDSHAKE_SECONDS = 5.0  # a connection not past the TLS handshake and its first message by then is closed
 RECHECK_SECONDS = 1.0  # how often open connections' certificates are checked against revocations
 _READ, _WRITE, _ERROR = POLL_EVENT_TYPE.READ, POLL_EVENT_TYPE.WRITE, POLL_EVENT_TYPE.ERROR
 _SEND_CHUNK = 1 << 16
 _TLS_RECORD_HANDSHAKE = 0x16
+
+
+def resolve_mode(configured: str, data_dir: Path) -> str:
+    """The transport to run. `auto` (the default) keeps what this data dir ran before: mtls for a server
+    whose Raft state began on this version, password for one whose state predates it (its peers may still
+    run a version without mtls: a rolling update must not cut it off). An explicit choice is recorded, so
+    returning to `auto` later keeps it (docs/operations/raft-transport.md)."""
+    marker = Path(data_dir) / MARKER
+    try:
+        recorded = marker.read_text().strip()
+    except OSError:
+        recorded = ""
+    if configured == "auto":
+        if recorded in MODES:
+            return recorded
+        configured = "password" if (Path(data_dir) / "raft.journal").exists() else "mtls"
+    if recorded != configured:
+        durable.write_atomic(marker, f"{configured}\n".encode())
+    return configured
 
 
 @dataclass(frozen=True)
@@ -429,7 +450,7 @@ class CortexTransport(TCPTransport):
                           timeout=self._syncObj.conf.connectionTimeout, sock=sock, peer=peer)
 
     def _createServer(self):
-        host, port = self._syncObj.conf.bindAddress.rsplit(":", 1)
+        host, port = (self._syncObj.conf.bindAddress or self._selfNode.address).rsplit(":", 1)
         if host not in ("0.0.0.0", "::"):
             host = globalDnsResolver().resolve(host)
         self._server = Listener(self._syncObj._poller, host, port, self._accepted)
