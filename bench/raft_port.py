@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from cortex.client import Client
+from cortex.client import Client, CortexError
 from cortex.dev import cluster as devcluster
 
 
@@ -41,12 +41,18 @@ def _leader(dc) -> tuple[devcluster.DevNode, int]:
     raise RuntimeError("no leader within 30 s")
 
 
-def _puts(address: str, count: int, tag: str) -> list[float]:
+def _puts(address: str, count: int, tag: str, failures: list[str] | None = None) -> list[float]:
+    """Latencies (ms) of `count` puts; with `failures`, a failed put is noted there (its time still counts)."""
     out = []
     with Client(address, timeout=10) as c:
         for i in range(count):
             t = time.perf_counter()
-            c.put(f"bench-{tag}-{i}", "v" * 100)
+            try:
+                c.put(f"bench-{tag}-{i}", "v" * 100)
+            except CortexError as exc:
+                if failures is None:
+                    raise
+                failures.append(str(exc)[:120])
             out.append((time.perf_counter() - t) * 1000)
     return out
 
@@ -81,8 +87,9 @@ def run(mib: int, puts: int, base_port: int) -> dict:
         thread = threading.Thread(target=_trickle, args=(leader.raft_address, mib << 20, attack), daemon=True)
         thread.start()
         during: list[float] = []
+        failed: list[str] = []
         while thread.is_alive():
-            during += _puts(leader.grpc_address, 10, f"during-{len(during)}")
+            during += _puts(leader.grpc_address, 10, f"during-{len(during)}", failed)
         thread.join()
         after_leader, after_term = _leader(dc)
         return {
@@ -90,6 +97,8 @@ def run(mib: int, puts: int, base_port: int) -> dict:
             "put_max_ms": round(max(baseline), 2),
             "put_p50_during_ms": round(statistics.median(during), 2) if during else None,
             "put_max_during_ms": round(max(during), 2) if during else None,
+            "puts_failed_during": len(failed),
+            "first_failure": failed[0] if failed else "",
             "trickle_mib": mib,
             "bytes_taken": attack.get("bytes_taken", 0),
             "closed_by_server": attack.get("closed_by_server", False),
