@@ -127,6 +127,14 @@ def test_garbage_and_a_hostile_pickle_on_the_raft_port_change_nothing(cluster, t
             finally:
                 sock.close()
     assert not marker.exists()
+    # More idle connections than raft.max_inbound_connections (64): the surplus is closed at accept.
+    crowd = [_connect(cluster.node(leader).raft_address) for _ in range(72)]
+    try:
+        wait_until(lambda: "raft.max_inbound_connections reached" in Path(cluster.node(leader).log_path).read_text(),
+                   20, "the connection cap to be logged")
+    finally:
+        for sock in crowd:
+            sock.close()
     cluster.wait_healthy(timeout=20)
     assert _raft_state(cluster) == (leader, term)
     with cluster.client(leader) as c:
