@@ -49,7 +49,7 @@ throttled = _Throttled()
 class Listener:
     """The Raft port. A failed accept (EMFILE, ENFILE: descriptors run out) pauses accepting with a
     backoff instead of closing the port for good as pysyncobj's TcpServer does; any other listener error
-    closes it, and the transport binds again at its next tick."""
+    closes it and binds it again with the same backoff, keeping pysyncobj's transport ready meanwhile."""
 
     def __init__(self, poller, host: str, port: int, on_socket: Callable[[socket.socket, str], None]):
         self._poller = poller
@@ -57,6 +57,7 @@ class Listener:
         self._on_socket = on_socket
         self._sock: socket.socket | None = None
         self._paused_until = 0.0
+        self._rebind_at = 0.0
         self._backoff = 0.0
         self.bound = False
 
@@ -81,7 +82,29 @@ class Listener:
             self._sock.close()
             self._sock = None
 
+    def _retry_later(self) -> float:
+        self._backoff = min(max(self._backoff * 2, 0.1), 5.0)
+        return time.monotonic() + self._backoff
+
+    def _failed(self, **fields) -> None:
+        # Bound again from tick(), here rather than by pysyncobj: its transport counts as not ready while
+        # unbound, and pysyncobj then runs no Raft at all (no heartbeats, no outgoing connections).
+        self.unbind()
+        self._rebind_at = self._retry_later()
+        throttled.warning("listener", "Raft listener failed; binding it again", port=self._port,
+                          retry_in=self._backoff, **fields)
+
     def tick(self) -> None:
+        if not self.bound and self._rebind_at and time.monotonic() >= self._rebind_at:
+            try:
+                self.bind()
+            except OSError as exc:
+                self._rebind_at = self._retry_later()
+                throttled.warning("bind", "Raft listener: binding failed; retrying", port=self._port,
+                                  error=str(exc), retry_in=self._backoff)
+                return
+            self._rebind_at = self._backoff = 0.0
+            log.info("Raft listener bound again", extra={"fields": {"port": self._port}})
         if self._paused_until and time.monotonic() >= self._paused_until and self._sock is not None:
             self._paused_until = 0.0
             self._poller.subscribe(self._sock.fileno(), self._accept, _READ | _ERROR)
@@ -89,8 +112,7 @@ class Listener:
 
     def _accept(self, fd, event) -> None:
         if event & _ERROR:
-            throttled.warning("listener", "Raft listener failed; binding it again", port=self._port)
-            self.unbind()
+            self._failed()
             return
         for _ in range(32):
             try:
@@ -101,16 +123,14 @@ class Listener:
                 if exc.errno in _ACCEPT_ERRORS:
                     # The pending connection stays in the backlog and poll keeps reporting it: leave it
                     # until the backoff has passed, then try again (the shortage may be over).
-                    self._backoff = min(max(self._backoff * 2, 0.1), 5.0)
-                    self._paused_until = time.monotonic() + self._backoff
+                    self._paused_until = self._retry_later()
                     self._poller.unsubscribe(self._sock.fileno())
                     throttled.warning("accept", "Raft listener: accept failed; retrying after a pause",
                                       error=str(exc), retry_in=self._backoff)
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR):
                     continue  # that client gave up before it was accepted
-                throttled.warning("listener", "Raft listener failed; binding it again", error=str(exc))
-                self.unbind()
+                self._failed(error=str(exc))
                 return
             self._backoff = 0.0
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -455,11 +455,6 @@ class CortexTransport(TCPTransport):
             host = globalDnsResolver().resolve(host)
         self._server = Listener(self._syncObj._poller, host, port, self._accepted)
 
-    def _maybeBind(self):
-        if self._ready and self._server is not None and not self._server.bound:
-            self._ready = False  # the listener closed after an error: bind it again (after bindRetryTime)
-        super()._maybeBind()
-
     def _accepted(self, sock: socket.socket, peer: str) -> None:
         if len(self._inbound) >= self._settings.max_inbound:
             throttled.warning("inbound", "refused a Raft connection: raft.max_inbound_connections reached",
