@@ -6,7 +6,9 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
 - the log index handed to the state machine, which stores it in the same transaction as the change;
 - snapshots that are SQLite backups (no fork, no pickled object state);
 - batching off, so a confirmed write does not wait for a 100 ms tick;
-- a restricted unpickler on the Raft port, on top of the mandatory Fernet password;
+- its own transport (raft/transport.py): mutual TLS with the node certificates and typed, bounded frames,
+  or pysyncobj's password transport (bounded too) for a rolling update from earlier versions;
+- a restricted unpickler for what pysyncobj still unpickles (log entries at apply, the password transport);
 - group commit (`GroupCommitter`, raft/commit.py), since pysyncobj with batching off sends one round per
   entry;
 - the entry's Raft term handed to apply, so a command stamped in another term is fenced off;
@@ -31,6 +33,7 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -55,6 +58,7 @@ from cortex.raft.append import reconcile_append, rejection_next_index, snapshot_
 from cortex.raft.commit import GroupCommitter
 from cortex.raft.errors import NotLeader, ProposalError, fail_name
 from cortex.raft.journal import AppendJournal, JournalWriteError, repair_journal
+from cortex.raft.transport import CortexTransport, Settings
 
 # The agent imports these from here, the adapter's one public face.
 __all__ = ["GroupCommitter", "NotLeader", "ProposalError", "RaftNode", "RaftStatus", "load_members", "wait_until"]
@@ -65,8 +69,9 @@ _SNAPSHOT_MAGIC = b"CXSNAP1\n"
 
 
 # --- a restricted unpickler for the Raft port -----------------------------------------------------------
-# pysyncobj frames are pickles. The Fernet password already authenticates them; this is defence in depth
-# for a leaked secret: only plain data and pysyncobj's node classes may be built, never arbitrary callables.
+# pysyncobj's log entries are pickles (unpickled when applied, and when a large entry arrives in pieces), as
+# are the password transport's frames. Only plain data and pysyncobj's node classes may be built, never
+# arbitrary callables: defence in depth behind mutual TLS (or the Fernet password).
 _ALLOWED_GLOBALS = {
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "complex"),
     ("builtins", "bytes"), ("builtins", "str"), ("builtins", "int"), ("builtins", "float"),
@@ -138,7 +143,8 @@ class RaftNode(SyncObj):
     """A voting member. The state machine is a StateStore; every entry is an encoded command envelope."""
 
     def __init__(self, store: StateStore, self_address: str, peers: list[str], raft: RaftConfig, secret: str,
-                 data_dir: Path, on_state_change: Callable[[], None] | None = None, name: str = ""):
+                 data_dir: Path, on_state_change: Callable[[], None] | None = None, name: str = "",
+                 transport: Settings | None = None):
         self.store = store
         self._snapshot_tmp = data_dir / "snapshot.tmp.db"
         self._on_state_change = on_state_change
@@ -153,8 +159,10 @@ class RaftNode(SyncObj):
         recorded = load_members(data_dir)
         if recorded:
             peers = recorded
+        transport = transport or Settings("password", raft.max_frame_bytes, raft.max_inbound_connections)
         conf = SyncObjConf(
-            password=secret,
+            # On mutual TLS the channel is authenticated and encrypted already: no Fernet layer on top.
+            password=secret if transport.mode == "password" else None,
             appendEntriesUseBatch=False,
             dynamicMembershipChange=True,
             raftMinTimeout=raft.election_timeout_min,
@@ -179,7 +187,8 @@ class RaftNode(SyncObj):
             autoTickPeriod=0.05,
             bindAddress=self_address,  # pysyncobj binds every interface unless told
         )
-        super().__init__(self_address, [p for p in peers if p != self_address], conf)
+        super().__init__(self_address, [p for p in peers if p != self_address], conf,
+                         transportClass=functools.partial(CortexTransport, settings=transport))
         # pysyncobj stops ticking when the thread that built it exits; Raft may be started from a join
         # request's thread, so tie the tick thread to the process's main thread instead.
         self._SyncObj__mainThread = threading.main_thread()
