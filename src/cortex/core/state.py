@@ -47,6 +47,9 @@ class StateStore:
         self._write_lock = threading.Lock()
         self._local = threading.local()
         self._listener = listener  # told (event type, data, index) after each commit
+        # Applied commands per family ("node", "member", ...), counted after each commit, and restores under
+        # "*": a cache of some tables is current while the counts of the families that write them are unchanged.
+        self._applied: dict[str, int] = {}
         self._db = self._connect()
         self._migrate()
         self.last_applied = int(self._meta("last_applied_index", "0"))
@@ -133,6 +136,11 @@ class StateStore:
                 self.fence_term = int(self._meta("fence_term", "0"))
                 raise
             self.last_applied = index
+            # after COMMIT: a reader that saw the old count may have read the new rows (harmless, it reads
+            # again), never the other way round
+            for env in envs:
+                family = env.type.partition(".")[0]
+                self._applied[family] = self._applied.get(family, 0) + 1
         if self._listener is not None:
             for env, item in zip(envs, results):
                 try:
@@ -185,6 +193,11 @@ class StateStore:
     def applied_index(self) -> int:
         return self.last_applied
 
+    def generation(self, *families: str) -> tuple[int, ...]:
+        """How many commands of these families were applied, and how many snapshots restored, since the
+        store was opened: unchanged means the tables those families write are unchanged."""
+        return (*(self._applied.get(f, 0) for f in families), self._applied.get("*", 0))
+
     def digest(self) -> str:
         """SHA-256 over the replicated tables in key order: equal on replicas that applied the same log."""
         return cluster.digest(self.reader())
@@ -210,6 +223,7 @@ class StateStore:
                 if snapshot_index <= self.last_applied:
                     return False
                 source.backup(self._db)
+                self._applied["*"] = self._applied.get("*", 0) + 1
                 self.last_applied = int(self._meta("last_applied_index", "0"))
                 self.fence_term = int(self._meta("fence_term", "0"))
                 return True

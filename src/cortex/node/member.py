@@ -23,6 +23,7 @@ from cortex.core.events import Event, EventBus
 from cortex.core.state import StateStore
 from cortex.membership import identity
 from cortex.membership.identity import Identity
+from cortex.membership.roster import Roster
 from cortex.node.logs import fields
 from cortex.node.peers import Peers
 from cortex.raft.consensus import GroupCommitter, ProposalError, RaftNode, wait_until
@@ -62,6 +63,7 @@ class Replica:
     raft: RaftNode
     committer: GroupCommitter
     keys: RotatingEncryptor
+    roster: Roster
 
 
 class Member:
@@ -149,7 +151,7 @@ class Member:
         rotation_driver.restore_raft_keys(self.certs, keys)
         raft = RaftNode(store, self.config.raft_address, peers, self.config.raft, keys, self.data_dir,
                         on_state_change=lambda: self.on_raft_state_change())
-        self.replica = Replica(store, raft, GroupCommitter(raft), keys)
+        self.replica = Replica(store, raft, GroupCommitter(raft), keys, Roster(store))
 
     def stop_replica(self) -> None:
         # Let go of it before destroying it: the background thread takes a tick thread that has ended under a
@@ -178,11 +180,15 @@ class Member:
     def nodes(self) -> list[dict]:
         return self.store.query("nodes", {})
 
+    def node(self, node_id: str) -> dict | None:
+        """A member's record from the in-memory roster (no table read while the nodes are unchanged)."""
+        return self.replica.roster.node(node_id)
+
     def node_by_raft(self, raft_address: str) -> dict | None:
         return next((n for n in self.nodes() if n["raft_address"] == raft_address), None)
 
     def server_grpc_addresses(self) -> list[str]:
-        return [n["grpc_address"] for n in self.nodes() if n["role"] == "server"]
+        return self.replica.roster.server_grpc_addresses()
 
     def wipe_state(self) -> None:
         for name in CLUSTER_FILES:
