@@ -1,6 +1,6 @@
 """The agent's idle footprint: libraries only some nodes need are imported when first used.
 
-Loading the agent and every installed plugin class (what a server with every default plugin does at
+Loading the agent and every installed plugin class with its options checked (what a server with every default plugin does at
 start) must not pull in the heavy optional libraries; each one costs megabytes of resident memory on
 every node, most of which never render a netboot menu or talk to Kubernetes.
 """
@@ -12,14 +12,16 @@ import subprocess
 import sys
 
 # imported by a plugin only when its feature is used
-LAZY = ("jinja2", "kubernetes", "mcp", "starlette", "uvicorn", "pydantic")
+LAZY = ("jsonschema", "jinja2", "kubernetes", "mcp", "starlette", "uvicorn", "pydantic")
 
 PROBE = """
 import json, sys
 import cortex.cli.main, cortex.node.agent
+from cortex.config import PluginSettings
 from cortex.plugins import host
 for name in sorted(host.discover()):
-    host._load_class(name)
+    cls = host._load_class(name)
+    host.validate_options(name, cls.options_schema, PluginSettings(), "probe")
 print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))
 """
 
