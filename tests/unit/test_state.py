@@ -168,3 +168,31 @@ def test_join_requests_pending_approved_rejected(tmp_path: Path):
     store.apply(8, env("node.register", register))
     assert store.query("join_requests", {}) == []  # consumed by the registration
     assert store.apply(9, env("node.approve", {"node_id": "w1"}))["state"] == "member"
+
+
+def test_the_roster_follows_node_commands_and_snapshot_restores(tmp_path: Path):
+    from cortex.membership.roster import Roster
+
+    def register(node_id: str, role: str = "worker") -> bytes:
+        return env("node.register", {"node_id": node_id, "role": role, "grpc_address": f"{node_id}:1",
+                                     "raft_address": "", "token_hash": ""})
+
+    a, b = StateStore(tmp_path / "a.db"), StateStore(tmp_path / "b.db")
+    roster = Roster(b)
+    b.apply(1, register("s1", "server"))
+    assert roster.server_grpc_addresses() == ["s1:1"] and roster.node("w1") is None
+    before = b.generation("node", "member")
+    b.apply(2, env("kv.put", {"key": "k", "value": "v"}))  # other families leave the roster as it is
+    assert b.generation("node", "member") == before
+    b.apply(3, register("w1"))
+    assert roster.node("w1")["role"] == "worker"
+    b.apply(4, env("member.leave", {"node_id": "w1", "reason": "test"}))
+    assert roster.node("w1") is None  # left: on record, but no member
+    for index, node_id in enumerate(["s1", "s2", "w9"], start=1):
+        a.apply(index, register(node_id, "server" if node_id != "w9" else "worker"))
+    a.apply(10, env("kv.put", {"key": "k", "value": "v"}))
+    snap = tmp_path / "snap.db"
+    a.backup_to(snap)
+    assert b.restore_from(snap) is True
+    assert roster.server_grpc_addresses() == ["s1:1", "s2:1"] and roster.node("w9")["grpc_address"] == "w9:1"
+    assert [n["id"] for n in b.query("nodes", {})] == sorted(roster._current().by_id)

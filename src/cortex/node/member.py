@@ -226,12 +226,12 @@ class Member:
     def sends_heartbeats(self) -> bool:
         """Workers do; so does a promoted node until the cluster records it as a server (the leader then
         hears it through its Raft connection)."""
-        ident, store = self.identity, self.store
+        ident, replica = self.identity, self.replica
         if ident is None:
             return False
         if ident.role == "worker":
             return True
-        if store is None or not ident.raft_address:
+        if replica is None or not ident.raft_address:
             return False
-        me = next((n for n in store.query("nodes", {}) if n["id"] == self.config.node_id), None)
+        me = replica.roster.node(self.config.node_id)
         return me is not None and me["role"] == "worker"
