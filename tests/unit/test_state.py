@@ -196,3 +196,42 @@ def test_the_roster_follows_node_commands_and_snapshot_restores(tmp_path: Path):
     assert b.restore_from(snap) is True
     assert roster.server_grpc_addresses() == ["s1:1", "s2:1"] and roster.node("w9")["grpc_address"] == "w9:1"
     assert [n["id"] for n in b.query("nodes", {})] == sorted(roster._current().by_id)
+
+
+def test_many_reading_threads_share_a_few_connections(tmp_path: Path):
+    """Each read connection holds its own schema and page cache: a server's dozens of long-lived threads
+    (gRPC workers) that read now and then must not keep one each. Counted as open file descriptors of the
+    database, the kernel's view."""
+    import os
+    import threading
+
+    store = StateStore(tmp_path / "s.db")
+    store.apply(2, env("kv.put", {"key": "a", "value": "1"}))
+    path = str((tmp_path / "s.db").resolve())
+
+    def open_db_files() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == path)
+
+    before = open_db_files()
+    results, release = [], threading.Event()
+    threads = []
+    for _ in range(20):  # one read after another, each from another thread that stays alive
+        done = threading.Event()
+
+        def work(done=done):
+            results.append(store.query("kv.get", {"key": "a"})["value"])
+            done.set()
+            release.wait(30)
+
+        threads.append(threading.Thread(target=work, daemon=True))
+        threads[-1].start()
+        assert done.wait(30)
+    try:
+        assert results == ["1"] * 20
+        assert open_db_files() - before <= 1
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+    store.close()
+    assert open_db_files() == before - 1  # the writer and the idle readers are closed with the store
