@@ -24,11 +24,11 @@ test *args:
 test-fast *args:
     {{bin}}/python -m pytest tests/unit {{args}}
 
-# benchmarks, Cortex beside etcd on loopback, then the task engine, printed as tables
+# benchmarks, Cortex beside etcd on loopback, then membership and the task engine, printed as tables;
+# --json PATH writes one document (python -m bench --help)
 bench *args:
     ./bootstrap.sh
     {{bin}}/python -m bench {{args}}
-    {{bin}}/python -m bench.tasks {{args}}
 
 # MCP tool-call latency (stdio and HTTP, read and forwarded write) on a local cluster
 bench-mcp *args:

@@ -1,6 +1,6 @@
 """Cluster-core benchmark: Cortex beside etcd, same client patterns, same run.
 
-    python -m bench [--quick] [--json PATH] [--base-port N] [--keep]
+    python -m bench [--quick] [--json PATH] [--base-port N] [--keep] [--no-membership] [--no-tasks]
 
 Starts a 3-server Cortex dev cluster (real agent processes on 127.0.0.1, in a
 temp dir) and a 3-member etcd cluster (/usr/bin/etcd; skipped with a notice
@@ -11,6 +11,8 @@ target | met?.  Progress goes to stderr, the table to stdout.
 Order: idle usage (before any load), sequential puts via leader and follower,
 pipelined puts, reads, and failover last (it kills members).  Every wait is
 bounded and every process is stopped on the way out (also on SIGTERM/SIGINT).
+Then the membership benchmark (bench/membership.py) and the task-engine benchmark (bench/tasks.py), each
+with its own table; --json writes one document holding all three.
 Exit status 1 when a measurement failed (the cell says ERROR and the error is
 printed), 0 otherwise -- a missed target is a result, not a failure.
 """
@@ -71,7 +73,7 @@ METRICS = [
     ("read_lin_follower_p99", "linearizable get via follower p99 (ms)", "lower", None),
     ("read_stale_follower_p50", "stale/serializable get via follower p50 (ms)", "lower", None),
     ("read_stale_follower_p99", "stale/serializable get via follower p99 (ms)", "lower", None),
-    ("idle_rss_max", "idle RSS per server, max (MB)", "lower", ("<=", 80.0)),
+    ("idle_rss_max", "idle RSS per server, max (MB)", "lower", ("<=", 64.0)),
     ("idle_cpu_max", "idle CPU per server, max (%)", "lower", ("<=", 1.0)),
     ("failover_median", "failover kill -9 leader -> write acked, median (s)", "lower", ("<=", 1.0)),
     ("failover_max", "failover kill -9 leader -> write acked, max (s)", "lower", None),
@@ -292,6 +294,22 @@ def find_base_port(start: int, width: int = 6, tries: int = 100) -> int:
     raise RuntimeError(f"no {width} free ports on 127.0.0.1 from {start} to {start + 10 * tries}")
 
 
+def document(quick: bool, sizes: dict, wall: float, have_etcd: bool, rows: list[dict], cortex_res: Results,
+             etcd_res: Results | None, membership_rows: list, tasks_rows: list[dict] | None) -> dict:
+    """The one JSON document of a run: the core table (`rows`), membership and task-engine rows (None
+    when skipped), the raw values and the machine's load."""
+    return {
+        "membership": membership_rows,
+        "tasks": tasks_rows,
+        "quick": quick, "sizes": sizes, "wall_s": wall, "cpus": os.cpu_count(), "etcd": have_etcd,
+        "load_average": list(os.getloadavg()),
+        "rows": rows,
+        "cortex": {"values": cortex_res.values, "errors": cortex_res.errors, "details": cortex_res.extra},
+        "etcd_results": (None if etcd_res is None else
+                         {"values": etcd_res.values, "errors": etcd_res.errors, "details": etcd_res.extra}),
+    }
+
+
 def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -304,6 +322,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs) after the run")
     ap.add_argument("--no-membership", action="store_true",
                     help="skip the membership benchmark (join/resume -> alive, dead-worker detection; ~40 s)")
+    ap.add_argument("--no-tasks", action="store_true",
+                    help="skip the task-engine benchmark (python -m bench.tasks runs it alone)")
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     signal.signal(signal.SIGTERM, _terminate)
@@ -385,7 +405,8 @@ def main(argv=None) -> int:
 
     rows = build_rows(cortex_res, etcd_res)
     print()
-    print(f"Cortex vs etcd, 3 servers each on 127.0.0.1, {os.cpu_count()} CPUs, "
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"Cortex vs etcd, 3 servers each on 127.0.0.1, {os.cpu_count()} CPUs, load average {load} (1/5/15 min), "
           f"{'quick' if args.quick else 'full'} run ({wall:.0f}s)" + ("" if have_etcd else " -- etcd NOT INSTALLED, Cortex only"),
           flush=True)
     print_table(rows)
@@ -426,15 +447,22 @@ def main(argv=None) -> int:
         else:
             shutil.rmtree(member_dir, ignore_errors=True)
 
+    tasks_rows: list[dict] | None = None
+    if not args.no_tasks:
+        from . import tasks
+
+        try:
+            tasks_rows, tasks_failed = tasks.run(args.quick, find_base_port(args.base_port + 200, width=10), args.keep)
+            print()
+            tasks.print_table(tasks_rows)
+            if tasks_failed:
+                errors["tasks"] = "a task-engine measurement failed (see the progress lines)"
+        except Exception as exc:
+            errors["tasks"] = f"{type(exc).__name__}: {exc}"
+            print(f"\ntask-engine benchmark failed: {errors['tasks']}", flush=True)
+
     if args.json:
-        doc = {
-            "membership": membership_rows,
-            "quick": args.quick, "sizes": sizes, "wall_s": wall, "cpus": os.cpu_count(), "etcd": have_etcd,
-            "rows": rows,
-            "cortex": {"values": cortex_res.values, "errors": cortex_res.errors, "details": cortex_res.extra},
-            "etcd_results": (None if etcd_res is None else
-                             {"values": etcd_res.values, "errors": etcd_res.errors, "details": etcd_res.extra}),
-        }
+        doc = document(args.quick, sizes, wall, have_etcd, rows, cortex_res, etcd_res, membership_rows, tasks_rows)
         Path(args.json).write_text(json.dumps(doc, indent=2, default=str))
         progress(f"wrote {args.json}")
     return 1 if (errors or failed_setup) else 0

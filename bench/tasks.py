@@ -148,14 +148,9 @@ def scheduler_decision(queued: int = 1000, nodes: int = 50, runs: int = 20) -> f
     return statistics.median(times)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.tasks", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", metavar="PATH")
-    ap.add_argument("--base-port", type=int, default=27600)
-    ap.add_argument("--keep", action="store_true")
-    args, _ = ap.parse_known_args(argv)  # `just bench` passes the core benchmark's options to both
-    sizes = QUICK if args.quick else FULL
+def run(quick: bool, base_port: int, keep: bool) -> tuple[list[dict], bool]:
+    """Measure; returns the rows ({"metric", "value", "target", "met"}) and whether a measurement broke."""
+    sizes = QUICK if quick else FULL
     rows: list[tuple[str, float | None, str, bool | None]] = []
     failed = False
     progress("scheduler: 1000 queued x 50 nodes")
@@ -164,7 +159,7 @@ def main(argv=None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="cortex-bench-tasks-"))
     try:
         progress(f"starting 3 servers + 2 workers in {workdir}")
-        base = args.base_port
+        base = base_port
         while not all(devcluster.port_free(p) for p in range(base, base + 10)):
             base += 10
         dc = devcluster.up(workdir, 3, 2, base, timeout=90)
@@ -194,16 +189,32 @@ def main(argv=None) -> int:
             progress(f"throughput FAILED: {exc}")
             failed = True
     finally:
-        devcluster.down(workdir, purge=not args.keep)
+        devcluster.down(workdir, purge=not keep)
     rows.append(("machine load average (1 min) at the end", os.getloadavg()[0], "", None))
-    width = max(len(r[0]) for r in rows)
-    print(f"{'metric'.ljust(width)}  {'value':>10}  {'target':>8}  met?")
-    for name, value, target, met in rows:
-        shown = "ERROR" if value is None else f"{value:10.2f}"
-        print(f"{name.ljust(width)}  {shown:>10}  {target:>8}  {'' if met is None else 'yes' if met else 'NO'}")
+    return [{"metric": n, "value": v, "target": t, "met": m} for n, v, t, m in rows], failed
+
+
+def print_table(rows: list[dict]) -> None:
+    width = max(len(r["metric"]) for r in rows)
+    print(f"{'metric'.ljust(width)}  {'value':>10}  {'target':>8}  met?", flush=True)
+    for r in rows:
+        shown = "ERROR" if r["value"] is None else f"{r['value']:10.2f}"
+        met = "" if r["met"] is None else "yes" if r["met"] else "NO"
+        print(f"{r['metric'].ljust(width)}  {shown:>10}  {r['target']:>8}  {met}", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.tasks", description=__doc__.split("\n\n")[0],
+                                 epilog="`python -m bench` runs this benchmark too, after the cluster core's")
+    ap.add_argument("--quick", action="store_true", help="small sample sizes")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    ap.add_argument("--base-port", type=int, default=27600, help="first port tried for the dev cluster")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (logs) after the run")
+    args = ap.parse_args(argv)
+    rows, failed = run(args.quick, args.base_port, args.keep)
+    print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps([{"metric": n, "value": v, "target": t, "met": m}
-                                               for n, v, t, m in rows], indent=2))
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     return 1 if failed else 0
 
 

@@ -4,6 +4,7 @@ and joiners whose one network call, the join over the enrollment port, is handed
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 
 import grpc
@@ -222,6 +223,42 @@ def test_heartbeats_from_a_removed_worker_are_refused(tmp_path: Path, nodes, lea
     with pytest.raises(AgentError) as info:
         w1.router.to_servers(lambda stub: stub.Heartbeat(beat))
     assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_leader_answers_heartbeats_from_its_roster_without_reading_the_nodes_table(tmp_path: Path, nodes,
+                                                                                        leader, monkeypatch):
+    n1, token = leader
+    w1 = LocalNode(tmp_path, "w1", "worker", nodes)
+    w1.joiner.join_cluster(n1.config.grpc_address, token)
+    for i in range(100):  # a cluster of a hundred more workers
+        n1.router.propose("node.register", {"node_id": f"x{i:03}", "role": "worker", "raft_address": "",
+                                            "grpc_address": f"127.0.0.1:{20000 + i}", "token_hash": ""},
+                          internal=True)
+    beat = pb.HeartbeatRequest(node_id="w1")
+    store = n1.member.store
+    servers = [n["grpc_address"] for n in store.query("nodes", {}) if n["role"] == "server"]
+    assert list(n1.admission.handle_heartbeat(beat).server_grpc_addresses) == servers == [n1.config.grpc_address]
+
+    # every read of the state this thread makes, by query name (the real store answers each one)
+    me, reads, real_query = threading.get_ident(), [], store.query
+
+    def observed(name, args):
+        if threading.get_ident() == me:
+            reads.append(name)
+        return real_query(name, args)
+
+    monkeypatch.setattr(store, "query", observed)
+    for _ in range(50):
+        assert list(n1.admission.handle_heartbeat(beat).server_grpc_addresses) == servers
+    assert reads == []  # O(1): nothing changed, nothing read
+    n1.router.propose("node.remove", {"node_id": "x007"}, internal=True)
+    with pytest.raises(AgentError) as info:  # the roster follows the applied command
+        n1.admission.handle_heartbeat(pb.HeartbeatRequest(node_id="x007"))
+    assert info.value.code == grpc.StatusCode.NOT_FOUND
+    assert reads == ["nodes"]  # rebuilt once
+    for _ in range(50):
+        n1.admission.handle_heartbeat(pb.HeartbeatRequest(node_id="x008"))
+    assert reads == ["nodes"]
 
 
 def test_status_pairs_the_state_with_the_reason_it_waits(tmp_path: Path, nodes):

@@ -168,3 +168,70 @@ def test_join_requests_pending_approved_rejected(tmp_path: Path):
     store.apply(8, env("node.register", register))
     assert store.query("join_requests", {}) == []  # consumed by the registration
     assert store.apply(9, env("node.approve", {"node_id": "w1"}))["state"] == "member"
+
+
+def test_the_roster_follows_node_commands_and_snapshot_restores(tmp_path: Path):
+    from cortex.membership.roster import Roster
+
+    def register(node_id: str, role: str = "worker") -> bytes:
+        return env("node.register", {"node_id": node_id, "role": role, "grpc_address": f"{node_id}:1",
+                                     "raft_address": "", "token_hash": ""})
+
+    a, b = StateStore(tmp_path / "a.db"), StateStore(tmp_path / "b.db")
+    roster = Roster(b)
+    b.apply(1, register("s1", "server"))
+    assert roster.server_grpc_addresses() == ["s1:1"] and roster.node("w1") is None
+    before = b.generation("node", "member")
+    b.apply(2, env("kv.put", {"key": "k", "value": "v"}))  # other families leave the roster as it is
+    assert b.generation("node", "member") == before
+    b.apply(3, register("w1"))
+    assert roster.node("w1")["role"] == "worker"
+    b.apply(4, env("member.leave", {"node_id": "w1", "reason": "test"}))
+    assert roster.node("w1") is None  # left: on record, but no member
+    for index, node_id in enumerate(["s1", "s2", "w9"], start=1):
+        a.apply(index, register(node_id, "server" if node_id != "w9" else "worker"))
+    a.apply(10, env("kv.put", {"key": "k", "value": "v"}))
+    snap = tmp_path / "snap.db"
+    a.backup_to(snap)
+    assert b.restore_from(snap) is True
+    assert roster.server_grpc_addresses() == ["s1:1", "s2:1"] and roster.node("w9")["grpc_address"] == "w9:1"
+    assert [n["id"] for n in b.query("nodes", {})] == sorted(roster._current().by_id)
+
+
+def test_many_reading_threads_share_a_few_connections(tmp_path: Path):
+    """Each read connection holds its own schema and page cache: a server's dozens of long-lived threads
+    (gRPC workers) that read now and then must not keep one each. Counted as open file descriptors of the
+    database, the kernel's view."""
+    import os
+    import threading
+
+    store = StateStore(tmp_path / "s.db")
+    store.apply(2, env("kv.put", {"key": "a", "value": "1"}))
+    path = str((tmp_path / "s.db").resolve())
+
+    def open_db_files() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == path)
+
+    before = open_db_files()
+    results, release = [], threading.Event()
+    threads = []
+    for _ in range(20):  # one read after another, each from another thread that stays alive
+        done = threading.Event()
+
+        def work(done=done):
+            results.append(store.query("kv.get", {"key": "a"})["value"])
+            done.set()
+            release.wait(30)
+
+        threads.append(threading.Thread(target=work, daemon=True))
+        threads[-1].start()
+        assert done.wait(30)
+    try:
+        assert results == ["1"] * 20
+        assert open_db_files() - before <= 1
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+    store.close()
+    assert open_db_files() == before - 1  # the writer and the idle readers are closed with the store

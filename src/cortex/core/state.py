@@ -8,6 +8,7 @@ never block apply (WAL mode).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from cortex.core.envelope import Envelope, decode_entry
 log = logging.getLogger("cortex.state")
 
 REQUEST_RETENTION = 100_000  # idempotency keys are remembered for this many log entries
+MAX_IDLE_READERS = 8  # read connections kept open between reads (more may be open while reads run)
 
 
 def state_tables() -> tuple[str, ...]:
@@ -46,7 +48,16 @@ class StateStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
         self._local = threading.local()
+        # Read connections are shared, not one per thread: each holds its own copy of the schema (~0.5 MB with
+        # every domain's tables) and up to 2 MB of page cache, and a server runs dozens of threads that read now
+        # and then. Idle connections wait here, most recently used last; a query takes one or opens one.
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
         self._listener = listener  # told (event type, data, index) after each commit
+        # Applied commands per family ("node", "member", ...), counted after each commit, and restores under
+        # "*": a cache of some tables is current while the counts of the families that write them are unchanged.
+        self._applied: dict[str, int] = {}
         self._db = self._connect()
         self._migrate()
         self.last_applied = int(self._meta("last_applied_index", "0"))
@@ -63,10 +74,32 @@ class StateStore:
         return db
 
     def reader(self) -> sqlite3.Connection:
-        """A read-only connection for the calling thread."""
+        """A read-only connection for the calling thread (tools and tests; queries use `reading`)."""
         return thread_reader(self._local, self.path)
 
+    @contextlib.contextmanager
+    def reading(self):
+        """A read-only connection for one read; at most MAX_IDLE_READERS stay open between reads."""
+        with self._readers_lock:
+            db = self._readers.pop() if self._readers else None
+        if db is None:
+            db = open_reader(self.path)
+        try:
+            yield db
+        finally:
+            with self._readers_lock:
+                if not self._closed and len(self._readers) < MAX_IDLE_READERS:
+                    self._readers.append(db)
+                    db = None
+            if db is not None:
+                db.close()
+
     def close(self) -> None:
+        with self._readers_lock:
+            self._closed = True
+            readers, self._readers = self._readers, []
+        for db in readers:
+            db.close()
         with self._write_lock:
             self._db.close()
 
@@ -133,6 +166,11 @@ class StateStore:
                 self.fence_term = int(self._meta("fence_term", "0"))
                 raise
             self.last_applied = index
+            # after COMMIT: a reader that saw the old count may have read the new rows (harmless, it reads
+            # again), never the other way round
+            for env in envs:
+                family = env.type.partition(".")[0]
+                self._applied[family] = self._applied.get(family, 0) + 1
         if self._listener is not None:
             for env, item in zip(envs, results):
                 try:
@@ -175,19 +213,25 @@ class StateStore:
         if handler is None:
             known = sorted(domain.queries())
             raise KeyError(f"unknown query {name!r}; known: {', '.join(known)}")
-        db = self.reader()
-        db.execute("BEGIN")
-        try:
-            return handler(db, args)
-        finally:
-            db.execute("COMMIT")
+        with self.reading() as db:
+            db.execute("BEGIN")
+            try:
+                return handler(db, args)
+            finally:
+                db.execute("COMMIT")
 
     def applied_index(self) -> int:
         return self.last_applied
 
+    def generation(self, *families: str) -> tuple[int, ...]:
+        """How many commands of these families were applied, and how many snapshots restored, since the
+        store was opened: unchanged means the tables those families write are unchanged."""
+        return (*(self._applied.get(f, 0) for f in families), self._applied.get("*", 0))
+
     def digest(self) -> str:
         """SHA-256 over the replicated tables in key order: equal on replicas that applied the same log."""
-        return cluster.digest(self.reader())
+        with self.reading() as db:
+            return cluster.digest(db)
 
     # --- snapshots -------------------------------------------------------------------------------------
     def backup_to(self, path: Path) -> int:
@@ -210,6 +254,7 @@ class StateStore:
                 if snapshot_index <= self.last_applied:
                     return False
                 source.backup(self._db)
+                self._applied["*"] = self._applied.get("*", 0) + 1
                 self.last_applied = int(self._meta("last_applied_index", "0"))
                 self.fence_term = int(self._meta("fence_term", "0"))
                 return True
@@ -217,14 +262,17 @@ class StateStore:
             source.close()
 
 
+def open_reader(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=30)
+    db.execute("PRAGMA query_only=ON")
+    return db
+
+
 def thread_reader(local: threading.local, path: Path) -> sqlite3.Connection:
     """The calling thread's read-only connection to `path`, opened on first use and kept in `local`."""
     db = getattr(local, "db", None)
     if db is None:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False,
-                             timeout=30)
-        db.execute("PRAGMA query_only=ON")
-        local.db = db
+        db = local.db = open_reader(path)
     return db
 
 

@@ -371,7 +371,7 @@ class Admission:
         self.member.require_member()
         if not self.member.is_leader():
             return self.router.forward("Heartbeat", request)
-        if not any(n["id"] == request.node_id for n in self.member.nodes()):
+        if self.member.node(request.node_id) is None:
             # removed by an operator (or never admitted): tell it, instead of tracking a ghost
             raise AgentError(grpc.StatusCode.NOT_FOUND, f"node {request.node_id!r} is not a member of this cluster "
                              "(removed?); on that node: cortex leave, then join again")

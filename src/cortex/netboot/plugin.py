@@ -21,12 +21,14 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cortex.netboot import profiles as profiles_mod
-from cortex.netboot.service import HttpService, Provisioner, ServiceConfig, split_listen
 from cortex.node.logs import fields
 from cortex.plugins import Plugin, Tool, ToolError
+
+if TYPE_CHECKING:
+    from cortex.netboot.service import HttpService
 
 DEFAULT_ARTIFACTS = "/usr/share/cortex/netboot"
 
@@ -102,11 +104,16 @@ class NetbootPlugin(Plugin):
         self._profiles = (profiles_mod.load(opts["profiles"]) if opts["profiles"]
                           else profiles_mod.default_profiles())
         if opts["listen"]:
+            # The HTTP service (http.server, Jinja) is loaded only on the nodes that serve netboot.
+            from cortex.netboot.service import split_listen
+
             split_listen(opts["listen"])
 
     def start(self) -> None:
         opts = self.ctx.options
         if opts["listen"]:
+            from cortex.netboot.service import HttpService, Provisioner, ServiceConfig, split_listen
+
             host, port = split_listen(opts["listen"])
             config = ServiceConfig(base_url=opts["base_url"] or f"http://{opts['listen']}",
                                    join_address=opts["join_address"], artifacts=Path(opts["artifacts"]),

@@ -13,13 +13,15 @@ printed into a template goes through one of two gates, enforced by the Jinja env
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
+if TYPE_CHECKING:
+    import jinja2
 
 from cortex.core.args import NODE_ID_RE
 
@@ -65,14 +67,23 @@ def _finalize_strict(value: Any) -> str:
 
 
 def _environment(finalize) -> jinja2.Environment:
+    # Jinja is loaded with the first rendering: an agent that never serves netboot keeps its ~2 MB.
+    import jinja2
+
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=False, finalize=finalize,
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["word"] = word
     return env
 
 
-_IPXE = _environment(_finalize_text)
-_DNSMASQ = _environment(_finalize_strict)
+@functools.cache
+def _ipxe() -> jinja2.Environment:
+    return _environment(_finalize_text)
+
+
+@functools.cache
+def _dnsmasq() -> jinja2.Environment:
+    return _environment(_finalize_strict)
 
 
 # --- iPXE ---------------------------------------------------------------------------------------------------
@@ -97,20 +108,20 @@ def _urls(base_url: str) -> dict[str, str]:
 
 def boot_script(base_url: str, retry_seconds: int = 30) -> str:
     urls = _urls(base_url)
-    return _IPXE.get_template("boot.ipxe.j2").render(**{**urls, "machine_url": _ipxe_expanding(urls["machine_url"])},
+    return _ipxe().get_template("boot.ipxe.j2").render(**{**urls, "machine_url": _ipxe_expanding(urls["machine_url"])},
                                                      retry_seconds=retry_seconds)
 
 
 def menu_script(base_url: str, timeout_ms: int = 5000) -> str:
     urls = _urls(base_url)
-    return _IPXE.get_template("menu.ipxe.j2").render(**{**urls, "machine_url": _ipxe_expanding(urls["machine_url"])},
+    return _ipxe().get_template("menu.ipxe.j2").render(**{**urls, "machine_url": _ipxe_expanding(urls["machine_url"])},
                                                      timeout_ms=timeout_ms)
 
 
 def custom_menu(base_url: str) -> str:
     """netboot.xyz's custom menu convention: `custom.ipxe` under the user's custom_url."""
     urls = _urls(base_url)
-    return _IPXE.get_template("custom.ipxe.j2").render(**{**urls, "machine_url": _ipxe_expanding(urls["machine_url"])})
+    return _ipxe().get_template("custom.ipxe.j2").render(**{**urls, "machine_url": _ipxe_expanding(urls["machine_url"])})
 
 
 def _ipxe_expanding(url: str) -> _Word:
@@ -153,7 +164,7 @@ def credential_args(script: MachineScript) -> list[str]:
 def machine_script(script: MachineScript) -> str:
     urls = _urls(script.base_url)
     cmdline = [*script.args, *credential_args(script)]
-    return _IPXE.get_template("machine.ipxe.j2").render(
+    return _ipxe().get_template("machine.ipxe.j2").render(
         machine=script.machine, group=script.group, profile=script.profile, node_id=script.node_id,
         expires=script.expires, kernel_url=f"{urls['base_url']}/artifacts/{script.kernel}",
         initrd_url=f"{urls['base_url']}/artifacts/{script.initrd}", initrd=script.initrd, cmdline=cmdline,
@@ -187,7 +198,7 @@ def _interface(name: str) -> str:
 
 def dnsmasq_proxy(network: str, boot_url: str, tftp_root: str, interface: str = "") -> str:
     net = _network(network)
-    return _DNSMASQ.get_template("dnsmasq-proxy.conf.j2").render(
+    return _dnsmasq().get_template("dnsmasq-proxy.conf.j2").render(
         network=word(str(net)), network_address=str(net.network_address), netmask=str(net.netmask),
         interface=_interface(interface), boot_url=boot_url, tftp_root=tftp_root)
 
@@ -215,6 +226,6 @@ def dnsmasq_lab(network: str, boot_url: str, tftp_root: str, interface: str = ""
             raise IpxeEscapeError(f"host {host.mac}: {host.ip[:40]!r} is not an IP address") from None
         if ip not in net:
             raise IpxeEscapeError(f"host {host.mac} address {host.ip} is not in {net}")
-    return _DNSMASQ.get_template("dnsmasq-lab.conf.j2").render(
+    return _dnsmasq().get_template("dnsmasq-lab.conf.j2").render(
         network=word(str(net)), interface=_interface(interface), range_start=str(start), range_end=str(end),
         netmask=str(net.netmask), router=router, lease=lease, hosts=hosts, boot_url=boot_url, tftp_root=tftp_root)

@@ -23,6 +23,7 @@ from cortex.core.events import Event, EventBus
 from cortex.core.state import StateStore
 from cortex.membership import identity
 from cortex.membership.identity import Identity
+from cortex.membership.roster import Roster
 from cortex.node.logs import fields
 from cortex.node.peers import Peers
 from cortex.raft import transport as raft_transport
@@ -63,6 +64,7 @@ class Replica:
     raft: RaftNode
     committer: GroupCommitter
     keys: RotatingEncryptor
+    roster: Roster
 
 
 class Member:
@@ -158,7 +160,7 @@ class Member:
         raft = RaftNode(store, self.config.raft_address, peers, rc, keys, self.data_dir,
                         on_state_change=lambda: self.on_raft_state_change(), name=self.config.node_id,
                         transport=transport)
-        self.replica = Replica(store, raft, GroupCommitter(raft), keys)
+        self.replica = Replica(store, raft, GroupCommitter(raft), keys, Roster(store))
 
     def raft_peer_refusal(self, cert_pem: bytes) -> str | None:
         """Why the holder of `cert_pem` may not speak Raft with this server (None: a current server
@@ -207,11 +209,15 @@ class Member:
     def nodes(self) -> list[dict]:
         return self.store.query("nodes", {})
 
+    def node(self, node_id: str) -> dict | None:
+        """A member's record from the in-memory roster (no table read while the nodes are unchanged)."""
+        return self.replica.roster.node(node_id)
+
     def node_by_raft(self, raft_address: str) -> dict | None:
         return next((n for n in self.nodes() if n["raft_address"] == raft_address), None)
 
     def server_grpc_addresses(self) -> list[str]:
-        return [n["grpc_address"] for n in self.nodes() if n["role"] == "server"]
+        return self.replica.roster.server_grpc_addresses()
 
     def wipe_state(self) -> None:
         for name in CLUSTER_FILES:
@@ -249,12 +255,12 @@ class Member:
     def sends_heartbeats(self) -> bool:
         """Workers do; so does a promoted node until the cluster records it as a server (the leader then
         hears it through its Raft connection)."""
-        ident, store = self.identity, self.store
+        ident, replica = self.identity, self.replica
         if ident is None:
             return False
         if ident.role == "worker":
             return True
-        if store is None or not ident.raft_address:
+        if replica is None or not ident.raft_address:
             return False
-        me = next((n for n in store.query("nodes", {}) if n["id"] == self.config.node_id), None)
+        me = replica.roster.node(self.config.node_id)
         return me is not None and me["role"] == "worker"

@@ -18,10 +18,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from cortex.config import PluginSettings
 from cortex.core.events import Event, EventBus
+from cortex.plugins import quickcheck
 from cortex.plugins.api import (
     CALLER_ROLES,
     MAX_TOOL_ARGUMENT_BYTES,
@@ -68,12 +67,22 @@ def _load_class(name: str) -> type[Plugin]:
     return cls
 
 
+def _schema_errors(schema: dict, value: Any) -> list:
+    import jsonschema  # loaded with the first value the quick check cannot pass
+
+    return sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=str)
+
+
 def validate_options(name: str, schema: dict, settings: PluginSettings, source: str) -> dict:
     """The plugin's options checked against its schema with defaults filled in; errors name file:line: key."""
     options = dict(settings.options)
     for key, spec in schema.get("properties", {}).items():
         if key not in options and "default" in spec:
             options[key] = spec["default"]
+    if quickcheck.plainly_valid(schema, options):
+        return options
+    import jsonschema  # only for options the quick check cannot pass: its verdict and wording
+
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(options), key=lambda e: list(e.path))
     if errors:
         error = errors[0]
@@ -318,7 +327,8 @@ class PluginHost:
             raise ToolError(f"{name}: arguments exceed {MAX_TOOL_ARGUMENT_BYTES} bytes; send less per call")
         if CALLER_ROLES.index(caller.role) < CALLER_ROLES.index(tool.role):
             raise ToolError(f"{name} needs the {tool.role!r} role; this caller has {caller.role!r}")
-        errors = sorted(jsonschema.Draft202012Validator(tool.input_schema).iter_errors(arguments), key=str)
+        valid = quickcheck.plainly_valid(tool.input_schema, arguments)
+        errors = [] if valid else _schema_errors(tool.input_schema, arguments)
         if errors:
             where = "/".join(str(p) for p in errors[0].path)
             raise ToolError(f"{name}: invalid arguments{' at ' + where if where else ''}: {errors[0].message}")

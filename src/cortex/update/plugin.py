@@ -25,7 +25,6 @@ import shutil
 import threading
 import time
 import urllib.error
-import urllib.request
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -43,9 +42,15 @@ SPACE_FACTOR = 2  # the local verified copy plus what sysupdate writes; refuse b
 
 # --- releases over HTTP -----------------------------------------------------------------------------------
 
+def _urlopen(url: str, timeout: float):
+    import urllib.request  # with http.client, loaded by the first download rather than by every agent
+
+    return urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - http(s) from config
+
+
 def _get(url: str, timeout: float = FETCH_TIMEOUT) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) from config
+        with _urlopen(url, timeout) as response:
             return response.read()
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise UpdateError(f"cannot fetch {url}: {getattr(exc, 'reason', exc)}; is the update source served "
@@ -80,8 +85,7 @@ def fetch_release(source: str, version: str, cache: Path, trusted: list[str]) ->
         updates.verify_signature(staging, trusted)  # nothing more is downloaded for an unsigned release
         for line in sums.decode().splitlines():
             name = line.partition("  ")[2]
-            with urllib.request.urlopen(base + name, timeout=FETCH_TIMEOUT) as response, \
-                    open(staging / name, "wb") as out:  # noqa: S310
+            with _urlopen(base + name, FETCH_TIMEOUT) as response, open(staging / name, "wb") as out:
                 shutil.copyfileobj(response, out, 1 << 20)
         manifest = updates.verify(staging, trusted)
         if manifest.get("version") != version:
