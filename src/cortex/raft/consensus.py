@@ -18,6 +18,9 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
   everything after a message's prevLogIdx, so a late or repeated AppendEntries made it delete (and write
   again) entries it had applied, and under load such rewinds fed each other until a follower's log was
   minutes behind its state.
+- pre-vote (`PreVote`, raft/prevote.py): a server that cannot reach a majority never raises its term, so its
+  return deposes no leader; with leaderFallbackTimeout below the election timeout, a leader cut off from the
+  majority steps down before the others elect (check-quorum).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from cortex.raft.append import reconcile_append
 from cortex.raft.commit import GroupCommitter
 from cortex.raft.errors import NotLeader, ProposalError, fail_name
 from cortex.raft.journal import repair_journal
+from cortex.raft.prevote import PreVote
 
 # The agent imports these from here, the adapter's one public face.
 __all__ = ["GroupCommitter", "NotLeader", "ProposalError", "RaftNode", "RaftStatus", "load_members", "wait_until"]
@@ -125,7 +129,7 @@ def load_members(data_dir: Path) -> list[str] | None:
         return None
 
 
-class RaftNode(SyncObj):
+class RaftNode(PreVote):
     """A voting member. The state machine is a StateStore; every entry is an encoded command envelope."""
 
     def __init__(self, store: StateStore, self_address: str, peers: list[str], raft: RaftConfig, secret: str,
@@ -169,6 +173,7 @@ class RaftNode(SyncObj):
             autoTickPeriod=0.05,
             bindAddress=self_address,  # pysyncobj binds every interface unless told
         )
+        self._prevote_setup(raft.election_timeout_min)  # before SyncObj.__init__ starts the tick thread
         super().__init__(self_address, [p for p in peers if p != self_address], conf)
         # pysyncobj stops ticking when the thread that built it exits; Raft may be started from a join
         # request's thread, so tie the tick thread to the process's main thread instead.
@@ -196,11 +201,11 @@ class RaftNode(SyncObj):
                 return entries[0][2] if entries else None
 
             plan = reconcile_append(message, term_at, self._SyncObj__getCurrentLogIndex())
-            SyncObj._SyncObj__onMessageReceived(self, node, plan.message)
+            super()._SyncObj__onMessageReceived(node, plan.message)
             if plan.ack_next_index is not None:
                 self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=plan.ack_next_index, success=True)
             return
-        SyncObj._SyncObj__onMessageReceived(self, node, message)
+        super()._SyncObj__onMessageReceived(node, message)
 
     def _save_members(self) -> None:
         members = self.members()

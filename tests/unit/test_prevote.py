@@ -1,0 +1,51 @@
+"""Pre-vote's rule, and the pysyncobj internals raft/prevote.py hooks (an upgrade that renames one fails here
+instead of silently turning pre-vote, or the election itself, off)."""
+
+import inspect
+
+import pytest
+from pysyncobj import SyncObj
+from pysyncobj.syncobj import _RAFT_STATE
+
+from cortex.raft import prevote
+from cortex.raft.consensus import RaftNode
+
+
+def test_pysyncobj_still_has_every_private_name_hooked():
+    assigned = set(SyncObj.__init__.__code__.co_names)
+    missing = [n for n in prevote.PRIVATE_METHODS if not callable(getattr(SyncObj, n, None))]
+    missing += [n for n in prevote.PRIVATE_ATTRIBUTES if n not in assigned]
+    assert not missing, f"pysyncobj renamed {missing}: update raft/prevote.py and raft/consensus.py"
+    assert (_RAFT_STATE.FOLLOWER, _RAFT_STATE.CANDIDATE, _RAFT_STATE.LEADER) == \
+        (prevote.FOLLOWER, prevote.CANDIDATE, prevote.LEADER)
+
+
+def test_the_election_start_pre_vote_holds_back_is_where_it_looks():
+    # The hook works by moving the election deadline that _onTick tests before it raises the term.
+    tick = inspect.getsource(SyncObj._onTick)
+    assert "self.__raftElectionDeadline < monotonicTime() and self.__connectedToAnyone()" in tick
+    assert tick.index("__raftElectionDeadline < monotonicTime()") < tick.index("self.__raftCurrentTerm + 1")
+    assert "self.__transferInProgress = True" in inspect.getsource(SyncObj._SyncObj__onMessageReceived)
+
+
+def test_the_raft_node_runs_pre_vote_before_pysyncobj():
+    mro = RaftNode.__mro__
+    assert mro.index(prevote.PreVote) < mro.index(SyncObj)
+    assert "super()._SyncObj__onMessageReceived" in inspect.getsource(RaftNode._SyncObj__onMessageReceived)
+
+
+BASE = dict(proposed_term=6, last_log_index=10, last_log_term=5, current_term=5, own_last_index=10,
+            own_last_term=5, heard_from_leader=False)
+
+
+@pytest.mark.parametrize("change, granted", [
+    ({}, True),  # as up to date, no leader heard: yes
+    ({"heard_from_leader": True}, False),  # a live leader: the asker is the one cut off
+    ({"last_log_index": 9}, False),  # shorter log, same last term
+    ({"last_log_index": 3, "last_log_term": 6, "proposed_term": 7}, True),  # later last term wins over length
+    ({"last_log_term": 4, "last_log_index": 20}, False),  # earlier last term loses whatever the length
+    ({"proposed_term": 5}, False),  # not beyond this server's term: it must learn the term first
+    ({"last_log_index": 11}, True),
+])
+def test_pre_vote_rule(change, granted):
+    assert prevote.would_grant(**{**BASE, **change}) is granted
