@@ -4,11 +4,13 @@ instead of silently turning pre-vote, or the election itself, off)."""
 import inspect
 
 import pytest
-from pysyncobj import SyncObj
+from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.syncobj import _RAFT_STATE
 
 from cortex.raft import prevote
 from cortex.raft.consensus import RaftNode
+from tests.support.cluster import free_base_port
+from tests.support.wait import wait_until
 
 
 def test_pysyncobj_still_has_every_private_name_hooked():
@@ -49,3 +51,55 @@ BASE = dict(proposed_term=6, last_log_index=10, last_log_term=5, current_term=5,
 ])
 def test_pre_vote_rule(change, granted):
     assert prevote.would_grant(**{**BASE, **change}) is granted
+
+
+# --- in one process: real pysyncobj servers on loopback ------------------------------------------------------
+
+class _Updated(prevote.PreVote):
+    """A pysyncobj server with pre-vote, as RaftNode mixes it in (without the state machine)."""
+
+    def __init__(self, address: str, peers: list[str], conf: SyncObjConf):
+        self._prevote_setup(conf.raftMinTimeout)
+        super().__init__(address, peers, conf)
+
+
+def _conf(stands: bool) -> SyncObjConf:
+    # A server that never stands times out only after ten minutes: the other one must be elected.
+    low = 0.3 if stands else 600.0
+    return SyncObjConf(raftMinTimeout=low, raftMaxTimeout=low * 2, appendEntriesPeriod=0.05,
+                       leaderFallbackTimeout=0.25, autoTickPeriod=0.05, connectionRetryTime=0.2,
+                       connectionTimeout=max(30.0, low * 2))
+
+
+@pytest.fixture
+def pair():
+    base = free_base_port(width=2)
+    a, b = f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"
+    made = []
+
+    def make(peer_updated: bool):
+        standing = _Updated(a, [b], _conf(stands=True))
+        made.append(standing)
+        peer = (_Updated if peer_updated else SyncObj)(b, [a], _conf(stands=False))
+        made.append(peer)
+        return standing, peer
+
+    yield make
+    for node in made:
+        node.destroy()
+
+
+def test_an_updated_server_is_elected_with_an_older_servers_vote(pair):
+    # The older server drops the pre-vote messages unanswered; after LEGACY_AFTER without its hello it
+    # counts as a yes, so the updated one stands and wins its real vote (a rolling update keeps electing).
+    standing, older = pair(peer_updated=False)
+    wait_until(standing._isLeader, 60, "the updated server elected with the older server's vote", interval=0.1)
+    assert standing.pre_votes["won"] >= 1
+    assert older._getLeader() == standing.selfNode and older.raftCurrentTerm == standing.raftCurrentTerm
+
+
+def test_an_updated_server_is_elected_with_an_updated_servers_pre_vote(pair):
+    standing, peer = pair(peer_updated=True)
+    wait_until(standing._isLeader, 60, "the updated server elected after its peer's pre-vote", interval=0.1)
+    assert standing.pre_votes["won"] >= 1 and peer.pre_votes["granted"] >= 1
+    assert peer._getLeader() == standing.selfNode and peer.raftCurrentTerm == standing.raftCurrentTerm
