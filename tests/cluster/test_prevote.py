@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from cortex.client import Client
+from cortex.client import Client, CortexError
 from tests.support.cluster import Cluster, module_cluster
 from tests.support.wait import wait_until
 
@@ -130,6 +130,9 @@ def test_a_leader_cut_off_steps_down_and_does_not_disturb_on_return(cluster):
         new_term = raft_view(c, new_leader)[1]
         with c.client(new_leader) as client:
             client.put("prevote/leader-cut", "x")
+        # The former leader refuses writes (it knows no leader), with the error that says what to do.
+        with pytest.raises(CortexError, match="no leader.*retry"), Client(target.grpc_address, timeout=10) as cut:
+            cut.put("prevote/refused", "x")
         time.sleep(CUT_FOR / 2)  # several election timeouts with the old leader cut off
         cut_term = raft_view(c, target.id)[1]
     print(f"cut leader stepped down {stepped:.2f}s after the cut; its term {term} -> {cut_term}; "
@@ -139,4 +142,6 @@ def test_a_leader_cut_off_steps_down_and_does_not_disturb_on_return(cluster):
     healed = wait_until(lambda: agreed_view(c), 60, "the old leader back on the cluster's term and leader")
     assert healed == (new_term, new_leader), \
         f"the old leader's return changed (term, leader) from {(new_term, new_leader)} to {healed}"
+    with c.client(new_leader) as client:
+        assert client.get("prevote/leader-cut") == "x" and client.get("prevote/refused") is None
     assert len(set(c.wait_converged(timeout=60).values())) == 1
