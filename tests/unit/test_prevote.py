@@ -28,6 +28,7 @@ def test_the_election_start_pre_vote_holds_back_is_where_it_looks():
     assert "self.__raftElectionDeadline < monotonicTime() and self.__connectedToAnyone()" in tick
     assert tick.index("__raftElectionDeadline < monotonicTime()") < tick.index("self.__raftCurrentTerm + 1")
     assert "self.__transferInProgress = True" in inspect.getsource(SyncObj._SyncObj__onMessageReceived)
+    assert "self._onTick(" in inspect.getsource(SyncObj._autoTickThread)  # overridable, not mangled
 
 
 def test_the_raft_node_runs_pre_vote_before_pysyncobj():
