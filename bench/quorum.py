@@ -35,6 +35,9 @@ from . import measure
 from .membership import _write_gap
 
 POLL = 0.05
+# A cut longer than raft.connection_timeout (30 s) closes the Raft connections, and TCP's reconnect back-off
+# can then take tens of seconds after the heal: the wait for the cut server to rejoin allows for that.
+HEAL_WAIT = 240.0
 
 
 def progress(msg: str) -> None:
@@ -51,14 +54,19 @@ def view(node: devcluster.DevNode) -> tuple[str, int, str]:
         return "", -1, ""
 
 
-def wait_for(predicate, timeout: float, what: str):
+def wait_for(predicate, timeout: float, what: str, detail=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(POLL)
-    raise TimeoutError(f"no {what} within {timeout:.0f}s")
+    raise TimeoutError(f"no {what} within {timeout:.0f}s{detail()}")
+
+
+def views(dc: devcluster.DevCluster) -> str:
+    """Every server's (state, term, leader), for an error message."""
+    return "; servers (state, term, leader): " + ", ".join(f"{n.id} {view(n)}" for n in dc.servers)
 
 
 def agreed(dc: devcluster.DevCluster) -> tuple[int, str] | None:
@@ -96,9 +104,20 @@ def lead_with(dc: devcluster.DevCluster, node: devcluster.DevNode | None, avoid:
     term, leader = wait_for(lambda: agreed(dc), 60, "settled leader")
     target = node.id if node else (next(n.id for n in dc.servers if n.id != avoid.id) if leader == avoid.id else "")
     if target and target != leader:
-        with Client(dc.node(leader).grpc_address, timeout=10) as c:
-            c.transfer_leadership(target)
-        term, leader = wait_for(lambda: (a := agreed(dc)) and a[1] == target and a, 60, f"{target} leading")
+        def moved():
+            # refused while the target still catches up after a heal: ask again
+            current = agreed(dc)
+            if current and current[1] == target:
+                return current
+            if current:
+                try:
+                    with Client(dc.node(current[1]).grpc_address, timeout=10) as c:
+                        c.transfer_leadership(target)
+                except CortexError:
+                    time.sleep(0.5)
+            return None
+
+        term, leader = wait_for(moved, HEAL_WAIT, f"{target} leading")
     return term, leader
 
 
@@ -110,9 +129,10 @@ def follower_trial(dc: devcluster.DevCluster, target: devcluster.DevNode, cut: f
         while time.monotonic() < end:
             highest = max(highest, view(target)[1])
             time.sleep(0.2)
-    healed = wait_for(lambda: agreed(dc), 60, "agreement after the heal")
+        healing = time.monotonic()
+    healed = wait_for(lambda: agreed(dc), HEAL_WAIT, "agreement after the heal", lambda: views(dc))
     return {"own_term_rise": highest - term, "cluster_term_moved": healed[0] - term,
-            "leader_changed": healed[1] != leader}
+            "leader_changed": healed[1] != leader, "rejoined_s": time.monotonic() - healing}
 
 
 def leader_trial(dc: devcluster.DevCluster, target: devcluster.DevNode, cut: float) -> dict:
@@ -126,9 +146,10 @@ def leader_trial(dc: devcluster.DevCluster, target: devcluster.DevNode, cut: flo
         new_term = view(dc.node(new_leader))[1]
         time.sleep(max(0.0, cut - (time.monotonic() - start)))
         own = view(target)[1]
-    healed = wait_for(lambda: agreed(dc), 60, "agreement after the heal")
+        healing = time.monotonic()
+    healed = wait_for(lambda: agreed(dc), HEAL_WAIT, "agreement after the heal", lambda: views(dc))
     return {"step_down_s": stepped, "own_term_rise": own - term, "cluster_term_moved_on_heal": healed[0] - new_term,
-            "leader_changed_on_heal": healed[1] != new_leader}
+            "leader_changed_on_heal": healed[1] != new_leader, "rejoined_s": time.monotonic() - healing}
 
 
 def run(workdir: Path, base_port: int, trials: int, cut: float) -> dict:
@@ -161,10 +182,12 @@ def rows(samples: dict) -> list[list]:
         ["follower cut: its own term rise", *stat([s["own_term_rise"] for s in f])],
         ["follower cut: cluster term moved on heal", *stat([s["cluster_term_moved"] for s in f])],
         ["follower cut: leader changed on heal (0/1)", *stat([s["leader_changed"] for s in f])],
+        ["follower cut: heal -> rejoined (s)", *stat([s["rejoined_s"] for s in f])],
         ["leader cut: step-down (s)", *stat([s["step_down_s"] for s in ld])],
         ["leader cut: its own term rise", *stat([s["own_term_rise"] for s in ld])],
         ["leader cut: cluster term moved on heal", *stat([s["cluster_term_moved_on_heal"] for s in ld])],
         ["leader cut: leader changed on heal (0/1)", *stat([s["leader_changed_on_heal"] for s in ld])],
+        ["leader cut: heal -> rejoined (s)", *stat([s["rejoined_s"] for s in ld])],
         ["leader kill -9: longest write gap (s)", *stat(samples["failover_gap_s"])],
     ]
 

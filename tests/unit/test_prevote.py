@@ -2,6 +2,8 @@
 instead of silently turning pre-vote, or the election itself, off)."""
 
 import inspect
+import time
+from types import SimpleNamespace
 
 import pytest
 from pysyncobj import SyncObj, SyncObjConf
@@ -65,8 +67,8 @@ class _Updated(prevote.PreVote):
 
 
 def _conf(stands: bool) -> SyncObjConf:
-    # A server that never stands times out only after ten minutes: the other one must be elected.
-    low = 0.3 if stands else 600.0
+    # The peer stands only after a few seconds: the updated server's own pre-vote comes first.
+    low = 0.3 if stands else 2.0
     return SyncObjConf(raftMinTimeout=low, raftMaxTimeout=low * 2, appendEntriesPeriod=0.05,
                        leaderFallbackTimeout=0.25, autoTickPeriod=0.05, connectionRetryTime=0.2,
                        connectionTimeout=max(30.0, low * 2))
@@ -90,13 +92,14 @@ def pair():
         node.destroy()
 
 
-def test_an_updated_server_is_elected_with_an_older_servers_vote(pair):
-    # The older server drops the pre-vote messages unanswered; after LEGACY_AFTER without its hello it
-    # counts as a yes, so the updated one stands and wins its real vote (a rolling update keeps electing).
+def test_an_older_server_is_recognised_once_it_talks_and_a_mixed_pair_elects(pair):
+    # The older server drops the pre-vote messages unanswered and stands by itself (a few seconds here); the
+    # updated one votes for it as before, then counts it as a yes from its Raft traffic without a hello.
     standing, older = pair(peer_updated=False)
-    wait_until(standing._isLeader, 60, "the updated server elected with the older server's vote", interval=0.1)
-    assert standing.pre_votes["won"] >= 1
-    assert older._getLeader() == standing.selfNode and older.raftCurrentTerm == standing.raftCurrentTerm
+    leader = wait_until(lambda: standing._getLeader(), 60, "a leader in the mixed pair", interval=0.1)
+    assert older._getLeader() == leader and older.raftCurrentTerm == standing.raftCurrentTerm
+    wait_until(lambda: standing._prevote_legacy(older.selfNode.id, time.monotonic()), 60,
+               "the older server recognised by its Raft traffic without a hello", interval=0.1)
 
 
 def test_an_updated_server_is_elected_with_an_updated_servers_pre_vote(pair):
@@ -104,3 +107,18 @@ def test_an_updated_server_is_elected_with_an_updated_servers_pre_vote(pair):
     wait_until(standing._isLeader, 60, "the updated server elected after its peer's pre-vote", interval=0.1)
     assert standing.pre_votes["won"] >= 1 and peer.pre_votes["granted"] >= 1
     assert peer._getLeader() == standing.selfNode and peer.raftCurrentTerm == standing.raftCurrentTerm
+
+
+@pytest.mark.parametrize("hello, talked, counted", [
+    (None, None, False),  # silent since it connected: cut off or older, so not a yes (a cut-off peer's term)
+    (None, 3.0, True),  # talks Raft over the connection, never says hello: an older server
+    (1.0, 3.0, False),  # said hello: updated, its pre-vote answer counts
+    (None, 1.0, False),  # its only Raft message came before its first hello could: not evidence
+    (-1.0, 3.0, True),  # a hello from before this connection (it restarted older): an older server
+])
+def test_which_peer_counts_as_an_older_server(hello, talked, counted):
+    since, now = 100.0, 100.0 + prevote.LEGACY_AFTER
+    node = SimpleNamespace(_pv_connected_since={"p": since}, _pv_hello_at={} if hello is None else {"p": since + hello},
+                           _pv_talked_at={} if talked is None else {"p": since + talked})
+    assert prevote.PreVote._prevote_legacy(node, "p", now) is counted
+    assert not prevote.PreVote._prevote_legacy(node, "p", since + prevote.LEGACY_AFTER - 0.1)

@@ -14,10 +14,11 @@ timeout): a leader that has not heard from a majority that long steps down. Pre-
 from raising its term afterwards, so its return disturbs no one.
 
 Rolling updates: the messages are new types ("cx_pre_vote", "cx_pre_vote_response", "cx_hello"); an older
-pysyncobj-based server drops a message type it does not know. Every server with this module says hello to its
-connected peers about once a second; a peer connected for LEGACY_AFTER seconds without one is an older server
-and counts as a yes (its only behaviour), so a mixed cluster still elects. Once every server is updated, none
-counts as a yes by default.
+pysyncobj-based server drops a message type it does not know. Every server with this module says hello on each
+new connection and about once a second after; a peer that kept sending Raft messages over a connection for
+LEGACY_AFTER seconds without one hello is an older server and counts as a yes (its only behaviour), so a mixed
+cluster still elects. A silent peer is never taken for an older one: silence is what a cut-off peer looks like
+too, and counting it would let a cut-off server raise its term (seen: a peer cut off before its first hello).
 
 pysyncobj keeps the election start inline in `_onTick` and the message dispatch private, so this hooks both
 through its private (name-mangled) attributes. They are all listed in PRIVATE_NAMES, used only here (and by
@@ -38,7 +39,8 @@ PRE_VOTE = "cx_pre_vote"
 PRE_VOTE_RESPONSE = "cx_pre_vote_response"
 HELLO = "cx_hello"
 HELLO_EVERY = 1.0  # seconds between hellos to each connected peer
-LEGACY_AFTER = 5.0  # a peer connected this long without a hello is an older server
+LEGACY_AFTER = 5.0  # a peer connected this long, talking Raft but never saying hello, is an older server
+HELLO_GRACE = 2.0  # Raft messages in a connection's first seconds may overtake its first hello: not evidence
 
 # pysyncobj's private names this module (and consensus.py) relies on: methods of SyncObj, or attributes its
 # __init__ sets. pysyncobj 0.3.17.
@@ -78,6 +80,7 @@ class PreVote(SyncObj):
         self._pv_leader_heard = float("-inf")  # monotonic time of the last AppendEntries from a current leader
         self._pv_hello_at: dict[str, float] = {}  # peer id -> its last hello
         self._pv_connected_since: dict[str, float] = {}  # peer id -> since when it is connected
+        self._pv_talked_at: dict[str, float] = {}  # peer id -> its last Raft message (not ours)
         self._pv_hello_sent = float("-inf")
         self.pre_votes = {"rounds": 0, "won": 0, "granted": 0, "refused": 0}  # counters for status and tests
 
@@ -91,10 +94,11 @@ class PreVote(SyncObj):
         others = self.otherNodes
         connected = self._SyncObj__connectedNodes
         for node in others:
-            if node in connected:
-                self._pv_connected_since.setdefault(node.id, now)
-            else:
+            if node not in connected:
                 self._pv_connected_since.pop(node.id, None)
+            elif node.id not in self._pv_connected_since:
+                self._pv_connected_since[node.id] = now
+                self._SyncObj__transport.send(node, {"type": HELLO})  # first on a new connection
         if now - self._pv_hello_sent >= HELLO_EVERY:
             self._pv_hello_sent = now
             for node in others:
@@ -112,6 +116,7 @@ class PreVote(SyncObj):
             return  # a majority said yes: pysyncobj starts the real election in this tick
         # Hold pysyncobj's election back one timeout and ask first.
         self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
+        self._SyncObj__raftLeader = None  # no word from it for an election timeout, as pysyncobj's election
         self._pv_round = _Round(term=self.raftCurrentTerm + 1, granted={self.selfNode.id})
         self.pre_votes["rounds"] += 1
         message = {"type": PRE_VOTE, "term": self._pv_round.term,
@@ -123,7 +128,8 @@ class PreVote(SyncObj):
 
     def _prevote_legacy(self, peer: str, now: float) -> bool:
         since = self._pv_connected_since.get(peer)
-        return since is not None and now - since >= LEGACY_AFTER and self._pv_hello_at.get(peer, -1.0) < since
+        return since is not None and now - since >= LEGACY_AFTER and self._pv_hello_at.get(peer, -1.0) < since \
+            and self._pv_talked_at.get(peer, -1.0) - since >= HELLO_GRACE
 
     def _prevote_count(self, now: float) -> None:
         r = self._pv_round
@@ -151,6 +157,7 @@ class PreVote(SyncObj):
             self._pv_hello_at[node.id] = time.monotonic()
             self._prevote_tally(node, message)
             return
+        self._pv_talked_at[node.id] = time.monotonic()
         if kind == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
             self._pv_leader_heard = time.monotonic()
             self._pv_round, self._pv_passed_for = None, None
