@@ -104,6 +104,7 @@ def test_a_follower_cut_off_does_not_raise_the_term(cluster):
             client.put("prevote/follower-cut", "x")
     print(f"cut follower's term while cut: {sorted(set(terms))}; cluster term {term}")
     assert max(terms) == term, f"{target.id} raised its term while cut off: {terms} (cluster at {term})"
+    assert "no majority for an election" in target.log_path.read_text(), "the cut server did not say why"
 
     healed = wait_until(lambda: agreed_view(c), 60, "the cut server back on the cluster's term and leader")
     assert healed == (term, leader), f"healing a follower changed (term, leader) from {(term, leader)} to {healed}"

@@ -41,6 +41,7 @@ HELLO = "cx_hello"
 HELLO_EVERY = 1.0  # seconds between hellos to each connected peer
 LEGACY_AFTER = 5.0  # a peer connected this long, talking Raft but never saying hello, is an older server
 HELLO_GRACE = 2.0  # Raft messages in a connection's first seconds may overtake its first hello: not evidence
+WARN_AFTER, WARN_EVERY = 5.0, 60.0  # a server refused this long says so in its log, at most once a minute
 
 # pysyncobj's private names this module (and consensus.py) relies on: methods of SyncObj, or attributes its
 # __init__ sets. pysyncobj 0.3.17.
@@ -82,6 +83,8 @@ class PreVote(SyncObj):
         self._pv_connected_since: dict[str, float] = {}  # peer id -> since when it is connected
         self._pv_talked_at: dict[str, float] = {}  # peer id -> its last Raft message (not ours)
         self._pv_hello_sent = float("-inf")
+        self._pv_refused_since: float | None = None  # first round of the current run without a majority
+        self._pv_warned = float("-inf")
         self.pre_votes = {"rounds": 0, "won": 0, "granted": 0, "refused": 0}  # counters for status and tests
 
     # --- the election start ------------------------------------------------------------------------
@@ -117,6 +120,7 @@ class PreVote(SyncObj):
         # Hold pysyncobj's election back one timeout and ask first.
         self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
         self._SyncObj__raftLeader = None  # no word from it for an election timeout, as pysyncobj's election
+        self._prevote_warn(now)
         self._pv_round = _Round(term=self.raftCurrentTerm + 1, granted={self.selfNode.id})
         self.pre_votes["rounds"] += 1
         message = {"type": PRE_VOTE, "term": self._pv_round.term,
@@ -125,6 +129,17 @@ class PreVote(SyncObj):
         for node in others:
             self._SyncObj__transport.send(node, message)
         self._prevote_count(now)
+
+    def _prevote_warn(self, now: float) -> None:
+        """Rounds that keep failing mean this server is cut off from the majority: say so, with what to check."""
+        if self._pv_refused_since is None:
+            self._pv_refused_since = now
+        elif now - self._pv_refused_since >= WARN_AFTER and now - self._pv_warned >= WARN_EVERY:
+            self._pv_warned = now
+            log.warning("no leader heard and no majority for an election; keeping the term and asking again "
+                        "(check this server's network and the other servers' Raft port)",
+                        extra={"fields": {"for_s": round(now - self._pv_refused_since, 1),
+                                          "term": self.raftCurrentTerm}})
 
     def _prevote_legacy(self, peer: str, now: float) -> bool:
         since = self._pv_connected_since.get(peer)
@@ -139,7 +154,7 @@ class PreVote(SyncObj):
         yes = len(r.granted) + sum(1 for n in self.otherNodes
                                    if n.id not in r.granted and self._prevote_legacy(n.id, now))
         if yes > (len(self.otherNodes) + 1) / 2:
-            self._pv_round = None
+            self._pv_round, self._pv_refused_since = None, None
             self._pv_passed_for = r.term
             self._SyncObj__raftElectionDeadline = 0  # due now: the next tick lets pysyncobj elect
             self.pre_votes["won"] += 1
@@ -160,7 +175,7 @@ class PreVote(SyncObj):
         self._pv_talked_at[node.id] = time.monotonic()
         if kind == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
             self._pv_leader_heard = time.monotonic()
-            self._pv_round, self._pv_passed_for = None, None
+            self._pv_round, self._pv_passed_for, self._pv_refused_since = None, None, None
         super()._SyncObj__onMessageReceived(node, message)
 
     def _prevote_answer(self, node, message: dict) -> None:
