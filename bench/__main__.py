@@ -398,7 +398,7 @@ def main(argv=None) -> int:
         "pipelined WriteBatch row: Cortex WriteBatch RPCs; etcd column repeats etcd's unary pipelined number",
         "etcd: --heartbeat-interval 100ms --election-timeout 1000ms, fsync on; Cortex: heartbeat "
         f"{_RAFT.heartbeat_interval}s, election {_RAFT.election_timeout_min}-{_RAFT.election_timeout_max}s, "
-        "group commit, pysyncobj journal fdatasync'd per entry (journal.DurableJournal), SQLite WAL synchronous=NORMAL",
+        "group commit, raft journal pwrite + one fdatasync per tick (journal.AppendJournal), SQLite WAL synchronous=NORMAL",
         "cortex failover repeats restart the killed server; etcd repeats after the first start a fresh cluster",
     ]
     for n in notes:

@@ -27,7 +27,11 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 CONNECT_TIMEOUT_MS = 1000
 
 
-def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, Any]]:
+def channel_options(max_message_bytes: int = 4 * 1024 * 1024,
+                    connect_timeout_ms: int = CONNECT_TIMEOUT_MS) -> list[tuple[str, Any]]:
+    """Options of every channel. `connect_timeout_ms`: how long one connection attempt may take; the
+    agent's own channels keep it short so a dead peer is given up quickly, a client that talks to one node
+    gives it as long as its call may take."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -37,8 +41,11 @@ def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str,
         # Despite its name, gRPC takes this as the time a connection attempt (TCP, mutual TLS, HTTP/2
         # settings) may take. At 100 ms, handshakes with a slow or loaded peer failed as 'Handshake read
         # failed' until the backoff had grown (first heartbeats after a wake, joins, in the VM tests). A
-        # peer that does not answer at all still fails a call within this, sooner than its deadline.
-        ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
+        # peer that does not answer at all still fails a call within this, sooner than its deadline. The
+        # backoff never makes an attempt longer than max_reconnect_backoff_ms either, so a handshake slower
+        # than both never completes, however often it is retried (an emulated appliance booting beside
+        # others: `cortex status` on the node itself failed for minutes).
+        ("grpc.min_reconnect_backoff_ms", connect_timeout_ms),
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -150,14 +157,16 @@ def secure_channel(address: str, files: tls.ClientFiles, options: list[tuple[str
 
 
 def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024,
-                 files: tls.ClientFiles | None = None) -> grpc.Channel:
+                 files: tls.ClientFiles | None = None, connect_timeout: float | None = None) -> grpc.Channel:
     """The admin socket (`unix:`) is plaintext by design: its file mode is its access control."""
+    options = channel_options(max_message_bytes, connect_timeout_ms=max(
+        CONNECT_TIMEOUT_MS, int((connect_timeout or 0) * 1000)))
     if address.startswith("unix:"):
-        return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        return grpc.insecure_channel(address, options=options)
     files = files or find_credentials(address)
     if files is None:  # first contact with a node that is not in a cluster yet
-        return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
-    return secure_channel(address, files, channel_options(max_message_bytes))
+        return grpc.insecure_channel(address, options=options)
+    return secure_channel(address, files, options)
 
 
 def where_credentials_are_looked_for(address: str) -> str:
@@ -197,7 +206,7 @@ class Client:
         # port logs every plaintext connection as WRONG_VERSION_NUMBER. A client with TLS keeps it.
         self.plaintext = self.tls_files is None
         self._lost_credentials = False  # a re-lookup found none: the error says where they are looked for
-        self.channel = open_channel(address, files=self.tls_files)
+        self.channel = open_channel(address, files=self.tls_files, connect_timeout=timeout)
         self.stub = pb_grpc.ClusterStub(self.channel)
 
     def close(self) -> None:
@@ -215,7 +224,8 @@ class Client:
         old = self.channel
         self.tls_files = fresh
         self.plaintext = False
-        self.channel = secure_channel(self.address, fresh, channel_options())
+        self.channel = secure_channel(self.address, fresh, channel_options(
+            connect_timeout_ms=max(CONNECT_TIMEOUT_MS, int(self.timeout * 1000))))
         self.stub = pb_grpc.ClusterStub(self.channel)
         old.close()
         return True

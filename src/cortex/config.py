@@ -40,6 +40,10 @@ class RaftConfig:
     # The leader reports a server stuck when its replication lag has not shrunk for this long while the
     # leader kept committing (raft/convergence.py).
     replica_stuck_after: float = 10.0
+    # The Raft port: mutual TLS with typed frames, or pysyncobj's password transport (upgrades only).
+    transport: str = "auto"
+    max_frame_bytes: int = 8 * 1024 * 1024  # one command is at most ~1 MiB (core/args.py), so room to spare
+    max_inbound_connections: int = 64
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,8 @@ KEYS: tuple[Key, ...] = (
     Key("listen.raft", "str", Config.raft_address, "HOST:PORT of the Raft transport (servers)"),
     Key("admin_socket", "str", "<data_dir>/admin.sock", "the local admin API's unix socket (init, join, leave, "
         "plugins start/stop; the admin role for tools)"),
-    Key("raft", "mapping", "", "consensus timings in seconds; the defaults keep failover near 1 s on a LAN or "
-        "tailnet; every value must be > 0"),
+    Key("raft", "mapping", "", "consensus timings in seconds and the Raft port; the timing defaults keep failover near 1 s on a "
+        "LAN or tailnet; every number must be > 0"),
     Key("raft.election_timeout_min", "float", RaftConfig.election_timeout_min, "shortest wait for a leader's "
         "heartbeat before a server starts an election"),
     Key("raft.election_timeout_max", "float", RaftConfig.election_timeout_max, "longest such wait (each server "
@@ -177,6 +181,14 @@ KEYS: tuple[Key, ...] = (
     Key("raft.replica_stuck_after", "float", RaftConfig.replica_stuck_after, "the leader reports a server "
         "stuck (`cortex status`, alert node.stuck) when its replication lag has not shrunk for this long "
         "while the leader kept committing"),
+    Key("raft.transport", "str", RaftConfig.transport, "mtls (mutual TLS with the node certificates, typed "
+        "frames), password (pysyncobj's own format, spoken by versions before mtls) or auto (mtls for Raft "
+        "state begun on this version, password for older state); every server must use the same "
+        "(docs/operations/raft-transport.md)"),
+    Key("raft.max_frame_bytes", "int", RaftConfig.max_frame_bytes, "a Raft frame announcing more than this "
+        "closes its connection before anything is buffered; 65536 to 268435456"),
+    Key("raft.max_inbound_connections", "int", RaftConfig.max_inbound_connections, "Raft connections this "
+        "server accepts at once; more are closed at accept"),
     Key("liveness", "mapping", "", "how the leader judges nodes by their heartbeats (seconds, > 0)"),
     Key("liveness.suspect_after", "float", LivenessConfig.suspect_after, "a node without a heartbeat this long "
         "is suspect; below offline_after"),
@@ -294,7 +306,7 @@ def _positive_section(reader: _Reader, node: yaml.Node, key: str, cls: type):
     """A section of numbers that must all be > 0 (timeouts, counts), as its dataclass."""
     values = _dataclass_from(reader, node, key, cls)
     for name, (value, value_node) in values.items():
-        if value <= 0:
+        if not isinstance(value, str) and value <= 0:
             raise reader.fail(value_node, f"{key}.{name}", f"must be > 0, got {value!r}")
     return cls(**{name: value for name, (value, _) in values.items()})
 
@@ -393,6 +405,11 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
             raise reader.fail(top["raft"], "raft.connection_timeout", "must be at least raft.election_timeout_max")
         if raft.heartbeat_interval * 3 >= raft.election_timeout_min:
             raise reader.fail(top["raft"], "raft.heartbeat_interval", "must be at most a third of election_timeout_min")
+        if raft.transport not in ("auto", "mtls", "password"):
+            raise reader.fail(top["raft"], "raft.transport",
+                              f"must be auto, mtls or password, got {raft.transport!r}")
+        if not 64 * 1024 <= raft.max_frame_bytes <= 256 * 1024 * 1024:
+            raise reader.fail(top["raft"], "raft.max_frame_bytes", "must be between 65536 and 268435456")
         kwargs["raft"] = raft
 
     if "liveness" in top:

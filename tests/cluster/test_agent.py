@@ -16,9 +16,10 @@ import pytest
 
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
-from cortex.client import AdminClient, Client, CortexError
+from cortex.client import AdminClient, Client, CortexError, channel_options
+from cortex.core import domain
 from cortex.dev import cluster as devcluster
-from cortex.membership import identity
+from cortex.membership import enroll, identity
 from cortex.security import authz, tls
 from tests.support import procs as test_procs
 from tests.support.agent import cortex, start_agent, wait_status, write_config
@@ -121,7 +122,19 @@ def test_join_with_bad_token_is_refused_and_changes_nothing(make_cluster, tmp_pa
     with cluster.client("n1") as c:
         assert c.read("digest", membership, level="linearizable")["digest"] == before
 
+    # a server of an older Cortex (no state-machine level in its request) could not apply this cluster's log
     token = (Path(cluster.node("n1").dir) / "data" / "join-token").read_text().strip()
+    with cluster.client("n1") as c:
+        assert c.status().state_machine_level == domain.level() >= 1
+    old = pb.JoinRequest(node_id="s9", role="server", grpc_address="127.0.0.1:9", raft_address="127.0.0.1:10",
+                         token=token)
+    with pytest.raises(enroll.EnrollError) as refused:
+        enroll.call_join(cluster.node("n1").grpc_address, old, pin, channel_options(), timeout=20)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "s9 runs state-machine level 0" in str(refused.value) and "Install the cluster's" in str(refused.value)
+    with cluster.client("n1") as c:
+        assert c.read("digest", membership, level="linearizable")["digest"] == before
+
     joined = cortex("join", cluster.node("n1").grpc_address, "--token", token,
                     "--socket", str(config.parent / "data" / "admin.sock"), "--json")
     assert json.loads(joined.stdout)["cluster_id"]

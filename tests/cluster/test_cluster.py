@@ -6,6 +6,7 @@ import random
 import signal
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -240,27 +241,40 @@ def test_randomized_concurrent_workload_leaves_identical_replicas(make_cluster):
     assert len(set(digests.values())) == 1, digests
 
 
-def test_raft_peer_with_wrong_secret_cannot_disturb_the_cluster(shared_cluster):
-    """A stranger (or a node of another cluster) speaking pysyncobj with another password is ignored."""
+def test_raft_peer_with_wrong_secret_cannot_disturb_the_cluster(shared_cluster, tmp_path):
+    """Raft is spoken over mutual TLS with the cluster's node certificates: a stranger speaking plain
+    pysyncobj (whatever its password), and a Cortex server whose certificate another CA signed (another
+    cluster, even one claiming this cluster's id), are both ignored."""
+    import functools
+
     from pysyncobj import SyncObj, SyncObjConf
 
+    from cortex.raft.transport import CortexTransport, Settings
+    from cortex.security import tls
     from tests.support.cluster import free_base_port
 
     leader = shared_cluster.leader()
     with shared_cluster.client(leader) as c:
         term_before = c.status().term
         members_before = c.read("nodes", {}, level="linearizable")
-    port = free_base_port()
     servers = [n.raft_address for n in shared_cluster.dc.servers]
-    # Short timeouts: the impostor starts elections (higher terms) against the real servers at once.
-    conf = SyncObjConf(password="not-the-cluster-secret", raftMinTimeout=0.3, raftMaxTimeout=0.5,
-                       appendEntriesPeriod=0.05, connectionTimeout=0.5, autoTick=True)
-    impostor = SyncObj(f"127.0.0.1:{port}", servers, conf=conf)
-    try:
-        time.sleep(3)
-        assert not impostor._isLeader() and impostor._getLeader() is None
-    finally:
-        impostor.destroy()
+    cluster_id = tls.peer_of((Path(shared_cluster.node(leader).dir) / "data" / "tls" / "node.crt").read_bytes()).cluster_id
+    other_ca, other_key = tls.new_ca(cluster_id)
+    cert, key = tls.issue(other_ca, other_key, "n9", "server", cluster_id)
+    for name, data in (("ca.crt", other_ca), ("node.crt", cert), ("node.key", key)):
+        (tmp_path / name).write_bytes(data)
+    foreign = Settings("mtls", 1 << 20, 8, tmp_path, refusal=lambda pem: None)
+    # Short timeouts: the impostors start elections (higher terms) against the real servers at once.
+    for password, transport in (("not-the-cluster-secret", {}),
+                                (None, {"transportClass": functools.partial(CortexTransport, settings=foreign)})):
+        conf = SyncObjConf(password=password, raftMinTimeout=0.3, raftMaxTimeout=0.5,
+                           appendEntriesPeriod=0.05, connectionTimeout=0.5, autoTick=True)
+        impostor = SyncObj(f"127.0.0.1:{free_base_port()}", servers, conf=conf, **transport)
+        try:
+            time.sleep(3)
+            assert not impostor._isLeader() and impostor._getLeader() is None
+        finally:
+            impostor.destroy()
     with shared_cluster.client(leader) as c:
         status = c.status()
         assert status.state == "leader" and status.term == term_before  # no election was forced

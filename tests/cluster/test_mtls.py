@@ -414,6 +414,20 @@ def test_a_slow_peer_gets_time_to_finish_the_tls_handshake():
         server.stop(0)
 
 
+def test_a_client_waits_out_a_handshake_slower_than_the_agents_own_connect_limit(shared_cluster):
+    """The agent's channels give a connection attempt CONNECT_TIMEOUT_MS, and gRPC's backoff never lengthens
+    an attempt past max_reconnect_backoff_ms: a handshake slower than that never completes. A client talking
+    to one node (the CLI, cortex-ready) gives it as long as its call may take."""
+    host, port = shared_cluster.node("n1").grpc_address.rsplit(":", 1)
+    link = SlowLink((host, int(port)), delay=0.6)  # each server flight 0.6 s: the handshake takes over 1 s
+    try:
+        with Client(f"127.0.0.1:{link.port}", timeout=15, tls_files=devcluster.trust(shared_cluster.dc)) as c:
+            assert c.status().node_id == "n1"
+        assert link.delayed_chunks >= 2, "the handshake did not cross the slow link"
+    finally:
+        link.close()
+
+
 def test_fresh_channels_after_a_wake_open_fresh_connections():
     """Peers.reset() (after a wake) really opens new connections: gRPC shares one connection between channels
     whose arguments match, and a connection from before the sleep may be dead without knowing it yet. (Each

@@ -22,9 +22,9 @@ T = TypeVar("T")
 
 
 def free_base_port(width: int = 20) -> int:
-    """A base port with `width` free ports above it, distinct per call and per pytest worker.
-    CORTEX_TEST_PORT_BASE pins the start, so that engineers sharing a machine keep to their own ranges."""
-    start = int(os.environ.get("CORTEX_TEST_PORT_BASE") or 21000 + (os.getpid() % 200) * 100)
+    """A base port with `width` free ports above it, distinct per call and per pytest worker
+    (from CORTEX_TEST_PORT_BASE when set: a port range of one's own on a shared machine)."""
+    start = int(os.environ.get("CORTEX_TEST_PORT_BASE") or 0) or 21000 + (os.getpid() % 200) * 100
     for _ in range(200):
         base = start + next(_port_counter) * width
         if all(devcluster.port_free(p) for p in range(base, base + width)):

@@ -1,10 +1,11 @@
-"""The follower's side of AppendEntries (append.reconcile_append), against a model of what pysyncobj does
-with the message afterwards: a follower keeps the entries it holds unless one conflicts with the leader's."""
+"""The follower's side of AppendEntries (append.reconcile_append, append.rejection_next_index), against a
+model of what pysyncobj does with the message afterwards: a follower keeps the entries it holds unless one
+conflicts with the leader's, and a pipelining leader brings a follower with a conflicting tail level."""
 
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from cortex.raft.append import reconcile_append
+from cortex.raft.append import reconcile_append, rejection_next_index, snapshot_chunk
 
 
 def _pysyncobj_follower(log: list[int], message: dict) -> tuple[list[int], int | None, int | None]:
@@ -115,3 +116,86 @@ def test_raft_append_rule(case):
     assert log[:matching] == leader[:matching]
     if commit is not None:
         assert log[:commit] == leader[:commit]  # only the leader's entries are ever committed
+
+
+# --- a pipelining leader and a follower holding a deposed leader's tail ---------------------------------
+
+def _pysyncobj_rejection(log: list[int], message: dict) -> int:
+    """The next index pysyncobj's follower names when it refuses a message."""
+    prev = message["prevLogIdx"]
+    return len(log) + 1 if prev > len(log) else prev
+
+
+def _rounds_to_converge(leader: list[int], follower: list[int], commit: int, next_index: int, batch: int,
+                        hint, rounds: int = 50) -> int | None:
+    """pysyncobj's leader: each round sends batches from its next index to its log's end (advancing the next
+    index as it sends), then reads the answers in order (a rejection sets the next index to what it names).
+    Returns the round after which the follower's log equals the leader's, None if not within `rounds`."""
+    for n in range(1, rounds + 1):
+        answers = []
+        while True:
+            count = min(batch, len(leader) - next_index + 1)
+            message = _message(leader, next_index - 1, count, commit=len(leader))
+            log, ack, took = _deliver(follower, message)
+            if ack is None:
+                answers.append(hint(follower, message, commit))
+            else:
+                follower, commit = log, max(commit, took or 0)
+            next_index += count
+            if next_index > len(leader):
+                break
+        for answer in answers:
+            next_index = answer
+        if follower == leader:
+            return n
+    return None
+
+
+DEPOSED = LEADER[:6] + [2, 2]  # entries 7 and 8 of term 2, never committed; the leader holds term 3 there
+
+
+def test_pysyncobj_answers_keep_a_deposed_tail_for_ever_and_the_commit_hint_converges():
+    """The leader's next index past the follower's end (it learnt of the follower after appending more), two
+    or more batches to send: pysyncobj's answers rewind and advance it again every round."""
+    ours = lambda log, message, commit: rejection_next_index(_pysyncobj_rejection(log, message), commit, 1)  # noqa: E731
+    theirs = lambda log, message, commit: _pysyncobj_rejection(log, message)  # noqa: E731
+    assert _rounds_to_converge(LEADER, DEPOSED, commit=6, next_index=11, batch=1, hint=theirs) is None
+    assert _rounds_to_converge(LEADER, DEPOSED, commit=6, next_index=11, batch=1, hint=ours) == 2
+
+
+def test_a_rejection_never_names_an_entry_past_the_commit_index():
+    assert rejection_next_index(9, commit_index=6, first_index=1) == 7
+    assert rejection_next_index(5, commit_index=6, first_index=1) == 5  # already lower: kept
+    assert rejection_next_index(9, commit_index=2, first_index=4) == 5  # compacted past it: the snapshot's end
+
+
+@st.composite
+def _deposed(draw):
+    leader = [0] + sorted(draw(st.lists(st.integers(1, 4), min_size=1, max_size=14)))
+    commit = draw(st.integers(1, len(leader)))  # the follower's commit index: a prefix of the leader's log
+    tail = sorted(draw(st.lists(st.integers(0, 4), max_size=5)))  # what it appended after, maybe conflicting
+    assume(all(t < leader[-1] for t in tail))  # the leader's last entry is of its own term (its no-op at least)
+    follower = leader[:commit] + tail
+    assume(all(a <= b for a, b in zip(follower, follower[1:])))
+    assume(all(follower[:i + 1] == leader[:i + 1] for i in range(min(len(follower), len(leader)))
+               if follower[i] == leader[i]))
+    next_index = draw(st.integers(1, len(leader) + 1))
+    return leader, follower, commit, next_index, draw(st.integers(1, 4))
+
+
+@given(_deposed())
+def test_every_follower_converges_within_two_rounds(case):
+    leader, follower, commit, next_index, batch = case
+    ours = lambda log, message, commit: rejection_next_index(_pysyncobj_rejection(log, message), commit, 1)  # noqa: E731
+    assert _rounds_to_converge(leader, follower, commit, max(next_index, 2), batch, hint=ours) in (1, 2)
+
+
+def test_a_snapshot_chunk_commits_none_of_the_followers_entries():
+    chunk = {"type": "append_entries", "term": 4, "commit_index": 40, "serialized": (b"..", 0, False)}
+    held = snapshot_chunk(chunk, commit_index=6)
+    assert held["commit_index"] == 6 and held["serialized"] == chunk["serialized"]
+    # A deposed leader's entries 7 and 8 stay uncommitted: the model follower takes min(commit, its end).
+    assert _pysyncobj_follower(DEPOSED, held)[2] == 6
+    assert _pysyncobj_follower(DEPOSED, chunk)[2] == 8  # what the unpatched path commits
+    plain = _message(LEADER, prev=6, count=1, commit=9)
+    assert snapshot_chunk(plain, commit_index=6) is plain

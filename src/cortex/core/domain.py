@@ -37,6 +37,8 @@ class Command:
     apply: Handler
     internal: bool = False  # decided by the leader itself; clients may not propose it
     keep_result: bool = True  # remembered under its idempotency key (a barrier like noop is not)
+    # The state-machine level that introduced this command type (see `level()`); 0: it predates levels.
+    level: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,25 @@ def queries() -> dict[str, Query]:
     for d in domains():
         out.update(d.queries)
     return out
+
+
+# --- levels: replicas of different versions during a rolling update --------------------------------------
+# A replica that meets a command type it does not know records an error where newer replicas apply the
+# command, and from then on their states differ for good (an update later does not replay the log). So every
+# command type added after the first release carries the next level; a node tells its level in Status, and the
+# leader proposes a command only once every server runs at least its level (node/levels.py). Adding a command
+# type: give it `level=level() + 1` of the release that adds it, never reuse or lower a level.
+
+
+@cache
+def level() -> int:
+    """This build's state-machine level: the highest level among its command types."""
+    return max((c.level for c in commands().values()), default=0)
+
+
+def level_of(command_type: str) -> int:
+    command = commands().get(command_type)
+    return command.level if command is not None else 0
 
 
 def tables() -> tuple[str, ...]:

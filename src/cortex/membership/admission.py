@@ -85,6 +85,8 @@ class Admission:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, f"bad join request: {exc}") from None
         if request.role == "server" and not request.raft_address:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "a server must give its raft address")
+        if request.role == "server":
+            self._require_level(request.node_id, request.state_machine_level)
         nodes = {n["id"]: n for n in self.member.nodes()}
         existing = nodes.get(request.node_id)
         same = existing is not None and (existing["role"], existing["grpc_address"], existing["raft_address"]) == (
@@ -211,10 +213,21 @@ class Admission:
             return
         self._next_expiry = now + min(60.0, max(0.5, ttl / 4))
         rows = self._store().query("join_requests", {})
+        if self.router.levels.gate("node.expire_requests"):
+            return  # a server still runs a version without it: the requests wait (the cap still holds)
         if any(row["state"] == "pending" and row["requested_at"] <= now - ttl for row in rows):
             result = self.router.propose("node.expire_requests", {"older_than": ttl}, internal=True)
             for node_id in result.get("expired", ()):
                 log.info("join request expired", extra=fields(joiner=node_id))
+
+    def _require_level(self, node_id: str, level: int) -> None:
+        """A new replica must apply every command the servers may already have replicated."""
+        needed = self.router.levels.cluster_level()
+        if level < needed:
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"{node_id} runs state-machine level {level}, and the cluster's servers run {needed}: "
+                             "it could not apply their log. Install the cluster's Cortex version (or newer) on "
+                             "it, then join or promote again")
 
     # --- leave -----------------------------------------------------------------------------------------------
     def handle_leave(self, request: pb.LeaveRequest) -> pb.LeaveResponse:
@@ -281,6 +294,11 @@ class Admission:
             except grpc.RpcError as exc:
                 raise AgentError(exc.code(), f"{node['id']}: {exc.details()}") from None
 
+        try:
+            level = stub.Status(pb.StatusRequest(), timeout=10).state_machine_level
+        except grpc.RpcError as exc:
+            raise AgentError(exc.code(), f"{node['id']}: {exc.details()}") from None
+        self._require_level(node["id"], level)
         checked = call(pb.BecomeServerRequest(raft_address=raft_address, check_only=True))
         address = checked.raft_address
         taken = next((n["id"] for n in self._store().query("member.list", {})

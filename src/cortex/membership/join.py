@@ -21,7 +21,7 @@ import grpc
 
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.client import channel_options
-from cortex.core import durable
+from cortex.core import domain, durable
 from cortex.membership import enroll, identity
 from cortex.membership.admission import Admission
 from cortex.membership.identity import Identity
@@ -42,6 +42,11 @@ CONFIG_JOIN_FOR = 300.0  # how long a join from the config file keeps trying
 class EnrollCall(Protocol):
     def __call__(self, address: str, request: pb.JoinRequest, pin: str, options: list,
                  timeout: float) -> tuple[pb.JoinResponse, str]: ...
+
+
+# A join is one call that may take long anyway: its connection gets time for a slow handshake (a small board,
+# an emulated appliance booting beside others), which the agent's short per-attempt limit would never allow.
+JOIN_CONNECT_TIMEOUT_MS = 10_000
 
 
 class Joiner:
@@ -260,7 +265,8 @@ class Joiner:
         config = self._config
         return pb.JoinRequest(node_id=config.node_id, role=config.role, grpc_address=config.grpc_address,
                               raft_address=config.raft_address if config.role == "server" else "",
-                              token=token, request_secret=secret, csr_pem=csr)
+                              token=token, request_secret=secret, csr_pem=csr,
+                              state_machine_level=domain.level())
 
     def _call_join(self, address: str, token: str, secret: str = "", csr: bytes = b"",
                    insecure_skip_ca_pin: bool = False) -> pb.JoinResponse:
@@ -274,7 +280,8 @@ class Joiner:
         try:
             pin = enroll.pin_for(token, known, insecure_skip_ca_pin)
             response, member.enroll_pin = self._enroll_call(address, request, pin,
-                                                            channel_options(self._config.max_message_bytes),
+                                                            channel_options(self._config.max_message_bytes,
+                                                                            JOIN_CONNECT_TIMEOUT_MS),
                                                             FORWARD_TIMEOUT * 2)
         except enroll.EnrollError as exc:
             raise AgentError(exc.code, str(exc)) from None

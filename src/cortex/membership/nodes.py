@@ -199,7 +199,7 @@ DOMAIN = domain.Domain(
         "node.remove": domain.Command(_v_node, _h_remove, internal=True),
         "node.liveness": domain.Command(_v_liveness, _h_liveness, internal=True),
         "node.request": domain.Command(_v_request, _h_request, internal=True),
-        "node.expire_requests": domain.Command(_v_expire, _h_expire, internal=True),
+        "node.expire_requests": domain.Command(_v_expire, _h_expire, internal=True, level=1),
         "node.approve": domain.Command(_v_node, _h_approve),
         "node.reject": domain.Command(_v_node, _h_reject),
     },

@@ -25,9 +25,10 @@ from cortex.membership import identity
 from cortex.membership.identity import Identity
 from cortex.node.logs import fields
 from cortex.node.peers import Peers
+from cortex.raft import transport as raft_transport
 from cortex.raft.consensus import GroupCommitter, ProposalError, RaftNode, wait_until
 from cortex.raft.keys import RotatingEncryptor
-from cortex.security import revocation, rotation_driver
+from cortex.security import revocation, rotation_driver, tls
 from cortex.security.certs import NodeCerts
 
 log = logging.getLogger("cortex.agent")
@@ -35,7 +36,7 @@ log = logging.getLogger("cortex.agent")
 NOT_IN_A_CLUSTER = "cortex init (new cluster) or cortex join ADDRESS --token TOKEN"
 # what a node's data directory holds of the cluster it belonged to (removed when it leaves or joins anew)
 CLUSTER_FILES = ("state.db", "state.db-wal", "state.db-shm", "raft.journal", "raft.journal.meta",
-                 "raft.snapshot", "raft-members.json", "join-token")
+                 "raft.snapshot", "raft-members.json", "join-token", raft_transport.MARKER)
 
 
 class AgentError(Exception):
@@ -147,9 +148,37 @@ class Member:
         peers = sorted(set(known or ident.raft_peers) - {self.config.raft_address})
         keys = RotatingEncryptor(ident.raft_secret, self.certs.ca()[1], self.raft_generation())
         rotation_driver.restore_raft_keys(self.certs, keys)
-        raft = RaftNode(store, self.config.raft_address, peers, self.config.raft, keys, self.data_dir,
-                        on_state_change=lambda: self.on_raft_state_change())
+        rc = self.config.raft
+        mode = raft_transport.resolve_mode(rc.transport, self.data_dir)
+        if mode == "password":
+            log.warning("Raft runs on the password transport (state from before mutual TLS); once every server "
+                        "runs this version set raft.transport: mtls (docs/operations/raft-transport.md)")
+        transport = raft_transport.Settings(mode, rc.max_frame_bytes, rc.max_inbound_connections, self.certs.dir,
+                                  refusal=self.raft_peer_refusal, owner_of=self._raft_owner)
+        raft = RaftNode(store, self.config.raft_address, peers, rc, keys, self.data_dir,
+                        on_state_change=lambda: self.on_raft_state_change(), name=self.config.node_id,
+                        transport=transport)
         self.replica = Replica(store, raft, GroupCommitter(raft), keys)
+
+    def raft_peer_refusal(self, cert_pem: bytes) -> str | None:
+        """Why the holder of `cert_pem` may not speak Raft with this server (None: a current server
+        certificate of this cluster). Checked at each handshake and again every second (revocations)."""
+        peer = tls.peer_of(cert_pem)
+        ident = self.identity
+        if peer is None:
+            return "the certificate names no cortex identity"
+        if ident is None or peer.cluster_id != ident.cluster_id:
+            return f"a certificate of cluster {peer.cluster_id}, this is {ident.cluster_id if ident else 'none yet'}"
+        if peer.role != "server":
+            return f"{peer.name} holds a {peer.role} certificate; only servers speak Raft"
+        return self.revoked.refusal(peer.name, cert_pem)
+
+    def _raft_owner(self, raft_address: str) -> str | None:
+        try:
+            node = self.node_by_raft(raft_address)
+        except Exception:  # noqa: BLE001 - the replica closing; the certificate check still holds
+            return None
+        return node["id"] if node else None
 
     def stop_replica(self) -> None:
         # Let go of it before destroying it: the background thread takes a tick thread that has ended under a

@@ -18,6 +18,7 @@ import grpc
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.core import domain
 from cortex.core.commands import CommandError, Envelope, parse_args_json, validate
+from cortex.node.levels import ServerLevels
 from cortex.node.member import AgentError, Member
 from cortex.node.peers import FORWARD_TIMEOUT
 from cortex.raft.consensus import NotLeader, ProposalError
@@ -61,6 +62,12 @@ class Router:
     def __init__(self, member: Member, stub_for: Callable[[str], Any] | None = None):
         self.member = member
         self._stub_for = stub_for or member.peers.stub
+        # which state-machine level each server runs: a command only some replicas know is never proposed
+        self.levels = ServerLevels(
+            member.config.node_id,
+            servers=lambda: [n for n in member.nodes() if n["role"] == "server" and n["liveness"] != "left"],
+            ask=lambda address: self._stub_for(address).Status(pb.StatusRequest(), timeout=2),
+            is_leader=member.is_leader)
         # the Cluster RPCs this node answers itself when it turns out to be the leader (membership adds its own)
         self.handlers: dict[str, Callable[[Any], Any]] = {
             "Write": lambda r: self.write(r.command, r.hops),
@@ -104,6 +111,9 @@ class Router:
         replica = self.member.replica
         if replica is None:
             raise AgentError(grpc.StatusCode.UNAVAILABLE, "this node holds no replica (left, or a worker); retry")
+        behind = self.levels.gate(command_type)
+        if behind:
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, behind)
         term = replica.raft.term()
         command_id = uuid.uuid4().hex
         env = Envelope(type=command_type, args=args, id=command_id, ts=time.time(), term=term,
@@ -145,6 +155,10 @@ class Router:
         for command, args in zip(request.commands, checked):
             if isinstance(args, str):
                 prepared.append(args)
+                continue
+            behind = self.levels.gate(command.type)
+            if behind:  # decided on the leader, which knows the servers' levels
+                prepared.append(behind)
                 continue
             command_id = uuid.uuid4().hex
             env = Envelope(type=command.type, args=args, id=command_id, ts=time.time(), term=term,
@@ -254,6 +268,9 @@ class Router:
                     return node["grpc_address"]
             if raft_leader == me and raft.is_leader():
                 return ""
+            refused = raft.journal_failure()
+            if refused and not raft_leader:  # this node cannot lead; say why rather than wait out an election
+                raise AgentError(grpc.StatusCode.UNAVAILABLE, f"no leader; {refused}")
             if time.monotonic() >= deadline:
                 raise AgentError(grpc.StatusCode.UNAVAILABLE,
                                  "no leader: the servers have no quorum right now; retry, or check `cortex status`")

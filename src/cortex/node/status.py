@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cortex import __version__
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
+from cortex.core import domain
 from cortex.membership.liveness import LivenessTracker
 from cortex.node.member import AgentError, Member
 from cortex.node.replicas import ReplicaWatch
@@ -36,9 +37,10 @@ def node_status(member: Member, router: Router, liveness: LivenessTracker,
     ident = standing.identity
     if ident is None:
         return pb.StatusResponse(node_id=config.node_id, role=config.role, state="uninitialized",
-                                 version=__version__, waiting_for=standing.waiting_for, image_version=IMAGE_VERSION)
+                                 version=__version__, waiting_for=standing.waiting_for, image_version=IMAGE_VERSION,
+                                 state_machine_level=domain.level())
     response = pb.StatusResponse(cluster_id=ident.cluster_id, node_id=config.node_id, role=ident.role,
-                                 version=__version__, image_version=IMAGE_VERSION)
+                                 version=__version__, image_version=IMAGE_VERSION, state_machine_level=domain.level())
     if replica is None:
         response.state = "worker"
         response.has_quorum = True
@@ -53,6 +55,7 @@ def node_status(member: Member, router: Router, liveness: LivenessTracker,
     raft = replica.raft.status()
     nodes = replica.store.query("nodes", {})
     response.state = raft.state
+    response.waiting_for = replica.raft.journal_failure()  # a disk that refuses the Raft log, until it takes it
     response.term, response.commit_index = raft.term, raft.commit_index
     response.applied_index, response.has_quorum = replica.store.last_applied, raft.has_quorum
     leader = next((n for n in nodes if n["raft_address"] == raft.leader), None) if raft.leader else None

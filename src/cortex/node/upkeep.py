@@ -94,6 +94,7 @@ class Upkeep:
         self.revocation_step()
         self.ca_rotation_step()
         self.replicas.step()  # local and cheap: before the liveness step, whose proposals may fail
+        self.router.levels.step()
         self.admission.liveness_step()
 
     def feed_watchdog(self, interval: float) -> None:

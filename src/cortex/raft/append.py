@@ -54,3 +54,41 @@ def reconcile_append(message: dict, term_at: Callable[[int], int | None], last_i
     bare = {k: v for k, v in message.items() if k not in ("prevLogIdx", "prevLogTerm", "entries")}
     bare["commit_index"] = min(message["commit_index"], end)
     return AppendPlan(bare, ack_next_index=end + 1)
+
+
+# --- a follower's rejection points the leader at its commit index ---------------------------------------
+# pysyncobj's follower rejects an AppendEntries whose prevLogIdx it lacks with "next index = my last index + 1"
+# and one whose prevLogIdx holds another term with "next index = prevLogIdx", and the leader sets its next
+# index to whatever a rejection says. The leader pipelines: after rewinding it sends several batches in one
+# round. When the follower's tail holds entries of an older term (a deposed leader's, never committed), the
+# first batch is rejected with "prevLogIdx" and every later batch with "last index + 1", so the leader ends
+# each round where it began, streaming the same batches for ever while the follower never truncates its tail
+# (seen after partition heals; tests/cluster/test_heal.py). pysyncobj 0.3.17 (its syncobj.py, read as installed
+# here: __onMessageReceived, 'append_entries' and 'next_node_idx') has no guard against this, and we know of
+# no upstream release that has one, so the rule lives here. The follower's
+# commit index is the fix: committed entries are in every later leader's log, so "next index = commit + 1"
+# is always accepted on the next round, and every rejection from one follower then names the same index or a
+# later one, so no late answer can undo an earlier one. It is correct whatever the leader runs.
+
+def rejection_next_index(proposed: int, commit_index: int, first_index: int) -> int:
+    """The next index a follower names when it rejects an AppendEntries: pysyncobj's `proposed`, but never
+    past the entry after its commit index (or after the first entry it still holds, when compaction has
+    taken the log beyond its commit index: that entry is in its snapshot, so committed too)."""
+    return min(proposed, max(commit_index, first_index) + 1)
+
+
+# --- a snapshot chunk commits nothing -------------------------------------------------------------------
+# pysyncobj's follower takes every AppendEntries' commit index as "committed up to min(that, my last index)",
+# snapshot chunks included, which vouch for none of its entries. A server holding a deposed leader's entries of
+# its old term (never committed) that is brought level by a snapshot thus marked them committed on the first
+# chunk and applied them (a write nobody acknowledged, visible there until the snapshot replaced its state;
+# tests/cluster/test_heal.py). pysyncobj 0.3.17 as installed here does so; we know of no upstream release
+# that does not. The snapshot, once loaded,
+# commits what it holds (RaftNode raises the commit index to it).
+
+def snapshot_chunk(message: dict, commit_index: int) -> dict:
+    """A snapshot chunk (an AppendEntries with 'serialized', no prevLogIdx) with its commit index held to this
+    server's own, so the chunk commits none of this log's entries; other messages unchanged."""
+    if message.get("type") != "append_entries" or "serialized" not in message or "prevLogIdx" in message:
+        return message
+    return {**message, "commit_index": min(message["commit_index"], commit_index)}

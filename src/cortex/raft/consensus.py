@@ -6,18 +6,29 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
 - the log index handed to the state machine, which stores it in the same transaction as the change;
 - snapshots that are SQLite backups (no fork, no pickled object state);
 - batching off, so a confirmed write does not wait for a 100 ms tick;
-- a restricted unpickler on the Raft port, on top of the mandatory Fernet password;
+- its own transport (raft/transport.py): mutual TLS with the node certificates and typed, bounded frames,
+  or pysyncobj's password transport (bounded too) for a rolling update from earlier versions;
+- a restricted unpickler for what pysyncobj still unpickles (log entries at apply, the password transport);
 - group commit (`GroupCommitter`, raft/commit.py), since pysyncobj with batching off sends one round per
   entry;
 - the entry's Raft term handed to apply, so a command stamped in another term is fenced off;
 - durability Raft assumes and pysyncobj leaves out: log entries and term/vote on the disk before they are
-  acknowledged (`DurableJournal`, raft/journal.py), and the cluster configuration kept in its own file
+  acknowledged (`AppendJournal`, raft/journal.py: pwrite and group-committed fdatasync, no mmap), and the
+  cluster configuration kept in its own file
   (`raft-members.json`), so a power loss can neither tear the log nor leave a server believing it is alone
   (split brain: found by the VM failover test).
+- a node whose disk refuses journal writes (full, failing) stays up: a leader steps down, the node does not
+  stand for election, writes through it fail with the journal's error, and it rejoins by itself once the
+  disk takes writes again (`_journal_refused`);
 - a follower that keeps the entries it already has (`reconcile_append`, raft/append.py): pysyncobj truncates
   everything after a message's prevLogIdx, so a late or repeated AppendEntries made it delete (and write
   again) entries it had applied, and under load such rewinds fed each other until a follower's log was
   minutes behind its state.
+- a follower that rejects an AppendEntries names the entry after its commit index (`rejection_next_index`,
+  raft/append.py): pysyncobj's answers, read by a pipelining leader, could leave a deposed leader's tail of
+  its old term in place for ever (the leader streaming the same batches, the replica never converging);
+- a snapshot chunk that commits none of the follower's own entries (`snapshot_chunk`, raft/append.py), so
+  a deposed leader's entries are never applied while a snapshot replaces them.
 - pre-vote (`PreVote`, raft/prevote.py): a server that cannot reach a majority never raises its term, so its
   return deposes no leader; with leaderFallbackTimeout below the election timeout, a leader cut off from the
   majority steps down before the others elect (check-quorum).
@@ -25,6 +36,7 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -45,11 +57,12 @@ from pysyncobj.node import TCPNode
 from cortex.config import RaftConfig
 from cortex.core import durable
 from cortex.core.state import StateStore
-from cortex.raft.append import reconcile_append
+from cortex.raft.append import reconcile_append, rejection_next_index, snapshot_chunk
 from cortex.raft.commit import GroupCommitter
 from cortex.raft.errors import NotLeader, ProposalError, fail_name
-from cortex.raft.journal import repair_journal
+from cortex.raft.journal import AppendJournal, JournalWriteError, repair_journal
 from cortex.raft.prevote import PreVote
+from cortex.raft.transport import CortexTransport, Settings
 
 # The agent imports these from here, the adapter's one public face.
 __all__ = ["GroupCommitter", "NotLeader", "ProposalError", "RaftNode", "RaftStatus", "load_members", "wait_until"]
@@ -60,8 +73,9 @@ _SNAPSHOT_MAGIC = b"CXSNAP1\n"
 
 
 # --- a restricted unpickler for the Raft port -----------------------------------------------------------
-# pysyncobj frames are pickles. The Fernet password already authenticates them; this is defence in depth
-# for a leaked secret: only plain data and pysyncobj's node classes may be built, never arbitrary callables.
+# pysyncobj's log entries are pickles (unpickled when applied, and when a large entry arrives in pieces), as
+# are the password transport's frames. Only plain data and pysyncobj's node classes may be built, never
+# arbitrary callables: defence in depth behind mutual TLS (or the Fernet password).
 _ALLOWED_GLOBALS = {
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "complex"),
     ("builtins", "bytes"), ("builtins", "str"), ("builtins", "int"), ("builtins", "float"),
@@ -133,12 +147,14 @@ class RaftNode(PreVote):
     """A voting member. The state machine is a StateStore; every entry is an encoded command envelope."""
 
     def __init__(self, store: StateStore, self_address: str, peers: list[str], raft: RaftConfig, secret: str,
-                 data_dir: Path, on_state_change: Callable[[], None] | None = None):
+                 data_dir: Path, on_state_change: Callable[[], None] | None = None, name: str = "",
+                 transport: Settings | None = None):
         self.store = store
         self._snapshot_tmp = data_dir / "snapshot.tmp.db"
         self._on_state_change = on_state_change
         self._data_dir = data_dir
         self._members_saved: list[str] | None = None
+        self._change_in_hand: tuple | None = None  # see _checkCommandsToApply
         repaired = repair_journal(data_dir / "raft.journal")
         if repaired:
             log.warning("raft journal repaired", extra={"fields": {"what": repaired}})
@@ -147,8 +163,10 @@ class RaftNode(PreVote):
         recorded = load_members(data_dir)
         if recorded:
             peers = recorded
+        transport = transport or Settings("password", raft.max_frame_bytes, raft.max_inbound_connections)
         conf = SyncObjConf(
-            password=secret,
+            # On mutual TLS the channel is authenticated and encrypted already: no Fernet layer on top.
+            password=secret if transport.mode == "password" else None,
             appendEntriesUseBatch=False,
             dynamicMembershipChange=True,
             raftMinTimeout=raft.election_timeout_min,
@@ -174,10 +192,14 @@ class RaftNode(PreVote):
             bindAddress=self_address,  # pysyncobj binds every interface unless told
         )
         self._prevote_setup(raft.election_timeout_min)  # before SyncObj.__init__ starts the tick thread
-        super().__init__(self_address, [p for p in peers if p != self_address], conf)
+        super().__init__(self_address, [p for p in peers if p != self_address], conf,
+                         transportClass=functools.partial(CortexTransport, settings=transport))
         # pysyncobj stops ticking when the thread that built it exits; Raft may be started from a join
         # request's thread, so tie the tick thread to the process's main thread instead.
         self._SyncObj__mainThread = threading.main_thread()
+        if isinstance(self.journal, AppendJournal):
+            self.journal.owner = name or self_address  # named in its errors
+            self.addOnTickCallback(self.journal.sync)  # group commit: the tick's appends, one fdatasync
         self._save_members()
 
     # --- the configuration, kept on the disk whenever pysyncobj changes it --------------------------------
@@ -194,6 +216,19 @@ class RaftNode(PreVote):
 
     def _SyncObj__onMessageReceived(self, node, message):
         # Every Raft message from a peer passes here first (pysyncobj's transport callback, on the tick thread).
+        try:
+            self._on_message(node, message)
+        except JournalWriteError:
+            self._journal_refused()  # not acknowledged; the leader sends it again
+
+    def _on_message(self, node, message) -> None:
+        if isinstance(message, dict) and message.get("type") == "append_entries" \
+                and message.get("term", -1) >= self.raftCurrentTerm and "serialized" in message:
+            super()._SyncObj__onMessageReceived(node, snapshot_chunk(message, self._SyncObj__raftCommitIndex))
+            if self._SyncObj__raftCommitIndex < self.raftLastApplied:  # a snapshot loaded: all of it committed
+                self._SyncObj__raftCommitIndex = self.raftLastApplied
+                self._SyncObj__raftLog.setRaftCommitIndex(self.raftLastApplied)
+            return
         if isinstance(message, dict) and message.get("type") == "append_entries" \
                 and message.get("term", -1) >= self.raftCurrentTerm:
             def term_at(index: int) -> int | None:  # pysyncobj's own lookup, as _apply uses it
@@ -201,11 +236,97 @@ class RaftNode(PreVote):
                 return entries[0][2] if entries else None
 
             plan = reconcile_append(message, term_at, self._SyncObj__getCurrentLogIndex())
-            super()._SyncObj__onMessageReceived(node, plan.message)
+            self._hand_over(node, plan.message)
             if plan.ack_next_index is not None:
                 self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=plan.ack_next_index, success=True)
             return
-        super()._SyncObj__onMessageReceived(node, message)
+        self._hand_over(node, message)
+
+    def _hand_over(self, node, message) -> None:
+        appends = getattr(self.journal, "appends", 0)
+        try:
+            super()._SyncObj__onMessageReceived(node, message)  # pre-vote's dispatch, then pysyncobj's
+        except JournalWriteError:
+            # pysyncobj applies an AppendEntries' membership changes after appending all its entries: an append
+            # the disk refused part-way leaves entries whose changes were never applied, and the resend would
+            # skip them (reconcile_append keeps what the log holds). Drop them (never acknowledged); the
+            # resend brings them again. Entries are appended at the end, after any conflict deletes.
+            added = self.journal.appends - appends
+            if added:
+                self.journal.deleteEntriesFrom(len(self.journal) - added)
+            raise
+
+    def _SyncObj__changeCluster(self, request):
+        # The leader applies a membership change before it appends its entry (pysyncobj
+        # _checkCommandsToApply); remembered so that an append the disk refuses can undo it.
+        changed = SyncObj._SyncObj__changeCluster(self, request)
+        self._change_in_hand = (request, getattr(self.journal, "appends", 0)) if changed else None
+        return changed
+
+    def _checkCommandsToApply(self):
+        self._change_in_hand = None
+        try:
+            super()._checkCommandsToApply()
+        except JournalWriteError:
+            change, self._change_in_hand = self._change_in_hand, None
+            if change is not None and change[1] == self.journal.appends:  # its entry is not in the log
+                try:
+                    self._SyncObj__doChangeCluster(change[0], reverse=True)
+                except OSError:
+                    pass  # raft-members.json on the same full disk: written again at the next change
+            raise
+
+    def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
+        # A follower's answer to AppendEntries: the entries it vouches for are on the disk first.
+        sync = getattr(self.journal, "sync", None)
+        if sync is not None:
+            sync()
+        SyncObj._SyncObj__sendNextNodeIdx(self, node, reset=reset, nextNodeIdx=nextNodeIdx, success=success)
+
+    # --- a journal the disk refuses -------------------------------------------------------------------
+    # An append that fails (AppendJournal raises JournalWriteError, logged once) leaves the log as it was.
+    # A node that cannot persist must not lead nor stand for election (it would win on its up-to-date log and
+    # fail again); it keeps answering (and voting, while its small term/vote file can still be written), and
+    # rejoins once a retry on the journal's backoff succeeds.
+    @property
+    def journal(self):
+        return self._SyncObj__raftLog
+
+    def journal_failure(self) -> str:
+        return getattr(self.journal, "failure", "")
+
+    def _journal_refused(self) -> None:
+        # pysyncobj moves its commit index before the journal syncs it (setRaftCommitIndex): after a failed
+        # sync, back to the last one the journal vouched for, so nothing unsynced is applied or answered.
+        durable_commit = max(self.journal.getRaftCommitIndex(), self.raftLastApplied)
+        if self._SyncObj__raftCommitIndex > durable_commit:
+            self._SyncObj__raftCommitIndex = durable_commit
+        if self._SyncObj__raftState != 0:
+            was = _STATES.get(self._SyncObj__raftState)
+            log.warning("raft: stepping down, this node cannot persist its log",
+                        extra={"fields": {"error": self.journal_failure(), "was": was}})
+            self._SyncObj__setState(0)
+            self._SyncObj__raftLeader = None
+        self._SyncObj__raftElectionDeadline = time.monotonic() + self._SyncObj__generateRaftTimeout()
+
+    def _onTick(self, timeToWait=0.0):
+        journal = self.journal
+        if getattr(journal, "failure", "") and not journal.probe():
+            self._journal_refused()
+        try:
+            super()._onTick(timeToWait)
+        except JournalWriteError:
+            self._journal_refused()
+            time.sleep(timeToWait)  # the tick ended before its poll: do not spin
+
+    def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
+        # A rejection (reset, not success) names at most the entry after this server's commit index; the
+        # other answers (acknowledgements, a chunked transmission's progress) pass as pysyncobj sends them.
+        if reset and not success:
+            log_entries = self._SyncObj__raftLog
+            proposed = nextNodeIdx if nextNodeIdx is not None else log_entries[-1][1] + 1
+            nextNodeIdx = rejection_next_index(proposed, self._SyncObj__raftCommitIndex, log_entries[0][1])
+        SyncObj._SyncObj__sendNextNodeIdx(self, node, reset=reset, nextNodeIdx=nextNodeIdx, success=success)
 
     def _save_members(self) -> None:
         members = self.members()
@@ -234,9 +355,17 @@ class RaftNode(PreVote):
             box["index"] = self.raftLastApplied + 1
             done.set()
 
+        refused = self.journal_failure()
+        if refused:  # this node could not append the entry, so it could never apply it
+            raise ProposalError(refused, maybe_applied=False)
         self._apply(data, callback=callback)
-        if not done.wait(timeout):
-            raise ProposalError(f"not committed within {timeout:.1f}s (no quorum?)", maybe_applied=True)
+        deadline = time.monotonic() + timeout
+        while not done.wait(min(0.25, max(0.0, deadline - time.monotonic()))):
+            refused = self.journal_failure()
+            if refused:
+                raise ProposalError(refused, maybe_applied=True)
+            if time.monotonic() >= deadline:
+                raise ProposalError(f"not committed within {timeout:.1f}s (no quorum?)", maybe_applied=True)
         error = box["error"]
         if error == FAIL_REASON.SUCCESS:
             return box["result"], box["index"]
