@@ -29,6 +29,9 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
   its old term in place for ever (the leader streaming the same batches, the replica never converging);
 - a snapshot chunk that commits none of the follower's own entries (`snapshot_chunk`, raft/append.py), so
   a deposed leader's entries are never applied while a snapshot replaces them.
+- pre-vote (`PreVote`, raft/prevote.py): a server that cannot reach a majority never raises its term, so its
+  return deposes no leader; with leaderFallbackTimeout below the election timeout, a leader cut off from the
+  majority steps down before the others elect (check-quorum).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from cortex.raft.append import reconcile_append, rejection_next_index, snapshot_
 from cortex.raft.commit import GroupCommitter
 from cortex.raft.errors import NotLeader, ProposalError, fail_name
 from cortex.raft.journal import AppendJournal, JournalWriteError, repair_journal
+from cortex.raft.prevote import PreVote
 from cortex.raft.transport import CortexTransport, Settings
 
 # The agent imports these from here, the adapter's one public face.
@@ -139,7 +143,7 @@ def load_members(data_dir: Path) -> list[str] | None:
         return None
 
 
-class RaftNode(SyncObj):
+class RaftNode(PreVote):
     """A voting member. The state machine is a StateStore; every entry is an encoded command envelope."""
 
     def __init__(self, store: StateStore, self_address: str, peers: list[str], raft: RaftConfig, secret: str,
@@ -187,6 +191,7 @@ class RaftNode(SyncObj):
             autoTickPeriod=0.05,
             bindAddress=self_address,  # pysyncobj binds every interface unless told
         )
+        self._prevote_setup(raft.election_timeout_min)  # before SyncObj.__init__ starts the tick thread
         super().__init__(self_address, [p for p in peers if p != self_address], conf,
                          transportClass=functools.partial(CortexTransport, settings=transport))
         # pysyncobj stops ticking when the thread that built it exits; Raft may be started from a join
@@ -219,7 +224,7 @@ class RaftNode(SyncObj):
     def _on_message(self, node, message) -> None:
         if isinstance(message, dict) and message.get("type") == "append_entries" \
                 and message.get("term", -1) >= self.raftCurrentTerm and "serialized" in message:
-            SyncObj._SyncObj__onMessageReceived(self, node, snapshot_chunk(message, self._SyncObj__raftCommitIndex))
+            super()._SyncObj__onMessageReceived(node, snapshot_chunk(message, self._SyncObj__raftCommitIndex))
             if self._SyncObj__raftCommitIndex < self.raftLastApplied:  # a snapshot loaded: all of it committed
                 self._SyncObj__raftCommitIndex = self.raftLastApplied
                 self._SyncObj__raftLog.setRaftCommitIndex(self.raftLastApplied)
@@ -240,7 +245,7 @@ class RaftNode(SyncObj):
     def _hand_over(self, node, message) -> None:
         appends = getattr(self.journal, "appends", 0)
         try:
-            SyncObj._SyncObj__onMessageReceived(self, node, message)
+            super()._SyncObj__onMessageReceived(node, message)  # pre-vote's dispatch, then pysyncobj's
         except JournalWriteError:
             # pysyncobj applies an AppendEntries' membership changes after appending all its entries: an append
             # the disk refused part-way leaves entries whose changes were never applied, and the resend would
