@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import socket
 import ssl
 import struct
@@ -96,14 +95,7 @@ class _Contexts:
         self.client: ssl.SSLContext | None = None
 
     def _files_stamp(self) -> tuple:
-        out = []
-        for name in ("ca.crt", "node.crt", "node.key"):
-            try:
-                st = os.stat(self.directory / name)
-                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                out.append(None)
-        return tuple(out)
+        return tls.files_stamp(self.directory, ("ca.crt", "node.crt", "node.key"))
 
     def current(self) -> None:
         stamp = self._files_stamp()

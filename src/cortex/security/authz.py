@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -180,14 +179,7 @@ class ServerCredentials:
         self._lock = threading.Lock()
 
     def _files_stamp(self) -> tuple:
-        out = []
-        for name in self.FILES:
-            try:
-                st = os.stat(self.directory / name)
-                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                out.append(None)
-        return tuple(out)
+        return tls.files_stamp(self.directory, self.FILES)
 
     def _config(self):
         ca, cert, key = (tls.read(self.directory, n) for n in ("ca.crt", "node.crt", "node.key"))

@@ -293,6 +293,18 @@ def write_file(path: Path, data: bytes, mode: int = 0o600) -> None:
     durable.write_atomic(path, data, mode)
 
 
+def files_stamp(directory: Path, names: tuple[str, ...]) -> tuple:
+    """What changes when any of these files is replaced (renewal, rotation): reload when it differs."""
+    out = []
+    for name in names:
+        try:
+            st = os.stat(directory / name)
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 def read(directory: Path, name: str) -> bytes | None:
     try:
         return (Path(directory) / name).read_bytes()
