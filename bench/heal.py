@@ -26,6 +26,7 @@ import traceback
 from pathlib import Path
 
 from cortex.dev import cluster as devcluster
+from cortex.dev import portcut
 from tests.support import raftlab
 
 
@@ -36,7 +37,7 @@ def free_base_port(start: int, width: int = 10) -> int:
     raise SystemExit(f"no {width} free ports on loopback from {start}; pass --base-port")
 
 
-KINDS = (*raftlab.DIRECTIONS, "both+snapshot")
+KINDS = (*portcut.DIRECTIONS, "both+snapshot")
 
 
 def summarise(trials: list[dict], within: float) -> list[dict]:

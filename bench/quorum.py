@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,8 @@ from pathlib import Path
 
 from cortex.client import Client, CortexError
 from cortex.dev import cluster as devcluster
+from cortex.dev import portcut
+from cortex.dev.portcut import PortCut
 
 from . import measure
 from .membership import _write_gap
@@ -77,28 +77,6 @@ def agreed(dc: devcluster.DevCluster) -> tuple[int, str] | None:
     return (term, leader) if leader else None
 
 
-class Cut:
-    """Drops every packet to and from one Raft port on loopback while inside the `with`."""
-
-    def __init__(self, node: devcluster.DevNode):
-        self.port, self.table = node.raft_address.rsplit(":", 1)[1], f"cortex_bench_quorum_{os.getpid()}"
-
-    def __enter__(self) -> Cut:
-        for args in (("add", "table", "inet", self.table),
-                     ("add", "chain", "inet", self.table, "out", "{ type filter hook output priority 0 ; }"),
-                     ("add", "rule", "inet", self.table, "out", "tcp", "dport", self.port, "drop"),
-                     ("add", "rule", "inet", self.table, "out", "tcp", "sport", self.port, "drop")):
-            try:
-                subprocess.run(["nft", *args], check=True, capture_output=True, text=True, timeout=30)
-            except BaseException:
-                self.__exit__()
-                raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True, timeout=30)
-
-
 def lead_with(dc: devcluster.DevCluster, node: devcluster.DevNode | None, avoid: devcluster.DevNode | None):
     """Move leadership to `node`, or away from `avoid`; return the settled (term, leader)."""
     term, leader = wait_for(lambda: agreed(dc), 60, "settled leader")
@@ -124,7 +102,7 @@ def lead_with(dc: devcluster.DevCluster, node: devcluster.DevNode | None, avoid:
 def follower_trial(dc: devcluster.DevCluster, target: devcluster.DevNode, cut: float) -> dict:
     term, leader = lead_with(dc, None, avoid=target)
     highest = term
-    with Cut(target):
+    with PortCut(target.raft_address.rsplit(":", 1)[1], name="bench_quorum"):
         end = time.monotonic() + cut
         while time.monotonic() < end:
             highest = max(highest, view(target)[1])
@@ -138,7 +116,7 @@ def follower_trial(dc: devcluster.DevCluster, target: devcluster.DevNode, cut: f
 def leader_trial(dc: devcluster.DevCluster, target: devcluster.DevNode, cut: float) -> dict:
     term, _ = lead_with(dc, target, avoid=None)
     others = [n for n in dc.servers if n.id != target.id]
-    with Cut(target):
+    with PortCut(target.raft_address.rsplit(":", 1)[1], name="bench_quorum"):
         start = time.monotonic()
         wait_for(lambda: view(target)[0] not in ("leader", ""), 60, "step-down")
         stepped = time.monotonic() - start
@@ -199,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-port", type=int, default=28600, help="first of 20 loopback ports (default 28600)")
     ap.add_argument("--json", type=Path, help="also write the samples and the table here")
     args = ap.parse_args(argv)
-    if os.geteuid() != 0 or shutil.which("nft") is None:
-        print("bench.quorum needs root and nftables (it cuts a Raft port on loopback); run it as root",
+    if portcut.available():
+        print(f"bench.quorum cuts a Raft port on loopback: {portcut.available()}; run it as root",
               file=sys.stderr)
         return 2
     if args.trials < 1 or args.cut <= 0:

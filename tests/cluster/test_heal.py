@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from cortex.dev import portcut
 from tests.support import raftlab
 from tests.support.cluster import free_base_port
 
@@ -28,7 +29,7 @@ def lab(tmp_path_factory):
         lab.close()
 
 
-@pytest.mark.parametrize("direction", raftlab.DIRECTIONS)
+@pytest.mark.parametrize("direction", portcut.DIRECTIONS)
 def test_a_healed_leader_with_entries_of_its_old_term_converges(lab, direction):
     trial = raftlab.heal_trial(lab, direction, converge_within=CONVERGE_WITHIN)
     if direction == "both":  # nothing it appended while cut off left it: its tail conflicts with the leader's

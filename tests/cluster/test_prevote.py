@@ -13,46 +13,19 @@ one, so dropping the lowest Raft port in both directions cuts all of that server
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
 
 import pytest
 
 from cortex.client import Client, CortexError
+from cortex.dev import portcut
+from cortex.dev.portcut import PortCut
 from tests.support.cluster import Cluster, module_cluster
 from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None,
-                                reason="needs root and nftables to cut one server's Raft port on loopback")
+pytestmark = pytest.mark.skipif(bool(portcut.available()), reason=portcut.available() or "runs")
 
 CUT_FOR = 8.0  # 8 to 16 election timeouts (raft.election_timeout 0.5..1.0 s): 8 or more terms without pre-vote
-
-
-def nft(*args: str) -> None:
-    subprocess.run(["nft", *args], check=True, capture_output=True, text=True, timeout=30)
-
-
-class RaftCut:
-    """Drops every packet to and from one Raft port on loopback while inside the `with`."""
-
-    def __init__(self, port: int):
-        self.port, self.table = port, f"cortex_prevote_{os.getpid()}"
-
-    def __enter__(self) -> RaftCut:
-        nft("add", "table", "inet", self.table)
-        try:
-            nft("add", "chain", "inet", self.table, "out", "{ type filter hook output priority 0 ; }")
-            nft("add", "rule", "inet", self.table, "out", "tcp", "dport", str(self.port), "drop")
-            nft("add", "rule", "inet", self.table, "out", "tcp", "sport", str(self.port), "drop")
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True, timeout=30)
 
 
 def raft_view(c: Cluster, node_id: str) -> tuple[str, int, str]:
@@ -95,7 +68,7 @@ def test_a_follower_cut_off_does_not_raise_the_term(cluster):
     assert leader != target.id
 
     terms = []
-    with RaftCut(port_of(target)):
+    with PortCut(port_of(target), name="prevote"):
         end = time.monotonic() + CUT_FOR
         while time.monotonic() < end:
             terms.append(raft_view(c, target.id)[1])
@@ -120,7 +93,7 @@ def test_a_leader_cut_off_steps_down_and_does_not_disturb_on_return(cluster):
     term, leader = wait_until(lambda: agreed_view(c), 60, "all servers on one term and one leader")
     assert leader == target.id, f"leadership not moved to {target.id}"
 
-    with RaftCut(port_of(target)):
+    with PortCut(port_of(target), name="prevote"):
         cut = time.monotonic()
         wait_until(lambda: raft_view(c, target.id)[0] != "leader", 30, f"{target.id} to step down when cut off",
                    interval=0.05)

@@ -8,19 +8,18 @@ converges looks like from outside. The table is deleted in a `finally`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
+from cortex.dev import portcut
+from cortex.dev.portcut import PortCut
 from tests.support.cluster import Cluster
 from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None,
-                                reason="needs root and nftables to cut one server's Raft port on loopback")
+pytestmark = pytest.mark.skipif(bool(portcut.available()), reason=portcut.available() or "runs")
 
 WINDOW = 6.0  # raft.replica_stuck_after for this cluster
 MARGIN = 30.0  # upkeep rounds, CLI start-up and a loaded 2-core machine
@@ -47,10 +46,6 @@ def node_entry(doc: dict, node_id: str) -> dict:
     return next(n for n in doc["nodes"] if n["id"] == node_id)
 
 
-def nft(*args: str) -> None:
-    subprocess.run(["nft", *args], check=True, capture_output=True, text=True, timeout=30)
-
-
 def test_a_follower_cut_off_from_raft_is_stuck_then_clears(make_cluster):
     c = make_cluster(servers=3, raft={"replica_stuck_after": WINDOW})
     c.settle()
@@ -67,12 +62,7 @@ def test_a_follower_cut_off_from_raft_is_stuck_then_clears(make_cluster):
     assert before["liveness"] == "alive" and before.get("replication", "") != "stuck", before
     assert f"node.stuck:{target.id}" not in alert_keys(c)
 
-    table = f"cortex_stuck_{os.getpid()}"
-    nft("add", "table", "inet", table)
-    try:
-        nft("add", "chain", "inet", table, "out", "{ type filter hook output priority 0 ; }")
-        nft("add", "rule", "inet", table, "out", "tcp", "dport", str(port), "drop")
-        nft("add", "rule", "inet", table, "out", "tcp", "sport", str(port), "drop")
+    with PortCut(port, name="stuck"):
         cut = time.monotonic()
         deadline, seen, writes = cut + WINDOW + MARGIN, {}, 0
         while time.monotonic() < deadline:
@@ -95,8 +85,6 @@ def test_a_follower_cut_off_from_raft_is_stuck_then_clears(make_cluster):
         assert table_out.returncode == 0, table_out.stderr
         row = next(line for line in table_out.stdout.splitlines() if line.split() and line.split()[0] == target.id)
         assert "stuck" in row, table_out.stdout
-    finally:
-        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, timeout=30)
 
     healed = time.monotonic()
 

@@ -11,9 +11,6 @@ when the cut ends and on close. Needs root and `nft`.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,20 +19,17 @@ from pathlib import Path
 from cortex.config import RaftConfig
 from cortex.core.commands import decode_entry
 from cortex.core.state import StateStore
+from cortex.dev import portcut
+from cortex.dev.portcut import PortCut
 from cortex.raft.consensus import RaftNode
 from tests.support.envelopes import env
 
-DIRECTIONS = ("both", "in", "out")
 SECRET = "raftlab-secret"
 
 
 def available() -> str:
     """'' when the lab can run here, else why not."""
-    if os.geteuid() != 0:
-        return "needs root to cut a Raft port with nftables"
-    if shutil.which("nft") is None:
-        return "needs nftables (the nft command)"
-    return ""
+    return portcut.available()
 
 
 class RecordingStore(StateStore):
@@ -73,7 +67,7 @@ class Lab:
         self.root = root
         self.addresses = [f"127.0.0.1:{base_port + i}" for i in range(servers)]
         self.nodes: list[RaftNode] = []
-        self._tables: list[str] = []
+        self._cuts: list[PortCut] = []
         self.trials = 0
         self.applied_keys: dict[str, list[str]] = {}  # server -> keys of the writes it applied, in order
         # A short connection timeout: a cut outlasts it, as a real partition outlasts TCP, so the healed
@@ -89,8 +83,8 @@ class Lab:
             self.nodes.append(RaftNode(store, address, self.addresses, raft, SECRET, data_dir))
 
     def close(self) -> None:
-        for table in list(self._tables):
-            self._drop_table(table)
+        for cut in list(self._cuts):
+            cut.__exit__()
         for node in self.nodes:
             node.destroy()
         for node in self.nodes:
@@ -137,29 +131,13 @@ class Lab:
     @contextlib.contextmanager
     def cut(self, node: RaftNode, direction: str = "both") -> Iterator[None]:
         """Drop `node`'s Raft traffic: 'in' (packets to its port), 'out' (packets from it) or 'both'."""
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction {direction!r}: expected one of {', '.join(DIRECTIONS)}")
-        port = node.selfNode.id.rsplit(":", 1)[1]
-        table = f"cortex_raftlab_{os.getpid()}_{port}"
-        rules = [f"add table inet {table}",
-                 f"add chain inet {table} out {{ type filter hook output priority 0 ; }}"]
-        if direction in ("both", "in"):
-            rules.append(f"add rule inet {table} out tcp dport {port} drop")
-        if direction in ("both", "out"):
-            rules.append(f"add rule inet {table} out tcp sport {port} drop")
-        self._tables.append(table)
+        cut = PortCut(node.selfNode.id.rsplit(":", 1)[1], direction, name="raftlab")
+        self._cuts.append(cut)
         try:
-            # One transaction: the cut starts at once, while the leader still leads.
-            subprocess.run(["nft", "-f", "-"], input="\n".join(rules) + "\n", check=True, capture_output=True,
-                           text=True, timeout=30)
-            yield
+            with cut:  # the cut starts at once, while the leader still leads
+                yield
         finally:
-            self._drop_table(table)
-
-    def _drop_table(self, table: str) -> None:
-        if table in self._tables:
-            self._tables.remove(table)
-            subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, timeout=30)
+            self._cuts.remove(cut)
 
     # --- convergence ----------------------------------------------------------------------------------
     def replicas(self) -> dict[str, Replica]:
