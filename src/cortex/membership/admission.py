@@ -85,8 +85,6 @@ class Admission:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, f"bad join request: {exc}") from None
         if request.role == "server" and not request.raft_address:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, "a server must give its raft address")
-        if request.role == "server":
-            self._require_level(request.node_id, request.state_machine_level)
         nodes = {n["id"]: n for n in self.member.nodes()}
         existing = nodes.get(request.node_id)
         same = existing is not None and (existing["role"], existing["grpc_address"], existing["raft_address"]) == (
@@ -113,6 +111,8 @@ class Admission:
             raise AgentError(grpc.StatusCode.ALREADY_EXISTS,
                              f"node {request.node_id!r} is already a member; a join is not repeated. If that node "
                              "lost its data: `cortex nodes remove` it, then join again")
+        if request.role == "server":  # checked once the joiner is known to be allowed in at all
+            self._require_level(request.node_id, request.state_machine_level)
         response = pb.JoinResponse(
             cluster_id=ident.cluster_id,
             raft_secret=ident.raft_secret if request.role == "server" and not same else "",
