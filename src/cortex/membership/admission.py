@@ -432,7 +432,10 @@ class Admission:
             target = node["raft_address"]
         raft = self._raft
         raft_call(lambda: raft.transfer_leadership_to(target))
-        wait_until(lambda: bool(raft.leader_address()) and not raft.is_leader(), 10)
+        if not wait_until(lambda: bool(raft.leader_address()) and not raft.is_leader(), 10):
+            raise AgentError(grpc.StatusCode.UNAVAILABLE,
+                             "the target did not take over within 10 s (its election failed) and this server still "
+                             "leads; check `cortex status` for a server that is up to date, then retry")
         leader = self.member.node_by_raft(raft.leader_address())
         return pb.TransferLeadershipResponse(new_leader_id=leader["id"] if leader else "", term=raft.term())
 

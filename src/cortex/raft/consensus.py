@@ -155,6 +155,10 @@ class RaftNode(PreVote):
         self._data_dir = data_dir
         self._members_saved: list[str] | None = None
         self._change_in_hand: tuple | None = None  # see _checkCommandsToApply
+        # While leadership is handed over, this leader takes no proposals (monotonic time until which it
+        # holds them back): its log must not grow past the target's, or the target loses the election.
+        self._handing_over_until = 0.0
+        self._handover_hold = 2 * raft.election_timeout_max
         repaired = repair_journal(data_dir / "raft.journal")
         if repaired:
             log.warning("raft journal repaired", extra={"fields": {"what": repaired}})
@@ -358,6 +362,8 @@ class RaftNode(PreVote):
         refused = self.journal_failure()
         if refused:  # this node could not append the entry, so it could never apply it
             raise ProposalError(refused, maybe_applied=False)
+        if time.monotonic() < self._handing_over_until:
+            raise NotLeader("leadership is being handed over", maybe_applied=False)
         self._apply(data, callback=callback)
         deadline = time.monotonic() + timeout
         while not done.wait(min(0.25, max(0.0, deadline - time.monotonic()))):
@@ -447,8 +453,24 @@ class RaftNode(PreVote):
         self._wait(lambda cb: self.removeNodeFromCluster(address, callback=cb), f"removing {address}", timeout)
 
     def transfer_leadership_to(self, address: str | None, timeout: float = 10.0) -> None:
+        """Raft's hand-over: stop taking proposals, let the target catch up with the whole log (pysyncobj
+        refuses a target that has not), then tell it to stand for election at once (TimeoutNow). Without the
+        hold, entries this leader appended after the TimeoutNow (a liveness update, a client's write) made
+        its log longer than the target's, it refused the target its vote, and it was elected again."""
         node = TCPNode(address) if address else None
-        self._wait(lambda cb: self.transferLeadership(node, callback=cb), "leadership transfer", timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            self._handing_over_until = time.monotonic() + self._handover_hold
+            try:
+                self._wait(lambda cb: self.transferLeadership(node, callback=cb), "leadership transfer",
+                           max(0.1, deadline - time.monotonic()))
+                return
+            except ProposalError as exc:
+                caught_up_soon = "REQUEST_DENIED" in str(exc) and self._isLeader()
+                if not caught_up_soon or time.monotonic() >= deadline:
+                    self._handing_over_until = 0.0
+                    raise
+            time.sleep(0.02)  # the target is still catching up: the log no longer grows, so it will
 
     # --- snapshots: SQLite backups framed with pysyncobj's log metadata --------------------------------
     def _write_snapshot(self, path: str, raft_meta) -> None:
