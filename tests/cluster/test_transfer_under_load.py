@@ -42,8 +42,9 @@ def test_hand_over_succeeds_while_writes_keep_coming(lab):
             key = f"w{n}"
             n += 1
             try:
-                leader.propose(env("kv.put", {"key": key, "value": "x"}, term=leader.term()), timeout=5)
-                acked.append(key)
+                result, _ = leader.propose(env("kv.put", {"key": key, "value": "x"}, term=leader.term()), timeout=5)
+                if "error" not in result:  # a deposed leader's stamp is refused by every replica: not acked
+                    acked.append(key)
             except (NotLeader, ProposalError):
                 pass  # refused while handing over, or lost with a leadership change: not acknowledged
 
@@ -57,13 +58,18 @@ def test_hand_over_succeeds_while_writes_keep_coming(lab):
             wait_until(lambda wanted=wanted: len(acked) > wanted, 30, "writes flowing")
             old.transfer_leadership_to(None, timeout=10)
             # another server leads, and the old leader follows it: never the old one elected again
-            lab.leader(timeout=15, exclude=(old,))
-            assert not old.is_leader(), f"hand-over {round_}: {old.selfNode.id} leads again"
+            new = lab.leader(timeout=15, exclude=(old,))
+            wait_until(lambda old=old: not old.is_leader(), 10, f"hand-over {round_}: {old.selfNode.id} to follow")
+            # the new leader takes writes at once, even one that handed over a moment ago itself: a hold
+            # ends with the term it was taken in
+            lab.put(new, f"after-hand-over-{round_}", "x", timeout=5)
     finally:
         stop.set()
         for t in threads:
             t.join(10)
-    # nothing acknowledged was lost across the hand-overs
+    # nothing acknowledged was lost across the hand-overs (read from the stores: a server brought level by a
+    # snapshot never applied the entries before it one by one)
     wait_until(lab.converged, 20, "every replica equal")
-    keys = set(lab.applied_keys[lab.leader().selfNode.id])
-    assert set(acked) <= keys, sorted(set(acked) - keys)[:5]
+    for node in lab.nodes:
+        missing = [k for k in acked if node.store.query("kv.get", {"key": k}) is None]
+        assert not missing, (node.selfNode.id, missing[:5])

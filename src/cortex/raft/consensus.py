@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import pickle
+import queue
 import struct
 import threading
 import time
@@ -158,7 +159,9 @@ class RaftNode(PreVote):
         # While leadership is handed over, this leader takes no proposals (monotonic time until which it
         # holds them back): its log must not grow past the target's, or the target loses the election.
         self._handing_over_until = 0.0
+        self._handing_over_term = -1  # the hold ends with the term it was taken in (someone was elected)
         self._handover_hold = 2 * raft.election_timeout_max
+        self._tick_calls: queue.SimpleQueue = queue.SimpleQueue()  # run on the tick thread (_run_tick_calls)
         repaired = repair_journal(data_dir / "raft.journal")
         if repaired:
             log.warning("raft journal repaired", extra={"fields": {"what": repaired}})
@@ -204,6 +207,7 @@ class RaftNode(PreVote):
         if isinstance(self.journal, AppendJournal):
             self.journal.owner = name or self_address  # named in its errors
             self.addOnTickCallback(self.journal.sync)  # group commit: the tick's appends, one fdatasync
+        self.addOnTickCallback(self._run_tick_calls)
         self._save_members()
 
     # --- the configuration, kept on the disk whenever pysyncobj changes it --------------------------------
@@ -362,7 +366,7 @@ class RaftNode(PreVote):
         refused = self.journal_failure()
         if refused:  # this node could not append the entry, so it could never apply it
             raise ProposalError(refused, maybe_applied=False)
-        if time.monotonic() < self._handing_over_until:
+        if time.monotonic() < self._handing_over_until and self.raftCurrentTerm == self._handing_over_term:
             raise NotLeader("leadership is being handed over", maybe_applied=False)
         self._apply(data, callback=callback)
         deadline = time.monotonic() + timeout
@@ -454,23 +458,40 @@ class RaftNode(PreVote):
 
     def transfer_leadership_to(self, address: str | None, timeout: float = 10.0) -> None:
         """Raft's hand-over: stop taking proposals, let the target catch up with the whole log (pysyncobj
-        refuses a target that has not), then tell it to stand for election at once (TimeoutNow). Without the
-        hold, entries this leader appended after the TimeoutNow (a liveness update, a client's write) made
-        its log longer than the target's, it refused the target its vote, and it was elected again."""
+        refuses a target that has not), tell it to stand for election at once (TimeoutNow) and give it an
+        election's time to win, telling it again if it did not. Without the hold, entries this leader
+        appended after the TimeoutNow (a liveness update, a client's write) made its log longer than the
+        target's, it refused the target its vote and was elected again. Returns when another server won or
+        `timeout` passed (the caller checks who leads)."""
         node = TCPNode(address) if address else None
         deadline = time.monotonic() + timeout
+        term = self.raftCurrentTerm
         while True:
             self._handing_over_until = time.monotonic() + self._handover_hold
+            self._handing_over_term = term
             try:
-                self._wait(lambda cb: self.transferLeadership(node, callback=cb), "leadership transfer",
-                           max(0.1, deadline - time.monotonic()))
-                return
+                # on the tick thread: pysyncobj's transport is not safe to write from another one
+                self._wait(lambda cb: self._tick_calls.put(lambda: self.transferLeadership(node, callback=cb)),
+                           "leadership transfer", max(0.1, deadline - time.monotonic()))
             except ProposalError as exc:
                 caught_up_soon = "REQUEST_DENIED" in str(exc) and self._isLeader()
                 if not caught_up_soon or time.monotonic() >= deadline:
                     self._handing_over_until = 0.0
                     raise
-            time.sleep(0.02)  # the target is still catching up: the log no longer grows, so it will
+                time.sleep(0.02)  # the target is still catching up: the log no longer grows, so it will
+                continue
+            moved = wait_until(lambda: self.raftCurrentTerm != term or not self._isLeader(),
+                               min(self._handover_hold, max(0.1, deadline - time.monotonic())))
+            if moved or time.monotonic() >= deadline or not self._isLeader():
+                return
+
+    def _run_tick_calls(self) -> None:
+        while True:
+            try:
+                call = self._tick_calls.get_nowait()
+            except queue.Empty:
+                return
+            call()
 
     # --- snapshots: SQLite backups framed with pysyncobj's log metadata --------------------------------
     def _write_snapshot(self, path: str, raft_meta) -> None:
