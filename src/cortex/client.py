@@ -156,11 +156,16 @@ def secure_channel(address: str, files: tls.ClientFiles, options: list[tuple[str
                                                                    tls.SERVER_NAME)])
 
 
+def attempt_ms(connect_timeout: float | None) -> int:
+    """How long one connection attempt may take for a caller that allows `connect_timeout` seconds (never
+    shorter than the agent's own limit)."""
+    return max(CONNECT_TIMEOUT_MS, int((connect_timeout or 0) * 1000))
+
+
 def open_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024,
                  files: tls.ClientFiles | None = None, connect_timeout: float | None = None) -> grpc.Channel:
     """The admin socket (`unix:`) is plaintext by design: its file mode is its access control."""
-    options = channel_options(max_message_bytes, connect_timeout_ms=max(
-        CONNECT_TIMEOUT_MS, int((connect_timeout or 0) * 1000)))
+    options = channel_options(max_message_bytes, connect_timeout_ms=attempt_ms(connect_timeout))
     if address.startswith("unix:"):
         return grpc.insecure_channel(address, options=options)
     files = files or find_credentials(address)
@@ -224,8 +229,8 @@ class Client:
         old = self.channel
         self.tls_files = fresh
         self.plaintext = False
-        self.channel = secure_channel(self.address, fresh, channel_options(
-            connect_timeout_ms=max(CONNECT_TIMEOUT_MS, int(self.timeout * 1000))))
+        self.channel = secure_channel(self.address, fresh,
+                                      channel_options(connect_timeout_ms=attempt_ms(self.timeout)))
         self.stub = pb_grpc.ClusterStub(self.channel)
         old.close()
         return True

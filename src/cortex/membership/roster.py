@@ -42,5 +42,9 @@ class Roster:
         row = self._current().by_id.get(node_id)
         return dict(row) if row is not None else None
 
+    def servers(self) -> list[dict]:
+        """The servers' rows, those that left included (their liveness says so)."""
+        return [dict(n) for n in self._current().by_id.values() if n["role"] == "server"]
+
     def server_grpc_addresses(self) -> list[str]:
         return list(self._current().servers)

@@ -65,7 +65,7 @@ class Router:
         # which state-machine level each server runs: a command only some replicas know is never proposed
         self.levels = ServerLevels(
             member.config.node_id,
-            servers=lambda: [n for n in member.nodes() if n["role"] == "server" and n["liveness"] != "left"],
+            servers=lambda: [n for n in member.replica.roster.servers() if n["liveness"] != "left"],
             ask=lambda address: self._stub_for(address).Status(pb.StatusRequest(), timeout=2),
             is_leader=member.is_leader)
         # the Cluster RPCs this node answers itself when it turns out to be the leader (membership adds its own)
