@@ -49,12 +49,14 @@ image *args:
     ./image/build.sh {{args}}
 
 # write the image to a USB stick or disk, with optional first-boot credentials: image/README.md
+[positional-arguments]
 flash device *args:
-    ./image/flash.sh {{args}} {{device}}
+    ./image/flash.sh "$@"
 
 # boot a built image under QEMU (software emulation here): image/README.md
+[positional-arguments]
 qemu name *args:
-    ./image/qemu.sh {{name}} {{args}}
+    ./image/qemu.sh "$@"
 
 # the VM tests alone (root; builds the image when it is older than the sources): one table of timings
 qemu-test *args:

@@ -12,8 +12,9 @@
 #
 # Refuses: anything that is not a block device, partitions, devices that are (or have partitions that
 # are) mounted, used as swap or held by device-mapper/RAID, the disk(s) holding /, /boot, /efi, /usr or
-# /boot/efi, and devices smaller than the image. Writes with dd (progress shown), then reads the image's
-# length back from the device with O_DIRECT and compares SHA-256 sums.
+# /boot/efi, and devices smaller than the image or than the partition layout it grows into on first boot
+# (computed from image/tree/usr/lib/repart.d by src/cortex/appliance/layout.py). Writes with dd (progress
+# shown), then reads the image's length back from the device with O_DIRECT and compares SHA-256 sums.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
         --image=*) image=${1#--image=} ;;
         --credentials) creds=${2:?--credentials needs a file}; shift ;;
         --credentials=*) creds=${1#--credentials=} ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) fail "unknown option $1 (see --help)" ;;
         *) [ -z "$device" ] || fail "one device only"; device=$1 ;;
     esac
@@ -100,9 +101,18 @@ image_size=$(stat -L -c %s "$image")
 device_size=$(blockdev --getsize64 "$dev")
 [ "$image_size" -le "$device_size" ] || \
     die "$dev is too small: $(numfmt --to=iec-i --suffix=B "$device_size") < image $(numfmt --to=iec-i --suffix=B "$image_size")"
+# The image is only the build-time part of the layout: on first boot systemd-repart adds slot B, its
+# verity and the state partition, and fails on a device that holds the image but not the whole layout.
+layout_dir=$here/tree/usr/lib/repart.d
+layout_py="$here/../src/cortex/appliance/layout.py"
+min_size=$(python3 "$layout_py" "$layout_dir") || fail "cannot compute the layout's minimum size from $layout_dir"
+[ "$min_size" -le "$device_size" ] || \
+    die "$dev is too small for the appliance's partition layout: $(python3 "$layout_py" --human "$layout_dir") needed" \
+        "(ESP, two /usr slots with verity, state; $layout_dir), the device has" \
+        "$(numfmt --to=iec-i --suffix=B "$device_size") ($device_size bytes); use a larger stick or disk"
 
 model=$(lsblk -d -n -o MODEL,SIZE,TRAN "$dev" 2>/dev/null | tr -s ' ' || true)
-say "image   $image ($(numfmt --to=iec-i --suffix=B "$image_size"))"
+say "image   $image ($(numfmt --to=iec-i --suffix=B "$image_size"); layout needs $(python3 "$layout_py" --human "$layout_dir"))"
 say "device  $dev ${model:+($model)}"
 if [ "$check" = 1 ]; then
     say "checks passed; --check: nothing written"

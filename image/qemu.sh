@@ -12,6 +12,11 @@
 #     --log FILE            serial log (default image/.build/vm/NAME/serial.log)
 #     --fresh               drop NAME's disk overlay and firmware variables first (a factory-new node)
 #     --append ARGS         extra kernel command line (--direct, --netboot), e.g. systemd.factory_reset=yes
+#     --dry-run             print the QEMU command line (one argument per line) and stop: nothing created
+#
+# A credential value may contain spaces (`--cred "ssh.authorized_keys.root=ssh-ed25519 AAAA... me@laptop"`):
+# it stays one SMBIOS string (commas doubled, QEMU's escape) and, on a kernel command line, one quoted
+# argument. Values with a double quote or a new line are refused (no quoting can carry them there).
 #
 # Each NAME keeps its own copy-on-write disk (8 GiB, over cortex.raw) and UEFI variables in
 # image/.build/vm/NAME/, so it boots again with its state, like a real machine.
@@ -29,9 +34,22 @@ fresh=0
 smbios=()
 append=""
 cmdline_creds=()
+dry_run=0
 while [ $# -gt 0 ]; do
     case "$1" in
-        --cred) smbios+=(-smbios "type=11,value=io.systemd.credential:${2:?}"); cmdline_creds+=("systemd.set-credential=${2/=/:}"); shift ;;
+        --cred)
+            cred=${2:?--cred needs name=value}
+            [[ "$cred" == *=* ]] || { echo "qemu: --cred $cred: expected name=value" >&2; exit 1; }
+            [[ "$cred" != *'"'* && "$cred" != *$'\n'* ]] || {
+                echo "qemu: --cred ${cred%%=*}: a value with a double quote or a new line cannot be passed" >&2; exit 1; }
+            smbios+=(-smbios "type=11,value=io.systemd.credential:${cred//,/,,}")
+            if [[ "$cred" == *[[:space:]]* ]]; then
+                cmdline_creds+=("\"systemd.set-credential=${cred/=/:}\"")
+            else
+                cmdline_creds+=("systemd.set-credential=${cred/=/:}")
+            fi
+            shift ;;
+        --dry-run) dry_run=1 ;;
         --netboot) mode=netboot ;;
         --direct) mode=direct ;;
         --timeout) timeout=${2:?}; shift ;;
@@ -43,8 +61,10 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ "$fresh" = 1 ] && rm -rf "$dir"
-mkdir -p "$dir"
+if [ "$dry_run" = 0 ]; then
+    [ "$fresh" = 1 ] && rm -rf "$dir"
+    mkdir -p "$dir"
+fi
 log=${log:-$dir/serial.log}
 
 common=(-accel tcg -machine q35 -cpu max -smp 2 -m 2048 -nodefaults -display none
@@ -54,12 +74,16 @@ common=(-accel tcg -machine q35 -cpu max -smp 2 -m 2048 -nodefaults -display non
 
 case "$mode" in
     netboot)
-        kernel=$(readlink -f "$out/cortex-netboot.vmlinuz"); initrd=$(readlink -f "$out/cortex-netboot.cpio.zst")
+        kernel=$(readlink -m "$out/cortex-netboot.vmlinuz"); initrd=$(readlink -m "$out/cortex-netboot.cpio.zst")
+        [ "$dry_run" = 1 ] || { [ -f "$kernel" ] && [ -f "$initrd" ]; } || \
+            { echo "qemu: no netboot build in $out (run: just image)" >&2; exit 1; }
         args=(-kernel "$kernel" -initrd "$initrd"
               -append "console=ttyS0 panic=-1 systemd.hostname=$name ${cmdline_creds[*]} $append") ;;
     disk|direct)
-        raw=$(readlink -f "$out/cortex.raw")
-        [ -f "$dir/disk.qcow2" ] || qemu-img create -q -f qcow2 -F raw -b "$raw" "$dir/disk.qcow2" 8G
+        raw=$(readlink -m "$out/cortex.raw")
+        [ "$dry_run" = 1 ] || [ -f "$raw" ] || { echo "qemu: no image at $out/cortex.raw (run: just image)" >&2; exit 1; }
+        [ "$dry_run" = 1 ] || [ -f "$dir/disk.qcow2" ] || \
+            qemu-img create -q -f qcow2 -F raw -b "$raw" "$dir/disk.qcow2" 8G
         args=(-drive "file=$dir/disk.qcow2,if=virtio,format=qcow2")
         if [ "$mode" = direct ]; then
             base=${raw%.raw}
@@ -69,12 +93,16 @@ pe = pefile.PE(sys.argv[1])
 print(next(s.get_data().rstrip(b"\0").decode() for s in pe.sections if s.Name.startswith(b".cmdline")))' "$base.efi")
             args+=(-kernel "$base.vmlinuz" -initrd "$base.initrd" -append "$cmdline $append")
         else
-            [ -f "$dir/vars.fd" ] || cp /usr/share/OVMF/OVMF_VARS_4M.fd "$dir/vars.fd"
+            [ "$dry_run" = 1 ] || [ -f "$dir/vars.fd" ] || cp /usr/share/OVMF/OVMF_VARS_4M.fd "$dir/vars.fd"
             args+=(-drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd
                    -drive "if=pflash,format=raw,file=$dir/vars.fd")
         fi ;;
 esac
 
+if [ "$dry_run" = 1 ]; then
+    printf '%s\n' qemu-system-x86_64 "${common[@]}" "${args[@]}" "$@"
+    exit 0
+fi
 echo "qemu: $name ($mode), serial log $log, stops after ${timeout}s" >&2
 : >"$log"
 tail -n +1 -F "$log" 2>/dev/null &

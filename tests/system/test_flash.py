@@ -14,8 +14,14 @@ from pathlib import Path
 
 import pytest
 
-FLASH = Path(__file__).resolve().parents[2] / "image" / "flash.sh"
+from cortex.appliance import layout
+
+REPO = Path(__file__).resolve().parents[2]
+FLASH = REPO / "image" / "flash.sh"
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+# What a "4 GB" USB stick holds (3.73 GiB); the loop devices over it are sparse files, so free.
+STICK_4GB = 4_000_000_000 // 4096 * 4096
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="flash.sh tests need root (loop devices)"),
@@ -129,10 +135,11 @@ def test_refuses_the_real_root_disk_in_check_mode(tmp_path):
 
 def test_refuses_without_confirmation_and_on_wrong_answer(loop, tmp_path):
     image = make_image(tmp_path / "cortex.raw")
-    dev = loop(8 * MiB)
+    dev = loop(STICK_4GB)
     result = run("--image", str(image), dev)  # no --yes, no terminal
     assert result.returncode != 0 and "--yes" in result.stderr
-    assert Path(dev).read_bytes()[:MiB] == b"\0" * MiB
+    with open(dev, "rb") as f:
+        assert f.read(MiB) == b"\0" * MiB
 
 
 def test_refuses_too_small_device(loop, tmp_path):
@@ -144,7 +151,7 @@ def test_refuses_too_small_device(loop, tmp_path):
 
 def test_writes_and_verifies_unmounted_loop_device(loop, tmp_path):
     image = make_image(tmp_path / "cortex.raw", 3 * MiB + 4096)
-    dev = loop(8 * MiB)
+    dev = loop(STICK_4GB)
     check = run("--check", "--image", str(image), dev)
     assert check.returncode == 0 and "nothing written" in check.stderr
     result = run("--yes", "--image", str(image), dev, timeout=180)
@@ -166,10 +173,26 @@ def test_credentials_file_lands_on_the_esp(loop, tmp_path):
     subprocess.run(["mkfs.vfat", "--offset=2048", str(image), "4096"], check=True, capture_output=True, timeout=30)
     creds = tmp_path / "node7.conf"
     creds.write_text("cortex.node_name=node7\ncortex.init=yes\n")
-    dev = loop(16 * MiB)
+    dev = loop(STICK_4GB)
     result = run("--yes", "--image", str(image), "--credentials", str(creds), dev, timeout=180)
     assert result.returncode == 0, result.stderr
     assert "verified: sha256" in result.stderr and "credentials written" in result.stderr
     shown = subprocess.run(["mtype", "-i", f"{dev}@@{2048 * 512}", "::/cortex/credentials.conf"], capture_output=True,
                            text=True, timeout=30, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
     assert shown.stdout.replace("\r", "") == creds.read_text()
+
+
+def test_refuses_a_device_that_holds_the_image_but_not_the_first_boot_layout(loop, tmp_path):
+    """A 2 GiB stick holds the 1.6 GiB image, but systemd-repart cannot add slot B and the state partition
+    on first boot: refused up front (with --check too), naming both sizes; a 4 GB stick passes."""
+    minimum = layout.minimum_disk_bytes(layout.read_layout(REPO / "image/tree/usr/lib/repart.d"))
+    assert 2 * GiB < minimum <= STICK_4GB
+    image = make_image(tmp_path / "cortex.raw", MiB)
+    dev = loop(2 * GiB)
+    result = run("--check", "--yes", "--image", str(image), dev)
+    assert result.returncode != 0, result.stderr
+    assert "too small for the appliance's partition layout" in result.stderr
+    assert layout.human(minimum) in result.stderr and "2.0GiB" in result.stderr, result.stderr
+    result = run("--check", "--yes", "--image", str(image), loop(STICK_4GB))
+    assert result.returncode == 0 and "nothing written" in result.stderr, result.stderr
+    assert f"layout needs {layout.human(minimum)}" in result.stderr
