@@ -8,6 +8,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -48,6 +51,28 @@ groups:
 """
 
 
+def unpack_token(archive: bytes) -> str:
+    """The join token out of a credentials cpio, read by the real cpio tool when it is there."""
+    if shutil.which("cpio"):
+        with tempfile.TemporaryDirectory() as out:
+            subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=archive, cwd=out,
+                           check=True, capture_output=True, timeout=30)
+            token_file = Path(out, "etc/credstore/cortex.join_token")
+            assert token_file.stat().st_mode & 0o777 == 0o600
+            return token_file.read_text()
+    pos = 0  # newc by hand: 110-byte header of hex fields, name, data, each padded to 4 bytes
+    while True:
+        fields = [int(archive[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+        name = archive[pos + 110:pos + 110 + fields[11] - 1].decode()
+        pos += -(-(110 + fields[11]) // 4) * 4
+        data = archive[pos:pos + fields[6]]
+        pos += -(-fields[6] // 4) * 4
+        if name == "etc/credstore/cortex.join_token":
+            assert fields[1] & 0o777 == 0o600
+            return data.decode()
+        assert name != "TRAILER!!!", "no token in the archive"
+
+
 class Service:
     def __init__(self, url: str, cluster, http: HttpService, artifacts: Path):
         self.url, self.cluster, self.http, self.artifacts = url, cluster, http, artifacts
@@ -65,7 +90,15 @@ class Service:
         assert status == 200, body
         script = body.decode()
         creds = dict(re.findall(r"systemd\.set_credential=([a-z_.]+):(\S+)", script))
-        return script, creds["cortex.node_name"], creds["cortex.join_token"]
+        assert "cortex.join_token" not in creds, "the token stays off the kernel command line"
+        return script, creds["cortex.node_name"], self.token_from(script)
+
+    def token_from(self, script: str) -> str:
+        """Fetch the script's one-time credentials initrd as iPXE would and read the token out of it."""
+        url, = re.findall(r"^initrd (\S+/credentials/\S+) \|\| goto failed$", script, re.M)
+        status, _, archive = self.get(url[len(self.url):])
+        assert status == 200, archive
+        return unpack_token(archive)
 
     def leader(self) -> Client:
         return self.cluster.client(self.cluster.leader())
@@ -305,3 +338,13 @@ def _listening(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_credentials_archive_is_served_once(service):
+    script, node_id, token = service.boot("52:54:00:00:00:21")
+    assert token.startswith("cx") and token not in script
+    url, = re.findall(r"^initrd (\S+/credentials/\S+) \|\| goto failed$", script, re.M)
+    status, _, body = service.get(url[len(service.url):])
+    assert status == 404 and b"served once" in body  # token_from took it already: a copy is worth nothing
+    status, _, _ = service.get("/credentials/" + "0" * 32 + "/credentials.cpio")
+    assert status == 404

@@ -478,9 +478,13 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--authorized-keys", default="/root/.ssh/authorized_keys",
                     help="where SSH keys from the ESP file go ('' to skip)")
     sp.add_argument("--console", action="store_true", help="also report problems on the kernel console")
+    sp.add_argument("--credstore", default="", help="also read credentials from this directory, e.g. /etc/credstore "
+                                                    "(where the netboot path puts the join token)")
+    sp.add_argument("--hostname-file", default="",
+                    help="name the machine after its node: this /etc/hostname (kept when chosen otherwise)")
     args = parser.parse_args(argv)
 
-    creds = read_directory(args.credentials)
+    creds = merge(read_directory(args.credentials), read_directory(args.credstore))
     esp_creds: dict[str, str] = {}
     esp_problems: list[str] = []
     # Only look at the ESP when it exists: touching the /efi automount without it waits for the device.
@@ -506,6 +510,17 @@ def main(argv: list[str] | None = None) -> int:
         # systemd's own tmpfiles (provision.conf) installs the key when it came as a systemd credential.
         install_authorized_keys(rendered.authorized_keys, Path(args.authorized_keys))
 
+    if args.hostname_file:
+        from cortex.appliance import hostname
+
+        credential = Path(args.credentials or "/nonexistent", "system.hostname")
+        try:
+            note = hostname.apply(rendered.node_id, Path(args.hostname_file),
+                                  credential=credential.read_text() if credential.is_file() else "")
+        except OSError as exc:
+            note = f"could not set the host name: {exc}"
+        if note:
+            rendered.notes.append(note)
     sources = [s for s, c in (("systemd credentials", creds), (args.esp_file, esp_creds)) if c]
     summary = (f"node {rendered.node_id}, listen {rendered.grpc_address}, bootstrap {rendered.bootstrap} "
                f"(from {', '.join(sources) or 'no credentials'})")

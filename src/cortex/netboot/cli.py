@@ -39,8 +39,10 @@ def register(commands) -> None:
     mode.add_argument("--proxy", action="store_true", help="proxyDHCP beside an existing DHCP server (home router)")
     mode.add_argument("--lab", action="store_true", help="full DHCP + TFTP for an isolated lab network")
     sp.add_argument("--network", default="", help="CIDR, e.g. 192.168.1.0/24 (default: this host's first network)")
-    sp.add_argument("--interface", default="", help="interface to serve on (default: all)")
-    sp.add_argument("--base-url", default="", help="provisioning service URL (default http://<this host>:8080)")
+    sp.add_argument("--interface", default="", help="interface to serve on (default: the one with this host's "
+                                                    "address in --network; 'all': every interface)")
+    sp.add_argument("--base-url", default="", help="provisioning service URL (default http://<this host's address "
+                                                   "in --network>:8080)")
     sp.add_argument("--tftp-root", default="/srv/cortex-tftp", help="TFTP directory for the iPXE binaries")
     sp.add_argument("--router", default="", help="--lab: default gateway to hand out (default: none)")
     sp.add_argument("--range", default="", help="--lab: DHCP range START-END (default: upper half)")
@@ -111,7 +113,12 @@ def cmd_serve(args) -> int:
     if not args.join_address and join.startswith(("127.", "localhost", "[::1]")):
         raise UsageError(f"machines cannot join through {join}: pass --join-address HOST:PORT (a member's "
                          "address on their network)")
-    port_ = ClientPort(args.addr, args.timeout)
+    try:
+        port_ = ClientPort(args.addr, args.timeout)
+    except Exception as exc:
+        # The service mints tokens through the cluster with a client certificate (the agent's
+        # DATA_DIR/tls; CORTEX_TLS_DIR names it); the client's error says where it looked.
+        raise UsageError(f"netboot serve cannot reach the cluster at {args.addr} to mint join tokens: {exc}") from None
     try:
         provisioner = Provisioner(ServiceConfig(base, join, Path(args.artifacts), prof), port_)
     except ValueError as exc:
@@ -167,18 +174,26 @@ def cmd_machines(args) -> int:
 
 # --- dnsmasq ----------------------------------------------------------------------------------------------------
 
-def first_network() -> tuple[str, str, str]:
-    """(network CIDR, address, interface) of this host's first global IPv4 address."""
+def first_network(within: str = "") -> tuple[str, str, str]:
+    """(network CIDR, address, interface) of this host's first global IPv4 address, or of its first address
+    inside the network `within` ('' for each part it has none there)."""
     from cortex.appliance.addresses import global_addresses
 
     try:
         addresses = global_addresses(socket.AF_INET)
     except OSError:
         addresses = []
+    try:
+        wanted = ipaddress.ip_network(within, strict=False) if within else None
+    except ValueError:
+        return within, "", ""  # render words the error
     for addr in addresses:
         net = ipaddress.ip_interface(f"{addr.address}/{addr.prefixlen}").network
-        return str(net), addr.address, addr.interface
-    return "", "", ""
+        if wanted is None:
+            return str(net), addr.address, addr.interface
+        if ipaddress.ip_address(addr.address) in wanted:
+            return within, addr.address, addr.interface
+    return within, "", ""
 
 
 def install_tftp(tftp_root: Path, ipxe_dir: Path = IPXE_DIR) -> list[str]:
@@ -199,15 +214,16 @@ def cmd_dnsmasq(args) -> int:
     from cortex.cli.output import UsageError, emit
     from cortex.netboot import render
 
-    network, address, interface = args.network, "", args.interface
+    # The interface and the service's address default to this host's own on the network (`--lab` on a
+    # bridge the host is part of, `--proxy` on the home network); `all` serves on every interface.
+    network, address, detected_if = first_network(args.network)
     if not network:
-        network, address, detected_if = first_network()
-        interface = interface or detected_if
-        if not network:
-            raise UsageError("no IPv4 network found on this host: pass --network CIDR")
+        raise UsageError("no IPv4 network found on this host: pass --network CIDR")
+    interface = "" if args.interface == "all" else (args.interface or detected_if)
     base = args.base_url or (f"http://{address}:8080" if address else "")
     if not base:
-        raise UsageError("pass --base-url http://HOST:PORT (the provisioning service, `cortex netboot serve`)")
+        raise UsageError(f"this host has no address in {network}, so the machines' provisioning URL is unknown: "
+                         "pass --base-url http://HOST:PORT (where they reach `cortex netboot serve`)")
     problem = render.base_url_problem(base)
     if problem:
         raise UsageError(f"--base-url {problem}")

@@ -185,8 +185,9 @@ def parse_duration(value, where: str) -> float:
 
 
 class _Reader:
-    def __init__(self, source: str):
+    def __init__(self, source: str, text: str = ""):
         self.source = source
+        self.text = text  # the file as written, for checks YAML's parse hides (how a list was separated)
 
     def fail(self, node: yaml.Node | None, key: str, message: str) -> ProfileError:
         line = node.start_mark.line + 1 if node is not None else 1
@@ -218,7 +219,7 @@ def load(path: str | Path) -> Profiles:
 
 
 def loads(text: str, source: str = "<profiles>") -> Profiles:
-    r = _Reader(source)
+    r = _Reader(source, text)
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
@@ -278,6 +279,7 @@ def _profile(r: _Reader, name: str, key_node: yaml.Node, node: yaml.Node) -> Pro
                                                 "and . _ , : / = + @ % -; no spaces, quotes, $ or |)")
                 if item.startswith(RESERVED_ARGS):
                     raise r.fail(item_node, at, f"{item[:60]!r}: credentials are set by Cortex itself, not in args")
+            _refuse_split_args(r, v, at, value)
             fields["args"] = tuple(value)
         elif key == "role":
             if value != "worker":
@@ -300,6 +302,29 @@ def _profile(r: _Reader, name: str, key_node: yaml.Node, node: yaml.Node) -> Pro
             raise r.fail(k, at, "unknown key (known: kernel, initrd, args, role, token_ttl, ephemeral, "
                                 "gc_offline_after, idle_poweroff_after, log_level)")
     return Profile(**fields)
+
+
+_SPLIT_REST_RE = re.compile(r"^\d[0-9a-z]*$")  # 115200n8, 9600: the speed part of console=ttyS0,115200n8
+
+
+def _refuse_split_args(r: _Reader, node: yaml.SequenceNode, at: str, items: list[str]) -> None:
+    """YAML splits a flow list at every comma: `[console=ttyS0,115200n8]` is two items, `console=ttyS0`
+    and `115200n8`, and the kernel would get neither as meant. Refuse a comma written without a space
+    between two items (nobody separates list items that way on purpose) and an item that can only be the
+    tail of the one before it, with the quoted form to write instead."""
+    for i in range(1, len(items)):
+        before, item = node.value[i - 1], node.value[i]
+        if item.style is not None:
+            continue  # quoted: written as it was meant
+        between = r.text[before.end_mark.index:item.start_mark.index] if r.text else ", "
+        if node.flow_style and between == ",":
+            joined = f"{items[i - 1]},{item.value}"
+            raise r.fail(item, at, f"{items[i - 1]!r} and {item.value!r} were written as one argument {joined!r}, "
+                                   f"but YAML splits a list at every comma: quote it ([\"{joined}\"]); "
+                                   "for two arguments put a space after the comma")
+        if "=" in str(items[i - 1]) and "=" not in item.value and _SPLIT_REST_RE.match(item.value):
+            raise r.fail(item, at, f"{item.value!r} looks like the rest of {items[i - 1]!r} split off at a comma: "
+                                   f"quote the whole argument ([\"{items[i - 1]},{item.value}\"])")
 
 
 def _group(r: _Reader, i: int, node: yaml.Node, profiles: dict[str, Profile]) -> Group:

@@ -136,7 +136,9 @@ def _ipxe_expanding(url: str) -> _Word:
 
 @dataclass(frozen=True)
 class MachineScript:
-    """Everything a per-machine script says; `token` goes on the kernel command line as a credential."""
+    """Everything a per-machine script says. With `credentials_url` (what the service always sets) the
+    token goes in a second initrd fetched from there (netboot/credstore.py), never on the kernel command
+    line, which the console prints and every local user can read; without it, on the command line."""
 
     machine: str
     group: str
@@ -151,24 +153,32 @@ class MachineScript:
     expires: str  # shown in a comment
     log_level: str = "info"
     extra_credentials: dict[str, str] = field(default_factory=dict)
+    credentials_url: str = ""  # the one-time credentials archive (credstore.NAME) with the token
 
 
 def credential_args(script: MachineScript) -> list[str]:
     creds = {"cortex.node_name": script.node_id, "cortex.role": "worker",
              "cortex.join_address": script.join_address, "cortex.join_token": script.token,
              "cortex.log_level": script.log_level, **script.extra_credentials}
+    if script.credentials_url:
+        del creds["cortex.join_token"]
     # systemd.set_credential=NAME:VALUE (systemd >= 252; the image reads cortex.* via ImportCredential=).
     return [f"systemd.set_credential={name}:{value}" for name, value in creds.items()]
 
 
 def machine_script(script: MachineScript) -> str:
+    from cortex.netboot.credstore import NAME
+
     urls = _urls(script.base_url)
-    cmdline = [*script.args, *credential_args(script)]
+    # systemd.hostname: PID 1 names the machine after its node before the network (and DHCP) starts.
+    cmdline = [*script.args, f"systemd.hostname={script.node_id}", *credential_args(script)]
+    if script.credentials_url:
+        cmdline.insert(0, f"initrd={NAME}")  # UEFI: the EFI stub loads the initrds named here
     return _ipxe().get_template("machine.ipxe.j2").render(
         machine=script.machine, group=script.group, profile=script.profile, node_id=script.node_id,
         expires=script.expires, kernel_url=f"{urls['base_url']}/artifacts/{script.kernel}",
         initrd_url=f"{urls['base_url']}/artifacts/{script.initrd}", initrd=script.initrd, cmdline=cmdline,
-        boot_url=urls["boot_url"])
+        credentials_url=script.credentials_url, boot_url=urls["boot_url"])
 
 
 # --- dnsmasq ------------------------------------------------------------------------------------------------

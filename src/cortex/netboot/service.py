@@ -8,6 +8,9 @@
                                    worker token minted through the cluster, the boot recorded (netboot.enroll)
     GET /artifacts/SHA256SUMS      checksums of the served artifacts
     GET /artifacts/NAME            kernel / initrd, with X-Checksum-SHA256, Digest and ETag headers
+    GET /credentials/TICKET/credentials.cpio
+                                   the boot's secret credentials (the join token) as a second initrd: served
+                                   once, then gone (netboot/credstore.py); the ticket is only in that script
     GET /healthz                   JSON: profiles, artifacts present, cluster reachable
 
 It runs inside a cluster node's agent (plugin `netboot`, option `listen`) or as `cortex netboot serve`
@@ -35,6 +38,8 @@ from typing import Any, Protocol
 
 from cortex.netboot import render
 from cortex.netboot.artifacts import CHUNK, SUMS_NAME, ArtifactError, ArtifactStore
+from cortex.netboot.credstore import NAME as CREDENTIALS_NAME
+from cortex.netboot.credstore import Tickets
 from cortex.netboot.profiles import SELECTOR_VALUE_RE, Machine, NoMatch, Profiles, normalize_mac
 from cortex.node.logs import fields
 
@@ -113,6 +118,7 @@ class Provisioner:
         self._resolve_join = resolve_join
         names = {n for p in config.profiles.profiles.values() for n in (p.kernel, p.initrd)}
         self.artifacts = ArtifactStore(config.artifacts, names)
+        self.tickets = Tickets()
 
     def boot_script(self) -> str:
         return render.boot_script(self.config.base_url)
@@ -151,16 +157,27 @@ class Provisioner:
         except Exception:
             self._revoke_quietly(token_id)
             raise
+        ticket = self.tickets.issue({"cortex.join_token": token}, expires_at)
         script = render.machine_script(render.MachineScript(
             machine=machine.key, group=match.group.name, profile=profile.name, node_id=match.node_id,
             base_url=self.config.base_url, kernel=profile.kernel, initrd=profile.initrd, args=profile.args,
             join_address=join_address, token=token, log_level=profile.log_level,
+            credentials_url=f"{self.config.base_url.rstrip('/')}/credentials/{ticket}/{CREDENTIALS_NAME}",
             expires=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires_at)) if expires_at else "never"))
         log.info("netboot: machine enrolled", extra=fields(machine=machine.key, group=match.group.name,
                                                             profile=profile.name, node_id=match.node_id,
                                                             token_id=token_id, enrollment=result.get("enrollment"),
                                                             client=client))
         return script
+
+    def credentials(self, path: str) -> bytes:
+        """GET /credentials/TICKET/credentials.cpio: once per boot."""
+        ticket, _, name = path.partition("/")
+        data = self.tickets.take(ticket) if name == CREDENTIALS_NAME and re.fullmatch(r"[0-9a-f]{32}", ticket) else None
+        if data is None:
+            raise Refused(HTTPStatus.NOT_FOUND, "no such credentials: each boot's archive is served once and "
+                                                "expires with its token; boot again for a new one")
+        return data
 
     def _revoke_quietly(self, token_id: str) -> None:
         try:
@@ -209,6 +226,11 @@ class _Handler(BaseHTTPRequestHandler):
                 if head:
                     raise Refused(HTTPStatus.METHOD_NOT_ALLOWED, "GET only: each GET mints a join token")
                 self._text(p.machine_script(url.query, client=self.client_address[0]), head)
+            elif url.path.startswith("/credentials/"):
+                if head:
+                    raise Refused(HTTPStatus.METHOD_NOT_ALLOWED, "GET only: the archive is served once")
+                self._send(HTTPStatus.OK, p.credentials(url.path[len("/credentials/"):]), "application/octet-stream",
+                           head)
             elif url.path == f"/artifacts/{SUMS_NAME}":
                 self._text(p.artifacts.sums(), head)
             elif url.path.startswith("/artifacts/"):
