@@ -14,9 +14,21 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 sys.path.insert(0, str(Path(__file__).parent / "src"))
 
 
+SHIPPED_FROM_IMAGE = {
+    "image/tree/usr/lib/systemd/system/cortex-agent.service": "cortex/appliance/files/cortex-agent.service",
+    "image/tree/usr/lib/systemd/system-sleep/cortex": "cortex/appliance/files/cortex-sleep-hook",
+}
+
+
 class ProtoBuildHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict) -> None:
         from cortex.dev.protogen import generate
 
         root = Path(self.root)
         generate(root / "proto", root / "src" / "cortex" / "_proto")
+        # `cortex node install` writes the appliance's own agent unit and sleep hook (one source:
+        # image/tree); a tree without them (a partial copy) builds a wheel that says so when asked.
+        if self.target_name == "wheel":
+            for source, target in SHIPPED_FROM_IMAGE.items():
+                if (root / source).is_file():
+                    build_data["force_include"][str(root / source)] = target
