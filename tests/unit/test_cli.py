@@ -90,6 +90,8 @@ ELSEWHERE = {
     "agent", "config check", "dev up", "dev down", "mcp", "netboot ephemeral run", "netboot dnsmasq",
     "netboot profiles check", "netboot fetch", "backup list", "backup restore", "update keygen",
     "update publish", "update list", "update verify", "update serve", "update apply-local",
+    # the local agent's fixed admin socket under systemd (test_node_install.py, unit and nspawn)
+    "node install", "node uninstall",
 }
 
 
