@@ -65,25 +65,38 @@ def _admin_socket(root: Path) -> Path:
     return root / hostinstall.DATA_DIR.lstrip("/") / "admin.sock"
 
 
-def _wait_joined(socket_path: Path, seconds: float) -> dict:
-    """The agent's status once it is a member, or the last one seen when `seconds` ran out."""
+def _grpc_address(root: Path) -> str:
+    import yaml
+
+    from cortex.appliance import hostinstall
+
+    try:
+        return yaml.safe_load((root / hostinstall.CONFIG_PATH).read_text())["listen"]["grpc"]
+    except (OSError, TypeError, KeyError, yaml.YAMLError):
+        return ""
+
+
+def _wait_joined(address: str, seconds: float) -> dict:
+    """The agent's status once it is a member, or the last one seen when `seconds` ran out. Asked over
+    its gRPC address: plaintext before it joined, with the certificate it then keeps in /var/lib/cortex/tls
+    (a new client each round finds it)."""
     from cortex.client import Client
 
     deadline, last = time.monotonic() + seconds, {"state": "not started", "waiting_for": ""}
-    while True:
-        if socket_path.exists():
-            try:
-                with Client(f"unix:{socket_path}", timeout=5) as c:
-                    status = c.status()
-                last = {"state": status.state, "waiting_for": getattr(status, "waiting_for", ""),
-                        "node_id": status.node_id}
-                if status.state in JOINED_STATES:
-                    return last
-            except Exception as exc:  # the agent is still starting
-                last["waiting_for"] = str(exc)
+    while address:
+        try:
+            with Client(address, timeout=5) as c:
+                status = c.status()
+            last = {"state": status.state, "waiting_for": getattr(status, "waiting_for", ""),
+                    "node_id": status.node_id}
+            if status.state in JOINED_STATES:
+                return last
+        except Exception as exc:  # the agent is still starting
+            last["waiting_for"] = str(exc)
         if time.monotonic() >= deadline:
-            return last
+            break
         time.sleep(1)
+    return last
 
 
 def cmd_install(args) -> int:
@@ -113,13 +126,13 @@ def cmd_install(args) -> int:
         # A changed unit or config takes effect only on a restart; an unchanged running agent is left alone.
         _systemctl("restart" if running and changed else "start", hostinstall.SERVICE)
         if args.wait > 0:
-            result.update(_wait_joined(_admin_socket(root), args.wait))
+            result.update(_wait_joined(_grpc_address(root), args.wait))
     rows = [{"file": "/" + rel, "changed": "yes" if rel in changed else "no"} for rel in wanted]
     human = table(rows, ["file", "changed"]) + f"\nnode {options.name} ({options.role}), joining {options.join}: " \
         f"{result['state']}"
     if live and result["state"] not in JOINED_STATES:
         human += (f"\nnot a member yet ({result.get('waiting_for') or 'no answer'}); it keeps trying: "
-                  f"`cortex status --socket {_admin_socket(root)}`, `journalctl -u {hostinstall.SERVICE}`")
+                  f"`cortex --addr {_grpc_address(root)} status`, `journalctl -u {hostinstall.SERVICE}`")
     emit(args, result, human)
     return 0 if not live or args.wait <= 0 or result["state"] in JOINED_STATES else 1
 
@@ -137,7 +150,9 @@ def cmd_uninstall(args) -> int:
         # Only a running agent can leave: the cluster drops it from membership (and a server from Raft).
         _systemctl("start", hostinstall.SERVICE)
         socket_path = _admin_socket(root)
-        _wait_joined(socket_path, 30)
+        deadline = time.monotonic() + 60
+        while not socket_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
         try:
             AdminClient(str(socket_path), timeout=60).leave()
             left = "left the cluster"
