@@ -102,3 +102,15 @@ def test_bad_input_is_refused_and_writes_nothing(tmp_path, capsys, args, says):
                                             ("---", "node")])
 def test_default_name_from_the_host_name(hostname, name):
     assert hostinstall.default_name(hostname) == name
+
+
+def test_an_install_in_a_home_directory_is_refused_for_systemd(tmp_path):
+    """ProtectHome=yes would hide it from the agent: say how to install system-wide instead."""
+    home_bin = tmp_path / "home" / "dana" / ".local" / "bin"
+    home_bin.mkdir(parents=True)
+    (home_bin / "cortex").write_text("#!/bin/sh\n")
+    python, hidden = str(home_bin / "python"), (str(tmp_path / "home"),)
+    with pytest.raises(hostinstall.InstallError, match="sandbox hides.*pipx install"):
+        hostinstall.cli_path(for_systemd=True, executable=python, hidden=hidden)
+    assert hostinstall.cli_path(for_systemd=False, executable=python, hidden=hidden) == str(home_bin / "cortex")
+    assert hostinstall.PROTECTED_HOME == ("/home", "/root", "/run/user")

@@ -112,7 +112,7 @@ def cmd_install(args) -> int:
     if problems:
         raise UsageError("; ".join(problems))
     try:
-        wanted = hostinstall.files(options, hostinstall.cli_path(), "" if args.address else detect_address())
+        wanted = hostinstall.files(options, hostinstall.cli_path(for_systemd=live), "" if args.address else detect_address())
         changed = hostinstall.write(root, wanted)
     except (hostinstall.InstallError, OSError) as exc:
         raise UsageError(str(exc)) from None

@@ -131,15 +131,17 @@ def render_config(options: Options, detected_address: str) -> str:
             + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
 
 
-def cli_path() -> str:
-    """The `cortex` of this install, which the unit starts. Refused under /home or /root: the unit's
-    ProtectHome= hides them from the agent (a `pipx install` by a user lands there)."""
-    beside = Path(sys.executable).with_name("cortex")
+PROTECTED_HOME = ("/home", "/root", "/run/user")  # what the unit's ProtectHome=yes hides from the agent
+
+
+def cli_path(for_systemd: bool = True, executable: str | None = None, hidden: tuple[str, ...] = PROTECTED_HOME) -> str:
+    """The `cortex` of this install, which the unit starts. Refused under a home directory when systemd is
+    to start it: the unit's ProtectHome= hides them from the agent (a `pipx install` by a user lands there)."""
+    beside = Path(executable or sys.executable).with_name("cortex")
     found = str(beside) if beside.exists() else shutil.which("cortex") or ""
     if not found:
         raise InstallError("cannot find the `cortex` command of this install")
-    if Path(found).resolve().is_relative_to("/home") or Path(found).resolve().is_relative_to("/root") or \
-            Path(found).is_relative_to("/home") or Path(found).is_relative_to("/root"):
+    if for_systemd and any(p.is_relative_to(h) for p in (Path(found), Path(found).resolve()) for h in hidden):
         raise InstallError(f"Cortex is installed in a home directory ({found}), which the agent's sandbox hides "
                            "(ProtectHome=yes). Install it system-wide first: sudo PIPX_HOME=/opt/pipx "
                            "PIPX_BIN_DIR=/usr/local/bin pipx install cortex-*.whl  (or: sudo python3 -m venv "
