@@ -11,7 +11,8 @@ sshd on its own loopback port, and the containers' agents join a real one-server
 One server (installed from a wheel file) and one worker (installed by version from a package directory, pip
 `--find-links`) go through the role's whole life: install and join, a second run that changes nothing, an
 upgrade to a newer version (reinstall + restart, membership kept), and `cortex_node_state=absent` (leave the
-cluster, remove everything, and again change nothing on a second run).
+cluster, remove everything, and again change nothing on a second run). A third host (lap1) joins without the
+role, the way a laptop does: the wheel installed with pip, then `cortex node install`, and `uninstall`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pytest
 import testinfra
 import yaml
 
+from cortex.client import Client
 from cortex.dev import cluster as devcluster
 from tests.support import procs
 from tests.support.cluster import free_base_port
@@ -267,7 +269,9 @@ def lab(tmp_path_factory):
 
         start = time.monotonic()
         containers = [Container("cs1", rootfs, work / "cs1", base, key, wheelhouse),
-                      Container("cw1", rootfs, work / "cw1", base + 1, key, wheelhouse)]
+                      Container("cw1", rootfs, work / "cw1", base + 1, key, wheelhouse),
+                      # a laptop without the role: `cortex node install` (test_node_install_without_the_role)
+                      Container("lap1", rootfs, work / "lap1", base + 6, key, wheelhouse)]
         for c in containers:
             c.wait_ready()
         timings["boot"] = time.monotonic() - start
@@ -320,6 +324,7 @@ def lab(tmp_path_factory):
                 "playbook": playbook, "containers": {c.name: c for c in containers}, "join_address": join_address,
                 "version": version, "newer": newer, "old_wheel": old_wheel, "new_wheel": new_wheel,
                 "tokens": tokens, "inventory_dir": inventory_dir, "base": base, "timings": timings,
+                "wheelhouse": wheelhouse,
             }
     finally:
         for c in containers:
@@ -447,3 +452,71 @@ def test_ansible_lint_production_profile():
                  cwd=REPO, env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "Profile 'production' was required, and it passed" in result.stdout + result.stderr
+
+
+@needs_root
+@pytest.mark.timeout(300)
+def test_node_install_without_the_role(lab):
+    """A laptop or desktop that is not an appliance, without Ansible: the user installs the wheel with pip
+    (here offline, from the lab's wheelhouse) and runs `cortex node install --join ADDR --token TOKEN`, which
+    must leave the agent running under the appliance's hardened unit, joined; the same command again changes
+    nothing; `cortex node uninstall` leaves the cluster and removes it all, `--purge` the data too, and a
+    repeated uninstall has nothing to do. Its own container (lap1) in the same lab: no second rootfs, boot
+    or cluster."""
+    lap, join = lab["containers"]["lap1"], lab["join_address"]
+    wait_until(lambda: lap.ssh("true", timeout=20).returncode == 0, 60, "lap1: ssh", interval=0.5,
+               ignore=(subprocess.TimeoutExpired,))
+
+    def sh(command: str) -> str:
+        result = lap.ssh(command, timeout=300)
+        assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        return result.stdout
+
+    def members() -> set[str]:
+        with Client(join, timeout=15) as c:
+            return {n.id for n in c.status().nodes}
+
+    # The rootfs has neither pip nor ensurepip (python3-venv): pip runs from its own wheel (`python pip.whl/pip`).
+    pip_wheel = next(iter(sorted((CACHE / "deps-wheelhouse").glob("pip-*.whl"))), None)
+    if pip_wheel is None:
+        checked(VENV_BIN / "python", "-m", "pip", "-q", "download", "--no-deps", "--only-binary", ":all:", "-d",
+                CACHE / "deps-wheelhouse", "pip")
+        pip_wheel = next(iter(sorted((CACHE / "deps-wheelhouse").glob("pip-*.whl"))))
+    shutil.copy2(pip_wheel, lab["wheelhouse"])
+    start = time.monotonic()
+    sh(f"python3 -m venv --without-pip /opt/cortex && /opt/cortex/bin/python /srv/wheelhouse/{pip_wheel.name}/pip "
+       f"install -q --no-index --find-links /srv/wheelhouse --disable-pip-version-check --no-compile "
+       f"cortex=={lab['version']}")
+    lab["timings"]["node install: pip"] = time.monotonic() - start
+    with Client(join, timeout=15) as c:
+        token = c.create_token("worker", 1800, 1).token
+    install = (f"/opt/cortex/bin/cortex --json node install --join {join} --token {token} "
+               f"--address 127.0.0.1:{lab['base'] + 8} --wait 120")
+    start = time.monotonic()
+    first = json.loads(sh(install))
+    lab["timings"]["node install: joined"] = time.monotonic() - start
+    assert first["state"] == "worker" and first["node_id"] == "lap1" and len(first["changed"]) == 4, first
+    assert "lap1" in members()
+    # the appliance's sandbox really runs: a dynamic user, not root; the sleep hook is where systemd-sleep looks
+    unit = f"/etc/systemd/system/{SERVICE}.service"
+    pid, user, enabled, hook, token_mode, dynamic = sh(
+        f"pid=$(systemctl show -p MainPID --value {SERVICE}); echo $pid; stat -c %U /proc/$pid; "
+        f"systemctl is-enabled {SERVICE}; stat -c %a /usr/lib/systemd/system-sleep/cortex; "
+        f"stat -c %a /etc/cortex/join-token; grep -c '^DynamicUser=yes$' {unit}").split()
+    assert user != "root" and enabled == "enabled" and (hook, token_mode, dynamic) == ("755", "600", "1")
+
+    again = json.loads(sh(install))  # the same command again: nothing changes, the agent keeps running
+    assert again["changed"] == [] and again["state"] == "worker", again
+    assert sh(f"systemctl show -p MainPID --value {SERVICE}").strip() == pid
+
+    gone = json.loads(sh("/opt/cortex/bin/cortex --json node uninstall"))
+    assert gone["leave"] == "left the cluster" and unit in gone["removed"], gone
+    assert "lap1" not in members()
+    after = sh(f"systemctl is-active {SERVICE}; ls {unit} /etc/cortex /usr/lib/systemd/system-sleep/cortex 2>&1; "
+               "test -d /var/lib/private/cortex && echo data-kept; true")
+    assert after.splitlines()[0] in ("inactive", "unknown") and after.count("No such") == 3, after
+    assert "data-kept" in after  # the data goes only with --purge
+    purged = json.loads(sh("/opt/cortex/bin/cortex --json node uninstall --purge"))
+    assert "/var/lib/private/cortex" in purged["removed"] and purged["leave"] == "not installed", purged
+    assert sh("ls -d /var/lib/private/cortex /var/lib/cortex 2>&1; true").count("No such") == 2
+    assert "nothing to remove" in sh("/opt/cortex/bin/cortex node uninstall --purge")

@@ -90,7 +90,7 @@ ELSEWHERE = {
     "agent", "config check", "dev up", "dev down", "mcp", "netboot ephemeral run", "netboot dnsmasq",
     "netboot profiles check", "netboot fetch", "backup list", "backup restore", "update keygen",
     "update publish", "update list", "update verify", "update serve", "update apply-local",
-    # the local agent's fixed admin socket under systemd (test_node_install.py, unit and nspawn)
+    # the local agent's fixed admin socket under systemd (unit: test_node_install.py; nspawn: test_ansible.py)
     "node install", "node uninstall",
 }
 

@@ -1,6 +1,6 @@
 """`cortex node install|uninstall` into a directory (`--root`): what it writes, that a second run changes
 nothing, that bad input writes nothing, and that the unit is the appliance's own. The live path (systemd,
-joining a real cluster) runs in an nspawn container: tests/system/test_node_install.py."""
+joining a real cluster) runs in an nspawn container: tests/system/test_ansible.py::test_node_install_without_the_role."""
 
 from __future__ import annotations
 
