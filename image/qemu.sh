@@ -12,7 +12,7 @@
 #     --log FILE            serial log (default image/.build/vm/NAME/serial.log)
 #     --fresh               drop NAME's disk overlay and firmware variables first (a factory-new node)
 #     --append ARGS         extra kernel command line (--direct, --netboot), e.g. systemd.factory_reset=yes
-#     --dry-run             print the QEMU command line (one argument per line) and stop: nothing created
+#     --dry-run             print the QEMU command line (one argument per line) and exit: nothing created
 #
 # A credential value may contain spaces (`--cred "ssh.authorized_keys.root=ssh-ed25519 AAAA... me@laptop"`):
 # it stays one SMBIOS string (commas doubled, QEMU's escape) and, on a kernel command line, one quoted

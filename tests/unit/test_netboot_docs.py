@@ -139,8 +139,8 @@ def test_credentials_archive_unpacks_with_cpio_into_a_private_credstore(tmp_path
 def test_tickets_serve_once_and_expire():
     now = [1000.0]
     tickets = credstore.Tickets(clock=lambda: now[0])
-    first = tickets.issue({"cortex.join_token": "a"}, expires_at=1100)
-    second = tickets.issue({"cortex.join_token": "b"}, expires_at=1050)
+    first = tickets.mint({"cortex.join_token": "a"}, expires_at=1100)
+    second = tickets.mint({"cortex.join_token": "b"}, expires_at=1050)
     assert re.fullmatch(r"[0-9a-f]{32}", first) and first != second
     assert b"cortex.join_token" in tickets.take(first)
     assert tickets.take(first) is None  # once

@@ -24,7 +24,7 @@ def register(commands) -> None:
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     sp.add_argument("--wait", type=float, default=90.0, help="seconds to wait for the node to join (0: do not wait)")
     sp.add_argument("--root", default="/", help=argparse_suppress())
-    sp = commands.add("uninstall", cmd_uninstall, "leave the cluster, stop the agent and remove what install wrote",
+    sp = commands.add("uninstall", cmd_uninstall, "leave the cluster, disable the agent and remove what install wrote",
                       node)
     sp.add_argument("--purge", action="store_true", help="also delete the agent's data (/var/lib/cortex)")
     sp.add_argument("--no-leave", action="store_true",

@@ -57,7 +57,7 @@ class Tickets:
         self._lock = threading.Lock()
         self._pending: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
-    def issue(self, credentials: dict[str, str], expires_at: float) -> str:
+    def mint(self, credentials: dict[str, str], expires_at: float) -> str:
         ticket = secrets.token_hex(16)
         data = credentials_cpio(credentials)
         with self._lock:

@@ -157,7 +157,7 @@ class Provisioner:
         except Exception:
             self._revoke_quietly(token_id)
             raise
-        ticket = self.tickets.issue({"cortex.join_token": token}, expires_at)
+        ticket = self.tickets.mint({"cortex.join_token": token}, expires_at)
         script = render.machine_script(render.MachineScript(
             machine=machine.key, group=match.group.name, profile=profile.name, node_id=match.node_id,
             base_url=self.config.base_url, kernel=profile.kernel, initrd=profile.initrd, args=profile.args,
