@@ -160,4 +160,5 @@ if [ "${CORTEX_IMAGE_UPDATE:-1}" = 1 ]; then
     payload=$(du -cb "$update"/*.xz "$update"/*.efi | tail -n1 | cut -f1)
     echo "compressed update payload (xz partitions + UKI): $(human "$payload")"
 fi
+echo "smallest disk for the layout the first boot completes: $(python3 "$repo/src/cortex/appliance/layout.py" --human "$here/tree/usr/lib/repart.d")"
 echo "flash:  image/flash.sh /dev/sdX            (defaults to $out/cortex.raw)"
