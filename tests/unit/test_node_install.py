@@ -78,8 +78,14 @@ def test_install_writes_once_and_uninstall_removes(tmp_path, capsys):
     assert cli.main(["--json", "node", "uninstall", "--root", str(tmp_path)]) == 0
     gone = json.loads(capsys.readouterr().out)
     assert sorted(gone["removed"]) == sorted("/" + p for p in (hostinstall.UNIT_PATH, hostinstall.HOOK_PATH,
-                                                               hostinstall.CONFIG_DIR))
+                                                               hostinstall.CONFIG_PATH, hostinstall.TOKEN_PATH))
     assert state.exists() and not (tmp_path / hostinstall.CONFIG_DIR).exists()
+    # a file of the user's beside ours survives (and keeps its directory)
+    install(tmp_path, capsys)
+    (tmp_path / hostinstall.CONFIG_DIR / "dnsmasq.conf").write_text("port=0\n")
+    assert cli.main(["node", "uninstall", "--root", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert [p.name for p in (tmp_path / hostinstall.CONFIG_DIR).iterdir()] == ["dnsmasq.conf"]
     assert cli.main(["node", "uninstall", "--root", str(tmp_path), "--purge"]) == 0
     assert "var/lib/private/cortex" in capsys.readouterr().out and not state.exists()
     assert cli.main(["node", "uninstall", "--root", str(tmp_path), "--purge"]) == 0

@@ -182,9 +182,11 @@ def write(root: Path, wanted: dict[str, tuple[str, int]]) -> list[str]:
 
 
 def remove(root: Path, purge: bool) -> list[str]:
-    """Delete what `install` wrote (and with `purge` the agent's state); returns what was there."""
+    """Delete what `install` wrote (and with `purge` the agent's state); returns what was there. Other files
+    in /etc/cortex (a dnsmasq config from `cortex netboot dnsmasq --write`, say) are kept, and so is the
+    directory then."""
     removed = []
-    for rel in (UNIT_PATH, HOOK_PATH, CONFIG_DIR, *(STATE_DIRS if purge else ())):
+    for rel in (UNIT_PATH, HOOK_PATH, CONFIG_PATH, TOKEN_PATH, *(STATE_DIRS if purge else ())):
         path = root / rel
         if path.is_symlink() or path.is_file():
             path.unlink()
@@ -193,4 +195,7 @@ def remove(root: Path, purge: bool) -> list[str]:
         else:
             continue
         removed.append(rel)
+    config_dir = root / CONFIG_DIR
+    if config_dir.is_dir() and not any(config_dir.iterdir()):
+        config_dir.rmdir()
     return removed
