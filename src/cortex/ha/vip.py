@@ -1,0 +1,149 @@
+"""A floating address: the IPv4 address a service is reached at, held by whichever node runs the service.
+
+`claim` adds the address to the local interface whose network contains it and announces it with gratuitous
+ARP (a request and a reply whose sender and target are both the address, broadcast from the interface's
+MAC), so switches and neighbours send to the new holder at once instead of after their ARP entries expire.
+`release` removes it. Both are idempotent: a takeover that is retried claims nothing twice. They act in
+the network namespace of the calling process, over netlink (pyroute2, imported on first use: most nodes
+never hold a floating address) and an AF_PACKET socket, so they need CAP_NET_ADMIN and CAP_NET_RAW.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+import time
+
+ARP_REQUEST, ARP_REPLY = 1, 2
+ETH_P_ARP = 0x0806
+BROADCAST = b"\xff" * 6
+
+
+class FloatingAddressError(Exception):
+    """A floating address that cannot be claimed or released; the message says what to do."""
+
+
+def parse(cidr: str) -> ipaddress.IPv4Interface:
+    try:
+        iface = ipaddress.ip_interface(cidr)
+    except ValueError:
+        raise FloatingAddressError(f"{cidr!r} is not an address with a prefix length, such as 192.168.1.50/24") \
+            from None
+    if "/" not in cidr:
+        raise FloatingAddressError(f"{cidr!r}: give the prefix length of its network, such as {cidr}/24")
+    if iface.version != 4:
+        raise FloatingAddressError(f"{cidr}: only IPv4 floating addresses are supported (announced by ARP)")
+    return iface
+
+
+def gratuitous_arp(mac: bytes, address: ipaddress.IPv4Address, op: int) -> bytes:
+    """An Ethernet frame carrying an ARP packet whose sender and target address are both `address`."""
+    ip = address.packed
+    target_mac = b"\x00" * 6 if op == ARP_REQUEST else BROADCAST
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, op, mac, ip, target_mac, ip)
+    return BROADCAST + mac + struct.pack("!H", ETH_P_ARP) + arp
+
+
+def parse_arp(frame: bytes) -> dict | None:
+    """The fields of an ARP frame (None for anything else): what a capture compares."""
+    if len(frame) < 42 or struct.unpack("!H", frame[12:14])[0] != ETH_P_ARP:
+        return None
+    _, _, _, _, op, sha, spa, tha, tpa = struct.unpack("!HHBBH6s4s6s4s", frame[14:42])
+    return {"op": op, "sender_mac": sha.hex(":"), "sender_ip": str(ipaddress.IPv4Address(spa)),
+            "target_mac": tha.hex(":"), "target_ip": str(ipaddress.IPv4Address(tpa))}
+
+
+class LinuxFloatingAddress:
+    """`announcements` rounds of gratuitous ARP, `interval` seconds apart, follow each claim: one frame may
+    be lost, and a neighbour ignores an update within its locktime (1 s by default) of the last one."""
+
+    def __init__(self, announcements: int = 3, interval: float = 0.5):
+        self.announcements = announcements
+        self.interval = interval
+
+    def _ipr(self):
+        from pyroute2 import IPRoute  # netlink, on first use
+
+        return IPRoute()
+
+    def _links(self, ipr) -> dict[int, str]:
+        return {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+
+    def _holders(self, ipr, vip: ipaddress.IPv4Interface) -> list[tuple[int, int]]:
+        """(interface index, prefix length) of every local address equal to the floating one."""
+        return [(a["index"], a["prefixlen"]) for a in ipr.get_addr(family=socket.AF_INET)
+                if a.get_attr("IFA_ADDRESS") == str(vip.ip)]
+
+    def interface_for(self, cidr: str) -> str | None:
+        """The interface whose network holds the address: the one holding it already, else the first whose
+        own address's network contains it (None: no local network does)."""
+        vip = parse(cidr)
+        with self._ipr() as ipr:
+            links = self._links(ipr)
+            holders = self._holders(ipr, vip)
+            if holders:
+                return links.get(holders[0][0])
+            for addr in ipr.get_addr(family=socket.AF_INET):
+                network = ipaddress.ip_interface(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}").network
+                if vip.ip in network and network.prefixlen < 32 and not links.get(addr["index"], "").startswith("lo"):
+                    return links.get(addr["index"])
+        return None
+
+    def claim(self, cidr: str, interface: str | None = None) -> str:
+        vip = parse(cidr)
+        ifname = interface or self.interface_for(cidr)
+        if not ifname:
+            raise FloatingAddressError(f"no local interface is on the network of {cidr}; give the interface to "
+                                       "claim it on, or check the node's addresses (`ip addr`)")
+        with self._ipr() as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                raise FloatingAddressError(f"{cidr}: this node has no interface {ifname!r} (`ip link` lists them)")
+            index = found[0]
+            links = self._links(ipr)
+            holders = self._holders(ipr, vip)
+            elsewhere = [links.get(i, str(i)) for i, _ in holders if i != index]
+            if elsewhere:
+                raise FloatingAddressError(f"{vip.ip} is already on {', '.join(elsewhere)} of this node; release "
+                                           f"it there first (a node holds a floating address on one interface)")
+            if not holders:
+                try:
+                    ipr.addr("add", index=index, address=str(vip.ip), prefixlen=vip.network.prefixlen)
+                except Exception as exc:  # pyroute2's NetlinkError: EEXIST from a concurrent claim is fine
+                    if getattr(exc, "code", None) != 17:
+                        raise FloatingAddressError(f"cannot add {cidr} to {ifname}: {exc}; the agent needs "
+                                                   "CAP_NET_ADMIN") from None
+            link = ipr.get_links(index)[0]
+            mac = bytes.fromhex((link.get_attr("IFLA_ADDRESS") or "").replace(":", ""))
+        self.announce(ifname, mac, vip.ip)
+        return ifname
+
+    def announce(self, ifname: str, mac: bytes, address: ipaddress.IPv4Address) -> None:
+        """Gratuitous ARP for `address` from `mac` on `ifname`, as a request and as a reply (neighbours differ
+        in which one they accept)."""
+        if len(mac) != 6:
+            return  # no Ethernet address (a tunnel, a point-to-point link): nothing to announce
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+        except PermissionError:
+            raise FloatingAddressError(f"{address} was added to {ifname} but cannot be announced: sending ARP "
+                                       "needs CAP_NET_RAW") from None
+        with sock:
+            sock.bind((ifname, 0))
+            for round_ in range(self.announcements):
+                if round_:
+                    time.sleep(self.interval)
+                for op in (ARP_REQUEST, ARP_REPLY):
+                    sock.send(gratuitous_arp(mac, address, op))
+
+    def release(self, cidr: str) -> None:
+        vip = parse(cidr)
+        with self._ipr() as ipr:
+            for index, prefixlen in self._holders(ipr, vip):
+                try:
+                    ipr.addr("del", index=index, address=str(vip.ip), prefixlen=prefixlen)
+                except Exception as exc:  # EADDRNOTAVAIL: released meanwhile, as wanted
+                    if getattr(exc, "code", None) != 99:
+                        raise FloatingAddressError(f"cannot remove {vip.ip}: {exc}; the agent needs "
+                                                   "CAP_NET_ADMIN") from None
