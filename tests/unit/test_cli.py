@@ -91,6 +91,7 @@ ELSEWHERE = {
     "netboot profiles check", "netboot fetch", "backup list", "backup restore", "update keygen",
     "update publish", "update list", "update verify", "update serve", "update apply-local",
 }
+ELSEWHERE |= {"fence status", "fence off", "fence on"}  # they talk to BMCs: tests/unit/test_fence.py
 
 
 def command_paths() -> set[str]:

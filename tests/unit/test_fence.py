@@ -94,3 +94,23 @@ def test_fence_config_errors_name_the_line(tmp_path):
     (tmp_path / "node.yaml").write_text("node: {id: n1}\nfence:\n  n3:\n    address: bmc3\n    credentials_file: c\n")
     with pytest.raises(config.ConfigError, match=r"node.yaml:4: fence.n3.address: must be the BMC's base URL"):
         config.load(tmp_path / "node.yaml")
+
+
+def test_the_fence_cli_shows_power_and_switches_only_when_confirmed(tmp_path, bmc, capsys):
+    import json
+
+    from cortex.cli.main import main
+
+    fencing(tmp_path, bmc)  # writes node.yaml with n3's section
+    conf = str(tmp_path / "node.yaml")
+    assert main(["fence", "status", "--config", conf]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["NODE", "AGENT", "ADDRESS", "POWER"] and out[1].split() == ["n3", "redfish",
+                                                                                        bmc.address, "On"]
+    assert main(["fence", "off", "--config", conf, "n3"]) == 2  # not without --yes
+    assert "add --yes" in capsys.readouterr().err and posts(bmc) == []
+    assert main(["fence", "off", "--config", conf, "--yes", "n3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"node": "n3", "power": "Off"} and bmc.state() == "Off"
+    assert main(["fence", "status", "--config", conf, "n3", "n9", "--json"]) == 1
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["power"] == "Off" and "no fence settings for node 'n9'" in rows[1]["error"]
