@@ -20,6 +20,7 @@ service's data.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -123,6 +124,19 @@ class RemoteVolumeSync:
             raise VolumeSyncError(f"{dest} is a symlink; pull into a plain directory")
         dest.mkdir(parents=True, exist_ok=True)
         stub = self._stub(source_node)
+        # one pull per destination at a time: a retry that overlaps the pull it retries waits for it instead of
+        # deleting its temporary files
+        lock = os.open(dest.parent / f".{dest.name}.pull-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._pull(stub, service, source_node, dest, started)
+        except OSError as exc:
+            raise VolumeSyncError(f"pulling {service} from {source_node} into {dest}: {exc}; make room or fix the "
+                                  "permissions there and pull again (whole files already copied stay)") from None
+        finally:
+            os.close(lock)
+
+    def _pull(self, stub, service: str, source_node: str, dest: Path, started: float) -> SyncReport:
         changed = copied = 0
         manifest = self._manifest(stub, service, source_node)
         for round_ in range(self._max_rounds):
