@@ -112,3 +112,13 @@ def test_block_sizes_keep_a_manifest_entry_small():
     assert vf.block_size_for(vf.BLOCK_SIZE * vf.MAX_BLOCKS) == vf.BLOCK_SIZE
     big = vf.block_size_for(vf.BLOCK_SIZE * vf.MAX_BLOCKS + 1)
     assert big == 2 * vf.BLOCK_SIZE and vf.block_count(vf.BLOCK_SIZE * vf.MAX_BLOCKS + 1, big) <= vf.MAX_BLOCKS
+
+
+def test_only_node_certificates_may_call_the_volumes_service():
+    from cortex.security import authz, tls
+
+    for role in ("server", "worker"):
+        assert authz.refusal("/cortex.v1.Volumes/Read", tls.Peer("n1", role, "c-1"), "c-1") is None
+    for role in ("admin", "operator", "reader"):
+        code, message = authz.refusal("/cortex.v1.Volumes/Manifest", tls.Peer("a", role, "c-1"), "c-1")
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "server, worker" in message
