@@ -105,14 +105,45 @@ def holders(ns: str) -> list[str]:
                 if a.get_attr("IFA_ADDRESS") == VIP]
 
 
-def vip(ns: str, call: str):
-    return run_in(ns, f"import json\nfrom cortex.ha.vip import LinuxFloatingAddress\n"
-                      f"print(json.dumps(LinuxFloatingAddress().{call}))")
+def vip(ns: str, *calls: str) -> list:
+    """What each call of LinuxFloatingAddress returns, made in order in one process inside namespace `ns`."""
+    return run_in(ns, "import json\nfrom cortex.ha.vip import LinuxFloatingAddress\nv = LinuxFloatingAddress()\n"
+                      f"print(json.dumps([{', '.join('v.' + c for c in calls)}]))")
 
 
 def http_who(ns: str) -> str:
     return run_in(ns, f"import json, urllib.request\n"
                       f"print(json.dumps(urllib.request.urlopen('http://{VIP}:{PORT}/who', timeout=5).read().decode()))")
+
+
+PING = """
+import json, os, socket, struct, sys, time
+def checksum(data):
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+ident = os.getpid() & 0xFFFF
+body = struct.pack("!HH", ident, 1) + b"cortex-vip"
+packet = struct.pack("!BBH", 8, 0, checksum(struct.pack("!BBH", 8, 0, 0) + body)) + body
+with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+    s.settimeout(5)
+    s.sendto(packet, (sys.argv[1], 0))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        data, (source, _) = s.recvfrom(2048)
+        icmp = data[(data[0] & 0x0F) * 4:]
+        if source == sys.argv[1] and icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
+            print(json.dumps(True))
+            break
+    else:
+        print(json.dumps(False))
+"""
+
+
+def ping(ns: str) -> bool:
+    """One ICMP echo from namespace `ns` to the floating address, answered within 5 s."""
+    out = procs.run(in_netns(ns, [sys.executable, "-c", PING, VIP]), capture_output=True, text=True, timeout=30)
+    return out.returncode == 0 and json.loads(out.stdout or "false")
 
 
 def test_root_namespace_has_no_part_in_the_lab():
@@ -124,26 +155,24 @@ def test_root_namespace_has_no_part_in_the_lab():
 def test_a_floating_address_moves_and_neighbours_follow(lab):
     a, b, c = lab["a"], lab["b"], lab["c"]
     mac_a, mac_b = mac_of(a), mac_of(b)
-    assert vip(c, f"interface_for({CIDR!r})") == "eth0"
-    assert vip(c, "interface_for('10.99.0.1/24')") is None
+    assert vip(c, f"interface_for({CIDR!r})", "interface_for('10.99.0.1/24')") == ["eth0", None]
     capture = Capture(c)
     try:
-        assert vip(a, f"claim({CIDR!r})") == "eth0"
-        assert vip(a, f"claim({CIDR!r})") == "eth0"  # again: nothing added twice
+        assert vip(a, f"claim({CIDR!r})", f"claim({CIDR!r})") == ["eth0", "eth0"]  # again: nothing added twice
         assert holders(a) == [CIDR]
         wait_until(lambda: capture.ops_from(mac_a) >= {1, 2}, 30, "A's gratuitous ARP request and reply in C")
         assert wait_until(lambda: http_who(c), 30, "HTTP from C to the address", ignore=(AssertionError,)) == "a"
         assert neighbour_mac(c) == mac_a
+        assert ping(c)
 
-        vip(a, f"release({CIDR!r})")
-        vip(a, f"release({CIDR!r})")  # again: already gone, no error
+        vip(a, f"release({CIDR!r})", f"release({CIDR!r})")  # again: already gone, no error
         assert holders(a) == []
-        assert vip(b, f"claim({CIDR!r})") == "eth0"
+        assert vip(b, f"claim({CIDR!r})") == ["eth0"]
         wait_until(lambda: capture.ops_from(mac_b) >= {1, 2}, 30, "B's gratuitous ARP in C")
         # C learnt the move from the announcement alone: it sent nothing since it last reached A
         wait_until(lambda: neighbour_mac(c) == mac_b, 30, "C's neighbour entry for the address to name B",
                    detail=lambda: f"entry: {neighbour_mac(c)}, A {mac_a}, B {mac_b}")
-        assert http_who(c) == "b"
+        assert http_who(c) == "b" and ping(c)
     finally:
         capture.stop()
         vip(b, f"release({CIDR!r})")
