@@ -165,6 +165,9 @@ def test_a_floating_address_moves_and_neighbours_follow(lab):
         assert neighbour_mac(c) == mac_a
         assert ping(c)
 
+        with pytest.raises(AssertionError, match=f"answers from {mac_a}.*another machine holds it"):
+            vip(b, f"claim({CIDR!r})")  # A still holds it: B's probe hears A, and B adds nothing
+        assert holders(b) == []
         vip(a, f"release({CIDR!r})", f"release({CIDR!r})")  # again: already gone, no error
         assert holders(a) == []
         assert vip(b, f"claim({CIDR!r})") == ["eth0"]

@@ -55,12 +55,14 @@ def parse_arp(frame: bytes) -> dict | None:
 
 
 class LinuxFloatingAddress:
-    """`announcements` rounds of gratuitous ARP, `interval` seconds apart, follow each claim: one frame may
-    be lost, and a neighbour ignores an update within its locktime (1 s by default) of the last one."""
+    """Before a claim adds the address, an ARP probe waits `probe_wait` seconds for another holder to answer
+    (0: no probe). After it, `announcements` rounds of gratuitous ARP go out `interval` seconds apart: one
+    frame may be lost, and a neighbour ignores an update within its locktime (1 s by default) of the last."""
 
-    def __init__(self, announcements: int = 3, interval: float = 0.5):
+    def __init__(self, announcements: int = 3, interval: float = 0.5, probe_wait: float = 0.5):
         self.announcements = announcements
         self.interval = interval
+        self.probe_wait = probe_wait
 
     def _ipr(self):
         from pyroute2 import IPRoute  # netlink, on first use
@@ -107,30 +109,61 @@ class LinuxFloatingAddress:
             if elsewhere:
                 raise FloatingAddressError(f"{vip.ip} is already on {', '.join(elsewhere)} of this node; release "
                                            f"it there first (a node holds a floating address on one interface)")
+            link = ipr.get_links(index)[0]
+            mac = bytes.fromhex((link.get_attr("IFLA_ADDRESS") or "").replace(":", ""))
             if not holders:
+                other = self.probe(ifname, mac, vip.ip)
+                if other:
+                    raise FloatingAddressError(f"{vip.ip} answers from {other} on {ifname}'s network: another machine "
+                                               "holds it; release it there (or fence that node) and claim again")
                 try:
                     ipr.addr("add", index=index, address=str(vip.ip), prefixlen=vip.network.prefixlen)
                 except Exception as exc:  # pyroute2's NetlinkError: EEXIST from a concurrent claim is fine
                     if getattr(exc, "code", None) != 17:
                         raise FloatingAddressError(f"cannot add {cidr} to {ifname}: {exc}; the agent needs "
                                                    "CAP_NET_ADMIN") from None
-            link = ipr.get_links(index)[0]
-            mac = bytes.fromhex((link.get_attr("IFLA_ADDRESS") or "").replace(":", ""))
         self.announce(ifname, mac, vip.ip)
         return ifname
+
+    def _packet_socket(self, address, ifname: str, doing: str) -> socket.socket:
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+        except PermissionError:
+            raise FloatingAddressError(f"{address} on {ifname}: {doing} needs CAP_NET_RAW") from None
+        sock.bind((ifname, ETH_P_ARP))
+        return sock
+
+    def probe(self, ifname: str, mac: bytes, address: ipaddress.IPv4Address) -> str | None:
+        """The MAC of another machine that uses `address` on `ifname`'s network, if one answers an ARP probe
+        (RFC 5227: sender address 0.0.0.0) or announces it within `probe_wait` seconds; None otherwise. Two
+        holders of one address would split its clients between them."""
+        if len(mac) != 6 or self.probe_wait <= 0:
+            return None
+        own = mac.hex(":")
+        probe = BROADCAST + mac + struct.pack("!H", ETH_P_ARP) + struct.pack(
+            "!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, ARP_REQUEST, mac, b"\0" * 4, b"\0" * 6, address.packed)
+        with self._packet_socket(address, ifname, "probing the address") as sock:
+            deadline = time.monotonic() + self.probe_wait
+            resend = time.monotonic()
+            while (now := time.monotonic()) < deadline:
+                if now >= resend:
+                    sock.send(probe)
+                    resend = now + self.probe_wait / 2
+                sock.settimeout(max(0.01, min(deadline, resend) - now))
+                try:
+                    arp = parse_arp(sock.recv(2048))
+                except TimeoutError:
+                    continue
+                if arp and arp["sender_ip"] == str(address) and arp["sender_mac"] != own:
+                    return arp["sender_mac"]
+        return None
 
     def announce(self, ifname: str, mac: bytes, address: ipaddress.IPv4Address) -> None:
         """Gratuitous ARP for `address` from `mac` on `ifname`, as a request and as a reply (neighbours differ
         in which one they accept)."""
         if len(mac) != 6:
             return  # no Ethernet address (a tunnel, a point-to-point link): nothing to announce
-        try:
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
-        except PermissionError:
-            raise FloatingAddressError(f"{address} was added to {ifname} but cannot be announced: sending ARP "
-                                       "needs CAP_NET_RAW") from None
-        with sock:
-            sock.bind((ifname, 0))
+        with self._packet_socket(address, ifname, "announcing the address") as sock:
             for round_ in range(self.announcements):
                 if round_:
                     time.sleep(self.interval)
