@@ -122,3 +122,13 @@ def test_only_node_certificates_may_call_the_volumes_service():
     for role in ("admin", "operator", "reader"):
         code, message = authz.refusal("/cortex.v1.Volumes/Manifest", tls.Peer("a", role, "c-1"), "c-1")
         assert code == grpc.StatusCode.PERMISSION_DENIED and "server, worker" in message
+
+
+def test_a_destination_that_is_not_a_directory_is_refused(tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    sync = RemoteVolumeSync(lambda node: "127.0.0.1:1", lambda: None, open_channel=grpc.insecure_channel)
+    for dest in ("file", "link"):
+        with pytest.raises(VolumeSyncError, match="not a plain directory"):
+            sync.pull("db", "a", tmp_path / dest)
+    assert (tmp_path / "file").read_text() == "keep me" and not (tmp_path / "elsewhere").exists()

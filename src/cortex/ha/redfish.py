@@ -39,6 +39,8 @@ class RedfishError(FenceError):
 
 def load_credentials(path: str) -> tuple[str, str]:
     try:
+        if Path(path).stat().st_mode & 0o077:
+            log.warning("the BMC credentials file %s is readable by others than its owner; chmod 600 it", path)
         data = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
         raise RedfishError(f"cannot read the BMC credentials file {path}: {exc.strerror}; create it with "

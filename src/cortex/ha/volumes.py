@@ -120,9 +120,12 @@ class RemoteVolumeSync:
         vf.check_service(service)
         started = time.monotonic()
         dest = Path(dest)
-        if dest.is_symlink():
-            raise VolumeSyncError(f"{dest} is a symlink; pull into a plain directory")
-        dest.mkdir(parents=True, exist_ok=True)
+        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+            raise VolumeSyncError(f"{dest} is not a plain directory (a file or a symlink); pull into a directory")
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VolumeSyncError(f"cannot create {dest}: {exc.strerror}; fix the permissions there") from None
         stub = self._stub(source_node)
         # one pull per destination at a time: a retry that overlaps the pull it retries waits for it instead of
         # deleting its temporary files
