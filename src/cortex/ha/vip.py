@@ -130,7 +130,11 @@ class LinuxFloatingAddress:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
         except PermissionError:
             raise FloatingAddressError(f"{address} on {ifname}: {doing} needs CAP_NET_RAW") from None
-        sock.bind((ifname, ETH_P_ARP))
+        try:
+            sock.bind((ifname, ETH_P_ARP))
+        except OSError as exc:
+            sock.close()
+            raise FloatingAddressError(f"{address} on {ifname}: {doing} failed ({exc.strerror})") from None
         return sock
 
     def probe(self, ifname: str, mac: bytes, address: ipaddress.IPv4Address) -> str | None:
@@ -147,7 +151,11 @@ class LinuxFloatingAddress:
             resend = time.monotonic()
             while (now := time.monotonic()) < deadline:
                 if now >= resend:
-                    sock.send(probe)
+                    try:
+                        sock.send(probe)
+                    except OSError as exc:
+                        raise FloatingAddressError(f"cannot probe for {address} on {ifname} ({exc.strerror}); is "
+                                                   "the link up (`ip link`)?") from None
                     resend = now + self.probe_wait / 2
                 sock.settimeout(max(0.01, min(deadline, resend) - now))
                 try:
@@ -168,7 +176,12 @@ class LinuxFloatingAddress:
                 if round_:
                     time.sleep(self.interval)
                 for op in (ARP_REQUEST, ARP_REPLY):
-                    sock.send(gratuitous_arp(mac, address, op))
+                    try:
+                        sock.send(gratuitous_arp(mac, address, op))
+                    except OSError as exc:  # ENETDOWN: the link is down; the address stays, claim again later
+                        raise FloatingAddressError(f"{address} is on {ifname} but cannot be announced "
+                                                   f"({exc.strerror}); is the link up (`ip link`)? claim again "
+                                                   "once it is") from None
 
     def release(self, cidr: str) -> None:
         vip = parse(cidr)
