@@ -1,9 +1,9 @@
-"""A floating address: the IPv4 address a service is reached at, held by whichever node runs the service.
+"""A floating address: the address a service is reached at, held by whichever node runs the service.
 
-`claim` adds the address to the local interface whose network contains it and announces it with gratuitous
-ARP (a request and a reply whose sender and target are both the address, broadcast from the interface's
-MAC), so switches and neighbours send to the new holder at once instead of after their ARP entries expire.
-`release` removes it. Both are idempotent: a takeover that is retried claims nothing twice. They act in
+`claim` adds the address to the local interface whose network contains it and announces it: IPv4 with
+gratuitous ARP (a request and a reply whose sender and target are both the address, broadcast from the
+interface's MAC), IPv6 with unsolicited neighbour advertisements (override flag, to all nodes), so switches
+and neighbours send to the new holder at once instead of after their entries expire. `release` removes it. Both are idempotent: a takeover that is retried claims nothing twice. They act in
 the network namespace of the calling process, over netlink (pyroute2, imported on first use: most nodes
 never hold a floating address) and an AF_PACKET socket, so they need CAP_NET_ADMIN and CAP_NET_RAW.
 """
@@ -16,6 +16,10 @@ import struct
 import time
 
 ARP_REQUEST, ARP_REPLY = 1, 2
+NEIGHBOR_ADVERTISEMENT = 136
+NA_OVERRIDE = 0x20000000
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
+DAD_WAIT = 10.0  # seconds IPv6 duplicate address detection may take (1 s per probe by default)
 ETH_P_ARP = 0x0806
 BROADCAST = b"\xff" * 6
 
@@ -24,7 +28,7 @@ class FloatingAddressError(Exception):
     """A floating address that cannot be claimed or released; the message says what to do."""
 
 
-def parse(cidr: str) -> ipaddress.IPv4Interface:
+def parse(cidr: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     try:
         iface = ipaddress.ip_interface(cidr)
     except ValueError:
@@ -32,9 +36,18 @@ def parse(cidr: str) -> ipaddress.IPv4Interface:
             from None
     if "/" not in cidr:
         raise FloatingAddressError(f"{cidr!r}: give the prefix length of its network, such as {cidr}/24")
-    if iface.version != 4:
-        raise FloatingAddressError(f"{cidr}: only IPv4 floating addresses are supported (announced by ARP)")
     return iface
+
+
+def family(vip) -> int:
+    return socket.AF_INET if vip.version == 4 else socket.AF_INET6
+
+
+def neighbour_advertisement(mac: bytes, address: ipaddress.IPv6Address) -> bytes:
+    """An unsolicited ICMPv6 neighbour advertisement for `address` at `mac`, override flag set (the kernel
+    fills in the checksum)."""
+    return struct.pack("!BBHI16s", NEIGHBOR_ADVERTISEMENT, 0, 0, NA_OVERRIDE, address.packed) + \
+        struct.pack("!BB6s", 2, 1, mac)  # option: target link-layer address
 
 
 def gratuitous_arp(mac: bytes, address: ipaddress.IPv4Address, op: int) -> bytes:
@@ -72,10 +85,10 @@ class LinuxFloatingAddress:
     def _links(self, ipr) -> dict[int, str]:
         return {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
 
-    def _holders(self, ipr, vip: ipaddress.IPv4Interface) -> list[tuple[int, int]]:
+    def _holders(self, ipr, vip) -> list[tuple[int, int]]:
         """(interface index, prefix length) of every local address equal to the floating one."""
-        return [(a["index"], a["prefixlen"]) for a in ipr.get_addr(family=socket.AF_INET)
-                if a.get_attr("IFA_ADDRESS") == str(vip.ip)]
+        return [(a["index"], a["prefixlen"]) for a in ipr.get_addr(family=family(vip))
+                if ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) == vip.ip]
 
     def interface_for(self, cidr: str) -> str | None:
         """The interface whose network holds the address: the one holding it already, else the first whose
@@ -86,9 +99,10 @@ class LinuxFloatingAddress:
             holders = self._holders(ipr, vip)
             if holders:
                 return links.get(holders[0][0])
-            for addr in ipr.get_addr(family=socket.AF_INET):
+            for addr in ipr.get_addr(family=family(vip)):
                 network = ipaddress.ip_interface(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}").network
-                if vip.ip in network and network.prefixlen < 32 and not links.get(addr["index"], "").startswith("lo"):
+                if vip.ip in network and network.prefixlen < network.max_prefixlen \
+                        and not links.get(addr["index"], "").startswith("lo"):
                     return links.get(addr["index"])
         return None
 
@@ -111,19 +125,74 @@ class LinuxFloatingAddress:
                                            f"it there first (a node holds a floating address on one interface)")
             link = ipr.get_links(index)[0]
             mac = bytes.fromhex((link.get_attr("IFLA_ADDRESS") or "").replace(":", ""))
-            if not holders:
+            if vip.version == 6:
+                if not holders:  # the kernel's duplicate address detection is the probe
+                    self._add(ipr, index, ifname, vip)
+                self._wait_dad(ipr, index, ifname, vip)
+            elif not holders:
                 other = self.probe(ifname, mac, vip.ip)
                 if other:
                     raise FloatingAddressError(f"{vip.ip} answers from {other} on {ifname}'s network: another machine "
                                                "holds it; release it there (or fence that node) and claim again")
-                try:
-                    ipr.addr("add", index=index, address=str(vip.ip), prefixlen=vip.network.prefixlen)
-                except Exception as exc:  # pyroute2's NetlinkError: EEXIST from a concurrent claim is fine
-                    if getattr(exc, "code", None) != 17:
-                        raise FloatingAddressError(f"cannot add {cidr} to {ifname}: {exc}; the agent needs "
-                                                   "CAP_NET_ADMIN") from None
-        self.announce(ifname, mac, vip.ip)
+                self._add(ipr, index, ifname, vip)
+        if vip.version == 6:
+            self.advertise(ifname, index, mac, vip.ip)
+        else:
+            self.announce(ifname, mac, vip.ip)
         return ifname
+
+    def _add(self, ipr, index: int, ifname: str, vip) -> None:
+        try:
+            ipr.addr("add", index=index, address=str(vip.ip), prefixlen=vip.network.prefixlen)
+        except Exception as exc:  # pyroute2's NetlinkError: EEXIST from a concurrent claim is fine
+            if getattr(exc, "code", None) != 17:
+                raise FloatingAddressError(f"cannot add {vip} to {ifname}: {exc}; the agent needs "
+                                           "CAP_NET_ADMIN") from None
+
+    def _wait_dad(self, ipr, index: int, ifname: str, vip) -> None:
+        """Until the kernel's duplicate address detection for the IPv6 address is done: tentative addresses
+        cannot be used, and a failed detection means another machine holds it (the address is removed)."""
+        deadline = time.monotonic() + DAD_WAIT
+        while True:
+            found = [a for a in ipr.get_addr(family=socket.AF_INET6, index=index)
+                     if ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) == vip.ip]
+            if not found:
+                raise FloatingAddressError(f"{vip} vanished from {ifname} while it was being claimed; claim again")
+            flags = found[0].get_attr("IFA_FLAGS") or found[0]["flags"]
+            if flags & IFA_F_DADFAILED:
+                self.release(str(vip))
+                raise FloatingAddressError(f"{vip.ip}: another machine on {ifname}'s network answers for it "
+                                           "(duplicate address detection failed); release it there (or fence that "
+                                           "node) and claim again")
+            if not flags & IFA_F_TENTATIVE:
+                return
+            if time.monotonic() > deadline:
+                raise FloatingAddressError(f"{vip.ip} on {ifname} is still tentative after {DAD_WAIT:g} s; is the "
+                                           "link up (`ip link`)? claim again once it is")
+            time.sleep(0.1)
+
+    def advertise(self, ifname: str, index: int, mac: bytes, address: ipaddress.IPv6Address) -> None:
+        """Unsolicited neighbour advertisements for `address` to all nodes on `ifname`, from the address
+        itself, hop limit 255 (neighbours ignore any other)."""
+        if len(mac) != 6:
+            return
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        except PermissionError:
+            raise FloatingAddressError(f"{address} on {ifname}: advertising it needs CAP_NET_RAW") from None
+        with sock:
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+                sock.bind((str(address), 0, 0, index))
+                packet = neighbour_advertisement(mac, address)
+                for round_ in range(self.announcements):
+                    if round_:
+                        time.sleep(self.interval)
+                    sock.sendto(packet, ("ff02::1", 0, 0, index))
+            except OSError as exc:
+                raise FloatingAddressError(f"{address} is on {ifname} but cannot be advertised ({exc.strerror}); "
+                                           "is the link up (`ip link`)? claim again once it is") from None
 
     def _packet_socket(self, address, ifname: str, doing: str) -> socket.socket:
         try:
