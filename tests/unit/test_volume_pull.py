@@ -1,6 +1,6 @@
-"""Volume pulls against the real Volumes servicer in this process (a real gRPC server on loopback, without
-TLS): what a faulty network or a hostile source can send, which real agents never do. The agents' side,
-with mutual TLS and node certificates, is tests/cluster/test_volumes.py."""
+"""Volume pulls against the real Volumes servicer in this process (a real gRPC server on loopback with mutual
+TLS and node certificates of a CA made here): what a faulty network or a hostile source can send, which real
+agents never do. The agents' side is tests/cluster/test_volumes.py."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from cortex._proto.cortex.v1 import ha_pb2_grpc as pb_grpc
 from cortex.ha import volume_files as vf
 from cortex.ha.volume_service import VolumesService
 from cortex.ha.volumes import RemoteVolumeSync, VolumeSyncError
+from cortex.security import tls
 
 
 class Flaky(VolumesService):
@@ -44,16 +45,27 @@ class Hostile(VolumesService):
                              block_size=vf.BLOCK_SIZE, digest=vf.digest_of([]))
 
 
+CA = tls.new_ca("c-1")
+
+
+def node_files(name: str, role: str) -> tls.ClientFiles:
+    cert, key = tls.issue(*CA, name, role, "c-1")
+    return tls.ClientFiles(CA[0], cert, key)
+
+
 def serve(servicer) -> tuple[grpc.Server, str]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_VolumesServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    files = node_files("n1", "server")
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(files.key, files.cert)], root_certificates=files.ca, require_client_auth=True))
     server.start()
     return server, f"127.0.0.1:{port}"
 
 
-def syncer(address: str) -> RemoteVolumeSync:
-    return RemoteVolumeSync(lambda node: address, lambda: None, open_channel=grpc.insecure_channel)
+def syncer(address: str, role: str = "worker") -> RemoteVolumeSync:
+    files = node_files("w1", role)
+    return RemoteVolumeSync(lambda node: address, lambda: files)
 
 
 def test_a_corrupted_block_is_refused_and_fetched_again(tmp_path):
@@ -127,8 +139,32 @@ def test_only_node_certificates_may_call_the_volumes_service():
 def test_a_destination_that_is_not_a_directory_is_refused(tmp_path):
     (tmp_path / "file").write_text("keep me")
     os.symlink(tmp_path / "elsewhere", tmp_path / "link")
-    sync = RemoteVolumeSync(lambda node: "127.0.0.1:1", lambda: None, open_channel=grpc.insecure_channel)
+    sync = RemoteVolumeSync(lambda node: "127.0.0.1:1", lambda: None)
     for dest in ("file", "link"):
         with pytest.raises(VolumeSyncError, match="not a plain directory"):
             sync.pull("db", "a", tmp_path / dest)
     assert (tmp_path / "file").read_text() == "keep me" and not (tmp_path / "elsewhere").exists()
+
+
+def test_the_servicer_itself_refuses_callers_without_a_node_certificate(tmp_path):
+    """Defence in depth: where no role interceptor runs (a node serving plaintext), the servicer refuses."""
+    vf.volume_dir(tmp_path / "src", "db").mkdir(parents=True)
+    server, address = serve(VolumesService(tmp_path / "src"))
+    try:
+        sync = syncer(address, role="admin")
+        with pytest.raises(VolumeSyncError, match="PERMISSION_DENIED.*node certificates"):
+            sync.pull("db", "n1", tmp_path / "dest")
+        sync.close()
+        plain = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pb_grpc.add_VolumesServicer_to_server(VolumesService(tmp_path / "src"), plain)
+        port = plain.add_insecure_port("127.0.0.1:0")
+        plain.start()
+        try:
+            stub = pb_grpc.VolumesStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Manifest(pb.VolumeManifestRequest(service="db"), timeout=10))
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            plain.stop(0)
+    finally:
+        server.stop(0)

@@ -16,6 +16,7 @@ import grpc
 from cortex._proto.cortex.v1 import ha_pb2 as pb
 from cortex._proto.cortex.v1 import ha_pb2_grpc as pb_grpc
 from cortex.ha import volume_files as vf
+from cortex.security import authz
 
 log = logging.getLogger("cortex.ha")
 
@@ -32,6 +33,12 @@ class VolumesService(pb_grpc.VolumesServicer):
         self.cache = vf.HashCache()  # hashes survive between manifests: a second pull rereads nothing
 
     def _root(self, service: str, context: grpc.ServicerContext) -> Path:
+        # RoleCheck already refused other roles on the mutual-TLS port; a node serving plaintext (not in a
+        # cluster yet, or a cluster made before mTLS) has no interceptor, and no certificate proves anything
+        peer = authz.peer_from_context(context)
+        if peer is None or peer.role not in authz.NODES:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "volumes are served to node certificates of this cluster only, over mutual TLS")
         try:
             return vf.volume_dir(self.data_dir, service)
         except vf.VolumePathError as exc:

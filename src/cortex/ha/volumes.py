@@ -84,11 +84,9 @@ class RemoteVolumeSync:
     certificate (NodeCerts.node_files): only node certificates may read volumes."""
 
     def __init__(self, address_of: Callable[[str], str], credentials: Callable[[], tls.ClientFiles | None],
-                 max_rounds: int = 10, max_message_bytes: int = 4 * 1024 * 1024,
-                 open_channel: Callable[[str], grpc.Channel] | None = None):
+                 max_rounds: int = 10, max_message_bytes: int = 4 * 1024 * 1024):
         self._address_of = address_of
         self._credentials = credentials
-        self._open_channel = open_channel  # address -> channel, instead of mutual TLS with `credentials`
         self._max_rounds = max_rounds
         self._max_message = max_message_bytes
         self._channels: dict[str, grpc.Channel] = {}
@@ -104,8 +102,6 @@ class RemoteVolumeSync:
         address = self._address_of(node)
         with self._lock:
             channel = self._channels.get(address)
-            if channel is None and self._open_channel is not None:
-                channel = self._channels[address] = self._open_channel(address)
             if channel is None:
                 files = self._credentials()
                 if files is None:
