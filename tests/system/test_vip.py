@@ -68,7 +68,7 @@ class Capture:
     def ops_from(self, mac: str) -> set[int]:
         return {f["op"] for f in list(self.frames) if f["sender_mac"] == mac}
 
-    def stop(self) -> None:
+    def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
 
@@ -196,7 +196,7 @@ def test_a_floating_address_moves_and_neighbours_follow(lab):
                    detail=lambda: f"entry: {neighbour_mac(c)}, A {mac_a}, B {mac_b}")
         assert reach(c) == ("b", True)
     finally:
-        capture.stop()
+        capture.close()
         vip(b, f"release({CIDR!r})")
 
 

@@ -150,7 +150,7 @@ class RemoteVolumeSync:
                 return SyncReport(changed, copied, time.monotonic() - started, newest / 1e9)
             manifest = again
         raise VolumeSyncError(f"the volume of {service} on {source_node} kept changing during {self._max_rounds} "
-                              f"rounds; {dest} holds whole files of several moments: stop the service on "
+                              f"rounds; {dest} holds whole files of several moments: shut the service down on "
                               f"{source_node} (or let it settle) and pull again")
 
     def _manifest(self, stub, service: str, node: str) -> list[vf.Entry]:
