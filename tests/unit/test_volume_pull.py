@@ -168,3 +168,28 @@ def test_the_servicer_itself_refuses_callers_without_a_node_certificate(tmp_path
             plain.stop(0)
     finally:
         server.stop(0)
+
+
+class Restless(VolumesService):
+    """A source whose service writes between any two manifests."""
+
+    def Manifest(self, request, context):
+        path = vf.volume_dir(self.data_dir, request.service) / "wal"
+        with open(path, "r+b") as f:
+            f.write(os.urandom(64))
+        yield from super().Manifest(request, context)
+
+
+def test_a_volume_that_never_settles_fails_after_its_rounds_and_says_what_to_do(tmp_path):
+    volume = vf.volume_dir(tmp_path / "src", "db")
+    volume.mkdir(parents=True)
+    (volume / "wal").write_bytes(os.urandom(4 * vf.BLOCK_SIZE))
+    server, address = serve(Restless(tmp_path / "src"))
+    try:
+        sync = RemoteVolumeSync(lambda node: address, lambda: node_files("w1", "worker"), max_rounds=2)
+        with pytest.raises(VolumeSyncError, match="kept changing during 2 rounds.*shut the service down on n1"):
+            sync.pull("db", "n1", tmp_path / "dest")
+        sync.close()
+    finally:
+        server.stop(0)
+    assert [p.name for p in (tmp_path / "dest").iterdir()] == ["wal"]  # a whole file, no leftovers
