@@ -62,22 +62,31 @@ class RedfishFenceAgent:
         self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
         self._token = ""
         self._session = ""
+        self._ssl: ssl.SSLContext | None = None
+        if self._scheme == "https" and not target.verify_tls:
+            log.warning("fencing %s: the BMC's certificate is not verified (fence.%s.verify_tls: false)", node, node)
+        elif self._scheme == "http":
+            log.warning("fencing %s: the BMC is reached over plain HTTP; its credentials cross the network in "
+                        "clear (use https)", node)
 
     # --- HTTP ----------------------------------------------------------------------------------------------
     def _context(self) -> ssl.SSLContext | None:
         if self._scheme != "https":
             return None
+        if self._ssl is not None:
+            return self._ssl
         if not self.target.verify_tls:
-            log.warning("fencing %s: the BMC's certificate is not verified (fence.%s.verify_tls: false)",
-                        self.node, self.node)
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-            return context
-        try:
-            return ssl.create_default_context(cafile=self.target.ca_file or None)
-        except (OSError, ssl.SSLError) as exc:
-            raise RedfishError(f"fence.{self.node}.ca_file {self.target.ca_file}: cannot be loaded ({exc})") from None
+        else:
+            try:
+                context = ssl.create_default_context(cafile=self.target.ca_file or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise RedfishError(f"fence.{self.node}.ca_file {self.target.ca_file}: cannot be loaded ({exc})") \
+                    from None
+        self._ssl = context
+        return context
 
     def _request(self, method: str, path: str, body: dict | None = None, auth: bool = True) -> tuple[int, dict, dict]:
         import http.client  # only nodes that fence need it
