@@ -55,32 +55,37 @@ def rewrite_blocks(volume: Path, fraction: float, rng: random.Random) -> int:
 
 
 def run(mib: int, files: int, change: float, base_port: int) -> dict:
-    rng = random.Random(7)
     directory = Path(tempfile.mkdtemp(prefix="bench-volumes-"))
     dc = devcluster.up(directory, 1, 1, base_port, timeout=60)
     try:
-        server, worker = dc.servers[0], next(n for n in dc.nodes if n.role == "worker")
-        volume = vf.volume_dir(Path(server.dir) / "data", "bench")
-        total = fill(volume, mib, files, rng)
-        files_of_worker = tls.client_files(Path(worker.dir) / "data" / "tls", ("node",))
-        sync = RemoteVolumeSync(lambda node: dc.node(node).grpc_address, lambda: files_of_worker)
-        dest = Path(worker.dir) / "data" / "services" / "bench" / "volume"
-        results = []
-        try:
-            for name, prepare in (("full", lambda: 0), ("nothing changed", lambda: 0),
-                                  (f"incremental ({change:.0%} of blocks)", lambda: rewrite_blocks(volume, change, rng))):
-                rewritten = prepare()
-                started = time.perf_counter()
-                report = sync.pull("bench", server.id, dest)
-                seconds = time.perf_counter() - started
-                results.append({"pull": name, "seconds": seconds, "mb_per_s": total / MIB / seconds,
-                                "bytes_copied": report.bytes_copied, "files_changed": report.files_changed,
-                                "blocks_rewritten": rewritten})
-        finally:
-            sync.close()
-        return {"volume_bytes": total, "files": files, "results": results}
+        return pulls(dc, mib, files, change)
     finally:
         devcluster.down(directory)
+
+
+def pulls(dc: devcluster.DevCluster, mib: int, files: int, change: float) -> dict:
+    """The three pulls, by the cluster's first worker from its first server (tests run it on their cluster)."""
+    rng = random.Random(7)
+    server, worker = dc.servers[0], next(n for n in dc.nodes if n.role == "worker")
+    volume = vf.volume_dir(Path(server.dir) / "data", "bench")
+    total = fill(volume, mib, files, rng)
+    files_of_worker = tls.client_files(Path(worker.dir) / "data" / "tls", ("node",))
+    sync = RemoteVolumeSync(lambda node: dc.node(node).grpc_address, lambda: files_of_worker)
+    dest = Path(worker.dir) / "data" / "services" / "bench" / "volume"
+    results = []
+    try:
+        for name, prepare in (("full", lambda: 0), ("nothing changed", lambda: 0),
+                              (f"incremental ({change:.0%} of blocks)", lambda: rewrite_blocks(volume, change, rng))):
+            rewritten = prepare()
+            started = time.perf_counter()
+            pulled = sync.pull("bench", server.id, dest)
+            seconds = time.perf_counter() - started
+            results.append({"pull": name, "seconds": seconds, "mb_per_s": total / MIB / seconds,
+                            "bytes_copied": pulled.bytes_copied, "files_changed": pulled.files_changed,
+                            "blocks_rewritten": rewritten})
+    finally:
+        sync.close()
+    return {"volume_bytes": total, "files": files, "results": results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,15 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.mib < 1 or args.files < 1 or not 0 < args.change <= 1:
         parser.error("--mib and --files must be at least 1, --change in (0, 1]")
     os.environ.setdefault(devcluster.DIE_WITH_PARENT_ENV, "1")
-    result = run(args.mib, args.files, args.change, args.base_port)
+    report(run(args.mib, args.files, args.change, args.base_port), args.json)
+    return 0
+
+
+def report(result: dict, json_path: str = "") -> None:
     print(f"Volume pulls: {result['volume_bytes'] / MIB:.0f} MiB in {result['files']} files, worker from server, "
           "127.0.0.1, mutual TLS")
     measure.table([[r["pull"], r["seconds"], r["mb_per_s"], r["bytes_copied"], r["files_changed"]]
                    for r in result["results"]], ["pull", "seconds", "MiB/s", "bytes copied", "files changed"],
                   file=sys.stdout)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -177,3 +177,15 @@ def test_only_node_certificates_read_volumes(cluster, tmp_path):
             sync.pull("web", "n1", tmp_path / "web")
     finally:
         sync.close()
+
+
+def test_the_benchmark_pulls_on_this_cluster(cluster, capsys):
+    """bench/volumes.py end to end but for its own cluster: a tiny volume, its three pulls and its table."""
+    from bench import volumes as bench_volumes
+
+    result = bench_volumes.pulls(cluster.dc, mib=2, files=2, change=0.25)
+    full, unchanged, incremental = result["results"]
+    assert full["bytes_copied"] == result["volume_bytes"] == 2 * 1024 * 1024 and unchanged["bytes_copied"] == 0
+    assert incremental["bytes_copied"] == incremental["blocks_rewritten"] * vf.BLOCK_SIZE > 0
+    bench_volumes.report(result)
+    assert "incremental (25% of blocks)" in capsys.readouterr().out
