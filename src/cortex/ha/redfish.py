@@ -30,7 +30,7 @@ log = logging.getLogger("cortex.ha")
 SYSTEMS = "/redfish/v1/Systems"
 SESSIONS = "/redfish/v1/SessionService/Sessions"
 RESET = "#ComputerSystem.Reset"
-POLL = 0.5  # seconds between power-state reads while waiting
+POLL, POLL_MAX = 0.2, 2.0  # seconds between power-state reads while waiting: growing by half each time
 
 
 class RedfishError(FenceError):
@@ -199,12 +199,13 @@ class RedfishFenceAgent:
             target = action.get("target") or f"{path}/Actions/ComputerSystem.Reset"
             self._request("POST", target, {"ResetType": reset_type})
             deadline = time.monotonic() + self.target.power_timeout
-            state = ""
+            state, pause = "", POLL
             while time.monotonic() < deadline:
                 state = self._system(path).get("PowerState", "")
                 if state == wanted:
                     return
-                time.sleep(POLL)
+                time.sleep(pause)
+                pause = min(POLL_MAX, pause * 1.5)
             raise RedfishError(f"{self.node} still reports PowerState {state!r} {self.target.power_timeout:g} s after "
                                f"{reset_type}; check the machine, or raise fence.{self.node}.power_timeout")
         finally:
