@@ -104,6 +104,25 @@ class PluginSettings:
 
 
 @dataclass(frozen=True)
+class FenceTarget:
+    """How to power one node off and on from outside it (its BMC), used by the node that takes its services
+    over (cortex.ha.fence). A section `fence: {NODE: {...}}` on every node that may fence NODE."""
+
+    agent: str = "redfish"  # a name in the entry-point group cortex.fence_agents
+    address: str = ""  # the BMC's base URL: https://bmc-n3.lab
+    system_id: str = ""  # the ComputerSystem's Id; empty: the BMC's only system
+    credentials_file: str = ""  # YAML/JSON {username, password}, readable by the agent only
+    auth: str = "basic"  # basic, or session (a Redfish session per operation, deleted afterwards)
+    ca_file: str = ""  # the BMC certificate's CA (pinned); empty: the system's trust store
+    verify_tls: bool = True  # false: accept any certificate (logged with every operation)
+    timeout: float = 10.0  # seconds per HTTP request
+    power_timeout: float = 120.0  # seconds until the BMC reports the power state asked for
+
+
+FENCE_AUTH = ("basic", "session")
+
+
+@dataclass(frozen=True)
 class Config:
     node_id: str
     role: str = "server"
@@ -119,6 +138,7 @@ class Config:
     max_message_bytes: int = 4 * 1024 * 1024
     plugins: dict[str, PluginSettings] = field(default_factory=dict)
     source: str = "<defaults>"
+    fence: dict[str, FenceTarget] = field(default_factory=dict)  # node id -> how to power it off and on
 
     @property
     def admin_socket_path(self) -> Path:
@@ -229,6 +249,24 @@ KEYS: tuple[Key, ...] = (
         "accepts, 65536 to 67108864"),
     Key("plugins", "mapping", "", "one section per plugin by name: `enabled: true|false` (default: the "
         "plugin's own) and its options, checked against the plugin's schema when plugins load"),
+    Key("fence", "mapping", "", "one section per node id this node may power off and on when it takes that "
+        "node's services over (docs/operations/ha.md)"),
+    Key("fence.NODE.agent", "str", FenceTarget.agent, "the fence agent, by name in the entry-point group "
+        "cortex.fence_agents (redfish built in)"),
+    Key("fence.NODE.address", "str", REQUIRED, "the BMC's base URL, https://HOST[:PORT]"),
+    Key("fence.NODE.system_id", "str", FenceTarget.system_id, "the Redfish ComputerSystem Id; empty: the BMC's "
+        "only system"),
+    Key("fence.NODE.credentials_file", "str", REQUIRED, "a YAML or JSON file {username, password} (relative to the "
+        "config file), readable by the agent alone"),
+    Key("fence.NODE.auth", "str", FenceTarget.auth, "basic (HTTP basic auth on every request) or session (a "
+        "Redfish session per operation, deleted afterwards)"),
+    Key("fence.NODE.ca_file", "str", FenceTarget.ca_file, "the CA of the BMC's certificate, pinned (relative to the "
+        "config file); empty: the system's trust store"),
+    Key("fence.NODE.verify_tls", "bool", FenceTarget.verify_tls, "false accepts any BMC certificate (for BMCs with "
+        "self-signed certificates; logged at every operation)"),
+    Key("fence.NODE.timeout", "float", FenceTarget.timeout, "seconds each HTTP request to the BMC may take"),
+    Key("fence.NODE.power_timeout", "float", FenceTarget.power_timeout, "seconds until the BMC must report the "
+        "power state asked for"),
 )
 
 
@@ -316,6 +354,35 @@ def _check_address(reader: _Reader, node: yaml.Node, key: str, value: str) -> st
     if not match or not 0 < int(match.group(2)) < 65536:
         raise reader.fail(node, key, f"must be HOST:PORT with a port 1-65535, got {value!r}")
     return value
+
+
+def _fence_sections(reader: _Reader, node: yaml.Node, base_dir: Path) -> dict[str, FenceTarget]:
+    if not isinstance(node, yaml.MappingNode):
+        raise reader.fail(node, "fence", "must be a mapping of node id to its fence settings")
+    targets: dict[str, FenceTarget] = {}
+    for key_node, value_node in node.value:
+        name = str(key_node.value)
+        if not NODE_ID_RE.match(name) or name in targets:
+            raise reader.fail(key_node, f"fence.{name}", "given twice" if name in targets else "not a node id")
+        kinds = {"float": float, "str": str, "bool": bool}
+        values = {k: reader.scalar(v, f"fence.{name}.{k}", kinds[section_keys("fence.NODE")[k]])
+                  for k, v in reader.mapping(value_node, f"fence.{name}", section_keys("fence.NODE")).items()}
+        for must in ("address", "credentials_file"):
+            if not values.get(must):
+                raise reader.fail(value_node, f"fence.{name}.{must}", "required")
+        if not re.match(r"^https?://[^/\s]+/?$", values["address"]):
+            raise reader.fail(value_node, f"fence.{name}.address",
+                              f"must be the BMC's base URL, https://HOST[:PORT], got {values['address']!r}")
+        if values.get("auth", "basic") not in FENCE_AUTH:
+            raise reader.fail(value_node, f"fence.{name}.auth", f"must be one of {', '.join(FENCE_AUTH)}")
+        for number in ("timeout", "power_timeout"):
+            if number in values and values[number] <= 0:
+                raise reader.fail(value_node, f"fence.{name}.{number}", "must be > 0")
+        for path in ("credentials_file", "ca_file"):
+            if values.get(path):
+                values[path] = str(base_dir / values[path])
+        targets[name] = FenceTarget(**values)
+    return targets
 
 
 def _plugin_sections(reader: _Reader, node: yaml.Node) -> dict[str, PluginSettings]:
@@ -460,6 +527,8 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
 
     if "plugins" in top:
         kwargs["plugins"] = _plugin_sections(reader, top["plugins"])
+    if "fence" in top:
+        kwargs["fence"] = _fence_sections(reader, top["fence"], base_dir)
 
     config = Config(**kwargs)
     if config.role == "worker" and config.bootstrap.init:

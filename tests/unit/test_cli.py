@@ -93,6 +93,7 @@ ELSEWHERE = {
     # the local agent's fixed admin socket under systemd (unit: test_node_install.py; nspawn: test_ansible.py)
     "node install", "node uninstall",
 }
+ELSEWHERE |= {"fence status", "fence off", "fence on"}  # they talk to BMCs: tests/unit/test_fence.py
 
 
 def command_paths() -> set[str]:

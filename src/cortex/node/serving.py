@@ -16,6 +16,7 @@ from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
 from cortex.core.events import Event
+from cortex.ha import volume_service
 from cortex.node.logs import fields
 from cortex.node.member import Member
 from cortex.plugins import PluginHost
@@ -128,6 +129,7 @@ class Servers:
                                                               network_caller(self.plugins), member.stopping.is_set),
                                                server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        volume_service.add_to_server(server, config.data_dir)
         reflection.enable_server_reflection(
             (pb.DESCRIPTOR.services_by_name["Cluster"].full_name, "cortex.v1.Plugins", health.SERVICE_NAME,
              reflection.SERVICE_NAME),

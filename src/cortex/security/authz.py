@@ -58,6 +58,8 @@ CALLER_ROLE_OF = {"admin": "admin", "server": "admin", "operator": "operator", "
                   "reader": "reader"}
 # Whole services open to every certificate of the cluster (plugin tools check their own roles).
 OPEN_SERVICES = ("/cortex.v1.Plugins/", "/grpc.health.v1.Health/", "/grpc.reflection.")
+# Whole services only node certificates may call: a service's volume is its data (cortex.ha.volume_service).
+NODE_SERVICES = ("/cortex.v1.Volumes/",)
 CLUSTER_SERVICE = "/cortex.v1.Cluster/"
 ENROLL_PORT_OFFSET = 2
 
@@ -78,6 +80,8 @@ def peer_from_context(context: grpc.ServicerContext) -> tls.Peer | None:
 def allowed_roles(method: str) -> frozenset[str] | None:
     if method.startswith(OPEN_SERVICES):
         return EVERYONE
+    if method.startswith(NODE_SERVICES):
+        return NODES
     if method.startswith(CLUSTER_SERVICE):
         return CLUSTER_RPC_ROLES.get(method[len(CLUSTER_SERVICE):], frozenset())
     return frozenset()
