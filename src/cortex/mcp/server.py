@@ -401,7 +401,8 @@ class Frontend:
     # --- list-changed ------------------------------------------------------------------------------------
     async def watch(self) -> None:
         """Tell clients when the tool list changes; runs for the server's lifetime."""
-        known = await anyio.to_thread.run_sync(partial(self.backend.wait_changed, 0, 2.0))
+        # abandoned on cancel like the waits below: a client that closes stdin at once must not wait for it
+        known = await anyio.to_thread.run_sync(partial(self.backend.wait_changed, 0, 2.0), abandon_on_cancel=True)
         while True:
             current = await anyio.to_thread.run_sync(partial(self.backend.wait_changed, known, 5.0),
                                                      abandon_on_cancel=True)
