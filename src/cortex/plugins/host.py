@@ -108,7 +108,7 @@ def validate_options(name: str, schema: dict, settings: PluginSettings, source: 
             key = next((k for k in settings.options if k not in schema.get("properties", {})), "")
         line = settings.lines.get(key, settings.line)
         dotted = f"plugins.{name}" + (f".{key}" if key else "")
-        raise PluginConfigError(f"{source}:{line}: {dotted}: {json_wording(error)}")
+        raise PluginConfigError(f"{source}:{line}: {dotted}: {error.message}")
     return options
 
 
