@@ -2,8 +2,9 @@
 
 The official `kubernetes` client does the talking: it loads the context from the same files discovery read
 (its merge keeps the first definition of a name, like kubectl; the context is always named explicitly, so
-which file sets current-context does not matter here), runs exec/auth-provider plugins when a request
-needs credentials, and never writes the files back (`persist_config=False`).
+which file sets current-context does not matter here), runs auth-provider plugins when a request needs
+credentials, and never writes the files back (`persist_config=False`). `exec` credentials are run and cached
+by execauth.py, which hands the library the token or certificate they gave.
 """
 
 from __future__ import annotations
