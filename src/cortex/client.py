@@ -197,9 +197,10 @@ def refused(details: str) -> bool:
     return any(m in details for m in ("Connection refused", "No such file or directory", "connection refused"))
 
 
-def speaks_http(address: str, timeout: float = 1.0) -> bool:
+def speaks_http(address: str, timeout: float = 3.0) -> bool:
     """Whether `address` answers HTTP/1 (a node's MCP port, a web server) instead of gRPC: one short request
-    on loopback or the network, made only after a call there already failed."""
+    on loopback or the network, made only after a call there already failed. Patient for a few seconds: a
+    node's MCP port loads its web stack on its first connection."""
     import socket
 
     if address.startswith("unix:"):

@@ -514,11 +514,28 @@ def test_memory_written_on_a_follower_reads_back_there_at_once_over_mcp(mc):
 
 # --- what third-party clients and CLI users meet ---------------------------------------------------------------
 
-def test_resource_templates_read_one_node_task_and_key_over_stdio_and_http(mc):
+def test_an_operator_session_has_kv_cancels_its_tasks_and_reads_templates(mc):
     node = mc.node("w1")
 
     async def main():
         async with stdio_session(node, profile="operator") as s, http_session(node, "?profile=operator") as h:
+            # the node's default toolsets (up to 40 tools) hold the kv tools; an operator may cancel
+            names = {t.name for t in (await s.list_tools()).tools}
+            assert {"kv_get", "kv_put", "kv_list", "tasks_submit", "tasks_cancel"} <= names and len(names) <= 40
+            submitted = await ok(s, "tasks_submit", {"tasks": [{"kind": "shell", "spec": {"command": "sleep 60"},
+                                                                 "placement": {"nodes": ["w1"]}}]})
+            sleeper = submitted["task_ids"][0]
+            await ok(s, "tasks_cancel", {"task_id": sleeper, "idempotency_key": f"cancel-{sleeper}"})
+            await ok(s, "tasks_cancel", {"task_id": sleeper, "idempotency_key": f"cancel-{sleeper}"})  # a retry
+
+            async def state() -> str:
+                return json.loads((await s.call_tool("tasks_get", {"task_id": sleeper})).content[0].text)["state"]
+
+            with anyio.fail_after(60):
+                while await state() != "cancelled":
+                    await anyio.sleep(0.2)
+
+            # resource templates: one node, task or key, through the tool that answers the same question
             for session in (s, h):
                 shapes = {t.uri_template for t in (await session.list_resource_templates()).resource_templates}
                 assert {"cluster://nodes/{node_id}", "cluster://tasks/{task_id}", "cluster://kv/{key}"} <= shapes
@@ -538,26 +555,6 @@ def test_resource_templates_read_one_node_task_and_key_over_stdio_and_http(mc):
     run(main)
 
 
-def test_an_operator_session_has_the_kv_tools_and_may_cancel_its_tasks(mc):
-    async def main():
-        async with stdio_session(mc.node("w1"), profile="operator") as s:  # the node's default toolsets
-            names = {t.name for t in (await s.list_tools()).tools}
-            assert {"kv_get", "kv_put", "kv_list", "tasks_submit", "tasks_cancel"} <= names and len(names) <= 40
-            submitted = await ok(s, "tasks_submit", {"tasks": [{"kind": "shell", "spec": {"command": "sleep 60"},
-                                                                 "placement": {"nodes": ["w1"]}}]})
-            task_id = submitted["task_ids"][0]
-            key = f"cancel-{task_id}"
-            await ok(s, "tasks_cancel", {"task_id": task_id, "idempotency_key": key})
-            await ok(s, "tasks_cancel", {"task_id": task_id, "idempotency_key": key})  # a retry changes nothing
-            async def state() -> str:
-                return json.loads((await s.call_tool("tasks_get", {"task_id": task_id})).content[0].text)["state"]
-
-            with anyio.fail_after(60):
-                while await state() != "cancelled":
-                    await anyio.sleep(0.2)
-    run(main)
-
-
 def test_an_oversize_http_request_is_a_tool_error(mc):
     async def main():
         async with http_session(mc.node("n1"), "?profile=operator&toolsets=kv") as s:
@@ -569,14 +566,14 @@ def test_an_oversize_http_request_is_a_tool_error(mc):
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js (its fetch is what TypeScript MCP clients use)")
 def test_a_call_sent_while_the_agent_is_paused_is_answered_over_http(mc):
-    """A call on a kept-alive connection, sent while the agent is stopped for 6 s (a suspended VM, a long GC),
+    """A call on a kept-alive connection, sent while the agent is stopped for 5 s (a suspended VM, a long GC),
     is answered when it resumes: the server's keep-alive outlasts any client's, so it never closes a
     connection with a request waiting in it (which Node's fetch reports as `fetch failed`)."""
     node = mc.node("w1")
     url, token = http_info(node)
     script = Path(__file__).parent / "fixtures" / "mcp_fetch" / "paused_call.mjs"
-    try:
-        out = procs.run(["node", str(script), url, token, str(node.pid), "6"], capture_output=True, timeout=60)
+    try:  # 5 s stopped, 1 s after the last answer: the connection idles past the 5 s keep-alive uvicorn defaults to
+        out = procs.run(["node", str(script), url, token, str(node.pid), "5"], capture_output=True, timeout=60)
     finally:
         os.kill(node.pid, signal.SIGCONT)
     assert out.returncode == 0, out.stderr
@@ -585,21 +582,25 @@ def test_a_call_sent_while_the_agent_is_paused_is_answered_over_http(mc):
     assert "connected_node" in answer["body"] and '"isError":false' in answer["body"].replace(" ", ""), answer
 
 
-def _mcp_stderr(node, *extra, env=None) -> str:
-    """What `cortex mcp` says on stderr at start (its stdin closed at once, so it exits after)."""
-    out = procs.run([sys.executable, "-m", "cortex", "--addr", node.grpc_address, "mcp", *extra],
-                    capture_output=True, timeout=60, stdin=subprocess.DEVNULL, env=env or dict(os.environ))
-    return out.stderr.decode()
+def test_cortex_mcp_names_a_missing_certificate_and_a_capped_profile(mc, tmp_path, monkeypatch, capsys):
+    """What `cortex mcp` says on stderr at start, before any tool call (run in this process: a subprocess spends
+    seconds importing the SDK). `localhost:PORT` is the same node under an address no credentials are known for."""
+    from cortex.mcp.server import GrpcBackend, parse_view
+    from cortex.plugins.cli import preflight
 
-
-def test_cortex_mcp_names_a_missing_certificate_and_a_capped_profile(mc, tmp_path):
     node = mc.node("n1")
-    bare = {k: v for k, v in os.environ.items() if k != "CORTEX_TLS_DIR"}
-    bare["CORTEX_DEV_TRUST_DIR"] = str(tmp_path / "no-notes")
-    said = _mcp_stderr(node, "--via", "addr", env=bare)
-    assert "no client certificate was found for" in said and "CORTEX_TLS_DIR" in said, said
+    monkeypatch.delenv("CORTEX_TLS_DIR", raising=False)
+    monkeypatch.setenv("CORTEX_DEV_TRUST_DIR", str(tmp_path / "no-notes"))
+    port = node.grpc_address.rpartition(":")[2]
+    for target, profile in ((f"localhost:{port}", ""), (node.grpc_address, "admin")):
+        backend = GrpcBackend(target, timeout=30)
+        try:
+            preflight(backend, parse_view(profile, ""))
+        finally:
+            backend.close()
+    said = capsys.readouterr().err
+    assert f"no client certificate was found for localhost:{port}" in said and "set CORTEX_TLS_DIR" in said, said
     assert "is `cortex agent` running" not in said
-    said = _mcp_stderr(node, "--via", "addr", "--profile", "admin")
     assert "the 'admin' profile was asked for, but this connection's credential has the 'operator' role" in said
 
 
@@ -624,6 +625,8 @@ def test_cli_socket_and_hints_follow_the_actual_cause(mc, monkeypatch, capsys):
     assert "nothing listens at" in said and "no client certificate" not in said and "just up" not in said, said
     # the MCP HTTP port given as --addr, in a process of its own: its stderr also shows gRPC's C core lines
     url, _ = http_info(node)
+    with httpx2.Client(timeout=30) as http:  # the port loads its web stack on a first connection; not this test's
+        assert http.get(url).status_code == 401
     tls = {**os.environ, "CORTEX_TLS_DIR": str(Path(node.dir) / "data" / "tls")}  # TLS to a web port: handshakes fail
     web = procs.run([sys.executable, "-m", "cortex", "--addr", url.split("//")[1].split("/")[0], "--timeout", "1",
                      "status"], capture_output=True, timeout=60, env=tls)
