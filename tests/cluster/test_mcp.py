@@ -616,6 +616,12 @@ def test_cli_socket_and_hints_follow_the_actual_cause(mc, monkeypatch, capsys):
         assert doc["node_id"] == "n1"
         if argv == ["tools", "list"]:
             assert doc["caller_role"] == "admin"  # the admin socket, not the network port
+    from cortex.client import CortexError
+
+    with Client(f"unix:{node.admin_socket}") as on_socket:  # Status and Read there; writes need the gRPC port
+        assert on_socket.read("cluster", {}, level="stale")["cluster_id"]
+        with pytest.raises(CortexError, match="the admin socket answers Status and Read of the Cluster service only"):
+            on_socket.put("socket/write", "no")
     assert main(["--addr", node.grpc_address, "tasks", "cancel", "nope"]) == 1
     said = capsys.readouterr().err
     assert "no such task" in said and "cortex status" not in said, said
