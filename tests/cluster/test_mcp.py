@@ -561,6 +561,10 @@ def test_an_oversize_http_request_is_a_tool_error(mc):
             text = await err(s, "kv_put", {"key": "huge", "value": "x" * 3_000_000}, "kv_put: the request is")
             assert "tool arguments may be at most 1048576 bytes" in text
             assert (await ok(s, "kv_put", {"key": "after-huge", "value": "fine"}))["version"] >= 1  # same session
+        async with http_session(mc.node("n1"), "?profile=admin&toolsets=membership") as s:  # the token: operator
+            listed = await s.list_tools()
+            assert "plugins.mcp.http_role" in listed.meta["cortex/notice"]
+            assert "approve_node" not in {t.name for t in listed.tools}
     run(main)
 
 
