@@ -165,9 +165,9 @@ class GrpcBackend:
             return ToolError(f"cannot call the Cortex agent at {self.target}: {details}; {hint}")
         return ToolError(f"cannot reach the Cortex agent at {self.target}: {details}; {hint}")
 
-    def catalog(self, caller: Caller | None) -> Catalog:
+    def catalog(self, caller: Caller | None, timeout: float | None = None) -> Catalog:
         try:
-            r = self._stub.ListTools(self._pb.ListToolsRequest(), timeout=self.timeout)
+            r = self._stub.ListTools(self._pb.ListToolsRequest(), timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             raise self._unreachable(exc) from None
         self.node_id = r.node_id

@@ -105,8 +105,8 @@ def preflight(backend, view) -> None:
     from cortex.mcp.server import ToolError
     from cortex.mcp.toolsets import View, select
 
-    try:
-        catalog = backend.catalog(None)
+    try:  # briefly: an assistant waits for the server to start, and the first tools/list asks again anyway
+        catalog = backend.catalog(None, timeout=5.0)
     except ToolError as exc:
         print(f"cortex mcp: {exc}", file=sys.stderr, flush=True)
         return
