@@ -77,7 +77,8 @@ def common_options(defaults: bool) -> argparse.ArgumentParser:
     common.add_argument("--addr", default=d(os.environ.get("CORTEX_ADDR", DEFAULT_ADDR)), action=_Given,
                         help=f"gRPC address of any node (env CORTEX_ADDR, default {DEFAULT_ADDR})")
     common.add_argument("--socket", default=d(os.environ.get("CORTEX_SOCKET", DEFAULT_SOCKET)), action=_Given,
-                        help="the local agent's admin socket (env CORTEX_SOCKET)")
+                        help="the local agent's admin socket (env CORTEX_SOCKET); named without --addr, "
+                             "status, tools and plugins ask the local agent there")
     common.add_argument("--timeout", type=float, default=d(10.0), help="seconds per call")
     return common
 
