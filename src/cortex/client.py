@@ -192,11 +192,59 @@ def no_credentials_hint(address: str) -> str:
             "to a server's <data_dir>/tls, or run the CLI on a node)")
 
 
+def refused(details: str) -> bool:
+    """Nothing listens there (or the socket file is gone): no certificate would change that."""
+    return any(m in details for m in ("Connection refused", "No such file or directory", "connection refused"))
+
+
+def speaks_http(address: str, timeout: float = 3.0) -> bool:
+    """Whether `address` answers HTTP/1 (a node's MCP port, a web server) instead of gRPC: one short request
+    on loopback or the network, made only after a call there already failed. Patient for a few seconds: a
+    node's MCP port loads its web stack on its first connection."""
+    import socket
+
+    if address.startswith("unix:"):
+        return False
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout) as sock:
+            sock.sendall(b"HEAD / HTTP/1.0\r\nHost: cortex\r\n\r\n")
+            return sock.recv(5) == b"HTTP/"
+    except (OSError, ValueError):
+        return False
+
+
+def unreachable_hint(address: str, code: str, details: str, plaintext: bool) -> str:
+    """What to do next after a failed call to `address`, from its actual cause ('' when there is no advice)."""
+    if code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return ""
+    if address.startswith("unix:"):
+        return (f"no agent answers on the admin socket {address[5:]}: is `cortex agent` running on this machine? "
+                "(or pass --socket PATH, or use --addr HOST:PORT)")
+    if refused(details):
+        return (f"nothing listens at {address}: start an agent there (`cortex agent`, or a local cluster with "
+                "`cortex dev up`), or pass --addr HOST:PORT of a running node")
+    if speaks_http(address):
+        return (f"{address} answers HTTP, not gRPC: that is a web port (a node's MCP HTTP port is its gRPC port + "
+                "80); pass the node's gRPC address with --addr")
+    if plaintext:
+        if "no client certificate" in details:  # the message says so already
+            return ""
+        return (f"no client certificate was found for {address} (looked in "
+                f"{where_credentials_are_looked_for(address)}), and a cluster member answers only mutual TLS: set "
+                f"{TLS_DIR_ENV} to a server's <data_dir>/tls (`cortex dev up` prints it), or run the CLI on a node")
+    if code == "DEADLINE_EXCEEDED":
+        return "the node did not answer in time: the cluster may have lost quorum; check `cortex status` and retry"
+    return f"is a node listening at {address}? check it with `cortex --addr {address} status`"
+
+
 class CortexError(RuntimeError):
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str, address: str = "", plaintext: bool = False):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.address = address  # where the call went, so a hint can name the cause there
+        self.plaintext = plaintext  # the call went without a client certificate
 
 
 class Client:
@@ -261,13 +309,13 @@ class Client:
                 # the node joined (or renewed) since this client was made: once more with its certificate
                 return self._call(getattr(self.stub, name), request, timeout)
             details = exc.details() or ""
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and self.plaintext:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and self.plaintext and not refused(details):
                 details += no_credentials_hint(self.address)
             elif exc.code() == grpc.StatusCode.UNAVAILABLE and self._lost_credentials:
                 details += (" (kept the client certificate in use, which is no longer found in "
                             f"{where_credentials_are_looked_for(self.address)}: set {TLS_DIR_ENV} to a "
                             "server's <data_dir>/tls)")
-            raise CortexError(exc.code(), details) from None
+            raise CortexError(exc.code(), details, self.address, self.plaintext) from None
 
     # --- writes ---------------------------------------------------------------------------------------
     def write(self, command_type: str, args: dict, idempotency_key: str | None = None,

@@ -438,7 +438,7 @@ def test_plugin_tools_submit_watch_log_delete_and_scale(plugin_host, fake: FakeK
     assert again["created"] is False and len(fake.jobs) == 1  # the same id is the same Job
     with pytest.raises(ToolError, match="needs the 'operator' role"):
         call("k8s_submit_job", {"image": "busybox"}, reader)
-    with pytest.raises(ToolError, match="invalid arguments at command: 'echo' is not of type 'array'"):
+    with pytest.raises(ToolError, match="invalid arguments at command: \"echo\" is not of type 'array'"):
         call("k8s_submit_job", {"image": "busybox", "command": "echo"}, operator)
     with pytest.raises(ToolError, match="k8s_submit_job: namespace 'Batch' is not a valid Kubernetes namespace"):
         call("k8s_submit_job", {"image": "busybox", "namespace": "Batch"}, operator)
@@ -532,3 +532,100 @@ def test_each_node_publishes_its_contexts_and_capacity_to_the_replicated_store(m
     shown = json.loads(capsys.readouterr().out)
     assert shown["state"] == "queued"
     assert "has no Kubernetes node with 64000m CPU" in shown["placement_now"][node]
+
+
+# --- exec credentials (gke-gcloud-auth-plugin, aws eks get-token) ------------------------------------------------
+# A stand-in plugin (tests/cluster/fixtures/kube_exec/cortex-test-auth) prints a real ExecCredential; the fake API
+# server accepts only the token it hands out.
+
+AUTH_PLUGIN = Path(__file__).parent / "fixtures" / "kube_exec" / "cortex-test-auth"
+
+
+def exec_kubeconfig(path: Path, server: str, context: str, args: list[str], log: Path, command: str = "",
+                    api_version: str = "client.authentication.k8s.io/v1", **extra) -> Path:
+    user = {"exec": {"apiVersion": api_version, "command": command or str(AUTH_PLUGIN), "args": args,
+                     "env": [{"name": "STANDIN_LOG", "value": str(log)}, {"name": "STANDIN_REGION", "value": "eu"}],
+                     "interactiveMode": "Never", "provideClusterInfo": True, **extra}}
+    return _kubeconfig(path, context, {f"{context}-cluster": {"server": server}}, {f"{context}-user": user},
+                       {context: {"cluster": f"{context}-cluster", "user": f"{context}-user"}})
+
+
+def runs(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_exec_credentials_run_at_job_time_and_are_cached_until_they_expire(tmp_path: Path):
+    from kubernetes import client as k8s
+
+    from cortex.kube.client import connect
+
+    log = tmp_path / "plugin.log"
+    with FakeKube(token="exec-token-1") as fake:
+        config = exec_kubeconfig(tmp_path / "config", fake.url, "gke", ["--token", "exec-token-1", "--expires-in",
+                                                                         "3600"], log)
+        found = discover([config])
+        assert (found.get("gke").auth, found.get("gke").auth_plugin) == ("exec", "cortex-test-auth")
+        assert runs(log) == []  # discovery names the plugin and never runs it
+        executor = executor_for(config)
+        for task in ("t-exec-1", "t-exec-2"):
+            outcome = Attempt(executor, script("echo authenticated"), tmp_path, task_id=task).result()
+            assert outcome.ok, outcome
+        [ran] = runs(log)  # two jobs, one plugin run: the credential is good for an hour
+        assert ran["argv"] == ["--token", "exec-token-1", "--expires-in", "3600"]
+        assert ran["env"]["STANDIN_REGION"] == "eu"
+        assert ran["info"]["apiVersion"] == "client.authentication.k8s.io/v1"
+        assert ran["info"]["spec"]["cluster"]["server"] == fake.url  # provideClusterInfo
+
+        # a credential about to expire is fetched anew for the next connection
+        soon = exec_kubeconfig(tmp_path / "soon", fake.url, "eks", ["--token", "exec-token-1", "--expires-in", "5"],
+                               tmp_path / "soon.log", api_version="client.authentication.k8s.io/v1beta1")
+        for _ in range(2):
+            with connect(discover([soon]), "eks") as kube:
+                assert k8s.VersionApi(kube.api).get_code().git_version == "v1.30.0-fake"
+        assert len(runs(tmp_path / "soon.log")) == 2
+
+        # a token the API server refuses is dropped: the attempt after the 401 asks the plugin again
+        wrong = exec_kubeconfig(tmp_path / "wrong", fake.url, "old", ["--token", "stale"], tmp_path / "wrong.log")
+        for _ in range(2):
+            outcome = Attempt(executor_for(wrong), script("true"), tmp_path, task_id="t-stale").result()
+            assert not outcome.ok and "HTTP 401" in outcome.error and "cortex-test-auth" in outcome.error, outcome
+        assert len(runs(tmp_path / "wrong.log")) == 2
+
+
+def test_exec_credential_failures_say_what_to_do(tmp_path: Path):
+    from cortex.kube.client import KubeError, connect
+
+    log = tmp_path / "plugin.log"
+    missing = exec_kubeconfig(tmp_path / "missing", "http://127.0.0.1:9", "gke", [], log,
+                              command="gke-gcloud-auth-plugin-not-here",
+                              installHint="Install gke-gcloud-auth-plugin for use with kubectl by following "
+                                          "https://cloud.google.com/kubernetes-engine/docs/how-to/cluster-access")
+    with pytest.raises(KubeError, match="'gke-gcloud-auth-plugin-not-here' is not installed on this node .*: Install "
+                                        "gke-gcloud-auth-plugin for use with kubectl") as refused:
+        connect(discover([missing]), "gke")
+    assert refused.value.retryable is False and "context 'gke'" in str(refused.value)
+    failing = exec_kubeconfig(tmp_path / "failing", "http://127.0.0.1:9", "eks", ["--fail", "ExpiredToken: log in"],
+                              log)
+    with pytest.raises(KubeError, match="cortex-test-auth exited with 1: ExpiredToken: log in"):
+        connect(discover([failing]), "eks")
+    old = exec_kubeconfig(tmp_path / "old", "http://127.0.0.1:9", "old", ["--token", "x"], log,
+                          api_version="client.authentication.k8s.io/v1alpha1")
+    with pytest.raises(KubeError, match="v1alpha1' is not supported"):
+        connect(discover([old]), "old")
+    assert len(runs(log)) == 1  # only the failing plugin ran; nothing was run for the missing or unsupported ones
+
+
+def test_an_exec_client_certificate_reaches_the_client_library(tmp_path: Path):
+    from cortex.kube.client import connect
+
+    cert = "-----BEGIN CERTIFICATE-----\nMIIBstand-in\n-----END CERTIFICATE-----\n"
+    key = "-----BEGIN EC PRIVATE KEY-----\nMHcstand-in\n-----END EC PRIVATE KEY-----\n"
+    (tmp_path / "c.pem").write_text(cert)
+    (tmp_path / "k.pem").write_text(key)
+    config = exec_kubeconfig(tmp_path / "config", "https://127.0.0.1:9", "aks", ["--cert", str(tmp_path / "c.pem"),
+                                                                                   "--key", str(tmp_path / "k.pem")],
+                             tmp_path / "plugin.log")
+    with connect(discover([config]), "aks") as kube:
+        configuration = kube.api.configuration
+        assert Path(configuration.cert_file).read_text() == cert and Path(configuration.key_file).read_text() == key
+        assert not configuration.api_key  # no token: the certificate is the credential

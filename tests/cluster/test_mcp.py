@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import anyio
@@ -27,6 +29,7 @@ from cortex._proto.cortex.v1 import cortex_pb2_grpc as pb_grpc
 from cortex.client import Client
 from cortex.dev import cluster as devcluster
 from cortex.security import authz
+from tests.support import procs
 from tests.support.cluster import Cluster, free_base_port
 from tests.support.wait import wait_until
 
@@ -69,6 +72,16 @@ def mc(tmp_path_factory):
 
 def run(coro_fn, *args):
     return anyio.run(coro_fn, *args)
+
+
+@contextmanager
+def socket_bound():
+    """A loopback port that is bound but never listens: a connection there is refused."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 @asynccontextmanager
@@ -153,7 +166,7 @@ def test_every_tool_over_stdio_from_a_worker(mc):
             assert health["status"] == "degraded"
             assert "plugin.failed:broken-start@w2" in [a["key"] for a in health["alerts"]]
             assert [n["id"] for n in await ok(s, "list_nodes", {"role": "worker"})] == ["w1", "w2"]
-            await err(s, "list_nodes", {"role": "king"}, "'king' is not one of")
+            await err(s, "list_nodes", {"role": "king"}, '"king" is not one of ["server", "worker"]')  # JSON words
             assert (await ok(s, "get_node", {"node_id": "n1"}))["role"] == "server"
             await err(s, "get_node", {"node_id": "zz"}, "no node 'zz' in the cluster; list_nodes")
             await err(s, "get_node", {"node_id": 5}, "5 is not of type 'string'")
@@ -214,6 +227,7 @@ def test_every_tool_over_stdio_from_a_worker(mc):
             assert (await ok(s, "check_messages", {"recipient": "agent:reviewer"}))["unread"] == 0
             await err(s, "mark_message_read", {"ids": ["nope"]}, "no such message(s): nope")
             await err(s, "mark_message_read", {"ids": []}, "should be non-empty")
+            await err(s, "mark_message_read", {"ids": True}, "at ids: true is not of type 'array'")  # JSON, not True
 
             # draining is the task engine's (task.drain / task.undrain), reached from a worker's session
             drained = await ok(s, "drain_node", {"node_id": "w1", "deadline_seconds": 60})
@@ -338,7 +352,8 @@ def test_http_bad_input_and_a_client_that_hangs_up_mid_call(mc):
             state = json.loads((await s.read_resource("cluster://state")).contents[0].text)
             assert state["has_quorum"] and state["health"]["status"] in ("healthy", "degraded")
             tasks = json.loads((await s.read_resource("cluster://tasks")).contents[0].text)
-            assert tasks["enabled"] is False and "task engine is not enabled" in tasks["message"]
+            assert tasks["enabled"] is True and "noop" in tasks["kinds_here"]  # the running engine answers
+            assert "dlq" in tasks["counts"] and isinstance(tasks["items"], list)
             k8s = json.loads((await s.read_resource("cluster://k8s")).contents[0].text)
             assert {"records", "capacity"} <= set(k8s)  # served by the kubernetes plugin
             with pytest.raises(MCPError, match="no resource 'cluster://nope'"):
@@ -387,6 +402,9 @@ def test_tool_list_changes_reach_stdio_and_http_clients(mc):
     async def main():
         async with stdio_session(node, via="socket", handler=lambda m: collect(stdio_seen, m)) as a, \
                 http_session(node, handler=lambda m: collect(http_seen, m)) as b:
+            for session in (a, b):  # both transports advertise the notifications they send
+                assert session.server_capabilities.tools.list_changed is True
+                assert session.server_capabilities.resources.list_changed is True
             assert "hello_world" in {t.name for t in (await a.list_tools()).tools}
             assert (await anyio.to_thread.run_sync(plugins_cli, "stop", "hello"))["state"] == "stopped"
             await wait_for(stdio_seen, 1)
@@ -489,5 +507,138 @@ def test_memory_written_on_a_follower_reads_back_there_at_once_over_mcp(mc):
                 assert logged["thread_id"] in {t["id"] for t in threads}, threads
             found = await ok(s, "memory_search", {"query": "flux capacitor"})
             assert len([h for h in found if h["kind"] == "thought" and "[flux] [capacitor]" in h["snippet"]]) >= 5, found
-            await err(s, "memory_query", {"sql": "DELETE FROM memory_threads"}, "refused")
+            await err(s, "memory_query", {"sql": "DELETE FROM memory_threads"},
+                      "a DELETE from memory_threads: memory_query runs read-only queries only")
     run(main)
+
+
+# --- what third-party clients and CLI users meet ---------------------------------------------------------------
+
+def test_an_operator_session_has_kv_cancels_its_tasks_and_reads_templates(mc):
+    node = mc.node("w1")
+
+    async def main():
+        async with stdio_session(node, profile="operator") as s, http_session(node, "?profile=operator") as h:
+            # the node's default toolsets (up to 40 tools) hold the kv tools; an operator may cancel
+            names = {t.name for t in (await s.list_tools()).tools}
+            assert {"kv_get", "kv_put", "kv_list", "tasks_submit", "tasks_cancel"} <= names and len(names) <= 40
+            submitted = await ok(s, "tasks_submit", {"tasks": [{"kind": "shell", "spec": {"command": "sleep 60"},
+                                                                 "placement": {"nodes": ["w1"]}}]})
+            sleeper = submitted["task_ids"][0]
+            await ok(s, "tasks_cancel", {"task_id": sleeper, "idempotency_key": f"cancel-{sleeper}"})
+            await ok(s, "tasks_cancel", {"task_id": sleeper, "idempotency_key": f"cancel-{sleeper}"})  # a retry
+
+            async def state() -> str:
+                return json.loads((await s.call_tool("tasks_get", {"task_id": sleeper})).content[0].text)["state"]
+
+            with anyio.fail_after(60):
+                while await state() != "cancelled":
+                    await anyio.sleep(0.2)
+
+            # resource templates: one node, task or key, through the tool that answers the same question
+            for session in (s, h):
+                shapes = {t.uri_template for t in (await session.list_resource_templates()).resource_templates}
+                assert {"cluster://nodes/{node_id}", "cluster://tasks/{task_id}", "cluster://kv/{key}"} <= shapes
+            task_id = (await ok(s, "tasks_submit", {"tasks": [{"kind": "noop", "name": "templated"}]}))["task_ids"][0]
+            await ok(h, "kv_put", {"key": "tmpl/a b", "value": "v1"})
+            for session in (s, h):
+                task = json.loads((await session.read_resource(f"cluster://tasks/{task_id}")).contents[0].text)
+                assert task["id"] == task_id and task["name"] == "templated"
+                got = json.loads((await session.read_resource("cluster://nodes/n1")).contents[0].text)
+                assert got["id"] == "n1" and got["role"] == "server"
+                kv = json.loads((await session.read_resource("cluster://kv/tmpl%2Fa%20b")).contents[0].text)
+                assert kv["value"] == "v1"
+                with pytest.raises(MCPError, match="no task 'nope'"):
+                    await session.read_resource("cluster://tasks/nope")
+                overview = json.loads((await session.read_resource("cluster://tasks")).contents[0].text)
+                assert overview["enabled"] is True and task_id in [t["id"] for t in overview["items"]]
+    run(main)
+
+
+def test_an_oversize_http_request_is_a_tool_error(mc):
+    async def main():
+        async with http_session(mc.node("n1"), "?profile=operator&toolsets=kv") as s:
+            text = await err(s, "kv_put", {"key": "huge", "value": "x" * 3_000_000}, "kv_put: the request is")
+            assert "tool arguments may be at most 1048576 bytes" in text
+            assert (await ok(s, "kv_put", {"key": "after-huge", "value": "fine"}))["version"] >= 1  # same session
+        async with http_session(mc.node("n1"), "?profile=admin&toolsets=membership") as s:  # the token: operator
+            listed = await s.list_tools()
+            assert "plugins.mcp.http_role" in listed.meta["cortex/notice"]
+            assert "approve_node" not in {t.name for t in listed.tools}
+    run(main)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js (its fetch is what TypeScript MCP clients use)")
+def test_a_call_sent_while_the_agent_is_paused_is_answered_over_http(mc):
+    """A call on a kept-alive connection, sent while the agent is stopped for 5 s (a suspended VM, a long GC),
+    is answered when it resumes: the server's keep-alive outlasts any client's, so it never closes a
+    connection with a request waiting in it (which Node's fetch reports as `fetch failed`)."""
+    node = mc.node("w1")
+    url, token = http_info(node)
+    script = Path(__file__).parent / "fixtures" / "mcp_fetch" / "paused_call.mjs"
+    try:  # 5 s stopped, 1 s after the last answer: the connection idles past the 5 s keep-alive uvicorn defaults to
+        out = procs.run(["node", str(script), url, token, str(node.pid), "5"], capture_output=True, timeout=60)
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert answer.get("status") == 200, answer
+    assert "connected_node" in answer["body"] and '"isError":false' in answer["body"].replace(" ", ""), answer
+
+
+def test_cortex_mcp_names_a_missing_certificate_and_a_capped_profile(mc, tmp_path, monkeypatch, capsys):
+    """What `cortex mcp` says on stderr at start, before any tool call (run in this process: a subprocess spends
+    seconds importing the SDK). `localhost:PORT` is the same node under an address no credentials are known for."""
+    from cortex.mcp.server import GrpcBackend, parse_view
+    from cortex.plugins.cli import preflight
+
+    node = mc.node("n1")
+    monkeypatch.delenv("CORTEX_TLS_DIR", raising=False)
+    monkeypatch.setenv("CORTEX_DEV_TRUST_DIR", str(tmp_path / "no-notes"))
+    port = node.grpc_address.rpartition(":")[2]
+    for target, profile in ((f"localhost:{port}", ""), (node.grpc_address, "admin")):
+        backend = GrpcBackend(target, timeout=30)
+        try:
+            preflight(backend, parse_view(profile, ""))
+        finally:
+            backend.close()
+    said = capsys.readouterr().err
+    assert f"no client certificate was found for localhost:{port}" in said and "set CORTEX_TLS_DIR" in said, said
+    assert "is `cortex agent` running" not in said
+    assert "the 'admin' profile was asked for, but this connection's credential has the 'operator' role" in said
+
+
+def test_cli_socket_and_hints_follow_the_actual_cause(mc, monkeypatch, capsys):
+    from cortex.cli.main import main
+
+    node = mc.node("n1")
+    for name in ("CORTEX_ADDR", "CORTEX_SOCKET"):
+        monkeypatch.delenv(name, raising=False)
+    for argv in (["status"], ["tools", "list"], ["plugins", "list"]):  # the socket alone names the node
+        assert main(["--socket", str(node.admin_socket), "--json", *argv]) == 0, capsys.readouterr().err
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["node_id"] == "n1"
+        if argv == ["tools", "list"]:
+            assert doc["caller_role"] == "admin"  # the admin socket, not the network port
+    from cortex.client import CortexError
+
+    with Client(f"unix:{node.admin_socket}") as on_socket:  # Status and Read there; writes need the gRPC port
+        assert on_socket.read("cluster", {}, level="stale")["cluster_id"]
+        with pytest.raises(CortexError, match="the admin socket answers Status and Read of the Cluster service only"):
+            on_socket.put("socket/write", "no")
+    assert main(["--addr", node.grpc_address, "tasks", "cancel", "nope"]) == 1
+    said = capsys.readouterr().err
+    assert "no such task" in said and "cortex status" not in said, said
+    with socket_bound() as port:  # bound, never listening: refused
+        assert main(["--addr", f"127.0.0.1:{port}", "status"]) == 1
+    said = capsys.readouterr().err
+    assert "nothing listens at" in said and "no client certificate" not in said and "just up" not in said, said
+    # the MCP HTTP port given as --addr, in a process of its own: its stderr also shows gRPC's C core lines
+    url, _ = http_info(node)
+    with httpx2.Client(timeout=30) as http:  # the port loads its web stack on a first connection; not this test's
+        assert http.get(url).status_code == 401
+    tls = {**os.environ, "CORTEX_TLS_DIR": str(Path(node.dir) / "data" / "tls")}  # TLS to a web port: handshakes fail
+    web = procs.run([sys.executable, "-m", "cortex", "--addr", url.split("//")[1].split("/")[0], "--timeout", "1",
+                     "status"], capture_output=True, timeout=60, env=tls)
+    assert b"answers HTTP, not gRPC" in web.stderr and b"quorum" not in web.stderr, web.stderr
+    assert b"ssl_transport_security" not in web.stderr, web.stderr

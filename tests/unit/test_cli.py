@@ -181,3 +181,22 @@ def test_registry_refuses_unknown_groups_and_duplicates():
     with pytest.raises(ValueError, match="no command group `cortex nothing`"):
         commands.add("two", lambda a: 0, "two", "nothing")
     assert root.parse_args(["things", "one", "--json"]).json is True
+
+
+def test_dev_up_says_where_the_certificate_is_and_how_to_add_the_mcp_server(tmp_path):
+    from cortex.cli.dev import connect_info, next_steps
+    from cortex.dev.cluster import DevCluster, DevNode
+
+    nodes = [DevNode("n1", "server", "127.0.0.1:25400", "127.0.0.1:25401", str(tmp_path / "n1")),
+             DevNode("w1", "worker", "127.0.0.1:25403", "", str(tmp_path / "w1"))]
+    mcp = tmp_path / "n1" / "data" / "plugins" / "mcp"
+    mcp.mkdir(parents=True)
+    (mcp / "mcp.json").write_text(json.dumps({"url": "http://127.0.0.1:25480/mcp", "token_file": str(mcp / "token")}))
+    cluster = DevCluster(str(tmp_path), nodes)
+    info = connect_info(cluster)
+    text = next_steps(cluster, info, str(tmp_path))
+    assert f"export CORTEX_TLS_DIR={tmp_path / 'n1' / 'data' / 'tls'}" in text
+    assert f"claude mcp add cortex -- cortex --socket {tmp_path / 'n1' / 'data' / 'admin.sock'} mcp" in text
+    assert "'http://127.0.0.1:25480/mcp?profile=operator'" in text and f"$(cat {mcp / 'token'})" in text
+    assert "cortex --addr 127.0.0.1:25400 kv get hello" in text  # every hint names the node it talks to
+    assert f"cortex dev down --dir {tmp_path}" in text and "just down" not in text

@@ -187,3 +187,65 @@ def test_messages_are_replicated_state(tmp_path: Path):
             validate("message.send", args)
     with pytest.raises(CommandError, match="a list of 1-500 message ids"):
         validate("message.mark_read", {"ids": []})
+
+
+# --- templates, oversize HTTP bodies, capped profiles, JSON wording ---------------------------------------------
+
+def test_resource_templates_match_their_uris_and_follow_the_served_tools():
+    from cortex.mcp import templates
+
+    template, arguments = templates.match("cluster://tasks/t-123")
+    assert (template.tool, arguments) == ("tasks_get", {"task_id": "t-123"})
+    assert templates.match("cluster://kv/a%2Fb")[1] == {"key": "a/b"}
+    assert templates.match("cluster://kv/a/b")[1] == {"key": "a/b"}
+    assert templates.match("cluster://tasks") is None and templates.match("cluster://tasks/") is None
+    assert templates.match("cluster://nope/x") is None
+    offered = {t.uri_template for t in templates.offered({"get_node", "kv_get"})}
+    assert offered == {"cluster://nodes/{node_id}", "cluster://kv/{key}"}  # no task engine: no task template
+
+
+def test_an_oversize_request_is_answered_in_json_rpc_in_either_key_order():
+    from cortex.mcp.http import oversize_answer
+
+    arguments = '{"key": "k", "value": "' + "x" * 5000 + '", "nested": {"id": 99}}'
+    python = f'{{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {{"name": "kv_put", "arguments": {arguments}}}}}'
+    typescript = f'{{"method":"tools/call","params":{{"name":"kv_put","arguments":{arguments}}},"jsonrpc":"2.0","id":"a-1"}}'
+    for body, request_id in ((python, 7), (typescript, "a-1")):
+        data = body.encode()
+        answer = oversize_answer(data[:4096], data[-4096:], 3_000_000, 2_097_152)
+        assert answer["id"] == request_id and answer["result"]["isError"] is True
+        assert answer["result"]["content"][0]["text"].startswith("kv_put: the request is 3000000 bytes")
+    other = b'{"jsonrpc":"2.0","id":3,"method":"resources/read","params":{"uri":"' + b"x" * 5000 + b'"}}'
+    answer = oversize_answer(other[:4096], other[-4096:], 3_000_000, 2_097_152)
+    assert answer["id"] == 3 and answer["error"]["code"] == -32600 and "the limit is 2097152" in \
+        answer["error"]["message"]
+
+
+def test_an_admin_profile_beyond_the_credential_is_said():
+    capped = select(TOOLS, View("operator", "admin", ("cluster",)), Policy(allow_destructive=True))
+    assert "'admin' profile was asked for, but this connection's credential has the 'operator' role" in capped.notice
+    assert "plugins.mcp.grpc_role" in capped.notice and "--via socket" in capped.notice
+    assert select(TOOLS, View("admin", "admin", ("cluster",)), Policy(allow_destructive=True)).notice == ""
+    assert select(TOOLS, View("operator", "operator", ("cluster",)), Policy()).notice == ""
+
+
+def test_the_key_value_tools_load_before_the_big_toolsets():
+    """The README's first MCP steps use kv_put/kv_get: with the default toolsets (up to 40 tools) an operator
+    session sees them even where the task engine, memory and Kubernetes fill the rest."""
+    big = [spec(f"{name}_{i}", name, read_only=False, role="operator") for name, count in
+           (("tasks", 16), ("workflows", 4), ("messaging", 5), ("memory", 12), ("kubernetes", 8)) for i in range(count)]
+    operator = select(TOOLS[:5] + big, View("operator", "operator"), Policy())
+    assert {"get", "put"} <= names(operator) and operator.loaded_toolsets[:2] == ["cluster", "kv"]
+
+
+def test_schema_errors_speak_json():
+    from cortex.plugins.host import _schema_errors, json_wording
+
+    def worded(schema, value):
+        return json_wording(_schema_errors(schema, value)[0])
+
+    assert worded({"type": "array"}, True) == "true is not of type 'array'"
+    assert worded({"type": "string"}, None) == "null is not of type 'string'"
+    assert worded({"enum": ["worker", "server"]}, "king") == '"king" is not one of ["worker", "server"]'
+    assert worded({"type": "integer"}, {"a": False}) == '{"a": false} is not of type \'integer\''
+    assert worded({"type": "string"}, 5) == "5 is not of type 'string'"

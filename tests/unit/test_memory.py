@@ -299,3 +299,17 @@ def test_retried_writes_with_an_idempotency_key_apply_once(host):
     again = call(host, "memory_log_thought", thread_id=thread, content="once", idempotency_key="k-1")
     assert again["thought_id"] == first["thought_id"]
     assert call(host, "memory_list_threads")[0]["thoughts"] == 2
+
+
+@pytest.mark.parametrize(("sql", "words"), [
+    ("DELETE FROM memory_threads", "a DELETE from memory_threads: memory_query runs read-only queries only"),
+    ("UPDATE memory_threads SET status = 'x'", "an UPDATE of memory_threads: memory_query runs read-only"),
+    ("INSERT INTO memory_threads (id) VALUES ('x')", "an INSERT into memory_threads: memory_query runs read-only"),
+])
+def test_memory_query_names_a_change_in_words(host, sql, words):
+    """A change sent to memory_query is named as what it is (SQLite's authorizer codes overlap the sqlite3
+    module's SQLITE_LIMIT_* numbers: a DELETE was once reported as limit_variable_number)."""
+    with pytest.raises(ToolError) as refused:
+        host.call_tool("memory_query", {"sql": sql}, READER)
+    assert words in str(refused.value) and "limit_" not in str(refused.value)
+    assert "memory_write" in str(refused.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -20,18 +21,44 @@ def cmd_dev_up(args) -> int:
         print(f"starting a local cluster: {args.servers} servers, {args.workers} workers in {args.dir}")
     cluster = devcluster.up(Path(args.dir), args.servers, args.workers, args.base_port, progress=say)
     took = time.monotonic() - start
-    first = cluster.nodes[0]
     doc = {"dir": cluster.dir, "seconds": round(took, 2),
            "nodes": [{"id": n.id, "role": n.role, "grpc": n.grpc_address, "raft": n.raft_address, "pid": n.pid}
-                     for n in cluster.nodes]}
-    human = (f"cluster healthy in {took:.1f}s\n\n"
-             + table(doc["nodes"], ["id", "role", "grpc", "raft", "pid"])
-             + f"\n\ntry:\n  cortex --addr {first.grpc_address} status\n"
-               f"  cortex --addr {cluster.nodes[-1].grpc_address} kv put hello world   # any node, forwarded\n"
-               f"  cortex kv get hello --level linearizable\n"
-               f"logs: {cluster.dir}/<node>/agent.log   stop: just down  (cortex dev down)")
-    emit(args, doc, human)
+                     for n in cluster.nodes],
+           **connect_info(cluster)}
+    emit(args, doc, f"cluster healthy in {took:.1f}s\n\n" + table(doc["nodes"], ["id", "role", "grpc", "raft", "pid"])
+         + "\n\n" + next_steps(cluster, doc, args.dir))
     return 0
+
+
+def connect_info(cluster) -> dict:
+    """How a client reaches this cluster: the client certificate's directory, and MCP over stdio and HTTP."""
+    first = cluster.nodes[0]
+    data = Path(first.dir).resolve() / "data"
+    info = {"tls_dir": str(data / "tls"), "admin_socket": str(data / "admin.sock")}
+    try:
+        mcp = json.loads((data / "plugins" / "mcp" / "mcp.json").read_text())
+        info["mcp_url"], info["mcp_token_file"] = mcp["url"], mcp["token_file"]
+    except (OSError, ValueError, KeyError):  # the plugin writes it once it serves; it may be a moment late
+        host, _, port = first.grpc_address.rpartition(":")
+        info["mcp_url"] = f"http://{host}:{int(port) + 80}/mcp"
+        info["mcp_token_file"] = str(data / "plugins" / "mcp" / "token")
+    info["mcp_stdio"] = f"cortex --socket {info['admin_socket']} mcp --profile operator"
+    return info
+
+
+def next_steps(cluster, info: dict, directory: str) -> str:
+    first, last = cluster.nodes[0], cluster.nodes[-1]
+    where = "" if directory == DEV_DIR else f" --dir {directory}"
+    return (f"client certificate (the CLI finds it by itself for these addresses; other tools need it):\n"
+            f"  export CORTEX_TLS_DIR={info['tls_dir']}\n\n"
+            f"try:\n  cortex --addr {first.grpc_address} status\n"
+            f"  cortex --addr {last.grpc_address} kv put hello world   # any node, forwarded\n"
+            f"  cortex --addr {first.grpc_address} kv get hello --level linearizable\n\n"
+            f"give an assistant the cluster's tools (MCP):\n"
+            f"  claude mcp add cortex -- {info['mcp_stdio']}\n"
+            f"  claude mcp add --transport http cortex-http '{info['mcp_url']}?profile=operator' "
+            f"--header \"Authorization: Bearer $(cat {info['mcp_token_file']})\"\n\n"
+            f"logs: {cluster.dir}/<node>/agent.log   stop: cortex dev down{where}")
 
 
 def cmd_dev_down(args) -> int:

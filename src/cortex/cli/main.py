@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+import os
+
+# Before gRPC loads: its C core prints a line per failed TLS handshake (WRONG_VERSION_NUMBER while a node turns
+# on mutual TLS, or when --addr names a web port), which says in C++ terms what the error and hint below say
+# in words. GRPC_VERBOSITY=INFO in the environment brings them back.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
 from importlib.metadata import entry_points
 
 from cortex.cli import agent, dev, kv, lifecycle, nodes, status, token
@@ -32,6 +39,17 @@ def build_parser(builtin_only: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+def error_hint(exc, args) -> str:
+    """The next step for a failed call, from its cause: a node waiting to join, nothing listening, a web port
+    given as --addr, a missing client certificate, a cluster without quorum. An answer the node gave about
+    the request itself (no such task, bad arguments) needs no hint: its message says it."""
+    from cortex.client import unreachable_hint
+
+    if exc.code.name == "FAILED_PRECONDITION":
+        return "see `cortex status` for what the node is waiting for" if "not in a cluster" in exc.details else ""
+    return unreachable_hint(exc.address or getattr(args, "addr", ""), exc.code.name, exc.details, exc.plaintext)
+
+
 def main(argv: list[str] | None = None) -> int:
     from cortex.client import CortexError
 
@@ -42,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cortex: {exc}", file=sys.stderr)
         return 2
     except CortexError as exc:
-        hint = {
-            "UNAVAILABLE": f"is a node listening at {args.addr}? start one with `just up`, or pass --addr",
-            "FAILED_PRECONDITION": "see `cortex status` for what the node is waiting for",
-            "DEADLINE_EXCEEDED": "the cluster may have lost quorum; check `cortex status` and retry",
-        }.get(exc.code.name, "")
+        hint = error_hint(exc, args)
         print(f"cortex: {exc.details or exc.code.name}" + (f"\n  hint: {hint}" if hint else ""), file=sys.stderr)
         return 1
     except (RuntimeError, ValueError, OSError) as exc:

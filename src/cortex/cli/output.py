@@ -51,26 +51,47 @@ def when(ts: float | None) -> str:
     return "never" if not ts else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+class _Given(argparse.Action):
+    """Stores the value and remembers that it was given on the command line (a default socket path that
+    happens to exist must not outrank --addr; a --socket the operator typed must)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+def socket_chosen(args) -> bool:
+    """The operator chose the local agent's socket (--socket or CORTEX_SOCKET) and no node address (--addr or
+    CORTEX_ADDR): a command that can use either then takes the socket. Both named: the address, as before."""
+    socket = getattr(args, "socket_given", False) or bool(os.environ.get("CORTEX_SOCKET"))
+    addr = getattr(args, "addr_given", False) or bool(os.environ.get("CORTEX_ADDR"))
+    return bool(socket and not addr)
+
+
 def common_options(defaults: bool) -> argparse.ArgumentParser:
     """Global options, accepted before or after the subcommand (sub-parsers must not reset them, hence the
     variant without defaults that every subcommand inherits)."""
     d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=d(False), help="print JSON instead of tables")
-    common.add_argument("--addr", default=d(os.environ.get("CORTEX_ADDR", DEFAULT_ADDR)),
+    common.add_argument("--addr", default=d(os.environ.get("CORTEX_ADDR", DEFAULT_ADDR)), action=_Given,
                         help=f"gRPC address of any node (env CORTEX_ADDR, default {DEFAULT_ADDR})")
-    common.add_argument("--socket", default=d(os.environ.get("CORTEX_SOCKET", DEFAULT_SOCKET)),
-                        help="the local agent's admin socket (env CORTEX_SOCKET)")
+    common.add_argument("--socket", default=d(os.environ.get("CORTEX_SOCKET", DEFAULT_SOCKET)), action=_Given,
+                        help="the local agent's admin socket (env CORTEX_SOCKET); named without --addr, "
+                             "status, tools and plugins ask the local agent there")
     common.add_argument("--timeout", type=float, default=d(10.0), help="seconds per call")
     return common
 
 
 # --- reaching a node: every command builds its connection here, from --addr, --socket and --timeout ---------
 
-def cluster_client(args):
-    """The Cluster API of the node at --addr (it forwards to the leader when needed)."""
+def cluster_client(args, socket_ok: bool = False):
+    """The Cluster API of the node at --addr (it forwards to the leader when needed); with `socket_ok`, of the
+    local agent on its admin socket when the operator named one (it answers Status and Read there)."""
     from cortex.client import Client
 
+    if socket_ok and socket_chosen(args):
+        return Client(f"unix:{require_socket(args)}", timeout=args.timeout)
     return Client(args.addr, timeout=args.timeout)
 
 
@@ -89,9 +110,14 @@ def admin_client(args):
 
 def node_target(args, via: str = "auto") -> str:
     """Where the Plugins API is called: the admin socket (admin role) or --addr (network role); `auto`
-    takes the socket when it exists."""
+    takes the socket when it exists; `given` takes it when the operator named one (--socket, CORTEX_SOCKET),
+    else --addr. A socket the operator named must exist."""
+    if via == "given":
+        via = "socket" if socket_chosen(args) else "addr"
     if via == "auto":
-        via = "socket" if Path(args.socket).exists() else "addr"
+        via = "socket" if socket_chosen(args) or Path(args.socket).exists() else "addr"
+    if via == "socket" and socket_chosen(args):
+        require_socket(args)
     return f"unix:{args.socket}" if via == "socket" else args.addr
 
 

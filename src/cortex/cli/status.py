@@ -7,7 +7,7 @@ from cortex.cli.registry import CommandRegistry
 
 
 def cmd_status(args) -> int:
-    with cluster_client(args) as c:
+    with cluster_client(args, socket_ok=True) as c:
         status = c.status()
         view = leader_view(args, status)
     doc = status_dict(status)

@@ -2,8 +2,9 @@
 
 The official `kubernetes` client does the talking: it loads the context from the same files discovery read
 (its merge keeps the first definition of a name, like kubectl; the context is always named explicitly, so
-which file sets current-context does not matter here), runs exec/auth-provider plugins when a request
-needs credentials, and never writes the files back (`persist_config=False`).
+which file sets current-context does not matter here), runs auth-provider plugins when a request needs
+credentials, and never writes the files back (`persist_config=False`). `exec` credentials are run and cached
+by execauth.py, which hands the library the token or certificate they gave.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 import urllib3
 from kubernetes import client as k8s
 from kubernetes.config.config_exception import ConfigException
-from kubernetes.config.kube_config import load_kube_config
+from kubernetes.config.kube_config import load_kube_config, load_kube_config_from_dict
 
+from cortex.kube import execauth
 from cortex.kube.capacity import ContextCapacity, summarize
 from cortex.kube.kubeconfig import Discovery, KubeContext
 
@@ -81,8 +83,17 @@ def connect(discovery: Discovery, name: str) -> Kube:
     ctx = resolve(discovery, name)
     configuration = type.__call__(k8s.Configuration)  # a fresh one, not a copy of the process default
     try:
-        load_kube_config(config_file=discovery.paths, context=ctx.name, client_configuration=configuration,
-                         persist_config=False)
+        if ctx.auth == "exec":  # the plugin runs here, at job time, with its credential cached (execauth.py)
+            found = execauth.entries(discovery.files, ctx.name)
+            credential = execauth.credential(found, ctx.name)
+            load_kube_config_from_dict(execauth.kubeconfig_with(found, ctx.name, ctx.cluster, ctx.user or "exec",
+                                                                credential),
+                                       context=ctx.name, client_configuration=configuration, persist_config=False)
+        else:
+            load_kube_config(config_file=discovery.paths, context=ctx.name, client_configuration=configuration,
+                             persist_config=False)
+    except execauth.ExecCredentialError as exc:
+        raise KubeError(f"cannot get credentials for {exc}", retryable=exc.retryable, reason="Credentials") from None
     except (ConfigException, OSError, ValueError) as exc:
         raise KubeError(f"cannot load credentials of context {ctx.name!r} from {ctx.source}: {exc}; "
                         f"fix the kubeconfig (or the {ctx.auth_plugin or 'auth'} plugin it runs) on this node",
@@ -114,6 +125,9 @@ def explain(exc: BaseException, ctx: KubeContext, doing: str) -> KubeError:
         if status in (401, 403):
             hint = ("the credentials were refused; refresh them in " + ctx.source if status == 401
                     else "the user lacks RBAC permission for this; grant it or use another context")
+            if status == 401 and ctx.auth == "exec":  # the next request runs the plugin again
+                execauth.forget(ctx.name)
+                hint = f"the credential {ctx.auth_plugin} gave was refused; the next attempt asks it again"
             return KubeError(f"{doing} on {where}: HTTP {status} {message}; {hint}", retryable=False,
                              status=status, reason=reason)
         if status in (400, 404, 409, 422):

@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import json
 import os
+import re
 import secrets
 import select
 import socket
@@ -35,6 +36,17 @@ if TYPE_CHECKING:
 
 DEFAULT_PORT_OFFSET = 80  # "auto": the gRPC port + 80 on the gRPC host (7400 -> 7480)
 MAX_BODY_BYTES = 2 * 1024 * 1024  # a little above the tool-argument limit, so that limit answers first
+# A larger body is still read to its end (a client mid-upload that sees its connection close reports a
+# transport failure, not the answer) up to this much; beyond it the connection gets HTTP 413.
+MAX_DRAIN_BYTES = 64 * 1024 * 1024
+# Longer than any client's idle keep-alive (undici 4 s, httpx 5 s): the client, not the server, retires an idle
+# connection, so a request sent on it just as the server would close it (an agent paused or busy for a few
+# seconds) is never lost as "fetch failed".
+KEEP_ALIVE_SECONDS = 120
+_ID_FIRST = re.compile(rb'^\s*\{\s*"jsonrpc"\s*:\s*"2\.0"\s*,\s*"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
+_ID_LAST = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*\}\s*$')
+_METHOD = re.compile(rb'"method"\s*:\s*"([^"\\]{1,100})"')
+_NAME = re.compile(rb'"name"\s*:\s*"([^"\\]{1,200})"')
 
 
 class Authenticator(Protocol):
@@ -81,6 +93,83 @@ class RequireCaller:
             return
         scope["cortex.caller"] = caller
         return await self.app(scope, receive, send)
+
+
+class OversizeAsError:
+    """ASGI middleware: a request body over the limit is answered in JSON-RPC, as stdio answers it.
+
+    The SDK answers such a body with a bare HTTP 413, which a client reports as a transport failure (its
+    session looks dead). Here the body is read to its end, keeping only its first and last 4 KiB, where the
+    request's id, method and tool name are (Python clients put the id first, TypeScript ones last); a
+    `tools/call` then gets a tool error (`isError`) and any other method a JSON-RPC error, both with HTTP 200.
+    """
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES, drain: int = MAX_DRAIN_BYTES):
+        self.app = app
+        self.limit = limit
+        self.drain = drain
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.drain:
+            return await _respond(send, 413, {"error": f"request body over {self.drain} bytes"})
+        kept: list[bytes] = []
+        size, head, tail = 0, b"", b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body = message.get("body", b"")
+            size += len(body)
+            if size <= self.limit:
+                kept.append(body)
+            else:
+                if not head:
+                    head = (b"".join(kept) + body)[:4096]
+                    kept = []
+                tail = (tail + body)[-4096:]
+                if size > self.drain:
+                    return await _respond(send, 413, {"error": f"request body over {self.drain} bytes"})
+            if not message.get("more_body", False):
+                break
+        if size > self.limit:
+            return await _respond(send, 200, oversize_answer(head, tail, size, self.limit))
+        whole, replayed = b"".join(kept), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": whole, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def oversize_answer(head: bytes, tail: bytes, size: int, limit: int) -> dict:
+    """The JSON-RPC answer to a request of `size` bytes, from the first and last bytes of its body."""
+    from cortex.plugins import MAX_TOOL_ARGUMENT_BYTES
+
+    found = _ID_FIRST.search(head) or _ID_LAST.search(tail)
+    request_id = json.loads(found.group(1)) if found else None
+    method = _METHOD.search(head)
+    if method is not None and method.group(1) == b"tools/call":
+        name = _NAME.search(head)
+        tool = name.group(1).decode("utf-8", "replace") if name else "the tool"
+        text = (f"{tool}: the request is {size} bytes; tool arguments may be at most {MAX_TOOL_ARGUMENT_BYTES} "
+                "bytes: send less per call")
+        return {"jsonrpc": "2.0", "id": request_id,
+                "result": {"content": [{"type": "text", "text": text}], "isError": True}}
+    return {"jsonrpc": "2.0", "id": request_id,
+            "error": {"code": -32600, "message": f"the request is {size} bytes; the limit is {limit}"}}
+
+
+async def _respond(send, status: int, document: dict) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": json.dumps(document).encode()})
 
 
 def view_of(request) -> View:
@@ -133,8 +222,8 @@ class HttpServer:
             allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"])
         app = frontend.server.streamable_http_app(streamable_http_path="/mcp", host=self.host,
                                                   transport_security=security, max_request_body_size=MAX_BODY_BYTES)
-        config = uvicorn.Config(RequireCaller(app, self.authenticators), log_level="warning", lifespan="on",
-                                access_log=False)
+        config = uvicorn.Config(RequireCaller(OversizeAsError(app), self.authenticators), log_level="warning",
+                                lifespan="on", access_log=False, timeout_keep_alive=KEEP_ALIVE_SECONDS)
         return frontend, uvicorn.Server(config)
 
     def _run(self) -> None:

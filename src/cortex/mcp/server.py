@@ -35,6 +35,7 @@ from mcp.shared.subscriptions import ResourcesListChanged, ToolsListChanged
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from cortex import __version__
+from cortex.mcp import templates
 from cortex.mcp.toolsets import PROFILES, Policy, Selection, ToolSpec, View, select
 from cortex.plugins import MAX_TOOL_ARGUMENT_BYTES, Caller, PluginHost, ToolError
 
@@ -49,6 +50,17 @@ PLACEHOLDER_RESOURCES = {
     "cluster://k8s": ("kubernetes", "The Kubernetes cluster Cortex manages", "the kubernetes plugin is not "
                       "enabled on this node; k8s tools appear once it runs"),
 }
+
+
+# What this front end sends: list-changed notifications for tools and resources (Frontend.watch). Every
+# transport's `initialize` advertises exactly this; the streamable HTTP manager builds its initialization
+# options itself, hence the subclass below instead of an argument to each `run`.
+NOTIFICATIONS = NotificationOptions(tools_changed=True, resources_changed=True)
+
+
+class _Server(Server):
+    def create_initialization_options(self, notification_options=None, *args, **kwargs):
+        return super().create_initialization_options(notification_options or NOTIFICATIONS, *args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -139,12 +151,23 @@ class GrpcBackend:
         self._channel.close()
 
     def _unreachable(self, exc: grpc.RpcError) -> ToolError:
-        return ToolError(f"cannot reach the local Cortex agent at {self.target}: {exc.details() or exc.code().name}; "
-                         "is `cortex agent` running there? (cortex mcp --socket PATH or --addr HOST:PORT)")
+        """The failure in words of its cause: nothing listening, no client certificate, a web port, no quorum."""
+        from cortex.client import find_credentials, unreachable_hint
 
-    def catalog(self, caller: Caller | None) -> Catalog:
+        details = exc.details() or exc.code().name
+        plaintext = not self.target.startswith("unix:") and find_credentials(self.target) is None
+        hint = unreachable_hint(self.target, exc.code().name, details, plaintext)
+        if plaintext and not hint:  # the details already name the missing certificate
+            hint = "set CORTEX_TLS_DIR to a server's <data_dir>/tls, or use the node's admin socket (--via socket)"
+        if not hint:
+            hint = "is `cortex agent` running there? (cortex mcp --socket PATH or --addr HOST:PORT)"
+        if plaintext:
+            return ToolError(f"cannot call the Cortex agent at {self.target}: {details}; {hint}")
+        return ToolError(f"cannot reach the Cortex agent at {self.target}: {details}; {hint}")
+
+    def catalog(self, caller: Caller | None, timeout: float | None = None) -> Catalog:
         try:
-            r = self._stub.ListTools(self._pb.ListToolsRequest(), timeout=self.timeout)
+            r = self._stub.ListTools(self._pb.ListToolsRequest(), timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             raise self._unreachable(exc) from None
         self.node_id = r.node_id
@@ -218,19 +241,19 @@ class Frontend:
         self._connections: weakref.WeakSet = weakref.WeakSet()
         self._catalog: Catalog | None = None
         self._catalog_lock = threading.Lock()
-        self.server = Server(
+        self.server = _Server(
             "cortex", version=__version__, title="Cortex cluster",
             instructions=("Tools of a Cortex cluster (nodes, leadership, key-value store, alerts, messages, skills, "
                           "and whatever plugins the node runs). Calls run on the node you are connected to; "
                           "changes are forwarded to the cluster's leader. A tool you do not see may be outside "
                           "this session's profile or toolsets: a failed call says how to enable it."),
             on_list_tools=self._list_tools, on_call_tool=self._call_tool, on_list_resources=self._list_resources,
-            on_read_resource=self._read_resource, on_subscriptions_listen=ListenHandler(self.bus))
+            on_read_resource=self._read_resource, on_list_resource_templates=self._list_templates,
+            on_subscriptions_listen=ListenHandler(self.bus))
         self.server.middleware.append(self._remember_connection)
 
     def initialization_options(self):
-        return self.server.create_initialization_options(NotificationOptions(tools_changed=True,
-                                                                             resources_changed=True))
+        return self.server.create_initialization_options(NOTIFICATIONS)
 
     # --- what a session sees ---------------------------------------------------------------------------
     def _view(self, ctx) -> View:
@@ -272,7 +295,7 @@ class Frontend:
             _, selection = await self._selection(self._view(ctx))
         except (ToolError, ValueError) as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
-        return types.ListToolsResult(tools=[
+        return types.ListToolsResult(meta={"cortex/notice": selection.notice} if selection.notice else None, tools=[
             types.Tool(name=t.name, description=t.description, input_schema=t.input_schema,
                        annotations=types.ToolAnnotations(title=t.name.replace("_", " "), read_only_hint=t.read_only,
                                                          destructive_hint=t.destructive,
@@ -335,19 +358,51 @@ class Frontend:
         try:
             text, mime = await anyio.to_thread.run_sync(self.backend.read, uri)
         except KeyError:
-            if uri not in PLACEHOLDER_RESOURCES:
+            found = templates.match(uri)
+            if found is not None:
+                text, mime = await self._read_templated(ctx, uri, *found), "application/json"
+            elif uri in PLACEHOLDER_RESOURCES:
+                text, mime = json.dumps({"enabled": False, "items": [],
+                                         "message": PLACEHOLDER_RESOURCES[uri][2]}, indent=1), "application/json"
+            else:
                 known = ", ".join(r.uri for r in await self._all_resources())
-                raise MCPError(RESOURCE_NOT_FOUND, f"no resource {uri!r}; known: {known}") from None
-            text, mime = json.dumps({"enabled": False, "items": [],
-                                     "message": PLACEHOLDER_RESOURCES[uri][2]}, indent=1), "application/json"
+                shapes = ", ".join(t.uri_template for t in templates.TEMPLATES)
+                raise MCPError(RESOURCE_NOT_FOUND, f"no resource {uri!r}; known: {known}; "
+                                                   f"templates: {shapes}") from None
         except ToolError as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return types.ReadResourceResult(contents=[types.TextResourceContents(uri=uri, mime_type=mime, text=text)])
 
+    async def _read_templated(self, ctx, uri: str, template: templates.Template, arguments: dict) -> str:
+        """A templated resource is its tool's answer; a tool this node does not serve is an unknown resource."""
+        catalog = await self._catalog_for(self._view(ctx))
+        if template.tool not in {t.name for t in catalog.tools}:
+            raise MCPError(RESOURCE_NOT_FOUND, f"no resource {uri!r}: {template.tool} is not served on node "
+                                               f"{catalog.policy.node_id or self.backend.node_id}")
+        caller = self._caller(self._view(ctx))  # over gRPC the agent decides who calls; in process, the token
+        try:
+            result = await anyio.to_thread.run_sync(partial(self.backend.call, template.tool, arguments, caller),
+                                                    abandon_on_cancel=True)
+        except ToolError as exc:
+            code = RESOURCE_NOT_FOUND if str(exc).startswith("no ") else INVALID_PARAMS
+            raise MCPError(code, f"{uri}: {exc}") from None
+        return json.dumps(result, default=str, indent=1)
+
+    async def _list_templates(self, ctx, params) -> types.ListResourceTemplatesResult:
+        try:
+            catalog = await self._catalog_for(self._view(ctx))
+        except ToolError as exc:
+            raise MCPError(INVALID_PARAMS, str(exc)) from None
+        return types.ListResourceTemplatesResult(resource_templates=[
+            types.ResourceTemplate(uri_template=t.uri_template, name=t.name, description=t.description,
+                                   mime_type="application/json")
+            for t in templates.offered({x.name for x in catalog.tools})])
+
     # --- list-changed ------------------------------------------------------------------------------------
     async def watch(self) -> None:
         """Tell clients when the tool list changes; runs for the server's lifetime."""
-        known = await anyio.to_thread.run_sync(partial(self.backend.wait_changed, 0, 2.0))
+        # abandoned on cancel like the waits below: a client that closes stdin at once must not wait for it
+        known = await anyio.to_thread.run_sync(partial(self.backend.wait_changed, 0, 2.0), abandon_on_cancel=True)
         while True:
             current = await anyio.to_thread.run_sync(partial(self.backend.wait_changed, known, 5.0),
                                                      abandon_on_cancel=True)

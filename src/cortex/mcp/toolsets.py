@@ -20,8 +20,9 @@ from cortex.plugins import CALLER_ROLES
 
 PROFILES = ("read-only", "operator", "admin")
 DEFAULT_MAX_TOOLS = 40
-# Default loading order: what an assistant needs first. Unknown toolsets follow, alphabetically.
-PRIORITY = ("cluster", "tasks", "workflows", "messaging", "skills", "memory", "kubernetes", "alerts", "kv",
+# Default loading order: what an assistant needs first. Unknown toolsets follow, alphabetically. The key-value
+# store comes right after the cluster's own tools: it is small, and the first thing the README has a session do.
+PRIORITY = ("cluster", "kv", "tasks", "workflows", "messaging", "skills", "memory", "kubernetes", "alerts",
             "membership", "updater")
 
 
@@ -75,6 +76,17 @@ class Selection:
     loaded_toolsets: list[str] = field(default_factory=list)
     skipped_toolsets: list[str] = field(default_factory=list)  # left out to stay within max_tools
     profile: str = "read-only"
+    notice: str = ""  # the session asked for more than its credential allows: said once, at the start
+
+
+def capped_notice(profile: str, caller_role: str) -> str:
+    """'' unless the profile asks for more than the caller's role grants (admin tools stay hidden then)."""
+    if profile != "admin" or caller_role == "admin":
+        return ""
+    return (f"the 'admin' profile was asked for, but this connection's credential has the {caller_role!r} role, "
+            "so tools that need 'admin' stay hidden; for them connect through the node's admin socket "
+            "(cortex mcp --via socket, on the node) or give the credential the admin role "
+            "(plugins.mcp.grpc_role for --addr, plugins.mcp.http_role for the HTTP token)")
 
 
 def toolset_order(names: set[str]) -> list[str]:
@@ -102,7 +114,7 @@ def select(tools: list[ToolSpec], view: View, policy: Policy) -> Selection:
     profile = view.profile or policy.default_profile
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
-    out = Selection(profile=profile)
+    out = Selection(profile=profile, notice=capped_notice(profile, view.caller_role))
     allowed = []
     for tool in tools:
         reason = _why_not(tool, profile, policy, view.caller_role)

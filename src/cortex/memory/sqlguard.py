@@ -35,8 +35,16 @@ TIME_FUNCTIONS = ("date", "time", "datetime", "julianday", "unixepoch", "strftim
 TIME_KEYWORDS = ("current_timestamp", "current_date", "current_time")
 TZ_MODIFIERS = ("localtime", "utc")
 
-_ACTION_NAMES = {v: k for k, v in vars(sqlite3).items() if k.startswith("SQLITE_") and isinstance(v, int)
-                 and k not in ("SQLITE_OK", "SQLITE_DENY", "SQLITE_IGNORE")}
+# The authorizer's action codes by name. Only these: the sqlite3 module's other SQLITE_* constants (result
+# codes, SQLITE_LIMIT_*) reuse the same small numbers, and a DELETE must not be named limit_variable_number.
+_ACTIONS = ("CREATE_INDEX CREATE_TABLE CREATE_TEMP_INDEX CREATE_TEMP_TABLE CREATE_TEMP_TRIGGER CREATE_TEMP_VIEW "
+            "CREATE_TRIGGER CREATE_VIEW DELETE DROP_INDEX DROP_TABLE DROP_TEMP_INDEX DROP_TEMP_TABLE "
+            "DROP_TEMP_TRIGGER DROP_TEMP_VIEW DROP_TRIGGER DROP_VIEW INSERT PRAGMA READ SELECT TRANSACTION UPDATE "
+            "ATTACH DETACH ALTER_TABLE REINDEX ANALYZE CREATE_VTABLE DROP_VTABLE FUNCTION SAVEPOINT RECURSIVE")
+_ACTION_NAMES = {getattr(sqlite3, f"SQLITE_{name}"): f"SQLITE_{name}" for name in _ACTIONS.split()
+                 if hasattr(sqlite3, f"SQLITE_{name}")}
+_CHANGES = {sqlite3.SQLITE_INSERT: "an INSERT into", sqlite3.SQLITE_UPDATE: "an UPDATE of",
+            sqlite3.SQLITE_DELETE: "a DELETE from"}
 
 
 class SQLRefused(ValueError):
@@ -93,6 +101,9 @@ def _read_decision(action: int, arg1, arg2, trigger) -> str:
         return ""  # FTS5 asks this itself before a MATCH
     if _loading_schema(action, arg1, arg2):
         return ""  # SQLite loading the schema into a fresh connection (which is read-only anyway)
+    if action in _CHANGES:
+        return (f"{_CHANGES[action]} {arg1}: memory_query runs read-only queries only (SELECT or WITH ... "
+                "SELECT); change memory with memory_write or the typed tools (memory_log_thought, ...)")
     what = _ACTION_NAMES.get(action, str(action)).removeprefix("SQLITE_").lower()
     target = f" {arg1}" if arg1 else ""
     return f"{what}{target} (memory_query is read-only: use memory_write or the typed tools to change memory)"

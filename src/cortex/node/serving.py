@@ -166,8 +166,9 @@ class Servers:
         sock.unlink(missing_ok=True)
         # a long call on the socket (a rollout's pre-flight downloads a release) must survive the CLI's pings
         self._admin = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="admin"),
-                                  options=ALLOW_CLIENT_PINGS)
+                                  options=ALLOW_CLIENT_PINGS, interceptors=[authz.SocketReadsOnly()])
         pb_grpc.add_AdminServicer_to_server(self._admin_service(), self._admin)
+        pb_grpc.add_ClusterServicer_to_server(self._cluster_service(), self._admin)  # Status, Read (see authz)
         ppb_grpc.add_PluginsServicer_to_server(PluginsService(self.plugins, config.node_id, socket_caller,
                                                               self.member.stopping.is_set), self._admin)
         self._admin.add_insecure_port(f"unix:{sock}")

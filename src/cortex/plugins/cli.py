@@ -13,22 +13,28 @@ from cortex.cli.registry import CommandRegistry
 
 
 def _stub(args):
-    return plugins_stub(node_target(args, "addr"))
+    """The Plugins API of the node at --addr, or of the local agent when --socket names its admin socket."""
+    target = node_target(args, "given")
+    stub = plugins_stub(target)
+    stub.cortex_target = target
+    return stub
 
 
-def _call(method, request, args):
-    from cortex.client import CortexError
+def _call(method, request, args, target: str = ""):
+    from cortex.client import CortexError, find_credentials
 
     try:
         return method(request, timeout=args.timeout)
     except grpc.RpcError as exc:
-        raise CortexError(exc.code(), exc.details() or "") from None
+        plaintext = bool(target) and not target.startswith("unix:") and find_credentials(target) is None
+        raise CortexError(exc.code(), exc.details() or "", target, plaintext) from None
 
 
 def cmd_plugins(args) -> int:
     from cortex._proto.cortex.v1 import plugins_pb2 as ppb
 
-    response = _call(_stub(args).ListPlugins, ppb.ListPluginsRequest(), args)
+    stub = _stub(args)
+    response = _call(stub.ListPlugins, ppb.ListPluginsRequest(), args, stub.cortex_target)
     rows = [{"name": p.name, "state": p.state, "tools": p.tools, "error": p.error, "origin": p.origin}
             for p in response.plugins]
     emit(args, {"node_id": response.node_id, "plugins": rows},
@@ -40,8 +46,9 @@ def _set_state(args, running: bool) -> int:
     from cortex._proto.cortex.v1 import plugins_pb2 as ppb
 
     require_socket(args, "starting and stopping plugins is done on the node itself")
-    stub = plugins_stub(node_target(args, "socket"))
-    response = _call(stub.SetPluginState, ppb.SetPluginStateRequest(name=args.name, running=running), args)
+    target = node_target(args, "socket")
+    stub = plugins_stub(target)
+    response = _call(stub.SetPluginState, ppb.SetPluginStateRequest(name=args.name, running=running), args, target)
     p = response.plugin
     emit(args, {"name": p.name, "state": p.state, "error": p.error, "tools": p.tools},
          f"{p.name}: {p.state}" + (f" ({p.error})" if p.error else ""))
@@ -59,7 +66,8 @@ def cmd_plugins_stop(args) -> int:
 def cmd_tools_list(args) -> int:
     from cortex._proto.cortex.v1 import plugins_pb2 as ppb
 
-    response = _call(_stub(args).ListTools, ppb.ListToolsRequest(), args)
+    stub = _stub(args)
+    response = _call(stub.ListTools, ppb.ListToolsRequest(), args, stub.cortex_target)
     rows = [{"name": t.name, "toolset": t.toolset, "plugin": t.plugin, "role": t.role,
              "kind": "destructive" if t.destructive else "read-only" if t.read_only else "write",
              "idempotent": t.idempotent, "description": t.description,
@@ -80,14 +88,35 @@ def cmd_tools_call(args) -> int:
         raise UsageError(f"--args is not valid JSON: {exc}; e.g. --args '{{\"key\": \"a\"}}'") from None
     if not isinstance(arguments, dict):
         raise UsageError("--args must be a JSON object, e.g. '{\"key\": \"a\"}'")
-    response = _call(_stub(args).CallTool, ppb.CallToolRequest(name=args.name,
-                                                              arguments_json=json.dumps(arguments).encode()), args)
+    stub = _stub(args)
+    response = _call(stub.CallTool, ppb.CallToolRequest(name=args.name, arguments_json=json.dumps(arguments).encode()),
+                     args, stub.cortex_target)
     if response.error:
         print(f"cortex: {response.error}", file=sys.stderr)
         return 1
     result = json.loads(response.result_json) if response.result_json else None
     print(json.dumps(result, indent=2))
     return 0
+
+
+def preflight(backend, view) -> None:
+    """Say on stderr (the assistant's log; stdout is the MCP wire) what would otherwise only show up as tool
+    errors later: an agent that cannot be called, or a profile the connection's credential does not reach."""
+    from cortex.mcp.server import ToolError
+    from cortex.mcp.toolsets import View, select
+
+    try:  # briefly: an assistant waits for the server to start, and the first tools/list asks again anyway
+        catalog = backend.catalog(None, timeout=5.0)
+    except ToolError as exc:
+        print(f"cortex mcp: {exc}", file=sys.stderr, flush=True)
+        return
+    try:
+        selection = select(catalog.tools, View(catalog.caller_role, view.profile, view.toolsets), catalog.policy)
+    except ValueError as exc:
+        print(f"cortex mcp: {exc}", file=sys.stderr, flush=True)
+        return
+    if selection.notice:
+        print(f"cortex mcp: {selection.notice}", file=sys.stderr, flush=True)
 
 
 def cmd_mcp(args) -> int:
@@ -102,6 +131,7 @@ def cmd_mcp(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     backend = GrpcBackend(target, timeout=max(args.timeout, 30.0))
+    preflight(backend, view)
     try:
         anyio.run(serve_stdio, Frontend(backend, view))
     except KeyboardInterrupt:

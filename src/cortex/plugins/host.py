@@ -8,6 +8,7 @@ becomes a tool error, and the agent keeps running either way. Events reach each 
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -71,6 +72,22 @@ def _schema_errors(schema: dict, value: Any) -> list:
     import jsonschema  # loaded with the first value the quick check cannot pass
 
     return sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=str)
+
+
+def json_wording(error) -> str:
+    """A jsonschema message in the words of the JSON the caller sent: jsonschema spells the offending value
+    and an enum's choices as Python reprs (`True is not of type 'array'`, `'x' is not one of ['a']`), which
+    a client writing JSON (true, "x", null) should not have to translate."""
+    message = error.message
+    try:
+        shown = repr(error.instance)
+        if message.startswith(shown) and len(shown) <= 200:
+            message = json.dumps(error.instance, default=str) + message[len(shown):]
+        if error.validator == "enum" and isinstance(error.validator_value, list):
+            message = message.replace(repr(error.validator_value), json.dumps(error.validator_value, default=str))
+    except (TypeError, ValueError):
+        return error.message
+    return message
 
 
 def validate_options(name: str, schema: dict, settings: PluginSettings, source: str) -> dict:
@@ -331,7 +348,7 @@ class PluginHost:
         errors = [] if valid else _schema_errors(tool.input_schema, arguments)
         if errors:
             where = "/".join(str(p) for p in errors[0].path)
-            raise ToolError(f"{name}: invalid arguments{' at ' + where if where else ''}: {errors[0].message}")
+            raise ToolError(f"{name}: invalid arguments{' at ' + where if where else ''}: {json_wording(errors[0])}")
         try:
             return tool.handler(arguments, caller)
         except ToolError:

@@ -157,6 +157,25 @@ class OnlyJoin(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
+class SocketReadsOnly(grpc.ServerInterceptor):
+    """The admin socket also answers the Cluster service's Status and Read, so `cortex --socket PATH status`
+    works on a node without a client certificate; every other Cluster RPC goes to the gRPC port, where the
+    caller's certificate decides (Admin and Plugins on the socket pass untouched)."""
+
+    ALLOWED = (CLUSTER_SERVICE + "Status", CLUSTER_SERVICE + "Read")
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if not method.startswith(CLUSTER_SERVICE) or method in self.ALLOWED:
+            return continuation(handler_call_details)
+
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{method}: the admin socket answers Status and Read of the Cluster service only; "
+                          "call the node's gRPC port (--addr) for the rest")
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 def _wrap(handler: grpc.RpcMethodHandler, guard) -> grpc.RpcMethodHandler:
     kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
              ("unary_stream", grpc.unary_stream_rpc_method_handler),

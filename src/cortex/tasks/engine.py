@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, ClassVar
 
-from cortex.plugins.api import Caller, Plugin, Tool, ToolError, holds_no_replica
+from cortex.plugins.api import Caller, Plugin, Resource, Tool, ToolError, holds_no_replica
 from cortex.plugins.host import installed_placements
 from cortex.tasks import api, executors, resources
 from cortex.tasks.executors import ExecutorSettings
@@ -236,6 +236,23 @@ class TaskEngine(Plugin):
             if not holds_no_replica(exc):
                 raise
         return self.ctx.cluster.read("task.sched", args, level="leader")
+
+    # --- MCP resource -------------------------------------------------------------------------------------
+    def resources(self) -> list[Resource]:
+        return [Resource("cluster://tasks", "tasks", "Tasks and workflows of the cluster: counts by state, the "
+                         "newest tasks and workflows, the kinds this node runs", self.overview)]
+
+    def overview(self) -> dict:
+        """What `cluster://tasks` shows: the running engine's view of the queue (the leader's replica)."""
+        cluster = self.ctx.cluster
+        if cluster is None:
+            return {"enabled": True, "items": [], "message": "this plugin host is not in a cluster"}
+        keep = ("id", "name", "kind", "state", "node", "attempt", "exit_code", "error", "dlq")
+        items = [{k: r.get(k) for k in keep} for r in cluster.read("task.list", {"limit": 50})]
+        return {"enabled": True, "node_id": cluster.node_id, "kinds_here": sorted(self.executors),
+                "counts": cluster.read("task.stats", {}), "items": items,
+                "workflows": cluster.read("workflow.list", {"limit": 20}),
+                "message": "the newest 50 tasks; tasks_get or cluster://tasks/{task_id} for one task"}
 
     # --- tools -----------------------------------------------------------------------------------------------
     def tools(self) -> list[Tool]:

@@ -141,7 +141,9 @@ def engine_tools(engine: TaskEngine) -> list[Tool]:
                                     "workflow": {"type": "string"},
                                     "limit": {"type": "integer", "minimum": 1, "maximum": 1000}}}),
         Tool("tasks_cancel", "Cancel a task: queued ones never run, running ones have their process tree killed.",
-             cancel, _ID, role="operator", read_only=False, destructive=True),
+             # not destructive: the task's record, output and result stay, and tasks_retry runs it again, so an
+             # operator session may cancel what it submitted (no admin profile, no allow_destructive)
+             cancel, _ID, role="operator", read_only=False),
         Tool("tasks_retry", "Run a failed or cancelled task again with a fresh retry budget.", retry, _ID,
              role="operator", read_only=False, idempotent=False),
         Tool("dlq_list", "The dead-letter queue: tasks that failed their last attempt, with the last error.",
@@ -172,7 +174,7 @@ def engine_tools(engine: TaskEngine) -> list[Tool]:
         Tool("workflows_cancel", "Cancel a workflow run: pending steps never start, running tasks are cancelled.",
              wf_cancel, {**obj, "required": ["workflow_id"], "properties": {
                  "workflow_id": {"type": "string"}, "idempotency_key": _KEY}},
-             role="operator", read_only=False, destructive=True),
+             role="operator", read_only=False),
         Tool("nodes_drain", "Stop assigning tasks to a node; running tasks may finish until the deadline "
              "(seconds), then are re-queued elsewhere. The node stays in the cluster.", drain,
              {**obj, "required": ["node_id"], "properties": {
