@@ -1,0 +1,99 @@
+"""The summary each node publishes to the replicated state, and what others derive from it.
+
+One key per node in the replicated key-value store, `plugins/sentinel/nodes/<node id>`, JSON:
+
+    {"node_id", "ts", "score", "level", "factors": [...], "predictions": [...], "anomalies": [...],
+     "raised": [alert keys], "metrics": "host:port", "signals": {name: latest}, "spark": {name: [values]}}
+
+Only this summary is replicated, never the raw series (they stay in the node's history file). It is rewritten
+when the assessment changes, and at least every REFRESH seconds so a reader can tell a silent node (the
+record's age) from a healthy one. The scheduler's placement, the alerts list, `cortex health` and the MCP
+tools all read these records.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+PREFIX = "plugins/sentinel/nodes/"
+REFRESH = 300.0
+STALE = 3 * REFRESH  # older than this, a record says nothing about the node's present
+DEGRADED_PENALTY = 10.0  # subtracted from a degraded node's scheduling score: below every healthy node
+
+
+def key(node_id: str) -> str:
+    return PREFIX + node_id
+
+
+def encode(record: dict) -> str:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
+def parse(rows: Iterable[dict | None]) -> list[dict]:
+    out = []
+    for row in rows:
+        try:
+            record = json.loads((row or {}).get("value") or "")
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("node_id"), str):
+            out.append(record)
+    return sorted(out, key=lambda r: r["node_id"])
+
+
+def read_all(read: Callable[[str, dict], Any]) -> list[dict]:
+    return parse(read("kv.list", {"prefix": PREFIX, "limit": 10_000}))
+
+
+def fresh(record: dict, now: float) -> bool:
+    return now - float(record.get("ts", 0)) <= STALE
+
+
+def alerts(records: Iterable[dict], now: float) -> list[dict]:
+    """The raised sentinel alerts of every node, in the shape of builtin/alerts.py's (key, severity, message):
+    squelched like the others (`sentinel.disk_full:/data@w1` matches `sentinel.*@w1`), one per key."""
+    out = []
+    for r in records:
+        if not fresh(r, now):
+            continue
+        raised = set(r.get("raised") or [])
+        for p in r.get("predictions") or []:
+            if p.get("key") in raised:
+                out.append({"key": f"sentinel.{p['key']}@{r['node_id']}", "severity": p.get("severity", "warning"),
+                            "message": f"{r['node_id']}: {p.get('message', p['key'])}"})
+    return out
+
+
+class SentinelPlacement:
+    """The scheduler's view of node health, for every task kind ("*"): a critical node is refused while
+    another node can take the task (a last resort otherwise); a degraded one ranks below every healthy one."""
+
+    kinds = frozenset({"*"})
+    uses_node_resources = True
+
+    @staticmethod
+    def _levels(read) -> dict[str, dict]:
+        import time
+
+        now = time.time()
+        try:
+            return {r["node_id"]: r for r in read_all(read) if fresh(r, now)}
+        except Exception:
+            return {}  # no records readable: schedule as if every node were healthy
+
+    def prepare(self, read):
+        levels = self._levels(read)
+
+        def refusal(task: dict, node_id: str) -> str:
+            r = levels.get(node_id)
+            if r is None or r.get("level") != "critical":
+                return ""
+            worst = next((p for p in r.get("predictions") or [] if p.get("severity") == "critical"), None)
+            return f"sentinel: critical ({worst['message'] if worst else 'score ' + str(r.get('score'))})"
+        return refusal
+
+    def rank(self, read):
+        levels = self._levels(read)
+        return lambda node_id: DEGRADED_PENALTY if (levels.get(node_id) or {}).get("level") == "degraded" else 0.0
