@@ -85,6 +85,7 @@ class SentinelPlugin(Plugin):
         self.collector = Collector(Roots(Path(o.get("proc_root", "/proc")), Path(o.get("sys_root", "/sys"))), paths)
         self.smart = SmartReader(o["smartctl"], o.get("smart_interval", 300.0), o.get("smart_timeout", 20.0)) \
             if o.get("smartctl", "smartctl") else None
+        self.ctx.data_dir.mkdir(parents=True, exist_ok=True)
         self.history = History(self.ctx.data_dir / "history.db", o.get("history_max_mb", 50.0))
         starts = int(self.history.meta_get("starts", "0") or 0) + 1
         self.history.meta_set("starts", str(starts))
