@@ -184,3 +184,51 @@ def test_webhook_retries_a_failing_receiver_and_logs_it_once(caplog):
     assert doc["eta_s"] == 300.0 and doc["message"] == doc["text"]  # ntfy and Slack-style receivers both read it
     named = [r for r in caplog.records if getattr(r, "fields", {}).get("receiver") == url]
     assert len(named) == 1 and sender.failures == 2
+
+
+def test_the_plugin_alerts_on_the_bus_and_survives_a_dead_webhook(tmp_path, caplog):
+    """The plugin's own rounds, driven with a simulated clock: a file system that fills (its statvfs answers
+    stand in for a disk; the cluster test fills a real tmpfs) raises a warning, then a critical alert, and the
+    event that a takeover acts on, once; the webhook's receiver is down, which is logged once, naming it."""
+    import os
+    import socket
+
+    from cortex.core.events import EventBus
+    from cortex.plugins.api import PluginContext
+    from cortex.sentinel.plugin import EVENT_ALERT, EVENT_PREDICTED_FAILURE, SentinelPlugin
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+    bus = EventBus()
+    seen = []
+    bus.subscribe("sentinel.*", seen.append)
+    options = {"interval": 10.0, "evaluate_every": 30.0, "watch_paths": ["/data"], "proc_root": str(tmp_path / "p"),
+               "sys_root": str(tmp_path / "s"), "smartctl": "", "raise_after": 30.0, "clear_after": 120.0,
+               "min_hold": 600.0, "webhooks": [dead], "webhook_timeout": 1.0, "metrics_port": 0}
+    plugin = SentinelPlugin(PluginContext("sentinel", options, None, bus, tmp_path / "data", logging.getLogger("t")))
+    plugin.init()
+    free = [50_000.0]
+    plugin.collector.statvfs = lambda path: os.statvfs_result((4096, 4096, 100_000, free[0], free[0], 0, 0, 0, 0, 255))
+    plugin.webhooks.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="cortex.sentinel"):
+            for i in range(0, 3 * 3600, 10):  # 3 hours, 40 blocks of 100 000 taken every 10 s: full at about 3.5 h
+                free[0] = max(0.0, 50_000 - 4 * i)
+                plugin.collect_once(T0 + i, cluster_signals=False)
+                if i % 30 == 0:
+                    plugin.evaluate(T0 + i)
+                if i % 60 == 0:
+                    plugin.history.compact(T0 + i)
+            from tests.support.wait import wait_until
+
+            wait_until(lambda: plugin.webhooks.failures >= 2, 30, "the webhook tried (and failed) twice")
+    finally:
+        plugin.stop()
+    alerts = [(e.data["severity"], e.data["state"]) for e in seen if e.type == EVENT_ALERT]
+    assert alerts[:2] == [("warning", "raised"), ("critical", "raised")]
+    failures = [e for e in seen if e.type == EVENT_PREDICTED_FAILURE]
+    assert len(failures) == 1 and failures[0].data["kind"] == "disk_full" and failures[0].data["node_id"] == "local"
+    named = [r for r in caplog.records if getattr(r, "fields", {}).get("receiver") == dead]
+    assert len(named) == 1
+    assert plugin.assessment["level"] == "critical"

@@ -231,7 +231,8 @@ class SentinelPlugin(Plugin):
         critical = t["state"] == "raised" and t.get("severity") == "critical"
         if critical:
             self.ctx.events.publish(Event(EVENT_PREDICTED_FAILURE, dict(data, origin="node")))
-        if cluster is None:
+        if cluster is None:  # a host without a cluster: no inbox, no drain, nothing squelched
+            self.webhooks.send(webhook_document(node, t))
             return
         if critical and self.ctx.options.get("auto_drain", False) and t["key"] not in self.drained_for:
             self._drain(t)

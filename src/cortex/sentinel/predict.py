@@ -275,7 +275,8 @@ class _Judge:
                              f"battery {name} holds {health:.0f} % of its design capacity")
                 continue
             fit = fit_line(points) if len(points) >= MIN_POINTS else None
-            if fit and fit.slope < 0 and fit.r2 >= 0.5:
+            steady = key in self.raised or (fit is not None and fit.r2 >= 0.5 and fit.span >= 12 * HOUR)
+            if fit and fit.slope < 0 and steady:
                 eta = (fit.intercept - 80.0) / -fit.slope
                 if eta <= (45 if key in self.raised else 30) * DAY:
                     self.predict(key, "battery_wear", name, "warning", eta, fit.r2 * min(1.0, fit.points / 20),
