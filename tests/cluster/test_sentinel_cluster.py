@@ -121,3 +121,18 @@ def test_a_filling_disk_is_predicted_alerted_and_drained(sentinel_cluster, capsy
     assert shown["level"] == "critical" and shown["metrics"] == metrics
     assert cortex_cli(["--addr", cluster.node("w2").grpc_address, "--json", "status"]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"]["w1"] == metrics
+
+    # the MCP tools, called through a server that is not the node concerned
+    def tool(name: str, args: dict, node: str = "n1"):
+        assert cortex_cli(["--addr", cluster.node(node).grpc_address, "--json", "tools", "call", name,
+                           "--args", json.dumps(args)]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert tool("sentinel_health", {})["status"] == "critical"
+    (first, *_) = tool("sentinel_predictions", {"severity": "critical"})["predictions"]
+    assert (first["node"], first["kind"], first["raised"]) == ("w1", "disk_full", True)
+    assert tool("sentinel_node", {"node": "w1"})["level"] == "critical"
+    own = tool("sentinel_history", {}, node="w1")
+    assert f"disk.avail_bytes:{disks / 'w1'}" in own["signals"]
+    series = tool("sentinel_history", {"signal": f"disk.avail_pct:{disks / 'w1'}", "hours": 1}, node="w1")["points"]
+    assert series[0][1] > 90 > series[-1][1]  # the fill, as w1 recorded it

@@ -36,10 +36,19 @@ def test_history_downsamples_and_keeps_the_finest_resolution(tmp_path):
     assert h.db.execute("SELECT count(*) FROM hour").fetchone()[0] >= 3
 
 
-def test_history_is_bounded_in_series(tmp_path):
+def test_history_is_bounded_in_series_and_size(tmp_path):
     h = History(tmp_path / "h.db")
     h.add(T0, {f"s{i}": 1.0 for i in range(500)})
     assert len(h.names()) == 400
+    small = History(tmp_path / "small.db", max_mb=0.5)
+    now = T0 + 20 * 86400
+    small.db.executemany("INSERT INTO hour VALUES (?, ?, 1.0, 1.0, 1.0, 360)",
+                         ((s, T0 + k * 3600, ) for s in range(60) for k in range(480)))
+    assert small.size_bytes() > 0.5 * 1024 * 1024
+    small.compact(now)
+    assert small.size_bytes() <= 0.5 * 1024 * 1024
+    newest = small.db.execute("SELECT max(ts) FROM hour").fetchone()[0]
+    assert newest == T0 + 479 * 3600  # the oldest days went first
 
 
 def test_line_fit_and_robust_z():
@@ -72,6 +81,26 @@ def test_disk_filling_warns_then_turns_critical_and_clears_with_hysteresis():
     data["disk.avail_bytes:/d"] = [(T0 + i * 600, 22e9 - i * 600 * 0.8e9 / 3600) for i in range(37)]
     assert assess(_series(data), T0 + 36 * 600).predictions == []
     assert assess(_series(data), T0 + 36 * 600, raised={"disk_full:/d"}).predictions[0]["severity"] == "warning"
+
+
+def test_cortex_health_renders_a_table_and_one_node():
+    from cortex.sentinel.cli import render, sparkline
+
+    assert sparkline([0, 50, 100], 0, 100) == "▁▄█"
+    now = T0 + 60
+    rec = {"node_id": "w1", "ts": T0, "score": 50.0, "level": "critical", "raised": ["disk_full:/d"],
+           "predictions": [{"key": "disk_full:/d", "kind": "disk_full", "target": "/d", "severity": "critical",
+                            "eta_s": 600.0, "confidence": 0.9, "message": "file system /d full in 10 min"}],
+           "factors": [{"name": "disk_full:/d", "penalty": 50.0, "detail": "file system /d full in 10 min"}],
+           "spark": {"score": [100, 100, 50]}, "metrics": "127.0.0.1:9410"}
+    _, table = render([rec], "", now)
+    assert "w1" in table and "disk_full /d in 10 min" in table and "██▄" in table
+    _, one = render([rec], "w1", now)
+    assert "score     50.0 (critical)" in one and "yes" in one and "127.0.0.1:9410" in one
+    from cortex.cli.output import UsageError
+
+    with pytest.raises(UsageError, match="nodes with one: w1"):
+        render([rec], "w9", now)
 
 
 def test_absent_signals_make_no_prediction_and_a_full_score():
@@ -166,7 +195,7 @@ def test_webhook_retries_a_failing_receiver_and_logs_it_once(caplog):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    sender = WebhookSender([url], timeout=2)
+    sender = WebhookSender([url], timeout=2, first_backoff=0.2)
     sender.start()
     doc = webhook_document("w1", {"key": "disk_full:/d", "kind": "disk_full", "target": "/d", "severity": "critical",
                                   "state": "raised", "message": "file system /d full in 5 min", "eta_s": 300.0,

@@ -104,20 +104,23 @@ class History:
             self._bound()
 
     def _bound(self) -> None:
+        """Past the size cap, drop the oldest hourly rows in one cut sized to get 10 % under it."""
         size = self.size_bytes()
-        while size > self.max_bytes:
-            oldest = self.db.execute("SELECT min(ts) FROM hour").fetchone()[0]
-            if oldest is None:
+        if size <= self.max_bytes:
+            return
+        for _ in range(8):  # a delete frees whole pages only: cut again until it is under
+            lo, hi = self.db.execute("SELECT min(ts), max(ts) FROM hour").fetchone()
+            if lo is None or hi <= lo:
                 break
-            self.db.execute("DELETE FROM hour WHERE ts < ?", (oldest + 86400,))
+            self.db.execute("DELETE FROM hour WHERE ts < ?", (hi - (hi - lo) * 0.9 * self.max_bytes / size,))
             self.db.execute("PRAGMA incremental_vacuum")
-            new = self.size_bytes()
-            if new >= size:
-                self.db.execute("VACUUM")
-                new = self.size_bytes()
-                if new >= size:
-                    break
-            size = new
+            size = self.size_bytes()
+            if size <= self.max_bytes:
+                break
+        if self.size_bytes() > self.max_bytes and not self._full_logged:
+            self._full_logged = True
+            log.warning("sentinel history is over its size cap with the hourly tier trimmed; raise history_max_mb",
+                        extra={"fields": {"path": self.path, "bytes": self.size_bytes(), "cap": self.max_bytes}})
 
     def size_bytes(self) -> int:
         pages = self.db.execute("PRAGMA page_count").fetchone()[0] - self.db.execute("PRAGMA freelist_count").fetchone()[0]

@@ -94,8 +94,8 @@ def webhook_document(node_id: str, t: dict, topic: str = "") -> dict:
 
 
 class WebhookSender:
-    def __init__(self, urls: list[str], timeout: float = 5.0, topic: str = ""):
-        self.urls, self.timeout, self.topic = list(urls), timeout, topic
+    def __init__(self, urls: list[str], timeout: float = 5.0, topic: str = "", first_backoff: float = 1.0):
+        self.urls, self.timeout, self.topic, self.first_backoff = list(urls), timeout, topic, first_backoff
         self._queue: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._stop = False
@@ -123,7 +123,7 @@ class WebhookSender:
                 if len(self._queue) >= QUEUE_MAX:
                     self._queue.popleft()
                     self.dropped += 1
-                self._queue.append((url, doc, 0.0, 1.0))  # (url, body, not before, next backoff)
+                self._queue.append((url, doc, 0.0, self.first_backoff))  # (url, body, not before, next backoff)
             self._cv.notify_all()
 
     def pending(self) -> int:
