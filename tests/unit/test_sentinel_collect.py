@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import stat
-import sys
 from pathlib import Path
 
 from cortex.sentinel import smart
@@ -126,26 +126,26 @@ def test_smart_nvme_healthy_and_failing():
 
 
 def _fake_smartctl(tmp_path: Path, mode: str = "ok") -> Path:
-    """An executable that answers like smartctl -j: --scan-open lists the drives, -a DEV prints its document."""
+    """An executable that answers like smartctl -j: --scan-open lists the drives, -a DEV prints its document
+    with smartctl's exit status (a shell script: it starts fast however loaded the machine is)."""
     script = tmp_path / "smartctl"
-    script.write_text(f"""#!{sys.executable}
-import json, sys, time
-from pathlib import Path
-data, mode = Path({str(DATA)!r}), {mode!r}
-args = sys.argv[1:]
-if "--scan-open" in args:
-    print((data / "scan-open.json").read_text()); sys.exit(0)
-dev = args[-1]
-if mode == "slow" and dev == "/dev/sda":
-    time.sleep(30)
-if dev == "/dev/sdb" and mode == "malformed":
-    print('{{"json_format_version": [1, 0], "device": '); sys.exit(0)
-if dev == "/dev/nvme1":
-    print(json.dumps({{"smartctl": {{"exit_status": 2, "messages": [{{"string": "Permission denied", "severity": "error"}}]}}}}))
-    sys.exit(2)
-files = {{"/dev/sda": "ata-healthy.json", "/dev/sdb": "ata-failing.json", "/dev/nvme0": "nvme-healthy.json"}}
-doc = json.loads((data / files[dev]).read_text())
-print(json.dumps(doc)); sys.exit(doc["smartctl"]["exit_status"])
+    script.write_text(f"""#!/bin/sh
+data={shlex.quote(str(DATA))}
+mode={mode}
+for a in "$@"; do dev="$a"; done
+case " $* " in *" --scan-open "*) cat "$data/scan-open.json"; exit 0;; esac
+if [ "$mode" = slow ] && [ "$dev" = /dev/sda ]; then exec sleep 30; fi
+if [ "$mode" = malformed ] && [ "$dev" = /dev/sdb ]; then echo '{{"json_format_version": [1, 0], "device": '; exit 0; fi
+if [ "$dev" = /dev/nvme1 ]; then
+  echo '{{"smartctl": {{"exit_status": 2, "messages": [{{"string": "Permission denied", "severity": "error"}}]}}}}'
+  exit 2
+fi
+case "$dev" in
+  /dev/sda) cat "$data/ata-healthy.json"; exit 0;;
+  /dev/sdb) cat "$data/ata-failing.json"; exit 8;;
+  /dev/nvme0) cat "$data/nvme-healthy.json"; exit 0;;
+esac
+exit 2
 """)
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return script
@@ -166,7 +166,7 @@ def test_smart_reader_runs_smartctl_rarely_and_survives_bad_drives(tmp_path, cap
 
 
 def test_smart_reader_times_out(tmp_path, caplog):
-    reader = smart.SmartReader(str(_fake_smartctl(tmp_path, "slow")), interval=300, timeout=0.5)
+    reader = smart.SmartReader(str(_fake_smartctl(tmp_path, "slow")), interval=300, timeout=1.0)
     with caplog.at_level(logging.WARNING, logger="cortex.sentinel"):
         got = reader.read()
     assert not any(k.endswith(":sda") for k in got) and got["smart.ata5:sdb"] == 120  # the others still read
