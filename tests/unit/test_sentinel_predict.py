@@ -83,6 +83,20 @@ def test_disk_filling_warns_then_turns_critical_and_clears_with_hysteresis():
     assert assess(_series(data), T0 + 36 * 600, raised={"disk_full:/d"}).predictions[0]["severity"] == "warning"
 
 
+def test_the_leaders_view_of_heartbeats_and_lag_lowers_the_late_nodes_health():
+    now = T0
+    found = [{"node_id": "n1", "ts": now, "score": 100.0, "level": "healthy", "factors": [],
+              "peers": {"w1": {"heartbeat_age": 40.0}, "n2": {"raft_lag": 5000}, "w2": {"heartbeat_age": 1.0}}},
+             {"node_id": "n2", "ts": now, "score": 85.0, "level": "healthy", "factors": []},
+             {"node_id": "w1", "ts": now - 60, "score": 100.0, "level": "healthy", "factors": []},
+             {"node_id": "w2", "ts": now, "score": 100.0, "level": "healthy", "factors": []}]
+    view = {r["node_id"]: r for r in records.with_leader_view(found, now)}
+    assert view["n1"]["score"] == 100.0 and view["w2"] is found[3]  # the leader's own health is not lowered
+    assert view["w1"]["score"] == 90.0 and "last heard from it 40s ago" in view["w1"]["factors"][0]["detail"]
+    assert (view["n2"]["score"], view["n2"]["level"]) == (75.0, "degraded")
+    assert view["n2"]["factors"][0]["source"] == "leader"
+
+
 def test_cortex_health_renders_a_table_and_one_node():
     from cortex.sentinel.cli import render, sparkline
 

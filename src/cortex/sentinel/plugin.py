@@ -94,6 +94,7 @@ class SentinelPlugin(Plugin):
         self.webhooks = WebhookSender(o.get("webhooks", []), o.get("webhook_timeout", 5.0), o.get("webhook_topic", ""))
         self.assessment: dict = {"score": 100.0, "level": "healthy", "factors": [], "predictions": [], "anomalies": []}
         self.latest: dict[str, float | None] = {}
+        self._cluster_latest: dict[str, float | None] = {}
         self.metrics_address = ""
         self.collect_cpu_s = 0.0
         self.collect_wall_s = 0.0
@@ -177,9 +178,10 @@ class SentinelPlugin(Plugin):
             sample.update(self.smart.read())
         sample["agent.restarts"] = float(self.starts)
         if cluster_signals and self.ctx.cluster is not None:
-            sample.update(self._cluster_signals())
-        self.latest = sample
+            self._cluster_latest = self._cluster_signals()
+            sample.update(self._cluster_latest)  # recorded when read (every 30 s), shown until read again
         self.history.add(now, sample)
+        self.latest = {**sample, **self._cluster_latest}
         return sample
 
     def _cluster_signals(self) -> dict:
@@ -269,15 +271,22 @@ class SentinelPlugin(Plugin):
         if self.ctx.cluster is None:
             return
         a = self.assessment
+        late = tuple(sorted(n for n, v in self._peers().items()
+                            if v.get("heartbeat_age", 0) > records.HEARTBEAT_LATE
+                            or v.get("raft_lag", 0) > records.RAFT_BEHIND))
         fingerprint = (a["level"], round(a["score"]), tuple((p["key"], p["severity"]) for p in a["predictions"]),
-                       tuple(a["raised"]), self.metrics_address)
+                       tuple(a["raised"]), self.metrics_address, late)
         if fingerprint == self._published and now - self._published_at < records.REFRESH:
             return
         record = {"node_id": self.node_id, "ts": now, **{k: a[k] for k in ("score", "level", "predictions",
                                                                             "anomalies", "raised")},
                   "factors": a["factors"][:12], "metrics": self.metrics_address,
-                  "signals": {k: v for k, v in self.latest.items() if v is not None and not k.startswith("cluster.")},
+                  "signals": {k: v for k, v in self.latest.items()
+                              if v is not None and not k.startswith(("cluster.", "raft."))},
                   "spark": {name: self._spark(name, now) for name in SPARK_SIGNALS}}
+        peers = self._peers()
+        if peers:
+            record["peers"] = peers
         if len(record["signals"]) > 80:
             record["signals"] = dict(sorted(record["signals"].items())[:80])
         try:
@@ -287,6 +296,20 @@ class SentinelPlugin(Plugin):
             self._ok("publish")
         except Exception as exc:
             self._once("publish", f"health summary not published (retried): {exc}")
+
+    def _peers(self) -> dict[str, dict]:
+        """On the leader: how late each node's heartbeat is and how far each server lags (records.py merges
+        them into those nodes' health)."""
+        peers: dict[str, dict] = {}
+        for name, value in self.latest.items():
+            if value is None or ":" not in name:
+                continue
+            kind, _, node = name.partition(":")
+            if kind == "cluster.heartbeat_age":
+                peers.setdefault(node, {})["heartbeat_age"] = round(value, 1)
+            elif kind == "raft.lag":
+                peers.setdefault(node, {})["raft_lag"] = value
+        return peers
 
     def _spark(self, name: str, now: float) -> list[float]:
         points = self.history.series(name, now - 2 * 3600)

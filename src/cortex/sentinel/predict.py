@@ -14,7 +14,9 @@ The rules and where their thresholds come from:
 - ECC (Schroeder et al., SIGMETRICS'09): a corrected error makes another within the month 13-90 times
   likelier: new corrected errors within a day are a warning, an uncorrected one is critical;
 - battery wear: below 80 % of the design capacity, or a trend reaching it within 30 days, is a warning;
-- thermal throttling and temperature, OOM kills, memory pressure, agent restarts: factors that lower the score;
+- thermal throttling and temperature, OOM kills, memory pressure, agent restarts, failing tasks: factors that
+  lower the score (a node's missed heartbeats and Raft lag, which only the leader sees, are added to its
+  published health by records.with_leader_view);
 - anomalies: a robust z-score (median and MAD of the last hour) flags a sudden change; it lowers the score a
   little and never alerts by itself.
 
@@ -298,10 +300,6 @@ class _Judge:
         failures = _last(self.view, "tasks.failure_pct", self.now)
         if failures is not None and failures >= 50:
             self.factor("task_failures", 15.0, f"{failures:.0f} % of this node's recent task attempts failed")
-        for name in _instances(self.names, "cluster.heartbeat_age"):
-            age = _last(self.view, f"cluster.heartbeat_age:{name}", self.now)
-            if age is not None and age > 15:
-                self.factor(f"heartbeat:{name}", 5.0, f"the leader last heard from {name} {age:.0f}s ago")
 
     def anomalies(self) -> None:
         for name in ANOMALY_SIGNALS:

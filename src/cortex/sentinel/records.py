@@ -44,7 +44,47 @@ def parse(rows: Iterable[dict | None]) -> list[dict]:
 
 
 def read_all(read: Callable[[str, dict], Any]) -> list[dict]:
-    return parse(read("kv.list", {"prefix": PREFIX, "limit": 10_000}))
+    """Every node's record, with what the leader sees of each node merged in (with_leader_view)."""
+    return with_leader_view(parse(read("kv.list", {"prefix": PREFIX, "limit": 10_000})))
+
+
+HEARTBEAT_LATE = 15.0  # seconds since the leader last heard from a node
+RAFT_BEHIND = 1000  # entries a server's log is behind the leader's
+
+
+def with_leader_view(found: list[dict], now: float | None = None) -> list[dict]:
+    """A node cannot see its own missed heartbeats or its Raft lag; the leader can, and publishes them under
+    `peers` in its record. They become factors of the node concerned (lowering its score, and its level
+    below 80 / 40), marked `"source": "leader"`."""
+    import time
+
+    now = time.time() if now is None else now
+    leaders = [r for r in found if isinstance(r.get("peers"), dict) and fresh(r, now)]
+    if not leaders:
+        return found
+    leader = max(leaders, key=lambda r: r.get("ts", 0))
+    out = []
+    for r in found:
+        seen = leader["peers"].get(r["node_id"]) or {}
+        extra = []
+        age, lag = seen.get("heartbeat_age"), seen.get("raft_lag")
+        if isinstance(age, int | float) and age > HEARTBEAT_LATE:
+            extra.append({"name": "heartbeat", "penalty": 10.0, "source": "leader",
+                          "detail": f"the leader ({leader['node_id']}) last heard from it {age:.0f}s ago"})
+        if isinstance(lag, int | float) and lag > RAFT_BEHIND:
+            extra.append({"name": "raft_lag", "penalty": 10.0, "source": "leader",
+                          "detail": f"its Raft log is {lag:.0f} entries behind the leader's"})
+        if not extra:
+            out.append(r)
+            continue
+        score = max(0.0, float(r.get("score", 100)) - sum(f["penalty"] for f in extra))
+        level = r.get("level", "healthy")
+        if score < 40:
+            level = "critical"
+        elif score < 80 and level == "healthy":
+            level = "degraded"
+        out.append({**r, "score": score, "level": level, "factors": [*(r.get("factors") or []), *extra]})
+    return out
 
 
 def fresh(record: dict, now: float) -> bool:
