@@ -112,16 +112,24 @@ class SentinelPlacement:
 
     kinds = frozenset({"*"})
     uses_node_resources = True
+    CACHE_SECONDS = 2.0  # summaries change at most every assessment (30 s): a busy scheduler reads them less
 
-    @staticmethod
-    def _levels(read) -> dict[str, dict]:
+    def __init__(self):
+        self._cache: tuple[float, dict[str, dict]] = (float("-inf"), {})
+
+    def _levels(self, read) -> dict[str, dict]:
         import time
 
+        at, levels = self._cache
+        if time.monotonic() - at < self.CACHE_SECONDS:
+            return levels
         now = time.time()
         try:
-            return {r["node_id"]: r for r in read_all(read) if fresh(r, now)}
+            levels = {r["node_id"]: r for r in read_all(read) if fresh(r, now)}
         except Exception:
-            return {}  # no records readable: schedule as if every node were healthy
+            levels = {}  # no records readable: schedule as if every node were healthy
+        self._cache = (time.monotonic(), levels)
+        return levels
 
     def prepare(self, read):
         levels = self._levels(read)
