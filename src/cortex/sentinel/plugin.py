@@ -31,6 +31,7 @@ SPARK_SIGNALS = ("score", "cpu.busy_pct", "mem.avail_pct")
 SPARK_POINTS = 24
 EVENT_ALERT = "sentinel.alert"
 EVENT_PREDICTED_FAILURE = "sentinel.predicted_failure"
+MAX_PENDING = 100
 
 
 class SentinelPlugin(Plugin):
@@ -99,6 +100,7 @@ class SentinelPlugin(Plugin):
         self.collect_cpu_s = 0.0
         self.collect_wall_s = 0.0
         self.drained_for: set[str] = set()
+        self._pending: list[tuple[str, dict, str, str]] = []
         self._published: tuple | None = None
         self._published_at = 0.0
         self._logged: set[str] = set()
@@ -212,6 +214,8 @@ class SentinelPlugin(Plugin):
         self.assessment = doc
         for t in transitions:
             self._deliver({**t, "ts": now})
+        if self._pending and self.ctx.cluster is not None:
+            self._flush_writes()
         self._publish(now)
         if self.ctx.cluster is not None and self.ctx.cluster.role == "server":
             self._relay_remote_failures(now)
@@ -231,13 +235,18 @@ class SentinelPlugin(Plugin):
                                                            "confidence", "message")}}
         self.ctx.events.publish(Event(EVENT_ALERT, data))
         critical = t["state"] == "raised" and t.get("severity") == "critical"
+        if t["state"] == "cleared":
+            self.drained_for.discard(t["key"])  # should it come back after an undrain, it drains again
         if critical:
             self.ctx.events.publish(Event(EVENT_PREDICTED_FAILURE, dict(data, origin="node")))
         if cluster is None:  # a host without a cluster: no inbox, no drain, nothing squelched
             self.webhooks.send(webhook_document(node, t))
             return
         if critical and self.ctx.options.get("auto_drain", False) and t["key"] not in self.drained_for:
-            self._drain(t)
+            self.drained_for.add(t["key"])
+            deadline = float(self.ctx.options.get("drain_deadline", 600.0))
+            self._queue_write("task.drain", {"node_id": node, "deadline": deadline},
+                              f"sentinel-drain:{node}:{t['key']}:{int(t['ts'])}", "drain")
         if self._squelched(f"sentinel.{t['key']}@{node}"):
             return
         self.webhooks.send(webhook_document(node, t))
@@ -246,26 +255,33 @@ class SentinelPlugin(Plugin):
             verb = "cleared" if t["state"] == "cleared" else t.get("severity", "")
             body = (f"{t.get('message', t['key'])}\n\nnode {node}, {t.get('kind', '')} {t.get('target', '')}, "
                     f"ETA {t.get('eta_s')}s, confidence {t.get('confidence')}. `cortex health {node}` shows the "
-                    "factors; `cortex alerts squelch 'sentinel.*@" + node + "'` hides them during maintenance.")
-            idem = f"sentinel:{node}:{t['key']}:{t['state']}:{t.get('severity', '')}:{int(t['ts'])}"
-            try:
-                cluster.write("message.send", {"sender": f"sentinel@{node}", "recipient": inbox,
-                                               "subject": f"[{verb}] {node}: {t.get('kind', '')} {t.get('target', '')}"[:200],
-                                               "body": body[:60000]}, idem)
-                self._ok("inbox")
-            except Exception as exc:
-                self._once("inbox", f"inbox message to {inbox} not sent: {exc}")
+                    f"factors; the MCP tool squelch_alerts with pattern 'sentinel.*@{node}' mutes them during "
+                    "maintenance.")
+            self._queue_write("message.send", {
+                "sender": f"sentinel@{node}", "recipient": inbox,
+                "subject": f"[{verb}] {node}: {t.get('kind', '')} {t.get('target', '')}"[:200], "body": body[:60000]},
+                f"sentinel:{node}:{t['key']}:{t['state']}:{t.get('severity', '')}:{int(t['ts'])}", "inbox")
+        self._flush_writes()
 
-    def _drain(self, t: dict) -> None:
-        deadline = float(self.ctx.options.get("drain_deadline", 600.0))
-        try:
-            self.ctx.cluster.write("task.drain", {"node_id": self.node_id, "deadline": deadline},
-                                   f"sentinel-drain:{self.node_id}:{t['key']}:{int(t['ts'])}")
-            self.drained_for.add(t["key"])
-            self.ctx.log.warning("sentinel drained this node", extra={"fields": {"prediction": t["key"],
-                                                                                "why": t.get("message", "")}})
-        except Exception as exc:
-            self._once("drain", f"automatic drain failed (retried on the next assessment): {exc}")
+    def _queue_write(self, command: str, args: dict, key: str, source: str) -> None:
+        """Inbox messages and drains are retried on every assessment until the cluster takes them, under one
+        idempotency key each, so a retry never sends or drains twice; at most MAX_PENDING wait."""
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.pop(0)
+        self._pending.append((command, args, key, source))
+
+    def _flush_writes(self) -> None:
+        while self._pending:
+            command, args, key, source = self._pending[0]
+            try:
+                self.ctx.cluster.write(command, args, key)
+            except Exception as exc:
+                self._once(source, f"{command} not accepted yet (retried with the next assessment): {exc}")
+                return
+            self._pending.pop(0)
+            self._ok(source)
+            if command == "task.drain":
+                self.ctx.log.warning("sentinel drained this node", extra={"fields": {"deadline": args["deadline"]}})
 
     def _publish(self, now: float) -> None:
         if self.ctx.cluster is None:

@@ -139,7 +139,8 @@ class SentinelPlacement:
             if r is None or r.get("level") != "critical":
                 return ""
             worst = next((p for p in r.get("predictions") or [] if p.get("severity") == "critical"), None)
-            return f"sentinel: critical ({worst['message'] if worst else 'score ' + str(r.get('score'))})"
+            return (f"sentinel: critical ({worst['message'] if worst else 'score ' + str(r.get('score'))}); taken "
+                    "only when no other node fits")
         return refusal
 
     def rank(self, read):
