@@ -217,13 +217,16 @@ def test_webhook_retries_a_failing_receiver_and_logs_it_once(caplog):
     try:
         with caplog.at_level(logging.WARNING, logger="cortex.sentinel"):
             sender.send(doc)
+            cleared = {**doc, "state": "cleared"}
+            sender.send(cleared)
             from tests.support.wait import wait_until
 
-            wait_until(lambda: _Receiver.bodies, 30, "the webhook delivered after its receiver recovered")
+            wait_until(lambda: len(_Receiver.bodies) == 2, 30, "the webhooks delivered after their receiver recovered")
     finally:
         sender.stop()
         server.shutdown()
-    assert _Receiver.bodies == [doc] and doc["text"].startswith("[CRITICAL] w1: file system /d")
+    assert _Receiver.bodies == [doc, cleared]  # in order, although the first one failed twice
+    assert doc["text"].startswith("[CRITICAL] w1: file system /d")
     assert doc["eta_s"] == 300.0 and doc["message"] == doc["text"]  # ntfy and Slack-style receivers both read it
     named = [r for r in caplog.records if getattr(r, "fields", {}).get("receiver") == url]
     assert len(named) == 1 and sender.failures == 2

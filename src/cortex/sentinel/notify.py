@@ -9,8 +9,8 @@ A raised alert that turns from warning to critical is raised again (a new transi
 `WebhookSender` posts one JSON document per transition to each configured URL on its own thread: `text`
 (what Slack-style receivers show) and `message`/`title`/`priority`/`tags` (ntfy's JSON publishing), plus
 the structured fields. A receiver that times out or answers an error is logged once, naming it, and the
-document is retried with a doubling backoff (up to BACKOFF_MAX) while collection goes on; the queue is
-bounded, and what it drops is counted.
+document is retried with a doubling backoff (up to BACKOFF_MAX) while collection goes on; each receiver
+gets its documents in order (a raise before its clear); the queue is bounded, and what it drops is counted.
 """
 
 from __future__ import annotations
@@ -147,9 +147,14 @@ class WebhookSender:
                 if self._stop:
                     return
                 now = time.monotonic()
-                ready = next((i for i, item in enumerate(self._queue) if item[2] <= now), None)
+                heads, seen = [], set()  # each receiver gets its documents in order: only its first is due
+                for i, item in enumerate(self._queue):
+                    if item[0] not in seen:
+                        seen.add(item[0])
+                        heads.append(i)
+                ready = next((i for i in heads if self._queue[i][2] <= now), None)
                 if ready is None:
-                    self._cv.wait(timeout=max(0.05, min(item[2] for item in self._queue) - now))
+                    self._cv.wait(timeout=max(0.05, min(self._queue[i][2] for i in heads) - now))
                     continue
                 url, doc, _, backoff = self._queue[ready]
                 del self._queue[ready]
@@ -161,11 +166,11 @@ class WebhookSender:
                     self._failing.add(url)
                     log.warning("sentinel webhook failed; retrying with backoff",
                                 extra={"fields": {"receiver": url, "error": f"{type(exc).__name__}: {exc}"}})
-                with self._cv:
-                    if len(self._queue) >= QUEUE_MAX:
+                with self._cv:  # back at the front: it stays its receiver's next document
+                    self._queue.appendleft((url, doc, time.monotonic() + backoff, min(BACKOFF_MAX, backoff * 2)))
+                    if len(self._queue) > QUEUE_MAX:
+                        self._queue.pop()
                         self.dropped += 1
-                    else:
-                        self._queue.append((url, doc, time.monotonic() + backoff, min(BACKOFF_MAX, backoff * 2)))
                 continue
             self.delivered += 1
             if url in self._failing:
