@@ -99,7 +99,7 @@ def _battery(t: float, s: dict) -> None:
 
 def scenarios(quick: bool = False) -> list[Scenario]:
     # quick: readings every 2 min, assessments every 5 (the unit test); full: the plugin's own pace (bench)
-    step, every = (120.0, 300.0) if quick else (10.0, 30.0)
+    step, every = (300.0, 600.0) if quick else (10.0, 30.0)
     out = [
         Scenario("idle_24h", "", DAY, 0, 0, lambda t, s: None, step=step, evaluate_every=every),
         Scenario("disk_fill", "disk_full", 30 * HOUR, 30 * HOUR, 4 * HOUR, _disk_fill, step=step, evaluate_every=every),
@@ -110,8 +110,8 @@ def scenarios(quick: bool = False) -> list[Scenario]:
         Scenario("smart_nvme", "drive_failure", 6 * HOUR, 3 * HOUR + 7 * DAY, DAY, _smart_nvme, step=step, evaluate_every=every),
         Scenario("io_errors", "drive_failure", 6 * HOUR, 3 * HOUR + 7 * DAY, DAY, _io_errors, step=step, evaluate_every=every),
         Scenario("ecc", "memory_errors", 6 * HOUR, 3 * HOUR + 7 * DAY, DAY, _ecc, step=step, evaluate_every=every),
-        Scenario("battery_wear", "battery_wear", 20 * DAY, 20 * DAY, 7 * DAY, _battery, step=3600.0 if quick else 600.0,
-                 evaluate_every=3600.0 if quick else 600.0),
+        Scenario("battery_wear", "battery_wear", 20 * DAY, 20 * DAY, 7 * DAY, _battery, step=4 * HOUR if quick else 600.0,
+                 evaluate_every=4 * HOUR if quick else 600.0),
     ]
     return out
 
