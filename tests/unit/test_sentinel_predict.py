@@ -6,6 +6,7 @@ import http.server
 import json
 import logging
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,16 @@ def test_history_downsamples_and_keeps_the_finest_resolution(tmp_path):
     assert older[0][1] == pytest.approx(25.0)  # the mean of 0, 10, ..., 50
     assert [t for t, _ in points] == sorted(t for t, _ in points)
     assert h.db.execute("SELECT count(*) FROM hour").fetchone()[0] >= 3
+
+
+def test_an_unreadable_history_is_moved_aside_and_started_anew(tmp_path, caplog):
+    (tmp_path / "h.db").write_bytes(b"this is not a SQLite database" * 200)
+    with caplog.at_level(logging.WARNING, logger="cortex.sentinel"):
+        h = History(tmp_path / "h.db")
+    h.add(T0, {"x": 1.0})
+    assert h.series("x", T0) == [(T0, 1.0)]
+    moved = [r.fields["moved_to"] for r in caplog.records if hasattr(r, "fields") and "moved_to" in r.fields]
+    assert len(moved) == 1 and Path(moved[0]).read_bytes().startswith(b"this is not")
 
 
 def test_history_is_bounded_in_series_and_size(tmp_path):

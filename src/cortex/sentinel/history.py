@@ -10,8 +10,10 @@ only the summaries computed from it are.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("cortex.sentinel")
@@ -38,14 +40,28 @@ class History:
         self.path = str(path)
         self.max_bytes = int(max_mb * 1024 * 1024)
         self._lock = threading.Lock()
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            # only this node's own readings are lost: keep the file for a look, start a new one
+            aside = f"{self.path}.broken-{int(time.time())}"
+            log.warning("sentinel history unreadable; moved aside, starting a new one",
+                        extra={"fields": {"path": self.path, "moved_to": aside, "error": str(exc)}})
+            self.db.close()
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.replace(self.path + suffix, aside + suffix)
+            self._open()
+        self._full_logged = False
+        self._compacted_minute = self._compacted_hour = 0
+
+    def _open(self) -> None:
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect on a new file: before any table
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         self._ids = dict((name, i) for i, name in self.db.execute("SELECT id, name FROM series"))
-        self._full_logged = False
-        self._compacted_minute = self._compacted_hour = 0
 
     def close(self) -> None:
         with self._lock:
