@@ -75,6 +75,17 @@ def test_a_full_tree_gives_every_signal(tmp_path):
     assert s["disk.io_errors:sda"] == 31.0 and "disk.io_errors:loop0" not in s
     st = os.statvfs(tmp_path)
     assert s[f"disk.avail_bytes:{tmp_path}"] == st.f_bavail * st.f_frsize and s[f"disk.size_bytes:{tmp_path}"] > 0
+    assert first[f"disk.fill_rate_bps:{tmp_path}"] is None and isinstance(s[f"disk.fill_rate_bps:{tmp_path}"], float)
+
+
+def test_fill_rate_between_two_readings():
+    blocks = [1000]
+    clock = [100.0]
+    c = Collector(Roots(), watch_paths=["/d"], clock=lambda: clock[0],
+                  statvfs=lambda p: os.statvfs_result((4096, 4096, 5000, blocks[0], blocks[0], 0, 0, 0, 0, 255)))
+    assert c.disks()["disk.fill_rate_bps:/d"] is None
+    blocks[0], clock[0] = 900, 110.0
+    assert c.disks()["disk.fill_rate_bps:/d"] == 100 * 4096 / 10
 
 
 def test_a_missing_tree_is_absent_not_zero_and_logged_once(tmp_path, caplog):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,12 +102,15 @@ class Collector:
     """
 
     def __init__(self, roots: Roots | None = None, watch_paths: Iterable[str] = (),
-                 statvfs: Callable[[str], os.statvfs_result] = os.statvfs):
+                 statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
+                 clock: Callable[[], float] = time.monotonic):
         self.roots = roots or Roots()
         self.watch_paths = [str(p) for p in watch_paths]
         self.statvfs = statvfs
         self.once = _Once()
         self._cpu_prev: tuple[float, float, float] | None = None
+        self._disk_prev: dict[str, tuple[float, int]] = {}
+        self.clock = clock
 
     def sample(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
@@ -198,6 +202,13 @@ class Collector:
             out[f"disk.avail_bytes:{path}"] = float(st.f_bavail * st.f_frsize)
             out[f"disk.avail_pct:{path}"] = round(100.0 * st.f_bavail / st.f_blocks, 4) if st.f_blocks else None
             out[f"disk.readonly:{path}"] = float(bool(st.f_flag & os.ST_RDONLY))
+            # fill rate since the last reading (bytes/s, negative while space is freed); the predictions fit
+            # their own line over hours, this is what a dashboard plots
+            avail, now = st.f_bavail * st.f_frsize, self.clock()
+            prev = self._disk_prev.get(path)
+            self._disk_prev[path] = (now, avail)
+            out[f"disk.fill_rate_bps:{path}"] = round((prev[1] - avail) / (now - prev[0]), 3) \
+                if prev and now > prev[0] else None
         return out
 
     # --- sysfs -------------------------------------------------------------------------------------------------
