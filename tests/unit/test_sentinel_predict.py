@@ -47,6 +47,15 @@ def test_an_unreadable_history_is_moved_aside_and_started_anew(tmp_path, caplog)
     assert len(moved) == 1 and Path(moved[0]).read_bytes().startswith(b"this is not")
 
 
+def test_a_failed_write_leaves_the_history_usable(tmp_path):
+    h = History(tmp_path / "h.db")
+    h.add(T0, {"x": 1.0})
+    with pytest.raises(ValueError):
+        h.add(T0 + 10, {"y": 2.0, "x": "not a number"})  # fails half way, as a full disk would
+    h.add(T0 + 20, {"x": 3.0, "y": 4.0})
+    assert h.series("x", T0) == [(T0, 1.0), (T0 + 20, 3.0)] and h.series("y", T0) == [(T0 + 20, 4.0)]
+
+
 def test_history_is_bounded_in_series_and_size(tmp_path):
     h = History(tmp_path / "h.db")
     h.add(T0, {f"s{i}": 1.0 for i in range(500)})

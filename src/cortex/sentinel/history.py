@@ -9,6 +9,7 @@ only the summaries computed from it are.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -68,6 +69,21 @@ class History:
             self.db.close()
 
     # --- writing -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One transaction, rolled back when anything in it fails (a full disk): the next one starts clean, and
+        series ids handed out inside it are forgotten with it."""
+        known = dict(self._ids)
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            if self.db.in_transaction:  # SQLite rolls some failures (a full disk) back by itself
+                self.db.execute("ROLLBACK")
+            self._ids = known
+            raise
+        self.db.execute("COMMIT")
+
     def _series(self, name: str) -> int | None:
         sid = self._ids.get(name)
         if sid is None:
@@ -84,8 +100,7 @@ class History:
     def add(self, ts: float, values: dict[str, float | None]) -> None:
         """One reading; absent signals (None) are not stored (a gap, not a zero)."""
         rows = []
-        with self._lock:
-            self.db.execute("BEGIN")
+        with self._lock, self._transaction():
             for name, value in values.items():
                 if value is None:
                     continue
@@ -93,13 +108,11 @@ class History:
                 if sid is not None:
                     rows.append((sid, int(ts), float(value)))
             self.db.executemany("INSERT OR REPLACE INTO raw (series, ts, value) VALUES (?, ?, ?)", rows)
-            self.db.execute("COMMIT")
 
     def compact(self, now: float) -> None:
         """Fold finished minutes into `minute` and finished hours into `hour`; drop what retention ends."""
         minute_end, hour_end = int(now) // 60 * 60, int(now) // 3600 * 3600
-        with self._lock:
-            self.db.execute("BEGIN")
+        with self._lock, self._transaction():
             if minute_end > self._compacted_minute:
                 self.db.execute(
                     "INSERT OR REPLACE INTO minute SELECT series, ts / 60 * 60 AS m, avg(value), min(value), max(value), "
@@ -116,7 +129,7 @@ class History:
                 self.db.execute("DELETE FROM minute WHERE ts < ?", (now - MINUTE_KEEP,))
                 self.db.execute("DELETE FROM hour WHERE ts < ?", (now - HOUR_KEEP,))
             self.db.execute("DELETE FROM raw WHERE ts < ?", (now - RAW_KEEP,))
-            self.db.execute("COMMIT")
+        with self._lock:
             self._bound()
 
     def _bound(self) -> None:
