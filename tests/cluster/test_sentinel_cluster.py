@@ -1,5 +1,7 @@
 """The sentinel end to end on a real cluster: a worker's disk fills, the sentinel predicts it, raises an alert
-(the cluster's alerts, the inbox, a local webhook receiver), drains the worker, and the next tasks land elsewhere.
+(the cluster's alerts, the inbox, a local webhook receiver), drains the worker, and the next tasks land elsewhere;
+a second worker, squelched for maintenance, fills too: it drains, its alert is listed as squelched, and it
+notifies nobody.
 
 Every node watches its own size-capped tmpfs (root only, as CI runs), so nothing else on the machine moves
 the numbers; one cluster (a server and two workers) serves every check here.
@@ -82,20 +84,25 @@ def test_a_filling_disk_is_predicted_alerted_and_drained(sentinel_cluster, capsy
     text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10).read().decode()
     assert 'cortex_sentinel_score{node="w1"} 100.0' in text and "cortex_sentinel_disk_avail_bytes" in text
 
-    # fill w1's disk steadily (the trend needs a few readings), stopping short of full
-    filler = os.open(disks / "w1" / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    # w2 is under maintenance: its alerts are squelched (they still show, and it still drains)
+    assert cortex_cli(["--addr", cluster.node("n1").grpc_address, "--json", "tools", "call", "squelch_alerts",
+                       "--args", json.dumps({"pattern": "sentinel.*@w2", "minutes": 30})]) == 0
+    capsys.readouterr()
+    # fill w1's and w2's disks steadily (the trend needs a few readings), stopping short of full
+    fillers = [os.open(disks / n / "filler", os.O_WRONLY | os.O_CREAT, 0o600) for n in ("w1", "w2")]
     try:
         for _ in range(58):
-            os.write(filler, b"\0" * (256 * 1024))
+            for fd in fillers:
+                os.write(fd, b"\0" * (256 * 1024))
             time.sleep(0.1)
     finally:
-        os.close(filler)
+        for fd in fillers:
+            os.close(fd)
 
     hook = wait_until(lambda: next((h for h in list(hooks) if h["node"] == "w1" and h["kind"] == "disk_full"
                                     and h["severity"] == "critical" and h["state"] == "raised"), None), 60,
                       "a critical disk_full webhook for w1")
     assert hook["text"].startswith("[CRITICAL] w1: file system") and hook["target"] == str(disks / "w1")
-    assert not any(h["node"] != "w1" for h in hooks)  # the other nodes' disks did not move
 
     r = wait_until(lambda: (lambda x: x if x.get("raised") else None)(_records(c).get("w1", {})), 30,
                    "w1's summary naming its raised alert")
@@ -107,14 +114,15 @@ def test_a_filling_disk_is_predicted_alerted_and_drained(sentinel_cluster, capsy
     assert cortex_cli(["--addr", cluster.node("n1").grpc_address, "--json", "tools", "call", "list_alerts"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert alert_key in [a["key"] for a in listed["alerts"]]
+    assert any(a["key"].endswith("@w2") for a in listed["squelched"])
 
     # auto_drain: w1 is drained, so new tasks land elsewhere
-    wait_until(lambda: next((n for n in c.read("task.nodes", {}) if n["id"] == "w1" and n["drained"]), None), 30,
-               "w1 drained by its sentinel")
+    wait_until(lambda: {n["id"] for n in c.read("task.nodes", {}) if n["drained"]} == {"w1", "w2"}, 30,
+               "w1 and w2 drained by their sentinels")
     ids = api.submit(c, [{"kind": "noop", "name": f"after-{i}"} for i in range(4)])
     done = wait_until(lambda: (lambda ts: ts if all(t["state"] == "succeeded" for t in ts) else None)(
         [c.read("task.get", {"id": i}) for i in ids]), 60, "the tasks submitted after the drain")
-    assert {t["node"] for t in done} <= {"n1", "w2"}
+    assert {t["node"] for t in done} == {"n1"}  # both workers drained themselves
 
     assert cortex_cli(["--addr", cluster.node("w2").grpc_address, "--json", "health", "w1"]) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -136,3 +144,7 @@ def test_a_filling_disk_is_predicted_alerted_and_drained(sentinel_cluster, capsy
     assert f"disk.avail_bytes:{disks / 'w1'}" in own["signals"]
     series = tool("sentinel_history", {"signal": f"disk.avail_pct:{disks / 'w1'}", "hours": 1}, node="w1")["points"]
     assert series[0][1] > 90 > series[-1][1]  # the fill, as w1 recorded it
+
+    # the squelch muted w2's notifications, only those; n1's disk never moved
+    assert {h["node"] for h in hooks} == {"w1"}
+    assert [m for m in c.read("message.list", {"recipient": "ops"}) if m["sender"] == "sentinel@w2"] == []
