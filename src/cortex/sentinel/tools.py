@@ -43,8 +43,17 @@ def health(plugin: SentinelPlugin, args: dict, caller: Caller) -> dict:
 def node(plugin: SentinelPlugin, args: dict, caller: Caller) -> dict:
     node_id = args.get("node") or plugin.node_id
     if node_id == plugin.node_id:  # this node: its latest assessment, fresher than the published one
-        return {"node": node_id, **plugin.assessment, "signals": plugin.latest, "metrics": plugin.metrics_address,
-                "source": "local"}
+        doc = {"node": node_id, **plugin.assessment, "signals": plugin.latest, "metrics": plugin.metrics_address,
+               "source": "local"}
+        try:  # what only the leader sees of this node (missed heartbeats, Raft lag)
+            mine = next((r for r in _records(plugin) if r["node_id"] == node_id), {})
+        except ToolError:
+            mine = {}
+        seen = [f for f in mine.get("factors") or [] if f.get("source") == "leader"]
+        if seen:
+            doc["factors"] = [*doc["factors"], *seen]
+            doc["score"] = max(0.0, doc["score"] - sum(f["penalty"] for f in seen))
+        return doc
     found = next((r for r in _records(plugin) if r["node_id"] == node_id), None)
     if found is None:
         raise ToolError(f"no health summary for node {node_id!r}; sentinel_health lists the nodes that have one")
