@@ -77,6 +77,12 @@ def _records(c) -> dict[str, dict]:
 def test_a_filling_disk_is_predicted_alerted_and_drained(sentinel_cluster, capsys):
     cluster, disks, hooks = sentinel_cluster
     c = cluster.client("n1")
+
+    def tool(name: str, args: dict, node: str = "n1"):
+        assert cortex_cli(["--addr", cluster.node(node).grpc_address, "--json", "tools", "call", name,
+                           "--args", json.dumps(args)]) == 0
+        return json.loads(capsys.readouterr().out)
+
     healthy = wait_until(lambda: (lambda r: r if set(NODES) <= set(r) and all(
         x["level"] == "healthy" for x in r.values()) else None)(_records(c)), 60,
         "every node publishing a healthy summary", ignore=(Exception,))
@@ -85,9 +91,7 @@ def test_a_filling_disk_is_predicted_alerted_and_drained(sentinel_cluster, capsy
     assert 'cortex_sentinel_score{node="w1"} 100.0' in text and "cortex_sentinel_disk_avail_bytes" in text
 
     # w2 is under maintenance: its alerts are squelched (they still show, and it still drains)
-    assert cortex_cli(["--addr", cluster.node("n1").grpc_address, "--json", "tools", "call", "squelch_alerts",
-                       "--args", json.dumps({"pattern": "sentinel.*@w2", "minutes": 30})]) == 0
-    capsys.readouterr()
+    tool("squelch_alerts", {"pattern": "sentinel.*@w2", "minutes": 30})
     # fill w1's and w2's disks steadily (the trend needs a few readings), stopping short of full
     fillers = [os.open(disks / n / "filler", os.O_WRONLY | os.O_CREAT, 0o600) for n in ("w1", "w2")]
     try:
@@ -111,10 +115,9 @@ def test_a_filling_disk_is_predicted_alerted_and_drained(sentinel_cluster, capsy
                                 if m["sender"] == "sentinel@w1"], 30, "the sentinel's message in the ops inbox")
     assert "disk_full" in inbox[-1]["subject"] or "disk_full" in inbox[0]["subject"]
     alert_key = f"sentinel.disk_full:{disks / 'w1'}@w1"
-    assert cortex_cli(["--addr", cluster.node("n1").grpc_address, "--json", "tools", "call", "list_alerts"]) == 0
-    listed = json.loads(capsys.readouterr().out)
+    listed = wait_until(lambda: (lambda x: x if any(a["key"].endswith("@w2") for a in x["squelched"]) else None)(
+        tool("list_alerts", {})), 30, "w2's alert listed as squelched")
     assert alert_key in [a["key"] for a in listed["alerts"]]
-    assert any(a["key"].endswith("@w2") for a in listed["squelched"])
 
     # auto_drain: w1 is drained, so new tasks land elsewhere
     wait_until(lambda: {n["id"] for n in c.read("task.nodes", {}) if n["drained"]} == {"w1", "w2"}, 30,
@@ -131,15 +134,12 @@ def test_a_filling_disk_is_predicted_alerted_and_drained(sentinel_cluster, capsy
     assert json.loads(capsys.readouterr().out)["metrics"]["w1"] == metrics
 
     # the MCP tools, called through a server that is not the node concerned
-    def tool(name: str, args: dict, node: str = "n1"):
-        assert cortex_cli(["--addr", cluster.node(node).grpc_address, "--json", "tools", "call", name,
-                           "--args", json.dumps(args)]) == 0
-        return json.loads(capsys.readouterr().out)
-
     assert tool("sentinel_health", {})["status"] == "critical"
     (first, *_) = tool("sentinel_predictions", {"severity": "critical"})["predictions"]
     assert (first["node"], first["kind"], first["raised"]) == ("w1", "disk_full", True)
     assert tool("sentinel_node", {"node": "w1"})["level"] == "critical"
+    local = tool("sentinel_node", {}, node="w1")  # asked on w1 itself: its live assessment
+    assert (local["source"], local["level"]) == ("local", "critical") and local["signals"]["agent.restarts"] == 1
     own = tool("sentinel_history", {}, node="w1")
     assert f"disk.avail_bytes:{disks / 'w1'}" in own["signals"]
     series = tool("sentinel_history", {"signal": f"disk.avail_pct:{disks / 'w1'}", "hours": 1}, node="w1")["points"]
