@@ -311,6 +311,9 @@ class SentinelPlugin(Plugin):
             self._published, self._published_at = fingerprint, now
             self._ok("publish")
         except Exception as exc:
+            if time.monotonic() - self._born < 120:  # a node still joining or electing: not worth a warning yet
+                self.ctx.log.debug("sentinel: health summary not published yet: %s", exc)
+                return
             self._once("publish", f"health summary not published (retried): {exc}")
 
     def _peers(self) -> dict[str, dict]:
