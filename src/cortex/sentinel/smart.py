@@ -72,10 +72,10 @@ class SmartReader:
         self._next = 0.0
         self._logged: set[str] = set()
 
-    def _once(self, source: str, what: str) -> None:
+    def _once(self, source: str, what: str, level: int = logging.WARNING) -> None:
         if source not in self._logged:
             self._logged.add(source)
-            log.warning("sentinel cannot read SMART", extra={"fields": {"source": source, "error": what}})
+            log.log(level, "sentinel cannot read SMART", extra={"fields": {"source": source, "error": what}})
 
     def _run(self, args: list[str], source: str) -> dict | None:
         try:
@@ -112,7 +112,9 @@ class SmartReader:
             return self.last
         self._next = now + self.interval
         if not shutil.which(self.command):
-            self._once("smartctl", f"{self.command} is not installed (apt install smartmontools); SMART is absent")
+            # a VM or a machine without smartmontools is a valid setup: worth a line, not a warning
+            self._once("smartctl", f"{self.command} is not installed (apt install smartmontools); SMART is absent",
+                       logging.INFO)
             return self.last
         out: dict[str, float | None] = {}
         for device in self.devices():
