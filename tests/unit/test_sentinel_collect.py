@@ -177,7 +177,7 @@ def test_smart_reader_runs_smartctl_rarely_and_survives_bad_drives(tmp_path, cap
 
 
 def test_smart_reader_times_out(tmp_path, caplog):
-    reader = smart.SmartReader(str(_fake_smartctl(tmp_path, "slow")), interval=300, timeout=1.0)
+    reader = smart.SmartReader(str(_fake_smartctl(tmp_path, "slow")), interval=300, timeout=2.5)
     with caplog.at_level(logging.WARNING, logger="cortex.sentinel"):
         got = reader.read()
     assert not any(k.endswith(":sda") for k in got) and got["smart.ata5:sdb"] == 120  # the others still read
