@@ -229,7 +229,7 @@ def test_webhook_retries_a_failing_receiver_and_logs_it_once(caplog):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    sender = WebhookSender([url], timeout=2, first_backoff=0.2)
+    sender = WebhookSender([url], timeout=10, first_backoff=0.2)
     sender.start()
     doc = webhook_document("w1", {"key": "disk_full:/d", "kind": "disk_full", "target": "/d", "severity": "critical",
                                   "state": "raised", "message": "file system /d full in 5 min", "eta_s": 300.0,
