@@ -107,6 +107,7 @@ class SentinelPlugin(Plugin):
         self._seen_remote: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._smart_thread: threading.Thread | None = None
         self._metrics = None
         self._born = time.monotonic()
 
@@ -116,6 +117,9 @@ class SentinelPlugin(Plugin):
         self._start_metrics()
         self._thread = threading.Thread(target=self._loop, name="sentinel", daemon=True)
         self._thread.start()
+        if self.smart is not None:  # smartctl may take seconds per drive: never in the 10 s loop's way
+            self._smart_thread = threading.Thread(target=self._smart_loop, name="sentinel-smart", daemon=True)
+            self._smart_thread.start()
 
     def stop(self) -> None:
         if self._stop is None:
@@ -123,6 +127,8 @@ class SentinelPlugin(Plugin):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._smart_thread is not None:
+            self._smart_thread.join(timeout=1)  # a smartctl call still running ends by its own timeout
         self.webhooks.stop()
         if self._metrics is not None:
             self._metrics.close()
@@ -174,10 +180,18 @@ class SentinelPlugin(Plugin):
             self.collect_wall_s += time.monotonic() - started
             self._stop.wait(max(0.05, interval - (time.monotonic() - started)))
 
+    def _smart_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.smart.read()
+            except Exception as exc:
+                self._once("smart", f"{type(exc).__name__}: {exc}")
+            self._stop.wait(self.smart.interval)
+
     def collect_once(self, now: float, cluster_signals: bool = True) -> dict:
         sample = self.collector.sample()
         if self.smart is not None:
-            sample.update(self.smart.read())
+            sample.update(self.smart.last)  # the latest drive readings (read on their own thread)
         sample["agent.restarts"] = float(self.starts)
         if cluster_signals and self.ctx.cluster is not None:
             self._cluster_latest = self._cluster_signals()
