@@ -125,9 +125,19 @@ class ClusterToolsPlugin(Plugin):
     def _alerts(self) -> tuple[list[dict], list[dict], dict]:
         view = self.leader_view()
         found = alerts.active_alerts(view, self.ctx.host.status() if self.ctx.host else [], self.cluster.node_id)
+        found += self._sentinel_alerts()
         squelches = self._read("alert.squelches", {"now": time.time()})
         shown, hidden = alerts.split_squelched(found, squelches)
         return shown, hidden, {"view": view, "squelches": squelches}
+
+    def _sentinel_alerts(self) -> list[dict]:
+        """The alerts the sentinel raised on each node (its published summaries), squelched like the rest."""
+        from cortex.sentinel import records
+
+        try:
+            return records.alerts(records.read_all(lambda q, a: self.cluster.read(q, a, level="stale")), time.time())
+        except Exception:
+            return []  # no summaries readable: the cluster's own alerts still show
 
     def cluster_health(self, args: dict, caller: Caller) -> dict:
         try:

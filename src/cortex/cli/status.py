@@ -12,6 +12,8 @@ def cmd_status(args) -> int:
         view = leader_view(args, status)
     doc = status_dict(status)
     doc["nodes"] = status_dict(view)["nodes"] if view.nodes else doc.get("nodes", [])
+    if args.json and status.state != "uninitialized":
+        doc["metrics"] = _metrics_addresses(args)
     if status.state == "uninitialized":
         emit(args, doc, f"node {status.node_id} is not in a cluster: waiting for {status.waiting_for}")
         return 0
@@ -23,6 +25,18 @@ def cmd_status(args) -> int:
         head += f"\nwaiting   {status.waiting_for}"
     emit(args, doc, head + "\n\n" + nodes_table(view, status.leader_id))
     return 0
+
+
+def _metrics_addresses(args) -> dict[str, str]:
+    """Each node's Prometheus /metrics address, as its sentinel published it ({} when none did)."""
+    from cortex.sentinel import records
+
+    try:
+        with cluster_client(args) as c:
+            return {r["node_id"]: r["metrics"] for r in records.read_all(lambda q, a: c.read(q, a, level="stale"))
+                    if r.get("metrics")}
+    except Exception:
+        return {}
 
 
 def cmd_state(args) -> int:

@@ -169,6 +169,10 @@ class Placement(Protocol):
     def prepare(self, read: StateRead) -> Refusal:
         """Called once per scheduling round in which tasks of `kinds` wait: read what the decisions need."""
 
+    # `kinds = {"*"}`: a say over every task, added to the kind's own placement (node health, the sentinel): a
+    # node it refuses is only a last resort, and an optional `rank(read) -> Callable[[node id], float]` gives
+    # a penalty subtracted from a node's score (tasks/scheduler.py).
+
 
 @dataclass
 class PluginContext:

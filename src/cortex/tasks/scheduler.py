@@ -18,6 +18,10 @@ Plugins may decide where tasks of some kinds fit (cortex.plugins.api.Placement):
 refusal is checked after the slot, and a kind whose work runs elsewhere (a `k8s_job`'s pod runs in a
 Kubernetes cluster) is placed without checking or reserving the node's CPUs, memory and GPUs: only a task
 slot. `round_rules` asks the plugins once per round; everything else here is pure.
+
+A placement for every kind (`kinds = {"*"}`, the sentinel's node health) adds to the kind's own rule: a node
+it refuses is taken only when no other node fits (a last resort, like a retry's previous node), and its
+optional `rank` lowers a node's score (a degraded node ranks below every healthy one).
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ class KindRule:
 
     refusal: Callable[[dict, str], str]  # (task, node id) -> '' when that node may take the task now, else why not
     uses_node_resources: bool = True
+    rank: Callable[[str], float] | None = None  # node id -> a penalty subtracted from its score ("*" rules)
+
+
+ANY_KIND = "*"
 
 
 def round_rules(placements: Iterable[Placement], kinds: Iterable[str], read: StateRead) -> dict[str, KindRule]:
@@ -52,6 +60,11 @@ def round_rules(placements: Iterable[Placement], kinds: Iterable[str], read: Sta
     one of its kinds waits; the first placement to claim a kind decides it."""
     wanted, rules = set(kinds), {}
     for placement in placements:
+        if ANY_KIND in placement.kinds:
+            if wanted and ANY_KIND not in rules:
+                rank = getattr(placement, "rank", None)
+                rules[ANY_KIND] = KindRule(placement.prepare(read), True, rank(read) if rank else None)
+            continue
         claimed = (placement.kinds & wanted) - rules.keys()
         if claimed:
             rule = KindRule(placement.prepare(read), placement.uses_node_resources)
@@ -118,6 +131,11 @@ def _fits(task: dict, n: _Node, rules: Mapping[str, KindRule] = {}, static_only:
         return "busy (its owner is using it)"
     if n.free_slots < 1:
         return "no free task slot"
+    every = rules.get(ANY_KIND)
+    if every is not None and not static_only:
+        refusal = every.refusal(task, n.id)
+        if refusal:
+            return refusal
     rule = rules.get(task["kind"])
     if rule is not None:
         if static_only:
@@ -170,11 +188,13 @@ def schedule(queued: list[dict], nodes: list[dict], limit: int = 5000,
         if candidates is None:
             candidates = static[key] = [n for n in views if _static_ok(task, n)]
         rule = rules.get(task["kind"])
+        every = rules.get(ANY_KIND)
         elsewhere = rule is not None and not rule.uses_node_resources
         cpus, mem, gpus = (0, 0, 0) if elsewhere else (p.get("cpus", 0), p.get("memory_mb", 0), p.get("gpus", 0))
         best, best_score = None, 0.0
         avoid = task.get("last_node") if task["attempt"] > 0 else None
         fallback = None  # the node the previous attempt ran on: taken only when no other node fits
+        last_resort = None  # a node the "*" rule refuses (critical health): taken only when nothing else fits
         for n in candidates:
             if n.free_slots < 1 or cpus > n.free_cpus + 1e-9 or mem > n.free_mem or gpus > n.free_gpus:
                 continue
@@ -183,10 +203,13 @@ def schedule(queued: list[dict], nodes: list[dict], limit: int = 5000,
             if n.id == avoid:
                 fallback = n
                 continue
-            score = scores[n.id][which]
+            if every is not None and every.refusal(task, n.id):
+                last_resort = last_resort or n
+                continue
+            score = scores[n.id][which] - (every.rank(n.id) if every is not None and every.rank else 0.0)
             if best is None or score > best_score or (score == best_score and n.id < best.id):
                 best, best_score = n, score
-        best = best or fallback
+        best = best or fallback or last_resort
         if best is None:
             continue
         best.free_slots -= 1
