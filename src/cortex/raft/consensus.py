@@ -276,13 +276,6 @@ class RaftNode(PreVote):
                     pass  # raft-members.json on the same full disk: written again at the next change
             raise
 
-    def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
-        # A follower's answer to AppendEntries: the entries it vouches for are on the disk first.
-        sync = getattr(self.journal, "sync", None)
-        if sync is not None:
-            sync()
-        SyncObj._SyncObj__sendNextNodeIdx(self, node, reset=reset, nextNodeIdx=nextNodeIdx, success=success)
-
     # --- a journal the disk refuses -------------------------------------------------------------------
     # An append that fails (AppendJournal raises JournalWriteError, logged once) leaves the log as it was.
     # A node that cannot persist must not lead nor stand for election (it would win on its up-to-date log and
@@ -320,6 +313,13 @@ class RaftNode(PreVote):
             time.sleep(timeToWait)  # the tick ended before its poll: do not spin
 
     def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
+        # A follower's answer to AppendEntries. The entries it vouches for are on the disk first: pysyncobj
+        # sends the answer before it moves the commit index (the other place the journal syncs), and the
+        # transport writes it to the socket at once. (One override only: a second definition of this method
+        # once replaced the syncing one, and followers acknowledged entries still in the page cache.)
+        sync = getattr(self.journal, "sync", None)
+        if sync is not None:
+            sync()
         # A rejection (reset, not success) names at most the entry after this server's commit index; the
         # other answers (acknowledgements, a chunked transmission's progress) pass as pysyncobj sends them.
         if reset and not success:
