@@ -53,7 +53,7 @@ class GroupCommitter:
         slots = [_Slot(data, caller) for data in envelopes]
         with self._lock:
             if self._closed:
-                return [ProposalError("this node is stopping; retry on another server", maybe_applied=False)
+                return [ProposalError("this node is shutting down; retry on another server", maybe_applied=False)
                         for _ in slots]
             self._pending.extend(slots)
             if self._leading < self.in_flight:
@@ -86,7 +86,7 @@ class GroupCommitter:
             self._closed = True
             pending, self._pending = list(self._pending), deque()
             for slot in pending:
-                self._finish(slot, ProposalError("this node is stopping; retry on another server",
+                self._finish(slot, ProposalError("this node is shutting down; retry on another server",
                                                  maybe_applied=False))
 
     def _lead(self, caller: _Caller, deadline: float) -> None:
