@@ -49,10 +49,10 @@ PRIVATE_METHODS = ("_onTick", "_SyncObj__onMessageReceived", "_SyncObj__generate
                    "_SyncObj__getCurrentLogIndex", "_SyncObj__getCurrentLogTerm", "_SyncObj__setCurrentTerm",
                    "_SyncObj__setState", "_SyncObj__connectedToAnyone", "_SyncObj__getEntries",
                    "_SyncObj__sendNextNodeIdx", "_SyncObj__doChangeCluster",
-                   "_SyncObj__updateClusterConfiguration")
+                   "_SyncObj__updateClusterConfiguration", "_SyncObj__applyLogEntries")
 PRIVATE_ATTRIBUTES = ("_SyncObj__raftState", "_SyncObj__raftElectionDeadline", "_SyncObj__transport",
                       "_SyncObj__transferInProgress", "_SyncObj__connectedNodes", "_SyncObj__raftLeader",
-                      "_SyncObj__mainThread")
+                      "_SyncObj__mainThread", "_SyncObj__newAppendEntriesTime")
 PRIVATE_NAMES = PRIVATE_METHODS + PRIVATE_ATTRIBUTES
 FOLLOWER, CANDIDATE, LEADER = 0, 1, 2  # pysyncobj's _RAFT_STATE
 
