@@ -19,7 +19,7 @@ from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.core.commands import CommandError, validate
 from cortex.membership import identity
 from cortex.membership.gate import SourceLimit
-from cortex.membership.liveness import LivenessTracker
+from cortex.membership.liveness import LivenessTracker, Transition
 from cortex.node.logs import fields
 from cortex.node.member import AgentError, Member
 from cortex.node.router import Router, raft_call
@@ -377,8 +377,22 @@ class Admission:
                              "(removed?); on that node: cortex leave, then join again")
         self.liveness.heard(request.node_id, time.monotonic())
         if self.liveness.state(request.node_id) not in (None, "alive"):
-            self.liveness_step()  # back from suspect/offline: say so now, not at the next tick
+            self._revive(request.node_id)  # back from suspect/offline: say so now, not at the next tick
         return pb.HeartbeatResponse(server_grpc_addresses=self.member.server_grpc_addresses())
+
+    def _revive(self, node_id: str) -> None:
+        """Leader: replicate the return of one node heard from again, and nothing else. The whole round
+        (liveness_step) reads every node's record: run for each returning heartbeat, a fleet that comes back
+        together (the leader stalled past suspect_after) would cost the leader the square of its size."""
+        with self._liveness_lock:
+            replica = self.member.replica
+            if replica is None or not replica.raft.is_leader() or self._liveness_term != replica.raft.term():
+                return  # not tracking in this term yet: the next round starts from the replicated states
+            old = self.liveness.state(node_id)
+            if old in (None, "alive"):
+                return  # another heartbeat of the same node was first
+            self.router.propose("node.liveness", {"node_id": node_id, "state": "alive"}, internal=True)
+            self.liveness.apply(Transition(node_id, old, "alive"))
 
     def liveness_step(self) -> None:
         """Leader only: decide suspect/offline/alive from heartbeats and replicate the transitions."""

@@ -214,7 +214,8 @@ class Member:
         return self.replica.roster.node(node_id)
 
     def node_by_raft(self, raft_address: str) -> dict | None:
-        return next((n for n in self.nodes() if n["raft_address"] == raft_address), None)
+        """From the roster too: a follower looks the leader up for every request it forwards."""
+        return self.replica.roster.node_by_raft(raft_address)
 
     def server_grpc_addresses(self) -> list[str]:
         return self.replica.roster.server_grpc_addresses()
