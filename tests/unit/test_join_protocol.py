@@ -304,6 +304,25 @@ def test_a_worker_back_from_suspect_is_revived_without_a_round_over_every_node(t
     assert store.query("nodes", {})[-1]["liveness"] == "alive"
 
 
+def test_a_heartbeat_never_waits_behind_a_liveness_round(tmp_path: Path, nodes, leader):
+    """A round replicates its transitions one after another, holding the liveness lock; a returning node's
+    heartbeat that waited for it held a gRPC thread, and with a fleet returning, all of them. It answers at
+    once, and the round (this one or the next) replicates the return."""
+    n1, _ = leader
+    _register_workers(n1, 3)
+    admission = n1.admission
+    admission.liveness_step()
+    n1.router.propose("node.liveness", {"node_id": "x001", "state": "suspect"}, internal=True)
+    admission.liveness.apply(Transition("x001", "alive", "suspect"))
+    answered = threading.Event()
+    with admission._liveness_lock:  # a round under way
+        threading.Thread(target=lambda: (admission.handle_heartbeat(pb.HeartbeatRequest(node_id="x001")),
+                                         answered.set()), daemon=True).start()
+        assert answered.wait(20), "the heartbeat waited for the liveness round"
+    admission.liveness_step()  # the next round
+    assert {n["id"]: n["liveness"] for n in n1.member.store.query("nodes", {})}["x001"] == "alive"
+
+
 def test_a_follower_forwards_heartbeats_without_reading_the_nodes_table(tmp_path: Path, nodes, leader, monkeypatch):
     """A worker's first server may be a follower (after a leader change, say): it forwards every heartbeat to
     the leader, and finding the leader's address read the whole nodes table each time."""

@@ -383,8 +383,13 @@ class Admission:
     def _revive(self, node_id: str) -> None:
         """Leader: replicate the return of one node heard from again, and nothing else. The whole round
         (liveness_step) reads every node's record: run for each returning heartbeat, a fleet that comes back
-        together (the leader stalled past suspect_after) would cost the leader the square of its size."""
-        with self._liveness_lock:
+        together (the leader stalled past suspect_after) would cost the leader the square of its size. Nor
+        does a heartbeat wait for a round under way, which replicates one transition after another: the gRPC
+        threads would all wait behind it, and the heartbeats queued behind them time out and make more nodes
+        suspect. Skipped, the return is replicated by the next round, within a heartbeat interval."""
+        if not self._liveness_lock.acquire(blocking=False):
+            return
+        try:
             replica = self.member.replica
             if replica is None or not replica.raft.is_leader() or self._liveness_term != replica.raft.term():
                 return  # not tracking in this term yet: the next round starts from the replicated states
@@ -393,6 +398,8 @@ class Admission:
                 return  # another heartbeat of the same node was first
             self.router.propose("node.liveness", {"node_id": node_id, "state": "alive"}, internal=True)
             self.liveness.apply(Transition(node_id, old, "alive"))
+        finally:
+            self._liveness_lock.release()
 
     def liveness_step(self) -> None:
         """Leader only: decide suspect/offline/alive from heartbeats and replicate the transitions."""
