@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -321,6 +322,23 @@ def test_a_heartbeat_never_waits_behind_a_liveness_round(tmp_path: Path, nodes, 
         assert answered.wait(20), "the heartbeat waited for the liveness round"
     admission.liveness_step()  # the next round
     assert {n["id"]: n["liveness"] for n in n1.member.store.query("nodes", {})}["x001"] == "alive"
+
+
+def test_a_round_replicates_its_transitions_together(tmp_path: Path, nodes, leader):
+    """A hundred nodes silent past suspect_after (a rack without power): the round replicates their
+    transitions in a few log entries; one after another, each took a commit of its own."""
+    n1, _ = leader
+    _register_workers(n1, 100)
+    admission, store = n1.admission, n1.member.store
+    admission.liveness_step()
+    states = {n["id"]: n["liveness"] for n in store.query("nodes", {}) if n["id"] != "n1"}
+    admission.liveness.start(states, time.monotonic() - n1.config.liveness.suspect_after - 1)  # all silent since
+    before = store.last_applied
+    admission.liveness_step()
+    assert {n["id"]: n["liveness"] for n in store.query("nodes", {}) if n["id"] != "n1"} == dict.fromkeys(states,
+                                                                                                       "suspect")
+    assert all(admission.liveness.state(node) == "suspect" for node in states)
+    assert store.last_applied - before < 10, f"{store.last_applied - before} log entries for one round"
 
 
 def test_a_follower_forwards_heartbeats_without_reading_the_nodes_table(tmp_path: Path, nodes, leader, monkeypatch):

@@ -421,10 +421,17 @@ class Admission:
             self.liveness.track(n["id"], n["liveness"], now)
             if n["role"] == "server" and raft.connected.get(n["raft_address"]):
                 self.liveness.heard(n["id"], now)
-        for transition in self.liveness.evaluate(now):
-            self.router.propose("node.liveness", {"node_id": transition.node_id, "state": transition.new},
-                                internal=True)
-            self.liveness.apply(transition)
+        # Replicated together: a rack that loses power makes hundreds of nodes suspect in the same round
+        transitions = self.liveness.evaluate(now)
+        if transitions:
+            outcomes = self.router.propose_all("node.liveness", [{"node_id": t.node_id, "state": t.new}
+                                                                 for t in transitions])
+            for transition, outcome in zip(transitions, outcomes):
+                if not isinstance(outcome, AgentError):
+                    self.liveness.apply(transition)
+            failed = next((o for o in outcomes if isinstance(o, AgentError)), None)
+            if failed is not None:  # the others are decided again next round
+                raise failed
         self._forget_step()
         self._expire_step()
 
