@@ -1,7 +1,7 @@
 """Fleet-scale benchmark: 3 real servers and N simulated workers driven from one process.
 
     python -m bench.fleet [--sizes 50,100,250,500,1000,2000] [--window S] [--json PATH] [--base-port N]
-                          [--pull-every S] [--profile DIR] [--keep]
+                          [--pull-every S] [--blip S] [--profile DIR] [--keep]
 
 A simulated worker does on the wire what a worker agent does, without the agent around it: it joins through
 a server's enrollment port with a worker token (the joiner's own `enroll.call_join`, with a key and CSR of its
@@ -21,7 +21,7 @@ A step passes when heartbeat p99 < 200 ms, leader CPU < 50 % of one core and the
 curve ends at the first step that fails. A failed bar is a result (exit 0); a measurement that breaks is not
 (exit 1). Table on stdout, progress on stderr; --json writes the rows and the machine's load average.
 --profile DIR records the leader with py-spy during each window (collapsed stacks, DIR/leader-N.txt) when
-py-spy is installed.
+py-spy is installed. --blip S then silences the whole fleet for S seconds and times its return to alive.
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ class SimWorker:
     """One worker's wire behaviour: a channel per server with its own certificate, calls to the server that
     last answered (the next one on UNAVAILABLE, as Router.to_servers does)."""
 
-    def __init__(self, node_id: str, files: tls.ClientFiles, servers: list[str]):
+    def __init__(self, node_id: str, files: tls.ClientFiles, servers: list[str], connected: asyncio.Event):
         self.node_id = node_id
+        self.connected = connected  # cleared: the fleet is cut off from the servers (--blip)
         self.files = files
         self.servers = list(servers)
         self._stubs: dict[str, pb_grpc.ClusterStub] = {}
@@ -139,6 +140,7 @@ class SimWorker:
         await _pause(stop, random.uniform(0, interval))
         request = pb.HeartbeatRequest(node_id=self.node_id)
         while not stop.is_set():
+            await self.connected.wait()
             started = time.perf_counter()
             try:
                 response = await self.call("Heartbeat", request, HEARTBEAT_TIMEOUT)
@@ -159,6 +161,7 @@ class SimWorker:
         request = pb.ReadRequest(query="task.assigned", args_json=json.dumps({"node_id": self.node_id}).encode(),
                                  level=pb.STALE, hops=1)
         while not stop.is_set():
+            await self.connected.wait()
             started = time.perf_counter()
             try:
                 response = await self.call("Read", request, FORWARD_TIMEOUT)
@@ -182,7 +185,8 @@ async def _pause(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-def enroll_worker(join_address: str, token: str, index: int, attempts: int = 5) -> SimWorker:
+def enroll_worker(join_address: str, token: str, index: int, connected: asyncio.Event,
+                  attempts: int = 5) -> SimWorker:
     """The joining worker's side of a join with a token (join.Joiner._call_join): key, CSR, the enrollment
     port checked against the CA the token pins, the certificate back."""
     node_id = f"sim{index:05d}"
@@ -203,7 +207,7 @@ def enroll_worker(join_address: str, token: str, index: int, attempts: int = 5) 
     if not response.admitted or not response.cert_pem:
         raise RuntimeError(f"{node_id} was not admitted: {response}")
     files = tls.ClientFiles(ca=response.ca_cert_pem, cert=response.cert_pem, key=key)
-    return SimWorker(node_id, files, list(response.server_grpc_addresses))
+    return SimWorker(node_id, files, list(response.server_grpc_addresses), connected)
 
 
 # --------------------------------------------------------------------------- #
@@ -261,10 +265,11 @@ def start_profile(profile_dir: Path | None, pid: int, seconds: float, n: int) ->
 # The curve
 # --------------------------------------------------------------------------- #
 async def run_curve(dc: devcluster.DevCluster, sizes: list[int], window: float, pull_every: float,
-                    profile_dir: Path | None) -> list[dict]:
+                    profile_dir: Path | None, blip: float) -> tuple[list[dict], dict | None]:
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=JOINS_IN_FLIGHT)
-    stop = asyncio.Event()
+    stop, connected = asyncio.Event(), asyncio.Event()
+    connected.set()
     workers: list[SimWorker] = []
     tasks: list[asyncio.Task] = []
     current: list[Samples | None] = [None]
@@ -279,7 +284,7 @@ async def run_curve(dc: devcluster.DevCluster, sizes: list[int], window: float, 
             add = n - len(workers)
             progress(f"N={n}: enrolling {add} simulated workers ({JOINS_IN_FLIGHT} joins in flight)")
             started = time.monotonic()
-            joined = await asyncio.gather(*(loop.run_in_executor(pool, enroll_worker, join_address, token, i)
+            joined = await asyncio.gather(*(loop.run_in_executor(pool, enroll_worker, join_address, token, i, connected)
                                             for i in range(len(workers), n)))
             progress(f"N={n}: {add} joined in {time.monotonic() - started:.1f} s")
             for w in joined:
@@ -314,12 +319,50 @@ async def run_curve(dc: devcluster.DevCluster, sizes: list[int], window: float, 
                      f" -> {'pass' if row['pass'] else 'FAIL'}")
             if not row["pass"]:
                 break
+        returned = None
+        if blip:
+            returned = await measure_return(dc, workers, blip, connected, current, pool)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
         pool.shutdown(wait=False, cancel_futures=True)
-    return rows
+    return rows, returned
+
+
+async def measure_return(dc, workers: list[SimWorker], blip: float, connected: asyncio.Event, current: list,
+                         pool) -> dict:
+    """The whole fleet silent for `blip` seconds (a switch between it and the servers restarting), then back:
+    how long until the leader sees every worker alive again, and what the return costs the leader."""
+    loop = asyncio.get_running_loop()
+    n, ids = len(workers), {w.node_id for w in workers}
+    leader = await loop.run_in_executor(pool, find_leader, dc)
+    progress(f"return: {n} workers silent for {blip:g} s")
+    connected.clear()
+    await asyncio.sleep(blip)
+    view = await loop.run_in_executor(pool, liveness_view, leader)
+    silent = sum(1 for i in ids if view.get(i, ("",))[0] != "alive")
+    proc = psutil.Process(leader.pid)
+    proc.cpu_percent(None)
+    current[0] = samples = Samples()
+    started = time.monotonic()
+    connected.set()
+    back = None
+    while time.monotonic() - started < ALIVE_WITHIN:
+        view = await loop.run_in_executor(pool, liveness_view, leader)
+        if all(view.get(i, ("",))[0] == "alive" for i in ids):
+            back = time.monotonic() - started
+            break
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - started)))  # at least 5 s of heartbeats measured
+    current[0] = None
+    hb = measure.percentiles(samples.heartbeat)
+    result = {"n": n, "blip_s": blip, "not_alive_after_blip": silent, "all_alive_after_s": back,
+              "leader_cpu": proc.cpu_percent(None), "heartbeat_p99_ms": hb["p99"] * 1000,
+              "errors": sum(samples.errors.values())}
+    progress(f"return: {silent} not alive after the blip; all alive again after "
+             f"{'never' if back is None else f'{back:.1f} s'}")
+    return result
 
 
 def summarize(n, samples: Samples, window, leader, leader_after, cpu, rss, driver_cpu, ids, before, after,
@@ -396,16 +439,20 @@ def main(argv=None) -> int:
     ap.add_argument("--pull-every", type=float, default=WORKER_HEARTBEAT,
                     help=f"seconds between a worker's assignment pulls (default {WORKER_HEARTBEAT:g}, the heartbeat "
                          "interval; an idle agent's runner polls every 0.5)")
+    ap.add_argument("--blip", type=float, default=0.0, metavar="S",
+                    help="after the curve, silence every worker for S seconds (past liveness.suspect_after) and "
+                         "time their return to alive")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     ap.add_argument("--base-port", type=int, default=27800, help="first port tried for the 3 servers")
     ap.add_argument("--profile", metavar="DIR", type=Path, help="py-spy the leader during each window into DIR")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs) after the run")
     args = ap.parse_args(argv)
-    if args.window < 1 or args.pull_every <= 0:
-        ap.error("--window must be at least 1 second and --pull-every above 0")
+    if args.window < 1 or args.pull_every <= 0 or args.blip < 0:
+        ap.error("--window must be at least 1 second, --pull-every above 0 and --blip not negative")
     signal.signal(signal.SIGTERM, _terminate)
     workdir = Path(tempfile.mkdtemp(prefix="cortex-bench-fleet-"))
     rows: list[dict] = []
+    returned = None
     failed = False
     started = time.monotonic()
     try:
@@ -415,7 +462,8 @@ def main(argv=None) -> int:
         progress(f"starting 3 servers on 127.0.0.1:{base}-{base + 8} in {workdir}")
         dc = devcluster.up(workdir / "cluster", servers=3, workers=0, base_port=base, timeout=90,
                            progress=lambda s: progress(f"cluster: {s}"))
-        rows = asyncio.run(run_curve(dc, args.sizes, args.window, args.pull_every, args.profile))
+        rows, returned = asyncio.run(run_curve(dc, args.sizes, args.window, args.pull_every, args.profile,
+                                               args.blip))
     except Exception as exc:  # noqa: BLE001 -- reported; the rows measured so far are still printed
         failed = True
         progress(f"FAILED: {type(exc).__name__}: {exc}")
@@ -435,10 +483,16 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     print(f"largest N with heartbeat p99 < {HEARTBEAT_P99_BAR_MS:g} ms, leader CPU < {LEADER_CPU_BAR:g} % of one "
           f"core and a correct liveness view: {best or 'none'}", flush=True)
+    if returned is not None:
+        back = returned["all_alive_after_s"]
+        print(f"return after {returned['blip_s']:g} s of silence, {returned['n']} workers: "
+              f"{returned['not_alive_after_blip']} not alive, all alive again after "
+              f"{'NEVER' if back is None else f'{back:.1f} s'}; leader CPU {returned['leader_cpu']:.0f} %, heartbeat "
+              f"p99 {returned['heartbeat_p99_ms']:.0f} ms, {returned['errors']} failed calls", flush=True)
     print(f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} CPUs; "
           f"{time.monotonic() - started:.0f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "largest_passing": best, "sizes": args.sizes,
+        Path(args.json).write_text(json.dumps({"rows": rows, "largest_passing": best, "return": returned, "sizes": args.sizes,
                                                "window_s": args.window, "pull_every_s": args.pull_every,
                                                "load_average": list(load), "cpus": os.cpu_count(),
                                                "failed": failed}, indent=2))
