@@ -265,7 +265,9 @@ def start_profile(profile_dir: Path | None, pid: int, seconds: float, n: int) ->
 # The curve
 # --------------------------------------------------------------------------- #
 async def run_curve(dc: devcluster.DevCluster, sizes: list[int], window: float, pull_every: float,
-                    profile_dir: Path | None, blip: float) -> tuple[list[dict], dict | None]:
+                    profile_dir: Path | None, blip: float, rows: list[dict], returned: dict) -> None:
+    """Measure the curve into `rows` (kept when a later step breaks) and the return after a blip into
+    `returned`."""
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=JOINS_IN_FLIGHT)
     stop, connected = asyncio.Event(), asyncio.Event()
@@ -278,7 +280,6 @@ async def run_curve(dc: devcluster.DevCluster, sizes: list[int], window: float, 
     with Client(join_address, timeout=20) as c:
         token = c.create_token("worker", ttl_seconds=3600, uses=max(sizes)).token
     me = psutil.Process()
-    rows: list[dict] = []
     try:
         for n in sizes:
             add = n - len(workers)
@@ -319,15 +320,14 @@ async def run_curve(dc: devcluster.DevCluster, sizes: list[int], window: float, 
                      f" -> {'pass' if row['pass'] else 'FAIL'}")
             if not row["pass"]:
                 break
-        returned = None
         if blip:
-            returned = await measure_return(dc, workers, blip, connected, current, pool)
+            returned.update(await measure_return(dc, workers, blip, connected, current, pool))
     finally:
         stop.set()
+        connected.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
         pool.shutdown(wait=False, cancel_futures=True)
-    return rows, returned
 
 
 async def measure_return(dc, workers: list[SimWorker], blip: float, connected: asyncio.Event, current: list,
@@ -452,7 +452,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     workdir = Path(tempfile.mkdtemp(prefix="cortex-bench-fleet-"))
     rows: list[dict] = []
-    returned = None
+    returned: dict = {}
     failed = False
     started = time.monotonic()
     try:
@@ -462,8 +462,8 @@ def main(argv=None) -> int:
         progress(f"starting 3 servers on 127.0.0.1:{base}-{base + 8} in {workdir}")
         dc = devcluster.up(workdir / "cluster", servers=3, workers=0, base_port=base, timeout=90,
                            progress=lambda s: progress(f"cluster: {s}"))
-        rows, returned = asyncio.run(run_curve(dc, args.sizes, args.window, args.pull_every, args.profile,
-                                               args.blip))
+        asyncio.run(run_curve(dc, args.sizes, args.window, args.pull_every, args.profile, args.blip, rows,
+                              returned))
     except Exception as exc:  # noqa: BLE001 -- reported; the rows measured so far are still printed
         failed = True
         progress(f"FAILED: {type(exc).__name__}: {exc}")
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     print(f"largest N with heartbeat p99 < {HEARTBEAT_P99_BAR_MS:g} ms, leader CPU < {LEADER_CPU_BAR:g} % of one "
           f"core and a correct liveness view: {best or 'none'}", flush=True)
-    if returned is not None:
+    if returned:
         back = returned["all_alive_after_s"]
         print(f"return after {returned['blip_s']:g} s of silence, {returned['n']} workers: "
               f"{returned['not_alive_after_blip']} not alive, all alive again after "
@@ -492,8 +492,8 @@ def main(argv=None) -> int:
     print(f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} CPUs; "
           f"{time.monotonic() - started:.0f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "largest_passing": best, "return": returned, "sizes": args.sizes,
-                                               "window_s": args.window, "pull_every_s": args.pull_every,
+        Path(args.json).write_text(json.dumps({"rows": rows, "largest_passing": best, "return": returned or None,
+                                               "sizes": args.sizes, "window_s": args.window, "pull_every_s": args.pull_every,
                                                "load_average": list(load), "cpus": os.cpu_count(),
                                                "failed": failed}, indent=2))
     return 1 if failed else 0
