@@ -136,11 +136,11 @@ class SimWorker:
             return response
         raise last if last is not None else RuntimeError("no servers known")
 
-    async def heartbeats(self, stop: asyncio.Event, record, interval: float) -> None:
+    async def heartbeats(self, finished: asyncio.Event, record, interval: float) -> None:
         """upkeep.worker_heartbeat, every round of the background loop (a round, then `interval`)."""
-        await _pause(stop, random.uniform(0, interval))
+        await _pause(finished, random.uniform(0, interval))
         request = pb.HeartbeatRequest(node_id=self.node_id)
-        while not stop.is_set():
+        while not finished.is_set():
             await self.connected.wait()
             started = time.perf_counter()
             try:
@@ -154,14 +154,14 @@ class SimWorker:
                 samples = record()
                 if samples is not None:
                     samples.error("heartbeat", exc)
-            await _pause(stop, interval)
+            await _pause(finished, interval)
 
-    async def pulls(self, stop: asyncio.Event, record, interval: float) -> None:
+    async def pulls(self, finished: asyncio.Event, record, interval: float) -> None:
         """Runner._read_assigned on a worker: a stale read of `task.assigned`, forwarded once (hops=1)."""
-        await _pause(stop, random.uniform(0, interval))
+        await _pause(finished, random.uniform(0, interval))
         request = pb.ReadRequest(query="task.assigned", args_json=json.dumps({"node_id": self.node_id}).encode(),
                                  level=pb.STALE, hops=1)
-        while not stop.is_set():
+        while not finished.is_set():
             await self.connected.wait()
             started = time.perf_counter()
             try:
@@ -174,16 +174,16 @@ class SimWorker:
                 samples = record()
                 if samples is not None:
                     samples.error("pull", exc)
-            await _pause(stop, interval)
+            await _pause(finished, interval)
 
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
 
 
-async def _pause(stop: asyncio.Event, seconds: float) -> None:
+async def _pause(finished: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+        await asyncio.wait_for(finished.wait(), seconds)
 
 
 def enroll_worker(join_address: str, token: str, index: int, connected: asyncio.Event,
@@ -271,7 +271,7 @@ async def run_curve(dc: devcluster.DevCluster, sizes: list[int], window: float, 
     `returned`."""
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=JOINS_IN_FLIGHT)
-    stop, connected = asyncio.Event(), asyncio.Event()
+    finished, connected = asyncio.Event(), asyncio.Event()
     connected.set()
     workers: list[SimWorker] = []
     tasks: list[asyncio.Task] = []
@@ -290,8 +290,8 @@ async def run_curve(dc: devcluster.DevCluster, sizes: list[int], window: float, 
                                             for i in range(len(workers), n)))
             progress(f"N={n}: {add} joined in {time.monotonic() - started:.1f} s")
             for w in joined:
-                tasks.append(asyncio.create_task(w.heartbeats(stop, record, WORKER_HEARTBEAT)))
-                tasks.append(asyncio.create_task(w.pulls(stop, record, pull_every)))
+                tasks.append(asyncio.create_task(w.heartbeats(finished, record, WORKER_HEARTBEAT)))
+                tasks.append(asyncio.create_task(w.pulls(finished, record, pull_every)))
             workers.extend(joined)
             ids = {w.node_id for w in workers}
             leader = await loop.run_in_executor(pool, find_leader, dc)
@@ -331,7 +331,7 @@ async def run_curve(dc: devcluster.DevCluster, sizes: list[int], window: float, 
         if blip:
             returned.update(await measure_return(dc, workers, blip, connected, current, pool))
     finally:
-        stop.set()
+        finished.set()
         connected.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
@@ -481,7 +481,7 @@ def main(argv=None) -> int:
         progress(f"FAILED: {type(exc).__name__}: {exc}")
         traceback.print_exc(file=sys.stderr)
     finally:
-        progress("stopping the cluster")
+        progress("taking the cluster down")
         with contextlib.suppress(Exception):
             devcluster.down(workdir / "cluster")
         if args.keep or failed:
