@@ -286,12 +286,16 @@ async def run_curve(dc: devcluster.DevCluster, sizes: list[int], window: float, 
             add = n - len(workers)
             progress(f"N={n}: enrolling {add} simulated workers ({JOINS_IN_FLIGHT} joins in flight)")
             started = time.monotonic()
-            joined = await asyncio.gather(*(loop.run_in_executor(pool, enroll_worker, join_address, token, i, connected)
-                                            for i in range(len(workers), n)))
-            progress(f"N={n}: {add} joined in {time.monotonic() - started:.1f} s")
-            for w in joined:
+
+            async def join(i: int) -> SimWorker:
+                """A worker heartbeats from its join on, as the agent does (not once the others joined)."""
+                w = await loop.run_in_executor(pool, enroll_worker, join_address, token, i, connected)
                 tasks.append(asyncio.create_task(w.heartbeats(finished, record, WORKER_HEARTBEAT)))
                 tasks.append(asyncio.create_task(w.pulls(finished, record, pull_every)))
+                return w
+
+            joined = await asyncio.gather(*(join(i) for i in range(len(workers), n)))
+            progress(f"N={n}: {add} joined in {time.monotonic() - started:.1f} s")
             workers.extend(joined)
             ids = {w.node_id for w in workers}
             leader = await loop.run_in_executor(pool, find_leader, dc)
