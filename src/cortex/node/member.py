@@ -214,7 +214,7 @@ class Member:
         return self.replica.roster.node(node_id)
 
     def node_by_raft(self, raft_address: str) -> dict | None:
-        """From the roster too: the router asks on every write it forwards to the leader."""
+        """From the roster too: a follower looks the leader up for every request it forwards."""
         replica = self.replica
         if replica is None or not raft_address:
             return None

@@ -65,7 +65,7 @@ class Router:
         # which state-machine level each server runs: a command only some replicas know is never proposed
         self.levels = ServerLevels(
             member.config.node_id,
-            servers=lambda: [n for n in member.replica.roster.servers() if n["liveness"] != "left"],
+            servers=lambda: member.replica.roster.servers(),  # members only: nodes that left are not in it
             ask=lambda address: self._stub_for(address).Status(pb.StatusRequest(), timeout=2),
             is_leader=member.is_leader)
         # the Cluster RPCs this node answers itself when it turns out to be the leader (membership adds its own)
@@ -106,6 +106,39 @@ class Router:
         except CommandError as exc:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         return self._propose_checked(command_type, args, idem)[0]
+
+    def propose_all(self, command_type: str, many: list[dict]) -> list[dict | AgentError]:
+        """Leader-side: stamp and replicate the cluster's own commands of one type together (group commit
+        puts them in a few log entries, where one propose after another takes a commit each). One outcome
+        per command, in order: its result, or the AgentError that command met."""
+        replica = self.member.replica
+        if replica is None:
+            raise AgentError(grpc.StatusCode.UNAVAILABLE, "this node holds no replica (left, or a worker); retry")
+        behind = self.levels.gate(command_type)
+        if behind:
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, behind)
+        term = replica.raft.term()
+        envelopes = []
+        for args in many:
+            try:
+                args = validate(command_type, args)
+            except CommandError as exc:
+                raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            command_id = uuid.uuid4().hex
+            envelopes.append(Envelope(type=command_type, args=args, id=command_id, ts=time.time(), term=term,
+                                      idem=command_id).encode())
+        out: list[dict | AgentError] = []
+        for outcome in replica.committer.submit(envelopes, timeout=FORWARD_TIMEOUT):
+            if isinstance(outcome, ProposalError):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if outcome.maybe_applied else grpc.StatusCode.UNAVAILABLE
+                out.append(AgentError(code, f"{outcome}; retry"))
+            elif "error" in outcome[0]:
+                stale = outcome[0]["error"].startswith("stale term")
+                out.append(AgentError(grpc.StatusCode.UNAVAILABLE if stale else grpc.StatusCode.FAILED_PRECONDITION,
+                                      outcome[0]["error"]))
+            else:
+                out.append(outcome[0])
+        return out
 
     def _propose_checked(self, command_type: str, args: dict, idem: str) -> tuple[dict, int, int]:
         replica = self.member.replica
