@@ -10,7 +10,7 @@ from pysyncobj.syncobj import _RAFT_STATE
 
 from cortex.raft import prevote, readindex
 from cortex.raft.consensus import RaftNode
-from cortex.raft.errors import NotLeader
+from cortex.raft.errors import NotLeader, ProposalError
 from tests.support.cluster import free_base_port
 from tests.support.wait import wait_until
 
@@ -128,4 +128,17 @@ def test_a_leader_beside_a_majority_of_older_servers_does_not_confirm(servers):
     wait_until(leader._isLeader, 60, "the first server elected", interval=0.05)
     wait_until(lambda: leader.raftCommitIndex >= leader._SyncObj__noopIDx, 60, "the election's no-op committed")
     with pytest.raises(readindex.ReadUnconfirmed, match="version without read rounds"):
+        leader.read_index(timeout=30)
+
+
+def test_a_leader_confirms_with_one_follower_gone_and_not_with_both(servers):
+    leader, *followers = servers(_Server, _Server, _Server)
+    wait_until(leader._isLeader, 60, "the first server elected", interval=0.05)
+    wait_until(lambda: all(leader._ri_capable.get(f.selfNode.id) for f in followers), 60,
+               "both followers' hellos saying they answer read rounds", interval=0.05)
+    wait_until(lambda: leader.raftCommitIndex >= leader._SyncObj__noopIDx, 60, "the election's no-op committed")
+    followers[0].destroy()
+    assert leader.read_index(timeout=30) == leader.raftCommitIndex  # the leader and one follower: a majority
+    followers[1].destroy()
+    with pytest.raises(ProposalError):  # unconfirmed, or not the leader any more (check-quorum)
         leader.read_index(timeout=30)

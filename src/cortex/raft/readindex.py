@@ -223,6 +223,7 @@ class ReadIndex(SyncObj):
             self._ri_acked[node.id] = max(self._ri_acked.get(node.id, (-1, -1)), (term, seq))
             if r is not None and self._ri_confirmed(r):
                 self._ri_end(r)
+                self._readindex_step(time.monotonic())  # the reads that arrived meanwhile: their round now
         elif r is not None and isinstance(message.get("current_term"), int) \
                 and message["current_term"] > r.term:
             # A server is in a later term: this leader is deposed (pysyncobj steps down on its next answer).
