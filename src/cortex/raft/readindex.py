@@ -59,7 +59,7 @@ def majority(acknowledged: int, others: int) -> bool:
     return acknowledged + 1 > (others + 1) / 2
 
 
-@dataclass
+@dataclass(eq=False)  # a ticket is itself: removed from the queue by identity
 class _Ticket:
     propagate: bool  # a follower's read: send the commit index to the followers at once
     done: threading.Event = field(default_factory=threading.Event)
