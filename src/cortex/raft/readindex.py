@@ -16,7 +16,8 @@ A follower asks the leader for that index (node/router.py) and waits for its own
 
 Reads that arrive while a round is out wait for the next one, so concurrent reads share one round. A round
 starts at once (the tick thread is woken), not at the next heartbeat; for a follower's read the leader also
-sends AppendEntries at once, so the follower learns the commit index without waiting for a heartbeat.
+sends AppendEntries at once when its last one carried an earlier commit index, so the follower learns the
+commit index without waiting for a heartbeat.
 
 Rolling updates: a server with this module says so in pre-vote's hello ("read_index": 1). When the servers
 known to answer pings are no majority (older servers drop the unknown message), or a round is not confirmed
@@ -89,6 +90,7 @@ class ReadIndex(SyncObj):
         self._ri_capable: dict[str, bool] = {}  # peer id -> its last hello said it answers pings
         self._ri_applied = threading.Condition()
         self._ri_applied_seen = -1
+        self._ri_commit_sent = -1  # the commit index the last AppendEntries carried
         self.read_index_counts = {"rounds": 0, "confirmed": 0, "unconfirmed": 0}  # for status and tests
 
     def _readindex_start(self) -> None:
@@ -169,13 +171,19 @@ class ReadIndex(SyncObj):
         self._ri_seq += 1
         r = self._ri_round = _Round(self._ri_seq, self.raftCurrentTerm, commit, now, tickets)
         self.read_index_counts["rounds"] += 1
-        if any(t.propagate for t in tickets):
-            self._SyncObj__sendAppendEntries()
+        if commit > self._ri_commit_sent and any(t.propagate for t in tickets):
+            self._SyncObj__sendAppendEntries()  # the followers learn this commit index now, not at a heartbeat
         ping = {"type": PING, "term": r.term, "seq": r.seq}
         for node in others:
             self._SyncObj__transport.send(node, ping)
         if self._ri_confirmed(r):  # a single server
             self._ri_end(r)
+
+    def _SyncObj__sendAppendEntries(self):
+        # Every AppendEntries send (heartbeats, new entries) carries the commit index: noted, so that a round
+        # sends one only when the followers have not been told this commit index yet.
+        self._ri_commit_sent = self._SyncObj__raftCommitIndex
+        SyncObj._SyncObj__sendAppendEntries(self)
 
     def _ri_confirmed(self, r: _Round) -> bool:
         others = self.otherNodes
