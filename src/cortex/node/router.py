@@ -1,5 +1,6 @@
 """The write and read path: every write goes to the leader, where it is stamped (id, time, term) and
-replicated; a read is answered at the level asked (stale: any replica; leader; linearizable: after a barrier).
+replicated; a read is answered at the level asked (stale: any replica; leader: the leader's; linearizable: any
+server's replica once it has applied the commit index the leader confirmed after the read arrived, ReadIndex).
 
 A node that is not the leader forwards the request (servers: to the leader; workers: to a server), bounded by
 a hop count so that a request cannot bounce between nodes during an election.
@@ -21,7 +22,7 @@ from cortex.core.commands import CommandError, Envelope, parse_args_json, valida
 from cortex.node.levels import ServerLevels
 from cortex.node.member import AgentError, Member
 from cortex.node.peers import FORWARD_TIMEOUT
-from cortex.raft.consensus import NotLeader, ProposalError
+from cortex.raft.consensus import NotLeader, ProposalError, ReadUnconfirmed
 from cortex.security import authz
 from cortex.security.tls import Peer
 
@@ -244,16 +245,28 @@ class Router:
         if request.query in INTERNAL_QUERIES:
             raise AgentError(grpc.StatusCode.PERMISSION_DENIED, f"{request.query} is internal")
         replica = self.member.replica
-        if replica is None or (level != pb.STALE and not replica.raft.is_leader()):
+        if replica is None or (level == pb.LEADER and not replica.raft.is_leader()):
             return self.forward("Read", pb.ReadRequest(query=request.query, args_json=request.args_json,
                                                        level=level, hops=request.hops))
         if level == pb.LINEARIZABLE:
-            noop = Envelope(type="noop", args={}, id=uuid.uuid4().hex, ts=time.time(), term=replica.raft.term(),
-                            idem="")
-            try:
-                replica.committer.propose(noop.encode(), timeout=FORWARD_TIMEOUT)
-            except ProposalError as exc:
-                raise AgentError(grpc.StatusCode.UNAVAILABLE, f"read barrier failed: {exc}; retry") from None
+            if replica.raft.is_leader():
+                try:
+                    index = self._read_index(replica, propagate=request.index_only)
+                except NotLeader:  # deposed while confirming: the new leader answers
+                    return self.forward("Read", request)
+                if request.index_only:
+                    return pb.ReadResponse(read_index=index, applied_index=replica.raft.raftLastApplied,
+                                           served_by=self.member.config.node_id)
+            else:
+                asked = self.forward("Read", pb.ReadRequest(query=request.query, args_json=request.args_json,
+                                                            level=level, hops=request.hops, index_only=True))
+                if request.index_only or not asked.read_index:
+                    return asked  # passed on to the asker; or a leader of an earlier version read for us
+                index = asked.read_index
+            if not replica.raft.wait_applied(index, FORWARD_TIMEOUT):
+                raise AgentError(grpc.StatusCode.UNAVAILABLE,
+                                 f"this server's replica has not applied the leader's commit index {index} "
+                                 f"(applied {replica.raft.raftLastApplied}); retry, or read at the leader")
         try:
             result = replica.store.query(request.query, args)
         except (KeyError, ValueError, TypeError) as exc:
@@ -266,6 +279,22 @@ class Router:
         """A query's answer (this replica's, or forwarded), decoded."""
         request = pb.ReadRequest(query=query, args_json=json.dumps(args or {}).encode(), level=level)
         return json.loads(self.read(request).result_json)
+
+    def _read_index(self, replica, propagate: bool) -> int:
+        """Leader: the index a linearizable read must wait for (raft/readindex.py). When leadership cannot be
+        confirmed by a read round (a majority of older servers, or no answer in time) a barrier entry is
+        committed instead: its index serves as well, since it was committed after the read arrived."""
+        try:
+            return replica.raft.read_index(propagate=propagate)
+        except ReadUnconfirmed:
+            pass
+        noop = Envelope(type="noop", args={}, id=uuid.uuid4().hex, ts=time.time(), term=replica.raft.term(), idem="")
+        try:
+            return replica.committer.propose(noop.encode(), timeout=FORWARD_TIMEOUT)[1]
+        except NotLeader:
+            raise
+        except ProposalError as exc:
+            raise AgentError(grpc.StatusCode.UNAVAILABLE, f"read barrier failed: {exc}; retry") from None
 
     # --- forwarding --------------------------------------------------------------------------------------
     def forward(self, method: str, request, timeout: float = FORWARD_TIMEOUT):

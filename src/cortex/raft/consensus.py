@@ -29,6 +29,8 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
   its old term in place for ever (the leader streaming the same batches, the replica never converging);
 - a snapshot chunk that commits none of the follower's own entries (`snapshot_chunk`, raft/append.py), so
   a deposed leader's entries are never applied while a snapshot replaces them.
+- linearizable reads without a log entry (`ReadIndex`, raft/readindex.py): the leader confirms it still leads
+  with one numbered round of pings acknowledged by a majority, and answers its commit index;
 - pre-vote (`PreVote`, raft/prevote.py): a server that cannot reach a majority never raises its term, so its
   return deposes no leader; with leaderFallbackTimeout below the election timeout, a leader cut off from the
   majority steps down before the others elect (check-quorum).
@@ -63,10 +65,11 @@ from cortex.raft.commit import GroupCommitter
 from cortex.raft.errors import NotLeader, ProposalError, fail_name
 from cortex.raft.journal import AppendJournal, JournalWriteError, repair_journal
 from cortex.raft.prevote import PreVote
+from cortex.raft.readindex import ReadIndex, ReadUnconfirmed
 from cortex.raft.transport import CortexTransport, Settings
 
 # The agent imports these from here, the adapter's one public face.
-__all__ = ["GroupCommitter", "NotLeader", "ProposalError", "RaftNode", "RaftStatus", "load_members", "wait_until"]
+__all__ = ["GroupCommitter", "NotLeader", "ProposalError", "RaftNode", "ReadUnconfirmed", "RaftStatus", "load_members", "wait_until"]
 
 log = logging.getLogger("cortex.consensus")
 
@@ -145,7 +148,7 @@ def load_members(data_dir: Path) -> list[str] | None:
         return None
 
 
-class RaftNode(PreVote):
+class RaftNode(ReadIndex, PreVote):
     """A voting member. The state machine is a StateStore; every entry is an encoded command envelope."""
 
     def __init__(self, store: StateStore, self_address: str, peers: list[str], raft: RaftConfig, secret: str,
@@ -200,6 +203,7 @@ class RaftNode(PreVote):
             bindAddress=self_address,  # pysyncobj binds every interface unless told
         )
         self._prevote_setup(raft.election_timeout_min)  # before SyncObj.__init__ starts the tick thread
+        self._readindex_setup()
         super().__init__(self_address, [p for p in peers if p != self_address], conf,
                          transportClass=functools.partial(CortexTransport, settings=transport))
         # pysyncobj stops ticking when the thread that built it exits; Raft may be started from a join
@@ -209,6 +213,7 @@ class RaftNode(PreVote):
             self.journal.owner = name or self_address  # named in its errors
             self.addOnTickCallback(self.journal.sync)  # group commit: the tick's appends, one fdatasync
         self.addOnTickCallback(self._run_tick_calls)
+        self._readindex_start()  # read rounds are started, timed out and answered on the tick thread
         self._save_members()
 
     # --- the configuration, kept on the disk whenever pysyncobj changes it --------------------------------
@@ -328,8 +333,8 @@ class RaftNode(PreVote):
         # messages each way on the leader's one tick thread, which is what limits its write rate. The next
         # entry's AppendEntries carries the index anyway; with none coming, the next heartbeat, brought
         # forward to COMMIT_NOTICE_DELAY from now (at the tick's resolution). Followers apply that much later;
-        # nothing waits on it: the leader answers a write once it has applied it itself, and every read but a
-        # stale one is answered by the leader.
+        # only a follower's linearizable read waits on it, and its read round (raft/readindex.py) sends the
+        # AppendEntries at once when the followers have not been told that commit index yet.
         applied = SyncObj._SyncObj__applyLogEntries(self)
         if applied and self._SyncObj__raftState == 2:  # leader
             self._SyncObj__newAppendEntriesTime = min(self._SyncObj__newAppendEntriesTime,
