@@ -109,7 +109,7 @@ class Lab:
             if current is node:
                 return
             try:
-                current.transfer_leadership_to(node.selfNode.id, timeout=10)
+                current.transfer_leadership_to(node.selfNode.id)
             except Exception:  # noqa: BLE001 - a transfer may race an election; ask again
                 time.sleep(0.2)
         raise AssertionError(f"{node.selfNode.id} did not become the leader within {timeout:.0f}s")

@@ -23,7 +23,7 @@ from cortex.membership.liveness import LivenessTracker
 from cortex.node.logs import fields
 from cortex.node.member import AgentError, Member
 from cortex.node.router import Router, raft_call
-from cortex.raft.consensus import wait_until
+from cortex.raft.consensus import HandOverError, wait_until
 from cortex.security import authz, tls
 
 log = logging.getLogger("cortex.agent")
@@ -431,8 +431,17 @@ class Admission:
                                  f"no server named {request.target_node_id!r}; see `cortex nodes`")
             target = node["raft_address"]
         raft = self._raft
-        raft_call(lambda: raft.transfer_leadership_to(target))
-        wait_until(lambda: bool(raft.leader_address()) and not raft.is_leader(), 10)
+        try:
+            raft.transfer_leadership_to(target)
+        except HandOverError as exc:
+            # still leading: the target is the problem (down, behind); else an election is deciding, retry
+            code = grpc.StatusCode.FAILED_PRECONDITION if raft.is_leader() else grpc.StatusCode.UNAVAILABLE
+            message = str(exc)
+            for node in self.member.nodes():  # name servers as the operator knows them
+                if node["raft_address"]:
+                    message = message.replace(node["raft_address"], node["id"])
+            raise AgentError(code, f"leadership not transferred: {message}") from None
+        wait_until(lambda: bool(raft.leader_address()), 10)
         leader = self.member.node_by_raft(raft.leader_address())
         return pb.TransferLeadershipResponse(new_leader_id=leader["id"] if leader else "", term=raft.term())
 

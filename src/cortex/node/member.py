@@ -228,9 +228,9 @@ class Member:
                 path.unlink(missing_ok=True)
 
     def hand_over_leadership(self, timeout: float) -> bool:
-        """Leader: make the most caught-up follower leader (Raft TimeoutNow) and wait until another server is
-        known as leader. A follower still catching up is refused by Raft, and a target that does not win its
-        election leaves this node to win the next one: ask again until `timeout` passes."""
+        """Leader: make the most caught-up follower leader (raft/handover.py: proposals held, the follower
+        brought up to date, then TimeoutNow) and wait until another server is known as leader. A follower
+        that does not catch up in time leaves this node leading: ask again until `timeout` passes."""
         raft = self.raft
         if raft is None or not raft.is_leader() or not any(raft.status().connected.values()):
             return False  # not the leader, or no follower to hand over to (alone, or the others are down)
@@ -242,9 +242,9 @@ class Member:
                 break
             if raft.is_leader():
                 try:
-                    raft.transfer_leadership_to(None, timeout=max(0.1, deadline - time.monotonic()))
-                except ProposalError:
-                    pass  # no follower in sync yet, or a transfer already under way
+                    raft.transfer_leadership_to(None)
+                except ProposalError as exc:
+                    log.info("leadership hand-over: asking again", extra=fields(reason=str(exc)))
             time.sleep(0.01)
         leader = raft.leader_address()
         moved = bool(leader) and leader != me

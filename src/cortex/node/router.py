@@ -56,6 +56,11 @@ def retry_while_unavailable(fn, timeout: float = 15.0):
             time.sleep(0.2)
 
 
+class LeadershipMoved(AgentError):
+    """A proposal this node refused because it no longer leads: it was never appended, so it may go on to the
+    new leader as it is."""
+
+
 class Router:
     """`stub_for(address)` is the network edge: the Cluster stub of another node."""
 
@@ -94,7 +99,12 @@ class Router:
                              f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
         if not self.member.is_leader():
             return self.forward("Write", pb.WriteRequest(command=command, hops=hops))
-        result, index, term = self._propose_checked(command.type, args, command.idempotency_key)
+        try:
+            result, index, term = self._propose_checked(command.type, args, command.idempotency_key)
+        except LeadershipMoved:
+            # Never appended here (a hand-over held it, or this node stepped down first): the new leader takes
+            # it, with the same idempotency key, instead of the caller getting an error for a routine hand-over.
+            return self.forward("Write", pb.WriteRequest(command=command, hops=hops))
         return pb.WriteResponse(result_json=json.dumps(result).encode(), index=index, term=term,
                                 duplicate=bool(result.pop("duplicate", False)))
 
@@ -121,7 +131,7 @@ class Router:
         try:
             result, index = replica.committer.propose(env.encode(), timeout=FORWARD_TIMEOUT)
         except NotLeader:
-            raise AgentError(grpc.StatusCode.UNAVAILABLE, "leadership changed; retry") from None
+            raise LeadershipMoved(grpc.StatusCode.UNAVAILABLE, "leadership changed; retry") from None
         except ProposalError as exc:
             code = grpc.StatusCode.UNAVAILABLE if not exc.maybe_applied else grpc.StatusCode.DEADLINE_EXCEEDED
             raise AgentError(code, f"{exc}; retry with the same idempotency key") from None

@@ -32,6 +32,8 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
 - pre-vote (`PreVote`, raft/prevote.py): a server that cannot reach a majority never raises its term, so its
   return deposes no leader; with leaderFallbackTimeout below the election timeout, a leader cut off from the
   majority steps down before the others elect (check-quorum).
+- leadership hand-over as the thesis has it (`HandOver`, raft/handover.py): proposals held, the target
+  brought up to date, then TimeoutNow, so the target wins at once and no write is lost or refused.
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ from pathlib import Path
 import pysyncobj.pickle as syncobj_pickle
 import pysyncobj.syncobj as syncobj_module
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
-from pysyncobj.node import TCPNode
 
 from cortex.config import RaftConfig
 from cortex.core import durable
@@ -60,12 +61,13 @@ from cortex.core.state import StateStore
 from cortex.raft.append import reconcile_append, rejection_next_index, snapshot_chunk
 from cortex.raft.commit import GroupCommitter
 from cortex.raft.errors import NotLeader, ProposalError, fail_name
+from cortex.raft.handover import HandOver, HandOverError
 from cortex.raft.journal import AppendJournal, JournalWriteError, repair_journal
 from cortex.raft.prevote import PreVote
 from cortex.raft.transport import CortexTransport, Settings
 
 # The agent imports these from here, the adapter's one public face.
-__all__ = ["GroupCommitter", "NotLeader", "ProposalError", "RaftNode", "RaftStatus", "load_members", "wait_until"]
+__all__ = ["GroupCommitter", "HandOverError", "NotLeader", "ProposalError", "RaftNode", "RaftStatus", "load_members", "wait_until"]
 
 log = logging.getLogger("cortex.consensus")
 
@@ -143,7 +145,7 @@ def load_members(data_dir: Path) -> list[str] | None:
         return None
 
 
-class RaftNode(PreVote):
+class RaftNode(HandOver, PreVote):
     """A voting member. The state machine is a StateStore; every entry is an encoded command envelope."""
 
     def __init__(self, store: StateStore, self_address: str, peers: list[str], raft: RaftConfig, secret: str,
@@ -192,6 +194,8 @@ class RaftNode(PreVote):
             bindAddress=self_address,  # pysyncobj binds every interface unless told
         )
         self._prevote_setup(raft.election_timeout_min)  # before SyncObj.__init__ starts the tick thread
+        self._handover_setup()
+        self.hand_over_hold = raft.election_timeout_max  # the thesis bounds a hand-over by an election timeout
         super().__init__(self_address, [p for p in peers if p != self_address], conf,
                          transportClass=functools.partial(CortexTransport, settings=transport))
         # pysyncobj stops ticking when the thread that built it exits; Raft may be started from a join
@@ -446,9 +450,10 @@ class RaftNode(PreVote):
             return
         self._wait(lambda cb: self.removeNodeFromCluster(address, callback=cb), f"removing {address}", timeout)
 
-    def transfer_leadership_to(self, address: str | None, timeout: float = 10.0) -> None:
-        node = TCPNode(address) if address else None
-        self._wait(lambda cb: self.transferLeadership(node, callback=cb), "leadership transfer", timeout)
+    def transfer_leadership_to(self, address: str | None) -> str:
+        """Hand leadership to `address` (None: the most up-to-date follower); the new leader's address.
+        Raises HandOverError (this server still leads) when it did not happen."""
+        return self.hand_over(address, hold_for=self.hand_over_hold)
 
     # --- snapshots: SQLite backups framed with pysyncobj's log metadata --------------------------------
     def _write_snapshot(self, path: str, raft_meta) -> None:
