@@ -362,6 +362,10 @@ class RaftNode(HandOver, PreVote):
         refused = self.journal_failure()
         if refused:  # this node could not append the entry, so it could never apply it
             raise ProposalError(refused, maybe_applied=False)
+        if not self.is_leader():
+            # pysyncobj would forward it to the leader, stamped with this node's term: applied as a refusal
+            # there. Not appended anywhere, the caller's write path sends it to the leader itself.
+            raise NotLeader("not the leader", maybe_applied=False)
         self._apply(data, callback=callback)
         deadline = time.monotonic() + timeout
         while not done.wait(min(0.25, max(0.0, deadline - time.monotonic()))):

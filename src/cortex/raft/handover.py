@@ -160,8 +160,9 @@ class HandOver(SyncObj):
                 "behind": f"{who} did not catch up with the leader within {request.hold_for:.1f}s "
                           f"({last - match} entries behind); this server keeps leading. Retry, or leave the "
                           "target out to pick the most up-to-date server",
-                "lost": f"{who} did not take over within {request.hold_for:.1f}s; an election decides the "
-                        "leader now. Check `cortex status`",
+                "lost": f"{who} did not take over within {request.hold_for:.1f}s; "
+                        + ("this server keeps leading. Retry" if leading else
+                           "an election decides the leader now. Check `cortex status`"),
             }[step]
             if not request.chosen:
                 request.error = "no follower is connected to the leader, so none can take over; check " \
