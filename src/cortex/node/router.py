@@ -28,6 +28,9 @@ from cortex.security.tls import Peer
 MAX_HOPS = 3
 MAX_BATCH = 10_000
 MAX_IDEMPOTENCY_KEY = 128
+# Sent once more when the leader they were forwarded to was unavailable and another server leads now: a
+# write with an idempotency key applies once however often it arrives, a read changes nothing.
+SENT_AGAIN_WHEN_MOVED = ("Write", "Read")
 INTERNAL_QUERIES = ("token.check", "join_request.secret")  # secrets' hashes: never answered to a caller
 
 
@@ -260,11 +263,26 @@ class Router:
         try:
             return getattr(self._stub_for(address), method)(request, timeout=timeout)
         except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or method not in SENT_AGAIN_WHEN_MOVED \
+                    or (method == "Write" and not request.command.idempotency_key):
+                raise AgentError(exc.code(), exc.details() or "") from None
+            error = AgentError(exc.code(), exc.details() or "")
+        # The leader did not take it (its port closed as it stopped after a hand-over, or it had just handed
+        # over): once more to the leader that followed, if one does within an election timeout.
+        try:
+            moved = self.leader_grpc(wait=self.member.config.raft.election_timeout_max, unlike=address)
+        except AgentError:
+            raise error from None
+        if not moved:
+            return self.dispatch(method, request)
+        try:
+            return getattr(self._stub_for(moved), method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
             raise AgentError(exc.code(), exc.details() or "") from None
 
-    def leader_grpc(self, wait: float) -> str:
+    def leader_grpc(self, wait: float, unlike: str | None = None) -> str:
         """The leader's gRPC address ("" when it is this node), waiting up to `wait` seconds for an election
-        to settle."""
+        to settle (or, with `unlike`, for a leader other than the one at that address)."""
         deadline = time.monotonic() + wait
         me = self.member.config.raft_address
         while True:
@@ -274,9 +292,9 @@ class Router:
             raft_leader = raft.leader_address()
             if raft_leader and raft_leader != me:
                 node = self.member.node_by_raft(raft_leader)
-                if node:
+                if node and node["grpc_address"] != unlike:
                     return node["grpc_address"]
-            if raft_leader == me and raft.is_leader():
+            elif raft_leader == me and raft.is_leader():
                 return ""
             refused = raft.journal_failure()
             if refused and not raft_leader:  # this node cannot lead; say why rather than wait out an election
