@@ -232,6 +232,9 @@ class Router:
                             idem="")
             try:
                 replica.committer.propose(noop.encode(), timeout=FORWARD_TIMEOUT)
+            except NotLeader:  # handed over meanwhile: the new leader answers
+                return self.forward("Read", pb.ReadRequest(query=request.query, args_json=request.args_json,
+                                                           level=level, hops=request.hops))
             except ProposalError as exc:
                 raise AgentError(grpc.StatusCode.UNAVAILABLE, f"read barrier failed: {exc}; retry") from None
         try:
