@@ -67,7 +67,8 @@ from cortex.raft.prevote import PreVote
 from cortex.raft.transport import CortexTransport, Settings
 
 # The agent imports these from here, the adapter's one public face.
-__all__ = ["GroupCommitter", "HandOverError", "NotLeader", "ProposalError", "RaftNode", "RaftStatus", "load_members", "wait_until"]
+__all__ = ["GroupCommitter", "HandOverError", "NotLeader", "ProposalError", "RaftNode", "RaftStatus", "load_members",
+           "wait_until"]
 
 log = logging.getLogger("cortex.consensus")
 
@@ -456,7 +457,7 @@ class RaftNode(HandOver, PreVote):
 
     def transfer_leadership_to(self, address: str | None) -> str:
         """Hand leadership to `address` (None: the most up-to-date follower); the new leader's address.
-        Raises HandOverError (this server still leads) when it did not happen."""
+        Raises HandOverError, saying why and what to do, when it did not happen."""
         return self.hand_over(address, hold_for=self.hand_over_hold)
 
     # --- snapshots: SQLite backups framed with pysyncobj's log metadata --------------------------------
