@@ -30,7 +30,7 @@ MAX_BATCH = 10_000
 MAX_IDEMPOTENCY_KEY = 128
 # Sent once more when the leader they were forwarded to was unavailable and another server leads now: a
 # write with an idempotency key applies once however often it arrives, a read changes nothing.
-SENT_AGAIN_WHEN_MOVED = ("Write", "Read")
+SENT_AGAIN_WHEN_MOVED = ("Write", "Read")  # a batch's held commands: _resend_batch
 INTERNAL_QUERIES = ("token.check", "join_request.secret")  # secrets' hashes: never answered to a caller
 
 
@@ -178,15 +178,17 @@ class Router:
                            idem=command.idempotency_key or command_id)
             prepared.append(env.encode())
         outcomes = replica.committer.submit([p for p in prepared if isinstance(p, bytes)], timeout=FORWARD_TIMEOUT)
-        results, errors = [], []
+        results, errors, moved = [], [], []
         it = iter(outcomes)
-        for item in prepared:
+        for command, item in zip(request.commands, prepared):
             if isinstance(item, str):
                 results.append(pb.WriteResponse())
                 errors.append(item)
                 continue
             outcome = next(it)
             if isinstance(outcome, Exception):
+                if isinstance(outcome, NotLeader):
+                    moved.append((len(results), command))
                 results.append(pb.WriteResponse())
                 errors.append(str(outcome))
                 continue
@@ -194,7 +196,19 @@ class Router:
             errors.append(result.get("error", ""))
             results.append(pb.WriteResponse(result_json=json.dumps(result).encode(), index=index, term=term,
                                             duplicate=bool(result.get("duplicate"))))
+        if moved:
+            self._resend_batch(request.hops, moved, results, errors)
         return pb.WriteBatchResponse(results=results, errors=errors)
+
+    def _resend_batch(self, hops: int, moved: list, results: list, errors: list) -> None:
+        """Commands this node refused as it stopped leading (a hand-over held them; never appended) go on to
+        the new leader as one batch. If that fails too, their errors say so and the caller retries them."""
+        try:
+            answered = self.forward("WriteBatch", pb.WriteBatchRequest(commands=[c for _, c in moved], hops=hops))
+        except AgentError:
+            return
+        for (i, _), result, error in zip(moved, answered.results, answered.errors):
+            results[i], errors[i] = result, error
 
     def _forward_batch(self, request: pb.WriteBatchRequest, checked: list[dict | str]) -> pb.WriteBatchResponse:
         """The commands this node refused answer here; the others go to the leader as one batch."""
