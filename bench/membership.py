@@ -150,7 +150,7 @@ def _write_gap(dc: devcluster.DevCluster, sig: int | None, before: float = 1.0, 
 
 
 HAND_OVER_TARGET = 0.2  # seconds: a hand-over should cost about one round of Raft messages, also under load
-STOPS = (("leader transfer (hand-over)", None), ("SIGTERM (hand-over)", signal.SIGTERM),
+STOPS = (("transfer (hand-over)", None), ("SIGTERM (hand-over)", signal.SIGTERM),
          ("kill -9 (election)", signal.SIGKILL))
 
 
