@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.reps < 1:
         ap.error("--reps must be at least 1")
-    stops = [s for s in membership.STOPS if not (args.no_kill and s[1] == signal.SIGKILL)]
+    exits = [s for s in membership.LEADER_EXITS if not (args.no_kill and s[1] == signal.SIGKILL)]
     workdir = Path(tempfile.mkdtemp(prefix="cortex-bench-handover-"))
 
     def progress(text: str) -> None:
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     dc = devcluster.up(workdir / "cluster", servers=3, workers=0, base_port=args.base_port, timeout=60.0,
                        progress=progress)
     try:
-        rows = membership.hand_over_rows(dc, args.reps, progress, stops)
+        rows = membership.hand_over_rows(dc, args.reps, progress, exits)
     finally:
         devcluster.down(workdir / "cluster")
         if not args.keep:

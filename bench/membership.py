@@ -150,14 +150,14 @@ def _write_gap(dc: devcluster.DevCluster, sig: int | None, before: float = 1.0, 
 
 
 HAND_OVER_TARGET = 0.2  # seconds: a hand-over should cost about one round of Raft messages, also under load
-STOPS = (("transfer (hand-over)", None), ("SIGTERM (hand-over)", signal.SIGTERM),
+LEADER_EXITS = (("transfer (hand-over)", None), ("SIGTERM (hand-over)", signal.SIGTERM),
          ("kill -9 (election)", signal.SIGKILL))
 
 
-def hand_over_rows(dc: devcluster.DevCluster, reps: int, progress, stops=STOPS) -> list[list]:
+def hand_over_rows(dc: devcluster.DevCluster, reps: int, progress, exits=LEADER_EXITS) -> list[list]:
     """The longest write gap per way of losing the leader: metric, median, max, samples, target, met?"""
     rows = []
-    for label, sig in stops:
+    for label, sig in exits:
         progress(f"membership: leader {label} under sequential writes x{reps}")
         gaps = [_write_gap(dc, sig) for _ in range(reps)]
         graceful = sig != signal.SIGKILL

@@ -201,7 +201,7 @@ class Router:
         return pb.WriteBatchResponse(results=results, errors=errors)
 
     def _resend_batch(self, hops: int, moved: list, results: list, errors: list) -> None:
-        """Commands this node refused as it stopped leading (a hand-over held them; never appended) go on to
+        """Commands this node refused once it no longer led (a hand-over held them; never appended) go on to
         the new leader as one batch. If that fails too, their errors say so and the caller retries them."""
         try:
             answered = self.forward("WriteBatch", pb.WriteBatchRequest(commands=[c for _, c in moved], hops=hops))
@@ -284,7 +284,7 @@ class Router:
                     or (method == "Write" and not request.command.idempotency_key):
                 raise AgentError(exc.code(), exc.details() or "") from None
             error = AgentError(exc.code(), exc.details() or "")
-        # The leader did not take it (its port closed as it stopped after a hand-over, or it had just handed
+        # The leader did not take it (its port closed as it exited after a hand-over, or it had just handed
         # over): once more to the leader that followed, if one does within an election timeout.
         try:
             moved = self.leader_grpc(wait=self.member.config.raft.election_timeout_max, unlike=address)

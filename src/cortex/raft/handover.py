@@ -8,7 +8,7 @@ those entries) refuse it their vote, nobody leads until an election timeout pass
 a busy machine, as long as after a kill -9), and the entries appended meanwhile are discarded.
 
 Here the leader, on a hand-over request:
-1. stops appending new proposals: they stay in pysyncobj's queue (held, not failed);
+1. appends no new proposals: they stay in pysyncobj's queue (held, not failed);
 2. waits until the target's match index equals its last index (replication goes on as usual);
 3. sends the target TimeoutNow (pysyncobj's message: the target starts an election at once, and
    raft/prevote.py lets it skip pre-vote). Its log is now at least as up to date as every other server's,
