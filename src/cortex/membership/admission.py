@@ -23,7 +23,7 @@ from cortex.membership.liveness import LivenessTracker, Transition
 from cortex.node.logs import fields
 from cortex.node.member import AgentError, Member
 from cortex.node.router import Router, raft_call
-from cortex.raft.consensus import wait_until
+from cortex.raft.consensus import ProposalError, wait_until
 from cortex.security import authz, tls
 
 log = logging.getLogger("cortex.agent")
@@ -459,7 +459,16 @@ class Admission:
                                  f"no server named {request.target_node_id!r}; see `cortex nodes`")
             target = node["raft_address"]
         raft = self._raft
-        raft_call(lambda: raft.transfer_leadership_to(target))
+        try:
+            raft.transfer_leadership_to(target)
+        except ProposalError as exc:
+            # still leading: the target is the problem (down, behind); else an election is deciding, retry
+            code = grpc.StatusCode.FAILED_PRECONDITION if raft.is_leader() else grpc.StatusCode.UNAVAILABLE
+            message = str(exc)
+            for node in self.member.nodes():  # name servers as the operator knows them
+                if node["raft_address"]:
+                    message = message.replace(node["raft_address"], node["id"])
+            raise AgentError(code, f"leadership not transferred: {message}") from None
         if not wait_until(lambda: bool(raft.leader_address()) and not raft.is_leader(), 10):
             raise AgentError(grpc.StatusCode.UNAVAILABLE,
                              "the target did not take over within 10 s (its election failed) and this server still "

@@ -22,13 +22,16 @@ from cortex.core.commands import CommandError, Envelope, parse_args_json, valida
 from cortex.node.levels import ServerLevels
 from cortex.node.member import AgentError, Member
 from cortex.node.peers import FORWARD_TIMEOUT
-from cortex.raft.consensus import NotLeader, ProposalError, ReadUnconfirmed
+from cortex.raft.consensus import NotLeader, ProposalError, ReadUnconfirmed, wait_until
 from cortex.security import authz
 from cortex.security.tls import Peer
 
 MAX_HOPS = 3
 MAX_BATCH = 10_000
 MAX_IDEMPOTENCY_KEY = 128
+# Sent once more when the leader they were forwarded to was unavailable and another server leads now: a
+# write with an idempotency key applies once however often it arrives, a read changes nothing.
+SENT_AGAIN_WHEN_MOVED = ("Write", "Read")  # a batch's held commands: _resend_batch
 INTERNAL_QUERIES = ("token.check", "join_request.secret")  # secrets' hashes: never answered to a caller
 
 
@@ -55,6 +58,11 @@ def retry_while_unavailable(fn, timeout: float = 15.0):
             if exc.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+class LeadershipMoved(AgentError):
+    """A proposal this node refused because it is handing leadership over or no longer leads: it was never
+    appended, so it may go on to the new leader as it is (Router.after_hand_over)."""
 
 
 class Router:
@@ -95,7 +103,12 @@ class Router:
                              f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
         if not self.member.is_leader():
             return self.forward("Write", pb.WriteRequest(command=command, hops=hops))
-        result, index, term = self._propose_checked(command.type, args, command.idempotency_key)
+        try:
+            result, index, term = self._propose_checked(command.type, args, command.idempotency_key)
+        except LeadershipMoved:
+            # Never appended here (a hand-over held it, or this node stepped down first): the new leader takes
+            # it, with the same idempotency key, instead of the caller getting an error for a routine hand-over.
+            return self.after_hand_over("Write", pb.WriteRequest(command=command, hops=hops))
         return pb.WriteResponse(result_json=json.dumps(result).encode(), index=index, term=term,
                                 duplicate=bool(result.pop("duplicate", False)))
 
@@ -155,7 +168,7 @@ class Router:
         try:
             result, index = replica.committer.propose(env.encode(), timeout=FORWARD_TIMEOUT)
         except NotLeader:
-            raise AgentError(grpc.StatusCode.UNAVAILABLE, "leadership changed; retry") from None
+            raise LeadershipMoved(grpc.StatusCode.UNAVAILABLE, "leadership changed; retry") from None
         except ProposalError as exc:
             code = grpc.StatusCode.UNAVAILABLE if not exc.maybe_applied else grpc.StatusCode.DEADLINE_EXCEEDED
             raise AgentError(code, f"{exc}; retry with the same idempotency key") from None
@@ -199,15 +212,17 @@ class Router:
                            idem=command.idempotency_key or command_id)
             prepared.append(env.encode())
         outcomes = replica.committer.submit([p for p in prepared if isinstance(p, bytes)], timeout=FORWARD_TIMEOUT)
-        results, errors = [], []
+        results, errors, moved = [], [], []
         it = iter(outcomes)
-        for item in prepared:
+        for command, item in zip(request.commands, prepared):
             if isinstance(item, str):
                 results.append(pb.WriteResponse())
                 errors.append(item)
                 continue
             outcome = next(it)
             if isinstance(outcome, Exception):
+                if isinstance(outcome, NotLeader):
+                    moved.append((len(results), command))
                 results.append(pb.WriteResponse())
                 errors.append(str(outcome))
                 continue
@@ -215,7 +230,19 @@ class Router:
             errors.append(result.get("error", ""))
             results.append(pb.WriteResponse(result_json=json.dumps(result).encode(), index=index, term=term,
                                             duplicate=bool(result.get("duplicate"))))
+        if moved:
+            self._resend_batch(request.hops, moved, results, errors)
         return pb.WriteBatchResponse(results=results, errors=errors)
+
+    def _resend_batch(self, hops: int, moved: list, results: list, errors: list) -> None:
+        """Commands this node refused once it no longer led (a hand-over held them; never appended) go on to
+        the new leader as one batch. If that fails too, their errors say so and the caller retries them."""
+        try:
+            answered = self.after_hand_over("WriteBatch", pb.WriteBatchRequest(commands=[c for _, c in moved], hops=hops))
+        except AgentError:
+            return
+        for (i, _), result, error in zip(moved, answered.results, answered.errors):
+            results[i], errors[i] = result, error
 
     def _forward_batch(self, request: pb.WriteBatchRequest, checked: list[dict | str]) -> pb.WriteBatchResponse:
         """The commands this node refused answer here; the others go to the leader as one batch."""
@@ -252,8 +279,8 @@ class Router:
             if replica.raft.is_leader():
                 try:
                     index = self._read_index(replica, propagate=request.index_only)
-                except NotLeader:  # deposed while confirming: the new leader answers
-                    return self.forward("Read", request)
+                except NotLeader:  # handing over, or deposed while confirming: the new leader answers
+                    return self.after_hand_over("Read", request)
                 if request.index_only:
                     return pb.ReadResponse(read_index=index, applied_index=replica.raft.raftLastApplied,
                                            served_by=self.member.config.node_id)
@@ -297,6 +324,15 @@ class Router:
             raise AgentError(grpc.StatusCode.UNAVAILABLE, f"read barrier failed: {exc}; retry") from None
 
     # --- forwarding --------------------------------------------------------------------------------------
+    def after_hand_over(self, method: str, request):
+        """Send on a request whose proposal this node refused as leader (NotLeader: a hand-over holds
+        proposals back, raft/consensus.py, or it stepped down). Never appended, it goes on to the leader that
+        follows once the hand-over is over; back to this node when leadership did not move."""
+        raft = self.member.raft
+        if raft is not None:
+            wait_until(lambda: not raft.handing_over(), FORWARD_TIMEOUT)
+        return self.forward(method, request)
+
     def forward(self, method: str, request, timeout: float = FORWARD_TIMEOUT):
         """Send a request on to the leader (servers) or to a server (workers). Bounded by a hop count."""
         if hasattr(request, "hops"):
@@ -312,11 +348,26 @@ class Router:
         try:
             return getattr(self._stub_for(address), method)(request, timeout=timeout)
         except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or method not in SENT_AGAIN_WHEN_MOVED \
+                    or (method == "Write" and not request.command.idempotency_key):
+                raise AgentError(exc.code(), exc.details() or "") from None
+            error = AgentError(exc.code(), exc.details() or "")
+        # The leader did not take it (its port closed as it exited after a hand-over, or it had just handed
+        # over): once more to the leader that followed, if one does within an election timeout.
+        try:
+            moved = self.leader_grpc(wait=self.member.config.raft.election_timeout_max, unlike=address)
+        except AgentError:
+            raise error from None
+        if not moved:
+            return self.dispatch(method, request)
+        try:
+            return getattr(self._stub_for(moved), method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
             raise AgentError(exc.code(), exc.details() or "") from None
 
-    def leader_grpc(self, wait: float) -> str:
+    def leader_grpc(self, wait: float, unlike: str | None = None) -> str:
         """The leader's gRPC address ("" when it is this node), waiting up to `wait` seconds for an election
-        to settle."""
+        to settle (or, with `unlike`, for a leader other than the one at that address)."""
         deadline = time.monotonic() + wait
         me = self.member.config.raft_address
         while True:
@@ -326,9 +377,9 @@ class Router:
             raft_leader = raft.leader_address()
             if raft_leader and raft_leader != me:
                 node = self.member.node_by_raft(raft_leader)
-                if node:
+                if node and node["grpc_address"] != unlike:
                     return node["grpc_address"]
-            if raft_leader == me and raft.is_leader():
+            elif raft_leader == me and raft.is_leader():
                 return ""
             refused = raft.journal_failure()
             if refused and not raft_leader:  # this node cannot lead; say why rather than wait out an election
