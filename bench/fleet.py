@@ -448,7 +448,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=parse_sizes, default=list(SIZES),
                     help="the curve: simulated workers per step, increasing (default 50,100,250,500,1000,2000)")
-    ap.add_argument("--window", type=float, default=20.0, help="seconds measured per step (default 20)")
+    ap.add_argument("--window", type=float, default=None, help="seconds measured per step (default 20; --quick: 5)")
+    ap.add_argument("--quick", action="store_true",
+                    help="5 s windows and no second measurement of a step that missed its bar: the largest N in "
+                         "a few minutes, noisier (a load spike may end the curve early)")
     ap.add_argument("--pull-every", type=float, default=WORKER_HEARTBEAT,
                     help=f"seconds between a worker's assignment pulls (default {WORKER_HEARTBEAT:g}, the heartbeat "
                          "interval; an idle agent's runner polls every 0.5)")
@@ -463,6 +466,10 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", metavar="DIR", type=Path, help="py-spy the leader during each window into DIR")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs) after the run")
     args = ap.parse_args(argv)
+    if args.window is None:
+        args.window = 5.0 if args.quick else 20.0
+    if args.quick:
+        args.retries = 0
     if args.window < 1 or args.pull_every <= 0 or args.blip < 0 or args.retries < 0:
         ap.error("--window must be at least 1 second, --pull-every above 0, --blip and --retries not negative")
     signal.signal(signal.SIGTERM, _terminate)
