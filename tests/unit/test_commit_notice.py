@@ -3,7 +3,7 @@
 pysyncobj (batching off) followed every applied write with an AppendEntries to each follower that carried
 nothing but the commit index, and each follower answered it: on the leader's one tick thread, twice the
 messages per write. Two RaftNodes in this process on loopback (real journals, stores and transport), with a
-heartbeat slow enough that heartbeats cannot be mistaken for those notices; the follower must still apply
+heartbeat slow enough that heartbeats cannot be mistaken for those notices (one every 0.5 s); the follower must still apply
 every write.
 """
 
@@ -21,8 +21,9 @@ from tests.support.envelopes import env
 from tests.support.wait import wait_until
 
 WRITES = 40
-RAFT = RaftConfig(heartbeat_interval=1.0, election_timeout_min=4.0, election_timeout_max=6.0,
-                  leader_fallback_timeout=3.0, connection_timeout=8.0)
+# heartbeats every 0.5 s: 40 writes take a fraction of that, so a notice per write would outnumber them
+RAFT = RaftConfig(heartbeat_interval=0.5, election_timeout_min=1.6, election_timeout_max=2.2,
+                  leader_fallback_timeout=1.2, connection_timeout=4.0)
 
 
 @pytest.fixture
