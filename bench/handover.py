@@ -7,7 +7,7 @@ A 3-server dev cluster on 127.0.0.1; one client writes one key after another thr
 deadline 1 s, a failed call asked again at once). Per repetition the leader is made to go, and the longest
 time between two acknowledged writes is the row's sample. The hand-over (transfer_leadership_to) should cost about
 one round of Raft messages, also on a busy machine; the election costs an election timeout (0.5-1 s).
-`python -m bench` measures the same rows inside its membership benchmark; tests/cluster/test_handover.py is
+`python -m bench` measures the same rows inside its membership benchmark; tests/cluster/test_cluster.py (its hand-over tests) is
 the short version in the suite.
 """
 

@@ -21,7 +21,9 @@ pytestmark = [pytest.mark.bench, pytest.mark.timeout(240)]
 def test_bench_fleet_tiny_curve(tmp_path):
     out = tmp_path / "fleet.json"
     env = {**os.environ, devcluster.DIE_WITH_PARENT_ENV: "1"}  # its agents die with it, however it ends
-    proc = procs.run([sys.executable, "-m", "bench.fleet", "--sizes", "3,6", "--window", "3", "--json", str(out),
+    # --quick: a step that misses the bar is not measured again (a loaded machine ends the curve, allowed below)
+    proc = procs.run([sys.executable, "-m", "bench.fleet", "--quick", "--sizes", "3,6", "--window", "2",
+                      "--json", str(out),
                       "--base-port", str(free_base_port(10))],
                      cwd=ROOT, capture_output=True, text=True, timeout=200, env=env)
     report = f"stdout:\n{proc.stdout}\nstderr (tail):\n{proc.stderr[-4000:]}"
