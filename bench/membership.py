@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from cortex.client import Client, CortexError
-from cortex.config import LivenessConfig, RaftConfig
+from cortex.config import LivenessConfig
 from cortex.dev import cluster as devcluster
 
 from . import measure
@@ -108,9 +108,10 @@ def _detection_times(dc: devcluster.DevCluster, worker: devcluster.DevNode) -> t
     return suspect, time.monotonic() - killed
 
 
-def _write_gap(dc: devcluster.DevCluster, sig: int, before: float = 1.0, after: float = 4.0) -> float:
-    """Stop the leader with `sig` while a client writes one key after another through a follower; return
-    the longest time between two acknowledged writes (the unavailability the stop caused)."""
+def _write_gap(dc: devcluster.DevCluster, sig: int | None, before: float = 1.0, after: float = 4.0) -> float:
+    """Stop the leader with `sig` (None: `cortex leader transfer` instead) while a client writes one key after
+    another through a follower; return the longest time between two acknowledged writes (the unavailability
+    the stop caused)."""
     leader = _leader_address(dc)
     node = next(n for n in dc.servers if n.grpc_address == leader)
     via = next(n for n in dc.servers if n is not node).grpc_address
@@ -131,16 +132,40 @@ def _write_gap(dc: devcluster.DevCluster, sig: int, before: float = 1.0, after: 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     time.sleep(before)
-    devcluster.stop_node(node, sig)
+    if sig is None:
+        with Client(via, timeout=15) as c:
+            c.transfer_leadership()
+    else:
+        devcluster.stop_node(node, sig)
     time.sleep(after)
     done.set()
     thread.join(10)
-    devcluster.start_node(node)
-    dc.save()
+    if sig is not None:
+        devcluster.start_node(node)
+        dc.save()
     devcluster.wait_healthy(dc, time.monotonic() + 60)
     if len(acks) < 2:
         raise RuntimeError("the writer got fewer than two writes acknowledged")
     return max(b - a for a, b in zip(acks, acks[1:]))
+
+
+HAND_OVER_TARGET = 0.2  # seconds: a hand-over should cost about one round of Raft messages, also under load
+LEADER_EXITS = (("transfer (hand-over)", None), ("SIGTERM (hand-over)", signal.SIGTERM),
+         ("kill -9 (election)", signal.SIGKILL))
+
+
+def hand_over_rows(dc: devcluster.DevCluster, reps: int, progress, exits=LEADER_EXITS) -> list[list]:
+    """The longest write gap per way of losing the leader: metric, median, max, samples, target, met?"""
+    rows = []
+    for label, sig in exits:
+        progress(f"membership: leader {label} under sequential writes x{reps}")
+        gaps = [_write_gap(dc, sig) for _ in range(reps)]
+        graceful = sig != signal.SIGKILL
+        target = f"<= {HAND_OVER_TARGET:.1f} s" if graceful else ""
+        met = ("yes" if max(gaps) <= HAND_OVER_TARGET else "NO") if graceful else ""
+        rows.append([f"leader {label} -> longest write gap", statistics.median(gaps), max(gaps), len(gaps),
+                     target, met])
+    return rows
 
 
 def run(workdir: Path, base_port: int, quick: bool, progress) -> list[list]:
@@ -148,16 +173,8 @@ def run(workdir: Path, base_port: int, quick: bool, progress) -> list[list]:
     reps = 1 if quick else 3
     dc = devcluster.up(workdir / "cluster", servers=3, workers=2, base_port=base_port, timeout=60.0,
                        progress=lambda s: progress(f"membership: {s}"))
-    rows = []
     try:
-        graceful_limit = RaftConfig().election_timeout_min
-        for label, sig in (("SIGTERM (hand-over)", signal.SIGTERM), ("kill -9 (election)", signal.SIGKILL)):
-            progress(f"membership: leader {label} under sequential writes x{reps}")
-            gaps = [_write_gap(dc, sig) for _ in range(reps)]
-            target = f"< {graceful_limit:.1f} s (min election timeout)" if sig == signal.SIGTERM else ""
-            met = ("yes" if max(gaps) < graceful_limit else "NO") if sig == signal.SIGTERM else ""
-            rows.append([f"leader {label} -> longest write gap", statistics.median(gaps), max(gaps), len(gaps),
-                         target, met])
+        rows = hand_over_rows(dc, reps, progress)
         progress(f"membership: join -> alive x{reps}")
         joins = _join_times(dc, workdir, base_port + 20, reps)
         rows.append(["cortex join -> alive (worker)", statistics.median(joins), max(joins), len(joins), "", ""])

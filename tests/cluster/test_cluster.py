@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -13,8 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.client import Client, CortexError, open_channel
 from tests.support.wait import wait_until
+from tests.support.writers import Writers, report
 
 
 def test_cluster_forms_with_one_leader_and_all_nodes_alive(shared_cluster):
@@ -126,6 +129,27 @@ def test_read_levels_and_stale_read_on_worker(shared_cluster):
             wait_until(lambda c=c, level=level: c.get("levels", level=level) == "v", 5, f"the value at level {level}")
 
 
+def test_linearizable_reads_are_served_where_asked_and_append_no_log_entry(shared_cluster):
+    # ReadIndex (raft/readindex.py): a follower asks the leader for its confirmed commit index and serves the
+    # read from its own replica once applied there; before, every read committed a barrier entry at the leader.
+    leader = shared_cluster.leader()
+    follower = shared_cluster.followers()[0]
+    request = pb.ReadRequest(query="kv.get", args_json=b'{"key": "readindex"}', level=pb.LINEARIZABLE)
+    with shared_cluster.client(leader) as lc, shared_cluster.client(follower) as fc, \
+            shared_cluster.client("w1") as wc:
+        for i in range(5):  # a write acknowledged at the leader is seen at once by a read anywhere
+            lc.put("readindex", f"v{i}")
+            assert fc.get("readindex") == f"v{i}" and wc.get("readindex") == f"v{i}"
+        assert fc._call(fc.stub.Read, request).served_by == follower
+        reads = 30
+        before = lc.status().commit_index
+        for _ in range(reads):
+            assert lc.get("readindex") == fc.get("readindex") == wc.get("readindex") == "v4"
+        grown = lc.status().commit_index - before
+    # the cluster's own records (liveness, plugins) may add a few entries meanwhile; 3 x 30 reads added 90
+    assert grown < reads, f"{3 * reads} linearizable reads grew the log by {grown} entries"
+
+
 def test_leadership_transfer_is_graceful(shared_cluster):
     old = shared_cluster.leader()
     target = [n for n in ("n1", "n2", "n3") if n != old][0]
@@ -135,6 +159,70 @@ def test_leadership_transfer_is_graceful(shared_cluster):
     assert shared_cluster.leader() == target
     with shared_cluster.client(old) as c:
         c.put("after-transfer", "ok")
+
+
+# --- leadership hand-over under writes (RaftNode.transfer_leadership_to, Router.after_hand_over) ------------
+# `cortex leader transfer` and a leader's SIGTERM move leadership without refusing writes or losing one, and
+# a target that cannot win is refused cleanly while the old leader goes on leading. A write the leader
+# refused because it was handing over must never reach the writers: the write path sends it on to the new
+# leader (before it did, writes through the leader failed with "leadership changed; retry"). The longest gap
+# between two acknowledged writes is printed; bench/handover.py measures it (a benchmark figure, not asserted).
+
+def test_leader_transfer_under_writes_refuses_none_and_loses_none(shared_cluster):
+    via = shared_cluster.followers()[0]
+    # through the old leader itself and through a follower (forwarded to the leader)
+    addresses = [shared_cluster.node(n).grpc_address for n in (shared_cluster.leader(), via, via)]
+    with Writers(addresses, "transfer") as writers:
+        for _ in range(2):  # an entry is nearly always in flight: each request meets a follower behind
+            old = shared_cluster.leader()
+            with shared_cluster.client(via) as c:
+                response = c.transfer_leadership()
+            new = response.new_leader_id
+            assert new and new != old
+            wait_until(lambda new=new: shared_cluster.leader() == new, 15, "the others following the new leader")
+            time.sleep(0.3)
+    report("leader transfer x2", writers)
+    writers.assert_all_present(shared_cluster, via)
+    assert not writers.refusals(), writers.refusals()[:5]
+
+
+def test_transfer_to_a_server_that_cannot_catch_up_fails_and_the_leader_stays(shared_cluster):
+    leader = shared_cluster.leader()
+    paused = shared_cluster.followers()[0]
+    os.kill(shared_cluster.node(paused).pid, signal.SIGSTOP)  # connected still, but it acknowledges nothing
+    try:
+        with shared_cluster.client(leader) as c:
+            c.put("handover/while-paused", "1")  # the paused server is behind now
+            with pytest.raises(CortexError) as refused:
+                c.transfer_leadership(paused)
+            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+            assert f"{paused} did not catch up" in refused.value.details and "Retry" in refused.value.details
+            assert c.status().leader_id == leader
+            c.put("handover/after-refusal", "1")  # the held writes flow again
+    finally:
+        os.kill(shared_cluster.node(paused).pid, signal.SIGCONT)
+    shared_cluster.wait_healthy()
+
+
+def test_leader_sigterm_under_writes_hands_over_and_loses_none(shared_cluster):
+    leader = shared_cluster.leader()
+    via = shared_cluster.followers()[0]
+    with Writers([shared_cluster.node(via).grpc_address] * 3, "sigterm") as writers:
+        time.sleep(0.5)
+        shared_cluster.kill(leader, signal.SIGTERM)
+        new = shared_cluster.leader(exclude=(leader,))
+        time.sleep(0.5)
+    report("leader SIGTERM", writers)
+    assert "leadership handed over" in shared_cluster.node(leader).log_path.read_text(errors="replace")
+    # while it is down: a transfer to it fails at once, and names what to do
+    with shared_cluster.client(new) as c:
+        with pytest.raises(CortexError) as refused:
+            c.transfer_leadership(leader)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not connected to the leader" in refused.value.details
+    writers.assert_all_present(shared_cluster, via)
+    shared_cluster.start(leader)
+    shared_cluster.wait_healthy()
 
 
 def test_kill_leader_elects_new_one_and_loses_no_acknowledged_write(make_cluster):

@@ -13,6 +13,7 @@ one, so dropping the lowest Raft port in both directions cuts all of that server
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -119,3 +120,57 @@ def test_a_leader_cut_off_steps_down_and_does_not_disturb_on_return(cluster):
     with c.client(new_leader) as client:
         assert client.get("prevote/leader-cut") == "x" and client.get("prevote/refused") is None
     assert len(set(c.wait_converged(timeout=60).values())) == 1
+
+
+def test_a_deposed_leader_cut_off_serves_no_stale_linearizable_read(cluster):
+    # Linearizable reads keep arriving at a leader whose Raft port is cut; the majority elects another leader,
+    # which commits a write. A read at the old leader that starts after that write is acknowledged must fail
+    # (or, never here, see the write): a read round (raft/readindex.py) needs a majority's answer to a ping
+    # sent after the read arrived, which a cut-off leader cannot get, and check-quorum makes it step down.
+    c = cluster
+    target = lowest(c)
+    if c.leader(timeout=60) != target.id:
+        with c.client(c.leader()) as client:
+            client.transfer_leadership(target.id)
+    wait_until(lambda: (agreed_view(c) or (0, ""))[1] == target.id, 60, f"{target.id} leading, all agreeing")
+    with c.client(target.id) as client:
+        client.put("readindex/deposed", "old")
+        assert client.get("readindex/deposed") == "old"
+    outcomes: list[tuple[float, object]] = []  # (when the read started, its value or error)
+    done = threading.Event()
+
+    def read_at_the_old_leader():
+        with Client(target.grpc_address, timeout=1) as client:  # a read there fails; 1 s bounds the wait
+            while not done.is_set():
+                started = time.monotonic()
+                try:
+                    outcomes.append((started, client.get("readindex/deposed")))
+                except CortexError as exc:
+                    outcomes.append((started, exc))
+                time.sleep(0.05)
+
+    reader = threading.Thread(target=read_at_the_old_leader)
+    with PortCut(port_of(target), name="readindex"):
+        reader.start()
+        try:
+            others = tuple(n.id for n in c.dc.servers if n.id != target.id)
+            new_leader = wait_until(lambda: next((o for o in others if raft_view(c, o)[0] == "leader"), None), 60,
+                                    "the majority to elect a leader")
+            with c.client(new_leader) as client:
+                client.put("readindex/deposed", "new")
+            written = time.monotonic()
+            wait_until(lambda: sum(t > written for t, _ in outcomes) >= 3, 60,
+                       "reads at the old leader started after the write")
+        finally:
+            done.set()
+            reader.join(30)
+    after = [r for t, r in outcomes if t > written]
+    print(f"reads at the cut-off former leader after the new leader's write: "
+          f"{[r if isinstance(r, str) else r.code.name for r in after]}")
+    assert "old" not in after, f"a deposed leader served a stale linearizable read: {after}"
+    assert all(isinstance(r, CortexError) or r == "new" for r in after), after
+    wait_until(lambda: agreed_view(c), 60, "the old leader back on the cluster's term and leader",
+               ignore=(CortexError,))
+    with c.client(target.id) as client:  # healed: it reads the new value
+        wait_until(lambda: client.get("readindex/deposed") == "new", 30, "the new value at the old leader",
+                   ignore=(CortexError,))

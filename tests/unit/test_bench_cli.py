@@ -60,3 +60,17 @@ def test_one_json_document_holds_every_table():
     assert doc["membership"] == [{"key": "join"}]
     assert doc["tasks"] == task_rows
     assert len(doc["load_average"]) == 3
+
+
+def test_the_write_path_benchmark_refuses_sizes_it_cannot_measure_and_prints_one_row_per_pattern(capsys):
+    from bench import writepath
+
+    with pytest.raises(SystemExit) as exc:
+        writepath.main(["--seq", "1"])
+    assert exc.value.code == 2 and "--seq needs at least 2" in capsys.readouterr().err
+    rows = [{"metric": "seq put via leader", "p50_ms": 2.5, "p99_ms": 9.0, "rate": None,
+             "cpu_us_leader": 1500.0, "cpu_us_follower": 600.0, "cpu_us_client": 400.0},
+            {"metric": "unary puts via leader, 64 in flight", "p50_ms": None, "p99_ms": None, "rate": 1234.5,
+             "cpu_us_leader": 550.0, "cpu_us_follower": 90.0, "cpu_us_client": 150.0}]
+    lines = writepath.table(rows).splitlines()
+    assert len(lines) == 4 and "2.50" in lines[2] and "1,500" in lines[2] and "1,234" in lines[3]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ from cortex.core.events import EventBus
 from cortex.membership import identity
 from cortex.membership.admission import Admission
 from cortex.membership.join import JOIN_REQUEST_FILE, Joiner
+from cortex.membership.liveness import Transition
 from cortex.node.member import NOT_IN_A_CLUSTER, AgentError, Member
 from cortex.node.router import Router
 from cortex.node.serving import Health
@@ -259,6 +261,106 @@ def test_the_leader_answers_heartbeats_from_its_roster_without_reading_the_nodes
     for _ in range(50):
         n1.admission.handle_heartbeat(pb.HeartbeatRequest(node_id="x008"))
     assert reads == ["nodes"]
+
+
+def _observe_reads(store, monkeypatch) -> list[str]:
+    """Every read of the state the calling thread makes from now on, by query name (the real store answers)."""
+    me, reads, real_query = threading.get_ident(), [], store.query
+
+    def observed(name, args):
+        if threading.get_ident() == me:
+            reads.append(name)
+        return real_query(name, args)
+
+    monkeypatch.setattr(store, "query", observed)
+    return reads
+
+
+def _register_workers(n1: LocalNode, count: int) -> None:
+    # together, in a few log entries (one commit each took most of these tests' time)
+    outcomes = n1.router.propose_all("node.register", [
+        {"node_id": f"x{i:03}", "role": "worker", "raft_address": "", "grpc_address": f"127.0.0.1:{20000 + i}",
+         "token_hash": ""} for i in range(count)])
+    assert all(isinstance(o, dict) and "error" not in o for o in outcomes), outcomes
+
+
+def test_a_worker_back_from_suspect_is_revived_without_a_round_over_every_node(tmp_path: Path, nodes, leader,
+                                                                                 monkeypatch):
+    """The heartbeat of a suspect worker replicates its return at once. It used to run the leader's whole
+    liveness round (every node's record read, every node evaluated): a fleet coming back together, after the
+    leader stalled past suspect_after, cost the leader the square of its size."""
+    n1, _ = leader
+    _register_workers(n1, 100)
+    admission, store = n1.admission, n1.member.store
+    admission.liveness_step()  # the leader tracks liveness in its term
+    n1.router.propose("node.liveness", {"node_id": "x008", "state": "suspect"}, internal=True)
+    admission.liveness.apply(Transition("x008", "alive", "suspect"))
+    admission.handle_heartbeat(pb.HeartbeatRequest(node_id="x001"))  # the roster is built once
+    reads = _observe_reads(store, monkeypatch)
+    admission.handle_heartbeat(pb.HeartbeatRequest(node_id="x008"))
+    assert reads == []  # O(1): that node's transition replicated, no record read, the roster kept
+    monkeypatch.undo()
+    assert admission.liveness.state("x008") == "alive"
+    assert {n["id"]: n["liveness"] for n in store.query("nodes", {})}["x008"] == "alive"  # replicated
+    admission.handle_heartbeat(pb.HeartbeatRequest(node_id="x008"))  # alive already: nothing proposed again
+    assert store.query("nodes", {})[-1]["liveness"] == "alive"
+
+
+def test_a_heartbeat_never_waits_behind_a_liveness_round(tmp_path: Path, nodes, leader):
+    """A round replicates its transitions one after another, holding the liveness lock; a returning node's
+    heartbeat that waited for it held a gRPC thread, and with a fleet returning, all of them. It answers at
+    once, and the round (this one or the next) replicates the return."""
+    n1, _ = leader
+    _register_workers(n1, 3)
+    admission = n1.admission
+    admission.liveness_step()
+    n1.router.propose("node.liveness", {"node_id": "x001", "state": "suspect"}, internal=True)
+    admission.liveness.apply(Transition("x001", "alive", "suspect"))
+    answered = threading.Event()
+    with admission._liveness_lock:  # a round under way
+        threading.Thread(target=lambda: (admission.handle_heartbeat(pb.HeartbeatRequest(node_id="x001")),
+                                         answered.set()), daemon=True).start()
+        assert answered.wait(20), "the heartbeat waited for the liveness round"
+    admission.liveness_step()  # the next round
+    assert {n["id"]: n["liveness"] for n in n1.member.store.query("nodes", {})}["x001"] == "alive"
+
+
+def test_a_round_replicates_its_transitions_together(tmp_path: Path, nodes, leader):
+    """A hundred nodes silent past suspect_after (a rack without power): the round replicates their
+    transitions in a few log entries; one after another, each took a commit of its own."""
+    n1, _ = leader
+    _register_workers(n1, 100)
+    admission, store = n1.admission, n1.member.store
+    admission.liveness_step()
+    states = {n["id"]: n["liveness"] for n in store.query("nodes", {}) if n["id"] != "n1"}
+    admission.liveness.start(states, time.monotonic() - n1.config.liveness.suspect_after - 1)  # all silent since
+    before = store.last_applied
+    admission.liveness_step()
+    assert {n["id"]: n["liveness"] for n in store.query("nodes", {}) if n["id"] != "n1"} == dict.fromkeys(states,
+                                                                                                       "suspect")
+    assert all(admission.liveness.state(node) == "suspect" for node in states)
+    assert store.last_applied - before < 10, f"{store.last_applied - before} log entries for one round"
+
+
+def test_a_follower_forwards_heartbeats_without_reading_the_nodes_table(tmp_path: Path, nodes, leader, monkeypatch):
+    """A worker's first server may be a follower (after a leader change, say): it forwards every heartbeat to
+    the leader, and finding the leader's address read the whole nodes table each time."""
+    n1, token = leader
+    s2_token = n1.admission.handle_create_token(pb.CreateTokenRequest(role="server", ttl_seconds=600, uses=1)).token
+    s2 = LocalNode(tmp_path, "s2", "server", nodes)
+    s2.joiner.join_cluster(n1.config.grpc_address, s2_token)
+    w1 = LocalNode(tmp_path, "w1", "worker", nodes)
+    w1.joiner.join_cluster(n1.config.grpc_address, token)
+    _register_workers(n1, 100)
+    wait_for(lambda: len(s2.member.store.query("nodes", {})) == 103)
+    assert not s2.member.is_leader()
+    s2.admission.handle_heartbeat(pb.HeartbeatRequest(node_id="w1"))  # the roster is built once
+    reads = _observe_reads(s2.member.store, monkeypatch)
+    for _ in range(20):  # a request each time: forwarding counts its hops in it
+        beat = pb.HeartbeatRequest(node_id="w1")
+        assert list(s2.admission.handle_heartbeat(beat).server_grpc_addresses) == [n1.config.grpc_address,
+                                                                                  s2.config.grpc_address]
+    assert reads == []
 
 
 def test_status_pairs_the_state_with_the_reason_it_waits(tmp_path: Path, nodes):

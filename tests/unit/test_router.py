@@ -150,3 +150,20 @@ class DownStub:
             self.calls += 1
             raise LocalRpcError(grpc.StatusCode.UNAVAILABLE, "down")
         return call
+
+
+def test_a_linearizable_read_appends_nothing_to_the_log(leader):  # noqa: F811
+    # ReadIndex: the leader confirms its leadership by a round of pings (none to send on a single server) and
+    # reads at its commit index; no barrier entry per read, as before.
+    n1, _ = leader
+    n1.router.write(put("readindex", "v1"))
+    raft = n1.member.raft
+    before = (raft.status().commit_index, n1.member.store.last_applied)
+    for _ in range(5):
+        assert read(n1.router, "kv.get", {"key": "readindex"}, pb.LINEARIZABLE)["value"] == "v1"
+    assert (raft.status().commit_index, n1.member.store.last_applied) == before, "a read appended a log entry"
+    n1.router.write(put("readindex", "v2"))
+    assert read(n1.router, "kv.get", {"key": "readindex"}, pb.LINEARIZABLE)["value"] == "v2"
+    answer = n1.router.read(pb.ReadRequest(query="kv.get", args_json=b'{"key": "readindex"}', level=pb.LINEARIZABLE,
+                                           index_only=True))  # what a follower asks the leader
+    assert answer.read_index == raft.status().commit_index and not answer.result_json

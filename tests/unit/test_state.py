@@ -198,6 +198,24 @@ def test_the_roster_follows_node_commands_and_snapshot_restores(tmp_path: Path):
     assert [n["id"] for n in b.query("nodes", {})] == sorted(roster._current().by_id)
 
 
+def test_the_roster_names_the_member_behind_a_raft_address(tmp_path: Path):
+    """The router looks the leader's gRPC address up by its Raft address on every forwarded write."""
+    from cortex.membership.roster import LIVENESS_COLUMNS, Roster
+
+    store = StateStore(tmp_path / "s.db")
+    roster = Roster(store)
+    for index, node_id in enumerate(["s1", "s2"], start=1):
+        store.apply(index, env("node.register", {"node_id": node_id, "role": "server", "grpc_address": f"{node_id}:1",
+                                                 "raft_address": f"{node_id}:2", "token_hash": ""}))
+    assert roster.node_by_raft("s2:2")["grpc_address"] == "s2:1"
+    assert roster.node_by_raft("s9:2") is None and roster.node_by_raft("") is None
+    store.apply(3, env("member.leave", {"node_id": "s2", "reason": "test"}))
+    assert roster.node_by_raft("s2:2") is None  # as the nodes query, which leaves out who left
+    rows = {n["raft_address"]: n for n in store.query("nodes", {})}
+    # the nodes query's row, but for liveness, which the roster leaves out (it changes no membership)
+    assert roster.node_by_raft("s1:2") == {k: v for k, v in rows["s1:2"].items() if k not in LIVENESS_COLUMNS}
+
+
 def test_many_reading_threads_share_a_few_connections(tmp_path: Path):
     """Each read connection holds its own schema and page cache: a server's dozens of long-lived threads
     (gRPC workers) that read now and then must not keep one each. Counted as open file descriptors of the

@@ -25,7 +25,7 @@ from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError, write_with
 
 NODE_ID = {"type": "string", "pattern": NODE_ID_PATTERN, "description": "a node id, as list_nodes shows"}
 LEVEL = {"enum": list(READ_LEVELS), "default": "leader",
-         "description": "stale: this node's replica; leader: the leader's; linearizable: after a log barrier"}
+         "description": "stale: this node's replica; leader: the leader's; linearizable: once the leader confirms it leads"}
 KEY = {"idempotency_key": {"type": "string", "maxLength": 128,
                            "description": "retrying with the same key applies the change once"}}
 OBJ = {"type": "object", "additionalProperties": False}

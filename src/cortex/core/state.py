@@ -171,6 +171,7 @@ class StateStore:
             for env in envs:
                 family = env.type.partition(".")[0]
                 self._applied[family] = self._applied.get(family, 0) + 1
+                self._applied[env.type] = self._applied.get(env.type, 0) + 1
         if self._listener is not None:
             for env, item in zip(envs, results):
                 try:
@@ -224,8 +225,8 @@ class StateStore:
         return self.last_applied
 
     def generation(self, *families: str) -> tuple[int, ...]:
-        """How many commands of these families were applied, and how many snapshots restored, since the
-        store was opened: unchanged means the tables those families write are unchanged."""
+        """How many commands of these families (`node`) or types (`node.liveness`) were applied, and how many
+        snapshots restored, since the store was opened: unchanged means the tables they write are unchanged."""
         return (*(self._applied.get(f, 0) for f in families), self._applied.get("*", 0))
 
     def digest(self) -> str:

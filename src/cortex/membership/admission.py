@@ -19,11 +19,11 @@ from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.core.commands import CommandError, validate
 from cortex.membership import identity
 from cortex.membership.gate import SourceLimit
-from cortex.membership.liveness import LivenessTracker
+from cortex.membership.liveness import LivenessTracker, Transition
 from cortex.node.logs import fields
 from cortex.node.member import AgentError, Member
 from cortex.node.router import Router, raft_call
-from cortex.raft.consensus import wait_until
+from cortex.raft.consensus import ProposalError, wait_until
 from cortex.security import authz, tls
 
 log = logging.getLogger("cortex.agent")
@@ -377,8 +377,29 @@ class Admission:
                              "(removed?); on that node: cortex leave, then join again")
         self.liveness.heard(request.node_id, time.monotonic())
         if self.liveness.state(request.node_id) not in (None, "alive"):
-            self.liveness_step()  # back from suspect/offline: say so now, not at the next tick
+            self._revive(request.node_id)  # back from suspect/offline: say so now, not at the next tick
         return pb.HeartbeatResponse(server_grpc_addresses=self.member.server_grpc_addresses())
+
+    def _revive(self, node_id: str) -> None:
+        """Leader: replicate the return of one node heard from again, and nothing else. The whole round
+        (liveness_step) reads every node's record: run for each returning heartbeat, a fleet that comes back
+        together (the leader stalled past suspect_after) would cost the leader the square of its size. Nor
+        does a heartbeat wait for a round under way, which replicates one transition after another: the gRPC
+        threads would all wait behind it, and the heartbeats queued behind them time out and make more nodes
+        suspect. Skipped, the return is replicated by the next round, within a heartbeat interval."""
+        if not self._liveness_lock.acquire(blocking=False):
+            return
+        try:
+            replica = self.member.replica
+            if replica is None or not replica.raft.is_leader() or self._liveness_term != replica.raft.term():
+                return  # not tracking in this term yet: the next round starts from the replicated states
+            old = self.liveness.state(node_id)
+            if old in (None, "alive"):
+                return  # another heartbeat of the same node was first
+            self.router.propose("node.liveness", {"node_id": node_id, "state": "alive"}, internal=True)
+            self.liveness.apply(Transition(node_id, old, "alive"))
+        finally:
+            self._liveness_lock.release()
 
     def liveness_step(self) -> None:
         """Leader only: decide suspect/offline/alive from heartbeats and replicate the transitions."""
@@ -400,10 +421,17 @@ class Admission:
             self.liveness.track(n["id"], n["liveness"], now)
             if n["role"] == "server" and raft.connected.get(n["raft_address"]):
                 self.liveness.heard(n["id"], now)
-        for transition in self.liveness.evaluate(now):
-            self.router.propose("node.liveness", {"node_id": transition.node_id, "state": transition.new},
-                                internal=True)
-            self.liveness.apply(transition)
+        # Replicated together: a rack that loses power makes hundreds of nodes suspect in the same round
+        transitions = self.liveness.evaluate(now)
+        if transitions:
+            outcomes = self.router.propose_all("node.liveness", [{"node_id": t.node_id, "state": t.new}
+                                                                 for t in transitions])
+            for transition, outcome in zip(transitions, outcomes):
+                if not isinstance(outcome, AgentError):
+                    self.liveness.apply(transition)
+            failed = next((o for o in outcomes if isinstance(o, AgentError)), None)
+            if failed is not None:  # the others are decided again next round
+                raise failed
         self._forget_step()
         self._expire_step()
 
@@ -431,7 +459,16 @@ class Admission:
                                  f"no server named {request.target_node_id!r}; see `cortex nodes`")
             target = node["raft_address"]
         raft = self._raft
-        raft_call(lambda: raft.transfer_leadership_to(target))
+        try:
+            raft.transfer_leadership_to(target)
+        except ProposalError as exc:
+            # still leading: the target is the problem (down, behind); else an election is deciding, retry
+            code = grpc.StatusCode.FAILED_PRECONDITION if raft.is_leader() else grpc.StatusCode.UNAVAILABLE
+            message = str(exc)
+            for node in self.member.nodes():  # name servers as the operator knows them
+                if node["raft_address"]:
+                    message = message.replace(node["raft_address"], node["id"])
+            raise AgentError(code, f"leadership not transferred: {message}") from None
         if not wait_until(lambda: bool(raft.leader_address()) and not raft.is_leader(), 10):
             raise AgentError(grpc.StatusCode.UNAVAILABLE,
                              "the target did not take over within 10 s (its election failed) and this server still "

@@ -214,7 +214,11 @@ class Member:
         return self.replica.roster.node(node_id)
 
     def node_by_raft(self, raft_address: str) -> dict | None:
-        return next((n for n in self.nodes() if n["raft_address"] == raft_address), None)
+        """From the roster too: a follower looks the leader up for every request it forwards."""
+        replica = self.replica
+        if replica is None or not raft_address:
+            return None
+        return replica.roster.node_by_raft(raft_address)
 
     def server_grpc_addresses(self) -> list[str]:
         return self.replica.roster.server_grpc_addresses()
@@ -228,24 +232,20 @@ class Member:
                 path.unlink(missing_ok=True)
 
     def hand_over_leadership(self, timeout: float) -> bool:
-        """Leader: make the most caught-up follower leader (Raft TimeoutNow) and wait until another server is
-        known as leader. A follower still catching up is refused by Raft, and a target that does not win its
-        election leaves this node to win the next one: ask again until `timeout` passes."""
+        """Leader: make the most caught-up follower leader (Raft TimeoutNow; transfer_leadership_to holds
+        proposals back, waits for the follower to catch up and asks again when it did not win) and wait
+        until another server is known as leader."""
         raft = self.raft
         if raft is None or not raft.is_leader() or not any(raft.status().connected.values()):
             return False  # not the leader, or no follower to hand over to (alone, or the others are down)
         me = self.config.raft_address
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            leader = raft.leader_address()
-            if leader and leader != me:
-                break
-            if raft.is_leader():
-                try:
-                    raft.transfer_leadership_to(None, timeout=max(0.1, deadline - time.monotonic()))
-                except ProposalError:
-                    pass  # no follower in sync yet, or a transfer already under way
-            time.sleep(0.01)
+        try:
+            raft.transfer_leadership_to(None, timeout=timeout)
+        except ProposalError as exc:
+            log.info("leadership hand-over refused", extra=fields(reason=str(exc)))
+        if not raft.is_leader():  # stepped down: the new leader makes itself known with its first heartbeat
+            wait_until(lambda: raft.leader_address() not in ("", me), max(0.0, deadline - time.monotonic()))
         leader = raft.leader_address()
         moved = bool(leader) and leader != me
         log.info("leadership handed over" if moved else "leadership hand-over did not complete",

@@ -1,5 +1,6 @@
 """The write and read path: every write goes to the leader, where it is stamped (id, time, term) and
-replicated; a read is answered at the level asked (stale: any replica; leader; linearizable: after a barrier).
+replicated; a read is answered at the level asked (stale: any replica; leader: the leader's; linearizable: any
+server's replica once it has applied the commit index the leader confirmed after the read arrived, ReadIndex).
 
 A node that is not the leader forwards the request (servers: to the leader; workers: to a server), bounded by
 a hop count so that a request cannot bounce between nodes during an election.
@@ -21,13 +22,16 @@ from cortex.core.commands import CommandError, Envelope, parse_args_json, valida
 from cortex.node.levels import ServerLevels
 from cortex.node.member import AgentError, Member
 from cortex.node.peers import FORWARD_TIMEOUT
-from cortex.raft.consensus import NotLeader, ProposalError
+from cortex.raft.consensus import NotLeader, ProposalError, ReadUnconfirmed, wait_until
 from cortex.security import authz
 from cortex.security.tls import Peer
 
 MAX_HOPS = 3
 MAX_BATCH = 10_000
 MAX_IDEMPOTENCY_KEY = 128
+# Sent once more when the leader they were forwarded to was unavailable and another server leads now: a
+# write with an idempotency key applies once however often it arrives, a read changes nothing.
+SENT_AGAIN_WHEN_MOVED = ("Write", "Read")  # a batch's held commands: _resend_batch
 INTERNAL_QUERIES = ("token.check", "join_request.secret")  # secrets' hashes: never answered to a caller
 
 
@@ -56,6 +60,11 @@ def retry_while_unavailable(fn, timeout: float = 15.0):
             time.sleep(0.2)
 
 
+class LeadershipMoved(AgentError):
+    """A proposal this node refused because it is handing leadership over or no longer leads: it was never
+    appended, so it may go on to the new leader as it is (Router.after_hand_over)."""
+
+
 class Router:
     """`stub_for(address)` is the network edge: the Cluster stub of another node."""
 
@@ -65,7 +74,7 @@ class Router:
         # which state-machine level each server runs: a command only some replicas know is never proposed
         self.levels = ServerLevels(
             member.config.node_id,
-            servers=lambda: [n for n in member.replica.roster.servers() if n["liveness"] != "left"],
+            servers=lambda: member.replica.roster.servers(),  # members only: nodes that left are not in it
             ask=lambda address: self._stub_for(address).Status(pb.StatusRequest(), timeout=2),
             is_leader=member.is_leader)
         # the Cluster RPCs this node answers itself when it turns out to be the leader (membership adds its own)
@@ -94,7 +103,12 @@ class Router:
                              f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
         if not self.member.is_leader():
             return self.forward("Write", pb.WriteRequest(command=command, hops=hops))
-        result, index, term = self._propose_checked(command.type, args, command.idempotency_key)
+        try:
+            result, index, term = self._propose_checked(command.type, args, command.idempotency_key)
+        except LeadershipMoved:
+            # Never appended here (a hand-over held it, or this node stepped down first): the new leader takes
+            # it, with the same idempotency key, instead of the caller getting an error for a routine hand-over.
+            return self.after_hand_over("Write", pb.WriteRequest(command=command, hops=hops))
         return pb.WriteResponse(result_json=json.dumps(result).encode(), index=index, term=term,
                                 duplicate=bool(result.pop("duplicate", False)))
 
@@ -106,6 +120,39 @@ class Router:
         except CommandError as exc:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         return self._propose_checked(command_type, args, idem)[0]
+
+    def propose_all(self, command_type: str, many: list[dict]) -> list[dict | AgentError]:
+        """Leader-side: stamp and replicate the cluster's own commands of one type together (group commit
+        puts them in a few log entries, where one propose after another takes a commit each). One outcome
+        per command, in order: its result, or the AgentError that command met."""
+        replica = self.member.replica
+        if replica is None:
+            raise AgentError(grpc.StatusCode.UNAVAILABLE, "this node holds no replica (left, or a worker); retry")
+        behind = self.levels.gate(command_type)
+        if behind:
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, behind)
+        term = replica.raft.term()
+        envelopes = []
+        for args in many:
+            try:
+                args = validate(command_type, args)
+            except CommandError as exc:
+                raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            command_id = uuid.uuid4().hex
+            envelopes.append(Envelope(type=command_type, args=args, id=command_id, ts=time.time(), term=term,
+                                      idem=command_id).encode())
+        out: list[dict | AgentError] = []
+        for outcome in replica.committer.submit(envelopes, timeout=FORWARD_TIMEOUT):
+            if isinstance(outcome, ProposalError):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if outcome.maybe_applied else grpc.StatusCode.UNAVAILABLE
+                out.append(AgentError(code, f"{outcome}; retry"))
+            elif "error" in outcome[0]:
+                stale = outcome[0]["error"].startswith("stale term")
+                out.append(AgentError(grpc.StatusCode.UNAVAILABLE if stale else grpc.StatusCode.FAILED_PRECONDITION,
+                                      outcome[0]["error"]))
+            else:
+                out.append(outcome[0])
+        return out
 
     def _propose_checked(self, command_type: str, args: dict, idem: str) -> tuple[dict, int, int]:
         replica = self.member.replica
@@ -121,7 +168,7 @@ class Router:
         try:
             result, index = replica.committer.propose(env.encode(), timeout=FORWARD_TIMEOUT)
         except NotLeader:
-            raise AgentError(grpc.StatusCode.UNAVAILABLE, "leadership changed; retry") from None
+            raise LeadershipMoved(grpc.StatusCode.UNAVAILABLE, "leadership changed; retry") from None
         except ProposalError as exc:
             code = grpc.StatusCode.UNAVAILABLE if not exc.maybe_applied else grpc.StatusCode.DEADLINE_EXCEEDED
             raise AgentError(code, f"{exc}; retry with the same idempotency key") from None
@@ -165,15 +212,17 @@ class Router:
                            idem=command.idempotency_key or command_id)
             prepared.append(env.encode())
         outcomes = replica.committer.submit([p for p in prepared if isinstance(p, bytes)], timeout=FORWARD_TIMEOUT)
-        results, errors = [], []
+        results, errors, moved = [], [], []
         it = iter(outcomes)
-        for item in prepared:
+        for command, item in zip(request.commands, prepared):
             if isinstance(item, str):
                 results.append(pb.WriteResponse())
                 errors.append(item)
                 continue
             outcome = next(it)
             if isinstance(outcome, Exception):
+                if isinstance(outcome, NotLeader):
+                    moved.append((len(results), command))
                 results.append(pb.WriteResponse())
                 errors.append(str(outcome))
                 continue
@@ -181,7 +230,19 @@ class Router:
             errors.append(result.get("error", ""))
             results.append(pb.WriteResponse(result_json=json.dumps(result).encode(), index=index, term=term,
                                             duplicate=bool(result.get("duplicate"))))
+        if moved:
+            self._resend_batch(request.hops, moved, results, errors)
         return pb.WriteBatchResponse(results=results, errors=errors)
+
+    def _resend_batch(self, hops: int, moved: list, results: list, errors: list) -> None:
+        """Commands this node refused once it no longer led (a hand-over held them; never appended) go on to
+        the new leader as one batch. If that fails too, their errors say so and the caller retries them."""
+        try:
+            answered = self.after_hand_over("WriteBatch", pb.WriteBatchRequest(commands=[c for _, c in moved], hops=hops))
+        except AgentError:
+            return
+        for (i, _), result, error in zip(moved, answered.results, answered.errors):
+            results[i], errors[i] = result, error
 
     def _forward_batch(self, request: pb.WriteBatchRequest, checked: list[dict | str]) -> pb.WriteBatchResponse:
         """The commands this node refused answer here; the others go to the leader as one batch."""
@@ -211,16 +272,28 @@ class Router:
         if request.query in INTERNAL_QUERIES:
             raise AgentError(grpc.StatusCode.PERMISSION_DENIED, f"{request.query} is internal")
         replica = self.member.replica
-        if replica is None or (level != pb.STALE and not replica.raft.is_leader()):
+        if replica is None or (level == pb.LEADER and not replica.raft.is_leader()):
             return self.forward("Read", pb.ReadRequest(query=request.query, args_json=request.args_json,
                                                        level=level, hops=request.hops))
         if level == pb.LINEARIZABLE:
-            noop = Envelope(type="noop", args={}, id=uuid.uuid4().hex, ts=time.time(), term=replica.raft.term(),
-                            idem="")
-            try:
-                replica.committer.propose(noop.encode(), timeout=FORWARD_TIMEOUT)
-            except ProposalError as exc:
-                raise AgentError(grpc.StatusCode.UNAVAILABLE, f"read barrier failed: {exc}; retry") from None
+            if replica.raft.is_leader():
+                try:
+                    index = self._read_index(replica, propagate=request.index_only)
+                except NotLeader:  # handing over, or deposed while confirming: the new leader answers
+                    return self.after_hand_over("Read", request)
+                if request.index_only:
+                    return pb.ReadResponse(read_index=index, applied_index=replica.raft.raftLastApplied,
+                                           served_by=self.member.config.node_id)
+            else:
+                asked = self.forward("Read", pb.ReadRequest(query=request.query, args_json=request.args_json,
+                                                            level=level, hops=request.hops, index_only=True))
+                if request.index_only or not asked.read_index:
+                    return asked  # passed on to the asker; or a leader of an earlier version read for us
+                index = asked.read_index
+            if not replica.raft.wait_applied(index, FORWARD_TIMEOUT):
+                raise AgentError(grpc.StatusCode.UNAVAILABLE,
+                                 f"this server's replica has not applied the leader's commit index {index} "
+                                 f"(applied {replica.raft.raftLastApplied}); retry, or read at the leader")
         try:
             result = replica.store.query(request.query, args)
         except (KeyError, ValueError, TypeError) as exc:
@@ -234,7 +307,32 @@ class Router:
         request = pb.ReadRequest(query=query, args_json=json.dumps(args or {}).encode(), level=level)
         return json.loads(self.read(request).result_json)
 
+    def _read_index(self, replica, propagate: bool) -> int:
+        """Leader: the index a linearizable read must wait for (raft/readindex.py). When leadership cannot be
+        confirmed by a read round (a majority of older servers, or no answer in time) a barrier entry is
+        committed instead: its index serves as well, since it was committed after the read arrived."""
+        try:
+            return replica.raft.read_index(propagate=propagate)
+        except ReadUnconfirmed:
+            pass
+        noop = Envelope(type="noop", args={}, id=uuid.uuid4().hex, ts=time.time(), term=replica.raft.term(), idem="")
+        try:
+            return replica.committer.propose(noop.encode(), timeout=FORWARD_TIMEOUT)[1]
+        except NotLeader:
+            raise
+        except ProposalError as exc:
+            raise AgentError(grpc.StatusCode.UNAVAILABLE, f"read barrier failed: {exc}; retry") from None
+
     # --- forwarding --------------------------------------------------------------------------------------
+    def after_hand_over(self, method: str, request):
+        """Send on a request whose proposal this node refused as leader (NotLeader: a hand-over holds
+        proposals back, raft/consensus.py, or it stepped down). Never appended, it goes on to the leader that
+        follows once the hand-over is over; back to this node when leadership did not move."""
+        raft = self.member.raft
+        if raft is not None:
+            wait_until(lambda: not raft.handing_over(), FORWARD_TIMEOUT)
+        return self.forward(method, request)
+
     def forward(self, method: str, request, timeout: float = FORWARD_TIMEOUT):
         """Send a request on to the leader (servers) or to a server (workers). Bounded by a hop count."""
         if hasattr(request, "hops"):
@@ -250,11 +348,26 @@ class Router:
         try:
             return getattr(self._stub_for(address), method)(request, timeout=timeout)
         except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or method not in SENT_AGAIN_WHEN_MOVED \
+                    or (method == "Write" and not request.command.idempotency_key):
+                raise AgentError(exc.code(), exc.details() or "") from None
+            error = AgentError(exc.code(), exc.details() or "")
+        # The leader did not take it (its port closed as it exited after a hand-over, or it had just handed
+        # over): once more to the leader that followed, if one does within an election timeout.
+        try:
+            moved = self.leader_grpc(wait=self.member.config.raft.election_timeout_max, unlike=address)
+        except AgentError:
+            raise error from None
+        if not moved:
+            return self.dispatch(method, request)
+        try:
+            return getattr(self._stub_for(moved), method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
             raise AgentError(exc.code(), exc.details() or "") from None
 
-    def leader_grpc(self, wait: float) -> str:
+    def leader_grpc(self, wait: float, unlike: str | None = None) -> str:
         """The leader's gRPC address ("" when it is this node), waiting up to `wait` seconds for an election
-        to settle."""
+        to settle (or, with `unlike`, for a leader other than the one at that address)."""
         deadline = time.monotonic() + wait
         me = self.member.config.raft_address
         while True:
@@ -264,9 +377,9 @@ class Router:
             raft_leader = raft.leader_address()
             if raft_leader and raft_leader != me:
                 node = self.member.node_by_raft(raft_leader)
-                if node:
+                if node and node["grpc_address"] != unlike:
                     return node["grpc_address"]
-            if raft_leader == me and raft.is_leader():
+            elif raft_leader == me and raft.is_leader():
                 return ""
             refused = raft.journal_failure()
             if refused and not raft_leader:  # this node cannot lead; say why rather than wait out an election

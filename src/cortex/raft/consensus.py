@@ -29,6 +29,8 @@ What this layer adds to pysyncobj (see shared/research/anchors-cluster-core.md Â
   its old term in place for ever (the leader streaming the same batches, the replica never converging);
 - a snapshot chunk that commits none of the follower's own entries (`snapshot_chunk`, raft/append.py), so
   a deposed leader's entries are never applied while a snapshot replaces them.
+- linearizable reads without a log entry (`ReadIndex`, raft/readindex.py): the leader confirms it still leads
+  with one numbered round of pings acknowledged by a majority, and answers its commit index;
 - pre-vote (`PreVote`, raft/prevote.py): a server that cannot reach a majority never raises its term, so its
   return deposes no leader; with leaderFallbackTimeout below the election timeout, a leader cut off from the
   majority steps down before the others elect (check-quorum).
@@ -63,14 +65,16 @@ from cortex.raft.commit import GroupCommitter
 from cortex.raft.errors import NotLeader, ProposalError, fail_name
 from cortex.raft.journal import AppendJournal, JournalWriteError, repair_journal
 from cortex.raft.prevote import PreVote
+from cortex.raft.readindex import ReadIndex, ReadUnconfirmed
 from cortex.raft.transport import CortexTransport, Settings
 
 # The agent imports these from here, the adapter's one public face.
-__all__ = ["GroupCommitter", "NotLeader", "ProposalError", "RaftNode", "RaftStatus", "load_members", "wait_until"]
+__all__ = ["GroupCommitter", "NotLeader", "ProposalError", "RaftNode", "ReadUnconfirmed", "RaftStatus", "load_members", "wait_until"]
 
 log = logging.getLogger("cortex.consensus")
 
 _SNAPSHOT_MAGIC = b"CXSNAP1\n"
+COMMIT_NOTICE_DELAY = 0.02  # s: at most this (plus a tick) before followers learn a commit no entry carried
 
 
 # --- a restricted unpickler for the Raft port -----------------------------------------------------------
@@ -144,7 +148,7 @@ def load_members(data_dir: Path) -> list[str] | None:
         return None
 
 
-class RaftNode(PreVote):
+class RaftNode(ReadIndex, PreVote):
     """A voting member. The state machine is a StateStore; every entry is an encoded command envelope."""
 
     def __init__(self, store: StateStore, self_address: str, peers: list[str], raft: RaftConfig, secret: str,
@@ -199,6 +203,7 @@ class RaftNode(PreVote):
             bindAddress=self_address,  # pysyncobj binds every interface unless told
         )
         self._prevote_setup(raft.election_timeout_min)  # before SyncObj.__init__ starts the tick thread
+        self._readindex_setup()
         super().__init__(self_address, [p for p in peers if p != self_address], conf,
                          transportClass=functools.partial(CortexTransport, settings=transport))
         # pysyncobj stops ticking when the thread that built it exits; Raft may be started from a join
@@ -208,6 +213,7 @@ class RaftNode(PreVote):
             self.journal.owner = name or self_address  # named in its errors
             self.addOnTickCallback(self.journal.sync)  # group commit: the tick's appends, one fdatasync
         self.addOnTickCallback(self._run_tick_calls)
+        self._readindex_start()  # read rounds are started, timed out and answered on the tick thread
         self._save_members()
 
     # --- the configuration, kept on the disk whenever pysyncobj changes it --------------------------------
@@ -320,6 +326,21 @@ class RaftNode(PreVote):
             self._journal_refused()
             time.sleep(timeToWait)  # the tick ended before its poll: do not spin
 
+    # --- the commit index rides on the next AppendEntries ----------------------------------------------
+    def _SyncObj__applyLogEntries(self):
+        # pysyncobj (batching off) answers "applied something" with an AppendEntries to every follower at once
+        # that carries nothing but the new commit index, and each follower answers it: per write, two more
+        # messages each way on the leader's one tick thread, which is what limits its write rate. The next
+        # entry's AppendEntries carries the index anyway; with none coming, the next heartbeat, brought
+        # forward to COMMIT_NOTICE_DELAY from now (at the tick's resolution). Followers apply that much later;
+        # only a follower's linearizable read waits on it, and its read round (raft/readindex.py) sends the
+        # AppendEntries at once when the followers have not been told that commit index yet.
+        applied = SyncObj._SyncObj__applyLogEntries(self)
+        if applied and self._SyncObj__raftState == 2:  # leader
+            self._SyncObj__newAppendEntriesTime = min(self._SyncObj__newAppendEntriesTime,
+                                                      time.monotonic() + COMMIT_NOTICE_DELAY)
+        return False
+
     def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
         # A follower's answer to AppendEntries. The entries it vouches for are on the disk first: pysyncobj
         # sends the answer before it moves the commit index (the other place the journal syncs), and the
@@ -366,8 +387,12 @@ class RaftNode(PreVote):
         refused = self.journal_failure()
         if refused:  # this node could not append the entry, so it could never apply it
             raise ProposalError(refused, maybe_applied=False)
-        if time.monotonic() < self._handing_over_until and self.raftCurrentTerm == self._handing_over_term:
+        if self.handing_over():
             raise NotLeader("leadership is being handed over", maybe_applied=False)
+        if not self._isLeader():
+            # pysyncobj would pass it to the leader stamped with this node's term, where it applies as a
+            # refusal; not appended anywhere, the write path (node/router.py) sends it to the leader itself
+            raise NotLeader("not the leader", maybe_applied=False)
         self._apply(data, callback=callback)
         deadline = time.monotonic() + timeout
         while not done.wait(min(0.25, max(0.0, deadline - time.monotonic()))):
@@ -456,34 +481,59 @@ class RaftNode(PreVote):
             return
         self._wait(lambda cb: self.removeNodeFromCluster(address, callback=cb), f"removing {address}", timeout)
 
+    def handing_over(self) -> bool:
+        """Whether this leader holds proposals back for a hand-over (they are refused as NotLeader meanwhile,
+        and the write path sends them on to the leader that follows)."""
+        return time.monotonic() < self._handing_over_until and self.raftCurrentTerm == self._handing_over_term
+
     def transfer_leadership_to(self, address: str | None, timeout: float = 10.0) -> None:
         """Raft's hand-over: stop taking proposals, let the target catch up with the whole log (pysyncobj
         refuses a target that has not), tell it to stand for election at once (TimeoutNow) and give it an
         election's time to win, telling it again if it did not. Without the hold, entries this leader
         appended after the TimeoutNow (a liveness update, a client's write) made its log longer than the
         target's, it refused the target its vote and was elected again. Returns when another server won or
-        `timeout` passed (the caller checks who leads)."""
+        `timeout` passed (the caller checks who leads). A target that is not connected fails at once, one
+        that does not catch up within the hold (two election timeouts) fails then: proposals flow again."""
+        if address == self.selfNode.id:
+            return  # leads already
+        connected = self.status().connected
+        if address and not connected.get(address):
+            raise ProposalError(f"{address} is not connected to the leader (down, or cut off), so it cannot take "
+                                "over; check it with `cortex status`, or name another server", maybe_applied=False)
+        if not address and not any(connected.values()):
+            raise ProposalError("no follower is connected to the leader, so none can take over; check "
+                                "`cortex status`", maybe_applied=False)
         node = TCPNode(address) if address else None
         deadline = time.monotonic() + timeout
-        term = self.raftCurrentTerm
         while True:
+            # the hold is this term's: elected again (the target lost), this server takes writes at once
             self._handing_over_until = time.monotonic() + self._handover_hold
-            self._handing_over_term = term
-            try:
-                # on the tick thread: pysyncobj's transport is not safe to write from another one
-                self._wait(lambda cb: self._tick_calls.put(lambda: self.transferLeadership(node, callback=cb)),
-                           "leadership transfer", max(0.1, deadline - time.monotonic()))
-            except ProposalError as exc:
-                caught_up_soon = "REQUEST_DENIED" in str(exc) and self._isLeader()
-                if not caught_up_soon or time.monotonic() >= deadline:
-                    self._handing_over_until = 0.0
-                    raise
-                time.sleep(0.02)  # the target is still catching up: the log no longer grows, so it will
-                continue
-            moved = wait_until(lambda: self.raftCurrentTerm != term or not self._isLeader(),
+            self._handing_over_term = term = self.raftCurrentTerm
+            catch_up_by = min(deadline, self._handing_over_until)
+            while True:
+                try:
+                    # on the tick thread: pysyncobj's transport is not safe to write from another one
+                    self._wait(lambda cb: self._tick_calls.put(lambda: self.transferLeadership(node, callback=cb)),
+                               "leadership transfer", max(0.1, deadline - time.monotonic()))
+                    break
+                except ProposalError as exc:
+                    if not self._isLeader():
+                        return  # stepped down meanwhile: the target (or another server) is taking over
+                    if "REQUEST_DENIED" not in str(exc):
+                        self._handing_over_until = 0.0
+                        raise
+                    if time.monotonic() >= catch_up_by:  # the target is still behind: give up, writes flow
+                        self._handing_over_until = 0.0
+                        raise ProposalError(
+                            f"{address or 'the most up-to-date follower'} did not catch up with the leader within "
+                            f"{self._handover_hold:.1f}s; this server keeps leading. Retry, or leave the target "
+                            "out to pick the most up-to-date server", maybe_applied=False) from None
+                    time.sleep(0.02)  # still catching up: the log no longer grows, so it will
+            moved = wait_until(lambda term=term: self.raftCurrentTerm != term or not self._isLeader(),
                                min(self._handover_hold, max(0.1, deadline - time.monotonic())))
-            if moved or time.monotonic() >= deadline or not self._isLeader():
+            if (moved and not self._isLeader()) or time.monotonic() >= deadline:
                 return
+            # still leading (the target did not stand, or lost and this server was elected again): ask again
 
     def _run_tick_calls(self) -> None:
         while True:

@@ -49,10 +49,10 @@ PRIVATE_METHODS = ("_onTick", "_SyncObj__onMessageReceived", "_SyncObj__generate
                    "_SyncObj__getCurrentLogIndex", "_SyncObj__getCurrentLogTerm", "_SyncObj__setCurrentTerm",
                    "_SyncObj__setState", "_SyncObj__connectedToAnyone", "_SyncObj__getEntries",
                    "_SyncObj__sendNextNodeIdx", "_SyncObj__doChangeCluster",
-                   "_SyncObj__updateClusterConfiguration")
+                   "_SyncObj__updateClusterConfiguration", "_SyncObj__applyLogEntries")
 PRIVATE_ATTRIBUTES = ("_SyncObj__raftState", "_SyncObj__raftElectionDeadline", "_SyncObj__transport",
                       "_SyncObj__transferInProgress", "_SyncObj__connectedNodes", "_SyncObj__raftLeader",
-                      "_SyncObj__mainThread")
+                      "_SyncObj__mainThread", "_SyncObj__newAppendEntriesTime")
 PRIVATE_NAMES = PRIVATE_METHODS + PRIVATE_ATTRIBUTES
 FOLLOWER, CANDIDATE, LEADER = 0, 1, 2  # pysyncobj's _RAFT_STATE
 
@@ -87,6 +87,10 @@ class PreVote(SyncObj):
         self._pv_warned = float("-inf")
         self.pre_votes = {"rounds": 0, "won": 0, "granted": 0, "refused": 0}  # counters for status and tests
 
+    def _hello_fields(self) -> dict:
+        """What a hello says besides itself (other mixins add what they support; older servers ignore it)."""
+        return {}
+
     # --- the election start ------------------------------------------------------------------------
     def _onTick(self, timeToWait=0.0):
         if self._SyncObj__transport.ready:
@@ -101,12 +105,12 @@ class PreVote(SyncObj):
                 self._pv_connected_since.pop(node.id, None)
             elif node.id not in self._pv_connected_since:
                 self._pv_connected_since[node.id] = now
-                self._SyncObj__transport.send(node, {"type": HELLO})  # first on a new connection
+                self._SyncObj__transport.send(node, {"type": HELLO, **self._hello_fields()})  # first on a new connection
         if now - self._pv_hello_sent >= HELLO_EVERY:
             self._pv_hello_sent = now
             for node in others:
                 if node in connected:
-                    self._SyncObj__transport.send(node, {"type": HELLO})
+                    self._SyncObj__transport.send(node, {"type": HELLO, **self._hello_fields()})
 
         if self._SyncObj__raftState == LEADER or self.selfNode is None or not others:
             self._pv_round = None

@@ -236,7 +236,14 @@ def issued_by(cert_pem: bytes, ca_pem: bytes) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1024)
+# Certificates remembered by peer_of and issued_at, which every RPC calls with its caller's certificate. It must
+# hold every member's current certificate (and the one it replaced, during a renewal): in a fleet with more
+# members than entries, one round of heartbeats evicts each entry before its next use, and every call parses an
+# X.509 certificate again (bench/fleet.py). An entry is about 1 KB and only certificates in use fill it.
+CERT_CACHE = 16_384
+
+
+@functools.lru_cache(maxsize=CERT_CACHE)
 def peer_of(cert_pem: bytes) -> Peer | None:
     """The holder a certificate names (None when it names none). Cached: called on every RPC."""
     try:
@@ -254,7 +261,7 @@ def peer_of(cert_pem: bytes) -> Peer | None:
     return Peer(name=values["node"], role=values["role"], cluster_id=values["cluster"])
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=CERT_CACHE)
 def issued_at(cert_pem: bytes) -> float:
     """When the signer issued the certificate (unix seconds): its not-before plus the backdating. Cached:
     the revocation check (revocation.py) reads it on every RPC."""
