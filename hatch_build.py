@@ -20,3 +20,18 @@ class ProtoBuildHook(BuildHookInterface):
 
         root = Path(self.root)
         generate(root / "proto", root / "src" / "cortex" / "_proto")
+        build_console(root)
+
+
+def build_console(root: Path) -> None:
+    """The web console's bundle (src/cortex/console/static), built with npm when console/ is there (a source
+    tree); an sdist or a tree without npm keeps the bundle it has, and the console says when it has none."""
+    import shutil
+    import subprocess
+
+    source = root / "console"
+    if not (source / "package.json").exists() or shutil.which("npm") is None:
+        return
+    if not (source / "node_modules").exists():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=source, check=True)
+    subprocess.run(["npm", "run", "--silent", "build"], cwd=source, check=True)

@@ -214,10 +214,25 @@ async function start() {
     showLogin("signed out");
   } }, "Sign out"));
   await render(true);
+  listen();
+}
+
+// Live updates. The browser reconnects a dropped stream by itself; one it gave up on (the node answered with
+// an error, e.g. after a restart forgot the session) is retried here, and a refused session shows the login.
+function listen() {
+  if (S.stream) S.stream.close();
   S.stream = new EventSource("/api/events");
   S.stream.addEventListener("refresh", () => { nodeUp(); refresh(); });
-  S.stream.onerror = () => nodeDown();
   S.stream.onopen = () => nodeUp();
+  S.stream.onerror = () => {
+    nodeDown();
+    if (S.stream.readyState !== EventSource.CLOSED) return;
+    setTimeout(async () => {
+      const r = await api("/api/whoami");
+      if (r.status === 200) listen();
+      else if (r.status === 0 || r.status >= 500) S.stream.onerror();
+    }, 3000);
+  };
 }
 
 window.addEventListener("hashchange", () => render(true));

@@ -182,10 +182,11 @@ def make_cluster(tmp_path: Path):
         devcluster.down(Path(dc.dir))
 
 
-def module_cluster(directory: Path, servers: int = 3, workers: int = 2):
-    """A settled cluster for a module-scoped fixture to yield from; stopped afterwards, even on failure."""
+def module_cluster(directory: Path, servers: int = 3, workers: int = 2, plugins: dict | None = None):
+    """A settled cluster for a module-scoped fixture to yield from; stopped afterwards, even on failure.
+    `plugins` ({name: {option: value}}) goes into every node's YAML."""
     try:
-        dc = devcluster.up(directory, servers, workers, free_base_port(), timeout=60)
+        dc = devcluster.up(directory, servers, workers, free_base_port(), timeout=60, plugins=plugins)
         cluster = Cluster(dc)
         cluster.settle()
     except BaseException:

@@ -216,6 +216,9 @@ class Handler(BaseHTTPRequestHandler):
         if name.startswith(("static/",)):
             name = name[len("static/"):]
         found = self.console.file(name) or (self.console.file("index.html") if "." not in name else None)
+        if found is None and self.console.file("index.html") is None:
+            return self._send(503, b"The console's front end is not built on this node: run ./bootstrap.sh, or "
+                                   b"(cd console && npm ci && npm run build), then reload.\n", "text/plain; charset=utf-8")
         if found is None:
             return self._json(404, {"error": f"no such file {path}; the console is at /"})
         raw, packed, kind = found
