@@ -7,6 +7,7 @@ there (a local user who can reach it is the node's admin), else over --addr with
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import grpc
@@ -19,16 +20,20 @@ class _ToolFailed(Exception):
     pass
 
 
-def _tool(args, name: str, arguments: dict):
-    from cortex._proto.cortex.v1 import plugins_pb2 as ppb
+def _rpc(args, method: str, request):
     from cortex.client import CortexError
 
     stub = plugins_stub(node_target(args, args.via))
     try:
-        response = stub.CallTool(ppb.CallToolRequest(name=name, arguments_json=json.dumps(arguments).encode()),
-                                 timeout=args.timeout)
+        return getattr(stub, method)(request, timeout=args.timeout)
     except grpc.RpcError as exc:
         raise CortexError(exc.code(), exc.details() or "") from None
+
+
+def _tool(args, name: str, arguments: dict):
+    from cortex._proto.cortex.v1 import plugins_pb2 as ppb
+
+    response = _rpc(args, "CallTool", ppb.CallToolRequest(name=name, arguments_json=json.dumps(arguments).encode()))
     if response.error:
         raise _ToolFailed(response.error)
     return json.loads(response.result_json) if response.result_json else None
@@ -42,7 +47,7 @@ def cmd_url(args) -> int:
         if "unknown tool" in message:
             message = ("this node runs no console plugin (plugins.console.enabled: false?); enable it and "
                        "restart the agent")
-        print(f"cortex: {message}")
+        print(f"cortex: {message}", file=sys.stderr)
         return 1
     emit(args, link, f"{link['url']}\n\nopen it within {link['expires_in']} s; it works once and signs this browser "
                      f"in as {link['role']} on {link['node_id']}")
@@ -52,7 +57,7 @@ def cmd_url(args) -> int:
 def cmd_status(args) -> int:
     from cortex._proto.cortex.v1 import plugins_pb2 as ppb
 
-    response = plugins_stub(node_target(args, args.via)).ListPlugins(ppb.ListPluginsRequest(), timeout=args.timeout)
+    response = _rpc(args, "ListPlugins", ppb.ListPluginsRequest())
     plugin = next((p for p in response.plugins if p.name == "console"), None)
     row = {"node_id": response.node_id, "state": plugin.state if plugin else "not installed",
            "error": plugin.error if plugin else "", "url": "", "checked": time.time()}
