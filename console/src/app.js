@@ -171,6 +171,7 @@ async function render(first) {
     document.title = `${main.querySelector("h1") ? main.querySelector("h1").textContent : "Cortex"} · Cortex console`;
     if (focused && $(focused)) $(focused).focus();
     if (first) main.focus({ preventScroll: true });
+    if (!performance.getEntriesByName("cortex-first-render").length) performance.mark("cortex-first-render"); // bench/console.py
   } finally {
     S.busy = false;
   }
