@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
@@ -67,3 +68,38 @@ class Browser:
         except Exception:
             pass
         self.log.close()
+
+
+def screenshot(addr: str, out: Path, page: str = "", width: int = 1200, height: int = 720) -> Path:
+    """Sign into the console of the node at `addr` (a running cluster, `just up`) and save one page as PNG."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    link = json.loads(subprocess.run([sys.executable, "-m", "cortex", "--addr", addr, "console", "url", "--via",
+                                      "addr", "--json"], capture_output=True, text=True, check=True).stdout)
+    with tempfile.TemporaryDirectory(prefix="console-shot-") as tmp:
+        browser = Browser(Path(tmp), width, height)
+        try:
+            browser.driver.get(link["url"])
+            if page:
+                browser.driver.get(f"{link['console']}#/{page}")
+            deadline = time.monotonic() + 30
+            while "Loading" in browser.driver.find_element("id", "main").text or \
+                    not browser.driver.find_elements("css selector", "main h1"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the console drew nothing within 30 s")
+                time.sleep(0.2)
+            time.sleep(1)
+            browser.driver.save_screenshot(str(out))
+        finally:
+            browser.close()
+    return out
+
+
+if __name__ == "__main__":
+    # python -m tests.support.browser ADDR OUT.png [PAGE]: the README's screenshot, against `just up`
+    import sys
+
+    print(screenshot(sys.argv[1], Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else ""))
