@@ -84,6 +84,12 @@ async function tool(name, args = {}) {
   const r = await api(`/api/tool/${name}`, args);
   return r.status === 200 ? { result: r.data.result } : { error: r.data.error || `HTTP ${r.status}`, status: r.status };
 }
+// The argument naming a node, as this tool spells it (node_id, node, ...): tools from other plugins may differ.
+function nodeArgs(name, id) {
+  const params = (S.tools[name] && S.tools[name].params) || [];
+  const key = ["node_id", "node", "id", "name"].find((k) => params.includes(k)) || "node_id";
+  return { [key]: id };
+}
 const newKey = () => (crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`);
 
 // An operator action: refused at once when the role is short (the server says which role it needs), else
@@ -160,7 +166,7 @@ async function render(first) {
         || (page === "workflow" && target === "workflows")) a.setAttribute("aria-current", "page");
       else a.removeAttribute("aria-current");
     }
-    const ctx = { h, table, card, stats, absent, failure, tool, has, action, badge, cell, uPlot, fmtTime, ago, who: S.who };
+    const ctx = { h, table, card, stats, absent, failure, tool, has, action, badge, nodeArgs, cell, uPlot, fmtTime, ago, who: S.who };
     const content = await fn(ctx, arg);
     if (S.failing && !first) return; // keep what is on screen; the banner says it is old
     const main = $("main");

@@ -87,8 +87,8 @@ async function node(c, id) {
 // Health charts: the Sentinel plugin's per-node score, factors, predictions and downsampled series.
 async function health(c, id) {
   if (!c.has("sentinel_node")) return c.card("Health", c.absent("Health charts (Sentinel)"));
-  const [now, hist] = await Promise.all([c.tool("sentinel_node", { node_id: id }),
-    c.has("sentinel_history") ? c.tool("sentinel_history", { node_id: id }) : Promise.resolve({ absent: true })]);
+  const [now, hist] = await Promise.all([c.tool("sentinel_node", c.nodeArgs("sentinel_node", id)),
+    c.has("sentinel_history") ? c.tool("sentinel_history", c.nodeArgs("sentinel_history", id)) : Promise.resolve({ absent: true })]);
   const kids = [];
   if (now.error) kids.push(c.failure(now));
   else {
@@ -103,8 +103,15 @@ async function health(c, id) {
 
 // A series document, as {series: {name: [[t, v], ...]}} or {t: [...], name: [...]}: one uPlot chart per series.
 function charts(c, doc) {
-  const series = doc && (doc.series || doc);
+  let series = doc && (doc.series || doc.points || doc);
   const out = [];
+  if (Array.isArray(series) && series.length && typeof series[0] === "object" && !Array.isArray(series[0])) {
+    const tkey = ["t", "ts", "time", "at", "timestamp"].find((k) => k in series[0]);
+    if (!tkey) return out;
+    const cols = { t: series.map((p) => p[tkey]) };
+    for (const k of Object.keys(series[0])) if (k !== tkey && typeof series[0][k] === "number") cols[k] = series.map((p) => p[k]);
+    series = cols;
+  }
   if (!series || typeof series !== "object") return out;
   for (const [name, points] of Object.entries(series)) {
     let xs, ys;
@@ -133,8 +140,8 @@ async function services(c) {
       empty: "No HA partners.",
       actions: (r) => {
         const target = r.node_id || r.node || r.id || r.home;
-        return [c.action("Take over", "ha_takeover", { node_id: target }, `Take over ${target}'s services on its partner?`),
-          c.action("Give back", "ha_giveback", { node_id: target }, `Give ${target}'s services back to it?`)];
+        return [c.action("Take over", "ha_takeover", c.nodeArgs("ha_takeover", target), `Take over ${target}'s services on its partner?`),
+          c.action("Give back", "ha_giveback", c.nodeArgs("ha_giveback", target), `Give ${target}'s services back to it?`)];
       },
     })));
   }

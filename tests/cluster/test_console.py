@@ -1,39 +1,77 @@
 """The web console in a real browser (Debian's headless Chromium through Selenium) against real agents.
 
 One module-scoped cluster (1 server, 2 workers; each console on a port of its own) and one browser serve
-every test; the tests run in file order and the last ones kill workers. Screenshots go to a temporary
-directory printed at the start (`pytest -s` shows it), never into the tree.
+every test; the tests run in file order and the last ones kill workers. Screenshots go under
+$CORTEX_TEST_ARTIFACTS or a fresh directory in /tmp, printed at the start (`pytest -s`), never into the tree.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from cortex.dev import cluster as devcluster
 from tests.support import procs
 from tests.support.browser import Browser, missing
-from tests.support.cluster import module_cluster
+from tests.support.cluster import Cluster, free_base_port
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason=missing() or "browser present")
 
-PAGES = ("", "node/w1", "services", "tasks", "dlq", "workflows", "rollouts", "memory")
+STANDIN = Path(__file__).parent / "fixtures" / "console_site"
+# each page and the heading it draws
+PAGES = {"": "Cluster overview", "node/w1": "Node w1", "services": "Services", "tasks": "Tasks",
+         "dlq": "Dead-letter queue", "workflows": "Workflows", "rollouts": "Rollouts", "memory": "Memory threads"}
+
+
+def shown(browser, page: str) -> None:
+    """Wait until the page is drawn: its own heading, nothing loading."""
+    def drawn():
+        headings = browser.driver.find_elements("css selector", "main h1")
+        return headings and headings[0].text == PAGES[page] and "Loading" not in main_text(browser)
+    wait_until(drawn, 60, f"page {page!r}", interval=0.2, ignore=(Exception,), detail=lambda: main_text(browser)[:500])
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    yield from module_cluster(tmp_path_factory.mktemp("console"), servers=1, workers=2,
-                              plugins={"console": {"listen": "127.0.0.1:0"}})
+    """1 server, 2 workers; every console on a port of its own. The stand-in services and Sentinel tools
+    (fixtures/console_site) run everywhere but on w1, whose console shows those pages as not available."""
+    directory = tmp_path_factory.mktemp("console")
+
+    def extra(node: devcluster.DevNode) -> str:
+        return ("plugins:\n  console:\n    listen: 127.0.0.1:0\n"
+                + ("  console-standin:\n    enabled: false\n" if node.id == "w1" else ""))
+
+    try:
+        dc = devcluster.up(directory, 1, 2, free_base_port(), timeout=60, extra_config=extra,
+                           env={"PYTHONPATH": str(STANDIN)})
+        for node in dc.nodes:  # plugins start once the node is in the cluster
+            wait_until(lambda node=node: (Path(node.dir) / "data/plugins/console/console.json").exists(), 30,
+                       f"{node.id}'s console", interval=0.1, detail=lambda node=node: devcluster.tail(node.log_path))
+    except BaseException:
+        devcluster.down(directory)
+        raise
+    try:
+        yield Cluster(dc)
+    finally:
+        devcluster.down(directory)
 
 
 @pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("console-screenshots")
+def shots() -> Path:
+    """Screenshots outlive the run (pytest's own temporary directories are pruned): under
+    $CORTEX_TEST_ARTIFACTS when set (CI collects it), else a fresh directory in /tmp; printed either way."""
+    root = os.environ.get("CORTEX_TEST_ARTIFACTS")
+    if root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="console-screenshots-", dir=root or None))
     print(f"\nconsole screenshots: {directory}")
     return directory
 
@@ -103,19 +141,44 @@ def test_a_login_link_works_once_and_every_page_loads_without_errors(cluster, br
     wait_text(browser, "Cluster overview", "the overview after signing in")
     status, _, headers = http(url)  # the same link again: used
     assert status == 303 and "already%20used" in headers["Location"]
-    cookie = browser.driver.get_cookie("cortex_console")
-    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     base = url.split("login?")[0]
+    cookie = browser.driver.get_cookie(f"cortex_console_{base.rsplit(':', 1)[1].strip('/')}")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     browser.console_errors()
     for page in PAGES:
         browser.driver.get(f"{base}#/{page}")
-        wait_until(lambda: browser.driver.find_elements("css selector", "main h1"), 60, f"page {page!r}",
-                   interval=0.2)
-        wait_until(lambda: "Loading" not in main_text(browser), 60, f"page {page!r} loaded", interval=0.2)
+        shown(browser, page)
         browser.driver.save_screenshot(str(shots / f"{page.replace('/', '-') or 'overview'}.png"))
         assert browser.console_errors() == [], page
+    # a phone: one column, nothing wider than the screen (wide tables scroll inside their card)
+    browser.driver.set_window_size(390, 844)
+    try:
+        for page in ("", "workflows", "node/w1"):
+            browser.driver.get(f"{base}#/{page}")
+            shown(browser, page)
+            assert browser.driver.execute_script(
+                "return document.documentElement.scrollWidth <= window.innerWidth + 1"), page
+        browser.driver.save_screenshot(str(shots / "phone-node.png"))
+    finally:
+        browser.driver.set_window_size(1280, 900)
+    # the stand-in plugin's tools light up the services page and the node's health charts ...
     browser.driver.get(f"{base}#/services")
-    assert "not available on this cluster" in wait_text(browser, "Services", "the services page")
+    wait_text(browser, "replication lag", "the services page with the stand-in's services")
+    browser.driver.get(f"{base}#/node/w2")
+    wait_text(browser, "disk_full", "Sentinel's predictions on the node page")
+    wait_until(lambda: len(browser.driver.find_elements("css selector", "figure.chart canvas")) == 2, 30,
+               "two uPlot charts", interval=0.2)
+    browser.driver.save_screenshot(str(shots / "node-health.png"))
+    assert browser.console_errors() == []
+    # ... and a node without them says so, page by page
+    w1 = login_url(cluster, "w1")
+    browser.driver.get(w1)
+    wait_text(browser, "Cluster overview", "w1's overview")
+    browser.driver.get(w1.split("login?")[0] + "#/services")
+    assert "Services and HA: not available on this cluster" in wait_text(browser, "not available", "w1's services")
+    browser.driver.get(w1.split("login?")[0] + "#/node/w2")
+    assert "Health charts (Sentinel): not available" in wait_text(browser, "Health", "w1's node page")
+    assert browser.console_errors() == []
 
 
 def test_a_submitted_task_appears_and_completes_live(cluster, browser, shots):
@@ -171,6 +234,15 @@ def test_operator_actions_need_confirmation_and_run_once_per_key(cluster, browse
                "the undrain done", interval=0.2)
     resources = cortex(cluster, "n1", "tools", "call", "nodes_resources")
     assert not next(r for r in resources if r["id"] == "w1")["drained"]
+    # a takeover, where a plugin offers it, goes the same way
+    browser.driver.get(f"{base}#/services")
+    wait_text(browser, "HA state", "the services page")
+    browser.driver.find_element("xpath", "//button[text()='Take over']").click()
+    wait_until(lambda: browser.driver.find_element("id", "confirm").is_displayed(), 10, "the confirmation dialog")
+    browser.driver.find_element("id", "confirm-ok").click()
+    wait_until(lambda: "Take over: done" in browser.driver.find_element("id", "action-result").text, 30,
+               "the takeover done", interval=0.2)
+    wait_text(browser, "taken-over", "the HA state after the takeover")
 
 
 def _contrast(fg: str, bg: str) -> float:

@@ -182,11 +182,10 @@ def make_cluster(tmp_path: Path):
         devcluster.down(Path(dc.dir))
 
 
-def module_cluster(directory: Path, servers: int = 3, workers: int = 2, plugins: dict | None = None):
-    """A settled cluster for a module-scoped fixture to yield from; stopped afterwards, even on failure.
-    `plugins` ({name: {option: value}}) goes into every node's YAML."""
+def module_cluster(directory: Path, servers: int = 3, workers: int = 2):
+    """A settled cluster for a module-scoped fixture to yield from; stopped afterwards, even on failure."""
     try:
-        dc = devcluster.up(directory, servers, workers, free_base_port(), timeout=60, plugins=plugins)
+        dc = devcluster.up(directory, servers, workers, free_base_port(), timeout=60)
         cluster = Cluster(dc)
         cluster.settle()
     except BaseException:

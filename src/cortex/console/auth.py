@@ -140,11 +140,16 @@ def cookie_value(header: str, name: str = COOKIE) -> str:
     return ""
 
 
-def set_cookie(session: Session, secure: bool) -> str:
+def cookie_name(port: int) -> str:
+    """Cookies are per host, not per port: each node's console on one machine (a dev cluster) keeps its own."""
+    return f"{COOKIE}_{port}"
+
+
+def set_cookie(session: Session, secure: bool, name: str = COOKIE) -> str:
     max_age = max(0, int(session.expires - time.time()))
-    return (f"{COOKIE}={session.sid}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+    return (f"{name}={session.sid}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}"
             + ("; Secure" if secure else ""))
 
 
-def clear_cookie() -> str:
-    return f"{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
+def clear_cookie(name: str = COOKIE) -> str:
+    return f"{name}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"

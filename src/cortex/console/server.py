@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from cortex.console.auth import Logins, Refused, Session, clear_cookie, cookie_value, set_cookie
+from cortex.console.auth import Logins, Refused, Session, clear_cookie, cookie_name, cookie_value, set_cookie
 from cortex.plugins import CALLER_ROLES, Caller, ToolError
 
 MAX_BODY = 256 * 1024
@@ -53,6 +53,7 @@ class Console:
         self.refresh_seconds = refresh_seconds
         self.loopback = loopback
         self.secure_cookie = secure_cookie
+        self.cookie = cookie_name(0)  # named after the port once the server has its socket
         self.stopping = threading.Event()
         self._changed = threading.Condition()
         self._generation = 0
@@ -89,7 +90,7 @@ class Console:
     def tool_list(self, role: str) -> list[dict]:
         return [{"name": t.name, "role": t.role, "read_only": t.read_only, "destructive": t.destructive,
                  "allowed": CALLER_ROLES.index(role) >= CALLER_ROLES.index(t.role),
-                 "idempotency_key": "idempotency_key" in t.input_schema.get("properties", {})}
+                 "params": sorted(t.input_schema.get("properties", {}))}
                 for t in sorted(self.host.tools().values(), key=lambda t: t.name)]
 
     def call(self, session: Session, name: str, args: Any, confirmed: bool, key: str) -> tuple[int, dict]:
@@ -130,7 +131,7 @@ class Console:
             if caller is None:
                 raise Refused("the bearer token is not this node's console token")
             return Session("bearer", caller.role, caller.identity, time.time() + 60)
-        return self.logins.session(cookie_value(headers.get("Cookie", "")))
+        return self.logins.session(cookie_value(headers.get("Cookie", ""), self.cookie))
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -237,8 +238,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/login":
             return self._login_form(body)
         if path == "/api/logout":
-            self.console.logins.close(cookie_value(self.headers.get("Cookie", "")))
-            return self._json(200, {"signed_out": True}, {"Set-Cookie": clear_cookie()})
+            self.console.logins.close(cookie_value(self.headers.get("Cookie", ""), self.console.cookie))
+            return self._json(200, {"signed_out": True}, {"Set-Cookie": clear_cookie(self.console.cookie)})
         if path.startswith("/api/tool/"):
             if (session := self._session()) is None:
                 return
@@ -254,7 +255,7 @@ class Handler(BaseHTTPRequestHandler):
             session = self.console.logins.redeem(token)
         except Refused as exc:
             return self._redirect("/?login_error=" + quote(str(exc)))
-        self._redirect("/", {"Set-Cookie": set_cookie(session, self.console.secure_cookie)})
+        self._redirect("/", {"Set-Cookie": set_cookie(session, self.console.secure_cookie, self.console.cookie)})
 
     def _login_form(self, body: Any) -> None:
         token = str(body.get("token", "")).strip() if isinstance(body, dict) else ""
@@ -267,7 +268,7 @@ class Handler(BaseHTTPRequestHandler):
             session = self.console.logins.open_with(caller) if caller else self.console.logins.redeem(token)
         except Refused as exc:
             return self._json(401, {"error": str(exc), "login": True})
-        self._json(200, {"role": session.role}, {"Set-Cookie": set_cookie(session, self.console.secure_cookie)})
+        self._json(200, {"role": session.role}, {"Set-Cookie": set_cookie(session, self.console.secure_cookie, self.console.cookie)})
 
     def _events(self) -> None:
         if (session := self._session()) is None:
@@ -305,6 +306,7 @@ class Server:
     def __init__(self, console: Console, sock):
         self.console = console
         self.socket = sock
+        console.cookie = cookie_name(sock.getsockname()[1])
         handler = type("BoundHandler", (Handler,), {"console": console})
         self.httpd = ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
         self.httpd.socket = sock
