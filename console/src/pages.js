@@ -246,9 +246,18 @@ async function rollouts(c) {
   if (r.absent) { out.push(c.card("Rollouts", c.absent("Rolling updates"))); return c.h("div", {}, out); }
   if (r.error) { out.push(c.failure(r)); return c.h("div", {}, out); }
   const ro = r.result.rollout;
-  out.push(c.card("Current rollout", ro ? c.stats(Object.entries(ro).filter(([, v]) => typeof v !== "object").map(([k, v]) => [k.replaceAll("_", " "), c.cell(k, v)]))
-    : c.h("p", { class: "muted" }, "No rollout in progress.")));
-  out.push(c.card("Per-node progress", c.table(r.result.nodes || [], ["node_id", "version", "kind", "blessed", "fell_back", "previous", "detail", "booted_at", "reported_at"],
+  if (ro) {
+    const steps = ro.steps || [];
+    const done = steps.filter((s) => ["done", "skipped"].includes(s.state)).length;
+    out.push(c.card(`Rollout ${ro.id || ""} to ${ro.version || "?"}`,
+      c.stats([["state", c.badge(ro.state)], ["nodes done", `${done} / ${steps.length}`], ["by", ro.by || "-"],
+        ["started", c.ago(ro.created_at)], ["updated", c.ago(ro.updated_at)]]),
+      ro.reason ? c.h("p", { class: "error" }, ro.reason) : null,
+      steps.length ? c.h("div", { class: "bar", role: "img", "aria-label": `${done} of ${steps.length} nodes done` }, fill(c, (100 * done) / steps.length)) : null,
+      c.table(steps, ["node_id", "role", "from_version", "state", "reason"], { caption: "per node, in order",
+        link: { key: "node_id", href: (n) => `#/node/${encodeURIComponent(n.node_id)}` } })));
+  } else out.push(c.card("Current rollout", c.h("p", { class: "muted" }, "No rollout in progress.")));
+  out.push(c.card("Versions by node", c.table(r.result.nodes || [], ["node_id", "version", "kind", "blessed", "fell_back", "previous", "detail", "booted_at", "reported_at"],
     { link: { key: "node_id", href: (n) => `#/node/${encodeURIComponent(n.node_id)}` } })));
   return c.h("div", {}, out);
 }

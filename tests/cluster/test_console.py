@@ -46,7 +46,9 @@ def cluster(tmp_path_factory):
     directory = tmp_path_factory.mktemp("console")
 
     def extra(node: devcluster.DevNode) -> str:
-        return ("plugins:\n  console:\n    listen: 127.0.0.1:0\n"
+        # offline after 5 s without heartbeats (10 s by default): the killed worker's test waits less
+        return ("liveness:\n  suspect_after: 2\n  offline_after: 5\n"
+                "plugins:\n  console:\n    listen: 127.0.0.1:0\n"
                 + ("  console-standin:\n    enabled: false\n" if node.id == "w1" else ""))
 
     try:
@@ -294,7 +296,7 @@ def test_a_killed_node_shows_offline_and_a_dead_console_node_shows_a_banner(clus
     browser.driver.get(login_url(cluster, "w1"))
     wait_text(browser, "Cluster overview", "w1's overview")
     cluster.kill("w2")
-    # offline after liveness.offline_after (10 s) without heartbeats; the deadline is generous for a busy machine
+    # offline after liveness.offline_after (5 s here) without heartbeats; the deadline is generous for a busy machine
     wait_until(lambda: any("w2" in r.text and "offline" in r.text
                            for r in browser.driver.find_elements("css selector", "main tr")),
                90, "w2 shown offline", interval=0.5, ignore=(Exception,), detail=lambda: main_text(browser)[:2000])

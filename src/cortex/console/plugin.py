@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cortex.console.auth import SESSION_ROLES, Logins, cap_role
 from cortex.mcp.http import BearerTokens, read_or_create_token
@@ -109,7 +110,8 @@ class ConsolePlugin(Plugin):
             console = Console(self.ctx.host, getattr(self.ctx.cluster, "node_id", ""), self.logins, [auth],
                               STATIC_DIR, self.ctx.options["refresh_seconds"],
                               loopback=self._socket.getsockname()[0] in ("127.0.0.1", "::1"),
-                              secure_cookie=self.ctx.options["public_url"].startswith("https:"))
+                              secure_cookie=self.ctx.options["public_url"].startswith("https:"),
+                              public_host=urlsplit(self.ctx.options["public_url"]).hostname or "")
             if self._stop.is_set():
                 return
             self._unsubscribe = [self.ctx.events.subscribe(p, console.changed) for p in

@@ -32,6 +32,7 @@ from cortex.console.auth import Logins, Refused, Session, clear_cookie, cookie_n
 from cortex.plugins import CALLER_ROLES, Caller, ToolError
 
 MAX_BODY = 256 * 1024
+MAX_STREAMS = 64  # open pages per node: each holds a thread for its event stream
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 # Cluster events worth redrawing a page for; the timer covers everything else (liveness is computed, not an event).
 WATCHED = ("node.*", "leader.*", "task.*", "workflow.*", "service.*", "ha.*", "update.*", "alert.*",
@@ -44,7 +45,7 @@ class Console:
     """What the handlers share: the plugin host, the logins, the static files and the change signal."""
 
     def __init__(self, host, node_id: str, logins: Logins, authenticators: list, static_dir: Path,
-                 refresh_seconds: float, loopback: bool, secure_cookie: bool = False):
+                 refresh_seconds: float, loopback: bool, secure_cookie: bool = False, public_host: str = ""):
         self.host = host
         self.node_id = node_id
         self.logins = logins
@@ -53,6 +54,9 @@ class Console:
         self.refresh_seconds = refresh_seconds
         self.loopback = loopback
         self.secure_cookie = secure_cookie
+        self.public_host = public_host  # the host name of plugins.console.public_url (a proxy in front)
+        self.streams = 0
+        self._streams_lock = threading.Lock()
         self.cookie = cookie_name(0)  # named after the port once the server has its socket
         self.stopping = threading.Event()
         self._changed = threading.Condition()
@@ -182,7 +186,7 @@ class Handler(BaseHTTPRequestHandler):
             return True
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0] if "]" not in (self.headers.get("Host") or "") \
             else (self.headers.get("Host") or "").rsplit("]", 1)[0] + "]"
-        return host in LOOPBACK_HOSTS
+        return host in LOOPBACK_HOSTS or (bool(self.console.public_host) and host == self.console.public_host)
 
     def _session(self) -> Session | None:
         try:
@@ -193,6 +197,8 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- routes -----------------------------------------------------------------------------------------------
     def do_HEAD(self) -> None:
+        if urlsplit(self.path).path.startswith("/api/"):
+            return self._json(405, {"error": "HEAD is for the page's files; the API answers GET and POST"})
         self.do_GET()
 
     def do_GET(self) -> None:
@@ -273,6 +279,18 @@ class Handler(BaseHTTPRequestHandler):
     def _events(self) -> None:
         if (session := self._session()) is None:
             return
+        with self.console._streams_lock:
+            if self.console.streams >= MAX_STREAMS:
+                return self._json(503, {"error": f"{MAX_STREAMS} console pages are open on this node; close some "
+                                                 "or open another node's console"})
+            self.console.streams += 1
+        try:
+            self._stream(session)
+        finally:
+            with self.console._streams_lock:
+                self.console.streams -= 1
+
+    def _stream(self, session: Session) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-store")
