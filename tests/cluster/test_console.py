@@ -125,6 +125,8 @@ def wait_text(browser, needle: str, what: str, timeout: float = 60) -> str:
 
 def test_without_a_token_the_console_refuses_and_says_why(cluster, browser):
     base = login_url(cluster).split("login?")[0]
+    status = cortex(cluster, "n1", "console", "status", "--via", "addr")
+    assert (status["state"], status["url"], status["error"]) == ("running", base, "")
     status, body, _ = http(base + "api/whoami")
     assert status == 401 and "cortex console url" in body["error"]
     status, body, _ = http(base + "api/tool/list_nodes", {})
