@@ -70,6 +70,9 @@ class ConsolePlugin(Plugin):
 
     def start(self) -> None:
         options = self.ctx.options
+        # `cortex plugins stop|start console` starts this same instance again: begin from a clean slate
+        self.url, self.error, self.server, self._unsubscribe = "", "", None, []
+        self._stop = threading.Event()
         if options["listen"] == "off" or self.ctx.host is None:
             return
         grpc_address = getattr(self.ctx.cluster, "grpc_address", "127.0.0.1:0")
@@ -97,27 +100,26 @@ class ConsolePlugin(Plugin):
 
     def _serve(self) -> None:
         # The HTTP server and its handlers are loaded when the first browser connects, not at the agent's start.
-        while not self._stop.is_set():
-            if select.select([self._socket], [], [], 0.5)[0]:
+        sock, stop = self._socket, self._stop
+        while not stop.is_set():
+            if select.select([sock], [], [], 0.5)[0]:
                 break
-        if self._stop.is_set():
+        if stop.is_set():
             return
         try:
-            from cortex.console.server import Console, Server
+            from cortex.console.server import WATCHED, Console, Server
 
             token = read_or_create_token(self._token_path())
             auth = BearerTokens({token: Caller(role=self.ctx.options["token_role"], identity="console-token")})
             console = Console(self.ctx.host, getattr(self.ctx.cluster, "node_id", ""), self.logins, [auth],
                               STATIC_DIR, self.ctx.options["refresh_seconds"],
-                              loopback=self._socket.getsockname()[0] in ("127.0.0.1", "::1"),
+                              loopback=sock.getsockname()[0] in ("127.0.0.1", "::1"),
                               secure_cookie=self.ctx.options["public_url"].startswith("https:"),
                               public_host=urlsplit(self.ctx.options["public_url"]).hostname or "")
-            if self._stop.is_set():
+            if stop.is_set():
                 return
-            self._unsubscribe = [self.ctx.events.subscribe(p, console.changed) for p in
-                                 ("node.*", "leader.*", "task.*", "workflow.*", "service.*", "ha.*", "update.*",
-                                  "alert.*", "sentinel.*", "plugin.*")]
-            self.server = Server(console, self._socket)
+            self._unsubscribe = [self.ctx.events.subscribe(p, console.changed) for p in WATCHED]
+            self.server = Server(console, sock)
             self.server.start()
         except Exception as exc:  # the agent carries on without a console; `cortex console status` shows why
             self.error = f"{type(exc).__name__}: {exc}"
@@ -127,13 +129,16 @@ class ConsolePlugin(Plugin):
         self._stop.set()
         for unsubscribe in getattr(self, "_unsubscribe", []):
             unsubscribe()
+        self._unsubscribe = []
+        if getattr(self, "_thread", None) is not None and self._thread.is_alive():
+            self._thread.join(timeout=5)  # it sees the stop within half a second, before the socket closes
         if getattr(self, "server", None) is not None:
-            self.server.stop()
+            self.server.stop()  # closes the socket too
             self.server = None
         elif getattr(self, "_socket", None) is not None:
             self._socket.close()
-        if getattr(self, "_thread", None) is not None and self._thread.is_alive():
-            self._thread.join(timeout=5)
+        self._socket = None
+        self.url = ""
 
     # --- the tool ---------------------------------------------------------------------------------------------
     def console_login(self, args: dict, caller: Caller) -> dict:
