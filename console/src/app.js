@@ -11,7 +11,7 @@ function h(tag, attrs, ...kids) {
     tag.replace("svg:", ""));
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null || v === false) continue;
-    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    if (k.startsWith("on")) { el.addEventListener(k.slice(2), v); el.dataset.live = "1"; }
     else el.setAttribute(k, v === true ? "" : String(v));
   }
   for (const kid of kids.flat(Infinity)) {
@@ -21,6 +21,26 @@ function h(tag, attrs, ...kids) {
   return el;
 }
 const $ = (id) => document.getElementById(id);
+
+// Bring the page on screen up to date with a freshly built copy, touching only what differs: a redraw every
+// few seconds then keeps focus, scroll, text selection and the button under the pointer. Elements with
+// listeners are kept when their action is the same (data-act) and replaced otherwise, so a button never acts
+// on what used to be in its row; charts are replaced whole (a canvas's pixels cannot be patched).
+function morph(old, neu) {
+  if (old.nodeType !== neu.nodeType || old.nodeName !== neu.nodeName) return old.replaceWith(neu);
+  if (old.nodeType !== 1) { if (old.nodeValue !== neu.nodeValue) old.nodeValue = neu.nodeValue; return; }
+  const live = old.dataset.live || neu.dataset.live;
+  if (old.classList.contains("chart") || (live && !(old.dataset.act && old.dataset.act === neu.dataset.act))) return old.replaceWith(neu);
+  for (const a of [...old.attributes]) if (!neu.hasAttribute(a.name)) old.removeAttribute(a.name);
+  for (const a of [...neu.attributes]) if (old.getAttribute(a.name) !== a.value) old.setAttribute(a.name, a.value);
+  if (old.style.cssText !== neu.style.cssText) old.style.cssText = neu.style.cssText;
+  const a = [...old.childNodes], b = [...neu.childNodes];
+  for (let i = 0; i < b.length; i++) {
+    if (i < a.length) morph(a[i], b[i]);
+    else old.append(b[i]);
+  }
+  for (let i = b.length; i < a.length; i++) a[i].remove();
+}
 const fmtTime = (t) => (t ? new Date(t * 1000).toLocaleString() : "");
 const ago = (t) => {
   if (!t) return "";
@@ -97,7 +117,7 @@ const newKey = () => (crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-$
 function action(label, name, args, question) {
   if (!has(name)) return null;
   return h("button", {
-    class: S.tools[name].destructive ? "danger" : "secondary", type: "button",
+    class: S.tools[name].destructive ? "danger" : "secondary", type: "button", "data-act": `${name} ${JSON.stringify(args)}`,
     onclick: async (ev) => {
       const btn = ev.currentTarget;
       const out = $("action-result");
@@ -170,12 +190,13 @@ async function render(first) {
     const content = await fn(ctx, arg);
     if (S.failing && !first) return; // keep what is on screen; the banner says it is old
     const main = $("main");
-    const focused = document.activeElement && main.contains(document.activeElement) ? document.activeElement.id : "";
     const note = $("action-result");
-    const keep = note ? [note.textContent, note.className] : ["", "muted"];
-    main.replaceChildren(h("p", { id: "action-result", class: keep[1], role: "status", "aria-live": "polite" }, keep[0]), content);
+    const keep = note && !first ? [note.textContent, note.className] : ["", "muted"];
+    const fresh = h("main", {}, h("p", { id: "action-result", class: keep[1], role: "status", "aria-live": "polite" }, keep[0]), content);
+    if (first || !main.firstChild || main.firstChild.id !== "action-result") main.replaceChildren(...fresh.childNodes);
+    else morph2(main, fresh);
+    main.dataset.renders = String(Number(main.dataset.renders || 0) + 1); // how often drawn (the tests watch it)
     document.title = `${main.querySelector("h1") ? main.querySelector("h1").textContent : "Cortex"} · Cortex console`;
-    if (focused && $(focused)) $(focused).focus();
     if (first) main.focus({ preventScroll: true });
     if (!performance.getEntriesByName("cortex-first-render").length) performance.mark("cortex-first-render"); // bench/console.py
   } finally {
@@ -183,6 +204,12 @@ async function render(first) {
   }
 }
 function refresh() { render(false); }
+// main itself stays (its id, tabindex and focus); only its children are brought up to date
+function morph2(main, fresh) {
+  const a = [...main.childNodes], b = [...fresh.childNodes];
+  for (let i = 0; i < b.length; i++) { if (i < a.length) morph(a[i], b[i]); else main.append(b[i]); }
+  for (let i = b.length; i < a.length; i++) a[i].remove();
+}
 
 // --- sign-in ------------------------------------------------------------------------------------------------
 function showLogin(reason) {

@@ -114,6 +114,18 @@ def http(url: str, body: dict | None = None, headers: dict | None = None) -> tup
         return e.code, (json.loads(raw) if raw.startswith(b"{") else {}), dict(e.headers)
 
 
+def click(browser, xpath: str, what: str) -> None:
+    """Click what `xpath` finds; a redraw between finding and clicking only means finding it again."""
+    def once():
+        browser.driver.find_element("xpath", xpath).click()
+        return True
+    wait_until(once, 30, what, interval=0.2, ignore=(Exception,))
+
+
+def note(browser) -> str:
+    return browser.driver.find_element("id", "action-result").text
+
+
 def main_text(browser) -> str:
     return browser.driver.find_element("id", "main").text
 
@@ -197,7 +209,7 @@ def test_a_submitted_task_appears_and_completes_live(cluster, browser, shots):
                            for row in browser.driver.find_elements("css selector", "main tr")),
                60, f"task {task_id} shown succeeded", interval=0.3, ignore=(Exception,),
                detail=lambda: main_text(browser)[:2000])
-    browser.driver.find_element("link text", task_id).click()
+    click(browser, f"//a[text()='{task_id}']", "the task's link")
     wait_text(browser, "from-the-console", "the task's output")
     browser.driver.save_screenshot(str(shots / "task.png"))
     assert browser.console_errors() == []
@@ -207,9 +219,14 @@ def test_an_action_the_role_does_not_allow_is_refused_naming_the_role(cluster, b
     base = login_url(cluster).split("login?")[0]
     browser.driver.get(f"{base}#/node/w1")
     wait_text(browser, "Membership", "the node page")
-    browser.driver.find_element("xpath", "//button[text()='Drain']").click()
-    wait_until(lambda: "needs the operator role" in browser.driver.find_element("id", "action-result").text, 30,
-               "the refusal naming the operator role", interval=0.2)
+    # the live redraws patch the page in place: the button found before two of them is still the one shown
+    button = browser.driver.find_element("xpath", "//button[text()='Drain']")
+    renders = lambda: int(browser.driver.find_element("id", "main").get_attribute("data-renders"))  # noqa: E731
+    seen = renders()
+    wait_until(lambda: renders() >= seen + 2, 30, "two redraws", interval=0.2)
+    button.click()
+    wait_until(lambda: "needs the operator role" in note(browser), 30, "the refusal naming the operator role",
+               interval=0.2, ignore=(Exception,))
 
 
 def test_operator_actions_need_confirmation_and_run_once_per_key(cluster, browser):
@@ -231,21 +248,19 @@ def test_operator_actions_need_confirmation_and_run_once_per_key(cluster, browse
     wait_text(browser, "Cluster overview", "the overview as operator")
     browser.driver.get(f"{base}#/node/w1")
     wait_text(browser, "Membership", "the node page")
-    browser.driver.find_element("xpath", "//button[text()='Undrain']").click()
+    click(browser, "//button[text()='Undrain']", "the Undrain button")
     wait_until(lambda: browser.driver.find_element("id", "confirm").is_displayed(), 10, "the confirmation dialog")
     browser.driver.find_element("id", "confirm-ok").click()
-    wait_until(lambda: "Undrain: done" in browser.driver.find_element("id", "action-result").text, 30,
-               "the undrain done", interval=0.2)
+    wait_until(lambda: "Undrain: done" in note(browser), 30, "the undrain done", interval=0.2, ignore=(Exception,))
     resources = cortex(cluster, "n1", "tools", "call", "nodes_resources")
     assert not next(r for r in resources if r["id"] == "w1")["drained"]
     # a takeover, where a plugin offers it, goes the same way
     browser.driver.get(f"{base}#/services")
     wait_text(browser, "HA state", "the services page")
-    browser.driver.find_element("xpath", "//button[text()='Take over']").click()
+    click(browser, "//button[text()='Take over']", "the Take over button")
     wait_until(lambda: browser.driver.find_element("id", "confirm").is_displayed(), 10, "the confirmation dialog")
     browser.driver.find_element("id", "confirm-ok").click()
-    wait_until(lambda: "Take over: done" in browser.driver.find_element("id", "action-result").text, 30,
-               "the takeover done", interval=0.2)
+    wait_until(lambda: "Take over: done" in note(browser), 30, "the takeover done", interval=0.2, ignore=(Exception,))
     wait_text(browser, "taken-over", "the HA state after the takeover")
 
 
