@@ -145,6 +145,8 @@ def test_without_a_token_the_console_refuses_and_says_why(cluster, browser):
     assert status == 401
     status, body, _ = http(base + "api/whoami", headers={"Authorization": "Bearer not-the-token"})
     assert status == 401 and "not this node's console token" in body["error"]
+    status, body, _ = http(base + "api/login", {"token": "x"}, {"Origin": "http://elsewhere.example"})
+    assert status == 403 and "may not act on this console" in body["error"]
     browser.driver.get(base)
     assert "not signed in" in wait_text(browser, "Sign in to the Cortex console", "the login page")
     browser.driver.get(base + "login?token=wrong")

@@ -6,7 +6,7 @@ error, but the module is imported only when the first browser connects: a node n
 pays nothing for it.
 
 API (JSON; every /api route but login needs a session cookie or the node's MCP bearer token):
-  GET  /login?token=T          trade a login token for a session cookie, then go to the page
+  GET  /login?token=T          trade a login token for a session cookie, then move on to the page
   POST /api/login {"token"}    the same from the login form (a login token or the MCP bearer token)
   POST /api/logout
   GET  /api/whoami             node, role, the tools this node offers (the page shows what is there)
@@ -39,6 +39,11 @@ WATCHED = ("node.*", "leader.*", "task.*", "workflow.*", "service.*", "ha.*", "u
            "sentinel.*", "plugin.*")
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+
+SIGNED_IN = (b'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="0;url=/">'
+             b'<title>Signed in</title></head><body><p>Signed in. <a href="/">Open the Cortex console</a></p>'
+             b'</body></html>')
 
 
 class Console:
@@ -237,6 +242,9 @@ class Handler(BaseHTTPRequestHandler):
         if not self._host_allowed():
             return self._json(421, {"error": "this console answers to loopback names only (127.0.0.1, localhost)"})
         path = urlsplit(self.path).path
+        origin = self.headers.get("Origin")
+        if origin and urlsplit(origin).netloc != (self.headers.get("Host") or ""):
+            return self._json(403, {"error": f"a page from {origin} may not act on this console"})
         try:
             body = self._body()
         except ValueError as exc:
@@ -261,7 +269,12 @@ class Handler(BaseHTTPRequestHandler):
             session = self.console.logins.redeem(token)
         except Refused as exc:
             return self._redirect("/?login_error=" + quote(str(exc)))
-        self._redirect("/", {"Set-Cookie": set_cookie(session, self.console.secure_cookie, self.console.cookie)})
+        # A page that moves on by itself rather than a redirect: a link followed from another site is a
+        # cross-site navigation, and a SameSite=Strict cookie is not sent along its redirects; the refresh is
+        # this page's own navigation, so the cookie goes with it.
+        self._send(200, SIGNED_IN, "text/html; charset=utf-8",
+                   {"Set-Cookie": set_cookie(session, self.console.secure_cookie, self.console.cookie),
+                    "Cache-Control": "no-store"})
 
     def _login_form(self, body: Any) -> None:
         token = str(body.get("token", "")).strip() if isinstance(body, dict) else ""
