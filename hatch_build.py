@@ -30,8 +30,16 @@ def build_console(root: Path) -> None:
     import subprocess
 
     source = root / "console"
+    built = root / "src" / "cortex" / "console" / "static" / "app.js"
     if not (source / "package.json").exists() or shutil.which("npm") is None:
         return
-    if not (source / "node_modules").exists():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=source, check=True)
-    subprocess.run(["npm", "run", "--silent", "build"], cwd=source, check=True)
+    try:
+        if not (source / "node_modules").exists():
+            subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=source, check=True)
+        subprocess.run(["npm", "run", "--silent", "build"], cwd=source, check=True)
+    except subprocess.CalledProcessError as exc:
+        if not built.exists():
+            raise RuntimeError(f"building the web console failed ({exc}); run `cd console && npm ci && npm run "
+                               "build` (npm needs the registry once) and build again") from None
+        print(f"hatch_build: the web console was not rebuilt ({exc}); the wheel keeps the bundle built before",
+              file=sys.stderr)
