@@ -175,8 +175,10 @@ function route() {
   return { page: parts[0] || "overview", arg: parts.slice(1).join("/") };
 }
 async function render(first) {
-  if (!S.who || S.busy || $("confirm").open) return;
+  if (!S.who || $("confirm").open) return;
+  if (S.busy) { S.again = S.again === "first" || first ? "first" : "refresh"; return; } // drawn right after
   S.busy = true;
+  const started = location.hash;
   try {
     const { page, arg } = route();
     const fn = PAGES[page] || PAGES.overview;
@@ -189,6 +191,7 @@ async function render(first) {
     const ctx = { h, table, card, stats, absent, failure, tool, has, action, badge, nodeArgs, cell, uPlot, fmtTime, ago, who: S.who };
     const content = await fn(ctx, arg);
     if (S.failing && !first) return; // keep what is on screen; the banner says it is old
+    if (location.hash !== started) return; // the reader moved on meanwhile; the queued draw shows that page
     const main = $("main");
     const note = $("action-result");
     const keep = note && !first ? [note.textContent, note.className] : ["", "muted"];
@@ -201,6 +204,7 @@ async function render(first) {
     if (!performance.getEntriesByName("cortex-first-render").length) performance.mark("cortex-first-render"); // bench/console.py
   } finally {
     S.busy = false;
+    if (S.again) { const again = S.again; S.again = null; render(again === "first"); }
   }
 }
 function refresh() { render(false); }
