@@ -19,7 +19,7 @@ class Clock:
 def test_a_login_token_opens_one_session_and_then_says_it_was_used():
     clock = Clock()
     logins = Logins(login_ttl=120, session_ttl=3600, clock=clock)
-    token, expires = logins.issue("operator", "admin-socket")
+    token, expires = logins.grant("operator", "admin-socket")
     assert expires == 1120
     session = logins.redeem(token)
     assert (session.role, session.identity) == ("operator", "admin-socket")
@@ -31,7 +31,7 @@ def test_a_login_token_opens_one_session_and_then_says_it_was_used():
 def test_expired_wrong_and_forgotten_tokens_are_refused_with_what_to_do():
     clock = Clock()
     logins = Logins(login_ttl=120, session_ttl=60, clock=clock)
-    token, _ = logins.issue("reader", "x")
+    token, _ = logins.grant("reader", "x")
     clock.now += 121
     with pytest.raises(Refused, match="expired; run `cortex console url`"):
         logins.redeem(token)
@@ -39,7 +39,7 @@ def test_expired_wrong_and_forgotten_tokens_are_refused_with_what_to_do():
         logins.redeem("made-up")
     with pytest.raises(Refused, match="not signed in"):
         logins.session("")
-    session = logins.redeem(logins.issue("reader", "x")[0])
+    session = logins.redeem(logins.grant("reader", "x")[0])
     clock.now += 61
     with pytest.raises(Refused, match="session expired"):
         logins.session(session.sid)
@@ -59,7 +59,7 @@ def test_a_session_role_never_exceeds_the_caller_nor_operator():
 
 def test_the_cookie_is_httponly_and_strict():
     logins = Logins(60, 3600)
-    session = logins.redeem(logins.issue("reader", "x")[0])
+    session = logins.redeem(logins.grant("reader", "x")[0])
     header = set_cookie(session, secure=False)
     assert "HttpOnly" in header and "SameSite=Strict" in header and "Secure" not in header
     assert cookie_value(f"a=b; {header.split(';')[0]}; c=d") == session.sid

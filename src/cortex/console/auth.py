@@ -59,7 +59,7 @@ class Logins:
         self._used: dict[str, float] = {}  # token -> when it expires: a second use says "used", not "wrong"
         self._sessions: dict[str, Session] = {}
 
-    def issue(self, role: str, identity: str) -> tuple[str, float]:
+    def grant(self, role: str, identity: str) -> tuple[str, float]:
         """A new login token for `role`; returns it and when it expires."""
         token = secrets.token_urlsafe(24)
         expires = self.clock() + self.login_ttl

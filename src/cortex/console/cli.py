@@ -63,7 +63,7 @@ def cmd_status(args) -> int:
            "error": plugin.error if plugin else "", "url": "", "checked": time.time()}
     if plugin and plugin.state == "running":
         try:
-            link = _tool(args, "console_login", {"issue": False})
+            link = _tool(args, "console_login", {"link": False})
             row["url"], row["sessions"] = link["console"], link["sessions"]
         except _ToolFailed as exc:
             row["error"] = str(exc)

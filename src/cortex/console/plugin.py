@@ -148,13 +148,13 @@ class ConsolePlugin(Plugin):
         if self.error:
             raise ToolError(f"the web console failed on this node: {self.error}")
         node_id = getattr(self.ctx.cluster, "node_id", "")
-        if not args.get("issue", True):  # where the console is, no link (`cortex console status`)
+        if not args.get("link", True):  # where the console is, no link (`cortex console status`)
             return {"console": self.url, "node_id": node_id, "sessions": self.logins.count()}
         try:
             role = cap_role(args.get("role", "reader"), caller.role)
         except ValueError as exc:
             raise ToolError(str(exc)) from None
-        token, expires = self.logins.issue(role, f"{caller.identity} via console_login")
+        token, expires = self.logins.grant(role, f"{caller.identity} via console_login")
         return {"url": f"{self.url}login?token={token}", "console": self.url, "role": role,
                 "expires": expires, "expires_in": round(expires - time.time()),
                 "node_id": node_id, "sessions": self.logins.count()}
@@ -164,7 +164,7 @@ class ConsolePlugin(Plugin):
                   "properties": {"role": {"enum": list(SESSION_ROLES), "default": "reader",
                                           "description": "what the browser may do: reader looks, operator also "
                                                          "drains, cancels, retries, takes over"},
-                                 "issue": {"type": "boolean", "default": True,
+                                 "link": {"type": "boolean", "default": True,
                                            "description": "false: only say where the console is, make no link"}}}
         return [Tool("console_login", "A one-time link (valid for minutes) that signs a browser into this node's "
                      "web console; give it to the person who asked, never to a page.", self.console_login,
