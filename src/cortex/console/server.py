@@ -69,6 +69,7 @@ class Console:
         self._files: dict[str, tuple[bytes, bytes, str]] = {}  # path -> (raw, gzipped, content type)
         self._done: OrderedDict[tuple[str, str], tuple[int, dict]] = OrderedDict()  # idempotency cache
         self._done_lock = threading.Lock()
+        self._running: dict[tuple[str, str], threading.Event] = {}  # idempotency keys whose call runs now
 
     # --- change signal (event bus -> event streams) ----------------------------------------------------------
     def changed(self, _event=None) -> None:
@@ -113,21 +114,35 @@ class Console:
                          "needs_role": tool.role}
         if not tool.read_only and not confirmed:
             return 428, {"error": f"{name} changes the cluster: confirm it (header X-Cortex-Confirm: yes)"}
-        if not tool.read_only and key:
+        once = (session.identity + session.sid, key) if not tool.read_only and key else None
+        if once is not None:
+            # a retry gets the first call's answer; one sent while the first still runs waits for it
             with self._done_lock:
-                if (session.identity + session.sid, key) in self._done:
-                    return self._done[(session.identity + session.sid, key)]
+                if once in self._done:
+                    return self._done[once]
+                running = self._running.get(once)
+                if running is None:
+                    self._running[once] = threading.Event()
+            if running is not None:
+                running.wait(120)
+                with self._done_lock:
+                    return self._done.get(once, (409, {"error": f"{name} with this key is still running; look "
+                                                                "again in a moment"}))
             if isinstance(args, dict) and "idempotency_key" in tool.input_schema.get("properties", {}):
                 args = {**args, "idempotency_key": args.get("idempotency_key") or key[:128]}
+        answer: tuple[int, dict] | None = None
         try:
             answer = 200, {"result": self.host.call_tool(name, args, session.caller())}
         except ToolError as exc:
             answer = 400, {"error": str(exc)}
-        if not tool.read_only and key and answer[0] == 200:
-            with self._done_lock:
-                self._done[(session.identity + session.sid, key)] = answer
-                while len(self._done) > 1024:
-                    self._done.popitem(last=False)
+        finally:
+            if once is not None:
+                with self._done_lock:
+                    if answer is not None:
+                        self._done[once] = answer
+                        while len(self._done) > 1024:
+                            self._done.popitem(last=False)
+                    self._running.pop(once).set()
         if not tool.read_only:
             self.changed()
         return answer
