@@ -168,4 +168,4 @@ class ConsolePlugin(Plugin):
                                            "description": "false: only say where the console is, make no link"}}}
         return [Tool("console_login", "A one-time link (valid for minutes) that signs a browser into this node's "
                      "web console; give it to the person who asked, never to a page.", self.console_login,
-                     schema, role="operator", toolset="console", idempotent=False)]
+                     schema, role="operator", read_only=False, toolset="console", idempotent=False)]
