@@ -81,8 +81,13 @@ class ConsolePlugin(Plugin):
         try:
             self._socket = socket.create_server((host, port), family=family, backlog=128)
         except OSError as exc:
-            raise RuntimeError(f"cannot serve the console on {host}:{port}: {exc}; set plugins.console.listen to "
-                               "a free HOST:PORT (or off)") from None
+            if options["listen"] != "auto":
+                raise RuntimeError(f"cannot serve the console on {host}:{port}: {exc}; set plugins.console.listen "
+                                   "to a free HOST:PORT (or off)") from None
+            # auto promised no particular port: take a free one (`cortex console url` prints where)
+            self.ctx.log.warning("console port in use; serving on another", extra={"fields": {
+                "port": port, "error": str(exc)}})
+            self._socket = socket.create_server((host, 0), family=family, backlog=128)
         port = self._socket.getsockname()[1]
         shown = f"[{host}]" if ":" in host else ("127.0.0.1" if host in ("0.0.0.0", "") else host)
         self.url = (options["public_url"] or f"http://{shown}:{port}").rstrip("/") + "/"
