@@ -84,14 +84,21 @@ const absent = (what) => h("p", { class: "absent" }, `${what}: not available on 
 const failure = (r) => h("p", { class: "error", role: "alert" }, r.error);
 
 // --- API -----------------------------------------------------------------------------------------------------
+const API_TIMEOUT_MS = 25000; // a call the cluster cannot answer (no leader) must not freeze the page
+
 async function api(path, body, headers = {}) {
   let res;
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), API_TIMEOUT_MS);
   try {
-    res = await fetch(path, body === undefined ? { credentials: "same-origin", headers }
-      : { method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json", ...headers }, body: JSON.stringify(body) });
+    res = await fetch(path, body === undefined ? { credentials: "same-origin", headers, signal: abort.signal }
+      : { method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json", ...headers }, body: JSON.stringify(body), signal: abort.signal });
   } catch (e) {
+    if (abort.signal.aborted) return { status: 504, data: { error: `no answer within ${API_TIMEOUT_MS / 1000} s (is there a leader?); retrying with the next update` } };
     nodeDown();
     return { status: 0, data: { error: "this node does not answer; retrying" } };
+  } finally {
+    clearTimeout(timer);
   }
   nodeUp();
   const data = await res.json().catch(() => ({ error: `HTTP ${res.status}` }));

@@ -42,6 +42,7 @@ CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src '
 
 
 SIGNED_IN = (b'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="0;url=/">'
+             b'<link rel="icon" href="/favicon.svg" type="image/svg+xml">'
              b'<title>Signed in</title></head><body><p>Signed in. <a href="/">Open the Cortex console</a></p>'
              b'</body></html>')
 
@@ -240,6 +241,8 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/api/"):
             return self._json(404, {"error": f"no API route {path}"})
         name = path.lstrip("/") or "index.html"
+        if name == "favicon.ico":  # asked for by browsers whatever the page says
+            name = "favicon.svg"
         if name.startswith(("static/",)):
             name = name[len("static/"):]
         found = self.console.file(name) or (self.console.file("index.html") if "." not in name else None)
