@@ -109,10 +109,13 @@ def http(url: str, body: dict | None = None, headers: dict | None = None) -> tup
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.build_opener(NoRedirect).open(request, timeout=30) as r:
-            return r.status, json.loads(r.read() or b"{}"), dict(r.headers)
+            raw = r.read()
+            return r.status, (json.loads(raw) if raw.startswith(b"{") else {"html": raw.decode()}), dict(r.headers)
     except urllib.error.HTTPError as e:
         raw = e.read()
         return e.code, (json.loads(raw) if raw.startswith(b"{") else {}), dict(e.headers)
+    except urllib.error.URLError as e:  # nothing listens there
+        return 0, {"error": str(e.reason)}, {}
 
 
 def click(browser, xpath: str, what: str) -> None:
@@ -152,6 +155,21 @@ def test_without_a_token_the_console_refuses_and_says_why(cluster, browser):
     assert "not signed in" in wait_text(browser, "Sign in to the Cortex console", "the login page")
     browser.driver.get(base + "login?token=wrong")
     assert "not valid here" in wait_text(browser, "Sign in", "the login page after a wrong token")
+
+
+def test_the_console_serves_again_after_its_plugin_is_stopped_and_started(cluster):
+    node = cluster.node("n1")
+    before = login_url(cluster).split("login?")[0]
+    for verb in ("stop", "start"):
+        done = procs.run([sys.executable, "-m", "cortex", "--socket", str(node.admin_socket), "plugins", verb,
+                          "console"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        if verb == "stop":
+            status, body, _ = http(before + "api/whoami")
+            assert status == 0, "the stopped console still answers"
+    url = login_url(cluster)
+    status, _, headers = http(url)
+    assert status == 200 and "HttpOnly" in headers["Set-Cookie"]
 
 
 def test_a_login_link_works_once_and_every_page_loads_without_errors(cluster, browser, shots):
