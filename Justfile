@@ -34,6 +34,10 @@ bench *args:
 bench-mcp *args:
     {{bin}}/python -m bench.mcp {{args}}
 
+# the web console: page weight gzipped and first render in headless Chromium on a local cluster
+bench-console *args:
+    {{bin}}/python -m bench.console {{args}}
+
 # static checks and stub freshness
 lint:
     {{bin}}/ruff check src tests bench

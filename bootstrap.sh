@@ -28,6 +28,10 @@ command -v ssh >/dev/null || packages+=(openssh-client)
 command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || packages+=(dnsmasq-base)
 # the VM tests (tests/qemu) reach the VMs over SSH; image/build.sh installs QEMU and the rest itself
 command -v ssh >/dev/null || packages+=(openssh-client)
+# the web console: its front end is bundled with npm (console/); its tests drive headless Chromium
+command -v npm >/dev/null || packages+=(nodejs npm)
+command -v chromium >/dev/null || packages+=(chromium)
+command -v chromedriver >/dev/null || packages+=(chromium-driver)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "bootstrap: installing ${packages[*]} with apt-get" >&2
@@ -45,4 +49,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ -n "$(find proto -n
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
+fi
+
+# the web console's bundle (src/cortex/console/static), from the pinned packages in console/package-lock.json
+if [ ! -f src/cortex/console/static/app.js ] || [ -n "$(find console/src console/package-lock.json -newer src/cortex/console/static/app.js 2>/dev/null)" ]; then
+  echo "bootstrap: building the web console (npm ci, esbuild)" >&2
+  (cd console && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
 fi

@@ -32,3 +32,26 @@ class ProtoBuildHook(BuildHookInterface):
             for source, target in SHIPPED_FROM_IMAGE.items():
                 if (root / source).is_file():
                     build_data["force_include"][str(root / source)] = target
+        build_console(root)
+
+
+def build_console(root: Path) -> None:
+    """The web console's bundle (src/cortex/console/static), built with npm when console/ is there (a source
+    tree); an sdist or a tree without npm keeps the bundle it has, and the console says when it has none."""
+    import shutil
+    import subprocess
+
+    source = root / "console"
+    built = root / "src" / "cortex" / "console" / "static" / "app.js"
+    if not (source / "package.json").exists() or shutil.which("npm") is None:
+        return
+    try:
+        if not (source / "node_modules").exists():
+            subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=source, check=True)
+        subprocess.run(["npm", "run", "--silent", "build"], cwd=source, check=True)
+    except subprocess.CalledProcessError as exc:
+        if not built.exists():
+            raise RuntimeError(f"building the web console failed ({exc}); run `cd console && npm ci && npm run "
+                               "build` (npm needs the registry once) and build again") from None
+        print(f"hatch_build: the web console was not rebuilt ({exc}); the wheel keeps the bundle built before",
+              file=sys.stderr)

@@ -84,6 +84,7 @@ REACHES = {
     "workflows submit": (["{workflow}"], "addr"), "workflows show": (["w1"], "addr"),
     "workflows list": ([], "addr"), "workflows cancel": (["w1"], "addr"),
     "health": ([], "addr"),
+    "console url": ([], "socket"), "console status": ([], "socket"),
 }
 # Commands that talk to no node, or only as long-running services whose loops are tested where they live
 # (agent, mcp, netboot ephemeral run), or only after reading a backup (backup restore: test_memory_cluster.py).

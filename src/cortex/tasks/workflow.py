@@ -295,11 +295,14 @@ def _q_get(db, args) -> dict | None:
     out = dict(zip(("id", "name", "version", "state", "params", "created_at", "finished_at"), row))
     out["params"] = json.loads(out["params"])
     out["steps"] = []
+    # each step's dependencies, from the definition this run uses: what a drawn DAG needs (the web console)
+    spec = db.execute("SELECT spec FROM workflow_defs WHERE name=? AND version=?", (out["name"], out["version"])).fetchone()
+    deps = {s["name"]: s.get("depends_on", []) for s in (json.loads(spec[0]).get("steps", []) if spec else [])}
     for name, state, reason, total in db.execute(
             "SELECT name, state, reason, tasks_total FROM workflow_steps WHERE workflow_id=? ORDER BY position",
             (wf_id,)):
         out["steps"].append({"name": name, "state": state, "reason": reason, "tasks_total": total,
-                             **_step_results(db, wf_id, name)})
+                             **_step_results(db, wf_id, name), "depends_on": deps.get(name, [])})
     return out
 
 
