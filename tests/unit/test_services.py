@@ -215,7 +215,7 @@ def test_failed_giveback_goes_back_to_the_partner_and_says_why(s):
     s.apply("service.move", {"name": "web", "epoch": 1, "holder": "w2", "state": "taken_over", "fenced": True})
     s.apply("service.giveback", {"node": "w1"})
     s.apply("service.report", {"node_id": "w1", "services": [{"name": "web", "epoch": 3, "state": "backoff",
-                                                               "detail": "exited with code 1"}]})
+                                                               "restarts": 3, "detail": "exited with code 1"}]})
     book, seen = LeaseBook(), {}
     book.start(["n1", "w1", "w2"], now=0.0)
     moves = decide(_view(s), book, 1.0, seen)

@@ -17,7 +17,8 @@ from cortex.services import state
 DEFAULT_LEASE = 8.0  # seconds a committed renewal keeps a node's services running
 DEFAULT_MARGIN = 2.0  # the leader's extra wait beyond the lease before it moves a service
 FENCE_EARLY = 3.0  # a node fences this long before its lease ends: time to kill the process tree
-GIVEBACK_TIMEOUT = 120.0  # a giveback whose home has not reported healthy by then has failed
+GIVEBACK_TIMEOUT = 120.0
+MOVE_CRASHES = 3  # crashes of a service just moved in a planned way before it is moved back  # a giveback whose home has not reported healthy by then has failed
 
 
 class NodeLease:
@@ -121,6 +122,7 @@ def decide(view: dict, book: LeaseBook, now: float, first_seen: dict, giveback_t
         order = [home, *row["candidates"]] if holder != home else row["candidates"]
         targets = [n for n in order if n != holder and not state.refusal(row, n, usable)]
         if book.expired(holder, now):
+            targets = [n for n in order if n != holder and not state.refusal(row, n, usable, planned=False)]
             if targets:
                 target = targets[0]
                 silent = book.silent_for(holder, now) or 0.0
@@ -131,6 +133,8 @@ def decide(view: dict, book: LeaseBook, now: float, first_seen: dict, giveback_t
                 moves.append(Move(name, epoch, holder, row["state"],
                                   f"no partner ready to take over from {holder}, which lost its lease"))
             continue
+        if row["reason"].startswith("no partner") and book.alive(holder, now):
+            moves.append(Move(name, epoch, holder, row["state"], f"{holder} renews its lease again"))
         if holder in drained:
             live = [t for t in targets if t not in drained]
             if live:
@@ -138,8 +142,10 @@ def decide(view: dict, book: LeaseBook, now: float, first_seen: dict, giveback_t
                                   f"{holder} is drained", planned=True))
             continue
         report = _report(row, holder)
-        failed = report is not None and report["epoch"] == epoch and report["state"] in ("failed", "backoff") \
-            and row["planned"] and row["ready_at"] is None
+        # a planned move has failed once the new holder gave up (sync failed, restart policy) or keeps crashing;
+        # one crash is not enough (the old holder's port may take a moment to close)
+        failed = report is not None and report["epoch"] == epoch and row["planned"] and row["ready_at"] is None \
+            and (report["state"] == "failed" or report["state"] == "backoff" and report["restarts"] >= MOVE_CRASHES)
         timed_out = row["state"] == "giving_back" and now - first_seen[(name, epoch)] > giveback_timeout
         prev = row["prev_holder"]
         if (failed or timed_out) and prev and prev != holder and not state.refusal(row, prev, usable):

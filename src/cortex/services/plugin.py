@@ -30,13 +30,25 @@ def build_ports(node_data: Path, cluster, log) -> Ports:
 
 
 def local_networks() -> list[str]:
-    """This machine's global networks as CIDRs (a VIP must lie in one of some node's)."""
-    try:
-        from cortex.appliance.addresses import global_addresses
+    """This machine's networks as CIDRs, loopback and link-local left out (a VIP must lie in one of some
+    node's). psutil, which the tasks plugin already loads, answers from the kernel without a subprocess."""
+    import ipaddress
+    import socket
 
-        return sorted({f"{a.address}/{a.prefixlen}" for a in global_addresses() if not a.loopback})
-    except Exception:
-        return []
+    import psutil
+
+    out = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family not in (socket.AF_INET, socket.AF_INET6) or not a.netmask:
+                continue
+            try:
+                iface = ipaddress.ip_interface(f"{a.address.split('%')[0]}/{a.netmask}")
+            except ValueError:
+                continue
+            if not (iface.ip.is_loopback or iface.ip.is_link_local):
+                out.add(str(iface))
+    return sorted(out)
 
 
 def capabilities(settings: ExecutorSettings, ports: Ports) -> dict:
@@ -132,12 +144,16 @@ class ServicesPlugin(Plugin):
     def _node_loop(self) -> None:
         me = self.ctx.cluster.node_id
         period = self.ctx.options.get("renew_interval", 1.0)
+        last_error = ""
         while not self._stop.is_set():
             again = False
             try:
                 again = self.node_step(me)
+                last_error = ""
             except Exception as exc:
-                self.ctx.log.debug("services node step failed: %s", exc)
+                if str(exc) != last_error:  # once per kind of failure, not every second
+                    self.ctx.log.warning("services: node step failed: %s", exc, exc_info=not last_error)
+                last_error = str(exc)
             if not again:
                 self._wake.wait(period)
             self._wake.clear()
@@ -189,7 +205,7 @@ class ServicesPlugin(Plugin):
                 else:
                     self._book_fresh = False
             except Exception as exc:
-                self.ctx.log.debug("services leader step failed: %s", exc)
+                self.ctx.log.warning("services: leader step failed: %s", exc, exc_info=True)
             self._stop.wait(0.25)
 
     def _read_leader_view(self) -> dict:

@@ -152,7 +152,7 @@ def _v_report(args: dict) -> dict:
     networks, caps, items = args.get("networks", []), args.get("caps", {}), args.get("services", [])
     partial = {k for k in ("networks", "caps") if k not in args}  # not told: what was reported before stays
     if not isinstance(networks, list) or len(networks) > 256 or not all(isinstance(n, str) and len(n) < 64 for n in networks):
-        raise CommandError("networks must be a list of CIDRs")
+        raise CommandError(f"networks must be a list of at most 256 CIDRs, not {str(networks)[:200]}")
     if not isinstance(caps, dict) or len(json.dumps(caps)) > 4096:
         raise CommandError("caps must be a small mapping")
     if not isinstance(items, list) or len(items) > 1000:
@@ -298,15 +298,17 @@ def ready_nodes(db) -> dict[str, dict]:
     return out
 
 
-def refusal(row: dict, target: str, ready: dict[str, dict]) -> str:
-    """Why `target` cannot take `row`'s service in a planned move ('' when it can)."""
+def refusal(row: dict, target: str, ready: dict[str, dict], planned: bool = True) -> str:
+    """Why `target` cannot take `row`'s service ('' when it can). An unplanned takeover goes ahead without
+    volume sync (the service is back, on the partner's own copy, and its report says so); a planned move
+    does not leave the data behind."""
     spec = row["spec"]
     if target not in ready:
         return f"{target} is not ready (offline, drained, or not running the services plugin)"
     caps = ready[target]
     if spec["kind"] not in caps.get("kinds", []):
         return f"{target} cannot run {spec['kind']} services ({caps.get('why', {}).get(spec['kind'], 'not available')})"
-    if spec["volume"] and row["holder"] != target and not caps.get("volume_sync"):
+    if planned and spec["volume"] and row["holder"] != target and not caps.get("volume_sync"):
         return (f"the volume is not replicated: {target} has no volume sync, so moving would leave the data behind; "
                 f"it stays on {row['holder']}")
     return ""
