@@ -196,13 +196,14 @@ def test_home_without_quorum_fences_itself_and_nobody_else_starts(cluster, tmp_p
     """The servers lose their quorum: the home cannot renew its lease and stops its service by itself (the
     Proxmox-style self-fence); no leader can move it, so nothing runs until the quorum is back."""
     spec = {"name": "writer", "kind": "shell", "placement": {"home": "w1", "partner": "w2"},
-            "command": "while true; do echo $CORTEX_NODE $$ > owner.txt; sleep 0.2; done", "volume": True}
+            "command": "start=$(date +%s%N); while true; do echo $CORTEX_NODE $$ $start > owner.txt; sleep 0.2; done",
+            "volume": True}
     assert deploy(cluster, spec, tmp_path).returncode == 0
     owner = Path(cluster.node("w1").dir) / "data" / "services" / "writer" / "volume" / "owner.txt"
     wait_until(lambda: owner.exists() and owner.read_text().startswith("w1"), 60, "writer running on w1")
     def owner_pid() -> str | None:  # the file is rewritten five times a second: an empty read is possible
-        parts = owner.read_text().split()
-        return parts[1] if len(parts) == 2 else None
+        parts = owner.read_text().split()  # node, pid (in the sandbox's own PID namespace), start time
+        return parts[2] if len(parts) == 3 else None
 
     with Observer("writer") as obs:
         for node in ("n2", "n3"):
