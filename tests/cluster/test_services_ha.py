@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from cortex.client import CortexError
 from tests.support import procs
 from tests.support.cluster import Cluster, module_cluster
+from tests.support.procwatch import Observer
 from tests.support.wait import wait_for_value, wait_until
 
 PORT_BASE = int(os.environ.get("CORTEX_TEST_PORT_BASE", "22000")) + 950  # the services' own ports
@@ -67,44 +67,6 @@ def deploy(cl: Cluster, doc: dict, tmp: Path) -> subprocess.CompletedProcess:
     path = tmp / f"{doc.get('name', 'spec')}.json"
     path.write_text(json.dumps(doc))
     return cli(cl, "services", "deploy", str(path))
-
-
-class Observer:
-    """Which nodes run a service's processes, sampled from /proc every 50 ms."""
-
-    def __init__(self, name: str):
-        self.marker = f"CORTEX_SERVICE={name}".encode()
-        self.samples: list[tuple[float, frozenset[str]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def nodes_now(self) -> frozenset[str]:
-        found = set()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                env = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if self.marker in env:
-                found.update(e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"CORTEX_NODE="))
-        return frozenset(found)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.samples.append((time.monotonic(), self.nodes_now()))
-
-    def __enter__(self) -> Observer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def double_runs(self) -> list:
-        return [(t, nodes) for t, nodes in self.samples if len(nodes) > 1]
 
 
 def test_bad_spec_deploys_nothing(cluster, tmp_path):
@@ -153,6 +115,7 @@ def test_planned_takeover_and_giveback(cluster):
         assert wait_for_value(lambda: http(PORT_BASE), lambda v: v == "w2", 60, "web answering from w2") == "w2"
         status = cli(cluster, "ha", "status")
         assert "taken_over" in status.stdout and "w2" in status.stdout
+        assert "taken over web (on w2, home w1, taken_over)" in cli(cluster, "status").stdout
         back = cli(cluster, "ha", "giveback", "w1", "--json")
         assert back.returncode == 0, back.stdout + back.stderr
         assert [(m["holder"], m["result"]) for m in json.loads(back.stdout)["moved"]] == [("w1", "running")]

@@ -70,7 +70,7 @@ def test_bad_specs_say_what_to_fix(doc, words):
 
 def test_spec_normalizes_health_strings_and_defaults():
     out = spec.validate(web(health="tcp:8080", volume=True, vip="192.168.7.50/24"))
-    assert out["health"] == {"type": "tcp", "port": 8080, "interval": 5.0, "timeout": 2.0, "threshold": 3, "grace": 0.0}
+    assert out["health"] == {"type": "tcp", "port": 8080, "interval": 5.0, "timeout": 2.0, "threshold": 3, "grace": 15.0}
     assert out["volume"] == {"path": "services/web/volume", "mount": "/data"}
     assert out["placement"] == {"home": "w1", "partners": ["w2"], "partner_labels": {}}
     assert out["auto_giveback"] is True and out["giveback_after"] == 120.0

@@ -107,6 +107,9 @@ class ServicesPlugin(Plugin):
         if cluster is None:
             return
         self.supervisor = Supervisor(cluster.node_id, self.node_data, self.ports, self.settings, self.ctx.log)
+        leftovers = self.supervisor.sweep()
+        if leftovers:
+            self.ctx.log.warning("killed %d service processes a previous run of this agent left", len(leftovers))
         self.caps = capabilities(self.settings, self.ports)
         if not self.ctx.options.get("run_services", True):
             self.caps["kinds"] = []

@@ -37,6 +37,7 @@ from cortex.tasks.executor import TaskSpecError
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 KINDS = ("shell", "container")
 POLICIES = ("always", "on-failure", "never")
+DEFAULT_GRACE = 15.0  # seconds a fresh start may fail health checks
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 FIELDS = {"name", "kind", "command", "image", "ports", "env", "resources", "health", "restart", "volume", "vip",
           "placement", "auto_giveback", "giveback_after", "network"}
@@ -98,7 +99,9 @@ def parse_health(value) -> dict | None:
     out["interval"] = float(_num(value.get("interval", 5), "health.interval", 0.2, 3600))
     out["timeout"] = float(_num(value.get("timeout", 2), "health.timeout", 0.1, 600))
     out["threshold"] = int(_num(value.get("threshold", 3), "health.threshold", 1, 100, integer=True))
-    out["grace"] = float(_num(value.get("grace", 0), "health.grace", 0, 3600))
+    # a fresh start's failed checks count only after the grace (checks run from the start, so a quick
+    # starter is seen healthy at once; a slow one is not killed for not listening yet)
+    out["grace"] = float(_num(value.get("grace", DEFAULT_GRACE), "health.grace", 0, 3600))
     return out
 
 

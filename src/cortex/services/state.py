@@ -27,8 +27,8 @@ LEVEL = 2  # the state-machine level that introduced these commands (core/domain
 OUTPUT_CAP = 256 * 1024  # bytes of output kept per service (the newest)
 MAX_CHUNK = 16 * 1024
 HA_STATES = ("running", "taken_over", "giving_back", "failed")
-RUN_STATES = ("starting", "running", "backoff", "stopped", "failed", "fenced", "syncing", "waiting")
-ACTIVE_RUN_STATES = ("starting", "running", "backoff", "syncing")
+RUN_STATES = ("starting", "running", "backoff", "stopped", "failed", "fenced", "syncing", "waiting", "stopping")
+ACTIVE_RUN_STATES = ("starting", "running", "backoff", "syncing", "stopping")
 _TEXT_RE = re.compile(r"^[\s\S]{0,2000}$")
 
 MIGRATIONS = ("""

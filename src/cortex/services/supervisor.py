@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from cortex.services.container import dies_with_agent, run_container
 from cortex.services.lease import backoff
 from cortex.services.ports import Ports
 from cortex.tasks.executor import TaskRun
@@ -66,8 +67,9 @@ class Instance:
         self.state, self.detail, self.healthy = "starting", "", False
         self.restarts, self.failures, self.next_start = 0, 0, 0.0
         self.notes: list[str] = []
-        self.cancel = threading.Event()  # ends the current process
+        self.cancel = threading.Event()  # ends the current process (a new one per run)
         self.done = threading.Event()  # ends the instance
+        self._run_lock = threading.Lock()  # stop() and the start of a run never interleave
         self._pending: list[list] = []
         self._pending_bytes = self._dropped = 0
         self._lock = threading.Lock()
@@ -104,10 +106,14 @@ class Instance:
         self.thread.start()
 
     def stop(self, why: str = "stopped", state: str = "stopped") -> None:
-        self.done.set()
-        self.cancel.set()
+        with self._run_lock:
+            self.done.set()
+            self.cancel.set()
         if self.thread.is_alive():
             self.thread.join(timeout=30)
+        if self.thread.is_alive():  # not dead yet: say so, so nobody else starts it (the next round retries)
+            self.state, self.healthy, self.detail = "stopping", False, f"{why}; its processes have not ended yet"
+            return
         self._release_vip()
         self.state, self.healthy, self.detail = state, False, why
 
@@ -125,10 +131,13 @@ class Instance:
                 self.detail = f"crashed {self.failures}x in a row; next start in {wait:.0f}s"
                 if self.done.wait(wait):
                     break
-            self.cancel.clear()
+            with self._run_lock:  # a stop() that came during the backoff must not be cleared away
+                if self.done.is_set():
+                    break
+                self.cancel = threading.Event()
             started = time.monotonic()
             self.state, self.healthy, self.detail = "starting", False, ""
-            code, why = self._run_once()
+            code, why = self._run_once(self.cancel)
             if self.done.is_set():
                 break
             ran = time.monotonic() - started
@@ -177,49 +186,47 @@ class Instance:
             except Exception as exc:
                 self.log.warning("could not release %s: %s", self.spec["vip"], exc)
 
-    def _run_once(self) -> tuple[int | None, str]:
+    def _run_once(self, cancel: threading.Event) -> tuple[int | None, str]:
         env = {"CORTEX_SERVICE": self.name, "CORTEX_EPOCH": str(self.epoch), "CORTEX_NODE": self.node_id,
                "CORTEX_VOLUME": str(self.workdir.resolve())}
-        run = TaskRun(self.name, self.epoch, self.spec["run"], self.workdir.resolve(), self.emit, self.cancel, env=env)
-        checker = threading.Thread(target=self._health_loop, args=(run,), daemon=True)
+        run = TaskRun(self.name, self.epoch, self.spec["run"], self.workdir.resolve(), self.emit, cancel, env=env)
+        checker = threading.Thread(target=self._health_loop, args=(cancel,), daemon=True)
         checker.start()
         try:
             if self.spec["kind"] == "container":
-                from cortex.services.container import run_container
-
                 code, failure = run_container(run, self.spec, self.settings)
             else:
-                code, failure = ProcessWatch(self.shell.argv(run), run, env={"PATH": DEFAULT_PATH}).execute()
+                code, failure = ProcessWatch(dies_with_agent(self.shell.argv(run)), run,
+                                             env={"PATH": DEFAULT_PATH}).execute()
         except RuntimeError as exc:
             code, failure = None, str(exc)
-        self.cancel.set()
+        cancel.set()
         checker.join(timeout=10)
         why = getattr(self, "_unhealthy", "") or ("" if failure in ("", "cancelled") else failure)
         self._unhealthy = ""
         return code, why
 
-    def _health_loop(self, run: TaskRun) -> None:
+    def _health_loop(self, cancel: threading.Event) -> None:
         health = self.spec["health"]
         if health is None:  # no check: running for a second counts as healthy
-            if not self.cancel.wait(1.0):
+            if not cancel.wait(1.0):
                 self.state, self.healthy = "running", True
             return
-        if self.cancel.wait(health["grace"]):
-            return
+        started = time.monotonic()
         misses, seen_healthy = 0, False
-        while not self.cancel.is_set():
+        while not cancel.is_set():
             ok, why = check_health(health, self.workdir.resolve(), self.shell)
             if ok:
                 misses, seen_healthy = 0, True
                 self.state, self.healthy = "running", True
-            else:
+            elif seen_healthy or time.monotonic() - started >= health["grace"]:
                 misses += 1
                 self.healthy = False if seen_healthy or misses >= health["threshold"] else self.healthy
                 if misses >= health["threshold"]:
                     self._unhealthy = f"unhealthy: {why} ({misses} checks in a row)"
-                    self.cancel.set()  # ends the process tree; the main loop restarts it with backoff
+                    cancel.set()  # ends the process tree; the main loop restarts it with backoff
                     return
-            if self.cancel.wait(health["interval"]):
+            if cancel.wait(health["interval"]):
                 return
 
 
@@ -232,11 +239,16 @@ class Supervisor:
         self.seen: dict[str, int] = {}  # the highest epoch seen per service: an older view is ignored
         self.waiting: dict[str, str] = {}
         self.stopped: dict[str, str] = {}
+        self.stopping: dict[str, Instance] = {}  # stopped but their processes have not ended yet
         self._lock = threading.Lock()
 
     def reconcile(self, rows: list[dict], gate) -> None:
         """`gate(row) -> ''` or why this node may not start the row's service now."""
         with self._lock:
+            for name, inst in list(self.stopping.items()):
+                inst.stop(inst.detail, "stopped")
+                if inst.state != "stopping":
+                    del self.stopping[name]
             names = set()
             for row in rows:
                 name = row["name"]
@@ -256,7 +268,7 @@ class Supervisor:
                 if current is not None:
                     current.epoch = row["epoch"]
                     continue
-                why = gate(row)
+                why = gate(row) or ("its previous processes here have not ended yet" if name in self.stopping else "")
                 if why:
                     self.waiting[name] = why
                     continue
@@ -271,6 +283,8 @@ class Supervisor:
     def _stop(self, name: str, why: str, state: str = "stopped") -> None:
         inst = self.instances.pop(name)
         inst.stop(why, state)
+        if inst.state == "stopping":
+            self.stopping[name] = inst
         self.stopped[name] = why
 
     def fence(self, why: str) -> bool:
@@ -287,7 +301,7 @@ class Supervisor:
             out = []
             for row in rows:
                 name = row["name"]
-                inst = self.instances.get(name)
+                inst = self.instances.get(name) or self.stopping.get(name)
                 if inst is not None:
                     out.append(replace_epoch(inst.report(), self.seen.get(name, inst.epoch)))
                 elif self.node_id in (row["holder"], row["prev_holder"], row["home"], *row.get("candidates", [])):
@@ -296,6 +310,30 @@ class Supervisor:
                                 "healthy": False, "restarts": 0,
                                 "detail": self.waiting.get(name) or self.stopped.get(name, ""), "output": []})
             return out
+
+    def sweep(self) -> list[int]:
+        """Kill service processes a previous life of this agent left behind (found by the environment every
+        service process carries): a new agent must not find its old services still running."""
+        import os
+        import signal
+
+        mine = str((self.data_dir / "services").resolve()).encode()
+        killed = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(e.startswith(b"CORTEX_SERVICE=") for e in env) and \
+                    any(e.startswith(b"CORTEX_VOLUME=" + mine + b"/") for e in env):
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+                except OSError:
+                    pass
+        return killed
 
     def stop_all(self) -> None:
         with self._lock:
