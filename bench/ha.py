@@ -117,7 +117,15 @@ def run_trials(cluster: devcluster.DevCluster, port: int, trials: int, client) -
         for i in range(trials):
             trial: dict = {"trial": i + 1}
             since = prober.mark()
-            api.takeover(client, "w1", wait=60)
+            deadline = time.monotonic() + 60
+            while True:  # right after a start w2 may not be ready (alive, reported) yet: the refusal says so
+                result = api.takeover(client, "w1", wait=60)
+                if result["moved"]:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"takeover refused: {result['refused']}")
+                time.sleep(1)
+                since = prober.mark()
             prober.wait_for("w2", 60)
             trial["takeover_planned_downtime_s"] = round(prober.longest_gap(since), 3)
             since = prober.mark()
