@@ -78,7 +78,9 @@ class ServicesPlugin(Plugin):
             "lease_margin": {"type": "number", "minimum": 0.5, "maximum": 600, "default": leases.DEFAULT_MARGIN,
                              "description": "the leader's wait beyond a lease before it moves a service"},
             "renew_interval": {"type": "number", "minimum": 0.2, "maximum": 60, "default": 1.0},
-            "idle_report_period": {"type": "number", "minimum": 1, "maximum": 3600, "default": 30.0},
+            "idle_report_period": {"type": "number", "minimum": 1, "maximum": 86400, "default": 300.0,
+                                   "description": "how often a node named in no service reports (and at once "
+                                                  "when its networks change)"},
             "giveback_timeout": {"type": "number", "minimum": 5, "maximum": 3600,
                                  "default": leases.GIVEBACK_TIMEOUT},
             "notify": {"type": "string", "default": "ops", "description": "inbox address told of takeovers"},
@@ -100,6 +102,7 @@ class ServicesPlugin(Plugin):
         self.ports = build_ports(self.node_data, self.ctx.cluster, self.ctx.log)
         self.supervisor: Supervisor | None = None
         self._last_report = 0.0
+        self._last_networks: list[str] | None = None
         self.fenced_at: float | None = None
 
     def start(self) -> None:
@@ -173,11 +176,13 @@ class ServicesPlugin(Plugin):
             return leases.start_gate(row, me, self.lease.valid(time.monotonic()))
 
         sup.reconcile(rows, gate)
-        if involved or sent - self._last_report >= self.ctx.options.get("idle_report_period", 30.0):
-            cluster.write("service.report", {"node_id": me, "networks": local_networks(), "caps": self.caps,
+        networks = local_networks()
+        if involved or networks != self._last_networks or \
+                sent - self._last_report >= self.ctx.options.get("idle_report_period", 300.0):
+            cluster.write("service.report", {"node_id": me, "networks": networks, "caps": self.caps,
                                              "services": sup.report(involved)})
             self.lease.renewed(sent)
-            self._last_report = sent
+            self._last_report, self._last_networks = sent, networks
             if self.fenced_at is not None:
                 self.ctx.log.warning("services lease renewed again after self-fencing")
                 self.fenced_at = None
