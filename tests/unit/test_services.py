@@ -132,6 +132,13 @@ def test_planned_takeover_waits_for_release_then_gives_back(s):
     assert (row["holder"], row["state"], row["takeovers"], row["givebacks"]) == ("w1", "running", 1, 1)
 
 
+def test_takeover_of_a_partner_moves_on_never_to_itself(s):
+    s.apply("service.deploy", {"spec": web(placement={"home": "w1", "partners": ["w2", "n1"]})})
+    s.apply("service.move", {"name": "web", "epoch": 1, "holder": "w2", "state": "taken_over", "fenced": True})
+    moved = s.apply("service.takeover", {"node": "w2"})["moved"]
+    assert [(m["from"], m["holder"], m["epoch"], m["state"]) for m in moved] == [("w2", "w1", 3, "running")]
+
+
 def test_giveback_of_a_volume_without_volume_sync_is_refused_and_stays(s):
     s.apply("service.deploy", {"spec": web(volume=True)})
     assert s.apply("service.takeover", {"node": "w1"})["moved"] == []  # w2 cannot receive the volume either

@@ -323,10 +323,10 @@ def _h_takeover(db, index, env: Envelope) -> dict:
     for (name,) in db.execute("SELECT name FROM services WHERE holder=? ORDER BY name", (node,)).fetchall():
         row = get_row(db, name)
         why = []
-        for target in candidates(db, row):
+        for target in [t for t in [row["home"], *candidates(db, row)] if t != node]:
             problem = refusal(row, target, ready)
             if not problem:
-                moved.append(move(db, env, row, target, "taken_over",
+                moved.append(move(db, env, row, target, "running" if target == row["home"] else "taken_over",
                                   env.args["reason"] or f"planned takeover of {node}", True, False))
                 break
             why.append(problem)
