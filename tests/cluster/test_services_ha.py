@@ -20,6 +20,7 @@ import pytest
 
 from cortex.client import CortexError
 from cortex.dev import portcut
+from tests.cluster.test_tasks_cluster import image  # noqa: F401 (a fixture: a Podman image built here)
 from tests.support import procs
 from tests.support.cluster import Cluster, module_cluster
 from tests.support.procwatch import Observer
@@ -154,6 +155,28 @@ def test_kill_9_of_the_home_agent_partner_takes_over_and_gives_back(cluster, tmp
     # without volume sync the giveback is refused and the service stays on w2, saying why
     assert row["holder"] == "w2" and "the volume is not replicated" in row["reason"]
     assert cli(cluster, "services", "remove", "api").returncode == 0
+
+
+def test_container_service_runs_with_its_volume_and_is_removed(cluster, tmp_path, image):  # noqa: F811
+    spec = {"name": "ctr", "kind": "container", "image": image, "volume": {"mount": "/data"},
+            "command": "while true; do echo $CORTEX_NODE > /data/owner; sleep 0.5; done",
+            "health": {"exec": "test -s owner", "interval": 0.5}, "placement": {"home": "w2", "partner": "n1"}}
+    assert deploy(cluster, spec, tmp_path).returncode == 0
+    owner = Path(cluster.node("w2").dir) / "data" / "services" / "ctr" / "volume" / "owner"
+    wait_until(lambda: owner.exists() and owner.read_text().strip() == "w2", 90, "the container writing its volume")
+    wait_for_value(lambda: api_summary(cluster, "ctr"), lambda s: s["run"] == "running" and s["healthy"], 60,
+                   "ctr healthy by its exec check")
+    assert cli(cluster, "services", "remove", "ctr").returncode == 0
+    podman = ["podman", "--runtime=runc", "--cgroup-manager=cgroupfs", "--events-backend=file", "ps", "-a",
+              "--format", "{{.Names}}"]
+    wait_until(lambda: "cortex-ctr-" not in subprocess.run(podman, capture_output=True, text=True).stdout, 60,
+               "the container removed")
+
+
+def api_summary(cl: Cluster, name: str) -> dict:
+    from cortex.services.api import summary
+
+    return summary(service(cl, name))
 
 
 @pytest.mark.skipif(portcut.available() != "", reason=portcut.available() or "nftables")
