@@ -127,6 +127,20 @@ def test_planned_takeover_and_giveback(cluster):
     assert (row["holder"], row["state"], row["takeovers"], row["givebacks"]) == ("w1", "running", 1, 1)
 
 
+def test_draining_the_home_moves_its_services(cluster):
+    assert cli(cluster, "nodes", "drain", "w1").returncode == 0
+    try:
+        assert wait_for_value(lambda: http(PORT_BASE), lambda v: v == "w2", 60, "web answering from w2") == "w2"
+        row = service(cluster, "web")
+        assert row["holder"] == "w2" and row["reason"] == "w1 is drained" and row["prev_fenced"] == 0
+    finally:
+        assert cli(cluster, "nodes", "undrain", "w1").returncode == 0
+    back = wait_for_value(lambda: cli(cluster, "ha", "giveback", "w1", "--json"), lambda p: p.returncode == 0, 60,
+                          "a giveback to the undrained w1")
+    assert [m["holder"] for m in json.loads(back.stdout)["moved"]] == ["w1"]
+    assert cli(cluster, "services", "remove", "web").returncode == 0
+
+
 def test_kill_9_of_the_home_agent_partner_takes_over_and_gives_back(cluster, tmp_path):
     port = PORT_BASE + 1
     spec = web_spec("api", port, "w1", "w2", giveback_after=3, volume=True)
