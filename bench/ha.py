@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -138,6 +139,7 @@ def run_trials(cluster: devcluster.DevCluster, port: int, trials: int, client) -
             devcluster.stop_node(cluster.node("w1"), sig=9, wait=10)
             trial["takeover_unplanned_s"] = round(prober.wait_for("w2", 120) - since, 3)
             devcluster.start_node(cluster.node("w1"))
+            cluster.save()  # the restarted agent's pid, so that the final `down` stops it
             deadline = time.monotonic() + 120
             while True:  # w1 back and renewing: then give the service back for the next trial
                 result = api.giveback(client, "w1", wait=60)
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-port", type=int, default=27300, help="first of the ports to try (default 27300)")
     args = parser.parse_args(argv)
     trials = args.trials or (1 if args.quick else 5)
+    os.environ.setdefault(devcluster.DIE_WITH_PARENT_ENV, "1")  # the agents die with this program, whatever happens
     base = free_base_port(args.base_port)
     directory = Path(tempfile.mkdtemp(prefix="cortex-bench-ha-"))
     failed = ""
