@@ -85,6 +85,9 @@ REACHES = {
     "workflows list": ([], "addr"), "workflows cancel": (["w1"], "addr"),
     "health": ([], "addr"),
     "console url": ([], "socket"), "console status": ([], "socket"),
+    "services deploy": (["{service}"], "addr"), "services list": ([], "addr"), "services show": (["web"], "addr"),
+    "services logs": (["web"], "addr"), "services restart": (["web"], "addr"), "services remove": (["web"], "addr"),
+    "ha": ([], "addr"), "ha status": ([], "addr"), "ha takeover": (["w1"], "addr"), "ha giveback": (["w1"], "addr"),
 }
 # Commands that talk to no node, or only as long-running services whose loops are tested where they live
 # (agent, mcp, netboot ephemeral run), or only after reading a backup (backup restore: test_memory_cluster.py).
@@ -123,7 +126,9 @@ def test_command_reaches_the_endpoint_its_flags_name(endpoints, path, capsys):
     extra, where = REACHES[path]
     workflow = endpoints["dir"] / "wf.yaml"
     workflow.write_text(json.dumps({"name": "w", "steps": []}))
-    extra = [str(workflow) if a == "{workflow}" else a for a in extra]
+    service = endpoints["dir"] / "web.yaml"
+    service.write_text(json.dumps({"name": "web", "command": "true", "placement": {"home": "n1"}}))
+    extra = [str(workflow) if a == "{workflow}" else str(service) if a == "{service}" else a for a in extra]
     addr, by_addr = endpoints["addr"]
     sock, by_socket = endpoints["socket"]
     code = main(["--addr", addr, "--socket", sock, "--timeout", "5", *path.split(), *extra])

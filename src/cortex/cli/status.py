@@ -23,6 +23,11 @@ def cmd_status(args) -> int:
             f"quorum    {'yes' if status.has_quorum else 'NO'}")
     if status.waiting_for:
         head += f"\nwaiting   {status.waiting_for}"
+    taken = _taken_over(c_args=args)
+    if taken:
+        doc["services_taken_over"] = taken
+        head += "\ntaken over " + ", ".join(f"{t['name']} (on {t['holder']}, home {t['home']}, {t['state']})"
+                                          for t in taken)
     emit(args, doc, head + "\n\n" + nodes_table(view, status.leader_id))
     return 0
 
@@ -32,11 +37,20 @@ def _metrics_addresses(args) -> dict[str, str]:
     from cortex.sentinel import records
 
     try:
-        with cluster_client(args) as c:
+        with cluster_client(args, socket_ok=True) as c:
             return {r["node_id"]: r["metrics"] for r in records.read_all(lambda q, a: c.read(q, a, level="stale"))
                     if r.get("metrics")}
     except Exception:
         return {}
+def _taken_over(c_args) -> list[dict]:
+    """Services away from their home node (best effort: an older cluster has no services domain)."""
+    try:
+        with cluster_client(c_args, socket_ok=True) as c:
+            rows = c.read("service.list", {}, level="leader")
+    except Exception:
+        return []
+    return [{"name": r["name"], "holder": r["holder"], "home": r["home"], "state": r["state"]}
+            for r in rows if r["holder"] != r["home"] or r["state"] != "running"]
 
 
 def cmd_state(args) -> int:

@@ -1,0 +1,267 @@
+"""The services plugin: every node runs what it holds; the leader moves services between HA partners.
+
+Node loop (every `renew_interval`): read the services (leader read), reconcile the supervisor against them
+through the start gate (lease.py), then write `service.report`, which is both the status and the lease
+renewal. Nodes named in no service report only every `idle_report_period` (networks and capabilities).
+Fence loop: once the lease runs out (no committed renewal: no quorum reachable), stop everything.
+Leader loop: feed renewals applied here into the LeaseBook, decide moves (lease.decide) and propose them as
+internal `service.move` commands, compare-and-set on the epoch; an unplanned takeover also posts a message.
+
+The optional parts from cortex.ha (volume sync, floating address, fence agent) are built in `build_ports`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from cortex.plugins.api import Plugin, Tool, holds_no_replica
+from cortex.services import lease as leases
+from cortex.services.ports import Ports
+from cortex.services.supervisor import Supervisor
+from cortex.tasks.executors import ExecutorSettings
+
+
+def build_ports(node_data: Path, cluster, log) -> Ports:
+    """The one place the cortex.ha implementations plug in (one line each once they exist)."""
+    return Ports(volume_sync=None, floating=None, fence=None)
+
+
+def local_networks() -> list[str]:
+    """This machine's networks as CIDRs, loopback and link-local left out (a VIP must lie in one of some
+    node's). psutil, which the tasks plugin already loads, answers from the kernel without a subprocess."""
+    import ipaddress
+    import socket
+
+    import psutil
+
+    out = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family not in (socket.AF_INET, socket.AF_INET6) or not a.netmask:
+                continue
+            try:
+                iface = ipaddress.ip_interface(f"{a.address.split('%')[0]}/{a.netmask}")
+            except ValueError:
+                continue
+            if not (iface.ip.is_loopback or iface.ip.is_link_local):
+                out.add(str(iface))
+    return sorted(out)
+
+
+def capabilities(settings: ExecutorSettings, ports: Ports) -> dict:
+    from cortex.tasks.container import ContainerExecutor
+    from cortex.tasks.executors import ShellExecutor
+
+    kinds, why = [], {}
+    for kind, executor in (("shell", ShellExecutor(settings)), ("container", ContainerExecutor(settings))):
+        problem = executor.available()
+        if problem:
+            why[kind] = problem
+        else:
+            kinds.append(kind)
+    return {"kinds": kinds, "why": why, "volume_sync": ports.volume_sync is not None,
+            "floating": ports.floating is not None}
+
+
+class ServicesPlugin(Plugin):
+    name: ClassVar[str] = "services"
+    description: ClassVar[str] = "Long-running services with leases, fencing, takeover and giveback between HA partners"
+    options_schema: ClassVar[dict] = {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "run_services": {"type": "boolean", "default": True, "description": "run services held by this node"},
+            "lease": {"type": "number", "minimum": 4, "maximum": 600, "default": leases.DEFAULT_LEASE,
+                      "description": "seconds a committed renewal keeps this node's services running"},
+            "lease_margin": {"type": "number", "minimum": 0.5, "maximum": 600, "default": leases.DEFAULT_MARGIN,
+                             "description": "the leader's wait beyond a lease before it moves a service"},
+            "renew_interval": {"type": "number", "minimum": 0.2, "maximum": 60, "default": 1.0},
+            "idle_report_period": {"type": "number", "minimum": 1, "maximum": 86400, "default": 300.0,
+                                   "description": "how often a node named in no service reports (and at once "
+                                                  "when its networks change)"},
+            "giveback_timeout": {"type": "number", "minimum": 5, "maximum": 3600,
+                                 "default": leases.GIVEBACK_TIMEOUT},
+            "notify": {"type": "string", "default": "ops", "description": "inbox address told of takeovers"},
+        },
+    }
+
+    _stop: threading.Event | None = None
+
+    def init(self) -> None:
+        o = self.ctx.options
+        self._stop, self._wake = threading.Event(), threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.node_data = self.ctx.data_dir.parent.parent  # <data_dir>/plugins/services -> <data_dir>
+        self.settings = ExecutorSettings(hide_paths=(str(self.node_data.resolve()),))
+        self.lease = leases.NodeLease(o.get("lease", leases.DEFAULT_LEASE), min(leases.FENCE_EARLY, o.get("lease", 8) / 2))
+        self.book = leases.LeaseBook(o.get("lease", leases.DEFAULT_LEASE), o.get("lease_margin", leases.DEFAULT_MARGIN))
+        self._book_fresh = False
+        self._first_seen: dict = {}
+        self.ports = build_ports(self.node_data, self.ctx.cluster, self.ctx.log)
+        self.supervisor: Supervisor | None = None
+        self._last_report = 0.0
+        self._last_networks: list[str] | None = None
+        self.fenced_at: float | None = None
+
+    def start(self) -> None:
+        cluster = self.ctx.cluster
+        if cluster is None:
+            return
+        self.supervisor = Supervisor(cluster.node_id, self.node_data, self.ports, self.settings, self.ctx.log)
+        leftovers = self.supervisor.sweep()
+        if leftovers:
+            self.ctx.log.warning("killed %d service processes a previous run of this agent left", len(leftovers))
+        self.caps = capabilities(self.settings, self.ports)
+        if not self.ctx.options.get("run_services", True):
+            self.caps["kinds"] = []
+        for name, target in (("services-node", self._node_loop), ("services-fence", self._fence_loop),
+                             ("services-leader", self._leader_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        if self._stop is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        if self.supervisor is not None:
+            self.supervisor.stop_all()
+
+    def subscriptions(self) -> dict:
+        def renewed(event) -> None:
+            self.book.heard(event.data["node_id"], time.monotonic())
+
+        def changed(event) -> None:
+            self._wake.set()
+
+        def leader(event) -> None:
+            self._book_fresh = False
+            self._wake.set()
+
+        return {"service.renewed": renewed, "service.changed": changed, "ha.*": changed, "leader.changed": leader,
+                "node.*": changed}
+
+    # --- node ----------------------------------------------------------------------------------------------
+    def _node_loop(self) -> None:
+        me = self.ctx.cluster.node_id
+        period = self.ctx.options.get("renew_interval", 1.0)
+        last_error = ""
+        while not self._stop.is_set():
+            again = False
+            try:
+                again = self.node_step(me)
+                last_error = ""
+            except Exception as exc:
+                if str(exc) != last_error:  # once per kind of failure, not every second
+                    self.ctx.log.warning("services: node step failed: %s", exc, exc_info=not last_error)
+                last_error = str(exc)
+            if not again:
+                self._wake.wait(period)
+            self._wake.clear()
+
+    def node_step(self, me: str) -> bool:
+        cluster, sup = self.ctx.cluster, self.supervisor
+        sent = time.monotonic()
+        rows = cluster.read("service.list", {}, level="leader")
+        involved = [r for r in rows if me in (r["holder"], r["prev_holder"], r["home"], *r["candidates"])]
+
+        def gate(row: dict) -> str:
+            if not self.ctx.options.get("run_services", True):
+                return "this node does not run services (plugins.services.run_services is false)"
+            return leases.start_gate(row, me, self.lease.valid(time.monotonic()))
+
+        sup.reconcile(rows, gate)
+        networks = local_networks()
+        if involved or networks != self._last_networks or \
+                sent - self._last_report >= self.ctx.options.get("idle_report_period", 300.0):
+            cluster.write("service.report", {"node_id": me, "networks": networks, "caps": self.caps,
+                                             "services": sup.report(involved)})
+            self.lease.renewed(sent)
+            self._last_report, self._last_networks = sent, networks
+            if self.fenced_at is not None:
+                self.ctx.log.warning("services lease renewed again after self-fencing")
+                self.fenced_at = None
+            # a start that waited only for this renewal goes ahead at once, not a period later
+            return any(r["holder"] == me and sup.waiting.get(r["name"], "").startswith("no lease") for r in involved) \
+                and self.lease.valid(time.monotonic()) and not self._stop.wait(0.05)
+        return False
+
+    def _fence_loop(self) -> None:
+        while not self._stop.wait(0.2):
+            sup = self.supervisor
+            now = time.monotonic()
+            if sup is None or not sup.instances or self.lease.valid(now):
+                continue
+            silent = self.lease.silent_for(now)
+            why = (f"self-fenced: no committed lease renewal for {silent:.1f}s (no quorum reachable)"
+                   if silent is not None else "self-fenced: no lease yet")
+            if sup.fence(why):
+                self.fenced_at = now
+                self.ctx.log.warning("services stopped: %s", why)
+
+    # --- leader --------------------------------------------------------------------------------------------
+    def _leader_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.ctx.cluster.is_leader():
+                    self.leader_step()
+                else:
+                    self._book_fresh = False
+            except Exception as exc:
+                self.ctx.log.warning("services: leader step failed: %s", exc, exc_info=True)
+            self._stop.wait(0.25)
+
+    def _read_leader_view(self) -> dict:
+        try:
+            return self.ctx.cluster.read_local("service.leader", {})
+        except Exception as exc:
+            if not holds_no_replica(exc):
+                raise
+        return self.ctx.cluster.read("service.leader", {}, level="leader")
+
+    def leader_step(self) -> list:
+        view = self._read_leader_view()
+        now = time.monotonic()
+        if not self._book_fresh:
+            self.book.start(view["liveness"], now)
+            self._first_seen.clear()
+            self._book_fresh = True
+        moves = leases.decide(view, self.book, now, self._first_seen, self.ctx.options.get("giveback_timeout", 120.0))
+        done = []
+        for move in moves:
+            try:
+                result = self.ctx.cluster.propose("service.move", move.args())
+            except Exception as exc:
+                self.ctx.log.info("service move not applied: %s", exc)
+                continue
+            done.append(result)
+            if result.get("moved") and (move.fenced or move.reason.startswith("giveback failed")):
+                self._notify(move, result)
+            if result.get("moved") and move.fenced and self.ports.fence is not None:
+                try:  # belt and braces: the lease already fenced it; power it off where hardware allows
+                    self.ports.fence.power_off(result["from"])
+                except Exception as exc:
+                    self.ctx.log.warning("fence agent could not power off %s: %s", result["from"], exc)
+        return done
+
+    def _notify(self, move: leases.Move, result: dict) -> None:
+        subject = (f"service {move.name} taken over by {move.holder}" if move.fenced
+                   else f"service {move.name}: giveback failed")
+        try:
+            self.ctx.cluster.write("message.send", {
+                "sender": self.ctx.cluster.node_id, "recipient": self.ctx.options.get("notify", "ops"),
+                "subject": subject, "body": f"{move.reason} (epoch {result['epoch']}). See `cortex ha status`."},
+                f"ha-{move.name}-{result['epoch']}")
+        except Exception as exc:
+            self.ctx.log.info("could not post the takeover message: %s", exc)
+
+    # --- tools ---------------------------------------------------------------------------------------------
+    def tools(self) -> list[Tool]:
+        from cortex.services.tools import service_tools
+
+        return service_tools(self)

@@ -1,0 +1,348 @@
+"""The node side: run the services this node holds, check their health, restart them with backoff, stop them.
+
+Each instance is one thread that runs the service's process tree through the task executors (the shell
+kind's bubblewrap sandbox, the container kind's Podman), so a service gets the same isolation as a task and
+dies with the agent (bwrap --die-with-parent, podman rm). A crash or a failed health check ends the process;
+the next start waits an exponential backoff, which the instance reports (`backoff`, restarts, next start).
+Output is kept in a bounded buffer until the next report carries it to the replicated state (capped there).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from cortex.services.container import dies_with_agent, run_container
+from cortex.services.lease import backoff
+from cortex.services.ports import Ports
+from cortex.tasks.executor import TaskRun
+from cortex.tasks.executors import DEFAULT_PATH, ExecutorSettings, ProcessWatch, ShellExecutor
+
+PENDING_CAP = 64 * 1024  # output bytes held between reports; beyond it a marker says what was dropped
+HEALTHY_RESET = 30.0  # a run this long (healthy) forgets earlier failures
+
+
+def check_health(health: dict, workdir: Path, shell: ShellExecutor) -> tuple[bool, str]:
+    """One health check: (passed, why not)."""
+    timeout = health["timeout"]
+    try:
+        if health["type"] == "tcp":
+            with socket.create_connection(("127.0.0.1", health["port"]), timeout=timeout):
+                return True, ""
+        if health["type"] == "http":
+            with socket.create_connection(("127.0.0.1", health["port"]), timeout=timeout) as sock:
+                sock.settimeout(timeout)
+                sock.sendall(f"GET {health['path']} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+                head = sock.recv(64).decode("latin-1")
+            parts = head.split()
+            if len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1][:1] in "23":
+                return True, ""
+            return False, f"http check answered {head.splitlines()[0] if head else 'nothing'!r}"
+        run = TaskRun("health", 0, {"command": health["command"], "env": {}, "network": True}, workdir,
+                      lambda stream, data: None, threading.Event())
+        done = subprocess.run(shell.argv(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=timeout, env={"PATH": DEFAULT_PATH}, check=False)
+        return done.returncode == 0, "" if done.returncode == 0 else f"exec check exited {done.returncode}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"{health['type']} check failed: {exc}"
+
+
+class Instance:
+    """One service at one epoch on this node."""
+
+    def __init__(self, row: dict, node_id: str, data_dir: Path, ports: Ports, settings: ExecutorSettings, log):
+        self.name, self.epoch, self.spec = row["name"], row["epoch"], row["spec"]
+        self.restart_gen = row["restart_gen"]
+        self.node_id, self.ports, self.log = node_id, ports, log
+        self.prev_holder = row["prev_holder"] if row["prev_holder"] != node_id else ""
+        self.prev_fenced, self.planned = bool(row["prev_fenced"]), bool(row["planned"])
+        self.base = data_dir / "services" / self.name
+        self.workdir = self.base / ("volume" if self.spec["volume"] else "work")
+        self.shell = ShellExecutor(settings)
+        self.settings = settings
+        self.state, self.detail, self.healthy = "starting", "", False
+        self.restarts, self.failures, self.next_start = 0, 0, 0.0
+        self.notes: list[str] = []
+        self.cancel = threading.Event()  # ends the current process (a new one per run)
+        self.done = threading.Event()  # ends the instance
+        self._run_lock = threading.Lock()  # stop() and the start of a run never interleave
+        self._pending: list[list] = []
+        self._pending_bytes = self._dropped = 0
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._main, name=f"service-{self.name}", daemon=True)
+
+    # --- output --------------------------------------------------------------------------------------------
+    def emit(self, stream: str, data: bytes) -> None:
+        with self._lock:
+            if self._pending_bytes + len(data) > PENDING_CAP:
+                self._dropped += len(data)
+                return
+            self._pending.append([stream, data.decode("utf-8", "replace")])
+            self._pending_bytes += len(data)
+
+    def take_output(self) -> list[list]:
+        with self._lock:
+            out, self._pending, self._pending_bytes = self._pending, [], 0
+            if self._dropped:
+                out.append(["stderr", f"[cortex: {self._dropped} bytes of output dropped: produced faster than "
+                                      "reports carry it]\n"])
+                self._dropped = 0
+        chunks = []
+        for stream, text in out:  # the state domain takes chunks of at most 16 KiB
+            chunks += [[stream, text[i:i + 16000]] for i in range(0, len(text), 16000)]
+        return chunks[:64]
+
+    def report(self) -> dict:
+        return {"name": self.name, "epoch": self.epoch, "state": self.state, "healthy": self.healthy,
+                "restarts": self.restarts, "detail": "; ".join([*self.notes, self.detail] if self.detail else self.notes),
+                "output": self.take_output()}
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, why: str = "stopped", state: str = "stopped") -> None:
+        with self._run_lock:
+            self.done.set()
+            self.cancel.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        if self.thread.is_alive():  # not dead yet: say so, so nobody else starts it (the next round retries)
+            self.state, self.healthy, self.detail = "stopping", False, f"{why}; its processes have not ended yet"
+            return
+        self._release_vip()
+        self.state, self.healthy, self.detail = state, False, why
+
+    def _main(self) -> None:
+        try:
+            self._prepare()
+        except Exception as exc:
+            self.state, self.detail = "failed", str(exc)
+            self.log.warning("service %s could not be prepared: %s", self.name, exc)
+            return
+        while not self.done.is_set():
+            wait = self.next_start - time.monotonic()
+            if wait > 0:
+                self.state = "backoff"
+                self.detail = f"crashed {self.failures}x in a row; next start in {wait:.0f}s"
+                if self.done.wait(wait):
+                    break
+            with self._run_lock:  # a stop() that came during the backoff must not be cleared away
+                if self.done.is_set():
+                    break
+                self.cancel = threading.Event()
+            started = time.monotonic()
+            self.state, self.healthy, self.detail = "starting", False, ""
+            code, why = self._run_once(self.cancel)
+            if self.done.is_set():
+                break
+            ran = time.monotonic() - started
+            self.failures = 1 if ran >= HEALTHY_RESET else self.failures + 1
+            policy = self.spec["restart"]
+            if policy["policy"] == "never" or (policy["policy"] == "on-failure" and code == 0 and not why):
+                self.state, self.healthy = ("stopped" if code == 0 and not why else "failed"), False
+                self.detail = why or f"exited with code {code}; restart policy {policy['policy']}"
+                return
+            self.restarts += 1
+            self.next_start = time.monotonic() + backoff(self.failures, policy["backoff"], policy["backoff_max"])
+            self.detail = why or f"exited with code {code}"
+            self.emit("stderr", f"[cortex: {self.name} {self.detail}; restart {self.restarts}]\n".encode())
+
+    def _prepare(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        if not self.spec["volume"] and self.workdir.exists():
+            shutil.rmtree(self.workdir, ignore_errors=True)  # a stateless service starts from nothing
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.spec["volume"] and self.prev_holder:
+            self.state = "syncing"
+            if self.ports.volume_sync is None:
+                self.notes.append(f"volume not replicated: no volume sync on {self.node_id}, so it started with "
+                                  "this node's own copy")
+            else:
+                try:
+                    sync = self.ports.volume_sync.pull(self.name, self.prev_holder, self.workdir)
+                    self.notes.append(f"volume synced from {self.prev_holder}: {sync.files_changed} files, "
+                                      f"{sync.bytes_copied} bytes in {sync.seconds:.1f}s")
+                except Exception as exc:
+                    if not self.prev_fenced:  # a planned move must not lose data: fail, the leader moves it back
+                        raise RuntimeError(f"volume sync from {self.prev_holder} failed: {exc}") from exc
+                    self.notes.append(f"volume sync from {self.prev_holder} failed ({exc}); started with this "
+                                      "node's own copy")
+        if self.spec["vip"]:
+            if self.ports.floating is None:
+                self.notes.append(f"floating address {self.spec['vip']} not claimed: no floating address support here")
+            else:
+                iface = self.ports.floating.claim(self.spec["vip"])
+                self.notes.append(f"claimed {self.spec['vip']} on {iface}")
+
+    def _release_vip(self) -> None:
+        if self.spec["vip"] and self.ports.floating is not None:
+            try:
+                self.ports.floating.release(self.spec["vip"])
+            except Exception as exc:
+                self.log.warning("could not release %s: %s", self.spec["vip"], exc)
+
+    def _run_once(self, cancel: threading.Event) -> tuple[int | None, str]:
+        env = {"CORTEX_SERVICE": self.name, "CORTEX_EPOCH": str(self.epoch), "CORTEX_NODE": self.node_id,
+               "CORTEX_VOLUME": str(self.workdir.resolve())}
+        run = TaskRun(self.name, self.epoch, self.spec["run"], self.workdir.resolve(), self.emit, cancel, env=env)
+        checker = threading.Thread(target=self._health_loop, args=(cancel,), daemon=True)
+        checker.start()
+        try:
+            if self.spec["kind"] == "container":
+                code, failure = run_container(run, self.spec, self.settings)
+            else:
+                code, failure = ProcessWatch(dies_with_agent(self.shell.argv(run)), run,
+                                             env={"PATH": DEFAULT_PATH}).execute()
+        except RuntimeError as exc:
+            code, failure = None, str(exc)
+        cancel.set()
+        checker.join(timeout=10)
+        why = getattr(self, "_unhealthy", "") or ("" if failure in ("", "cancelled") else failure)
+        self._unhealthy = ""
+        return code, why
+
+    def _health_loop(self, cancel: threading.Event) -> None:
+        health = self.spec["health"]
+        if health is None:  # no check: running for a second counts as healthy
+            if not cancel.wait(1.0):
+                self.state, self.healthy = "running", True
+            return
+        started = time.monotonic()
+        misses, seen_healthy = 0, False
+        while not cancel.is_set():
+            ok, why = check_health(health, self.workdir.resolve(), self.shell)
+            if ok:
+                misses, seen_healthy = 0, True
+                self.state, self.healthy = "running", True
+            elif seen_healthy or time.monotonic() - started >= health["grace"]:
+                misses += 1
+                self.healthy = False if seen_healthy or misses >= health["threshold"] else self.healthy
+                if misses >= health["threshold"]:
+                    self._unhealthy = f"unhealthy: {why} ({misses} checks in a row)"
+                    cancel.set()  # ends the process tree; the main loop restarts it with backoff
+                    return
+            if cancel.wait(health["interval"]):
+                return
+
+
+class Supervisor:
+    """The instances this node runs, reconciled against the replicated view."""
+
+    def __init__(self, node_id: str, data_dir: Path, ports: Ports, settings: ExecutorSettings, log):
+        self.node_id, self.data_dir, self.ports, self.settings, self.log = node_id, data_dir, ports, settings, log
+        self.instances: dict[str, Instance] = {}
+        self.seen: dict[str, int] = {}  # the highest epoch seen per service: an older view is ignored
+        self.waiting: dict[str, str] = {}
+        self.stopped: dict[str, str] = {}
+        self.stopping: dict[str, Instance] = {}  # stopped but their processes have not ended yet
+        self._lock = threading.Lock()
+
+    def reconcile(self, rows: list[dict], gate) -> None:
+        """`gate(row) -> ''` or why this node may not start the row's service now."""
+        with self._lock:
+            for name, inst in list(self.stopping.items()):
+                inst.stop(inst.detail, "stopped")
+                if inst.state != "stopping":
+                    del self.stopping[name]
+            names = set()
+            for row in rows:
+                name = row["name"]
+                names.add(name)
+                if row["epoch"] < self.seen.get(name, 0):
+                    continue  # a stale view (a lagging replica): never act on it
+                self.seen[name] = row["epoch"]
+                current = self.instances.get(name)
+                if row["holder"] != self.node_id:
+                    if current is not None:
+                        self._stop(name, f"{row['holder']} holds it now (epoch {row['epoch']})")
+                    self.waiting.pop(name, None)
+                    continue
+                if current is not None and (current.restart_gen != row["restart_gen"] or current.spec != row["spec"]):
+                    self._stop(name, "restarted")
+                    current = None
+                if current is not None:
+                    current.epoch = row["epoch"]
+                    continue
+                why = gate(row) or ("its previous processes here have not ended yet" if name in self.stopping else "")
+                if why:
+                    self.waiting[name] = why
+                    continue
+                self.waiting.pop(name, None)
+                self.stopped.pop(name, None)
+                inst = Instance(row, self.node_id, self.data_dir, self.ports, self.settings, self.log)
+                self.instances[name] = inst
+                inst.start()
+            for name in [n for n in self.instances if n not in names]:
+                self._stop(name, "removed")
+
+    def _stop(self, name: str, why: str, state: str = "stopped") -> None:
+        inst = self.instances.pop(name)
+        inst.stop(why, state)
+        if inst.state == "stopping":
+            self.stopping[name] = inst
+        self.stopped[name] = why
+
+    def fence(self, why: str) -> bool:
+        """Self-fencing: stop everything now. True when something was running."""
+        with self._lock:
+            names = list(self.instances)
+            for name in names:
+                self._stop(name, why, "fenced")
+        return bool(names)
+
+    def report(self, rows: list[dict]) -> list[dict]:
+        """One entry per service this node is involved in, with the epoch it has seen (the release signal)."""
+        with self._lock:
+            out = []
+            for row in rows:
+                name = row["name"]
+                inst = self.instances.get(name) or self.stopping.get(name)
+                if inst is not None:
+                    out.append(replace_epoch(inst.report(), self.seen.get(name, inst.epoch)))
+                elif self.node_id in (row["holder"], row["prev_holder"], row["home"], *row.get("candidates", [])):
+                    state = "waiting" if name in self.waiting else "stopped"
+                    out.append({"name": name, "epoch": self.seen.get(name, row["epoch"]), "state": state,
+                                "healthy": False, "restarts": 0,
+                                "detail": self.waiting.get(name) or self.stopped.get(name, ""), "output": []})
+            return out
+
+    def sweep(self) -> list[int]:
+        """Kill service processes a previous life of this agent left behind (found by the environment every
+        service process carries): a new agent must not find its old services still running."""
+        import os
+        import signal
+
+        mine = str((self.data_dir / "services").resolve()).encode()
+        killed = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(e.startswith(b"CORTEX_SERVICE=") for e in env) and \
+                    any(e.startswith(b"CORTEX_VOLUME=" + mine + b"/") for e in env):
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+                except OSError:
+                    pass
+        return killed
+
+    def stop_all(self) -> None:
+        with self._lock:
+            for name in list(self.instances):
+                self._stop(name, "agent stopping")
+
+
+def replace_epoch(doc: dict, epoch: int) -> dict:
+    return {**doc, "epoch": max(doc["epoch"], epoch)}
+
+
+__all__ = ["Supervisor", "Instance", "check_health"]
