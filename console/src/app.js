@@ -50,7 +50,7 @@ const ago = (t) => {
 const TONE = {
   alive: "ok", healthy: "ok", succeeded: "ok", done: "ok", completed: "ok", running: "info", leader: "info",
   serving: "ok", ok: "ok", active: "ok", true: "ok", suspect: "warn", degraded: "warn", queued: "warn",
-  pending: "warn", assigned: "warn", draining: "warn", retrying: "warn", paused: "warn", "taking-over": "warn",
+  pending: "warn", stale: "warn", assigned: "warn", draining: "warn", retrying: "warn", paused: "warn", "taking-over": "warn",
   offline: "bad", failed: "bad", critical: "bad", unavailable: "bad", dead: "bad", cancelled: "bad", false: "bad",
   fenced: "bad", dlq: "bad", error: "bad",
 };
@@ -109,7 +109,9 @@ const has = (name) => Object.prototype.hasOwnProperty.call(S.tools, name);
 async function tool(name, args = {}) {
   if (!has(name)) return { absent: true, error: `${name}: not available on this cluster` };
   const r = await api(`/api/tool/${name}`, args);
-  return r.status === 200 ? { result: r.data.result } : { error: r.data.error || `HTTP ${r.status}`, status: r.status };
+  if (r.status === 200) return { result: r.data.result };
+  // absent: the plugin offering it was stopped since the page loaded; the page says "not available" again
+  return { error: r.data.error || `HTTP ${r.status}`, status: r.status, absent: r.status === 404 && r.data.absent === true };
 }
 // The argument naming a node, as this tool spells it (node_id, node, ...): tools from other plugins may differ.
 function nodeArgs(name, id) {
