@@ -31,8 +31,9 @@ function morph(old, neu) {
   if (old.nodeType !== 1) { if (old.nodeValue !== neu.nodeValue) old.nodeValue = neu.nodeValue; return; }
   const live = old.dataset.live || neu.dataset.live;
   if (old.classList.contains("chart") || (live && !(old.dataset.act && old.dataset.act === neu.dataset.act))) return old.replaceWith(neu);
-  for (const a of [...old.attributes]) if (!neu.hasAttribute(a.name)) old.removeAttribute(a.name);
-  for (const a of [...neu.attributes]) if (old.getAttribute(a.name) !== a.value) old.setAttribute(a.name, a.value);
+  // style through the CSSOM only: setting the style attribute is an inline style the CSP blocks (and reports)
+  for (const a of [...old.attributes]) if (a.name !== "style" && !neu.hasAttribute(a.name)) old.removeAttribute(a.name);
+  for (const a of [...neu.attributes]) if (a.name !== "style" && old.getAttribute(a.name) !== a.value) old.setAttribute(a.name, a.value);
   if (old.style.cssText !== neu.style.cssText) old.style.cssText = neu.style.cssText;
   const a = [...old.childNodes], b = [...neu.childNodes];
   for (let i = 0; i < b.length; i++) {
