@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(bool(missing()), reason=missing() or "browser pr
 
 STANDIN = Path(__file__).parent / "fixtures" / "console_site"
 # each page and the heading it draws
-PAGES = {"": "Cluster overview", "node/w1": "Node w1", "services": "Services", "tasks": "Tasks",
+PAGES = {"": "Cluster overview", "node/w1": "Node w1", "node/n1": "Node n1", "services": "Services", "tasks": "Tasks",
          "dlq": "Dead-letter queue", "workflows": "Workflows", "rollouts": "Rollouts", "memory": "Memory threads"}
 
 
@@ -193,7 +193,7 @@ def test_a_login_link_works_once_and_every_page_loads_without_errors(cluster, br
     # a phone: one column, nothing wider than the screen (wide tables scroll inside their card)
     browser.driver.set_window_size(390, 844)
     try:
-        for page in ("", "workflows", "node/w1"):
+        for page in ("", "workflows", "node/w1", "node/n1"):  # n1's page: health charts as wide as the screen
             browser.driver.get(f"{base}#/{page}")
             shown(browser, page)
             assert browser.driver.execute_script(
@@ -239,6 +239,7 @@ def test_the_node_page_and_overview_show_the_real_sentinel_health(cluster, brows
     wait_until(lambda: chart_points(browser, "score") >= 2 and chart_points(browser, "mem.avail_pct") >= 2, 60,
                "the score and memory history charted with points", interval=0.3, ignore=(Exception,),
                detail=lambda: main_text(browser)[:2000])
+    browser.driver.execute_script("document.querySelector('figure.chart').scrollIntoView()")
     browser.driver.save_screenshot(str(shots / "node-health.png"))
     # another node: the sparklines its published summary carries
     browser.driver.get(f"{base}#/node/w2")
