@@ -152,7 +152,7 @@ function chart(c, caption, name, xs, ys, time) {
   const width = Math.min(900, Math.max(260, (document.getElementById("main").clientWidth || 600) - 60));
   // a score and percentages on their whole 0-100 scale: a flat 100 reads as full health, not as a mid-chart line
   const y = name === "score" || /_pct(:|$)/.test(name) ? { y: { range: [0, 100] } } : {};
-  new c.uPlot({ width, height: 160, scales: { x: { time }, ...y }, series: [{}, { label: name, stroke: "#1f4e8c", width: 2 }], axes: [{}, {}],
+  el.uplot = new c.uPlot({ width, height: 160, scales: { x: { time }, ...y }, series: [{}, { label: name, stroke: "#1f4e8c", width: 2 }], axes: [{}, {}],
     legend: { show: false } }, [xs, ys], el);
   return el;
 }
