@@ -27,20 +27,28 @@ const $ = (id) => document.getElementById(id);
 // listeners are kept when their action is the same (data-act) and replaced otherwise, so a button never acts
 // on what used to be in its row; charts are replaced whole (a canvas's pixels cannot be patched).
 function morph(old, neu) {
-  if (old.nodeType !== neu.nodeType || old.nodeName !== neu.nodeName) return old.replaceWith(neu);
+  if (old.nodeType !== neu.nodeType || old.nodeName !== neu.nodeName) return swap(old, neu);
   if (old.nodeType !== 1) { if (old.nodeValue !== neu.nodeValue) old.nodeValue = neu.nodeValue; return; }
   const live = old.dataset.live || neu.dataset.live;
-  if (old.classList.contains("chart") || (live && !(old.dataset.act && old.dataset.act === neu.dataset.act))) return old.replaceWith(neu);
-  for (const a of [...old.attributes]) if (!neu.hasAttribute(a.name)) old.removeAttribute(a.name);
-  for (const a of [...neu.attributes]) if (old.getAttribute(a.name) !== a.value) old.setAttribute(a.name, a.value);
+  if (old.classList.contains("chart") || (live && !(old.dataset.act && old.dataset.act === neu.dataset.act))) return swap(old, neu);
+  // style through the CSSOM only: setting the style attribute is an inline style the CSP blocks (and reports)
+  for (const a of [...old.attributes]) if (a.name !== "style" && !neu.hasAttribute(a.name)) old.removeAttribute(a.name);
+  for (const a of [...neu.attributes]) if (a.name !== "style" && old.getAttribute(a.name) !== a.value) old.setAttribute(a.name, a.value);
   if (old.style.cssText !== neu.style.cssText) old.style.cssText = neu.style.cssText;
   const a = [...old.childNodes], b = [...neu.childNodes];
   for (let i = 0; i < b.length; i++) {
     if (i < a.length) morph(a[i], b[i]);
     else old.append(b[i]);
   }
-  for (let i = b.length; i < a.length; i++) a[i].remove();
+  for (let i = b.length; i < a.length; i++) { drop(a[i]); a[i].remove(); }
 }
+// A chart leaving the page is destroyed: uPlot keeps every plot it made in a module-wide set (and a listener on
+// the window) until then, so charts redrawn every few seconds would pile up for as long as the page is open.
+function drop(node) {
+  if (node.nodeType !== 1) return;
+  for (const el of [node, ...node.querySelectorAll("figure.chart")]) if (el.uplot) { el.uplot.destroy(); el.uplot = null; }
+}
+function swap(old, neu) { drop(old); old.replaceWith(neu); }
 const fmtTime = (t) => (t ? new Date(t * 1000).toLocaleString() : "");
 const ago = (t) => {
   if (!t) return "";
@@ -50,7 +58,7 @@ const ago = (t) => {
 const TONE = {
   alive: "ok", healthy: "ok", succeeded: "ok", done: "ok", completed: "ok", running: "info", leader: "info",
   serving: "ok", ok: "ok", active: "ok", true: "ok", suspect: "warn", degraded: "warn", queued: "warn",
-  pending: "warn", assigned: "warn", draining: "warn", retrying: "warn", paused: "warn", "taking-over": "warn",
+  pending: "warn", stale: "warn", assigned: "warn", draining: "warn", retrying: "warn", paused: "warn", "taking-over": "warn",
   offline: "bad", failed: "bad", critical: "bad", unavailable: "bad", dead: "bad", cancelled: "bad", false: "bad",
   fenced: "bad", dlq: "bad", error: "bad",
 };
@@ -109,7 +117,9 @@ const has = (name) => Object.prototype.hasOwnProperty.call(S.tools, name);
 async function tool(name, args = {}) {
   if (!has(name)) return { absent: true, error: `${name}: not available on this cluster` };
   const r = await api(`/api/tool/${name}`, args);
-  return r.status === 200 ? { result: r.data.result } : { error: r.data.error || `HTTP ${r.status}`, status: r.status };
+  if (r.status === 200) return { result: r.data.result };
+  // absent: the plugin offering it was stopped since the page loaded; the page says "not available" again
+  return { error: r.data.error || `HTTP ${r.status}`, status: r.status, absent: r.status === 404 && r.data.absent === true };
 }
 // The argument naming a node, as this tool spells it (node_id, node, ...): tools from other plugins may differ.
 function nodeArgs(name, id) {
@@ -197,13 +207,13 @@ async function render(first) {
     }
     const ctx = { h, table, card, stats, absent, failure, tool, has, action, badge, nodeArgs, cell, uPlot, fmtTime, ago, who: S.who };
     const content = await fn(ctx, arg);
-    if (S.failing && !first) return; // keep what is on screen; the banner says it is old
-    if (location.hash !== started) return; // the reader moved on meanwhile; the queued draw shows that page
+    if (S.failing && !first) return drop(content); // keep what is on screen; the banner says it is old
+    if (location.hash !== started) return drop(content); // the reader moved on meanwhile; the queued draw shows that page
     const main = $("main");
     const note = $("action-result");
     const keep = note && !first ? [note.textContent, note.className] : ["", "muted"];
     const fresh = h("main", {}, h("p", { id: "action-result", class: keep[1], role: "status", "aria-live": "polite" }, keep[0]), content);
-    if (first || !main.firstChild || main.firstChild.id !== "action-result") main.replaceChildren(...fresh.childNodes);
+    if (first || !main.firstChild || main.firstChild.id !== "action-result") { drop(main); main.replaceChildren(...fresh.childNodes); }
     else morph2(main, fresh);
     main.dataset.renders = String(Number(main.dataset.renders || 0) + 1); // how often drawn (the tests watch it)
     document.title = `${main.querySelector("h1") ? main.querySelector("h1").textContent : "Cortex"} · Cortex console`;
@@ -219,7 +229,7 @@ function refresh() { render(false); }
 function morph2(main, fresh) {
   const a = [...main.childNodes], b = [...fresh.childNodes];
   for (let i = 0; i < b.length; i++) { if (i < a.length) morph(a[i], b[i]); else main.append(b[i]); }
-  for (let i = b.length; i < a.length; i++) a[i].remove();
+  for (let i = b.length; i < a.length; i++) { drop(a[i]); a[i].remove(); }
 }
 
 // --- sign-in ------------------------------------------------------------------------------------------------
@@ -230,6 +240,7 @@ function showLogin(reason) {
   const input = h("input", { type: "password", id: "token", name: "token", autocomplete: "off", required: true,
     "aria-describedby": "token-help" });
   const err = h("p", { id: "login-error", class: reason ? "error" : "muted", role: "alert" }, reason || "");
+  drop($("main"));
   $("main").replaceChildren(h("section", { class: "card login", "aria-label": "Sign in" },
     h("h1", {}, "Sign in to the Cortex console"),
     err,

@@ -15,7 +15,8 @@ function pct(used, total) {
 function fill(c, p) { const el = c.h("span", {}); el.style.width = `${p}%`; return el; }
 
 async function overview(c) {
-  const [status, health, alerts] = await Promise.all([c.tool("cluster_status"), c.tool("cluster_health"), c.tool("list_alerts")]);
+  const [status, health, alerts, sentinel] = await Promise.all([c.tool("cluster_status"), c.tool("cluster_health"), c.tool("list_alerts"),
+    c.has("sentinel_health") ? c.tool("sentinel_health") : Promise.resolve({ absent: true })]);
   const out = [c.h("h1", {}, "Cluster overview")];
   if (status.error) out.push(c.failure(status));
   else {
@@ -28,8 +29,19 @@ async function overview(c) {
       ["term", s.term], ["commit index", s.commit_index],
       ["nodes alive", `${alive} / ${s.nodes.length}`], ["version", s.version],
     ])));
-    const nodes = s.nodes.map((n) => ({ ...n, leader: n.leader ? "leader" : "", last_seen_age: n.last_seen_age < 0 ? "" : `${round(n.last_seen_age)} s` }));
-    out.push(c.card("Nodes", c.table(nodes, NODE_COLS, { link: { key: "id", href: (r) => `#/node/${encodeURIComponent(r.id)}` } })));
+    // Sentinel's summary of each node (sentinel_health: {status, nodes: [{node, score, level, stale, ...}]}) as
+    // two more columns; a node that has published none yet shows them empty.
+    const scored = Object.fromEntries(((sentinel.result && sentinel.result.nodes) || []).map((r) => [r.node, r]));
+    const cols = sentinel.result ? [...NODE_COLS.slice(0, 3), "health", "score", ...NODE_COLS.slice(3)] : NODE_COLS;
+    const nodes = s.nodes.map((n) => {
+      const r = scored[n.id];
+      const row = { ...n, leader: n.leader ? "leader" : "", last_seen_age: n.last_seen_age < 0 ? "" : `${round(n.last_seen_age)} s` };
+      if (r) Object.assign(row, { health: r.stale ? "stale" : r.level, score: typeof r.score === "number" ? Math.round(r.score) : undefined });
+      return row;
+    });
+    out.push(c.card("Nodes", c.table(nodes, cols, { link: { key: "id", href: (r) => `#/node/${encodeURIComponent(r.id)}` } }),
+      sentinel.error && !sentinel.absent ? c.failure(sentinel) : null,
+      sentinel.result && !sentinel.result.nodes.length ? c.h("p", { class: "muted" }, sentinel.result.hint) : null));
   }
   if (alerts.absent) out.push(c.card("Alerts", c.absent("Alerts")));
   else if (alerts.error) out.push(c.card("Alerts", c.failure(alerts)));
@@ -37,16 +49,7 @@ async function overview(c) {
     const rows = (alerts.result.alerts || []).map((a) => (typeof a === "object" ? a : { alert: a }));
     out.push(c.card("Alerts", c.table(rows, null, { empty: "No alerts." })));
   }
-  if (c.has("sentinel_health")) {
-    const sh = await c.tool("sentinel_health");
-    out.push(c.card("Health scores (Sentinel)", sh.error ? c.failure(sh) : sentinelTable(c, sh.result)));
-  }
   return c.h("div", {}, out);
-}
-
-function sentinelTable(c, data) {
-  const rows = Array.isArray(data) ? data : data.nodes || Object.entries(data.scores || {}).map(([id, score]) => ({ id, score }));
-  return c.table(rows.map((r) => ({ ...r, score: round(r.score, 2) })), null, { empty: "No scores yet." });
 }
 
 async function node(c, id) {
@@ -84,46 +87,74 @@ async function node(c, id) {
   return c.h("div", {}, out);
 }
 
-// Health charts: the Sentinel plugin's per-node score, factors, predictions and downsampled series.
+// Health: the Sentinel plugin's score, factors, predictions and anomalies (sentinel_node), and charts. History is
+// kept on each node (sentinel_history answers for its own node only): this console's own node gets its recorded
+// series, another node the sparklines it publishes with its summary (values over the last 2 h, no timestamps).
+const HISTORY = ["score", "cpu.busy_pct", "mem.avail_pct", "load.1"];
+const HISTORY_HOURS = 6;
+
+function eta(s) {
+  if (s === null || s === undefined) return "";
+  return s < 5400 ? `${Math.round(s / 60)} min` : s < 172800 ? `${Math.round(s / 3600)} h` : `${Math.round(s / 86400)} days`;
+}
+
 async function health(c, id) {
-  if (!c.has("sentinel_node")) return c.card("Health", c.absent("Health charts (Sentinel)"));
-  const [now, hist] = await Promise.all([c.tool("sentinel_node", c.nodeArgs("sentinel_node", id)),
-    c.has("sentinel_history") ? c.tool("sentinel_history", c.nodeArgs("sentinel_history", id)) : Promise.resolve({ absent: true })]);
-  const kids = [];
-  if (now.error) kids.push(c.failure(now));
-  else {
-    const d = now.result || {};
-    kids.push(c.stats([["score", round(d.score, 2)], ["state", c.badge(d.state || d.status || "")]]));
-    if (d.factors) kids.push(c.table(Array.isArray(d.factors) ? d.factors : Object.entries(d.factors).map(([k, v]) => ({ factor: k, value: typeof v === "object" ? JSON.stringify(v) : v })), null, { caption: "factors" }));
-    if (d.predictions) kids.push(c.table(Array.isArray(d.predictions) ? d.predictions : Object.entries(d.predictions).map(([k, v]) => ({ prediction: k, value: typeof v === "object" ? JSON.stringify(v) : v })), null, { caption: "predictions" }));
+  const gone = () => c.card("Health", c.absent("Health charts (Sentinel)"));
+  if (!c.has("sentinel_node")) return gone();
+  if (id !== c.who.node_id && c.has("sentinel_health")) {
+    // another node's summary comes from the replicated state: ask sentinel_health first, so a node that has
+    // published none yet (or runs no sentinel) reads as such instead of as a failed call
+    const all = await c.tool("sentinel_health");
+    if (all.absent) return gone();
+    if (all.result && !(all.result.nodes || []).some((n) => n.node === id)) {
+      return c.card("Health", c.h("p", { class: "muted" }, `${id} has not published a health summary yet: the sentinel plugin publishes one `
+        + "within a minute of starting. A node whose sentinel plugin is disabled publishes none (cortex plugins list on that node)."));
+    }
   }
-  if (!hist.absent && !hist.error) kids.push(...charts(c, hist.result));
+  const now = await c.tool("sentinel_node", { node: id });
+  if (now.absent) return gone(); // the plugin was stopped since the page loaded
+  if (now.error) return c.card("Health", c.failure(now));
+  const d = now.result || {};
+  const raised = d.raised || [];
+  const kids = [c.stats([["score", typeof d.score === "number" ? `${Math.round(d.score)} / 100` : "-"],
+    ["level", c.badge(d.stale ? "stale" : d.level || "")],
+    ["assessed", d.source === "local" ? "now (this node)" : c.ago(d.ts)],
+    ["alerts raised", raised.length], d.metrics ? ["metrics", d.metrics] : null])];
+  if (d.stale) kids.push(c.h("p", { class: "error" }, `${id} has not published a health summary for over 15 minutes: is its agent running?`));
+  kids.push(c.table((d.factors || []).map((f) => ({ factor: f.name, penalty: -f.penalty, detail: f.detail, seen_by: f.source === "leader" ? "the leader" : id })),
+    null, { caption: "what lowers the score", empty: "Nothing lowers the score." }));
+  kids.push(c.table((d.predictions || []).map((p) => ({ severity: p.severity, kind: p.kind, target: p.target, eta: eta(p.eta_s),
+    confidence: `${Math.round((p.confidence || 0) * 100)} %`, message: p.message, alert: raised.includes(p.key) ? "raised" : "" })),
+  null, { caption: "predicted failures", empty: "No failure predicted." }));
+  if ((d.anomalies || []).length) kids.push(c.table(d.anomalies.map((a) => ({ signal: a.signal, value: round(a.value, 2), robust_z: a.z })), null, { caption: "anomalies" }));
+  if (d.source === "local" && c.has("sentinel_history")) kids.push(...await history(c));
+  else if (d.spark) {
+    kids.push(...Object.entries(d.spark).filter(([, v]) => Array.isArray(v) && v.length).map(([name, v]) => chart(c, `${name} (last 2 h, as published)`, name, v.map((_, i) => i), v, false)));
+    kids.push(c.h("p", { class: "muted" }, `Each node keeps its own history: run `, c.h("code", {}, "cortex console url"), ` on ${id} for its full charts.`));
+  }
   return c.card("Health", ...kids);
 }
 
-// A series document, as {series: {name: [[t, v], ...]}} or {t: [...], name: [...]}: one uPlot chart per series.
-function charts(c, doc) {
-  let series = doc && (doc.series || doc.points || doc);
-  const out = [];
-  if (Array.isArray(series) && series.length && typeof series[0] === "object" && !Array.isArray(series[0])) {
-    const tkey = ["t", "ts", "time", "at", "timestamp"].find((k) => k in series[0]);
-    if (!tkey) return out;
-    const cols = { t: series.map((p) => p[tkey]) };
-    for (const k of Object.keys(series[0])) if (k !== tkey && typeof series[0][k] === "number") cols[k] = series.map((p) => p[k]);
-    series = cols;
-  }
-  if (!series || typeof series !== "object") return out;
-  for (const [name, points] of Object.entries(series)) {
-    let xs, ys;
-    if (Array.isArray(points) && points.length && Array.isArray(points[0])) { xs = points.map((p) => p[0]); ys = points.map((p) => p[1]); }
-    else if (Array.isArray(points) && Array.isArray(series.t || series.ts)) { if (name === "t" || name === "ts") continue; xs = series.t || series.ts; ys = points; }
-    else continue;
-    const el = c.h("figure", { class: "chart", "aria-label": `${name} over time` }, c.h("figcaption", { class: "muted" }, name));
-    const width = Math.min(900, Math.max(260, (document.getElementById("main").clientWidth || 600) - 60));
-    new c.uPlot({ width, height: 160, series: [{}, { label: name, stroke: "#1f4e8c", width: 2 }], axes: [{}, {}], legend: { show: false } }, [xs, ys], el);
-    out.push(el);
-  }
-  return out;
+// This node's recorded series (sentinel_history: {node, signal, points: [[t, v], ...]}), one chart each.
+async function history(c) {
+  const list = await c.tool("sentinel_history");
+  if (list.error) return [c.failure(list)];
+  const names = list.result.signals || [];
+  const wanted = [...HISTORY.filter((n) => names.includes(n)), ...names.filter((n) => n.startsWith("disk.avail_pct:")).slice(0, 2)];
+  const docs = await Promise.all(wanted.map((signal) => c.tool("sentinel_history", { signal, hours: HISTORY_HOURS, max_points: 500 })));
+  return docs.map((r, i) => (r.error ? c.failure(r)
+    : chart(c, `${wanted[i]} (last ${HISTORY_HOURS} h)`, wanted[i], r.result.points.map((p) => p[0]), r.result.points.map((p) => p[1]), true)));
+}
+
+function chart(c, caption, name, xs, ys, time) {
+  const el = c.h("figure", { class: "chart", "aria-label": `${name} over time`, "data-signal": name, "data-points": ys.length },
+    c.h("figcaption", { class: "muted" }, caption));
+  const width = Math.min(900, Math.max(260, (document.getElementById("main").clientWidth || 600) - 60));
+  // a score and percentages on their whole 0-100 scale: a flat 100 reads as full health, not as a mid-chart line
+  const y = name === "score" || /_pct(:|$)/.test(name) ? { y: { range: [0, 100] } } : {};
+  el.uplot = new c.uPlot({ width, height: 160, scales: { x: { time }, ...y }, series: [{}, { label: name, stroke: "#1f4e8c", width: 2 }], axes: [{}, {}],
+    legend: { show: false } }, [xs, ys], el);
+  return el;
 }
 
 async function services(c) {

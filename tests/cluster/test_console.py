@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(bool(missing()), reason=missing() or "browser pr
 
 STANDIN = Path(__file__).parent / "fixtures" / "console_site"
 # each page and the heading it draws
-PAGES = {"": "Cluster overview", "node/w1": "Node w1", "services": "Services", "tasks": "Tasks",
+PAGES = {"": "Cluster overview", "node/w1": "Node w1", "node/n1": "Node n1", "services": "Services", "tasks": "Tasks",
          "dlq": "Dead-letter queue", "workflows": "Workflows", "rollouts": "Rollouts", "memory": "Memory threads"}
 
 
@@ -42,15 +42,18 @@ def shown(browser, page: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """1 server, 2 workers; every console on a port of its own. The stand-in services and Sentinel tools
-    (fixtures/console_site) run everywhere but on w1, whose console shows those pages as not available."""
+    """1 server, 2 workers; every console on a port of its own. The stand-in services tools
+    (fixtures/console_site) and the real sentinel plugin run everywhere but on w1, whose console shows those
+    pages as not available. The sentinel reads every second and assesses every 2 s (10 s and 30 s by default),
+    so its history has points to chart within the first test."""
     directory = tmp_path_factory.mktemp("console")
 
     def extra(node: devcluster.DevNode) -> str:
         # offline after 5 s without heartbeats (10 s by default): the killed worker's test waits less
         return ("liveness:\n  suspect_after: 2\n  offline_after: 5\n"
                 "plugins:\n  console:\n    listen: 127.0.0.1:0\n"
-                + ("  console-standin:\n    enabled: false\n" if node.id == "w1" else ""))
+                + ("  console-standin:\n    enabled: false\n  sentinel:\n    enabled: false\n" if node.id == "w1"
+                   else "  sentinel:\n    interval: 1\n    evaluate_every: 2\n"))
 
     try:
         dc = devcluster.up(directory, 1, 2, free_base_port(), timeout=60, extra_config=extra,
@@ -190,7 +193,7 @@ def test_a_login_link_works_once_and_every_page_loads_without_errors(cluster, br
     # a phone: one column, nothing wider than the screen (wide tables scroll inside their card)
     browser.driver.set_window_size(390, 844)
     try:
-        for page in ("", "workflows", "node/w1"):
+        for page in ("", "workflows", "node/w1", "node/n1"):  # n1's page: health charts as wide as the screen
             browser.driver.get(f"{base}#/{page}")
             shown(browser, page)
             assert browser.driver.execute_script(
@@ -198,14 +201,9 @@ def test_a_login_link_works_once_and_every_page_loads_without_errors(cluster, br
         browser.driver.save_screenshot(str(shots / "phone-node.png"))
     finally:
         browser.driver.set_window_size(1280, 900)
-    # the stand-in plugin's tools light up the services page and the node's health charts ...
+    # the stand-in plugin's tools light up the services page ...
     browser.driver.get(f"{base}#/services")
     wait_text(browser, "replication lag", "the services page with the stand-in's services")
-    browser.driver.get(f"{base}#/node/w2")
-    wait_text(browser, "disk_full", "Sentinel's predictions on the node page")
-    wait_until(lambda: len(browser.driver.find_elements("css selector", "figure.chart canvas")) == 2, 30,
-               "two uPlot charts", interval=0.2)
-    browser.driver.save_screenshot(str(shots / "node-health.png"))
     assert browser.console_errors() == []
     # ... and a node without them says so, page by page
     w1 = login_url(cluster, "w1")
@@ -215,6 +213,70 @@ def test_a_login_link_works_once_and_every_page_loads_without_errors(cluster, br
     assert "Services and HA: not available on this cluster" in wait_text(browser, "not available", "w1's services")
     browser.driver.get(w1.split("login?")[0] + "#/node/w2")
     assert "Health charts (Sentinel): not available" in wait_text(browser, "Health", "w1's node page")
+    assert browser.console_errors() == []
+
+
+def chart_points(browser, signal: str) -> int:
+    found = browser.driver.find_elements("css selector", f"figure.chart[data-signal='{signal}']")
+    return int(found[0].get_attribute("data-points")) if found and found[0].find_elements("css selector", "canvas") else 0
+
+
+def test_the_node_page_and_overview_show_the_real_sentinel_health(cluster, browser, shots):
+    base = login_url(cluster).split("login?")[0]
+    browser.driver.get(login_url(cluster))
+    wait_text(browser, "Cluster overview", "the overview")
+    browser.console_errors()
+    # the node page of the console's own node: the score sentinel_node answers, and its recorded series charted
+    browser.driver.get(f"{base}#/node/n1")
+
+    def same_score():
+        tool = cortex(cluster, "n1", "tools", "call", "sentinel_node", "--args", '{"node": "n1"}')
+        return f"score\n{round(tool['score'])} / 100" in main_text(browser) and tool
+    doc = wait_until(same_score, 60, "the score sentinel_node answers", interval=0.5, ignore=(Exception,),
+                     detail=lambda: main_text(browser)[:2000])
+    assert doc["source"] == "local" and doc["level"] in main_text(browser)
+    assert ("Nothing lowers the score." in main_text(browser)) == (not doc["factors"])
+    wait_until(lambda: chart_points(browser, "score") >= 2 and chart_points(browser, "mem.avail_pct") >= 2, 60,
+               "the score and memory history charted with points", interval=0.3, ignore=(Exception,),
+               detail=lambda: main_text(browser)[:2000])
+    browser.driver.execute_script("document.querySelector('figure.chart').scrollIntoView()")
+    browser.driver.save_screenshot(str(shots / "node-health.png"))
+    # another node: the sparklines its published summary carries
+    browser.driver.get(f"{base}#/node/w2")
+    wait_until(lambda: main_text(browser).startswith("Node w2") and "as published" in main_text(browser)
+               and chart_points(browser, "score") >= 1, 60, "w2's published score sparkline", interval=0.3,
+               ignore=(Exception,), detail=lambda: main_text(browser)[:2000])
+    assert "cortex console url" in main_text(browser)
+    # the overview's health column: each node's level and score from sentinel_health; w1 runs no sentinel
+    browser.driver.get(base)
+    health = cortex(cluster, "n1", "tools", "call", "sentinel_health")
+    published = {n["node"]: n for n in health["nodes"]}
+    assert set(published) == {"n1", "w2"}
+
+    def row(node_id):
+        return next(r.text for r in browser.driver.find_elements("css selector", "main tr")
+                    if r.text.startswith(node_id + " "))
+    wait_until(lambda: published["w2"]["level"] in row("w2") and "healthy" not in row("w1"), 60, "the health column",
+               interval=0.3, ignore=(Exception,), detail=lambda: main_text(browser)[:2000])
+    assert browser.driver.find_element("xpath", "//main//th[text()='health']")
+    assert browser.console_errors() == []
+    # the sentinel plugin stopped: the open page says so at its next redraw, without a reload
+    browser.driver.get(f"{base}#/node/n1")
+    wait_until(lambda: main_text(browser).startswith("Node n1") and chart_points(browser, "score") >= 2, 60,
+               "n1's charts", interval=0.3, ignore=(Exception,))
+    admin = [sys.executable, "-m", "cortex", "--socket", str(cluster.node("n1").admin_socket), "plugins"]
+    done = procs.run([*admin, "stop", "sentinel"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    try:
+        assert "Health charts (Sentinel): not available on this cluster" in wait_text(
+            browser, "Health charts (Sentinel): not available", "the node page once the sentinel stopped")
+        errors = browser.console_errors()  # the calls the page made while the tools were gone: 404s, nothing else
+        assert all("/api/tool/sentinel_" in e["message"] and "404" in e["message"] for e in errors), errors
+    finally:
+        done = procs.run([*admin, "start", "sentinel"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: chart_points(browser, "score") >= 1, 60, "n1's charts once the sentinel started again",
+               interval=0.3, ignore=(Exception,), detail=lambda: main_text(browser)[:2000])
     assert browser.console_errors() == []
 
 

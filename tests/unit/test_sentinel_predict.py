@@ -298,3 +298,30 @@ def test_the_plugin_alerts_on_the_bus_and_survives_a_dead_webhook(tmp_path, capl
     named = [r for r in caplog.records if getattr(r, "fields", {}).get("receiver") == dead]
     assert len(named) == 1
     assert plugin.assessment["level"] == "critical"
+
+
+def test_the_plugin_started_again_after_a_stop_collects_and_answers_history(tmp_path):
+    """`cortex plugins stop|start sentinel` calls stop() then start() on the same object: the history file stop()
+    closed is reopened and the collection thread runs again (the console's health charts read it)."""
+    from cortex.core.events import EventBus
+    from cortex.plugins.api import Caller, PluginContext, ToolError
+    from cortex.sentinel.plugin import SentinelPlugin
+    from cortex.sentinel.tools import history
+    from tests.support.wait import wait_until
+
+    options = {"interval": 0.2, "evaluate_every": 0.2, "proc_root": str(tmp_path / "p"), "sys_root": str(tmp_path / "s"),
+               "smartctl": "", "metrics_port": 0}
+    plugin = SentinelPlugin(PluginContext("sentinel", options, None, EventBus(), tmp_path / "data", logging.getLogger("t")))
+    plugin.init()
+
+    def points() -> int:
+        return len(history(plugin, {"signal": "agent.restarts", "hours": 1}, Caller())["points"])
+    try:
+        plugin.start()
+        wait_until(lambda: points() >= 1, 30, "a first reading", interval=0.05, ignore=(ToolError,))
+        plugin.stop()
+        plugin.start()
+        first = points()
+        wait_until(lambda: points() >= first + 2, 30, "readings after the start again", interval=0.05)
+    finally:
+        plugin.stop()

@@ -113,6 +113,13 @@ class SentinelPlugin(Plugin):
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
+        if self._stop.is_set():
+            # started again after stop() (`cortex plugins start sentinel`): stop() closed the history file and
+            # ended the threads for good, so reopen the one and give the others a fresh signal
+            o = self.ctx.options
+            self._stop = threading.Event()
+            self.history = History(self.ctx.data_dir / "history.db", o.get("history_max_mb", 50.0))
+            self.webhooks = WebhookSender(o.get("webhooks", []), o.get("webhook_timeout", 5.0), o.get("webhook_topic", ""))
         self.webhooks.start()
         self._start_metrics()
         self._thread = threading.Thread(target=self._loop, name="sentinel", daemon=True)
