@@ -22,7 +22,7 @@ from cortex.kube.capacity import ContextCapacity
 from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths
 from cortex.kube.placement import KubernetesPlacement
 from cortex.kube.records import build_record, encode, k8s_capacity, read_records, record_key, where_is
-from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError
+from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError, returns
 from cortex.tasks.executor import TaskSpecError
 from cortex.userdirs import user_home
 
@@ -178,11 +178,11 @@ class KubernetesPlugin(Plugin):
         return [
             Tool("k8s_list_clusters", "List the Kubernetes contexts every Cortex node can reach (name, server "
                  "URL, namespace, auth kind, flavor such as k3s or gke) and which node has them. Credentials "
-                 "never leave their node.", self._t_list, _schema({})),
+                 "never leave their node.", self._t_list, _schema({}), output_schema=returns({"contexts": "array", "problems": "object"})),
             Tool("k8s_get_resources", "Capacity of Kubernetes contexts: nodes, allocatable vs requested CPU and "
                  "memory, pods per namespace. Live for this node's contexts, as last published for others.",
                  self._t_resources, _schema({"context": {"type": "string", "description": "one context; "
-                                             "empty = all"}})),
+                                             "empty = all"}}), output_schema=returns({"contexts": "array"})),
             Tool("k8s_submit_job", "Create a Kubernetes Job on a context of this node and return its name; "
                  "watch it with k8s_job_status and k8s_job_logs. Pass the same `id` again to get the same Job "
                  "instead of a second one.", self._t_submit,
@@ -196,22 +196,22 @@ class KubernetesPlugin(Plugin):
                           "ttl_seconds_after_finished": {"type": "integer", "minimum": 0},
                           "id": {"type": "string", "maxLength": 200,
                                  "description": "idempotency id; the Job's name derives from it"}}, ("image",)),
-                 role="operator", read_only=False, idempotent=True),
+                 role="operator", read_only=False, idempotent=True, output_schema=returns({"context": "string", "namespace": "string", "job": "string", "created": "boolean"})),
             Tool("k8s_job_status", "State of a Job: running, succeeded or failed, with its pods and exit codes.",
-                 self._t_status, _schema({"context": _CONTEXT, "namespace": _NAMESPACE, "job": _JOB}, ("job",))),
+                 self._t_status, _schema({"context": _CONTEXT, "namespace": _NAMESPACE, "job": _JOB}, ("job",)), output_schema=returns({"context": "string", "namespace": "string", "job": "string", "state": "string", "error": "string", "active": "integer", "succeeded": "integer", "failed": "integer", "pods": "array"})),
             Tool("k8s_job_logs", "The logs of a Job's pods (the last `tail_lines` lines of each).", self._t_logs,
                  _schema({"context": _CONTEXT, "namespace": _NAMESPACE, "job": _JOB,
                           "tail_lines": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 200}},
-                         ("job",))),
+                         ("job",)), output_schema=returns({"context": "string", "namespace": "string", "job": "string", "logs": ["object", "array"]})),
             Tool("k8s_delete_job", "Delete a Job and its pods (propagation Background).", self._t_delete,
                  _schema({"context": _CONTEXT, "namespace": _NAMESPACE, "job": _JOB}, ("job",)),
-                 role="operator", read_only=False, destructive=True, idempotent=True),
+                 role="operator", read_only=False, destructive=True, idempotent=True, output_schema=returns({"context": "string", "namespace": "string", "job": "string", "deleted": "boolean"})),
             Tool("k8s_scale_deployment", "Set a Deployment's replica count; returns the previous and new count.",
                  self._t_scale, _schema({"context": _CONTEXT, "namespace": _NAMESPACE,
                                          "name": {"type": "string"},
                                          "replicas": {"type": "integer", "minimum": 0, "maximum": 1000}},
                                         ("name", "replicas")),
-                 role="operator", read_only=False, idempotent=True),
+                 role="operator", read_only=False, idempotent=True, output_schema=returns({"context": "string", "namespace": "string", "deployment": "string", "previous": ["integer", "null"], "replicas": ["integer", "null"]})),
         ]
 
     def _namespace(self, kube, args: dict) -> str:

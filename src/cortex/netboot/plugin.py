@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from cortex.netboot import profiles as profiles_mod
 from cortex.node.logs import fields
-from cortex.plugins import Plugin, Tool, ToolError
+from cortex.plugins import Plugin, Tool, ToolError, returns_list
 
 if TYPE_CHECKING:
     from cortex.netboot.service import HttpService
@@ -146,7 +146,7 @@ class NetbootPlugin(Plugin):
     def tools(self) -> list[Tool]:
         return [Tool("netboot_machines", "List netbooted machines: the latest boot of each machine, its profile, "
                                          "node id and enrollment state (issued, joined, reported, left, collected).",
-                     self._tool_machines)]
+                     self._tool_machines, output_schema=returns_list({"id": "string", "machine": "string", "profile": "string", "node_id": ["string", "null"], "state": "string", "created_at": "number", "boots": "integer"}, required=("id", "machine", "state", "boots")))]
 
     def _tool_machines(self, args: dict, caller) -> Any:
         try:

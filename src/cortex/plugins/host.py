@@ -340,6 +340,33 @@ class PluginHost:
             log.error("tool failed", extra={"fields": {"tool": name, "error": f"{type(exc).__name__}: {exc}"}})
             raise ToolError(f"{name} failed: {exc}") from exc
 
+    def plan_tool(self, name: str, arguments: Any, caller: Caller) -> str:
+        """What a call would do, said before it runs (a destructive tool's confirmation); changes nothing.
+        The same checks as a call come first, so a plan is never shown for a call that would be refused."""
+        tool = self.tools().get(name)
+        if tool is None:
+            raise ToolError(f"unknown tool {name!r}; list the tools to see what this node offers")
+        if not isinstance(arguments, dict):
+            raise ToolError(f"{name}: arguments must be a JSON object")
+        if CALLER_ROLES.index(caller.role) < CALLER_ROLES.index(tool.role):
+            raise ToolError(f"{name} needs the {tool.role!r} role; this caller has {caller.role!r}")
+        errors = [] if quickcheck.plainly_valid(tool.input_schema, arguments) else _schema_errors(tool.input_schema,
+                                                                                                    arguments)
+        if errors:
+            where = "/".join(str(p) for p in errors[0].path)
+            raise ToolError(f"{name}: invalid arguments{' at ' + where if where else ''}: {errors[0].message}")
+        shown = ", ".join(f"{k}={v!r}" for k, v in sorted(arguments.items()) if k != "idempotency_key")
+        generic = f"run {name}({shown}): {tool.description}"
+        if tool.plan is None:
+            return generic
+        try:
+            return tool.plan(arguments, caller) or generic
+        except ToolError:
+            raise
+        except Exception as exc:  # the plan is a courtesy: without it the user still sees what is asked
+            log.warning("tool plan failed", extra={"fields": {"tool": name, "error": f"{type(exc).__name__}: {exc}"}})
+            return generic
+
     def status(self) -> list[dict]:
         with self._lock:
             return [{"name": e.name, "state": e.state, "error": e.error, "origin": e.origin,

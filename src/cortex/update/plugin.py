@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cortex.plugins import Caller, Plugin, Tool, ToolError, write_with_retry
+from cortex.plugins import Caller, Plugin, Tool, ToolError, returns, write_with_retry
 from cortex.update import releases as updates
 from cortex.update import rollout
 from cortex.update.node_os import ApplianceOS, Facts, NodeOS, PackageOS, SimulatedOS
@@ -502,6 +502,14 @@ class UpdaterPlugin(Plugin):
             except Exception as exc:
                 raise ToolError(f"rollback refused: {exc}") from None
 
+        def rollout_plan(args: dict, caller: Caller) -> str:
+            plan = self.start_rollout(args["version"], args.get("source", ""), args.get("allow_downgrade", False),
+                                      True, caller.identity)
+            if plan["preflight"]:
+                return f"nothing: pre-flight refuses {args['version']} ({'; '.join(plan['preflight'])})"
+            order = ", ".join(s.get("node_id", "?") for s in plan["steps"])
+            return f"update {len(plan['steps'])} node(s) to {args['version']}, one at a time, in this order: {order}"
+
         return [
             Tool("update_rollout", "Roll a signed release out to the cluster, one node at a time (workers, "
                  "followers, the leader last). Pre-flight refuses unsigned/tampered/unreachable releases, "
@@ -510,13 +518,13 @@ class UpdaterPlugin(Plugin):
                      "version": {"type": "string"}, "source": {"type": "string"},
                      "allow_downgrade": {"type": "boolean"}, "dry_run": {"type": "boolean"}},
                      "required": ["version"], "additionalProperties": False},
-                 role="admin", read_only=False, destructive=True, idempotent=False),
+                 role="admin", read_only=False, destructive=True, idempotent=False, output_schema=returns({"version": "string", "source": "string", "payload_bytes": ["integer", "null"], "steps": "array", "preflight": "array", "started": "boolean", "id": "string", "state": "string"}, ("id", "state")), plan=rollout_plan),
             Tool("update_status", "The current rolling update (steps, states, why it halted) and the version, "
-                 "boot state and fallback of every node.", lambda a, c: self.status_doc()),
+                 "boot state and fallback of every node.", lambda a, c: self.status_doc(), output_schema=returns({"rollout": ["object", "null"], "nodes": "array"})),
             Tool("update_rollback", "Return the nodes a rollout already updated to their previous slot, newest "
                  "first (after a halted rollout).", rollback_tool,
                  {"type": "object", "properties": {"rollout_id": {"type": "string"}},
-                  "additionalProperties": False}, role="admin", read_only=False, destructive=True),
+                  "additionalProperties": False}, role="admin", read_only=False, destructive=True, output_schema=returns({"id": "string", "state": "string", "error": "string"}, required=())),
         ]
 
 

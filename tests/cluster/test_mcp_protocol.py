@@ -1,0 +1,242 @@
+"""MCP 2025-06-18 features against one real cluster (a server and a worker on loopback): every tool's output
+schema checked against what the tool really answers, structuredContent beside the text, destructive calls
+confirmed through elicitation (accepted, declined, refused to a client that cannot ask), `--read-only`, and
+the RFC 9728 protected-resource metadata with its 401 challenge. The official TypeScript SDK's client
+drives the same cluster in test_mcp_conformance.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx2
+import jsonschema
+import pytest
+from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+
+from cortex._proto.cortex.v1 import plugins_pb2 as ppb
+from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
+from cortex.client import open_channel
+from cortex.dev import cluster as devcluster
+from cortex.plugins import structured
+from tests.support.cluster import Cluster, free_base_port
+from tests.support.wait import wait_until
+
+
+@pytest.fixture(scope="module")
+def pc(tmp_path_factory):
+    """n1 (server) offers destructive tools and confirms them where a client can ask; w1 (worker) refuses
+    them to clients that cannot (confirm_destructive: require)."""
+    directory = tmp_path_factory.mktemp("mcp-protocol")
+
+    def extra(node: devcluster.DevNode) -> str:
+        confirm = "require" if node.id == "w1" else "elicit"
+        return (f"plugins:\n  mcp:\n    listen: 127.0.0.1:0\n    allow_destructive: true\n"
+                f"    confirm_destructive: {confirm}\n    authorization_servers: [https://auth.example.invalid]\n")
+
+    try:
+        dc = devcluster.up(directory, 1, 1, free_base_port(), timeout=90, extra_config=extra)
+        for node in dc.nodes:
+            wait_until(lambda node=node: (Path(node.dir) / "data/plugins/mcp/mcp.json").exists(), 30,
+                       f"{node.id}'s MCP plugin", interval=0.1, detail=lambda node=node: devcluster.tail(node.log_path))
+    except BaseException:
+        devcluster.down(directory)
+        raise
+    yield Cluster(dc)
+    devcluster.down(directory)
+
+
+def http_info(node) -> tuple[str, str]:
+    info = json.loads((Path(node.dir) / "data/plugins/mcp/mcp.json").read_text())
+    return info["url"], Path(info["token_file"]).read_text().strip()
+
+
+@asynccontextmanager
+async def http_session(node, query: str = "", elicit=None):
+    url, token = http_info(node)
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as http, \
+            streamable_http_client(url + query, http_client=http) as (read, write, *_), \
+            ClientSession(read, write, elicitation_callback=elicit) as session:
+        await session.initialize()
+        yield session
+
+
+@asynccontextmanager
+async def stdio_session(node, *extra: str):
+    args = ["-m", "cortex", "--addr", node.grpc_address, "--socket", str(node.admin_socket), "mcp", *extra]
+    params = StdioServerParameters(command=sys.executable, args=args, env=dict(os.environ))
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        yield session
+
+
+def plugins_stub(node):
+    return ppb_grpc.PluginsStub(open_channel(f"unix:{node.admin_socket}"))
+
+
+# Arguments for the read tools that need some, made from what the cluster holds (see _arguments_for).
+NEEDS_STATE = {"get_node", "kv_get", "get_message", "tasks_get", "workflows_get", "get_skill", "k8s_job_status",
+               "k8s_job_logs"}
+
+
+def test_every_tool_declares_an_output_schema_its_real_answers_match(pc):
+    """The declarations, then the answers: each read tool (and the kv and messaging writes) is called on the
+    agent and its structured result validated against the schema it declares."""
+    stub = plugins_stub(pc.node("n1"))
+    tools = {t.name: t for t in stub.ListTools(ppb.ListToolsRequest(), timeout=30).tools}
+    assert len(tools) >= 40
+    schemas = {}
+    for name, tool in tools.items():
+        assert tool.output_schema_json, f"{name} declares no output schema"
+        schema = json.loads(tool.output_schema_json)
+        jsonschema.Draft202012Validator.check_schema(schema)
+        assert schema["type"] == "object" and (schema.get("properties") or schema.get("anyOf")), name
+        assert tool.has_plan or not tool.destructive or name in {"memory_write", "update_rollback",
+                                                                   "k8s_delete_job"}, name
+        schemas[name] = schema
+
+    def call(name: str, arguments: dict):
+        r = stub.CallTool(ppb.CallToolRequest(name=name, arguments_json=json.dumps(arguments).encode()), timeout=60)
+        return r.error, json.loads(r.result_json) if r.result_json else None
+
+    def check(name: str, arguments: dict) -> bool:
+        error, result = call(name, arguments)
+        if error:
+            return False
+        errors = sorted(jsonschema.Draft202012Validator(schemas[name]).iter_errors(structured(result)), key=str)
+        assert not errors, f"{name}: {errors[0].message} at {list(errors[0].path)} in {json.dumps(result)[:400]}"
+        return True
+
+    assert check("kv_put", {"key": "schemas/a", "value": "1"})
+    sent = call("send_message", {"recipient": "n1", "body": "hello", "subject": "s"})[1]
+    assert check("send_message", {"recipient": "n1", "body": "again"})
+    assert check("mark_message_read", {"ids": [sent["id"]]})
+    submitted = call("tasks_submit", {"tasks": [{"kind": "noop"}]})
+    task_id = submitted[1]["task_ids"][0] if not submitted[0] else ""
+    specific = {"get_node": {"node_id": "n1"}, "kv_get": {"key": "schemas/a"}, "get_message": {"id": sent["id"]},
+                "tasks_get": {"task_id": task_id}}
+    validated, failed = [], {}
+    for name, tool in sorted(tools.items()):
+        if not tool.read_only:
+            continue
+        arguments = specific.get(name, {})
+        if name in NEEDS_STATE and not arguments:
+            continue
+        if check(name, arguments):
+            validated.append(name)
+        else:
+            failed[name] = call(name, arguments)[0]
+    # Tools whose subsystem has nothing to show here (no Kubernetes context, no Tailscale) may refuse; the
+    # core ones must answer and match.
+    must = {"cluster_status", "cluster_health", "list_nodes", "get_node", "list_plugins", "recent_events",
+            "list_join_requests", "list_join_tokens", "kv_get", "kv_list", "list_alerts", "list_skills",
+            "check_messages", "list_messages", "get_message", "tasks_list", "dlq_list", "workflows_list",
+            "nodes_resources", "memory_stats", "memory_schema", "memory_list_threads", "update_status"}
+    missing = {n: failed.get(n, "not called") for n in must & set(tools) if n not in validated}
+    assert not missing, missing
+    assert check("kv_delete", {"key": "schemas/a"})
+
+
+def test_structured_content_and_output_schemas_over_http_and_stdio(pc):
+    async def main():
+        async with http_session(pc.node("n1"), "?profile=operator&toolsets=kv") as s:
+            tools = {t.name: t for t in (await s.list_tools()).tools}
+            assert all(t.output_schema and t.output_schema["type"] == "object" for t in tools.values())
+            await s.call_tool("kv_put", {"key": "sc/k", "value": "v"})
+            got = await s.call_tool("kv_get", {"key": "sc/k"})
+            assert not got.is_error and got.structured_content["value"] == "v"
+            assert json.loads(got.content[0].text) == got.structured_content
+            listed = await s.call_tool("kv_list", {"prefix": "sc/"})
+            assert listed.structured_content == {"result": json.loads(listed.content[0].text)}
+            jsonschema.validate(listed.structured_content, tools["kv_list"].output_schema)
+        async with stdio_session(pc.node("w1"), "--via", "addr", "--profile", "operator", "--toolsets", "kv") as s:
+            tools = {t.name: t for t in (await s.list_tools()).tools}
+            assert tools["kv_get"].output_schema["properties"]["found"] == {"type": "boolean"}
+            got = await s.call_tool("kv_get", {"key": "sc/k"})
+            assert got.structured_content["found"] is True
+    anyio.run(main)
+
+
+def test_destructive_calls_are_confirmed_through_elicitation(pc):
+    asked: list[str] = []
+
+    def answer(action: str, confirm: bool | None = None):
+        async def callback(context, params):
+            from mcp.types import ElicitResult
+
+            asked.append(params.message)
+            return ElicitResult(action=action, content=None if confirm is None else {"confirm": confirm})
+        return callback
+
+    async def main():
+        async with http_session(pc.node("n1"), "?profile=admin&toolsets=kv") as s:
+            await s.call_tool("kv_put", {"key": "el/k", "value": "twelve chars"})
+        async with http_session(pc.node("n1"), "?profile=admin&toolsets=kv", answer("decline")) as s:
+            declined = await s.call_tool("kv_delete", {"key": "el/k"})
+            assert declined.is_error and "declined by the user: nothing was changed" in declined.content[0].text
+            assert (await s.call_tool("kv_get", {"key": "el/k"})).structured_content["found"] is True
+        async with http_session(pc.node("n1"), "?profile=admin&toolsets=kv", answer("accept", False)) as s:
+            assert (await s.call_tool("kv_delete", {"key": "el/k"})).is_error
+        async with http_session(pc.node("n1"), "?profile=admin&toolsets=kv", answer("accept", True)) as s:
+            done = await s.call_tool("kv_delete", {"key": "el/k"})
+            assert not done.is_error and done.structured_content == {"key": "el/k", "deleted": True}
+        # The message is the plan, read from the state: which key, at which version.
+        assert asked and all("delete key 'el/k' (version 1, 12 characters" in m for m in asked), asked
+        # A client without elicitation: n1 keeps today's policy (the call runs), w1 requires a confirmation.
+        async with http_session(pc.node("n1"), "?profile=admin&toolsets=kv") as s:
+            await s.call_tool("kv_put", {"key": "el/k2", "value": "x"})
+            assert not (await s.call_tool("kv_delete", {"key": "el/k2"})).is_error
+        async with http_session(pc.node("w1"), "?profile=admin&toolsets=kv") as s:
+            await s.call_tool("kv_put", {"key": "el/k3", "value": "x"})
+            refused = await s.call_tool("kv_delete", {"key": "el/k3"})
+            assert refused.is_error and "confirm_destructive: require" in refused.content[0].text
+            assert (await s.call_tool("kv_get", {"key": "el/k3"})).structured_content["found"] is True
+        # Over stdio the plan comes from the agent over gRPC (CallTool plan_only).
+        stub = plugins_stub(pc.node("n1"))
+        plan = stub.CallTool(ppb.CallToolRequest(name="kv_delete", arguments_json=b'{"key": "el/k3"}',
+                                                 plan_only=True), timeout=30)
+        assert plan.plan.startswith("delete key 'el/k3' (version 1") and not plan.result_json
+        bad = stub.CallTool(ppb.CallToolRequest(name="kv_delete", arguments_json=b'{"key": 5}', plan_only=True),
+                            timeout=30)
+        assert "invalid arguments" in bad.error and not bad.plan
+    anyio.run(main)
+
+
+def test_read_only_hides_and_refuses_every_tool_that_changes_state(pc):
+    async def main():
+        async with stdio_session(pc.node("n1"), "--profile", "admin", "--toolsets", "all", "--read-only") as s:
+            tools = (await s.list_tools()).tools
+            assert tools and all(t.annotations.read_only_hint for t in tools)
+            for name, arguments in (("kv_put", {"key": "ro", "value": "x"}), ("kv_delete", {"key": "ro"})):
+                refused = await s.call_tool(name, arguments)
+                assert refused.is_error and "serves read-only tools only" in refused.content[0].text
+            assert not (await s.call_tool("kv_get", {"key": "ro"})).is_error
+    anyio.run(main)
+
+
+def test_protected_resource_metadata_and_the_401_challenge(pc):
+    url, token = http_info(pc.node("n1"))
+    origin = url.rsplit("/mcp", 1)[0]
+    body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    with httpx2.Client(timeout=10) as http:
+        for path in ("/.well-known/oauth-protected-resource", "/.well-known/oauth-protected-resource/mcp"):
+            doc = http.get(origin + path)
+            assert doc.status_code == 200, doc.text
+            assert doc.json()["resource"] == url and doc.json()["bearer_methods_supported"] == ["header"]
+            assert doc.json()["authorization_servers"] == ["https://auth.example.invalid"]
+        for auth in ({}, {"Authorization": "Bearer wrong"}):
+            refused = http.post(url, json=body, headers={**headers, **auth})
+            assert refused.status_code == 401
+            challenge = refused.headers["www-authenticate"]
+            assert challenge.startswith("Bearer ") and \
+                f'resource_metadata="{origin}/.well-known/oauth-protected-resource/mcp"' in challenge
+            assert ('error="invalid_token"' in challenge) == bool(auth)
+        # The static token still gets in (past the guard; the MCP layer answers, 2xx or a protocol error).
+        assert http.post(url, json=body, headers={**headers, "Authorization": f"Bearer {token}"}).status_code != 401
