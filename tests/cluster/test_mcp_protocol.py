@@ -1,14 +1,16 @@
 """MCP 2025-06-18 features against one real cluster (a server and a worker on loopback): every tool's output
 schema checked against what the tool really answers, structuredContent beside the text, destructive calls
 confirmed through elicitation (accepted, declined, refused to a client that cannot ask), `--read-only`, and
-the RFC 9728 protected-resource metadata with its 401 challenge. The official TypeScript SDK's client
-drives the same cluster in test_mcp_conformance.py.
+the RFC 9728 protected-resource metadata with its 401 challenge; and the official TypeScript SDK's client
+(tests/conformance/client.mjs) over stdio and HTTP against the same cluster.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +27,7 @@ from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
 from cortex.client import open_channel
 from cortex.dev import cluster as devcluster
 from cortex.plugins import structured
+from tests.support import procs
 from tests.support.cluster import Cluster, free_base_port
 from tests.support.wait import wait_until
 
@@ -240,3 +243,57 @@ def test_protected_resource_metadata_and_the_401_challenge(pc):
             assert ('error="invalid_token"' in challenge) == bool(auth)
         # The static token still gets in (past the guard; the MCP layer answers, 2xx or a protocol error).
         assert http.post(url, json=body, headers={**headers, "Authorization": f"Bearer {token}"}).status_code != 401
+
+
+# --- the official TypeScript SDK's client (tests/conformance, pinned in package-lock.json) ---------------------
+
+CONFORMANCE = Path(__file__).resolve().parents[1] / "conformance"
+CHECKS = {"initialize", "capabilities", "tools/list", "tools/outputSchema", "tools/call write", "tools/call read",
+          "tools/call list result", "resources/list", "resources/read", "resources/templates/list",
+          "errors/unknown tool", "errors/bad arguments", "notifications/tools/list_changed",
+          "tools/list after change"}
+
+
+def _typescript_client(pc, config: dict) -> dict[str, dict]:
+    """Run client.mjs; when it waits for a tool-list change, stop the skills plugin (then start it again)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the TypeScript SDK conformance client needs node >= 20 and npm ci "
+                    "in tests/conformance (bootstrap.sh does it when npm is present)")
+    if not (CONFORMANCE / "node_modules/@modelcontextprotocol/sdk").is_dir():
+        pytest.fail("tests/conformance/node_modules is missing: run `npm ci` there (bootstrap.sh does it)")
+    stub = plugins_stub(pc.node("n1"))
+    checks: dict[str, dict] = {}
+    proc = procs.popen([node, str(CONFORMANCE / "client.mjs"), json.dumps(config)], cwd=CONFORMANCE,
+                       stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            message = json.loads(line)
+            if message.get("waiting"):
+                stub.SetPluginState(ppb.SetPluginStateRequest(name="skills", running=False), timeout=30)
+            elif "check" in message:
+                checks[message["check"]] = message
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stub.SetPluginState(ppb.SetPluginStateRequest(name="skills", running=True), timeout=30)
+    return checks
+
+
+@pytest.mark.parametrize("mode", ["stdio", "http"])
+def test_the_typescript_sdk_client_conforms(pc, mode):
+    n1 = pc.node("n1")
+    if mode == "stdio":
+        config = {"mode": "stdio", "command": sys.executable, "env": dict(os.environ),
+                  "args": ["-m", "cortex", "--socket", str(n1.admin_socket), "mcp", "--via", "socket",
+                           "--profile", "operator", "--toolsets", "all"]}
+    else:
+        url, token = http_info(n1)
+        config = {"mode": "http", "url": url + "?profile=operator&toolsets=all", "token": token}
+    checks = _typescript_client(pc, config)
+    expected = CHECKS | ({"errors/wrong token"} if mode == "http" else set())
+    assert set(checks) == expected, expected ^ set(checks)
+    failed = {name: c["detail"] for name, c in checks.items() if not c["ok"]}
+    assert not failed, failed

@@ -251,6 +251,13 @@ class Frontend:
             on_list_tools=self._list_tools, on_call_tool=self._call_tool, on_list_resources=self._list_resources,
             on_read_resource=self._read_resource, on_subscriptions_listen=ListenHandler(self.bus))
         self.server.middleware.append(self._remember_connection)
+        # The streamable HTTP transport asks for the initialize answer without arguments, which would
+        # advertise listChanged: false although we send list-changed notifications on HTTP too.
+        default_options = self.server.create_initialization_options
+        self.server.create_initialization_options = (
+            lambda notification_options=None, *args, **kwargs: default_options(
+                notification_options or NotificationOptions(tools_changed=True, resources_changed=True),
+                *args, **kwargs))
 
     def initialization_options(self):
         return self.server.create_initialization_options(NotificationOptions(tools_changed=True,
