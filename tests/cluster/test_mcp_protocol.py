@@ -297,3 +297,68 @@ def test_the_typescript_sdk_client_conforms(pc, mode):
     assert set(checks) == expected, expected ^ set(checks)
     failed = {name: c["detail"] for name, c in checks.items() if not c["ok"]}
     assert not failed, failed
+
+
+# --- plugin policies and the audit log (the `access` domain) ----------------------------------------------------
+
+def test_plugin_policies_narrow_callers_and_every_change_is_audited(pc):
+    from cortex.plugins.audit import digest
+
+    n1 = pc.node("n1")
+    stub = plugins_stub(n1)  # the admin socket: identity admin-socket, role admin
+
+    def cli(*args):
+        out = procs.run([sys.executable, "-m", "cortex", "--addr", n1.grpc_address, *args], capture_output=True,
+                        timeout=60)
+        return out.returncode, out.stdout.decode(), out.stderr.decode()
+
+    def call(name, arguments):
+        r = stub.CallTool(ppb.CallToolRequest(name=name, arguments_json=json.dumps(arguments).encode()), timeout=30)
+        return r.error or None, json.loads(r.result_json) if r.result_json else None
+
+    async def over_http(name, arguments):
+        async with http_session(n1, "?profile=operator&toolsets=kv") as s:
+            return await s.call_tool(name, arguments)
+
+    first = call("kv_put", {"key": "audit/a", "value": "1", "idempotency_key": "k-audit-a"})
+    again = call("kv_put", {"key": "audit/a", "value": "1", "idempotency_key": "k-audit-a"})
+    assert first[0] is None and again[0] is None and first[1]["index"] == again[1]["index"]
+    # Only the admin socket may change through cluster-tools now; HTTP (mcp-http-token, operator) may read.
+    code, out, err = cli("--json", "audit", "set", "cluster-tools", "--change-callers", "admin-socket",
+                         "--idempotency-key", "policy-1")
+    assert code == 0, err
+    assert json.loads(out)["change"] == {"roles": [], "callers": ["admin-socket"]}
+    retried = json.loads(cli("--json", "audit", "set", "cluster-tools", "--change-callers", "admin-socket",
+                             "--idempotency-key", "policy-1")[1])
+    assert retried["_duplicate"] is True  # a retry under the same key: the first answer, applied once
+    assert {k: v for k, v in retried.items() if k not in ("duplicate", "_duplicate", "_index")} == \
+        {k: v for k, v in json.loads(out).items() if k not in ("duplicate", "_duplicate", "_index")}
+    wait_until(lambda: anyio.run(over_http, "kv_put", {"key": "audit/b", "value": "2"}).is_error, 30,
+               "the policy to reach n1's HTTP endpoint", interval=0.2)
+    refused = anyio.run(over_http, "kv_put", {"key": "audit/b", "value": "2"})
+    assert "policy for plugin 'cluster-tools' lets only admin-socket change anything" in refused.content[0].text
+    assert not anyio.run(over_http, "kv_get", {"key": "audit/a"}).is_error
+    assert call("kv_put", {"key": "audit/c", "value": "3"})[0] is None
+    code, out, err = cli("audit", "policies")
+    assert code == 0 and "cluster-tools" in out and "admin-socket" in out, out + err
+    assert cli("audit", "set", "cluster-tools", "--change-roles", "root")[0] == 2  # bad input: a clear usage error
+
+    def records():
+        return json.loads(cli("--json", "audit", "log", "--limit", "200")[1])
+
+    wait_until(lambda: any(r["outcome"] == "refused" for r in records()), 30, "the refusal in the audit log")
+    rows = records()
+    put_a = [r for r in rows if r["tool"] == "kv_put" and r["caller"] == "admin-socket" and r["outcome"] == "ok"]
+    assert put_a and put_a[-1]["digest"] == digest({"key": "audit/a", "value": "1"}) and put_a[-1]["node"] == "n1"
+    refusal = next(r for r in rows if r["outcome"] == "refused")
+    assert (refusal["caller"], refusal["role"], refusal["tool"]) == ("mcp-http-token", "operator", "kv_put")
+    assert any(r["kind"] == "policy" and r["tool"] == "access.policy_set" for r in rows)
+    assert not any(r["tool"] == "kv_get" for r in rows)  # reads are not audited
+    # The same log through the MCP tool, and the table.
+    error, through_tool = call("audit_log", {"outcome": "refused"})
+    assert error is None and through_tool and all(r["outcome"] == "refused" for r in through_tool)
+    code, out, _ = cli("audit", "log", "--outcome", "refused")
+    assert code == 0 and "mcp-http-token" in out and "OUTCOME" in out
+    assert cli("audit", "clear", "cluster-tools")[0] == 0
+    wait_until(lambda: not anyio.run(over_http, "kv_put", {"key": "audit/b", "value": "2"}).is_error, 30,
+               "the cleared policy to reach n1's HTTP endpoint", interval=0.2)

@@ -83,6 +83,8 @@ REACHES = {
     "dlq": ([], "addr"), "dlq list": ([], "addr"), "dlq show": (["t1"], "addr"), "dlq replay": (["--all"], "addr"),
     "workflows submit": (["{workflow}"], "addr"), "workflows show": (["w1"], "addr"),
     "workflows list": ([], "addr"), "workflows cancel": (["w1"], "addr"),
+    "audit log": ([], "addr"), "audit policies": ([], "addr"),
+    "audit set": (["kv", "--change-roles", "admin"], "addr"), "audit clear": (["kv"], "addr"),
 }
 # Commands that talk to no node, or only as long-running services whose loops are tested where they live
 # (agent, mcp, netboot ephemeral run), or only after reading a backup (backup restore: test_memory_cluster.py).

@@ -81,6 +81,7 @@ BUILTIN: tuple[str, ...] = (
     "cortex.membership.domain",
     "cortex.security.revocation",
     "cortex.security.ca_rotation",
+    "cortex.plugins.access",
 )
 
 

@@ -127,7 +127,8 @@ class RequireCaller:
 def view_of(request) -> View:
     caller: Caller = request.scope.get("cortex.caller") or Caller(role="reader")
     toolsets = tuple(t.strip() for t in request.query_params.get("toolsets", "").split(",") if t.strip())
-    return View(caller_role=caller.role, profile=request.query_params.get("profile", ""), toolsets=toolsets)
+    return View(caller_role=caller.role, profile=request.query_params.get("profile", ""), toolsets=toolsets,
+                caller_identity=caller.identity)
 
 
 class HttpServer:

@@ -270,7 +270,7 @@ class Frontend:
         return self.default_view
 
     def _caller(self, view: View) -> Caller:
-        return Caller(role=view.caller_role)
+        return Caller(role=view.caller_role, identity=view.caller_identity)
 
     async def _catalog_for(self, view: View) -> Catalog:
         if isinstance(self.backend, LocalBackend):  # cheap in-process, and the caller shapes it

@@ -75,6 +75,7 @@ class View:
     caller_role: str = "operator"
     profile: str = ""  # "" = the node's default profile
     toolsets: tuple[str, ...] = ()  # () = the node's default toolsets; ("all",) = every toolset
+    caller_identity: str = "local"  # who (the HTTP token's name); stdio callers are named by the agent
 
 
 @dataclass
