@@ -24,7 +24,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from cortex._proto.cortex.v1 import plugins_pb2 as ppb
 from cortex._proto.cortex.v1 import plugins_pb2_grpc as ppb_grpc
-from cortex.client import open_channel
+from cortex.client import Client, open_channel
 from cortex.dev import cluster as devcluster
 from cortex.plugins import structured
 from tests.support import procs
@@ -158,11 +158,6 @@ def test_structured_content_and_output_schemas_over_http_and_stdio(pc):
             listed = await s.call_tool("kv_list", {"prefix": "sc/"})
             assert listed.structured_content == {"result": json.loads(listed.content[0].text)}
             jsonschema.validate(listed.structured_content, tools["kv_list"].output_schema)
-        async with stdio_session(pc.node("w1"), "--via", "addr", "--profile", "operator", "--toolsets", "kv") as s:
-            tools = {t.name: t for t in (await s.list_tools()).tools}
-            assert tools["kv_get"].output_schema["properties"]["found"] == {"type": "boolean"}
-            got = await s.call_tool("kv_get", {"key": "sc/k"})
-            assert got.structured_content["found"] is True
     anyio.run(main)
 
 
@@ -219,7 +214,10 @@ def test_read_only_hides_and_refuses_every_tool_that_changes_state(pc):
             for name, arguments in (("kv_put", {"key": "ro", "value": "x"}), ("kv_delete", {"key": "ro"})):
                 refused = await s.call_tool(name, arguments)
                 assert refused.is_error and "serves read-only tools only" in refused.content[0].text
-            assert not (await s.call_tool("kv_get", {"key": "ro"})).is_error
+            got = await s.call_tool("kv_get", {"key": "ro"})  # reads answer, structured, over stdio too
+            assert got.structured_content == {"key": "ro", "found": False} == json.loads(got.content[0].text)
+            kv_get = next(t for t in tools if t.name == "kv_get")
+            assert kv_get.output_schema["properties"]["found"] == {"type": "boolean"}
     anyio.run(main)
 
 
@@ -306,6 +304,7 @@ def test_plugin_policies_narrow_callers_and_every_change_is_audited(pc):
 
     n1 = pc.node("n1")
     stub = plugins_stub(n1)  # the admin socket: identity admin-socket, role admin
+    client = Client(n1.grpc_address, timeout=30)  # the dev cluster's admin certificate, as the CLI uses
 
     def cli(*args):
         out = procs.run([sys.executable, "-m", "cortex", "--addr", n1.grpc_address, *args], capture_output=True,
@@ -316,49 +315,54 @@ def test_plugin_policies_narrow_callers_and_every_change_is_audited(pc):
         r = stub.CallTool(ppb.CallToolRequest(name=name, arguments_json=json.dumps(arguments).encode()), timeout=30)
         return r.error or None, json.loads(r.result_json) if r.result_json else None
 
-    async def over_http(name, arguments):
-        async with http_session(n1, "?profile=operator&toolsets=kv") as s:
-            return await s.call_tool(name, arguments)
-
-    first = call("kv_put", {"key": "audit/a", "value": "1", "idempotency_key": "k-audit-a"})
-    again = call("kv_put", {"key": "audit/a", "value": "1", "idempotency_key": "k-audit-a"})
-    assert first[0] is None and again[0] is None and first[1]["index"] == again[1]["index"]
-    # Only the admin socket may change through cluster-tools now; HTTP (mcp-http-token, operator) may read.
-    code, out, err = cli("--json", "audit", "set", "cluster-tools", "--change-callers", "admin-socket",
-                         "--idempotency-key", "policy-1")
-    assert code == 0, err
-    assert json.loads(out)["change"] == {"roles": [], "callers": ["admin-socket"]}
-    retried = json.loads(cli("--json", "audit", "set", "cluster-tools", "--change-callers", "admin-socket",
-                             "--idempotency-key", "policy-1")[1])
-    assert retried["_duplicate"] is True  # a retry under the same key: the first answer, applied once
-    assert {k: v for k, v in retried.items() if k not in ("duplicate", "_duplicate", "_index")} == \
-        {k: v for k, v in json.loads(out).items() if k not in ("duplicate", "_duplicate", "_index")}
-    wait_until(lambda: anyio.run(over_http, "kv_put", {"key": "audit/b", "value": "2"}).is_error, 30,
-               "the policy to reach n1's HTTP endpoint", interval=0.2)
-    refused = anyio.run(over_http, "kv_put", {"key": "audit/b", "value": "2"})
-    assert "policy for plugin 'cluster-tools' lets only admin-socket change anything" in refused.content[0].text
-    assert not anyio.run(over_http, "kv_get", {"key": "audit/a"}).is_error
-    assert call("kv_put", {"key": "audit/c", "value": "3"})[0] is None
-    code, out, err = cli("audit", "policies")
-    assert code == 0 and "cluster-tools" in out and "admin-socket" in out, out + err
-    assert cli("audit", "set", "cluster-tools", "--change-roles", "root")[0] == 2  # bad input: a clear usage error
-
     def records():
-        return json.loads(cli("--json", "audit", "log", "--limit", "200")[1])
+        return client.read("access.log", {"limit": 200})
 
-    wait_until(lambda: any(r["outcome"] == "refused" for r in records()), 30, "the refusal in the audit log")
-    rows = records()
-    put_a = [r for r in rows if r["tool"] == "kv_put" and r["caller"] == "admin-socket" and r["outcome"] == "ok"]
-    assert put_a and put_a[-1]["digest"] == digest({"key": "audit/a", "value": "1"}) and put_a[-1]["node"] == "n1"
-    refusal = next(r for r in rows if r["outcome"] == "refused")
-    assert (refusal["caller"], refusal["role"], refusal["tool"]) == ("mcp-http-token", "operator", "kv_put")
-    assert any(r["kind"] == "policy" and r["tool"] == "access.policy_set" for r in rows)
-    assert not any(r["tool"] == "kv_get" for r in rows)  # reads are not audited
-    # The same log through the MCP tool, and the table.
-    error, through_tool = call("audit_log", {"outcome": "refused"})
-    assert error is None and through_tool and all(r["outcome"] == "refused" for r in through_tool)
-    code, out, _ = cli("audit", "log", "--outcome", "refused")
-    assert code == 0 and "mcp-http-token" in out and "OUTCOME" in out
-    assert cli("audit", "clear", "cluster-tools")[0] == 0
-    wait_until(lambda: not anyio.run(over_http, "kv_put", {"key": "audit/b", "value": "2"}).is_error, 30,
-               "the cleared policy to reach n1's HTTP endpoint", interval=0.2)
+    async def until(session, refused: bool) -> None:
+        """Put over HTTP (mcp-http-token, operator) until the node enforces the policy change."""
+        with anyio.fail_after(30):
+            while (await session.call_tool("kv_put", {"key": "audit/b", "value": "2"})).is_error != refused:
+                await anyio.sleep(0.2)
+
+    async def main():
+        first = call("kv_put", {"key": "audit/a", "value": "1", "idempotency_key": "k-audit-a"})
+        again = call("kv_put", {"key": "audit/a", "value": "1", "idempotency_key": "k-audit-a"})
+        assert first[0] is None and again[0] is None and first[1]["index"] == again[1]["index"]
+        # Only the admin socket may change through cluster-tools now; HTTP (mcp-http-token) may still read.
+        code, out, err = cli("--json", "audit", "set", "cluster-tools", "--change-callers", "admin-socket",
+                             "--idempotency-key", "policy-1")
+        assert code == 0, err
+        assert json.loads(out)["change"] == {"roles": [], "callers": ["admin-socket"]}
+        retried = client.write("access.policy_set", {"plugin": "cluster-tools",
+                                                     "change": {"callers": ["admin-socket"]}},
+                               idempotency_key="policy-1")
+        assert retried["duplicate"] is True  # a retry under the same key: the first answer, applied once
+        skip = ("duplicate", "_duplicate", "_index")
+        assert {k: v for k, v in retried.items() if k not in skip} == \
+            {k: v for k, v in json.loads(out).items() if k not in skip}
+        async with http_session(n1, "?profile=operator&toolsets=kv") as s:
+            await until(s, refused=True)
+            refused = await s.call_tool("kv_put", {"key": "audit/b", "value": "2"})
+            assert "policy for plugin 'cluster-tools' lets only admin-socket change anything" in \
+                refused.content[0].text
+            assert not (await s.call_tool("kv_get", {"key": "audit/a"})).is_error
+            assert call("kv_put", {"key": "audit/c", "value": "3"})[0] is None  # the named caller still may
+            code, out, err = cli("audit", "policies")
+            assert code == 0 and "cluster-tools" in out and "admin-socket" in out, out + err
+            wait_until(lambda: any(r["outcome"] == "refused" for r in records()), 30, "the refusal in the audit log")
+            rows = records()
+            put_a = [r for r in rows if r["digest"] == digest({"key": "audit/a", "value": "1"})]
+            assert [(r["tool"], r["caller"], r["role"], r["outcome"], r["node"]) for r in put_a] == \
+                [("kv_put", "admin-socket", "admin", "ok", "n1")] * 2  # the retry under the same key ran too
+            refusal = next(r for r in rows if r["outcome"] == "refused")
+            assert (refusal["caller"], refusal["role"], refusal["tool"]) == ("mcp-http-token", "operator", "kv_put")
+            assert not any(r["tool"] == "kv_get" for r in rows)  # reads are not audited
+            # The same log through the MCP tool, and the CLI's table.
+            error, through_tool = call("audit_log", {"outcome": "refused"})
+            assert error is None and through_tool and all(r["outcome"] == "refused" for r in through_tool)
+            code, out, _ = cli("audit", "log", "--outcome", "refused")
+            assert code == 0 and "mcp-http-token" in out and "OUTCOME" in out
+            assert cli("audit", "clear", "cluster-tools")[0] == 0
+            await until(s, refused=False)
+        assert [r["tool"] for r in records() if r["kind"] == "policy"] == ["access.policy_clear", "access.policy_set"]
+    anyio.run(main)

@@ -90,3 +90,12 @@ def test_only_admins_and_nodes_change_policies():
     assert "changed by admins" in refuse("access.policy_set", {}, Peer("o", "operator", "c"))
     assert "written by the nodes" in refuse("access.record", {}, Peer("a", "admin", "c"))
     assert refuse("access.record", {}, Peer("w1", "worker", "c")) is None
+
+
+def test_the_cli_refuses_a_bad_policy_before_reaching_any_node(capsys):
+    from cortex.cli.main import main
+
+    assert main(["--addr", "127.0.0.1:1", "audit", "set", "kv", "--change-roles", "root"]) == 2
+    assert "unknown role(s) root; use reader, operator, admin" in capsys.readouterr().err
+    assert main(["--addr", "127.0.0.1:1", "audit", "set", "kv"]) == 2
+    assert "give --read-roles/--read-callers" in capsys.readouterr().err

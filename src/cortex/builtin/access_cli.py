@@ -24,7 +24,8 @@ def _names(text: str | None, what: str, allowed: tuple[str, ...] = ()) -> list[s
 def _rule(roles: str | None, callers: str | None, what: str) -> dict | None:
     if roles is None and callers is None:
         return None
-    return {"roles": _names(roles, f"--{what}-roles", ROLES) or [], "callers": _names(callers, f"--{what}-callers") or []}
+    return {"roles": _names(roles, f"--{what}-roles", ROLES) or [],
+            "callers": _names(callers, f"--{what}-callers") or []}
 
 
 def _show(rule: dict | None) -> str:

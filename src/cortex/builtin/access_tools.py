@@ -76,9 +76,11 @@ class AccessPlugin(Plugin):
                  {**obj, "required": ["plugin"], "properties": {"plugin": PLUGIN, "read": RULE, "change": RULE,
                                                                 "idempotency_key": KEY}},
                  role="admin", read_only=False,
-                 output_schema=returns({"plugin": "string", "read": RULE_OUT, "change": RULE_OUT, "changed": "boolean"})),
+                 output_schema=returns({"plugin": "string", "read": RULE_OUT, "change": RULE_OUT,
+                                        "changed": "boolean"})),
             Tool("clear_plugin_policy", "Remove a plugin's policy: its tools' own roles apply again.",
                  self.clear_policy, {**obj, "required": ["plugin"], "properties": {"plugin": PLUGIN,
                                                                                    "idempotency_key": KEY}},
-                 role="admin", read_only=False, output_schema=returns({"plugin": "string", "cleared": "boolean"})),
+                 role="admin", read_only=False,
+                 output_schema=returns({"plugin": "string", "cleared": "boolean"})),
         ]

@@ -64,6 +64,96 @@ def _proto_dict(message) -> dict:
     return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+# What each tool answers: its MCP output schema (structuredContent).
+_OUT_LIST_NODES = returns_list(NODE_ROW["properties"])
+_OUT_TRANSFER_LEADERSHIP = returns({"leader": "string", "term": "integer"})
+_OUT_LIST_PLUGINS = returns(
+    {
+        "node_id": "string",
+        "plugins": {
+            "type": "array",
+            "items": returns(
+                {
+                    "name": "string",
+                    "state": "string",
+                    "error": "string",
+                    "origin": "string",
+                    "tools": "integer",
+                }
+            ),
+        },
+    }
+)
+_OUT_RECENT_EVENTS = returns_list(
+    {"type": "string", "data": "object", "ts": "number", "index": ["integer", "null"]}
+)
+_OUT_LIST_JOIN_REQUESTS = returns_list(
+    {
+        "node_id": "string",
+        "role": "string",
+        "grpc_address": "string",
+        "raft_address": "string",
+        "state": "string",
+        "requested_at": "number",
+        "decided_at": ["number", "null"],
+    }
+)
+_OUT_REMOVE_NODE = returns({"node_id": "string", "removed": "boolean"})
+_OUT_CREATE_JOIN_TOKEN = returns(
+    {
+        "token": "string",
+        "token_id": "string",
+        "expires_at": ["number", "null"],
+        "role": "string",
+        "uses": ["integer", "null"],
+        "use": "string",
+    }
+)
+_OUT_LIST_JOIN_TOKENS = returns_list(
+    {
+        "id": "string",
+        "role": "string",
+        "created_at": "number",
+        "expires_at": ["number", "null"],
+        "uses_left": ["integer", "null"],
+        "revoked": "boolean",
+    }
+)
+_OUT_REVOKE_JOIN_TOKEN = returns({"token_id": "string", "revoked": "boolean"})
+_OUT_KV_GET = returns({**OUT_KV_ROW, "found": "boolean"}, required=("key", "found"))
+_OUT_KV_PUT = returns({"key": "string", "version": "integer", "index": "integer"})
+_OUT_KV_LIST = returns_list(OUT_KV_ROW)
+_OUT_KV_DELETE = returns({"key": "string", "deleted": "boolean"})
+_OUT_LIST_ALERTS = returns(
+    {
+        "alerts": ALERTS,
+        "squelched": ALERTS,
+        "squelches": {
+            "type": "array",
+            "items": returns(
+                {
+                    "id": "string",
+                    "pattern": "string",
+                    "reason": "string",
+                    "by": "string",
+                    "created_at": "number",
+                    "until": "number",
+                }
+            ),
+        },
+    }
+)
+_OUT_SQUELCH_ALERTS = returns(
+    {
+        "id": "string",
+        "pattern": "string",
+        "until": "number",
+        "now_squelched": {"type": "array", "items": {"type": "string"}},
+    }
+)
+_OUT_UNSQUELCH_ALERTS = returns({"id": "string", "removed": "boolean"})
+
+
 class ClusterToolsPlugin(Plugin):
     name = "cluster-tools"
     options_schema = {**OBJ, "properties": {
@@ -307,73 +397,84 @@ class ClusterToolsPlugin(Plugin):
             Tool("list_nodes", "Members of the cluster with role, liveness, lag and addresses; filter by role or "
                  "liveness.", self.list_nodes,
                  _schema({"role": {"enum": ["server", "worker"]},
-                          "liveness": {"enum": ["alive", "suspect", "offline"]}}), toolset="cluster", output_schema=returns_list(NODE_ROW['properties'])),
+                          "liveness": {"enum": ["alive", "suspect", "offline"]}}), toolset="cluster",
+                 output_schema=_OUT_LIST_NODES),
             Tool("get_node", "One node's details (or its pending join request).", self.get_node,
                  _schema(node, ("node_id",)), toolset="cluster", output_schema=OUT_NODE),
             Tool("transfer_leadership", "Hand Raft leadership to another server (node_id), or to any up-to-date "
                  "server when omitted; writes pause for well under a second.", self.transfer_leadership,
-                 _schema(node), toolset="cluster", idempotent=False, **write, output_schema=returns({"leader": "string", "term": "integer"})),
+                 _schema(node), toolset="cluster", idempotent=False, **write,
+                 output_schema=_OUT_TRANSFER_LEADERSHIP),
             Tool("list_plugins", "Plugins on the node this session is connected to: state, error, tool count.",
-                 self.list_plugins, _schema(), toolset="cluster", output_schema=returns({"node_id": "string", "plugins": {"type": "array", "items": returns({"name": "string", "state": "string", "error": "string", "origin": "string", "tools": "integer"})}})),
+                 self.list_plugins, _schema(), toolset="cluster", output_schema=_OUT_LIST_PLUGINS),
             Tool("recent_events", "Recent events seen by this node (node.*, leader.changed, plugin.failed, "
                  "message.received, ...), oldest first.", self.recent_events,
                  _schema({"pattern": {"type": "string", "maxLength": 100, "default": "*",
                                       "description": "glob over event types, e.g. node.*"},
-                          "limit": {"type": "integer", "minimum": 1, "maximum": 256}}), toolset="cluster", output_schema=returns_list({"type": "string", "data": "object", "ts": "number", "index": ["integer", "null"]})),
+                          "limit": {"type": "integer", "minimum": 1, "maximum": 256}}), toolset="cluster",
+                 output_schema=_OUT_RECENT_EVENTS),
             Tool("list_join_requests", "Join requests from nodes that asked without a token (pending, approved, "
                  "rejected).", self.list_join_requests,
-                 _schema({"state": {"enum": ["pending", "approved", "rejected"]}}), toolset="membership", output_schema=returns_list({"node_id": "string", "role": "string", "grpc_address": "string", "raft_address": "string", "state": "string", "requested_at": "number", "decided_at": ["number", "null"]})),
+                 _schema({"state": {"enum": ["pending", "approved", "rejected"]}}), toolset="membership",
+                 output_schema=_OUT_LIST_JOIN_REQUESTS),
             Tool("approve_node", "Admit a node whose join request is pending; it joins by itself within seconds.",
-                 self.approve_node, _schema({**node, **KEY}, ("node_id",)), toolset="membership", **admin, output_schema=OUT_DECISION),
+                 self.approve_node, _schema({**node, **KEY}, ("node_id",)), toolset="membership", **admin,
+                 output_schema=OUT_DECISION),
             Tool("reject_node", "Refuse a pending join request.", self.reject_node,
-                 _schema({**node, **KEY}, ("node_id",)), toolset="membership", **admin, output_schema=OUT_DECISION),
+                 _schema({**node, **KEY}, ("node_id",)), toolset="membership", **admin,
+                 output_schema=OUT_DECISION),
             Tool("remove_node", "Remove a node from the cluster for good (a server also leaves the Raft "
                  "configuration); it must join again to come back.", self.remove_node,
-                 _schema(node, ("node_id",)), toolset="membership", destructive=True, **admin, output_schema=returns({"node_id": "string", "removed": "boolean"}), plan=self.plan_remove_node),
+                 _schema(node, ("node_id",)), toolset="membership", destructive=True, **admin,
+                 output_schema=_OUT_REMOVE_NODE, plan=self.plan_remove_node),
             Tool("drain_node", "Stop new work landing on a node and move its tasks elsewhere (optionally after a "
                  "deadline); the node stays a member.", self.drain_node,
                  _schema({**node, "deadline_seconds": {"type": "number", "minimum": 0, "maximum": 86400}, **KEY},
                          ("node_id",)), toolset="membership", **write, output_schema=OUT_DRAIN),
             Tool("undrain_node", "Let a drained node take work again.", self.undrain_node,
-                 _schema({**node, **KEY}, ("node_id",)), toolset="membership", **write, output_schema=OUT_DRAIN),
+                 _schema({**node, **KEY}, ("node_id",)), toolset="membership", **write,
+                 output_schema=OUT_DRAIN),
             Tool("create_join_token", "Create a join token (shown once) admitting nodes up to a role, expiring "
                  "after ttl_seconds, for a number of uses.", self.create_join_token,
                  _schema({"role": {"enum": ["worker", "server"], "default": "worker"},
                           "ttl_seconds": {"type": "number", "minimum": 60, "maximum": 30 * 86400, "default": 3600},
                           "uses": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 1,
                                    "description": "0: unlimited"}}),
-                 toolset="membership", idempotent=False, **admin, output_schema=returns({"token": "string", "token_id": "string", "expires_at": ["number", "null"], "role": "string", "uses": ["integer", "null"], "use": "string"})),
+                 toolset="membership", idempotent=False, **admin, output_schema=_OUT_CREATE_JOIN_TOKEN),
             Tool("list_join_tokens", "Join tokens by id (never the secrets): role, expiry, uses left.",
-                 self.list_join_tokens, _schema({"include_revoked": {"type": "boolean"}}), toolset="membership", output_schema=returns_list({"id": "string", "role": "string", "created_at": "number", "expires_at": ["number", "null"], "uses_left": ["integer", "null"], "revoked": "boolean"})),
+                 self.list_join_tokens, _schema({"include_revoked": {"type": "boolean"}}), toolset="membership",
+                 output_schema=_OUT_LIST_JOIN_TOKENS),
             Tool("revoke_join_token", "Revoke a join token by id (list_join_tokens shows them).",
                  self.revoke_join_token,
                  _schema({"token_id": {"type": "string", "pattern": "^[0-9a-f]{8,64}$"}}, ("token_id",)),
-                 toolset="membership", **admin, output_schema=returns({"token_id": "string", "revoked": "boolean"})),
+                 toolset="membership", **admin, output_schema=_OUT_REVOKE_JOIN_TOKEN),
             Tool("kv_get", "Read a key of the cluster's replicated key-value store.", self.kv_get,
                  _schema({"key": {"type": "string", "minLength": 1, "maxLength": 512}, "level": LEVEL}, ("key",)),
-                 toolset="kv", output_schema=returns({**OUT_KV_ROW, "found": "boolean"}, required=("key", "found"))),
+                 toolset="kv", output_schema=_OUT_KV_GET),
             Tool("kv_put", "Set a key in the replicated key-value store (forwarded to the leader).", self.kv_put,
                  _schema({"key": {"type": "string", "minLength": 1, "maxLength": 512},
                           "value": {"type": "string", "maxLength": 1024 * 1024}, **KEY}, ("key", "value")),
-                 toolset="kv", **write, output_schema=returns({"key": "string", "version": "integer", "index": "integer"})),
+                 toolset="kv", **write, output_schema=_OUT_KV_PUT),
             Tool("kv_list", "List keys (with values) by prefix, in key order.", self.kv_list,
                  _schema({"prefix": {"type": "string", "maxLength": 512},
                           "limit": {"type": "integer", "minimum": 1, "maximum": 10000}, "level": LEVEL}),
-                 toolset="kv", output_schema=returns_list(OUT_KV_ROW)),
+                 toolset="kv", output_schema=_OUT_KV_LIST),
             Tool("kv_delete", "Delete a key from the replicated key-value store.", self.kv_delete,
                  _schema({"key": {"type": "string", "minLength": 1, "maxLength": 512}, **KEY}, ("key",)),
-                 toolset="kv", destructive=True, **write, output_schema=returns({"key": "string", "deleted": "boolean"}), plan=self.plan_kv_delete),
+                 toolset="kv", destructive=True, **write,
+                 output_schema=_OUT_KV_DELETE, plan=self.plan_kv_delete),
             Tool("list_alerts", "Current alerts (computed from the cluster's state) and the squelches hiding some.",
-                 self.list_alerts, _schema(), toolset="alerts", output_schema=returns({"alerts": ALERTS, "squelched": ALERTS, "squelches": {"type": "array", "items": returns({"id": "string", "pattern": "string", "reason": "string", "by": "string", "created_at": "number", "until": "number"})}})),
+                 self.list_alerts, _schema(), toolset="alerts", output_schema=_OUT_LIST_ALERTS),
             Tool("squelch_alerts", "Silence alerts whose key matches a glob (node.offline:w1, node.*) for some "
                  "minutes, cluster-wide, e.g. during maintenance.", self.squelch_alerts,
                  _schema({"pattern": {"type": "string", "minLength": 1, "maxLength": 200},
                           "minutes": {"type": "number", "exclusiveMinimum": 0, "maximum": 43200, "default": 60},
                           "reason": {"type": "string", "maxLength": 500}, **KEY}, ("pattern",)),
-                 toolset="alerts", idempotent=False, **write, output_schema=returns({"id": "string", "pattern": "string", "until": "number", "now_squelched": {"type": "array", "items": {"type": "string"}}})),
+                 toolset="alerts", idempotent=False, **write, output_schema=_OUT_SQUELCH_ALERTS),
             Tool("unsquelch_alerts", "End a squelch early by its id (list_alerts shows them).",
                  self.unsquelch_alerts, _schema({"squelch_id": {"type": "string", "minLength": 1, "maxLength": 64},
-                                                 **KEY}, ("squelch_id",)), toolset="alerts", **write, output_schema=returns({"id": "string", "removed": "boolean"})),
+                                                 **KEY}, ("squelch_id",)), toolset="alerts", **write,
+                 output_schema=_OUT_UNSQUELCH_ALERTS),
         ]
 
     def resources(self) -> list[Resource]:

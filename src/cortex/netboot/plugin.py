@@ -78,6 +78,21 @@ def reconcile_actions(enrollments: list[dict], nodes: list[dict], now: float,
     return actions
 
 
+# What each tool answers: its MCP output schema (structuredContent).
+_OUT_NETBOOT_MACHINES = returns_list(
+    {
+        "id": "string",
+        "machine": "string",
+        "profile": "string",
+        "node_id": ["string", "null"],
+        "state": "string",
+        "created_at": "number",
+        "boots": "integer",
+    },
+    required=("id", "machine", "state", "boots"),
+)
+
+
 class NetbootPlugin(Plugin):
     name = "netboot"
     description = "Netboot provisioning: iPXE scripts, per-boot join tokens, enrollments, ephemeral node GC"
@@ -146,7 +161,7 @@ class NetbootPlugin(Plugin):
     def tools(self) -> list[Tool]:
         return [Tool("netboot_machines", "List netbooted machines: the latest boot of each machine, its profile, "
                                          "node id and enrollment state (issued, joined, reported, left, collected).",
-                     self._tool_machines, output_schema=returns_list({"id": "string", "machine": "string", "profile": "string", "node_id": ["string", "null"], "state": "string", "created_at": "number", "boots": "integer"}, required=("id", "machine", "state", "boots")))]
+                     self._tool_machines, output_schema=_OUT_NETBOOT_MACHINES)]
 
     def _tool_machines(self, args: dict, caller) -> Any:
         try:

@@ -139,6 +139,24 @@ def preflight_problems(status: dict, reports: list[dict], version: str, allow_do
 
 # --- the plugin -------------------------------------------------------------------------------------------
 
+# What each tool answers: its MCP output schema (structuredContent).
+_OUT_UPDATE_ROLLOUT = returns(
+    {
+        "version": "string",
+        "source": "string",
+        "payload_bytes": ["integer", "null"],
+        "steps": "array",
+        "preflight": "array",
+        "started": "boolean",
+        "id": "string",
+        "state": "string",
+    },
+    ("id", "state"),
+)
+_OUT_UPDATE_STATUS = returns({"rollout": ["object", "null"], "nodes": "array"})
+_OUT_UPDATE_ROLLBACK = returns({"id": "string", "state": "string", "error": "string"}, required=())
+
+
 class UpdaterPlugin(Plugin):
     name: ClassVar[str] = "updater"
     description: ClassVar[str] = "Rolling updates: signed releases, A/B slots, drain-install-reboot-verify per node"
@@ -518,13 +536,16 @@ class UpdaterPlugin(Plugin):
                      "version": {"type": "string"}, "source": {"type": "string"},
                      "allow_downgrade": {"type": "boolean"}, "dry_run": {"type": "boolean"}},
                      "required": ["version"], "additionalProperties": False},
-                 role="admin", read_only=False, destructive=True, idempotent=False, output_schema=returns({"version": "string", "source": "string", "payload_bytes": ["integer", "null"], "steps": "array", "preflight": "array", "started": "boolean", "id": "string", "state": "string"}, ("id", "state")), plan=rollout_plan),
+                 role="admin", read_only=False, destructive=True, idempotent=False,
+                 output_schema=_OUT_UPDATE_ROLLOUT, plan=rollout_plan),
             Tool("update_status", "The current rolling update (steps, states, why it halted) and the version, "
-                 "boot state and fallback of every node.", lambda a, c: self.status_doc(), output_schema=returns({"rollout": ["object", "null"], "nodes": "array"})),
+                 "boot state and fallback of every node.", lambda a, c: self.status_doc(),
+                 output_schema=_OUT_UPDATE_STATUS),
             Tool("update_rollback", "Return the nodes a rollout already updated to their previous slot, newest "
                  "first (after a halted rollout).", rollback_tool,
                  {"type": "object", "properties": {"rollout_id": {"type": "string"}},
-                  "additionalProperties": False}, role="admin", read_only=False, destructive=True, output_schema=returns({"id": "string", "state": "string", "error": "string"}, required=())),
+                  "additionalProperties": False}, role="admin", read_only=False, destructive=True,
+                 output_schema=_OUT_UPDATE_ROLLBACK),
         ]
 
 
