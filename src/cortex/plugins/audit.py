@@ -8,7 +8,8 @@ tools' own roles until it has read any.
 
 Audit records are written in the background, in batches, each retried under one idempotency key until the
 cluster takes it: a mutating tool call does not wait for its audit record, and a retried batch is recorded
-once. If the cluster stays away long enough for AUDIT_QUEUE records to wait, the oldest are dropped and the
+once. A batch goes out AUDIT_DELAY seconds after its first record (or once it is full), so a busy node adds
+about one replicated write per second for its audit, not one per call. If the cluster stays away long enough for AUDIT_QUEUE records to wait, the oldest are dropped and the
 drop is logged (and counted in `pending()`).
 """
 
@@ -31,6 +32,7 @@ log = logging.getLogger("cortex.plugins.audit")
 POLICY_TTL = 2.0
 AUDIT_QUEUE = 10_000
 RETRY_EVERY = 1.0
+AUDIT_DELAY = 1.0
 
 
 def digest(arguments: Any) -> str:
@@ -66,6 +68,7 @@ class Access:
         self._wake = threading.Condition(self._lock)
         self._sender: threading.Thread | None = None
         self._stopping = False
+        self._hurry = False  # flush(): send what is queued without waiting for AUDIT_DELAY
 
     # --- policies ---------------------------------------------------------------------------------------
     def _read_policies(self) -> list[dict]:
@@ -131,6 +134,9 @@ class Access:
                 self._wake.wait_for(lambda: self._queue or self._stopping)
                 if not self._queue:
                     return
+                # Gather what else comes within AUDIT_DELAY into the same write.
+                self._wake.wait_for(lambda: len(self._queue) >= MAX_RECORDS or self._stopping or self._hurry,
+                                    AUDIT_DELAY)
                 batch = list(self._queue)[:MAX_RECORDS]
             key = f"audit:{self.node_id}:{uuid.uuid4().hex}"
             while True:  # the same batch under the same key until the cluster takes it
@@ -152,12 +158,19 @@ class Access:
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every record so far was written (tests, shutdown); False after `timeout`."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._queue:
-                    return True
-            time.sleep(0.02)
-        return False
+        with self._wake:
+            self._hurry = True
+            self._wake.notify_all()
+        try:
+            while time.monotonic() < deadline:
+                with self._lock:
+                    if not self._queue:
+                        return True
+                time.sleep(0.02)
+            return False
+        finally:
+            with self._wake:
+                self._hurry = False
 
     def stop(self) -> None:
         self.flush(2.0)
