@@ -140,6 +140,7 @@ class GrpcBackend:
         self._channel = open_channel(target)
         self._stub = ppb_grpc.PluginsStub(self._channel)
         self.node_id = ""
+        self._plans_supported = False  # known with the first catalog (ListTools)
         self._generation = 0
         self._changed = threading.Condition()
         self._closed = threading.Event()
@@ -163,6 +164,9 @@ class GrpcBackend:
                           t.destructive, t.idempotent, t.toolset, t.plugin,
                           json.loads(t.output_schema_json) if t.output_schema_json else None) for t in r.tools]
         p = r.policy
+        # An agent older than plan_only would run the call when asked for its plan: such an agent leaves
+        # confirm_destructive empty, and its plans are then made here from the arguments alone.
+        self._plans_supported = bool(p.confirm_destructive)
         policy = Policy(p.default_profile or "read-only", p.allow_destructive, tuple(p.default_toolsets),
                         p.max_tools or 40, r.node_id, p.read_only, p.confirm_destructive or "elicit")
         return Catalog(tools, policy, r.caller_role or "reader", r.generation)
@@ -178,6 +182,9 @@ class GrpcBackend:
         return json.loads(r.result_json) if r.result_json else None
 
     def plan(self, name: str, arguments: dict, caller: Caller | None) -> str:
+        if not self._plans_supported:
+            shown = ", ".join(f"{k}={v!r}" for k, v in sorted(arguments.items()) if k != "idempotency_key")
+            return f"run {name}({shown}) on the node (its agent is too old to say more)"
         request = self._pb.CallToolRequest(name=name, arguments_json=json.dumps(arguments).encode(), plan_only=True)
         try:
             r = self._stub.CallTool(request, timeout=self.timeout)
