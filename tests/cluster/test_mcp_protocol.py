@@ -71,10 +71,11 @@ async def http_session(node, query: str = "", elicit=None):
 
 
 @asynccontextmanager
-async def stdio_session(node, *extra: str):
+async def stdio_session(node, *extra: str, elicit=None):
     args = ["-m", "cortex", "--addr", node.grpc_address, "--socket", str(node.admin_socket), "mcp", *extra]
     params = StdioServerParameters(command=sys.executable, args=args, env=dict(os.environ))
-    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+    async with stdio_client(params) as (read, write), \
+            ClientSession(read, write, elicitation_callback=elicit) as session:
         await session.initialize()
         yield session
 
@@ -203,6 +204,12 @@ def test_destructive_calls_are_confirmed_through_elicitation(pc):
         bad = stub.CallTool(ppb.CallToolRequest(name="kv_delete", arguments_json=b'{"key": 5}', plan_only=True),
                             timeout=30)
         assert "invalid arguments" in bad.error and not bad.plan
+        asked.clear()
+        async with stdio_session(pc.node("n1"), "--profile", "admin", "--toolsets", "kv",
+                                 elicit=answer("accept", True)) as s:
+            done = await s.call_tool("kv_delete", {"key": "el/k3"})
+            assert not done.is_error and done.structured_content == {"key": "el/k3", "deleted": True}
+        assert len(asked) == 1 and "delete key 'el/k3' (version 1" in asked[0]
     anyio.run(main)
 
 
