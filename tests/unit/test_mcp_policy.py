@@ -21,7 +21,7 @@ def test_a_read_only_node_hides_every_tool_that_changes_state_whatever_the_profi
     assert Policy.from_options({"confirm_destructive": "require"}).confirm_destructive == "require"
 
 
-def test_output_schema_helpers():
+def test_output_schemas_are_built_from_type_names():
     schema = returns({"a": "string", "b": ["integer", "null"], "c": {"type": "array"}}, "c")
     assert schema == {"type": "object", "required": ["a", "b"], "properties": {
         "a": {"type": "string"}, "b": {"type": ["integer", "null"]}, "c": {"type": "array"}}}
