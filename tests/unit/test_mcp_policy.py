@@ -38,3 +38,40 @@ def test_protected_resource_metadata():
     assert _origin({"scheme": "http"}, {"host": "10.0.0.1:7480"}, fallback) == "http://10.0.0.1:7480"
     assert _origin({"scheme": "http"}, {"host": 'evil" x'}, fallback) == fallback  # never echoed into a header
     assert _origin({"scheme": "http"}, {}, fallback) == fallback
+
+
+def test_every_builtin_tool_declares_a_real_output_schema_and_destructive_ones_a_plan():
+    """Every registered built-in tool, as a node loads it: a valid JSON Schema naming its top-level fields.
+    (tests/cluster/test_mcp_protocol.py checks real answers against these.)"""
+    import jsonschema
+
+    from cortex.dev.reference import builtin_plugins
+
+    tools = [tool for _, _, _, plugin_tools in builtin_plugins() for tool in plugin_tools]
+    assert len(tools) >= 60
+    for tool in tools:
+        schema = tool.output_schema
+        assert schema is not None, f"{tool.name} declares no output schema"
+        jsonschema.Draft202012Validator.check_schema(schema)
+        assert schema["type"] == "object" and (schema.get("properties") or schema.get("anyOf")), tool.name
+        if tool.destructive:
+            assert tool.plan is not None, f"{tool.name} is destructive and says nothing of what it will do"
+
+
+def test_plans_say_what_a_call_will_do_and_refuse_what_the_call_would(tmp_path):
+    import pytest
+
+    from cortex.plugins import Caller, ToolError
+    from tests.support.memory_harness import start_host
+
+    host, _ = start_host(tmp_path)
+    try:
+        operator = Caller("operator", "test")
+        plan = host.plan_tool("memory_write", {"kind": "sql", "sql": "DELETE FROM memory_context"}, operator)
+        assert plan == "run this statement on the cluster's memory store: DELETE FROM memory_context"
+        with pytest.raises(ToolError, match="needs the 'operator' role"):
+            host.plan_tool("memory_write", {"kind": "sql"}, Caller("reader", "test"))
+        with pytest.raises(ToolError, match="invalid arguments"):
+            host.plan_tool("memory_write", {"kind": "nonsense"}, operator)
+    finally:
+        host.stop()

@@ -243,7 +243,7 @@ class KubernetesPlugin(Plugin):
             Tool("k8s_delete_job", "Delete a Job and its pods (propagation Background).", self._t_delete,
                  _schema({"context": _CONTEXT, "namespace": _NAMESPACE, "job": _JOB}, ("job",)),
                  role="operator", read_only=False, destructive=True, idempotent=True,
-                 output_schema=_OUT_K8S_DELETE_JOB),
+                 output_schema=_OUT_K8S_DELETE_JOB, plan=self._plan_delete),
             Tool("k8s_scale_deployment", "Set a Deployment's replica count; returns the previous and new count.",
                  self._t_scale, _schema({"context": _CONTEXT, "namespace": _NAMESPACE,
                                          "name": {"type": "string"},
@@ -359,6 +359,11 @@ class KubernetesPlugin(Plugin):
             except KubeError as exc:
                 raise ToolError(str(exc)) from None
             return {"context": kube.context.name, "namespace": namespace, "job": args["job"], "deleted": deleted}
+
+    def _plan_delete(self, args: dict, caller: Caller) -> str:
+        status = self._t_status(args, caller)
+        return (f"delete Job {status['namespace']}/{status['job']} ({status['state']}, {len(status['pods'])} pod(s)) "
+                f"on context {status['context']}, with its pods")
 
     def _t_scale(self, args: dict, caller: Caller) -> dict:
         with self._kube(args.get("context", "")) as kube:

@@ -228,7 +228,7 @@ class MemoryPlugin(Plugin):
                                         "store": {"type": "string", "enum": ["cluster", "local"]},
                                         "idempotency_key": _IDEM}, ("kind",)),
                  role="operator", read_only=False, destructive=True, idempotent=False,
-                 output_schema=_OUT_MEMORY_WRITE),
+                 output_schema=_OUT_MEMORY_WRITE, plan=self.plan_write),
             Tool("memory_schema", "Tables and columns of the memory store, for memory_query and memory_write.",
                  self.t_schema, output_schema=_OUT_MEMORY_SCHEMA),
             Tool("memory_stats", "Row counts per table and tier (cluster and this node's local store).",
@@ -315,6 +315,13 @@ class MemoryPlugin(Plugin):
             return self._write(command_type, data, idem)
         tier = data.pop("tier", None)
         return self._apply(command_type, data, tier, idem)
+
+    def plan_write(self, args: dict, caller: Caller) -> str:
+        where = "this node's local store" if args.get("store") == "local" else "the cluster's memory store"
+        if args["kind"] == "sql":
+            return f"run this statement on {where}: {str(args.get('sql', ''))[:300]}"
+        fields = ", ".join(sorted(args.get("data") or {}))
+        return f"write a {args['kind']} record ({fields or 'no fields'}) to {where}"
 
     def t_schema(self, args: dict, caller: Caller) -> list[dict]:
         return self._read("memory.schema")

@@ -528,6 +528,14 @@ class UpdaterPlugin(Plugin):
             order = ", ".join(s.get("node_id", "?") for s in plan["steps"])
             return f"update {len(plan['steps'])} node(s) to {args['version']}, one at a time, in this order: {order}"
 
+        def rollback_plan(args: dict, caller: Caller) -> str:
+            doc = self.ctx.cluster.read("update.current", {}, level="leader")
+            if not doc:
+                return "nothing: there is no rollout to roll back"
+            back = [s["node_id"] for s in reversed(doc["steps"]) if s["state"] == "done"]
+            return (f"roll rollout {doc['id']} ({doc['version']}, {doc['state']}) back: "
+                    f"{', '.join(back) or 'no node'} return to their previous slot, in this order")
+
         return [
             Tool("update_rollout", "Roll a signed release out to the cluster, one node at a time (workers, "
                  "followers, the leader last). Pre-flight refuses unsigned/tampered/unreachable releases, "
@@ -545,7 +553,7 @@ class UpdaterPlugin(Plugin):
                  "first (after a halted rollout).", rollback_tool,
                  {"type": "object", "properties": {"rollout_id": {"type": "string"}},
                   "additionalProperties": False}, role="admin", read_only=False, destructive=True,
-                 output_schema=_OUT_UPDATE_ROLLBACK),
+                 output_schema=_OUT_UPDATE_ROLLBACK, plan=rollback_plan),
         ]
 
 
