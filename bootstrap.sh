@@ -56,3 +56,12 @@ if [ ! -f src/cortex/console/static/app.js ] || [ -n "$(find console/src console
   echo "bootstrap: building the web console (npm ci, esbuild)" >&2
   (cd console && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
 fi
+
+# the MCP conformance test drives the server with the official TypeScript SDK client, pinned in
+# tests/conformance/package-lock.json; without node it is skipped
+if command -v npm >/dev/null; then
+  if [ ! -d tests/conformance/node_modules ] || [ tests/conformance/package-lock.json -nt tests/conformance/node_modules ]; then
+    echo "bootstrap: npm ci in tests/conformance (the MCP TypeScript SDK client)" >&2
+    (cd tests/conformance && npm ci --no-audit --no-fund --silent)
+  fi
+fi

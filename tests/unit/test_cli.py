@@ -88,6 +88,8 @@ REACHES = {
     "services deploy": (["{service}"], "addr"), "services list": ([], "addr"), "services show": (["web"], "addr"),
     "services logs": (["web"], "addr"), "services restart": (["web"], "addr"), "services remove": (["web"], "addr"),
     "ha": ([], "addr"), "ha status": ([], "addr"), "ha takeover": (["w1"], "addr"), "ha giveback": (["w1"], "addr"),
+    "audit log": ([], "addr"), "audit policies": ([], "addr"),
+    "audit set": (["kv", "--change-roles", "admin"], "addr"), "audit clear": (["kv"], "addr"),
 }
 # Commands that talk to no node, or only as long-running services whose loops are tested where they live
 # (agent, mcp, netboot ephemeral run), or only after reading a backup (backup restore: test_memory_cluster.py).

@@ -21,7 +21,7 @@ from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.builtin import alerts
 from cortex.core import domain
 from cortex.core.args import NODE_ID_PATTERN, READ_LEVELS
-from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError, write_with_retry
+from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError, returns, returns_list, write_with_retry
 
 NODE_ID = {"type": "string", "pattern": NODE_ID_PATTERN, "description": "a node id, as list_nodes shows"}
 LEVEL = {"enum": list(READ_LEVELS), "default": "leader",
@@ -29,6 +29,29 @@ LEVEL = {"enum": list(READ_LEVELS), "default": "leader",
 KEY = {"idempotency_key": {"type": "string", "maxLength": 128,
                            "description": "retrying with the same key applies the change once"}}
 OBJ = {"type": "object", "additionalProperties": False}
+# What the tools answer (their MCP output schemas): the top-level shape a client may rely on.
+NODE_ROW = returns({"id": "string", "role": "string", "liveness": "string", "leader": "boolean",
+                    "grpc_address": "string", "raft_address": "string", "replication_lag": "integer",
+                    "last_seen_age": "number", "replication": "string", "stuck_for": "number",
+                    "joined_at": ["number", "null"], "liveness_since": ["number", "null"]})
+ALERT = returns({"key": "string", "severity": "string"})
+ALERTS = {"type": "array", "items": ALERT}
+OUT_STATUS = returns({"cluster_id": "string", "connected_node": "string", "connected_node_state": "string",
+                      "leader": "string", "leader_grpc_address": "string", "term": "integer",
+                      "commit_index": "integer", "has_quorum": "boolean", "version": "string",
+                      "nodes": {"type": "array", "items": NODE_ROW}})
+OUT_HEALTH = returns({"status": {"enum": ["healthy", "degraded", "critical", "unavailable"]}, "leader": "string",
+                      "has_quorum": "boolean", "nodes": "integer", "alive": "integer", "alerts": ALERTS,
+                      "squelched": ALERTS, "checked_by": "string", "problem": "string"},
+                     required=("status", "alerts", "squelched"))
+OUT_NODE = returns({**NODE_ROW["properties"], "member": "boolean", "join_request": "object"},
+                   required=("id", "member"))
+OUT_DECISION = returns({"node_id": "string", "state": "string", "changed": "boolean", "error": "string"},
+                       required=())
+OUT_DRAIN = returns({"node_id": "string", "drain_deadline": ["number", "null"], "running": ["integer", "array"],
+                     "drained": "boolean", "error": "string"}, required=())
+OUT_KV_ROW = {"key": "string", "value": "string", "version": "integer", "create_index": "integer",
+              "mod_index": "integer"}
 # Draining belongs to the task engine (it stops assignments and moves work away); these are its commands.
 DRAIN_COMMAND, UNDRAIN_COMMAND = "task.drain", "task.undrain"
 
@@ -39,6 +62,96 @@ def _schema(properties: dict | None = None, required: tuple[str, ...] = ()) -> d
 
 def _proto_dict(message) -> dict:
     return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+# What each tool answers: its MCP output schema (structuredContent).
+_OUT_LIST_NODES = returns_list(NODE_ROW["properties"])
+_OUT_TRANSFER_LEADERSHIP = returns({"leader": "string", "term": "integer"})
+_OUT_LIST_PLUGINS = returns(
+    {
+        "node_id": "string",
+        "plugins": {
+            "type": "array",
+            "items": returns(
+                {
+                    "name": "string",
+                    "state": "string",
+                    "error": "string",
+                    "origin": "string",
+                    "tools": "integer",
+                }
+            ),
+        },
+    }
+)
+_OUT_RECENT_EVENTS = returns_list(
+    {"type": "string", "data": "object", "ts": "number", "index": ["integer", "null"]}
+)
+_OUT_LIST_JOIN_REQUESTS = returns_list(
+    {
+        "node_id": "string",
+        "role": "string",
+        "grpc_address": "string",
+        "raft_address": "string",
+        "state": "string",
+        "requested_at": "number",
+        "decided_at": ["number", "null"],
+    }
+)
+_OUT_REMOVE_NODE = returns({"node_id": "string", "removed": "boolean"})
+_OUT_CREATE_JOIN_TOKEN = returns(
+    {
+        "token": "string",
+        "token_id": "string",
+        "expires_at": ["number", "null"],
+        "role": "string",
+        "uses": ["integer", "null"],
+        "use": "string",
+    }
+)
+_OUT_LIST_JOIN_TOKENS = returns_list(
+    {
+        "id": "string",
+        "role": "string",
+        "created_at": "number",
+        "expires_at": ["number", "null"],
+        "uses_left": ["integer", "null"],
+        "revoked": "boolean",
+    }
+)
+_OUT_REVOKE_JOIN_TOKEN = returns({"token_id": "string", "revoked": "boolean"})
+_OUT_KV_GET = returns({**OUT_KV_ROW, "found": "boolean"}, required=("key", "found"))
+_OUT_KV_PUT = returns({"key": "string", "version": "integer", "index": "integer"})
+_OUT_KV_LIST = returns_list(OUT_KV_ROW)
+_OUT_KV_DELETE = returns({"key": "string", "deleted": "boolean"})
+_OUT_LIST_ALERTS = returns(
+    {
+        "alerts": ALERTS,
+        "squelched": ALERTS,
+        "squelches": {
+            "type": "array",
+            "items": returns(
+                {
+                    "id": "string",
+                    "pattern": "string",
+                    "reason": "string",
+                    "by": "string",
+                    "created_at": "number",
+                    "until": "number",
+                }
+            ),
+        },
+    }
+)
+_OUT_SQUELCH_ALERTS = returns(
+    {
+        "id": "string",
+        "pattern": "string",
+        "until": "number",
+        "now_squelched": {"type": "array", "items": {"type": "string"}},
+    }
+)
+_OUT_UNSQUELCH_ALERTS = returns({"id": "string", "removed": "boolean"})
 
 
 class ClusterToolsPlugin(Plugin):
@@ -106,9 +219,11 @@ class ClusterToolsPlugin(Plugin):
             row = rows.get(n["id"], {})
             out.append({"id": n["id"], "role": n.get("role", ""), "liveness": n.get("liveness", ""),
                         "leader": n["id"] == view.get("leader_id"), "grpc_address": n.get("grpc_address", ""),
-                        "raft_address": n.get("raft_address", ""), "replication_lag": n.get("replication_lag", -1),
-                        "last_seen_age": n.get("last_seen_age", -1), "replication": n.get("replication", ""),
-                        "stuck_for": n.get("stuck_for", 0), "joined_at": row.get("joined_at"),
+                        "raft_address": n.get("raft_address", ""),
+                        # int64 fields arrive as strings from protobuf's JSON mapping: numbers, as declared
+                        "replication_lag": int(n.get("replication_lag", -1)),
+                        "last_seen_age": float(n.get("last_seen_age", -1)), "replication": n.get("replication", ""),
+                        "stuck_for": float(n.get("stuck_for", 0)), "joined_at": row.get("joined_at"),
                         "liveness_since": row.get("liveness_since")})
         return out
 
@@ -198,6 +313,20 @@ class ClusterToolsPlugin(Plugin):
         response = self._guard("remove_node", lambda: self.cluster.rpc("Leave", pb.LeaveRequest(node_id=node_id)))
         return {"node_id": node_id, "removed": response.removed}
 
+    def plan_remove_node(self, args: dict, caller: Caller) -> str:
+        node = next((n for n in self._nodes() if n["id"] == args["node_id"]), None)
+        if node is None:
+            return f"remove node {args['node_id']} (not a member now: the call will say so and change nothing)"
+        quorum = (" It is a server: the Raft configuration shrinks by one voter." if node["role"] == "server" else "")
+        return (f"remove {node['role']} {node['id']} ({node['liveness']}, {node['grpc_address']}) from the cluster "
+                f"for good; it must join again with a token to come back.{quorum}")
+
+    def plan_kv_delete(self, args: dict, caller: Caller) -> str:
+        row = self._read("kv.get", {"key": args["key"]})
+        if row is None:
+            return f"delete key {args['key']!r} (it does not exist now: nothing changes)"
+        return f"delete key {args['key']!r} (version {row['version']}, {len(row['value'])} characters of value)"
+
     def _drain(self, command_type: str, args: dict) -> dict:
         if command_type not in domain.commands():
             raise ToolError(f"draining belongs to the task engine ({command_type} is not part of this cluster's "
@@ -271,80 +400,91 @@ class ClusterToolsPlugin(Plugin):
         return [
             Tool("cluster_status", "Cluster overview: leader, term, commit index, quorum, and every node with role, "
                  "liveness and replication lag (as the leader sees them).", self.cluster_status, _schema(),
-                 toolset="cluster"),
+                 toolset="cluster", output_schema=OUT_STATUS),
             Tool("cluster_health", "One-word health (healthy, degraded, critical, unavailable) with the alerts that "
                  "explain it: no quorum, suspect or offline nodes, lagging servers, failed plugins.",
-                 self.cluster_health, _schema(), toolset="cluster"),
+                 self.cluster_health, _schema(), toolset="cluster", output_schema=OUT_HEALTH),
             Tool("list_nodes", "Members of the cluster with role, liveness, lag and addresses; filter by role or "
                  "liveness.", self.list_nodes,
                  _schema({"role": {"enum": ["server", "worker"]},
-                          "liveness": {"enum": ["alive", "suspect", "offline"]}}), toolset="cluster"),
+                          "liveness": {"enum": ["alive", "suspect", "offline"]}}), toolset="cluster",
+                 output_schema=_OUT_LIST_NODES),
             Tool("get_node", "One node's details (or its pending join request).", self.get_node,
-                 _schema(node, ("node_id",)), toolset="cluster"),
+                 _schema(node, ("node_id",)), toolset="cluster", output_schema=OUT_NODE),
             Tool("transfer_leadership", "Hand Raft leadership to another server (node_id), or to any up-to-date "
                  "server when omitted; writes pause for well under a second.", self.transfer_leadership,
-                 _schema(node), toolset="cluster", idempotent=False, **write),
+                 _schema(node), toolset="cluster", idempotent=False, **write,
+                 output_schema=_OUT_TRANSFER_LEADERSHIP),
             Tool("list_plugins", "Plugins on the node this session is connected to: state, error, tool count.",
-                 self.list_plugins, _schema(), toolset="cluster"),
+                 self.list_plugins, _schema(), toolset="cluster", output_schema=_OUT_LIST_PLUGINS),
             Tool("recent_events", "Recent events seen by this node (node.*, leader.changed, plugin.failed, "
                  "message.received, ...), oldest first.", self.recent_events,
                  _schema({"pattern": {"type": "string", "maxLength": 100, "default": "*",
                                       "description": "glob over event types, e.g. node.*"},
-                          "limit": {"type": "integer", "minimum": 1, "maximum": 256}}), toolset="cluster"),
+                          "limit": {"type": "integer", "minimum": 1, "maximum": 256}}), toolset="cluster",
+                 output_schema=_OUT_RECENT_EVENTS),
             Tool("list_join_requests", "Join requests from nodes that asked without a token (pending, approved, "
                  "rejected).", self.list_join_requests,
-                 _schema({"state": {"enum": ["pending", "approved", "rejected"]}}), toolset="membership"),
+                 _schema({"state": {"enum": ["pending", "approved", "rejected"]}}), toolset="membership",
+                 output_schema=_OUT_LIST_JOIN_REQUESTS),
             Tool("approve_node", "Admit a node whose join request is pending; it joins by itself within seconds.",
-                 self.approve_node, _schema({**node, **KEY}, ("node_id",)), toolset="membership", **admin),
+                 self.approve_node, _schema({**node, **KEY}, ("node_id",)), toolset="membership", **admin,
+                 output_schema=OUT_DECISION),
             Tool("reject_node", "Refuse a pending join request.", self.reject_node,
-                 _schema({**node, **KEY}, ("node_id",)), toolset="membership", **admin),
+                 _schema({**node, **KEY}, ("node_id",)), toolset="membership", **admin,
+                 output_schema=OUT_DECISION),
             Tool("remove_node", "Remove a node from the cluster for good (a server also leaves the Raft "
                  "configuration); it must join again to come back.", self.remove_node,
-                 _schema(node, ("node_id",)), toolset="membership", destructive=True, **admin),
+                 _schema(node, ("node_id",)), toolset="membership", destructive=True, **admin,
+                 output_schema=_OUT_REMOVE_NODE, plan=self.plan_remove_node),
             Tool("drain_node", "Stop new work landing on a node and move its tasks elsewhere (optionally after a "
                  "deadline); the node stays a member.", self.drain_node,
                  _schema({**node, "deadline_seconds": {"type": "number", "minimum": 0, "maximum": 86400}, **KEY},
-                         ("node_id",)), toolset="membership", **write),
+                         ("node_id",)), toolset="membership", **write, output_schema=OUT_DRAIN),
             Tool("undrain_node", "Let a drained node take work again.", self.undrain_node,
-                 _schema({**node, **KEY}, ("node_id",)), toolset="membership", **write),
+                 _schema({**node, **KEY}, ("node_id",)), toolset="membership", **write,
+                 output_schema=OUT_DRAIN),
             Tool("create_join_token", "Create a join token (shown once) admitting nodes up to a role, expiring "
                  "after ttl_seconds, for a number of uses.", self.create_join_token,
                  _schema({"role": {"enum": ["worker", "server"], "default": "worker"},
                           "ttl_seconds": {"type": "number", "minimum": 60, "maximum": 30 * 86400, "default": 3600},
                           "uses": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 1,
                                    "description": "0: unlimited"}}),
-                 toolset="membership", idempotent=False, **admin),
+                 toolset="membership", idempotent=False, **admin, output_schema=_OUT_CREATE_JOIN_TOKEN),
             Tool("list_join_tokens", "Join tokens by id (never the secrets): role, expiry, uses left.",
-                 self.list_join_tokens, _schema({"include_revoked": {"type": "boolean"}}), toolset="membership"),
+                 self.list_join_tokens, _schema({"include_revoked": {"type": "boolean"}}), toolset="membership",
+                 output_schema=_OUT_LIST_JOIN_TOKENS),
             Tool("revoke_join_token", "Revoke a join token by id (list_join_tokens shows them).",
                  self.revoke_join_token,
                  _schema({"token_id": {"type": "string", "pattern": "^[0-9a-f]{8,64}$"}}, ("token_id",)),
-                 toolset="membership", **admin),
+                 toolset="membership", **admin, output_schema=_OUT_REVOKE_JOIN_TOKEN),
             Tool("kv_get", "Read a key of the cluster's replicated key-value store.", self.kv_get,
                  _schema({"key": {"type": "string", "minLength": 1, "maxLength": 512}, "level": LEVEL}, ("key",)),
-                 toolset="kv"),
+                 toolset="kv", output_schema=_OUT_KV_GET),
             Tool("kv_put", "Set a key in the replicated key-value store (forwarded to the leader).", self.kv_put,
                  _schema({"key": {"type": "string", "minLength": 1, "maxLength": 512},
                           "value": {"type": "string", "maxLength": 1024 * 1024}, **KEY}, ("key", "value")),
-                 toolset="kv", **write),
+                 toolset="kv", **write, output_schema=_OUT_KV_PUT),
             Tool("kv_list", "List keys (with values) by prefix, in key order.", self.kv_list,
                  _schema({"prefix": {"type": "string", "maxLength": 512},
                           "limit": {"type": "integer", "minimum": 1, "maximum": 10000}, "level": LEVEL}),
-                 toolset="kv"),
+                 toolset="kv", output_schema=_OUT_KV_LIST),
             Tool("kv_delete", "Delete a key from the replicated key-value store.", self.kv_delete,
                  _schema({"key": {"type": "string", "minLength": 1, "maxLength": 512}, **KEY}, ("key",)),
-                 toolset="kv", destructive=True, **write),
+                 toolset="kv", destructive=True, **write,
+                 output_schema=_OUT_KV_DELETE, plan=self.plan_kv_delete),
             Tool("list_alerts", "Current alerts (computed from the cluster's state) and the squelches hiding some.",
-                 self.list_alerts, _schema(), toolset="alerts"),
+                 self.list_alerts, _schema(), toolset="alerts", output_schema=_OUT_LIST_ALERTS),
             Tool("squelch_alerts", "Silence alerts whose key matches a glob (node.offline:w1, node.*) for some "
                  "minutes, cluster-wide, e.g. during maintenance.", self.squelch_alerts,
                  _schema({"pattern": {"type": "string", "minLength": 1, "maxLength": 200},
                           "minutes": {"type": "number", "exclusiveMinimum": 0, "maximum": 43200, "default": 60},
                           "reason": {"type": "string", "maxLength": 500}, **KEY}, ("pattern",)),
-                 toolset="alerts", idempotent=False, **write),
+                 toolset="alerts", idempotent=False, **write, output_schema=_OUT_SQUELCH_ALERTS),
             Tool("unsquelch_alerts", "End a squelch early by its id (list_alerts shows them).",
                  self.unsquelch_alerts, _schema({"squelch_id": {"type": "string", "minLength": 1, "maxLength": 64},
-                                                 **KEY}, ("squelch_id",)), toolset="alerts", **write),
+                                                 **KEY}, ("squelch_id",)), toolset="alerts", **write,
+                 output_schema=_OUT_UNSQUELCH_ALERTS),
         ]
 
     def resources(self) -> list[Resource]:

@@ -15,7 +15,7 @@ import uuid
 
 from cortex.core import domain
 from cortex.core.commands import CommandError, Envelope
-from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError, write_with_retry
+from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError, returns, returns_list, write_with_retry
 
 MAX_SUBJECT = 200
 MAX_BODY = 64 * 1024
@@ -124,8 +124,30 @@ DOMAIN = domain.Domain(
     if env.type == "message.send" else [],
 )
 
+MESSAGE = {"id": "string", "sender": "string", "recipient": "string", "subject": "string", "body": "string",
+           "reply_to": "string", "created_at": "number", "read_at": ["number", "null"], "read": "boolean"}
 _KEY = {"idempotency_key": {"type": "string", "maxLength": 128,
                             "description": "retrying with the same key sends once"}}
+
+
+# What each tool answers: its MCP output schema (structuredContent).
+_OUT_SEND_MESSAGE = returns({"id": "string", "recipient": "string", "created_at": "number"})
+_OUT_CHECK_MESSAGES = returns(
+    {
+        "recipient": "string",
+        "unread": "integer",
+        "messages": {"type": "array", "items": returns(MESSAGE)},
+        "hint": "string",
+    }
+)
+_OUT_LIST_MESSAGES = returns_list(MESSAGE)
+_OUT_GET_MESSAGE = returns(MESSAGE)
+_OUT_MARK_MESSAGE_READ = returns(
+    {
+        "marked": {"type": "array", "items": {"type": "string"}},
+        "unknown": {"type": "array", "items": {"type": "string"}},
+    }
+)
 
 
 class MessagingPlugin(Plugin):
@@ -184,23 +206,26 @@ class MessagingPlugin(Plugin):
                      "subject": {"type": "string", "maxLength": MAX_SUBJECT},
                      "sender": {**ADDRESS_SCHEMA, "description": "who it is from (default: the caller @ this node)"},
                      "reply_to": {"type": "string", "maxLength": 64}, **_KEY}},
-                 role="operator", read_only=False, idempotent=False),
+                 role="operator", read_only=False, idempotent=False, output_schema=_OUT_SEND_MESSAGE),
             Tool("check_messages", "Unread messages for a recipient (default: the node you are connected to), newest "
                  "first. Does not mark them read.", self.check,
                  {**obj, "properties": {"recipient": ADDRESS_SCHEMA,
-                                        "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIST}}}),
+                                        "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIST}}},
+                 output_schema=_OUT_CHECK_MESSAGES),
             Tool("list_messages", "List messages, newest first, filtered by recipient, sender or unread; bodies are "
                  "cut to 200 characters unless full_body is true.", self.list,
                  {**obj, "properties": {"recipient": ADDRESS_SCHEMA, "sender": ADDRESS_SCHEMA,
                                         "unread_only": {"type": "boolean"}, "full_body": {"type": "boolean"},
-                                        "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIST}}}),
+                                        "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIST}}},
+                 output_schema=_OUT_LIST_MESSAGES),
             Tool("get_message", "Read one message by id, body in full (mark_message_read marks it read).", self.get,
-                 {**obj, "required": ["id"], "properties": {"id": {"type": "string", "minLength": 1, "maxLength": 64}}}),
+                 {**obj, "required": ["id"], "properties": {"id": {"type": "string", "minLength": 1, "maxLength": 64}}},
+                 output_schema=_OUT_GET_MESSAGE),
             Tool("mark_message_read", "Mark messages read by id.", self.mark_read,
                  {**obj, "required": ["ids"], "properties": {
                      "ids": {"type": "array", "minItems": 1, "maxItems": MAX_LIST,
                              "items": {"type": "string", "minLength": 1, "maxLength": 64}}, **_KEY}},
-                 role="operator", read_only=False, idempotent=True),
+                 role="operator", read_only=False, idempotent=True, output_schema=_OUT_MARK_MESSAGE_READ),
         ]
 
     def resources(self) -> list[Resource]:

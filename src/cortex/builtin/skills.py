@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from cortex.core.events import Event
-from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError
+from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError, returns
 
 SKILL_FILE = "SKILL.md"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
@@ -102,6 +102,30 @@ def signature(roots: list[Path]) -> tuple:
                     continue
                 out.append((str(p), st.st_size, st.st_mtime_ns))
     return tuple(out)
+
+
+# What each tool answers: its MCP output schema (structuredContent).
+_OUT_LIST_SKILLS = returns(
+    {
+        "node_id": "string",
+        "skills": {
+            "type": "array",
+            "items": returns({"name": "string", "description": "string", "tags": "array"}, "tags"),
+        },
+        "problems": "array",
+        "folders": {"type": "array", "items": {"type": "string"}},
+    }
+)
+_OUT_GET_SKILL = returns(
+    {
+        "name": "string",
+        "description": "string",
+        "metadata": "object",
+        "instructions": "string",
+        "folder": "string",
+        "files": "array",
+    }
+)
 
 
 class SkillsPlugin(Plugin):
@@ -186,10 +210,12 @@ class SkillsPlugin(Plugin):
             Tool("list_skills", "Skills (SKILL.md instructions) available on this node, by name and description; "
                  "query filters by a word.", self.list_skills,
                  {"type": "object", "additionalProperties": False,
-                  "properties": {"query": {"type": "string", "maxLength": 200}}}),
+                  "properties": {"query": {"type": "string", "maxLength": 200}}},
+                 output_schema=_OUT_LIST_SKILLS),
             Tool("get_skill", "A skill's full instructions, metadata and the files in its folder.", self.get_skill,
                  {"type": "object", "additionalProperties": False, "required": ["name"],
-                  "properties": {"name": {"type": "string", "pattern": NAME_RE.pattern}}}),
+                  "properties": {"name": {"type": "string", "pattern": NAME_RE.pattern}}},
+                 output_schema=_OUT_GET_SKILL),
         ]
 
     def resources(self) -> list[Resource]:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cortex.core.events import Event
-from cortex.plugins import Caller, Plugin, Tool, ToolError
+from cortex.plugins import Caller, Plugin, Tool, ToolError, returns
 
 DEFAULT_TAG = "tag:cortex"
 
@@ -156,6 +156,34 @@ def peer_at(peers: Iterable[Peer], grpc_address: str) -> Peer | None:
 
 # --- the plugin --------------------------------------------------------------------------------------------
 
+# What each tool answers: its MCP output schema (structuredContent).
+_OUT_TAILSCALE_PEERS = returns(
+    {
+        "tag": "string",
+        "error": "string",
+        "peers": {
+            "type": "array",
+            "items": returns(
+                {
+                    "name": "string",
+                    "dns_name": "string",
+                    "addresses": "array",
+                    "tags": "array",
+                    "user": "string",
+                    "online": ["boolean", "null"],
+                    "os": "string",
+                    "device_id": "string",
+                    "source": "string",
+                    "agent_address": "string",
+                    "member": "boolean",
+                    "auto_approved": "boolean",
+                }
+            ),
+        },
+    }
+)
+
+
 class TailscalePlugin(Plugin):
     name = "tailscale"
     description = "Discover Cortex peers on the tailnet; approve joins by Tailscale identity."
@@ -262,4 +290,5 @@ class TailscalePlugin(Plugin):
         return [Tool("tailscale_peers", "Tailnet peers tagged for Cortex, whether each is a member already and "
                      "whether the auto-approve rule admits it. refresh=true asks Tailscale now.", peers,
                      input_schema={"type": "object", "additionalProperties": False,
-                                   "properties": {"refresh": {"type": "boolean"}}})]
+                                   "properties": {"refresh": {"type": "boolean"}}},
+                     output_schema=_OUT_TAILSCALE_PEERS)]

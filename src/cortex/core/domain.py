@@ -82,6 +82,7 @@ BUILTIN: tuple[str, ...] = (
     "cortex.security.revocation",
     "cortex.security.ca_rotation",
     "cortex.services.state",
+    "cortex.plugins.access",
 )
 
 

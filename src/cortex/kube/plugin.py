@@ -22,7 +22,7 @@ from cortex.kube.capacity import ContextCapacity
 from cortex.kube.kubeconfig import Discovery, discover, kubeconfig_paths
 from cortex.kube.placement import KubernetesPlacement
 from cortex.kube.records import build_record, encode, k8s_capacity, read_records, record_key, where_is
-from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError
+from cortex.plugins import Caller, Plugin, Resource, Tool, ToolError, returns
 from cortex.tasks.executor import TaskSpecError
 from cortex.userdirs import user_home
 
@@ -34,6 +34,42 @@ def _schema(properties: dict, required: tuple[str, ...] = ()) -> dict:
 _CONTEXT = {"type": "string", "description": "kubeconfig context; empty = this node's current-context"}
 _NAMESPACE = {"type": "string", "description": "namespace; empty = the context's namespace"}
 _JOB = {"type": "string", "description": "the Job's name, as returned by k8s_submit_job"}
+
+
+# What each tool answers: its MCP output schema (structuredContent).
+_OUT_K8S_LIST_CLUSTERS = returns({"contexts": "array", "problems": "object"})
+_OUT_K8S_GET_RESOURCES = returns({"contexts": "array"})
+_OUT_K8S_SUBMIT_JOB = returns(
+    {"context": "string", "namespace": "string", "job": "string", "created": "boolean"}
+)
+_OUT_K8S_JOB_STATUS = returns(
+    {
+        "context": "string",
+        "namespace": "string",
+        "job": "string",
+        "state": "string",
+        "error": "string",
+        "active": "integer",
+        "succeeded": "integer",
+        "failed": "integer",
+        "pods": "array",
+    }
+)
+_OUT_K8S_JOB_LOGS = returns(
+    {"context": "string", "namespace": "string", "job": "string", "logs": ["object", "array"]}
+)
+_OUT_K8S_DELETE_JOB = returns(
+    {"context": "string", "namespace": "string", "job": "string", "deleted": "boolean"}
+)
+_OUT_K8S_SCALE_DEPLOYMENT = returns(
+    {
+        "context": "string",
+        "namespace": "string",
+        "deployment": "string",
+        "previous": ["integer", "null"],
+        "replicas": ["integer", "null"],
+    }
+)
 
 
 class KubernetesPlugin(Plugin):
@@ -178,11 +214,11 @@ class KubernetesPlugin(Plugin):
         return [
             Tool("k8s_list_clusters", "List the Kubernetes contexts every Cortex node can reach (name, server "
                  "URL, namespace, auth kind, flavor such as k3s or gke) and which node has them. Credentials "
-                 "never leave their node.", self._t_list, _schema({})),
+                 "never leave their node.", self._t_list, _schema({}), output_schema=_OUT_K8S_LIST_CLUSTERS),
             Tool("k8s_get_resources", "Capacity of Kubernetes contexts: nodes, allocatable vs requested CPU and "
                  "memory, pods per namespace. Live for this node's contexts, as last published for others.",
                  self._t_resources, _schema({"context": {"type": "string", "description": "one context; "
-                                             "empty = all"}})),
+                                             "empty = all"}}), output_schema=_OUT_K8S_GET_RESOURCES),
             Tool("k8s_submit_job", "Create a Kubernetes Job on a context of this node and return its name; "
                  "watch it with k8s_job_status and k8s_job_logs. Pass the same `id` again to get the same Job "
                  "instead of a second one.", self._t_submit,
@@ -196,22 +232,24 @@ class KubernetesPlugin(Plugin):
                           "ttl_seconds_after_finished": {"type": "integer", "minimum": 0},
                           "id": {"type": "string", "maxLength": 200,
                                  "description": "idempotency id; the Job's name derives from it"}}, ("image",)),
-                 role="operator", read_only=False, idempotent=True),
+                 role="operator", read_only=False, idempotent=True, output_schema=_OUT_K8S_SUBMIT_JOB),
             Tool("k8s_job_status", "State of a Job: running, succeeded or failed, with its pods and exit codes.",
-                 self._t_status, _schema({"context": _CONTEXT, "namespace": _NAMESPACE, "job": _JOB}, ("job",))),
+                 self._t_status, _schema({"context": _CONTEXT, "namespace": _NAMESPACE, "job": _JOB}, ("job",)),
+                 output_schema=_OUT_K8S_JOB_STATUS),
             Tool("k8s_job_logs", "The logs of a Job's pods (the last `tail_lines` lines of each).", self._t_logs,
                  _schema({"context": _CONTEXT, "namespace": _NAMESPACE, "job": _JOB,
                           "tail_lines": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 200}},
-                         ("job",))),
+                         ("job",)), output_schema=_OUT_K8S_JOB_LOGS),
             Tool("k8s_delete_job", "Delete a Job and its pods (propagation Background).", self._t_delete,
                  _schema({"context": _CONTEXT, "namespace": _NAMESPACE, "job": _JOB}, ("job",)),
-                 role="operator", read_only=False, destructive=True, idempotent=True),
+                 role="operator", read_only=False, destructive=True, idempotent=True,
+                 output_schema=_OUT_K8S_DELETE_JOB, plan=self._plan_delete),
             Tool("k8s_scale_deployment", "Set a Deployment's replica count; returns the previous and new count.",
                  self._t_scale, _schema({"context": _CONTEXT, "namespace": _NAMESPACE,
                                          "name": {"type": "string"},
                                          "replicas": {"type": "integer", "minimum": 0, "maximum": 1000}},
                                         ("name", "replicas")),
-                 role="operator", read_only=False, idempotent=True),
+                 role="operator", read_only=False, idempotent=True, output_schema=_OUT_K8S_SCALE_DEPLOYMENT),
         ]
 
     def _namespace(self, kube, args: dict) -> str:
@@ -321,6 +359,11 @@ class KubernetesPlugin(Plugin):
             except KubeError as exc:
                 raise ToolError(str(exc)) from None
             return {"context": kube.context.name, "namespace": namespace, "job": args["job"], "deleted": deleted}
+
+    def _plan_delete(self, args: dict, caller: Caller) -> str:
+        status = self._t_status(args, caller)
+        return (f"delete Job {status['namespace']}/{status['job']} ({status['state']}, {len(status['pods'])} pod(s)) "
+                f"on context {status['context']}, with its pods")
 
     def _t_scale(self, args: dict, caller: Caller) -> dict:
         with self._kube(args.get("context", "")) as kube:

@@ -71,26 +71,67 @@ class BearerTokens:
         return found
 
 
-class RequireCaller:
-    """ASGI middleware: refuse HTTP requests no authenticator accepts; hand the caller to the MCP handlers."""
+METADATA_PATH = "/.well-known/oauth-protected-resource"  # RFC 9728, section 3
 
-    def __init__(self, app, authenticators: list[Authenticator]):
+
+def _origin(scope, headers: dict[str, str], fallback: str) -> str:
+    """The scheme and authority the client used (its Host header), so the URLs we hand out work for it."""
+    host = headers.get("host", "")
+    if not host or any(c in host for c in " /\\\"<>"):
+        return fallback
+    return f"{scope.get('scheme', 'http')}://{host}"
+
+
+def resource_metadata(origin: str, node_id: str, authorization_servers: list[str]) -> dict:
+    """OAuth 2.0 Protected Resource Metadata (RFC 9728) of the node's MCP endpoint. Tokens are sent in the
+    Authorization header only; the static bearer token needs no authorization server."""
+    doc = {"resource": f"{origin}/mcp", "bearer_methods_supported": ["header"],
+           "resource_name": f"Cortex MCP on node {node_id}" if node_id else "Cortex MCP",
+           "resource_documentation": "https://cortex.invalid/docs/operations/mcp.md"}
+    if authorization_servers:
+        doc["authorization_servers"] = list(authorization_servers)
+    return doc
+
+
+class RequireCaller:
+    """ASGI middleware: refuse HTTP requests no authenticator accepts; hand the caller to the MCP handlers.
+
+    It also answers the RFC 9728 metadata document, unauthenticated (a client reads it to learn how to get a
+    token), and every 401 points at it in `WWW-Authenticate: Bearer resource_metadata="..."`."""
+
+    def __init__(self, app, authenticators: list[Authenticator], node_id: str = "",
+                 authorization_servers: list[str] | None = None, fallback_origin: str = "http://127.0.0.1"):
         self.app = app
         self.authenticators = authenticators
+        self.node_id = node_id
+        self.authorization_servers = authorization_servers or []
+        self.fallback_origin = fallback_origin
+
+    async def _json(self, send, status: int, doc: dict, extra: list | None = None) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), *(extra or [])]})
+        await send({"type": "http.response.body", "body": json.dumps(doc).encode()})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        origin = _origin(scope, headers, self.fallback_origin)
+        if scope.get("path", "") in (METADATA_PATH, METADATA_PATH + "/mcp"):
+            if scope.get("method") not in ("GET", "HEAD"):
+                return await self._json(send, 405, {"error": "GET only"}, [(b"allow", b"GET")])
+            return await self._json(send, 200, resource_metadata(origin, self.node_id, self.authorization_servers),
+                                    [(b"cache-control", b"max-age=300")])
         caller = next((c for a in self.authenticators if (c := a.authenticate(headers)) is not None), None)
         if caller is None:
-            body = json.dumps({"error": "unauthorized: send Authorization: Bearer TOKEN; the token is in the "
-                                        "node's <data_dir>/plugins/mcp/token (or plugins.mcp.token_file)"}).encode()
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"www-authenticate", b'Bearer realm="cortex"')]})
-            await send({"type": "http.response.body", "body": body})
-            return
+            given = bool(headers.get("authorization"))
+            challenge = f'Bearer realm="cortex", resource_metadata="{origin}{METADATA_PATH}/mcp"'
+            if given:
+                challenge += ', error="invalid_token"'
+            doc = {"error": ("unauthorized: that bearer token is not valid here" if given else "unauthorized") +
+                   "; send Authorization: Bearer TOKEN; the token is in the node's <data_dir>/plugins/mcp/token "
+                   "(or plugins.mcp.token_file)"}
+            return await self._json(send, 401, doc, [(b"www-authenticate", challenge.encode("latin-1"))])
         scope["cortex.caller"] = caller
         return await self.app(scope, receive, send)
 
@@ -175,7 +216,8 @@ async def _respond(send, status: int, document: dict) -> None:
 def view_of(request) -> View:
     caller: Caller = request.scope.get("cortex.caller") or Caller(role="reader")
     toolsets = tuple(t.strip() for t in request.query_params.get("toolsets", "").split(",") if t.strip())
-    return View(caller_role=caller.role, profile=request.query_params.get("profile", ""), toolsets=toolsets)
+    return View(caller_role=caller.role, profile=request.query_params.get("profile", ""), toolsets=toolsets,
+                caller_identity=caller.identity)
 
 
 class HttpServer:
@@ -187,7 +229,9 @@ class HttpServer:
     """
 
     def __init__(self, make_frontend: Callable[[], Frontend], authenticators: list[Authenticator], host: str,
-                 port: int):
+                 port: int, node_id: str = "", authorization_servers: list[str] | None = None):
+        self.node_id = node_id
+        self.authorization_servers = authorization_servers or []
         self.make_frontend = make_frontend
         self.authenticators = authenticators
         self.host = host
@@ -222,8 +266,11 @@ class HttpServer:
             allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"])
         app = frontend.server.streamable_http_app(streamable_http_path="/mcp", host=self.host,
                                                   transport_security=security, max_request_body_size=MAX_BODY_BYTES)
-        config = uvicorn.Config(RequireCaller(OversizeAsError(app), self.authenticators), log_level="warning",
-                                lifespan="on", access_log=False, timeout_keep_alive=KEEP_ALIVE_SECONDS)
+        bound = f"[{self.host}]" if ":" in self.host else self.host
+        guarded = RequireCaller(OversizeAsError(app), self.authenticators, self.node_id, self.authorization_servers,
+                                f"http://{bound}:{self.port}")
+        config = uvicorn.Config(guarded, log_level="warning", lifespan="on", access_log=False,
+                                timeout_keep_alive=KEEP_ALIVE_SECONDS)
         return frontend, uvicorn.Server(config)
 
     def _run(self) -> None:
@@ -305,6 +352,14 @@ class McpPlugin(Plugin):
             "toolsets": {"type": "array", "items": {"type": "string"}, "default": [],
                          "description": "toolsets a session loads by default; empty: as many as fit max_tools"},
             "max_tools": {"type": "integer", "minimum": 1, "maximum": 500, "default": 40},
+            "read_only": {"type": "boolean", "default": False,
+                          "description": "serve read-only tools only: every other tool is hidden and refused"},
+            "confirm_destructive": {"enum": ["elicit", "require"], "default": "elicit",
+                                    "description": "elicit: destructive calls ask the user to confirm where the "
+                                                   "client can (MCP elicitation); require: refuse them elsewhere"},
+            "authorization_servers": {"type": "array", "items": {"type": "string", "pattern": "^https?://"},
+                                      "default": [], "description": "OAuth authorization servers named in the "
+                                      "RFC 9728 metadata (/.well-known/oauth-protected-resource)"},
         },
     }
 
@@ -333,7 +388,7 @@ class McpPlugin(Plugin):
             return Frontend(backend, View(caller_role=options["http_role"]), view_of=view_of)
 
         auth = BearerTokens({token: Caller(role=options["http_role"], identity="mcp-http-token")})
-        self.http = HttpServer(make_frontend, [auth], host, port)
+        self.http = HttpServer(make_frontend, [auth], host, port, node_id, options["authorization_servers"])
         self.url = self.http.start()
         info = {"url": self.url, "token_file": str(token_path), "node_id": node_id}
         (self.ctx.data_dir / "mcp.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -37,12 +37,17 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from cortex import __version__
 from cortex.mcp import templates
 from cortex.mcp.toolsets import PROFILES, Policy, Selection, ToolSpec, View, select
-from cortex.plugins import MAX_TOOL_ARGUMENT_BYTES, Caller, PluginHost, ToolError
+from cortex.plugins import MAX_TOOL_ARGUMENT_BYTES, Caller, PluginHost, ToolError, structured
+from cortex.plugins.api import ANY_OBJECT
 
 log = logging.getLogger("cortex.mcp")
 
 RESOURCE_NOT_FOUND = -32002  # the MCP spec's code for an unknown resource URI
 INVALID_PARAMS = -32602
+# What a destructive call asks the user (MCP elicitation, form mode): one yes/no.
+CONFIRM_SCHEMA = {"type": "object", "required": ["confirm"], "properties": {
+    "confirm": {"type": "boolean", "title": "Go ahead", "description": "true runs it; false changes nothing",
+                "default": False}}}
 # Resources every client may rely on; while the subsystem behind one is not running, it says so.
 PLACEHOLDER_RESOURCES = {
     "cluster://tasks": ("tasks", "Tasks and workflows of the cluster", "the task engine is not enabled on this "
@@ -94,6 +99,9 @@ class Backend(Protocol):
 
     def wait_changed(self, known: int, timeout: float) -> int: ...
 
+    def plan(self, name: str, arguments: dict, caller: Caller | None) -> str:
+        """What the call would do (changes nothing); raises ToolError when the call would be refused."""
+
 
 class LocalBackend:
     """The agent's own plugin host (the HTTP front end runs inside the agent)."""
@@ -106,12 +114,15 @@ class LocalBackend:
     def catalog(self, caller: Caller | None) -> Catalog:
         owners = self.host.tool_owners()
         tools = [ToolSpec(t.name, t.description, t.input_schema, t.role, t.read_only, t.destructive, t.idempotent,
-                          t.toolset, owners.get(t.name, "")) for t in self.host.tools().values()]
+                          t.toolset, owners.get(t.name, ""), t.output_schema) for t in self.host.tools().values()]
         return Catalog(sorted(tools, key=lambda t: t.name), self._policy(), (caller or Caller()).role,
                        self.host.generation)
 
     def call(self, name: str, arguments: dict, caller: Caller | None) -> Any:
         return self.host.call_tool(name, arguments, caller or Caller())
+
+    def plan(self, name: str, arguments: dict, caller: Caller | None) -> str:
+        return self.host.plan_tool(name, arguments, caller or Caller())
 
     def resources(self) -> list[ResourceSpec]:
         return [ResourceSpec(r.uri, r.name, r.description, r.mime_type) for r in self.host.resources().values()]
@@ -141,6 +152,7 @@ class GrpcBackend:
         self._channel = open_channel(target)
         self._stub = ppb_grpc.PluginsStub(self._channel)
         self.node_id = ""
+        self._plans_supported = False  # known with the first catalog (ListTools)
         self._generation = 0
         self._changed = threading.Condition()
         self._closed = threading.Event()
@@ -172,10 +184,14 @@ class GrpcBackend:
             raise self._unreachable(exc) from None
         self.node_id = r.node_id
         tools = [ToolSpec(t.name, t.description, json.loads(t.input_schema_json or b"{}"), t.role, t.read_only,
-                          t.destructive, t.idempotent, t.toolset, t.plugin) for t in r.tools]
+                          t.destructive, t.idempotent, t.toolset, t.plugin,
+                          json.loads(t.output_schema_json) if t.output_schema_json else None) for t in r.tools]
         p = r.policy
+        # An agent older than plan_only would run the call when asked for its plan: such an agent leaves
+        # confirm_destructive empty, and its plans are then made here from the arguments alone.
+        self._plans_supported = bool(p.confirm_destructive)
         policy = Policy(p.default_profile or "read-only", p.allow_destructive, tuple(p.default_toolsets),
-                        p.max_tools or 40, r.node_id)
+                        p.max_tools or 40, r.node_id, p.read_only, p.confirm_destructive or "elicit")
         return Catalog(tools, policy, r.caller_role or "reader", r.generation)
 
     def call(self, name: str, arguments: dict, caller: Caller | None) -> Any:
@@ -187,6 +203,19 @@ class GrpcBackend:
         if r.error:
             raise ToolError(r.error)
         return json.loads(r.result_json) if r.result_json else None
+
+    def plan(self, name: str, arguments: dict, caller: Caller | None) -> str:
+        if not self._plans_supported:
+            shown = ", ".join(f"{k}={v!r}" for k, v in sorted(arguments.items()) if k != "idempotency_key")
+            return f"run {name}({shown}) on the node (its agent is too old to say more)"
+        request = self._pb.CallToolRequest(name=name, arguments_json=json.dumps(arguments).encode(), plan_only=True)
+        try:
+            r = self._stub.CallTool(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise self._unreachable(exc) from None
+        if r.error:
+            raise ToolError(r.error)
+        return r.plan
 
     def resources(self) -> list[ResourceSpec]:
         try:
@@ -233,8 +262,10 @@ def tool_error(message: str) -> types.CallToolResult:
 class Frontend:
     """One MCP server over a backend. `view_of(request)` says what an HTTP request asked for (None: stdio)."""
 
-    def __init__(self, backend: Backend, default_view: View, view_of: Callable[[Any], View] | None = None):
+    def __init__(self, backend: Backend, default_view: View, view_of: Callable[[Any], View] | None = None,
+                 read_only: bool = False):
         self.backend = backend
+        self.read_only = read_only  # `cortex mcp --read-only`: on top of whatever the node allows
         self.default_view = default_view
         self.view_of = view_of
         self.bus = InMemorySubscriptionBus()
@@ -251,6 +282,13 @@ class Frontend:
             on_read_resource=self._read_resource, on_list_resource_templates=self._list_templates,
             on_subscriptions_listen=ListenHandler(self.bus))
         self.server.middleware.append(self._remember_connection)
+        # The streamable HTTP transport asks for the initialize answer without arguments, which would
+        # advertise listChanged: false although we send list-changed notifications on HTTP too.
+        default_options = self.server.create_initialization_options
+        self.server.create_initialization_options = (
+            lambda notification_options=None, *args, **kwargs: default_options(
+                notification_options or NotificationOptions(tools_changed=True, resources_changed=True),
+                *args, **kwargs))
 
     def initialization_options(self):
         return self.server.create_initialization_options(NOTIFICATIONS)
@@ -262,7 +300,7 @@ class Frontend:
         return self.default_view
 
     def _caller(self, view: View) -> Caller:
-        return Caller(role=view.caller_role)
+        return Caller(role=view.caller_role, identity=view.caller_identity)
 
     async def _catalog_for(self, view: View) -> Catalog:
         if isinstance(self.backend, LocalBackend):  # cheap in-process, and the caller shapes it
@@ -279,7 +317,8 @@ class Frontend:
         catalog = await self._catalog_for(view)
         if not isinstance(self.backend, LocalBackend):
             view = View(caller_role=catalog.caller_role, profile=view.profile, toolsets=view.toolsets)
-        return catalog, select(catalog.tools, view, catalog.policy)
+        policy = replace(catalog.policy, read_only=True) if self.read_only else catalog.policy
+        return catalog, select(catalog.tools, view, policy)
 
     async def _remember_connection(self, ctx, call_next):
         # ctx.session is a per-request proxy; the connection behind it lives as long as the client's session
@@ -297,6 +336,7 @@ class Frontend:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return types.ListToolsResult(meta={"cortex/notice": selection.notice} if selection.notice else None, tools=[
             types.Tool(name=t.name, description=t.description, input_schema=t.input_schema,
+                       output_schema=t.output_schema or ANY_OBJECT,
                        annotations=types.ToolAnnotations(title=t.name.replace("_", " "), read_only_hint=t.read_only,
                                                          destructive_hint=t.destructive,
                                                          idempotent_hint=t.idempotent, open_world_hint=False),
@@ -322,6 +362,11 @@ class Frontend:
                 return tool_error(f"{name} is not available in this session: {selection.hidden[name]}")
             return tool_error(f"unknown tool {name!r}: list the tools to see what node "
                               f"{catalog.policy.node_id or self.backend.node_id} offers")
+        tool = next(t for t in selection.visible if t.name == name)
+        if tool.destructive:
+            refused = await self._confirm(ctx, tool, arguments, view, catalog.policy)
+            if refused:
+                return tool_error(refused)
         started = time.monotonic()
         try:
             # A client that disconnects mid-call cancels this wait; the call itself finishes in its thread
@@ -334,9 +379,39 @@ class Frontend:
             log.exception("tool call failed", extra={"fields": {"tool": name}})
             return tool_error(f"{name} failed unexpectedly: {type(exc).__name__}: {exc}")
         log.debug("tool call", extra={"fields": {"tool": name, "seconds": round(time.monotonic() - started, 4)}})
-        structured = result if isinstance(result, dict) else {"result": result}
         return types.CallToolResult(content=[types.TextContent(type="text", text=_text(result))],
-                                    structured_content=structured)
+                                    structured_content=structured(result))
+
+    async def _confirm(self, ctx, tool: ToolSpec, arguments: dict, view: View, policy: Policy) -> str:
+        """Plan, then confirm: a destructive call runs only once the user saw what it will do and said yes.
+        '' lets the call go ahead; otherwise the refusal, which says that nothing was changed."""
+        session = getattr(ctx, "session", None)
+        capabilities = getattr(session, "client_capabilities", None)
+        elicitation = getattr(capabilities, "elicitation", None)
+        can_ask = (elicitation is not None and (elicitation.form is not None or elicitation.url is None)
+                   and getattr(session, "can_send_request", False))
+        if not can_ask:
+            if policy.confirm_destructive == "require":
+                return (f"{tool.name} is destructive and {policy.node_id or 'this node'} confirms destructive calls "
+                        "with the user (plugins.mcp.confirm_destructive: require), which this client cannot do "
+                        "(no elicitation support): nothing was changed; run it from a client that supports "
+                        "elicitation, or with `cortex tools call`")
+            return ""  # the node's allow_destructive and the admin profile already let this session see it
+        try:
+            plan = await anyio.to_thread.run_sync(partial(self.backend.plan, tool.name, arguments, self._caller(view)))
+        except ToolError as exc:
+            return str(exc)
+        try:
+            answer = await session.elicit_form(
+                message=f"Confirm {tool.name}: this will {plan}", requested_schema=CONFIRM_SCHEMA,
+                related_request_id=getattr(ctx, "request_id", None))
+        except Exception as exc:  # the client went away or answered nonsense: do nothing rather than guess
+            log.info("confirmation not obtained", extra={"fields": {"tool": tool.name, "error": str(exc)}})
+            return f"{tool.name} was not confirmed ({type(exc).__name__}: {exc}): nothing was changed"
+        if answer.action == "accept" and (answer.content or {}).get("confirm") is True:
+            return ""
+        how = {"decline": "declined", "cancel": "cancelled"}.get(answer.action, "not confirmed")
+        return f"{tool.name} was {how} by the user: nothing was changed (it would {plan})"
 
     async def _all_resources(self) -> list[ResourceSpec]:
         try:

@@ -9,6 +9,10 @@ A model works best with a short tool list, and a node's owner decides what an as
 - tools come in *toolsets* (a plugin's name unless the tool names one); a session loads the toolsets it asks
   for, or by default as many as fit in `max_tools` (40), in priority order, so a client never starts with
   more tools than it can use well;
+- a node (or a `cortex mcp --read-only` server) may serve read-only tools only: every other tool is hidden
+  and refused, whatever the profile;
+- destructive tools are confirmed by the user through MCP elicitation where the client can ask
+  (`confirm_destructive: elicit`); `require` refuses them to clients that cannot;
 - the caller's role (reader < operator < admin) still bounds every call.
 """
 
@@ -39,6 +43,7 @@ class ToolSpec:
     idempotent: bool = True
     toolset: str = ""
     plugin: str = ""
+    output_schema: dict | None = None  # None: any object
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class Policy:
     default_toolsets: tuple[str, ...] = ()
     max_tools: int = DEFAULT_MAX_TOOLS
     node_id: str = ""
+    read_only: bool = False
+    confirm_destructive: str = "elicit"  # elicit: ask clients that can; require: refuse those that cannot
 
     @staticmethod
     def from_options(options: dict | None, node_id: str = "") -> Policy:
@@ -57,7 +64,9 @@ class Policy:
         return Policy(default_profile=options.get("default_profile", "read-only"),
                       allow_destructive=bool(options.get("allow_destructive", False)),
                       default_toolsets=tuple(options.get("toolsets") or ()),
-                      max_tools=int(options.get("max_tools", DEFAULT_MAX_TOOLS)), node_id=node_id)
+                      max_tools=int(options.get("max_tools", DEFAULT_MAX_TOOLS)), node_id=node_id,
+                      read_only=bool(options.get("read_only", False)),
+                      confirm_destructive=options.get("confirm_destructive", "elicit"))
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class View:
     caller_role: str = "operator"
     profile: str = ""  # "" = the node's default profile
     toolsets: tuple[str, ...] = ()  # () = the node's default toolsets; ("all",) = every toolset
+    caller_identity: str = "local"  # who (the HTTP token's name); stdio callers are named by the agent
 
 
 @dataclass
@@ -97,6 +107,9 @@ def toolset_order(names: set[str]) -> list[str]:
 def _why_not(tool: ToolSpec, profile: str, policy: Policy, caller_role: str) -> str:
     """'' when the session may use the tool, else an instruction saying how it could."""
     where = f"node {policy.node_id}" if policy.node_id else "this node"
+    if policy.read_only and not tool.read_only:
+        return (f"{tool.name} changes state and {where} serves read-only tools only (plugins.mcp.read_only, or "
+                "`cortex mcp --read-only`)")
     if CALLER_ROLES.index(caller_role) < CALLER_ROLES.index(tool.role):
         return f"{tool.name} needs the {tool.role!r} role and this connection has {caller_role!r}"
     if tool.destructive and not policy.allow_destructive:

@@ -19,7 +19,7 @@ from cortex.core.commands import CommandError
 from cortex.memory import sqlguard, whereami
 from cortex.memory.localstore import LocalStore
 from cortex.memory.schema import CONTEXT_CATEGORIES, LOCAL_TIER, THOUGHT_TYPES, THREAD_STATUSES, TIERS
-from cortex.plugins import Caller, Plugin, Tool, ToolError
+from cortex.plugins import Caller, Plugin, Tool, ToolError, returns, returns_list
 
 # Values that look like secrets: memory is shared across machines (and maybe backed up), credentials are not.
 _CREDENTIAL_PATTERNS = [
@@ -57,6 +57,32 @@ _IDEM = {"type": "string", "maxLength": 128, "description": "retries with the sa
 _LIMIT = {"type": "integer", "minimum": 1, "maximum": 1000}
 
 DEFAULT_BACKUP = {"enabled": True, "interval": 3600.0, "dir": "", "s3": None, "public_only": False, "keep": 48}
+
+
+# What each tool answers: its MCP output schema (structuredContent).
+_OUT_MEMORY_QUERY = returns(
+    {"columns": "array", "rows": "array", "truncated": "boolean", "row_count": "integer"}
+)
+_OUT_MEMORY_WRITE = returns(
+    {"tier": "string"}, required=(), description="what the write command answered (ids, tier)"
+)
+_OUT_MEMORY_SCHEMA = returns_list({"table": "string", "columns": "array"})
+_OUT_MEMORY_STATS = returns(
+    {
+        "cluster": returns({"tables": "object", "change_index": "integer"}),
+        "local": returns({"tables": "object"}),
+    }
+)
+_OUT_MEMORY_LOG_THOUGHT = returns({"thread_id": "string", "started_thread": "boolean"}, "thread_id")
+_OUT_MEMORY_WHEREAMI = returns({"markdown": "string", "path": "string", "change_index": "integer"})
+_OUT_MEMORY_HANDOFF = returns({"whereami": "string"})
+_OUT_MEMORY_SET_CONTEXT = returns({"warnings": "array"})
+_OUT_MEMORY_GET_CONTEXT = returns_list({"key": "string", "pinned": "boolean", "updated_at": "number"})
+_OUT_MEMORY_SEARCH = returns_list({"kind": "string", "ref": "string", "score": "number"})
+_OUT_MEMORY_NETWORK_LOOKUP = returns_list()
+_OUT_MEMORY_LIST_THREADS = returns_list(
+    {"id": "string", "title": "string", "status": "string", "updated_at": "number"}
+)
 
 
 class MemoryPlugin(Plugin):
@@ -191,7 +217,8 @@ class MemoryPlugin(Plugin):
                  "ATTACH and the like are refused by SQLite's authorizer. See memory_schema for columns.",
                  self.t_query, _schema({"sql": {"type": "string"}, "params": {"type": ["array", "object"]},
                                         "limit": {"type": "integer", "minimum": 1, "maximum": 5000},
-                                        "store": {"type": "string", "enum": ["cluster", "local"]}}, ("sql",))),
+                                        "store": {"type": "string", "enum": ["cluster", "local"]}}, ("sql",)),
+                 output_schema=_OUT_MEMORY_QUERY),
             Tool("memory_write", "Typed writes: kind thread|thread_update|thought|handoff|context|context_delete|"
                  "project|network with their fields in `data`, or kind sql with one deterministic INSERT/UPDATE/"
                  "DELETE on the memory tables (random(), changes() etc. are refused; 'now' means the write's time).",
@@ -200,11 +227,12 @@ class MemoryPlugin(Plugin):
                                         "params": {"type": ["array", "object"]},
                                         "store": {"type": "string", "enum": ["cluster", "local"]},
                                         "idempotency_key": _IDEM}, ("kind",)),
-                 role="operator", read_only=False, destructive=True, idempotent=False),
+                 role="operator", read_only=False, destructive=True, idempotent=False,
+                 output_schema=_OUT_MEMORY_WRITE, plan=self.plan_write),
             Tool("memory_schema", "Tables and columns of the memory store, for memory_query and memory_write.",
-                 self.t_schema),
+                 self.t_schema, output_schema=_OUT_MEMORY_SCHEMA),
             Tool("memory_stats", "Row counts per table and tier (cluster and this node's local store).",
-                 self.t_stats),
+                 self.t_stats, output_schema=_OUT_MEMORY_STATS),
             Tool("memory_log_thought", "Append a thought (idea, decision, discovery, blocker, progress, "
                  "tangent_start, handoff) to a thread; give thread_id, or new_thread to start one.",
                  self.t_log_thought,
@@ -212,16 +240,17 @@ class MemoryPlugin(Plugin):
                           "project": {"type": "string"}, "type": {"type": "string", "enum": list(THOUGHT_TYPES)},
                           "content": {"type": "string", "minLength": 1}, "metadata": {"type": "object"},
                           "tier": _TIER, "idempotency_key": _IDEM}, ("content",)),
-                 role="operator", read_only=False, idempotent=False),
+                 role="operator", read_only=False, idempotent=False, output_schema=_OUT_MEMORY_LOG_THOUGHT),
             Tool("memory_whereami", "Where things stand: active threads with their latest thoughts, handed-off "
-                 "threads, pinned and recent context (the same text as whereami.md).", self.t_whereami),
+                 "threads, pinned and recent context (the same text as whereami.md).", self.t_whereami,
+                 output_schema=_OUT_MEMORY_WHEREAMI),
             Tool("memory_handoff", "Hand a thread off: record a summary and next steps and pause (or complete) it, "
                  "so the next session or machine can pick it up.", self.t_handoff,
                  _schema({"thread_id": {"type": "string"}, "summary": {"type": "string", "minLength": 1},
                           "next_steps": {"type": "array", "items": {"type": "string"}}, "to": {"type": "string"},
                           "status": {"type": "string", "enum": ["paused", "completed", "active"]},
                           "idempotency_key": _IDEM}, ("thread_id", "summary")),
-                 role="operator", read_only=False, idempotent=False),
+                 role="operator", read_only=False, idempotent=False, output_schema=_OUT_MEMORY_HANDOFF),
             Tool("memory_set_context", "Set a context entry (a JSON value under a key): project, pr, machine, "
                  "waiting, fact or reminder; pinned entries head whereami. Warns when a value looks like a "
                  "credential.", self.t_set_context,
@@ -229,24 +258,27 @@ class MemoryPlugin(Plugin):
                           "category": {"type": "string", "enum": list(CONTEXT_CATEGORIES)},
                           "label": {"type": "string"}, "pinned": {"type": "boolean"}, "tier": _TIER,
                           "idempotency_key": _IDEM}, ("key",)),
-                 role="operator", read_only=False),
+                 role="operator", read_only=False, output_schema=_OUT_MEMORY_SET_CONTEXT),
             Tool("memory_get_context", "Read context entries by key, key prefix, category or pinned.",
                  self.t_get_context,
                  _schema({"key": {"type": "string"}, "prefix": {"type": "string"},
                           "category": {"type": "string", "enum": list(CONTEXT_CATEGORIES)},
-                          "pinned": {"type": "boolean"}, "limit": _LIMIT})),
+                          "pinned": {"type": "boolean"}, "limit": _LIMIT}),
+                 output_schema=_OUT_MEMORY_GET_CONTEXT),
             Tool("memory_search", "Full-text search (SQLite FTS5, ranked by BM25) over threads, thoughts, context, "
                  "projects and network clients.", self.t_search,
                  _schema({"query": {"type": "string", "minLength": 1}, "limit": {"type": "integer", "minimum": 1,
                                                                                 "maximum": 200},
                           "kinds": {"type": "array", "items": {"type": "string", "enum": [
-                              "thread", "thought", "context", "project", "network"]}}}, ("query",))),
+                              "thread", "thought", "context", "project", "network"]}}}, ("query",)),
+                 output_schema=_OUT_MEMORY_SEARCH),
             Tool("memory_network_lookup", "Find a network client (machine, device) by name, IP or MAC, or list them.",
-                 self.t_network_lookup, _schema({"query": {"type": "string"}, "limit": _LIMIT})),
+                 self.t_network_lookup, _schema({"query": {"type": "string"}, "limit": _LIMIT}),
+                 output_schema=_OUT_MEMORY_NETWORK_LOOKUP),
             Tool("memory_list_threads", "List threads, newest first, optionally by status and project.",
                  self.t_list_threads,
                  _schema({"status": {"type": "string", "enum": list(THREAD_STATUSES)}, "project": {"type": "string"},
-                          "limit": _LIMIT})),
+                          "limit": _LIMIT}), output_schema=_OUT_MEMORY_LIST_THREADS),
         ]
 
     def t_query(self, args: dict, caller: Caller) -> dict:
@@ -283,6 +315,13 @@ class MemoryPlugin(Plugin):
             return self._write(command_type, data, idem)
         tier = data.pop("tier", None)
         return self._apply(command_type, data, tier, idem)
+
+    def plan_write(self, args: dict, caller: Caller) -> str:
+        where = "this node's local store" if args.get("store") == "local" else "the cluster's memory store"
+        if args["kind"] == "sql":
+            return f"run this statement on {where}: {str(args.get('sql', ''))[:300]}"
+        fields = ", ".join(sorted(args.get("data") or {}))
+        return f"write a {args['kind']} record ({fields or 'no fields'}) to {where}"
 
     def t_schema(self, args: dict, caller: Caller) -> list[dict]:
         return self._read("memory.schema")

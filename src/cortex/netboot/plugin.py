@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from cortex.netboot import profiles as profiles_mod
 from cortex.node.logs import fields
-from cortex.plugins import Plugin, Tool, ToolError
+from cortex.plugins import Plugin, Tool, ToolError, returns_list
 
 if TYPE_CHECKING:
     from cortex.netboot.service import HttpService
@@ -76,6 +76,21 @@ def reconcile_actions(enrollments: list[dict], nodes: list[dict], now: float,
         elif e["state"] == "collected" and node is not None and node["liveness"] == "offline":
             actions.append(("remove", {"node_id": e["node_id"]}))
     return actions
+
+
+# What each tool answers: its MCP output schema (structuredContent).
+_OUT_NETBOOT_MACHINES = returns_list(
+    {
+        "id": "string",
+        "machine": "string",
+        "profile": "string",
+        "node_id": ["string", "null"],
+        "state": "string",
+        "created_at": "number",
+        "boots": "integer",
+    },
+    required=("id", "machine", "state", "boots"),
+)
 
 
 class NetbootPlugin(Plugin):
@@ -146,7 +161,7 @@ class NetbootPlugin(Plugin):
     def tools(self) -> list[Tool]:
         return [Tool("netboot_machines", "List netbooted machines: the latest boot of each machine, its profile, "
                                          "node id and enrollment state (issued, joined, reported, left, collected).",
-                     self._tool_machines)]
+                     self._tool_machines, output_schema=_OUT_NETBOOT_MACHINES)]
 
     def _tool_machines(self, args: dict, caller) -> Any:
         try:

@@ -27,6 +27,9 @@ from cortex.plugins.api import (
     Resource,
     Tool,
     ToolError,
+    returns,
+    returns_list,
+    structured,
     write_with_retry,
 )
 
@@ -44,4 +47,4 @@ def __getattr__(name: str):
 
 __all__ = ["CALLER_ROLES", "MAX_TOOL_ARGUMENT_BYTES", "Caller", "ClusterAPI", "Placement", "Plugin",
            "PluginConfigError", "PluginContext", "PluginHost", "Resource", "Tool", "ToolError", "check_config",
-           "discover", "write_with_retry"]
+           "discover", "returns", "returns_list", "structured", "write_with_retry"]

@@ -137,6 +137,57 @@ class Tool:
     destructive: bool = False
     idempotent: bool = True
     toolset: str = ""  # group shown/hidden together; defaults to the plugin's name
+    # JSON schema of the result as MCP clients get it in `structuredContent`: always an object, so a result
+    # that is not one (a list) is wrapped as {"result": ...} (see `structured`). None: any object.
+    output_schema: dict | None = None
+    # Destructive tools: (arguments, caller) -> one sentence saying what the call will do, read from the
+    # current state ("delete key a/b (version 4, 12 bytes)"); a client that can ask its user shows it before
+    # the call runs. None: the description and the arguments say it.
+    plan: Callable[[dict, Caller], str] | None = None
+
+
+ANY_OBJECT: dict = {"type": "object"}
+_TYPE_NAMES = ("string", "integer", "number", "boolean", "object", "array", "null")
+
+
+def _prop(spec: Any) -> dict:
+    if isinstance(spec, dict):
+        return spec
+    if isinstance(spec, str):
+        return {"type": spec}
+    if isinstance(spec, (list, tuple)) and all(t in _TYPE_NAMES for t in spec):
+        return {"type": list(spec)}
+    raise TypeError(f"output schema property {spec!r}: use a type name, a list of them or a schema")
+
+
+def returns(properties: dict[str, Any], optional: tuple[str, ...] | str = (), *, required: tuple[str, ...] | None = None,
+            description: str = "") -> dict:
+    """An output schema: an object with these top-level properties, each a type name ("string"), a list of
+    them (["integer", "null"]) or a full schema. Every property is required unless named in `optional` (or
+    `required` lists the required ones); further properties are allowed, so a tool may grow its answer."""
+    optional = (optional,) if isinstance(optional, str) else optional
+    names = [k for k in properties if k not in optional] if required is None else list(required)
+    schema: dict = {"type": "object", "properties": {k: _prop(v) for k, v in properties.items()}}
+    if names:
+        schema["required"] = names
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def returns_list(items: dict[str, Any] | None = None, optional: tuple[str, ...] | str = (), *,
+                 required: tuple[str, ...] | None = None, description: str = "") -> dict:
+    """The output schema of a tool whose result is a list (of objects with these properties, when given):
+    clients receive it as {"result": [...]}."""
+    item = returns(items, optional, required=required) if items is not None else {}
+    return {"type": "object", "properties": {"result": {"type": "array", "items": item,
+                                                        **({"description": description} if description else {})}},
+            "required": ["result"]}
+
+
+def structured(result: Any) -> dict:
+    """A tool's result as MCP `structuredContent`, which must be an object."""
+    return result if isinstance(result, dict) else {"result": result}
 
 
 @dataclass(frozen=True)

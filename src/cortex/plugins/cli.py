@@ -133,7 +133,7 @@ def cmd_mcp(args) -> int:
     backend = GrpcBackend(target, timeout=max(args.timeout, 30.0))
     preflight(backend, view)
     try:
-        anyio.run(serve_stdio, Frontend(backend, view))
+        anyio.run(serve_stdio, Frontend(backend, view, read_only=args.read_only))
     except KeyboardInterrupt:
         pass
     finally:
@@ -160,3 +160,5 @@ def register(commands: CommandRegistry) -> None:
     sp.add_argument("--profile", default="", help="read-only | operator | admin (default: the node's policy)")
     sp.add_argument("--toolsets", default="", help="comma-separated toolsets to load, or 'all' "
                                                    "(default: the node's, up to its tool limit)")
+    sp.add_argument("--read-only", action="store_true",
+                    help="serve read-only tools only: every other tool is hidden and refused, whatever the profile")

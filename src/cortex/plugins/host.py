@@ -154,6 +154,13 @@ class PluginHost:
         # can wait for "anything after generation N" without missing a change between two waits.
         self.generation = 1
         self._changed = threading.Condition(self._lock)
+        # The cluster's plugin policies and the audit log of mutating calls (audit.py); none without a cluster.
+        self.access = None
+        if cluster is not None:
+            from cortex.plugins.audit import Access
+
+            self.access = Access(cluster)
+            events.subscribe("access.policy_changed", lambda event: self.access.invalidate())
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def load(self) -> None:
@@ -206,6 +213,8 @@ class PluginHost:
     def stop(self) -> None:
         for name in reversed(list(self.plugins)):
             self.stop_plugin(name)
+        if self.access is not None:
+            self.access.stop()
 
     def stop_plugin(self, name: str) -> None:
         with self._lock:
@@ -333,9 +342,19 @@ class PluginHost:
             except Exception:
                 log.exception("tools-changed listener failed")
 
+    def _find(self, name: str) -> tuple[Tool | None, str]:
+        with self._lock:
+            for entry in self.plugins.values():
+                if entry.state == "running":
+                    for tool in self._tools_of(entry):
+                        if tool.name == name:
+                            return tool, entry.name
+        return None, ""
+
     def call_tool(self, name: str, arguments: Any, caller: Caller) -> Any:
-        """Validate, authorize and run a tool; every failure is a ToolError with an actionable message."""
-        tool = self.tools().get(name)
+        """Validate, authorize and run a tool; every failure is a ToolError with an actionable message.
+        Calls of tools that change state are recorded in the cluster's audit log, refusals included."""
+        tool, plugin = self._find(name)
         if tool is None:
             raise ToolError(f"unknown tool {name!r}; list the tools to see what this node offers")
         if not isinstance(arguments, dict):
@@ -349,13 +368,57 @@ class PluginHost:
         if errors:
             where = "/".join(str(p) for p in errors[0].path)
             raise ToolError(f"{name}: invalid arguments{' at ' + where if where else ''}: {json_wording(errors[0])}")
+        audit = self.access is not None and not tool.read_only
+        refused = self.access.refusal(plugin, tool.read_only, caller) if self.access is not None else ""
+        if refused:
+            if audit:
+                self.access.record(name, plugin, arguments, caller, "refused", refused)
+            raise ToolError(f"{name}: {refused}")
         try:
-            return tool.handler(arguments, caller)
-        except ToolError:
+            result = tool.handler(arguments, caller)
+        except ToolError as exc:
+            if audit:
+                self.access.record(name, plugin, arguments, caller, "error", str(exc))
             raise
         except Exception as exc:
             log.error("tool failed", extra={"fields": {"tool": name, "error": f"{type(exc).__name__}: {exc}"}})
+            if audit:
+                self.access.record(name, plugin, arguments, caller, "error", f"{type(exc).__name__}: {exc}")
             raise ToolError(f"{name} failed: {exc}") from exc
+        if audit:
+            self.access.record(name, plugin, arguments, caller, "ok")
+        return result
+
+    def plan_tool(self, name: str, arguments: Any, caller: Caller) -> str:
+        """What a call would do, said before it runs (a destructive tool's confirmation); changes nothing.
+        The same checks as a call come first, so a plan is never shown for a call that would be refused."""
+        tool = self.tools().get(name)
+        if tool is None:
+            raise ToolError(f"unknown tool {name!r}; list the tools to see what this node offers")
+        if not isinstance(arguments, dict):
+            raise ToolError(f"{name}: arguments must be a JSON object")
+        if CALLER_ROLES.index(caller.role) < CALLER_ROLES.index(tool.role):
+            raise ToolError(f"{name} needs the {tool.role!r} role; this caller has {caller.role!r}")
+        errors = [] if quickcheck.plainly_valid(tool.input_schema, arguments) else _schema_errors(tool.input_schema,
+                                                                                                    arguments)
+        if errors:
+            where = "/".join(str(p) for p in errors[0].path)
+            raise ToolError(f"{name}: invalid arguments{' at ' + where if where else ''}: {errors[0].message}")
+        owner = self._find(name)[1]
+        refused = self.access.refusal(owner, tool.read_only, caller) if self.access is not None else ""
+        if refused:
+            raise ToolError(f"{name}: {refused}")
+        shown = ", ".join(f"{k}={v!r}" for k, v in sorted(arguments.items()) if k != "idempotency_key")
+        generic = f"run {name}({shown}): {tool.description}"
+        if tool.plan is None:
+            return generic
+        try:
+            return tool.plan(arguments, caller) or generic
+        except ToolError:
+            raise
+        except Exception as exc:  # the plan is a courtesy: without it the user still sees what is asked
+            log.warning("tool plan failed", extra={"fields": {"tool": name, "error": f"{type(exc).__name__}: {exc}"}})
+            return generic
 
     def status(self) -> list[dict]:
         with self._lock:

@@ -54,11 +54,14 @@ def tool_infos(host: PluginHost) -> list[ppb.ToolInfo]:
     owners = host.tool_owners()
     return [ppb.ToolInfo(name=t.name, description=t.description, input_schema_json=to_json(t.input_schema),
                          role=t.role, read_only=t.read_only, destructive=t.destructive, idempotent=t.idempotent,
-                         toolset=t.toolset, plugin=owners.get(t.name, ""))
+                         toolset=t.toolset, plugin=owners.get(t.name, ""),
+                         output_schema_json=to_json(t.output_schema) if t.output_schema else b"",
+                         has_plan=t.plan is not None)
             for t in sorted(host.tools().values(), key=lambda t: t.name)]
 
 
-def run_tool(host: PluginHost, name: str, arguments_json: bytes, caller: Caller) -> ppb.CallToolResponse:
+def run_tool(host: PluginHost, name: str, arguments_json: bytes, caller: Caller,
+             plan_only: bool = False) -> ppb.CallToolResponse:
     """Every failure, bad input included, is an answer with an error message, never a crashed call."""
     if len(arguments_json) > MAX_TOOL_ARGUMENT_BYTES:
         return ppb.CallToolResponse(error=f"{name}: arguments are {len(arguments_json)} bytes; the limit is "
@@ -68,6 +71,8 @@ def run_tool(host: PluginHost, name: str, arguments_json: bytes, caller: Caller)
     except (ValueError, UnicodeDecodeError) as exc:
         return ppb.CallToolResponse(error=f"{name}: arguments are not valid JSON: {exc}")
     try:
+        if plan_only:
+            return ppb.CallToolResponse(plan=host.plan_tool(name, arguments, caller))
         result = host.call_tool(name, arguments, caller)
     except ToolError as exc:
         return ppb.CallToolResponse(error=str(exc))
@@ -91,10 +96,11 @@ class PluginsService(ppb_grpc.PluginsServicer):
             tools=tool_infos(self.host), node_id=self.node_id, caller_role=self.caller(context).role,
             generation=self.host.generation,
             policy=ppb.ToolPolicy(default_profile=policy.default_profile, allow_destructive=policy.allow_destructive,
-                                  default_toolsets=list(policy.default_toolsets), max_tools=policy.max_tools))
+                                  default_toolsets=list(policy.default_toolsets), max_tools=policy.max_tools,
+                                  read_only=policy.read_only, confirm_destructive=policy.confirm_destructive))
 
     def CallTool(self, request, context):
-        return run_tool(self.host, request.name, request.arguments_json, self.caller(context))
+        return run_tool(self.host, request.name, request.arguments_json, self.caller(context), request.plan_only)
 
     def ListResources(self, request, context):
         return ppb.ListResourcesResponse(resources=[

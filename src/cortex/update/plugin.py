@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cortex.plugins import Caller, Plugin, Tool, ToolError, write_with_retry
+from cortex.plugins import Caller, Plugin, Tool, ToolError, returns, write_with_retry
 from cortex.update import releases as updates
 from cortex.update import rollout
 from cortex.update.node_os import ApplianceOS, Facts, NodeOS, PackageOS, SimulatedOS
@@ -138,6 +138,24 @@ def preflight_problems(status: dict, reports: list[dict], version: str, allow_do
 
 
 # --- the plugin -------------------------------------------------------------------------------------------
+
+# What each tool answers: its MCP output schema (structuredContent).
+_OUT_UPDATE_ROLLOUT = returns(
+    {
+        "version": "string",
+        "source": "string",
+        "payload_bytes": ["integer", "null"],
+        "steps": "array",
+        "preflight": "array",
+        "started": "boolean",
+        "id": "string",
+        "state": "string",
+    },
+    ("id", "state"),
+)
+_OUT_UPDATE_STATUS = returns({"rollout": ["object", "null"], "nodes": "array"})
+_OUT_UPDATE_ROLLBACK = returns({"id": "string", "state": "string", "error": "string"}, required=())
+
 
 class UpdaterPlugin(Plugin):
     name: ClassVar[str] = "updater"
@@ -502,6 +520,22 @@ class UpdaterPlugin(Plugin):
             except Exception as exc:
                 raise ToolError(f"rollback refused: {exc}") from None
 
+        def rollout_plan(args: dict, caller: Caller) -> str:
+            plan = self.start_rollout(args["version"], args.get("source", ""), args.get("allow_downgrade", False),
+                                      True, caller.identity)
+            if plan["preflight"]:
+                return f"nothing: pre-flight refuses {args['version']} ({'; '.join(plan['preflight'])})"
+            order = ", ".join(s.get("node_id", "?") for s in plan["steps"])
+            return f"update {len(plan['steps'])} node(s) to {args['version']}, one at a time, in this order: {order}"
+
+        def rollback_plan(args: dict, caller: Caller) -> str:
+            doc = self.ctx.cluster.read("update.current", {}, level="leader")
+            if not doc:
+                return "nothing: there is no rollout to roll back"
+            back = [s["node_id"] for s in reversed(doc["steps"]) if s["state"] == "done"]
+            return (f"roll rollout {doc['id']} ({doc['version']}, {doc['state']}) back: "
+                    f"{', '.join(back) or 'no node'} return to their previous slot, in this order")
+
         return [
             Tool("update_rollout", "Roll a signed release out to the cluster, one node at a time (workers, "
                  "followers, the leader last). Pre-flight refuses unsigned/tampered/unreachable releases, "
@@ -510,13 +544,16 @@ class UpdaterPlugin(Plugin):
                      "version": {"type": "string"}, "source": {"type": "string"},
                      "allow_downgrade": {"type": "boolean"}, "dry_run": {"type": "boolean"}},
                      "required": ["version"], "additionalProperties": False},
-                 role="admin", read_only=False, destructive=True, idempotent=False),
+                 role="admin", read_only=False, destructive=True, idempotent=False,
+                 output_schema=_OUT_UPDATE_ROLLOUT, plan=rollout_plan),
             Tool("update_status", "The current rolling update (steps, states, why it halted) and the version, "
-                 "boot state and fallback of every node.", lambda a, c: self.status_doc()),
+                 "boot state and fallback of every node.", lambda a, c: self.status_doc(),
+                 output_schema=_OUT_UPDATE_STATUS),
             Tool("update_rollback", "Return the nodes a rollout already updated to their previous slot, newest "
                  "first (after a halted rollout).", rollback_tool,
                  {"type": "object", "properties": {"rollout_id": {"type": "string"}},
-                  "additionalProperties": False}, role="admin", read_only=False, destructive=True),
+                  "additionalProperties": False}, role="admin", read_only=False, destructive=True,
+                 output_schema=_OUT_UPDATE_ROLLBACK, plan=rollback_plan),
         ]
 
 
