@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from cortex.console.auth import SESSION_ROLES, Logins, cap_role
 from cortex.mcp.http import BearerTokens, read_or_create_token
 from cortex.plugins import Caller, Plugin, Tool, ToolError
+from cortex.plugins.api import returns
 
 DEFAULT_PORT_OFFSET = 100  # "auto": 127.0.0.1, the gRPC port + 100 (7400 -> 7500); MCP is at + 80
 STATIC_DIR = Path(__file__).parent / "static"
@@ -173,4 +174,7 @@ class ConsolePlugin(Plugin):
                                            "description": "false: only say where the console is, make no link"}}}
         return [Tool("console_login", "A one-time link (valid for minutes) that signs a browser into this node's "
                      "web console; give it to the person who asked, never to a page.", self.console_login,
-                     schema, role="operator", read_only=False, toolset="console", idempotent=False)]
+                     schema, role="operator", read_only=False, toolset="console", idempotent=False,
+                     output_schema=returns({"console": "string", "node_id": "string", "sessions": "integer",
+                                            "url": "string", "role": "string", "expires": "number",
+                                            "expires_in": "integer"}, required=("console", "node_id")))]

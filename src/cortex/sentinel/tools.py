@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from cortex.plugins.api import Caller, Resource, Tool, ToolError
+from cortex.plugins.api import Caller, Resource, Tool, ToolError, returns
 from cortex.sentinel import records
 
 if TYPE_CHECKING:
@@ -88,6 +88,15 @@ def history(plugin: SentinelPlugin, args: dict, caller: Caller) -> dict:
     step = max(1, len(points) // int(args.get("max_points", 500)))
     return {"node": plugin.node_id, "signal": signal, "points": [[round(t), v] for t, v in points[::step]]}
 
+_OUT_HEALTH = returns({"status": "string", "nodes": "array", "hint": "string"})
+_OUT_NODE = returns({"node": "string", "score": ["number", "null"], "level": ["string", "null"], "factors": ["array", "null"],
+                     "predictions": ["array", "null"], "anomalies": ["array", "null"], "signals": ["object", "null"],
+                     "metrics": ["string", "null"], "source": "string"}, optional=("factors", "predictions", "anomalies",
+                                                                                   "signals", "metrics"))
+_OUT_PREDICTIONS = returns({"predictions": "array"})
+_OUT_HISTORY = returns({"node": "string", "signals": "array", "signal": "string", "points": "array"},
+                       required=("node",))
+
 
 def sentinel_tools(plugin: SentinelPlugin) -> list[Tool]:
     obj = {"type": "object", "additionalProperties": False}
@@ -95,20 +104,20 @@ def sentinel_tools(plugin: SentinelPlugin) -> list[Tool]:
     return [
         Tool("sentinel_health", "Predictive health of every node: score 0-100, level (healthy, degraded, critical), "
              "raised alerts and the top factors lowering each score.", lambda a, c: health(plugin, a, c), obj,
-             toolset="sentinel"),
+             toolset="sentinel", output_schema=_OUT_HEALTH),
         Tool("sentinel_node", "One node's health in full: score, every factor, predictions with ETA and confidence, "
              "anomalies and its latest signals.", lambda a, c: node(plugin, a, c),
-             {**obj, "properties": {"node": node_arg}}, toolset="sentinel"),
+             {**obj, "properties": {"node": node_arg}}, toolset="sentinel", output_schema=_OUT_NODE),
         Tool("sentinel_predictions", "Every predicted failure across the cluster (disk full, memory exhaustion, drive "
              "failure, memory errors, battery wear), critical and soonest first.", lambda a, c: predictions(plugin, a, c),
              {**obj, "properties": {"severity": {"type": "string", "enum": ["warning", "critical"]}}},
-             toolset="sentinel"),
+             toolset="sentinel", output_schema=_OUT_PREDICTIONS),
         Tool("sentinel_history", "This node's recorded series of one signal (10 s readings, then 1 min and 1 h means, "
              "30 days); without `signal`, the list of signals.", lambda a, c: history(plugin, a, c),
              {**obj, "properties": {"node": node_arg, "signal": {"type": "string", "maxLength": 300},
                                     "hours": {"type": "number", "minimum": 0.01, "maximum": 720},
                                     "max_points": {"type": "integer", "minimum": 10, "maximum": MAX_POINTS}}},
-             toolset="sentinel"),
+             toolset="sentinel", output_schema=_OUT_HISTORY),
     ]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cortex.core.args import CommandError
-from cortex.plugins import Caller, Tool, ToolError
+from cortex.plugins import Caller, Tool, ToolError, returns, returns_list
 from cortex.services import api
 
 if TYPE_CHECKING:
@@ -22,6 +22,22 @@ _NODE = {"type": "object", "required": ["node"], "additionalProperties": False,
                                  "description": "seconds to wait until the moved services are healthy (0: do not)"},
                         "idempotency_key": _KEY}}
 _NONE = {"type": "object", "properties": {}, "additionalProperties": False}
+
+# What each tool answers (MCP outputSchema); a refused write answers {"error": ...} instead, so beyond a
+# listing's fields nothing is required.
+_ERROR = {"error": "string"}
+_OUT_DEPLOY = returns({"name": "string", "created": "boolean", "updated": "boolean", "unchanged": "boolean",
+                       "holder": "string", "epoch": "integer", **_ERROR}, required=())
+_OUT_LIST = returns_list({"name": "string", "kind": "string", "home": "string", "holder": "string",
+                          "epoch": "integer", "ha": "string", "run": "string", "healthy": "boolean",
+                          "restarts": "integer", "ports": "string", "detail": "string"}, required=("name", "holder"))
+_OUT_SHOW = returns({"name": "string", "spec": "object", "home": "string", "holder": "string", "epoch": "integer",
+                     "state": "string", "reports": "array"}, required=("name", "spec", "holder", "epoch"))
+_OUT_LOGS = returns({"chunks": "array", "next_after": "integer"})
+_OUT_RESTART = returns({"name": "string", "restarted": "boolean", **_ERROR}, required=())
+_OUT_REMOVE = returns({"name": "string", "removed": "boolean", **_ERROR}, required=())
+_OUT_HA_STATUS = returns({"services": "array", "nodes": ["array", "object"]})
+_OUT_MOVE = returns({"node": "string", "moved": "array", "refused": "array", **_ERROR}, required=())
 
 
 def service_tools(plugin: ServicesPlugin) -> list[Tool]:
@@ -66,6 +82,31 @@ def service_tools(plugin: ServicesPlugin) -> list[Tool]:
     def giveback(args: dict, caller: Caller) -> dict:
         return call(api.giveback, cluster, args["node"], wait=args.get("wait", 30), key=args.get("idempotency_key"))
 
+    def remove_plan(args: dict, caller: Caller) -> str:
+        row = cluster.read("service.get", {"name": args["name"]}, level="leader")
+        if row is None:
+            return f"remove service {args['name']} (no such service now: nothing changes)"
+        return (f"stop service {row['name']} on {row['holder']} (epoch {row['epoch']}) and forget it everywhere; "
+                f"its volume stays on disk")
+
+    def _moves(node: str, giving_back: bool) -> list[str]:
+        rows = cluster.read("service.list", {}, level="leader")
+        if giving_back:
+            return [f"{r['name']} ({r['holder']} -> {r['home']})" for r in rows if r["home"] == node
+                    and r["holder"] != node]
+        return [f"{r['name']} ({node} -> {', '.join(r['candidates']) or 'no partner'})" for r in rows
+                if r["holder"] == node]
+
+    def takeover_plan(args: dict, caller: Caller) -> str:
+        moves = _moves(args["node"], giving_back=False)
+        return (f"planned takeover of {args['node']}: stop and move " + ", ".join(moves) + " (a short outage each)"
+                if moves else f"{args['node']} holds no service: nothing moves")
+
+    def giveback_plan(args: dict, caller: Caller) -> str:
+        moves = _moves(args["node"], giving_back=True)
+        return (f"give back to {args['node']}: sync back, stop on the partner, start at home: " + ", ".join(moves)
+                if moves else f"no service of {args['node']} runs elsewhere: nothing moves")
+
     logs_schema = {"type": "object", "required": ["name"], "additionalProperties": False,
                    "properties": {"name": {"type": "string", "maxLength": 63},
                                   "after": {"type": "integer", "minimum": 0, "description": "chunks after this seq"}}}
@@ -76,24 +117,28 @@ def service_tools(plugin: ServicesPlugin) -> list[Tool]:
              "and the error says what to fix.", deploy,
              {"type": "object", "required": ["spec"], "additionalProperties": False,
               "properties": {"spec": {"type": "object"}, "idempotency_key": _KEY}},
-             role="operator", read_only=False, idempotent=True, toolset="services"),
+             role="operator", read_only=False, idempotent=True, toolset="services", output_schema=_OUT_DEPLOY),
         Tool("services_list", "Services: where each runs (holder, epoch), its HA state, health and restarts.", listing,
-             _NONE, toolset="services"),
+             _NONE, toolset="services", output_schema=_OUT_LIST),
         Tool("services_show", "One service in full: spec, holder, epoch, HA state, every node's report.", show,
              {"type": "object", "required": ["name"], "additionalProperties": False,
-              "properties": {"name": {"type": "string", "maxLength": 63}}}, toolset="services"),
+              "properties": {"name": {"type": "string", "maxLength": 63}}}, toolset="services",
+             output_schema=_OUT_SHOW),
         Tool("services_logs", "A service's output (the newest 256 KiB), page by page with `after`.", logs,
-             logs_schema, toolset="services"),
+             logs_schema, toolset="services", output_schema=_OUT_LOGS),
         Tool("services_restart", "Restart a service where it runs.", restart, _NAME, role="operator",
-             read_only=False, idempotent=False, toolset="services"),
+             read_only=False, idempotent=False, toolset="services", output_schema=_OUT_RESTART),
         Tool("services_remove", "Stop a service everywhere and forget it (its volume stays on disk).", remove, _NAME,
-             role="operator", read_only=False, destructive=True, toolset="services"),
+             role="operator", read_only=False, destructive=True, toolset="services",
+             output_schema=_OUT_REMOVE, plan=remove_plan),
         Tool("ha_status", "HA pairs: which node holds each service, takeovers, givebacks, the last move's downtime "
-             "and why a service is where it is.", ha_status, _NONE, toolset="services"),
+             "and why a service is where it is.", ha_status, _NONE, toolset="services", output_schema=_OUT_HA_STATUS),
         Tool("ha_takeover", "Planned takeover: move every service a node holds to its first ready partner (final "
              "volume sync, stop there, start on the partner); says which could not move and why.", takeover, _NODE,
-             role="operator", read_only=False, destructive=True, idempotent=True, toolset="services"),
+             role="operator", read_only=False, destructive=True, idempotent=True, toolset="services",
+             output_schema=_OUT_MOVE, plan=takeover_plan),
         Tool("ha_giveback", "Give a node's own services back to it from their partners (sync back first); refusals "
              "say why and leave the service running on the partner.", giveback, _NODE, role="operator",
-             read_only=False, destructive=True, idempotent=True, toolset="services"),
+             read_only=False, destructive=True, idempotent=True, toolset="services",
+             output_schema=_OUT_MOVE, plan=giveback_plan),
     ]
