@@ -112,7 +112,8 @@ class RecordingAddress:
 
 def row_of(doc: dict, holder: str = "n1", epoch: int = 1) -> dict:
     return {"name": doc["name"], "epoch": epoch, "spec": spec.validate(doc), "restart_gen": 0, "holder": holder,
-            "prev_holder": "", "prev_fenced": 0, "planned": 0, "home": "n1", "candidates": ["n2"], "reports": []}
+            "prev_holder": "", "prev_fenced": 0, "planned": 0, "home": "n1", "candidates": ["n2"], "reports": [],
+            "state": "running"}
 
 
 @pytest.mark.skipif(ShellExecutor(ExecutorSettings()).available() != "", reason="bubblewrap is not usable here")
@@ -192,3 +193,35 @@ def test_a_fence_agent_that_fails_does_not_hold_the_takeover_up(tmp_path, monkey
     plugin._notify = lambda move, result: None
     args, _ = _step(plugin, takeover, view, recorder, monkeypatch)
     assert "powering w1 off failed" in args["reason"] and "its lease alone fenced it" in args["reason"]
+
+
+def test_a_giveback_waits_for_the_home_to_catch_up_and_a_failed_pull_keeps_it_on_the_partner(s):  # noqa: F811
+    for node in ("w1", "w2"):  # both can pull volumes
+        s.apply("service.report", {"node_id": node, "caps": {"kinds": ["shell"], "volume_sync": True}, "services": []})
+    s.apply("service.deploy", {"spec": web(volume=True)})
+    s.apply("service.move", {"name": "web", "epoch": 1, "holder": "w2", "state": "taken_over", "fenced": True},
+            ts=1000.0)
+    s.apply("service.giveback", {"node": "w1"}, ts=1100.0)  # epoch 3, moved at 1100 by the leader's clock
+    base = {"name": "web", "epoch": 3, "healthy": False, "restarts": 0, "detail": "", "output": []}
+    s.apply("service.report", {"node_id": "w2", "services": [{**base, "state": "running", "healthy": True}]},
+            ts=1101.0)
+    # the home's copy predates the move: not caught up, and nothing failed
+    s.apply("service.report", {"node_id": "w1", "services": [{**base, "state": "waiting", "sync_age": 20.0,
+                                                              "synced_from": "w2"}]}, ts=1102.0)
+    row = s.q("service.get", {"name": "web"})
+    assert lease.catch_up(row) == (False, "")
+    book, seen = lease.LeaseBook(), {}
+    book.start(["n1", "w1", "w2"], now=0.0)
+    assert lease.decide(s.q("service.leader"), book, 1.0, seen) == []
+    # pulled after the move: caught up (the partner may stop now)
+    s.apply("service.report", {"node_id": "w1", "services": [{**base, "state": "waiting", "sync_age": 0.5,
+                                                              "synced_from": "w2"}]}, ts=1103.0)
+    assert lease.catch_up(s.q("service.get", {"name": "web"})) == (True, "")
+    # the home's pull failed: the service stays with the partner, and the reason says why
+    s.apply("service.report", {"node_id": "w1", "services": [{**base, "state": "waiting", "sync_age": 20.0,
+                                                              "synced_from": "w2",
+                                                              "sync_error": "pull from w2 failed: disk full"}]},
+            ts=1104.0)
+    moves = lease.decide(s.q("service.leader"), book, 2.0, seen)
+    assert [(m.holder, m.state, m.planned) for m in moves] == [("w2", "taken_over", True)]
+    assert "w1 could not pull the volume from w2 (pull from w2 failed: disk full)" in moves[0].reason

@@ -38,6 +38,8 @@ class _Copy:
         self.failures = 0
         self.due = 0.0
         self.thread: threading.Thread | None = None
+        self.caught_up = 0  # the epoch of the giveback whose catch-up pull succeeded
+        self.catching = 0  # the epoch of the giveback being caught up
 
 
 class Replicator:
@@ -56,20 +58,41 @@ class Replicator:
         now = time.monotonic()
         for row in rows:
             name, spec = row["name"], row["spec"]
+            if self._catching_up(row, running_here):
+                self._start(name, row["prev_holder"], spec, row["epoch"], now)
+                continue
             if not spec["volume"] or row["holder"] == self.node_id or name in running_here:
                 continue
             if self.node_id not in (row["home"], *row.get("candidates", [])) or not holder_running(row):
                 continue
-            copy = self._copy(name)
-            with self._lock:
-                if (copy.thread is not None and copy.thread.is_alive()) or now < copy.due:
-                    continue
-                copy.thread = threading.Thread(target=self._pull, args=(name, row["holder"], spec, copy),
-                                               name=f"replicate-{name}", daemon=True)
-                copy.thread.start()
+            self._start(name, row["holder"], spec, 0, now)
         with self._lock:
             for name in [n for n in self.copies if n not in {r["name"] for r in rows}]:
                 del self.copies[name]
+
+    def _catching_up(self, row: dict, running_here: set[str]) -> bool:
+        """A giveback to this node: the partner serves until this node has pulled its volume once since the
+        move (lease.catch_up), so its final pull after the partner stopped is short."""
+        prev = row.get("prev_holder") or ""
+        return bool(row["spec"]["volume"] and row["holder"] == self.node_id and row["state"] == "giving_back"
+                    and prev and prev != self.node_id and not row.get("released") and row["name"] not in running_here
+                    and any(r["node_id"] == prev and r["state"] == "running" for r in row.get("reports", [])))
+
+    def _start(self, name: str, source: str, spec: dict, epoch: int, now: float) -> None:
+        """A pull in its own thread when none runs and one is due (`epoch`: a catch-up, once per epoch)."""
+        copy = self._copy(name)
+        with self._lock:
+            if copy.thread is not None and copy.thread.is_alive():
+                return
+            if epoch and copy.caught_up == epoch:
+                return
+            if epoch and copy.catching != epoch:  # a new giveback: an older pull's error is not its failure
+                copy.catching, copy.error, copy.due = epoch, "", 0.0
+            if now < copy.due and not (epoch and copy.caught_up != epoch and not copy.error):
+                return
+            copy.thread = threading.Thread(target=self._pull, args=(name, source, spec, copy, epoch),
+                                           name=f"replicate-{name}", daemon=True)
+            copy.thread.start()
 
     def _copy(self, name: str) -> _Copy:
         with self._lock:
@@ -100,7 +123,7 @@ class Replicator:
         except OSError as exc:
             self.log.info("services: %s: could not note the copy's age: %s", name, exc)
 
-    def _pull(self, name: str, source: str, spec: dict, copy: _Copy) -> None:
+    def _pull(self, name: str, source: str, spec: dict, copy: _Copy, epoch: int = 0) -> None:
         began, began_mono = time.time(), time.monotonic()
         interval = specs.replicate_interval(spec)
         try:
@@ -112,6 +135,7 @@ class Replicator:
             self.log.info("services: %s: %s", name, copy.error)
             return
         copy.synced_at, copy.source, copy.error, copy.failures = began, source, "", 0
+        copy.caught_up = epoch or copy.caught_up
         copy.due = began_mono + interval
         self._save(name, copy)
         if report.files_changed:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from cortex.services.container import dies_with_agent, run_container
-from cortex.services.lease import backoff
+from cortex.services.lease import backoff, catch_up
 from cortex.services.ports import Ports
 from cortex.services.replicate import Replicator
 from cortex.tasks.executor import TaskRun
@@ -25,6 +25,7 @@ from cortex.tasks.executors import DEFAULT_PATH, ExecutorSettings, ProcessWatch,
 
 PENDING_CAP = 64 * 1024  # output bytes held between reports; beyond it a marker says what was dropped
 HEALTHY_RESET = 30.0  # a run this long (healthy) forgets earlier failures
+CATCH_UP_WAIT = 60.0  # seconds a partner giving a volume service back serves on while the home catches up
 
 
 def check_health(health: dict, workdir: Path, shell: ShellExecutor) -> tuple[bool, str]:
@@ -275,6 +276,7 @@ class Supervisor:
         self.stopping: dict[str, Instance] = {}  # stopped but their processes have not ended yet
         self._lock = threading.Lock()
         self.replica = Replicator(node_id, data_dir, ports, log)
+        self._catch_up_since: dict[str, tuple[int, float]] = {}  # name -> (giveback epoch, when first seen)
 
     def reconcile(self, rows: list[dict], gate) -> None:
         """`gate(row) -> ''` or why this node may not start the row's service now."""
@@ -292,6 +294,9 @@ class Supervisor:
                 self.seen[name] = row["epoch"]
                 current = self.instances.get(name)
                 if row["holder"] != self.node_id:
+                    if current is not None and self._serves_until_caught_up(row):
+                        current.epoch = row["epoch"]
+                        continue
                     if current is not None:
                         self._stop(name, f"{row['holder']} holds it now (epoch {row['epoch']})")
                     self.waiting.pop(name, None)
@@ -315,6 +320,20 @@ class Supervisor:
                 self._stop(name, "removed")
             here = set(self.instances) | set(self.stopping)
         self.replica.reconcile(rows, here)
+
+    def _serves_until_caught_up(self, row: dict) -> bool:
+        """A giveback of a volume service from this node: keep serving until the home has pulled the volume
+        once since the move (or its pull failed: the leader then leaves the service here), at most
+        CATCH_UP_WAIT; the final pull after this node stops then copies only the last seconds."""
+        if row["state"] != "giving_back" or not row["spec"]["volume"] or row["prev_holder"] != self.node_id:
+            self._catch_up_since.pop(row["name"], None)
+            return False
+        epoch, since = self._catch_up_since.get(row["name"], (0, 0.0))
+        if epoch != row["epoch"]:
+            since = time.monotonic()
+            self._catch_up_since[row["name"]] = (row["epoch"], since)
+        caught, error = catch_up(row)
+        return not caught and time.monotonic() - since < CATCH_UP_WAIT
 
     def _stop(self, name: str, why: str, state: str = "stopped") -> None:
         inst = self.instances.pop(name)
