@@ -167,6 +167,9 @@ class ServicesPlugin(Plugin):
             t.join(timeout=10)
         if self.supervisor is not None:
             self.supervisor.stop_all()
+        close = getattr(self.ports.volume_sync, "close", None)
+        if close is not None:  # the channels to other nodes' Volumes service
+            close()
 
     def subscriptions(self) -> dict:
         def renewed(event) -> None:
