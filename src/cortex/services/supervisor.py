@@ -200,9 +200,9 @@ class Instance:
             iface = self.ports.floating.claim(vip)
         except Exception as exc:
             note = f"floating address {vip} not claimed: {exc}"
-            if note not in self.notes:
+            if note not in self.notes:  # retried at every healthy check: said once per kind of failure
                 self.notes.append(note)
-            self.log.warning("service %s: %s", self.name, note)
+                self.log.warning("service %s: %s", self.name, note)
             return
         self.notes = [n for n in self.notes if not n.startswith(f"floating address {vip} not claimed")]
         self.notes.append(f"claimed {vip} on {iface}")
