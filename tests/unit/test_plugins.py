@@ -220,7 +220,8 @@ def test_the_cluster_api_is_what_the_agent_offers_and_a_missing_replica_is_a_dec
     offered = {name for name in vars(bridge) if not name.startswith("_")}
     offered |= set(re.findall(r"self\.(\w+) = ", inspect.getsource(bridge.__init__)))  # instance attributes
     assert declared == {"LEVELS", "node_id", "role", "grpc_address", "rpc", "write", "propose", "read", "read_local",
-                        "is_leader", "snapshot", "create_token", "revoke_token", "remove_node", "status"}
+                        "is_leader", "snapshot", "create_token", "revoke_token", "remove_node", "status",
+                        "config", "node_credentials"}
     assert declared <= offered
     for name in declared & set(vars(ClusterAPI)):
         if callable(getattr(ClusterAPI, name)):

@@ -28,6 +28,8 @@ class PluginBridge:
         self.node_id = member.config.node_id
         self.role = member.config.role
         self.grpc_address = member.config.grpc_address
+        self.config = member.config  # the node's config (the services plugin reads its `fence` sections)
+        self.node_credentials = member.certs.node_files  # this node's own certificate, for node-to-node calls
 
     def rpc(self, method: str, request):
         """Run a Cluster RPC (TransferLeadership, Leave, CreateToken, ...) as if this node had received it:

@@ -66,6 +66,8 @@ class ClusterAPI(Protocol):
     node_id: str
     role: str  # "server" or "worker"
     grpc_address: str
+    config: Any  # the node's config (cortex.config.Config)
+    node_credentials: Callable[[], Any]  # this node's own certificate files (None before it has one)
 
     def rpc(self, method: str, request: Any) -> Any:
         """Run a Cluster RPC (TransferLeadership, Leave, CreateToken, ...) as if this node had received it:

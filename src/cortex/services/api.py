@@ -59,10 +59,32 @@ def listing(backend) -> list[dict]:
     return backend.read("service.list", {}, level="leader")
 
 
+def lag(row: dict, now: float | None = None) -> dict:
+    """How old the freshest copy of the service's volume on another node is: the data an unplanned takeover
+    would lose now. Each node reports its copy's age when it reports; the time since that report is added
+    (the cluster's clock, as every report's `at`), so no two nodes' clocks are compared. `lag_s` is None when
+    the service has no volume or no other node has synced it yet (`sync` then says which)."""
+    if not row["spec"]["volume"]:
+        return {"lag_s": None, "lag_node": "", "sync": "no volume"}
+    now = time.time() if now is None else now
+    copies = [(r["sync_age"] + max(0.0, now - r["at"]), r["node_id"]) for r in row["reports"]
+              if r["node_id"] != row["holder"] and r.get("sync_age") is not None]
+    errors = [f"{r['node_id']}: {r['sync_error']}" for r in row["reports"]
+              if r["node_id"] != row["holder"] and r.get("sync_error")]
+    if not copies:
+        return {"lag_s": None, "lag_node": "", "sync": "; ".join(errors) or "not synced to another node yet"}
+    age, node = min(copies)
+    return {"lag_s": round(age, 1), "lag_node": node, "sync": "; ".join(errors) or "ok"}
+
+
+def lag_text(doc: dict) -> str:
+    return "-" if doc["lag_s"] is None else f"{doc['lag_s']:.0f}s ({doc['lag_node']})"
+
+
 def summary(row: dict) -> dict:
     """One table row: the HA state and what the holder reports."""
     report = next((r for r in row["reports"] if r["node_id"] == row["holder"]), None) or {}
-    return {"name": row["name"], "kind": row["spec"]["kind"], "home": row["home"], "holder": row["holder"],
+    return {**lag(row), "name": row["name"], "kind": row["spec"]["kind"], "home": row["home"], "holder": row["holder"],
             "epoch": row["epoch"], "ha": row["state"], "run": report.get("state", "-") if report.get(
                 "epoch") == row["epoch"] else "pending", "healthy": bool(report.get("healthy")),
             "restarts": report.get("restarts", 0), "ports": ",".join(map(str, row["spec"]["ports"])),
@@ -80,7 +102,7 @@ def ha_status(backend) -> dict:
     pairs = [{"name": r["name"], "home": r["home"], "partners": r["candidates"], "holder": r["holder"],
               "state": r["state"], "epoch": r["epoch"], "takeovers": r["takeovers"], "givebacks": r["givebacks"],
               "last_downtime_s": r["last_downtime"], "auto_giveback": r["spec"]["auto_giveback"],
-              "giveback_after": r["spec"]["giveback_after"], "reason": r["reason"]} for r in rows]
+              "giveback_after": r["spec"]["giveback_after"], "reason": r["reason"], **lag(r)} for r in rows]
     return {"services": pairs, "nodes": nodes}
 
 

@@ -31,10 +31,10 @@ def cmd_deploy(args) -> int:
 def cmd_list(args) -> int:
     with _out().cluster_client(args) as c:
         rows = api.listing(c)
-    data = [api.summary(r) for r in rows]
+    data = [{**api.summary(r), "lag": api.lag_text(api.lag(r))} for r in rows]
     human = _out().table(data, ["name", "kind", "holder", "home", "ha", "run", "healthy", "restarts", "ports",
-                                "detail"]) if data else "no services; deploy one with `cortex services deploy FILE`"
-    _out().emit(args, rows if args.json else data, human)
+                                "lag", "detail"]) if data else "no services; deploy one with `cortex services deploy FILE`"
+    _out().emit(args, [{**r, **api.lag(r)} for r in rows] if args.json else data, human)
     return 0
 
 
@@ -46,15 +46,17 @@ def cmd_show(args) -> int:
              f"  held by {row['holder']} (epoch {row['epoch']}), HA state {row['state']}, home {row['home']}, "
              f"partners {', '.join(row['candidates']) or '-'}",
              f"  run: {s['run']}, healthy {s['healthy']}, restarts {s['restarts']}",
+             f"  volume lag: {api.lag_text(s)}" + ("" if s["sync"] in ("ok", "no volume") else f" - {s['sync']}"),
              f"  takeovers {row['takeovers']}, givebacks {row['givebacks']}, last move's downtime "
              f"{'-' if row['last_downtime'] is None else format(row['last_downtime'], '.2f') + 's'}"]
     if row["reason"]:
         lines.append(f"  reason: {row['reason']}")
     if row["reports"]:
-        lines.append(_out().table([{k: r[k] for k in ("node_id", "epoch", "state", "healthy", "restarts", "detail")}
+        lines.append(_out().table([{**{k: r[k] for k in ("node_id", "epoch", "state", "healthy", "restarts", "detail")},
+                                    "copy_age": "-" if r.get("sync_age") is None else f"{r['sync_age']:.0f}s"}
                                    for r in row["reports"]], ["node_id", "epoch", "state", "healthy", "restarts",
-                                                              "detail"]))
-    _out().emit(args, row, "\n".join(lines))
+                                                              "copy_age", "detail"]))
+    _out().emit(args, {**row, **api.lag(row)}, "\n".join(lines))
     return 0
 
 
@@ -94,9 +96,10 @@ def cmd_ha_status(args) -> int:
     with _out().cluster_client(args) as c:
         doc = api.ha_status(c)
     rows = [{**s, "partners": ",".join(s["partners"]) or "-",
-             "downtime": "-" if s["last_downtime_s"] is None else f"{s['last_downtime_s']:.2f}s"} for s in doc["services"]]
+             "downtime": "-" if s["last_downtime_s"] is None else f"{s['last_downtime_s']:.2f}s",
+             "lag": api.lag_text(s)} for s in doc["services"]]
     human = _out().table(rows, ["name", "home", "partners", "holder", "state", "epoch", "takeovers", "givebacks",
-                                "downtime", "reason"]) if rows else "no services"
+                                "downtime", "lag", "reason"]) if rows else "no services"
     _out().emit(args, doc, human)
     return 0
 

@@ -110,6 +110,20 @@ def _report(row: dict, node: str) -> dict | None:
     return next((r for r in row.get("reports", []) if r["node_id"] == node), None)
 
 
+def catch_up(row: dict) -> tuple[bool, str]:
+    """A giveback of a service with a volume: (whether the home has pulled the partner's volume since the
+    move, the error of the home's pull since the move or ''). The partner keeps serving until the home caught
+    up, so the final pull after it stops copies only the last seconds. Both sides of the comparison are the
+    leader's clock: the move's time, and a report's time less the age the home gave its copy."""
+    home = _report(row, row["holder"])
+    if home is None or row.get("moved_at") is None or home["epoch"] < row["epoch"] or home["at"] < row["moved_at"]:
+        return False, ""
+    if home.get("sync_age") is not None and home["at"] - home["sync_age"] >= row["moved_at"] \
+            and home.get("synced_from") == row["prev_holder"]:
+        return True, ""
+    return False, home.get("sync_error", "")
+
+
 def decide(view: dict, book: LeaseBook, now: float, first_seen: dict, giveback_timeout: float = GIVEBACK_TIMEOUT) -> list[Move]:
     """The leader's moves for one round. `view` is the `service.leader` query's answer; `first_seen` maps
     (name, epoch) to when this leader first saw that epoch (kept by the caller across rounds)."""
@@ -148,6 +162,14 @@ def decide(view: dict, book: LeaseBook, now: float, first_seen: dict, giveback_t
             and (report["state"] == "failed" or report["state"] == "backoff" and report["restarts"] >= MOVE_CRASHES)
         timed_out = row["state"] == "giving_back" and now - first_seen[(name, epoch)] > giveback_timeout
         prev = row["prev_holder"]
+        if row["state"] == "giving_back" and row["spec"]["volume"] and prev and prev != holder \
+                and not row.get("released") and not state.refusal(row, prev, usable):
+            caught, error = catch_up(row)
+            if not caught and error:  # the partner still serves: it keeps the service, and the reason says why
+                moves.append(Move(name, epoch, prev, "taken_over" if prev != home else "running",
+                                  f"giveback failed: {holder} could not pull the volume from {prev} ({error}); it "
+                                  f"runs on {prev} again"[:2000], planned=True))
+                continue
         if (failed or timed_out) and prev and prev != holder and not state.refusal(row, prev, usable):
             what = "giveback" if row["state"] == "giving_back" else "takeover"
             why = report["detail"] if failed and report["detail"] else \

@@ -12,6 +12,8 @@ The optional parts from cortex.ha (volume sync, floating address, fence agent) a
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import threading
 import time
 from pathlib import Path
@@ -25,8 +27,42 @@ from cortex.tasks.executors import ExecutorSettings
 
 
 def build_ports(node_data: Path, cluster, log) -> Ports:
-    """The one place the cortex.ha implementations plug in (one line each once they exist)."""
-    return Ports(volume_sync=None, floating=None, fence=None)
+    """The one place the cortex.ha implementations plug in. Volumes are pulled over the `cortex.v1.Volumes`
+    service with this node's own certificate (only node certificates may read volumes), addressed through
+    the `nodes` table; a floating address needs pyroute2 (imported at the first claim, not here); fencing
+    exists only where the node's config has a `fence` section, since without one there is nothing to call."""
+    if cluster is None:
+        return Ports()
+    from cortex.ha.volumes import RemoteVolumeSync, nodes_addresses
+
+    credentials = getattr(cluster, "node_credentials", None) or (lambda: None)
+    volume_sync = RemoteVolumeSync(nodes_addresses(cluster.read), credentials)
+    floating = None
+    if importlib.util.find_spec("pyroute2") is not None:
+        from cortex.ha.vip import LinuxFloatingAddress
+
+        floating = LinuxFloatingAddress()
+    else:
+        log.info("services: pyroute2 is not installed, so floating addresses (vip) are not claimed here")
+    fence = None
+    config = getattr(cluster, "config", None)
+    if config is not None and getattr(config, "fence", None):
+        from cortex.ha.fence import Fencing
+
+        fence = Fencing.from_config(config)
+    return Ports(volume_sync=volume_sync, floating=floating, fence=fence)
+
+
+def fence_target(move: leases.Move, view: dict, ports: Ports) -> str:
+    """The node to power off before `move` is proposed: the holder an unplanned takeover replaces, when a
+    fence agent is configured for it on this node ('' otherwise)."""
+    if not move.fenced or ports.fence is None:
+        return ""
+    holder = next((r["holder"] for r in view["services"] if r["name"] == move.name), "")
+    if not holder or holder == move.holder:
+        return ""
+    targets = getattr(ports.fence, "targets", None)
+    return holder if targets is None or holder in targets else ""
 
 
 def local_networks() -> list[str]:
@@ -131,6 +167,9 @@ class ServicesPlugin(Plugin):
             t.join(timeout=10)
         if self.supervisor is not None:
             self.supervisor.stop_all()
+        close = getattr(self.ports.volume_sync, "close", None)
+        if close is not None:  # the channels to other nodes' Volumes service
+            close()
 
     def subscriptions(self) -> dict:
         def renewed(event) -> None:
@@ -234,6 +273,9 @@ class ServicesPlugin(Plugin):
         moves = leases.decide(view, self.book, now, self._first_seen, self.ctx.options.get("giveback_timeout", 120.0))
         done = []
         for move in moves:
+            note = self._power_off_first(move, view)
+            if note:
+                move = dataclasses.replace(move, reason=f"{move.reason}; {note}"[:2000])
             try:
                 result = self.ctx.cluster.propose("service.move", move.args())
             except Exception as exc:
@@ -242,12 +284,22 @@ class ServicesPlugin(Plugin):
             done.append(result)
             if result.get("moved") and (move.fenced or move.reason.startswith("giveback failed")):
                 self._notify(move, result)
-            if result.get("moved") and move.fenced and self.ports.fence is not None:
-                try:  # belt and braces: the lease already fenced it; power it off where hardware allows
-                    self.ports.fence.power_off(result["from"])
-                except Exception as exc:
-                    self.ctx.log.warning("fence agent could not power off %s: %s", result["from"], exc)
         return done
+
+    def _power_off_first(self, move: leases.Move, view: dict) -> str:
+        """An unplanned takeover powers the silent holder off before its successor may start, where this node
+        has a fence section for it: a node that only looked dead (a cut cable) cannot keep writing. The lease
+        has already fenced it in software, so a fence agent that fails does not hold the takeover up; the
+        move's reason says which of the two happened."""
+        target = fence_target(move, view, self.ports)
+        if not target:
+            return ""
+        try:
+            self.ports.fence.power_off(target)
+        except Exception as exc:
+            self.ctx.log.warning("fence agent could not power off %s: %s", target, exc)
+            return f"powering {target} off failed ({exc}); its lease alone fenced it"
+        return f"{target} powered off by its fence agent"
 
     def _notify(self, move: leases.Move, result: dict) -> None:
         subject = (f"service {move.name} taken over by {move.holder}" if move.fenced

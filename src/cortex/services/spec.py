@@ -14,6 +14,7 @@ A spec (YAML or JSON) is::
             # "exec:test -f ready"
     restart: {policy: always, backoff: 1, backoff_max: 60}   # always | on-failure | never
     volume: {mount: /data}          # or true; the data lives at <data_dir>/services/<name>/volume
+    replicate_interval: 30          # seconds between the partners' pulls of the volume (the most a takeover loses)
     vip: 192.168.1.50/24            # a floating address, claimed where the service runs
     placement: {home: n1, partner: n2}   # or partners: [n2, n3], and/or partner_labels: {zone: b}
     auto_giveback: true
@@ -40,7 +41,8 @@ POLICIES = ("always", "on-failure", "never")
 DEFAULT_GRACE = 15.0  # seconds a fresh start may fail health checks
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 FIELDS = {"name", "kind", "command", "image", "ports", "env", "resources", "health", "restart", "volume", "vip",
-          "placement", "auto_giveback", "giveback_after", "network"}
+          "placement", "auto_giveback", "giveback_after", "network", "replicate_interval"}
+DEFAULT_REPLICATE_INTERVAL = 30.0  # seconds between a partner's pulls of a running service's volume
 RESOURCE_FIELDS = {"shell": {"memory_mb", "cpu_seconds", "max_files"}, "container": {"memory_mb", "cpus", "pids"}}
 
 
@@ -234,10 +236,22 @@ def validate(doc) -> dict:
     auto = doc.get("auto_giveback", True)
     if not isinstance(auto, bool):
         raise SpecError("auto_giveback must be true or false")
-    return {"name": name, "kind": kind, "run": run, "ports": ports, "health": health,
-            "restart": _restart(doc.get("restart")), "volume": _volume(doc.get("volume"), name), "vip": vip,
-            "placement": _placement(doc.get("placement")), "auto_giveback": auto,
-            "giveback_after": float(_num(doc.get("giveback_after", 120), "giveback_after", 0, 7 * 86400))}
+    volume = _volume(doc.get("volume"), name)
+    out = {"name": name, "kind": kind, "run": run, "ports": ports, "health": health,
+           "restart": _restart(doc.get("restart")), "volume": volume, "vip": vip,
+           "placement": _placement(doc.get("placement")), "auto_giveback": auto,
+           "giveback_after": float(_num(doc.get("giveback_after", 120), "giveback_after", 0, 7 * 86400))}
+    if "replicate_interval" in doc and not volume:
+        raise SpecError("replicate_interval applies to a service with a volume; add volume: true or leave it out")
+    if volume:  # a spec without a volume stays as it was: nothing to replicate
+        out["replicate_interval"] = float(_num(doc.get("replicate_interval", DEFAULT_REPLICATE_INTERVAL),
+                                               "replicate_interval", 1, 86400))
+    return out
+
+
+def replicate_interval(spec: dict) -> float:
+    """Seconds between pulls of the volume (specs stored before the field existed get the default)."""
+    return float(spec.get("replicate_interval", DEFAULT_REPLICATE_INTERVAL))
 
 
 def vip_fits(vip: str, networks: list[str]) -> bool:

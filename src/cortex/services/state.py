@@ -81,12 +81,18 @@ MIGRATIONS = ("""
         ts REAL NOT NULL,
         PRIMARY KEY (name, seq)
     );
-""",)
+""", """
+    -- the age of a node's copy of a service's volume when it reported (replicate.py): the lag a takeover loses
+    ALTER TABLE service_reports ADD COLUMN sync_age REAL;
+    ALTER TABLE service_reports ADD COLUMN synced_from TEXT NOT NULL DEFAULT '';
+    ALTER TABLE service_reports ADD COLUMN sync_error TEXT NOT NULL DEFAULT '';
+""")
 TABLES = ("services", "service_reports", "service_nodes", "service_output")
 COLUMNS = ("name", "spec", "home", "holder", "epoch", "state", "reason", "prev_holder", "prev_fenced", "released",
            "planned", "moved_at", "ready_at", "last_downtime", "restart_gen", "takeovers", "givebacks", "created_at",
            "updated_at")
-REPORT_COLUMNS = ("node_id", "name", "epoch", "state", "healthy", "pid", "restarts", "detail", "at")
+REPORT_COLUMNS = ("node_id", "name", "epoch", "state", "healthy", "pid", "restarts", "detail", "at", "sync_age",
+                  "synced_from", "sync_error")
 
 
 # --- validators ----------------------------------------------------------------------------------------------
@@ -161,7 +167,8 @@ def _v_report(args: dict) -> dict:
     for item in items:
         if not isinstance(item, dict):
             raise CommandError("each service report is a mapping")
-        _only(item, {"name", "epoch", "state", "healthy", "pid", "restarts", "detail", "output"}, "service report")
+        _only(item, {"name", "epoch", "state", "healthy", "pid", "restarts", "detail", "output", "sync_age",
+                     "synced_from", "sync_error"}, "service report")
         if item.get("state") not in RUN_STATES:
             raise CommandError(f"a report's state must be one of {', '.join(RUN_STATES)}")
         epoch, restarts, pid = item.get("epoch", 0), item.get("restarts", 0), item.get("pid")
@@ -176,8 +183,18 @@ def _v_report(args: dict) -> dict:
                 isinstance(o, list) and len(o) == 2 and o[0] in ("stdout", "stderr") and isinstance(o[1], str)
                 and len(o[1]) <= MAX_CHUNK for o in output) or len(output) > 64:
             raise CommandError(f"output must be a list of [stream, text] chunks of at most {MAX_CHUNK} characters")
+        sync_age, synced_from, sync_error = item.get("sync_age"), item.get("synced_from", ""), item.get("sync_error", "")
+        if sync_age is not None and (isinstance(sync_age, bool) or not isinstance(sync_age, (int, float))
+                                     or not 0 <= sync_age < 1e10):
+            raise CommandError("sync_age must be the seconds since the volume copy was synced")
+        if synced_from and (not isinstance(synced_from, str) or not NODE_ID_RE.match(synced_from)):
+            raise CommandError("synced_from must be a node id")
+        if not isinstance(sync_error, str) or not _TEXT_RE.match(sync_error):
+            raise CommandError("sync_error must be a string of at most 2000 characters")
         out.append({"name": _name(item), "epoch": epoch, "state": item["state"], "healthy": bool(item.get("healthy")),
-                    "pid": pid, "restarts": restarts, "detail": detail, "output": output})
+                    "pid": pid, "restarts": restarts, "detail": detail, "output": output,
+                    "sync_age": None if sync_age is None else float(sync_age), "synced_from": synced_from or "",
+                    "sync_error": sync_error})
     doc = {"node_id": _node(args, "node_id"), "networks": sorted(set(networks)), "caps": caps, "services": out}
     return {k: v for k, v in doc.items() if k not in partial}
 
@@ -367,9 +384,11 @@ def _h_report(db, index, env: Envelope) -> dict:
         if row is None:
             continue
         reported[item["name"]] = item
-        db.execute(f"INSERT OR REPLACE INTO service_reports ({', '.join(REPORT_COLUMNS)}) VALUES (?,?,?,?,?,?,?,?,?)",
+        db.execute(f"INSERT OR REPLACE INTO service_reports ({', '.join(REPORT_COLUMNS)}) "
+                   f"VALUES ({', '.join('?' * len(REPORT_COLUMNS))})",
                    (node, item["name"], item["epoch"], item["state"], int(item["healthy"]), item["pid"],
-                    item["restarts"], item["detail"], env.ts))
+                    item["restarts"], item["detail"], env.ts, item.get("sync_age"), item.get("synced_from", ""),
+                    item.get("sync_error", "")))
         if item["output"]:
             _append_output(db, item["name"], node, item["epoch"], item["output"], env.ts)
         if node == row["holder"] and item["epoch"] == row["epoch"] and item["state"] == "running" \

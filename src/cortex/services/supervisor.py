@@ -17,13 +17,15 @@ import time
 from pathlib import Path
 
 from cortex.services.container import dies_with_agent, run_container
-from cortex.services.lease import backoff
+from cortex.services.lease import backoff, catch_up
 from cortex.services.ports import Ports
+from cortex.services.replicate import Replicator
 from cortex.tasks.executor import TaskRun
 from cortex.tasks.executors import DEFAULT_PATH, ExecutorSettings, ProcessWatch, ShellExecutor
 
 PENDING_CAP = 64 * 1024  # output bytes held between reports; beyond it a marker says what was dropped
 HEALTHY_RESET = 30.0  # a run this long (healthy) forgets earlier failures
+CATCH_UP_WAIT = 60.0  # seconds a partner giving a volume service back serves on while the home catches up
 
 
 def check_health(health: dict, workdir: Path, shell: ShellExecutor) -> tuple[bool, str]:
@@ -54,7 +56,9 @@ def check_health(health: dict, workdir: Path, shell: ShellExecutor) -> tuple[boo
 class Instance:
     """One service at one epoch on this node."""
 
-    def __init__(self, row: dict, node_id: str, data_dir: Path, ports: Ports, settings: ExecutorSettings, log):
+    def __init__(self, row: dict, node_id: str, data_dir: Path, ports: Ports, settings: ExecutorSettings, log,
+                 replica: Replicator | None = None):
+        self.replica = replica
         self.name, self.epoch, self.spec = row["name"], row["epoch"], row["spec"]
         self.restart_gen = row["restart_gen"]
         self.node_id, self.ports, self.log = node_id, ports, log
@@ -67,6 +71,7 @@ class Instance:
         self.state, self.detail, self.healthy = "starting", "", False
         self.restarts, self.failures, self.next_start = 0, 0, 0.0
         self.notes: list[str] = []
+        self.vip_claimed = False
         self.cancel = threading.Event()  # ends the current process (a new one per run)
         self.done = threading.Event()  # ends the instance
         self._run_lock = threading.Lock()  # stop() and the start of a run never interleave
@@ -157,7 +162,19 @@ class Instance:
         if not self.spec["volume"] and self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)  # a stateless service starts from nothing
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.spec["volume"] and self.prev_holder:
+        age, source = (None, "")
+        if self.replica is not None:
+            self.replica.settle(self.name)  # a periodic pull in flight ends before this copy goes live
+            age, source = self.replica.age(self.name)
+            self.replica.forget(self.name)
+        if self.spec["volume"] and self.prev_holder and self.prev_fenced:
+            # the previous holder is gone (its lease ran out): no pull from it, which could hang on a dead
+            # machine; the last periodic copy is what there is, and the report says how old it is
+            self.notes.append(f"took over from {self.prev_holder} with the volume copy synced from {source} "
+                              f"{age:.0f}s ago (writes after that are not here)" if age is not None else
+                              f"took over from {self.prev_holder} with no synced copy of the volume: started with "
+                              "this node's own (possibly empty) volume")
+        elif self.spec["volume"] and self.prev_holder:
             self.state = "syncing"
             if self.ports.volume_sync is None:
                 self.notes.append(f"volume not replicated: no volume sync on {self.node_id}, so it started with "
@@ -167,19 +184,34 @@ class Instance:
                     sync = self.ports.volume_sync.pull(self.name, self.prev_holder, self.workdir)
                     self.notes.append(f"volume synced from {self.prev_holder}: {sync.files_changed} files, "
                                       f"{sync.bytes_copied} bytes in {sync.seconds:.1f}s")
-                except Exception as exc:
-                    if not self.prev_fenced:  # a planned move must not lose data: fail, the leader moves it back
-                        raise RuntimeError(f"volume sync from {self.prev_holder} failed: {exc}") from exc
-                    self.notes.append(f"volume sync from {self.prev_holder} failed ({exc}); started with this "
-                                      "node's own copy")
-        if self.spec["vip"]:
-            if self.ports.floating is None:
-                self.notes.append(f"floating address {self.spec['vip']} not claimed: no floating address support here")
-            else:
-                iface = self.ports.floating.claim(self.spec["vip"])
-                self.notes.append(f"claimed {self.spec['vip']} on {iface}")
+                except Exception as exc:  # a planned move must not lose data: fail, the leader moves it back
+                    raise RuntimeError(f"volume sync from {self.prev_holder} failed: {exc}; the service stays "
+                                       f"with {self.prev_holder}'s copy") from exc
+        if self.spec["vip"] and self.ports.floating is None:
+            self.notes.append(f"floating address {self.spec['vip']} not claimed: no floating address support here")
+
+    def _claim_vip(self) -> None:
+        """Claimed once the service runs (healthy), not before: clients sent to the address then find it
+        answering. Retried at the next healthy run when it fails; the report says why."""
+        vip = self.spec["vip"]
+        if not vip or self.ports.floating is None or self.vip_claimed or self.done.is_set():
+            return
+        try:
+            iface = self.ports.floating.claim(vip)
+        except Exception as exc:
+            note = f"floating address {vip} not claimed: {exc}"
+            if note not in self.notes:  # retried at every healthy check: said once per kind of failure
+                self.notes.append(note)
+                self.log.warning("service %s: %s", self.name, note)
+            return
+        self.notes = [n for n in self.notes if not n.startswith(f"floating address {vip} not claimed")]
+        self.notes.append(f"claimed {vip} on {iface}")
+        self.vip_claimed = True
 
     def _release_vip(self) -> None:
+        """Every stop releases the address, a fenced one too (release is idempotent, so a node that never
+        claimed it loses nothing): a node that must not run the service must not answer for it either."""
+        self.vip_claimed = False
         if self.spec["vip"] and self.ports.floating is not None:
             try:
                 self.ports.floating.release(self.spec["vip"])
@@ -211,6 +243,7 @@ class Instance:
         if health is None:  # no check: running for a second counts as healthy
             if not cancel.wait(1.0):
                 self.state, self.healthy = "running", True
+                self._claim_vip()
             return
         started = time.monotonic()
         misses, seen_healthy = 0, False
@@ -219,6 +252,7 @@ class Instance:
             if ok:
                 misses, seen_healthy = 0, True
                 self.state, self.healthy = "running", True
+                self._claim_vip()
             elif seen_healthy or time.monotonic() - started >= health["grace"]:
                 misses += 1
                 self.healthy = False if seen_healthy or misses >= health["threshold"] else self.healthy
@@ -241,6 +275,8 @@ class Supervisor:
         self.stopped: dict[str, str] = {}
         self.stopping: dict[str, Instance] = {}  # stopped but their processes have not ended yet
         self._lock = threading.Lock()
+        self.replica = Replicator(node_id, data_dir, ports, log)
+        self._catch_up_since: dict[str, tuple[int, float]] = {}  # name -> (giveback epoch, when first seen)
 
     def reconcile(self, rows: list[dict], gate) -> None:
         """`gate(row) -> ''` or why this node may not start the row's service now."""
@@ -258,6 +294,9 @@ class Supervisor:
                 self.seen[name] = row["epoch"]
                 current = self.instances.get(name)
                 if row["holder"] != self.node_id:
+                    if current is not None and self._serves_until_caught_up(row):
+                        current.epoch = row["epoch"]
+                        continue
                     if current is not None:
                         self._stop(name, f"{row['holder']} holds it now (epoch {row['epoch']})")
                     self.waiting.pop(name, None)
@@ -274,11 +313,27 @@ class Supervisor:
                     continue
                 self.waiting.pop(name, None)
                 self.stopped.pop(name, None)
-                inst = Instance(row, self.node_id, self.data_dir, self.ports, self.settings, self.log)
+                inst = Instance(row, self.node_id, self.data_dir, self.ports, self.settings, self.log, self.replica)
                 self.instances[name] = inst
                 inst.start()
             for name in [n for n in self.instances if n not in names]:
                 self._stop(name, "removed")
+            here = set(self.instances) | set(self.stopping)
+        self.replica.reconcile(rows, here)
+
+    def _serves_until_caught_up(self, row: dict) -> bool:
+        """A giveback of a volume service from this node: keep serving until the home has pulled the volume
+        once since the move (or its pull failed: the leader then leaves the service here), at most
+        CATCH_UP_WAIT; the final pull after this node stops then copies only the last seconds."""
+        if row["state"] != "giving_back" or not row["spec"]["volume"] or row["prev_holder"] != self.node_id:
+            self._catch_up_since.pop(row["name"], None)
+            return False
+        epoch, since = self._catch_up_since.get(row["name"], (0, 0.0))
+        if epoch != row["epoch"]:
+            since = time.monotonic()
+            self._catch_up_since[row["name"]] = (row["epoch"], since)
+        caught, error = catch_up(row)
+        return not caught and time.monotonic() - since < CATCH_UP_WAIT
 
     def _stop(self, name: str, why: str, state: str = "stopped") -> None:
         inst = self.instances.pop(name)
@@ -308,7 +363,8 @@ class Supervisor:
                     state = "waiting" if name in self.waiting else "stopped"
                     out.append({"name": name, "epoch": self.seen.get(name, row["epoch"]), "state": state,
                                 "healthy": False, "restarts": 0,
-                                "detail": self.waiting.get(name) or self.stopped.get(name, ""), "output": []})
+                                "detail": self.waiting.get(name) or self.stopped.get(name, ""), "output": [],
+                                **(self.replica.report(name) if row["spec"]["volume"] else {})})
             return out
 
     def sweep(self) -> list[int]:

@@ -30,7 +30,9 @@ _OUT_DEPLOY = returns({"name": "string", "created": "boolean", "updated": "boole
                        "holder": "string", "epoch": "integer", **_ERROR}, required=())
 _OUT_LIST = returns_list({"name": "string", "kind": "string", "home": "string", "holder": "string",
                           "epoch": "integer", "ha": "string", "run": "string", "healthy": "boolean",
-                          "restarts": "integer", "ports": "string", "detail": "string"}, required=("name", "holder"))
+                          "restarts": "integer", "ports": "string", "detail": "string",
+                          "lag_s": ["number", "null"], "lag_node": "string", "sync": "string"},
+                         required=("name", "holder"))
 _OUT_SHOW = returns({"name": "string", "spec": "object", "home": "string", "holder": "string", "epoch": "integer",
                      "state": "string", "reports": "array"}, required=("name", "spec", "holder", "epoch"))
 _OUT_LOGS = returns({"chunks": "array", "next_after": "integer"})
@@ -61,7 +63,8 @@ def service_tools(plugin: ServicesPlugin) -> list[Tool]:
         return [api.summary(r) for r in call(api.listing, cluster)]
 
     def show(args: dict, caller: Caller) -> dict:
-        return call(api.get, cluster, args["name"])
+        row = call(api.get, cluster, args["name"])
+        return {**row, **api.lag(row)}
 
     def logs(args: dict, caller: Caller) -> dict:
         chunks = call(api.logs, cluster, args["name"], after=args.get("after", 0))
@@ -113,14 +116,16 @@ def service_tools(plugin: ServicesPlugin) -> list[Tool]:
     return [
         Tool("services_deploy", "Deploy or update a long-running service from a spec: {name, kind: shell|container, "
              "command|image, ports, env, resources, health: {http|tcp|exec, interval, threshold}, restart, volume, "
-             "vip, placement: {home, partner|partners}, auto_giveback, giveback_after}. A bad spec deploys nothing "
+             "vip, placement: {home, partner|partners}, auto_giveback, giveback_after, replicate_interval}. A bad spec deploys nothing "
              "and the error says what to fix.", deploy,
              {"type": "object", "required": ["spec"], "additionalProperties": False,
               "properties": {"spec": {"type": "object"}, "idempotency_key": _KEY}},
              role="operator", read_only=False, idempotent=True, toolset="services", output_schema=_OUT_DEPLOY),
-        Tool("services_list", "Services: where each runs (holder, epoch), its HA state, health and restarts.", listing,
+        Tool("services_list", "Services: where each runs (holder, epoch), its HA state, health, restarts and volume lag "
+             "(lag_s: the age of the freshest copy on another node, what an unplanned takeover would lose).", listing,
              _NONE, toolset="services", output_schema=_OUT_LIST),
-        Tool("services_show", "One service in full: spec, holder, epoch, HA state, every node's report.", show,
+        Tool("services_show", "One service in full: spec, holder, epoch, HA state, every node's report (with the age of "
+             "its volume copy), the volume lag.", show,
              {"type": "object", "required": ["name"], "additionalProperties": False,
               "properties": {"name": {"type": "string", "maxLength": 63}}}, toolset="services",
              output_schema=_OUT_SHOW),
@@ -131,8 +136,9 @@ def service_tools(plugin: ServicesPlugin) -> list[Tool]:
         Tool("services_remove", "Stop a service everywhere and forget it (its volume stays on disk).", remove, _NAME,
              role="operator", read_only=False, destructive=True, toolset="services",
              output_schema=_OUT_REMOVE, plan=remove_plan),
-        Tool("ha_status", "HA pairs: which node holds each service, takeovers, givebacks, the last move's downtime "
-             "and why a service is where it is.", ha_status, _NONE, toolset="services", output_schema=_OUT_HA_STATUS),
+        Tool("ha_status", "HA pairs: which node holds each service, takeovers, givebacks, the last move's downtime, "
+             "the volume lag and why a service is where it is.", ha_status, _NONE, toolset="services",
+             output_schema=_OUT_HA_STATUS),
         Tool("ha_takeover", "Planned takeover: move every service a node holds to its first ready partner (final "
              "volume sync, stop there, start on the partner); says which could not move and why.", takeover, _NODE,
              role="operator", read_only=False, destructive=True, idempotent=True, toolset="services",
