@@ -1,7 +1,8 @@
 """The sentinel end to end on a real cluster: a worker's disk fills, the sentinel predicts it, raises an alert
 (the cluster's alerts, the inbox, a local webhook receiver), drains the worker, and the next tasks land elsewhere;
 a second worker, squelched for maintenance, fills too: it drains, its alert is listed as squelched, and it
-notifies nobody.
+notifies nobody; a service at home on the first worker moves to its partner before the predicted failure
+(`services.takeover_on_prediction`).
 
 Every node watches its own size-capped tmpfs (root only, as CI runs), so nothing else on the machine moves
 the numbers; one cluster (a server and two workers) serves every check here.
@@ -59,7 +60,8 @@ def sentinel_cluster(tmp_path_factory):
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", f"cortex-sentinel-{node}", str(disks / node)],
                            check=True)
             mounted.append(disks / node)
-        dc = devcluster.up(base / "cluster", 1, 2, free_base_port(), timeout=90, plugins={"sentinel": options})
+        dc = devcluster.up(base / "cluster", 1, 2, free_base_port(), timeout=90,
+                           plugins={"sentinel": options, "services": {"takeover_on_prediction": True}})
         try:
             yield Cluster(dc), disks, _Receiver.bodies
         finally:
@@ -89,6 +91,12 @@ def test_a_filling_disk_is_predicted_alerted_and_drained(sentinel_cluster, capsy
     metrics = healthy["w1"]["metrics"]
     text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10).read().decode()
     assert 'cortex_sentinel_score{node="w1"} 100.0' in text and "cortex_sentinel_disk_avail_bytes" in text
+
+    # a service at home on w1, with n1 (whose disk never moves) as its HA partner
+    tool("services_deploy", {"spec": {"name": "keeper", "kind": "shell", "command": "exec sleep 3600",
+                                      "placement": {"home": "w1", "partner": "n1"}, "auto_giveback": False}})
+    wait_until(lambda: (lambda s: s if s and s["holder"] == "w1" and s["ready_at"] is not None else None)(
+        c.read("service.get", {"name": "keeper"})), 60, "keeper running at home on w1")
 
     # w2 is under maintenance: its alerts are squelched (they still show, and it still drains)
     tool("squelch_alerts", {"pattern": "sentinel.*@w2", "minutes": 30})
@@ -122,6 +130,10 @@ def test_a_filling_disk_is_predicted_alerted_and_drained(sentinel_cluster, capsy
     # auto_drain: w1 is drained, so new tasks land elsewhere
     wait_until(lambda: {n["id"] for n in c.read("task.nodes", {}) if n["drained"]} == {"w1", "w2"}, 30,
                "w1 and w2 drained by their sentinels")
+    # services.takeover_on_prediction: w1's service moved to its partner before the predicted failure
+    moved = wait_until(lambda: (lambda s: s if s["holder"] == "n1" and s["ready_at"] is not None else None)(
+        c.read("service.get", {"name": "keeper"})), 60, "keeper taken over by n1 after w1's critical prediction")
+    assert moved["home"] == "w1"
     ids = api.submit(c, [{"kind": "noop", "name": f"after-{i}"} for i in range(4)])
     done = wait_until(lambda: (lambda ts: ts if all(t["state"] == "succeeded" for t in ts) else None)(
         [c.read("task.get", {"id": i}) for i in ids]), 60, "the tasks submitted after the drain")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from cortex.plugins.api import Plugin, Tool, holds_no_replica
+from cortex.plugins.api import Plugin, Tool, holds_no_replica, write_with_retry
 from cortex.services import lease as leases
 from cortex.services.ports import Ports
 from cortex.services.supervisor import Supervisor
@@ -120,6 +120,9 @@ class ServicesPlugin(Plugin):
             "giveback_timeout": {"type": "number", "minimum": 5, "maximum": 3600,
                                  "default": leases.GIVEBACK_TIMEOUT},
             "notify": {"type": "string", "default": "ops", "description": "inbox address told of takeovers"},
+            "takeover_on_prediction": {"type": "boolean", "default": False,
+                                       "description": "move a node's services to their partners (a planned "
+                                                      "takeover) when Sentinel predicts that node's failure"},
         },
     }
 
@@ -182,8 +185,32 @@ class ServicesPlugin(Plugin):
             self._book_fresh = False
             self._wake.set()
 
+        def predicted_failure(event) -> None:
+            # The leader hears of every node's critical prediction (Sentinel relays them); a planned takeover
+            # before the failure is two short outages instead of one long one. Off by default, as auto_drain.
+            if not self.ctx.options.get("takeover_on_prediction", False) or not self.ctx.cluster.is_leader():
+                return
+            node = event.data.get("node_id")
+            if node:
+                threading.Thread(target=self._take_over_predicted, args=(node, event.data), daemon=True,
+                                 name="services-predicted").start()
+
         return {"service.renewed": renewed, "service.changed": changed, "ha.*": changed, "leader.changed": leader,
-                "node.*": changed}
+                "node.*": changed, "sentinel.predicted_failure": predicted_failure}
+
+    def _take_over_predicted(self, node: str, prediction: dict) -> None:
+        """A planned takeover of what `node` holds, once per prediction (the key makes a relayed repeat and a
+        retry the same write)."""
+        key = f"sentinel-takeover:{node}:{prediction.get('key', '')}"
+        try:
+            result = write_with_retry(self.ctx.cluster, "service.takeover", {"node": node}, key, retry_for=30.0)
+        except Exception as exc:
+            self.ctx.log.warning("services: the takeover of %s after a predicted failure failed: %s", node, exc)
+            return
+        moved = [m["name"] for m in result.get("moved") or []]
+        if moved:
+            self.ctx.log.warning("services: %s moved off %s before its predicted failure (%s)", ", ".join(moved),
+                                 node, prediction.get("message") or prediction.get("kind", ""))
 
     # --- node ----------------------------------------------------------------------------------------------
     def _node_loop(self) -> None:
