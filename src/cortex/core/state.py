@@ -162,7 +162,8 @@ class StateStore:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('last_applied_index', ?)", (str(index),))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite already rolled back after SQLITE_FULL / SQLITE_IOERR
+                    db.execute("ROLLBACK")
                 self.fence_term = int(self._meta("fence_term", "0"))
                 raise
             self.last_applied = index

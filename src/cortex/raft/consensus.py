@@ -45,6 +45,7 @@ import logging
 import os
 import pickle
 import queue
+import sqlite3
 import struct
 import threading
 import time
@@ -372,7 +373,12 @@ class RaftNode(ReadIndex, PreVote):
         index = self.raftLastApplied + 1
         entries = self._SyncObj__getEntries(index, 1)
         term = entries[0][2] if entries and entries[0][1] == index else None
-        return self.store.apply(index, data, entry_term=term)
+        try:
+            return self.store.apply(index, data, entry_term=term)
+        except sqlite3.OperationalError as exc:  # a full or failing disk under the store: as a refused append
+            if ("full" not in str(exc) and "disk I/O" not in str(exc)) or not isinstance(self.journal, AppendJournal):
+                raise
+            raise self.journal.refuse_store(exc, index) from None
 
     def propose(self, data: bytes, timeout: float) -> tuple[dict, int]:
         """Replicate `data` and wait until it is applied here. Returns (result, log index)."""

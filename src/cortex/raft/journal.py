@@ -166,6 +166,13 @@ class AppendJournal(syncobj_journal.Journal):
         self.failure, self._retry_at = message, now + self._retry_delay
         return JournalWriteError(exc.errno or errno.EIO, message)
 
+    def refuse_store(self, exc: Exception, index: int) -> JournalWriteError:
+        """The state store beside the journal could not apply entry `index` (SQLite: the disk is full or
+        failing; it needs room for its WAL, so it can be the first to meet a full disk). The node is then as
+        after a refused append: it steps down, says why, and retries on the same backoff."""
+        code = errno.ENOSPC if "full" in str(exc) else errno.EIO
+        return self._failed(OSError(code, os.strerror(code)), f"applying entry {index} to the state store: {exc}")
+
     def _recovered(self) -> None:
         if self.failure:
             log.warning("raft journal writable again", extra={"fields": {
