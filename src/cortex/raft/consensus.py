@@ -329,14 +329,18 @@ class RaftNode(ReadIndex, PreVote):
 
     # --- the commit index rides on the next AppendEntries ----------------------------------------------
     def _SyncObj__applyLogEntries(self):
-        # pysyncobj (batching off) answers "applied something" with an AppendEntries to every follower at once
-        # that carries nothing but the new commit index, and each follower answers it: per write, two more
-        # messages each way on the leader's one tick thread, which is what limits its write rate. The next
-        # entry's AppendEntries carries the index anyway; with none coming, the next heartbeat, brought
-        # forward to COMMIT_NOTICE_DELAY from now (at the tick's resolution). Followers apply that much later;
-        # only a follower's linearizable read waits on it, and its read round (raft/readindex.py) sends the
-        # AppendEntries at once when the followers have not been told that commit index yet.
-        applied = SyncObj._SyncObj__applyLogEntries(self)
+        # pysyncobj (batching off) answers "applied something" with an AppendEntries to every follower carrying
+        # only the new commit index, and each follower answers it: two more messages each way per write on the
+        # leader's one tick thread. The next entry's AppendEntries carries the index anyway; with none coming,
+        # the next heartbeat, brought forward to COMMIT_NOTICE_DELAY. Only a follower's linearizable read waits
+        # on it, and its read round (raft/readindex.py) sends the AppendEntries at once when it must.
+        if self.journal_failure():  # a disk that refuses (journal or store): apply again once it takes writes
+            return False
+        try:
+            applied = SyncObj._SyncObj__applyLogEntries(self)
+        except JournalWriteError:  # the store refused: the rest of the tick still hears the leader
+            self._journal_refused()
+            return False
         if applied and self._SyncObj__raftState == 2:  # leader
             self._SyncObj__newAppendEntriesTime = min(self._SyncObj__newAppendEntriesTime,
                                                       time.monotonic() + COMMIT_NOTICE_DELAY)
