@@ -162,16 +162,17 @@ function chart(c, caption, name, xs, ys, time) {
 // partners, holder, state, epoch, takeovers, givebacks, last_downtime_s, reason, lag_s, ...}], nodes}. One row
 // per service joins both; the actions move every service of a node (ha_takeover / ha_giveback take `node`).
 const SERVICE_COLS = ["name", "kind", "home", "partners", "holder", "epoch", "ha_state", "run", "health", "restarts",
-  "lag", "sync", "last_downtime", "takeovers", "givebacks", "detail"];
+  "lag", "sync", "last_downtime", "moves", "detail"];
 
 function serviceRow(s, p) {
   const lag = s.lag_s === null || s.lag_s === undefined ? (s.sync === "no volume" ? "no volume" : "-") : `${round(s.lag_s)} s (${s.lag_node})`;
   return {
     name: s.name, kind: s.kind, home: s.home, partners: p ? p.partners : undefined, holder: s.holder, epoch: s.epoch,
     ha_state: s.ha, run: s.run, health: s.run === "pending" ? "pending" : s.healthy ? "healthy" : "unhealthy", restarts: s.restarts,
-    lag, sync: s.sync === "no volume" ? "" : s.sync,
+    lag, sync: s.sync === "no volume" ? undefined : s.sync, // a column only where some service has a volume
     last_downtime: p && typeof p.last_downtime_s === "number" ? `${round(p.last_downtime_s)} s` : p ? "-" : undefined,
-    takeovers: p ? p.takeovers : undefined, givebacks: p ? p.givebacks : undefined, detail: s.detail || (p && p.reason) || "",
+    moves: p ? `${p.takeovers} takeover${p.takeovers === 1 ? "" : "s"}, ${p.givebacks} giveback${p.givebacks === 1 ? "" : "s"}` : undefined,
+    detail: s.detail || (p && p.reason) || undefined,
   };
 }
 

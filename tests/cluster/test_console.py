@@ -331,7 +331,7 @@ def test_an_action_the_role_does_not_allow_is_refused_naming_the_role(cluster, b
                interval=0.2, ignore=(Exception,))
 
 
-def test_operator_actions_need_confirmation_and_run_once_per_key(cluster, browser):
+def test_operator_actions_need_confirmation_and_run_once_per_key(cluster, browser, shots):
     url = login_url(cluster, role="operator")
     base = url.split("login?")[0]
     token = url.split("token=")[1]
@@ -382,6 +382,8 @@ def test_operator_actions_need_confirmation_and_run_once_per_key(cluster, browse
     assert row.startswith("probe shell w2 n1 n1"), row
     moved = cortex(cluster, "n1", "tools", "call", "ha_status")["services"][0]
     assert (moved["holder"], moved["state"], moved["takeovers"]) == ("n1", "taken_over", 1), moved
+    assert "1 takeover, 0 givebacks" in row
+    browser.driver.save_screenshot(str(shots / "services-taken-over.png"))
     assert "Give back" in row
     assert browser.console_errors() == []
 
