@@ -183,9 +183,11 @@ async function services(c) {
   if (list.absent && ha.absent) { out.push(c.card("Services", c.absent("Services and HA"))); return c.h("div", {}, out); }
   const pairs = Object.fromEntries(((ha.result && ha.result.services) || []).map((p) => [p.name, p]));
   const rows = (list.result || []).map((s) => serviceRow(s, pairs[s.name]));
+  // where a takeover of the holder may send this service: its home first when a partner holds it
+  const others = (r) => [r.home, ...(r.partners || [])].filter((n, i, all) => n !== r.holder && all.indexOf(n) === i);
   const actions = (r) => [
-    r.partners && r.partners.length ? c.action("Take over", "ha_takeover", { node: r.holder, wait: 0 },
-      `Planned takeover of ${r.holder}: every service it holds (${r.name} among them) stops there and starts on its first ready partner (${r.partners.join(", ")}), a short outage each. Go on?`) : null,
+    others(r).length ? c.action("Take over", "ha_takeover", { node: r.holder, wait: 0 },
+      `Planned takeover of ${r.holder}: every service it holds (${r.name} among them) stops there and starts on its first ready partner (${r.name}: ${others(r).join(", then ")}), a short outage each. Go on?`) : null,
     r.holder !== r.home ? c.action("Give back", "ha_giveback", { node: r.home, wait: 0 },
       `Give ${r.home}'s services back to it (sync back first, then stop on ${r.holder} and start on ${r.home})?`) : null,
   ];

@@ -373,6 +373,8 @@ def test_operator_actions_need_confirmation_and_run_once_per_key(cluster, browse
                interval=0.3, ignore=(Exception,), detail=lambda: main_text(browser)[:2000])
     click(browser, "//tr[td[1][text()='probe']]//button[text()='Take over']", "the Take over button")
     wait_until(lambda: browser.driver.find_element("id", "confirm").is_displayed(), 10, "the confirmation dialog")
+    assert "Planned takeover of w2" in browser.driver.find_element("id", "confirm").text
+    assert "probe: n1" in browser.driver.find_element("id", "confirm").text
     browser.driver.find_element("id", "confirm-ok").click()
     wait_until(lambda: "Take over: done" in note(browser), 60, "the takeover done", interval=0.2, ignore=(Exception,),
                detail=lambda: note(browser))
