@@ -60,7 +60,7 @@ const TONE = {
   serving: "ok", ok: "ok", active: "ok", true: "ok", suspect: "warn", degraded: "warn", queued: "warn",
   pending: "warn", stale: "warn", assigned: "warn", draining: "warn", retrying: "warn", paused: "warn", "taking-over": "warn",
   offline: "bad", failed: "bad", critical: "bad", unavailable: "bad", dead: "bad", cancelled: "bad", false: "bad",
-  fenced: "bad", dlq: "bad", error: "bad",
+  fenced: "bad", dlq: "bad", error: "bad", unhealthy: "bad", taken_over: "warn", giving_back: "warn",
 };
 const badge = (v) => h("span", { class: `badge ${TONE[String(v).toLowerCase()] || ""}` }, v === "" ? "-" : String(v));
 function cell(key, v) {
@@ -153,7 +153,10 @@ function action(label, name, args, question) {
         await new Promise((ok) => setTimeout(ok, 1000 * (i + 1)));
       }
       btn.disabled = false;
-      say(r.status === 200 ? `${label}: done` : r.data.error, r.status !== 200);
+      // a move the cluster refused (no ready partner, ...) is not "done": each refusal says why
+      const refused = (r.status === 200 && r.data.result && Array.isArray(r.data.result.refused)) ? r.data.result.refused : [];
+      const why = refused.map((x) => `${x.name}: ${x.why}`).join("; ");
+      say(r.status !== 200 ? r.data.error : refused.length ? `${label}: refused for ${why}` : `${label}: done`, r.status !== 200 || refused.length > 0);
       refresh();
     },
   }, label);

@@ -157,25 +157,45 @@ function chart(c, caption, name, xs, ys, time) {
   return el;
 }
 
+// The services plugin's shapes: services_list answers one row per service {name, kind, home, holder, epoch, ha,
+// run, healthy, restarts, ports, detail, lag_s, lag_node, sync}; ha_status answers {services: [{name, home,
+// partners, holder, state, epoch, takeovers, givebacks, last_downtime_s, reason, lag_s, ...}], nodes}. One row
+// per service joins both; the actions move every service of a node (ha_takeover / ha_giveback take `node`).
+const SERVICE_COLS = ["name", "kind", "home", "partners", "holder", "epoch", "ha_state", "run", "health", "restarts",
+  "lag", "sync", "last_downtime", "moves", "detail"];
+
+function serviceRow(s, p) {
+  const lag = s.lag_s === null || s.lag_s === undefined ? (s.sync === "no volume" ? "no volume" : "-") : `${round(s.lag_s)} s (${s.lag_node})`;
+  return {
+    name: s.name, kind: s.kind, home: s.home, partners: p ? p.partners : undefined, holder: s.holder, epoch: s.epoch,
+    ha_state: s.ha, run: s.run, health: s.run === "pending" ? "pending" : s.healthy ? "healthy" : "unhealthy", restarts: s.restarts,
+    lag, sync: s.sync === "no volume" ? undefined : s.sync, // a column only where some service has a volume
+    last_downtime: p && typeof p.last_downtime_s === "number" ? `${round(p.last_downtime_s)} s` : p ? "-" : undefined,
+    moves: p ? `${p.takeovers} takeover${p.takeovers === 1 ? "" : "s"}, ${p.givebacks} giveback${p.givebacks === 1 ? "" : "s"}` : undefined,
+    detail: s.detail || (p && p.reason) || undefined,
+  };
+}
+
 async function services(c) {
   const out = [c.h("h1", {}, "Services")];
   if (!c.has("services_list") && !c.has("ha_status")) { out.push(c.card("Services", c.absent("Services and HA"))); return c.h("div", {}, out); }
   const [list, ha] = await Promise.all([c.tool("services_list"), c.tool("ha_status")]);
-  const rows = list.result ? (Array.isArray(list.result) ? list.result : list.result.services || []) : [];
-  out.push(c.card("Placement", list.absent ? c.absent("services_list") : list.error ? c.failure(list) : c.table(rows, null, { empty: "No services deployed." })));
-  if (ha.absent) out.push(c.card("HA", c.absent("HA state")));
-  else if (ha.error) out.push(c.card("HA", c.failure(ha)));
-  else {
-    const pairs = Array.isArray(ha.result) ? ha.result : ha.result.nodes || ha.result.pairs || [ha.result];
-    out.push(c.card("HA state", c.table(pairs, null, {
-      empty: "No HA partners.",
-      actions: (r) => {
-        const target = r.node_id || r.node || r.id || r.home;
-        return [c.action("Take over", "ha_takeover", c.nodeArgs("ha_takeover", target), `Take over ${target}'s services on its partner?`),
-          c.action("Give back", "ha_giveback", c.nodeArgs("ha_giveback", target), `Give ${target}'s services back to it?`)];
-      },
-    })));
-  }
+  if (list.absent && ha.absent) { out.push(c.card("Services", c.absent("Services and HA"))); return c.h("div", {}, out); }
+  const pairs = Object.fromEntries(((ha.result && ha.result.services) || []).map((p) => [p.name, p]));
+  const rows = (list.result || []).map((s) => serviceRow(s, pairs[s.name]));
+  // where a takeover of the holder may send this service: its home first when a partner holds it
+  const others = (r) => [r.home, ...(r.partners || [])].filter((n, i, all) => n !== r.holder && all.indexOf(n) === i);
+  const actions = (r) => [
+    others(r).length ? c.action("Take over", "ha_takeover", { node: r.holder, wait: 0 },
+      `Planned takeover of ${r.holder}: every service it holds (${r.name} among them) stops there and starts on its first ready partner (${r.name}: ${others(r).join(", then ")}), a short outage each. Go on?`) : null,
+    r.holder !== r.home ? c.action("Give back", "ha_giveback", { node: r.home, wait: 0 },
+      `Give ${r.home}'s services back to it (sync back first, then stop on ${r.holder} and start on ${r.home})?`) : null,
+  ];
+  out.push(c.card("Services and HA state", list.error ? c.failure(list)
+    : c.table(rows, SERVICE_COLS, { empty: "No services deployed (cortex services deploy SPEC).", link: null, actions }),
+  ha.error && !ha.absent ? c.failure(ha) : null));
+  const nodes = ha.result && Array.isArray(ha.result.nodes) ? ha.result.nodes : [];
+  if (nodes.length) out.push(c.card("Nodes that can run services", c.table(nodes, null, {})));
   return c.h("div", {}, out);
 }
 

@@ -26,7 +26,6 @@ from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason=missing() or "browser present")
 
-STANDIN = Path(__file__).parent / "fixtures" / "console_site"
 # each page and the heading it draws
 PAGES = {"": "Cluster overview", "node/w1": "Node w1", "node/n1": "Node n1", "services": "Services", "tasks": "Tasks",
          "dlq": "Dead-letter queue", "workflows": "Workflows", "rollouts": "Rollouts", "memory": "Memory threads"}
@@ -42,9 +41,8 @@ def shown(browser, page: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """1 server, 2 workers; every console on a port of its own. The stand-in services tools
-    (fixtures/console_site) and the real sentinel plugin run everywhere but on w1, whose console shows those
-    pages as not available. The sentinel reads every second and assesses every 2 s (10 s and 30 s by default),
+    """1 server, 2 workers; every console on a port of its own. The real services and sentinel plugins run
+    everywhere but on w1, whose console shows those pages as not available. The sentinel reads every second and assesses every 2 s (10 s and 30 s by default),
     so its history has points to chart within the first test."""
     directory = tmp_path_factory.mktemp("console")
 
@@ -52,12 +50,11 @@ def cluster(tmp_path_factory):
         # offline after 5 s without heartbeats (10 s by default): the killed worker's test waits less
         return ("liveness:\n  suspect_after: 2\n  offline_after: 5\n"
                 "plugins:\n  console:\n    listen: 127.0.0.1:0\n"
-                + ("  console-standin:\n    enabled: false\n  sentinel:\n    enabled: false\n" if node.id == "w1"
+                + ("  services:\n    enabled: false\n  sentinel:\n    enabled: false\n" if node.id == "w1"
                    else "  sentinel:\n    interval: 1\n    evaluate_every: 2\n"))
 
     try:
-        dc = devcluster.up(directory, 1, 2, free_base_port(), timeout=60, extra_config=extra,
-                           env={"PYTHONPATH": str(STANDIN)})
+        dc = devcluster.up(directory, 1, 2, free_base_port(), timeout=60, extra_config=extra)
         for node in dc.nodes:  # plugins start once the node is in the cluster
             wait_until(lambda node=node: (Path(node.dir) / "data/plugins/console/console.json").exists(), 30,
                        f"{node.id}'s console", interval=0.1, detail=lambda node=node: devcluster.tail(node.log_path))
@@ -201,9 +198,9 @@ def test_a_login_link_works_once_and_every_page_loads_without_errors(cluster, br
         browser.driver.save_screenshot(str(shots / "phone-node.png"))
     finally:
         browser.driver.set_window_size(1280, 900)
-    # the stand-in plugin's tools light up the services page ...
+    # the services plugin's tools light up the services page ...
     browser.driver.get(f"{base}#/services")
-    wait_text(browser, "replication lag", "the services page with the stand-in's services")
+    wait_text(browser, "No services deployed", "the services page without services")
     assert browser.console_errors() == []
     # ... and a node without them says so, page by page
     w1 = login_url(cluster, "w1")
@@ -298,6 +295,28 @@ def test_a_submitted_task_appears_and_completes_live(cluster, browser, shots):
     assert browser.console_errors() == []
 
 
+def test_a_deployed_service_shows_its_placement_health_and_lag(cluster, browser, shots):
+    """A small shell service homed on w2 with n1 as its partner (w1 runs no services plugin)."""
+    spec = {"name": "probe", "kind": "shell", "command": "exec sleep 3600",
+            "placement": {"home": "w2", "partner": "n1"}, "restart": {"backoff": 0.5, "backoff_max": 2}}
+    done = cortex(cluster, "n1", "tools", "call", "services_deploy", "--args", json.dumps({"spec": spec}))
+    assert done["holder"] == "w2", done
+    base = login_url(cluster).split("login?")[0]
+    browser.driver.get(login_url(cluster))
+    wait_text(browser, "Cluster overview", "the overview")
+    browser.driver.get(f"{base}#/services")
+    row = wait_until(lambda: " healthy" in service_row(browser, "probe") and service_row(browser, "probe"), 90,
+                     "probe running healthy on w2", interval=0.3, ignore=(Exception,),
+                     detail=lambda: main_text(browser)[:2000])
+    assert row.startswith("probe shell w2 n1 w2"), row
+    assert "running" in row and "no volume" in row
+    headings = [th.text for th in browser.driver.find_elements("css selector", "main th")]
+    for col in ("partners", "holder", "epoch", "ha state", "health", "restarts", "lag", "last downtime"):
+        assert col in headings, headings
+    browser.driver.save_screenshot(str(shots / "services.png"))
+    assert browser.console_errors() == []
+
+
 def test_an_action_the_role_does_not_allow_is_refused_naming_the_role(cluster, browser):
     base = login_url(cluster).split("login?")[0]
     browser.driver.get(f"{base}#/node/w1")
@@ -312,7 +331,7 @@ def test_an_action_the_role_does_not_allow_is_refused_naming_the_role(cluster, b
                interval=0.2, ignore=(Exception,))
 
 
-def test_operator_actions_need_confirmation_and_run_once_per_key(cluster, browser):
+def test_operator_actions_need_confirmation_and_run_once_per_key(cluster, browser, shots):
     url = login_url(cluster, role="operator")
     base = url.split("login?")[0]
     token = url.split("token=")[1]
@@ -325,17 +344,21 @@ def test_operator_actions_need_confirmation_and_run_once_per_key(cluster, browse
     first = http(base + "api/tool/nodes_drain", {"node_id": "w1"}, confirmed)
     again = http(base + "api/tool/nodes_drain", {"node_id": "w1"}, confirmed)
     assert first[0] == 200 and again[:2] == first[:2]
-    # the same key sent three times at once (a browser retrying while the first is under way) runs once: the
-    # stand-in's takeover counts its calls in its answer
-    once = {**cookie, "X-Cortex-Confirm": "yes", "Idempotency-Key": "console-test-takeover-1"}
+    # the same key sent three times at once (a browser retrying while the first is under way) runs once: a
+    # restart of the real service counts one restart (restart_gen), not three
+    before = cortex(cluster, "n1", "tools", "call", "services_show", "--args", '{"name": "probe"}')["restart_gen"]
+    once = {**cookie, "X-Cortex-Confirm": "yes", "Idempotency-Key": "console-test-restart-1"}
     with ThreadPoolExecutor(3) as pool:
-        answers = list(pool.map(lambda _: http(base + "api/tool/ha_takeover", {"node_id": "w1"}, once)[:2],
+        answers = list(pool.map(lambda _: http(base + "api/tool/services_restart", {"name": "probe"}, once)[:2],
                                 range(3)))
     assert answers[0][0] == 200 and answers == [answers[0]] * 3
+    after = cortex(cluster, "n1", "tools", "call", "services_show", "--args", '{"name": "probe"}')["restart_gen"]
+    assert after == before + 1, (before, after)
     # in the browser: an operator's Undrain asks first, then runs
     browser.driver.delete_all_cookies()
     browser.driver.get(login_url(cluster, role="operator"))
     wait_text(browser, "Cluster overview", "the overview as operator")
+    browser.console_errors()  # the reader's refused Drain (403) of the test before
     browser.driver.get(f"{base}#/node/w1")
     wait_text(browser, "Membership", "the node page")
     click(browser, "//button[text()='Undrain']", "the Undrain button")
@@ -344,14 +367,32 @@ def test_operator_actions_need_confirmation_and_run_once_per_key(cluster, browse
     wait_until(lambda: "Undrain: done" in note(browser), 30, "the undrain done", interval=0.2, ignore=(Exception,))
     resources = cortex(cluster, "n1", "tools", "call", "nodes_resources")
     assert not next(r for r in resources if r["id"] == "w1")["drained"]
-    # a takeover, where a plugin offers it, goes the same way
+    # a takeover of the real service from its row: it moves from its home w2 to its partner n1
     browser.driver.get(f"{base}#/services")
-    wait_text(browser, "HA state", "the services page")
-    click(browser, "//button[text()='Take over']", "the Take over button")
+    wait_until(lambda: service_row(browser, "probe").startswith("probe shell w2 n1 w2"), 60, "probe held by w2",
+               interval=0.3, ignore=(Exception,), detail=lambda: main_text(browser)[:2000])
+    click(browser, "//tr[td[1][text()='probe']]//button[text()='Take over']", "the Take over button")
     wait_until(lambda: browser.driver.find_element("id", "confirm").is_displayed(), 10, "the confirmation dialog")
+    assert "Planned takeover of w2" in browser.driver.find_element("id", "confirm").text
+    assert "probe: n1" in browser.driver.find_element("id", "confirm").text
     browser.driver.find_element("id", "confirm-ok").click()
-    wait_until(lambda: "Take over: done" in note(browser), 30, "the takeover done", interval=0.2, ignore=(Exception,))
-    wait_text(browser, "taken-over", "the HA state after the takeover")
+    wait_until(lambda: "Take over: done" in note(browser), 60, "the takeover done", interval=0.2, ignore=(Exception,),
+               detail=lambda: note(browser))
+    row = wait_until(lambda: "taken_over" in service_row(browser, "probe") and " healthy" in service_row(
+        browser, "probe") and service_row(browser, "probe"), 90, "probe healthy on n1", interval=0.3,
+        ignore=(Exception,), detail=lambda: main_text(browser)[:2000])
+    assert row.startswith("probe shell w2 n1 n1"), row
+    moved = cortex(cluster, "n1", "tools", "call", "ha_status")["services"][0]
+    assert (moved["holder"], moved["state"], moved["takeovers"]) == ("n1", "taken_over", 1), moved
+    assert "1 takeover, 0 givebacks" in row
+    browser.driver.save_screenshot(str(shots / "services-taken-over.png"))
+    assert "Give back" in row
+    assert browser.console_errors() == []
+
+
+def service_row(browser, name: str) -> str:
+    return next(r.text for r in browser.driver.find_elements("css selector", "main tr")
+                if r.find_elements("xpath", f"td[1][text()='{name}']"))
 
 
 def _contrast(fg: str, bg: str) -> float:

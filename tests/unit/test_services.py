@@ -191,6 +191,7 @@ def test_unplanned_takeover_only_after_lease_and_margin(s):
     s.apply("service.deploy", {"spec": web()})
     book, seen = LeaseBook(lease=8, margin=2), {}
     book.start(["n1", "w1", "w2"], now=0.0)
+    assert decide(_view(s), book, 0.0, seen) == []  # this leader sees the service on w1 from the start
     for t in range(0, 10):
         book.heard("w2", float(t))
         book.heard("n1", float(t))
@@ -198,6 +199,22 @@ def test_unplanned_takeover_only_after_lease_and_margin(s):
     moves = decide(_view(s), book, 10.0, seen)
     assert [(m.holder, m.state, m.fenced, m.planned) for m in moves] == [("w2", "taken_over", True, False)]
     assert "w1 lost its lease" in moves[0].reason
+
+
+def test_a_service_placed_on_a_node_idle_for_long_gets_a_full_lease_first(s):
+    """A node running nothing renews rarely; a deploy onto it is not an instant unplanned takeover."""
+    book, seen = LeaseBook(lease=8, margin=2), {}
+    book.start(["n1", "w1", "w2"], now=0.0)
+    for t in range(0, 116):  # the others renew all along
+        book.heard("w2", float(t))
+        book.heard("n1", float(t))
+    s.apply("service.deploy", {"spec": web()})  # homed on w1, silent since 0.0
+    assert decide(_view(s), book, 100.0, seen) == []
+    assert decide(_view(s), book, 109.9, seen) == []
+    book.heard("w1", 105.0)  # its node loop renews once it hears of the service
+    assert decide(_view(s), book, 112.0, seen) == []
+    moves = decide(_view(s), book, 115.0, seen)
+    assert [(m.holder, m.fenced) for m in moves] == [("w2", True)]
 
 
 def test_auto_giveback_after_home_health_and_not_when_disabled(s):

@@ -131,11 +131,13 @@ def decide(view: dict, book: LeaseBook, now: float, first_seen: dict, giveback_t
     moves = []
     for row in view["services"]:
         name, holder, home, epoch = row["name"], row["holder"], row["home"], row["epoch"]
-        first_seen.setdefault((name, epoch), now)
+        seen = first_seen.setdefault((name, epoch), now)
         usable = {n: caps for n, caps in ready.items() if book.alive(n, now)}
         order = [home, *row["candidates"]] if holder != home else row["candidates"]
         targets = [n for n in order if n != holder and not state.refusal(row, n, usable)]
-        if book.expired(holder, now):
+        # A node that runs nothing renews only now and then (idle_report_period): a service just placed on it
+        # gets a full lease from when this leader first saw it there, as every node does on a new leader.
+        if book.expired(holder, now) and now - seen >= book.lease + book.margin:
             targets = [n for n in order if n != holder and not state.refusal(row, n, usable, planned=False)]
             if targets:
                 target = targets[0]
