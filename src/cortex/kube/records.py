@@ -14,12 +14,12 @@ where they are.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from cortex.kube.capacity import ContextCapacity
 from cortex.kube.kubeconfig import Discovery
+from cortex.plugins.records import encode, parse_records, read_prefix  # noqa: F401  (re-exported)
 
 RECORD_PREFIX = "plugins/kubernetes/nodes/"
 
@@ -34,28 +34,10 @@ def build_record(node_id: str, discovery: Discovery, capacities: Iterable[Contex
             "capacity": [c.summary() for c in capacities]}
 
 
-def encode(record: dict) -> str:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"))
-
-
-def parse_records(rows: Iterable[dict | None]) -> list[dict]:
-    """Records from `kv.list` rows; a row that is not a valid record is skipped (someone else's key)."""
-    out = []
-    for row in rows:
-        try:
-            record = json.loads((row or {}).get("value") or "")
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("node_id"), str):
-            out.append(record)
-    return sorted(out, key=lambda r: r["node_id"])
-
 
 def read_records(read: Callable[[str, dict], Any]) -> list[dict]:
-    """All published records through a state query function: `StateStore.query` on the leader, or
-    `lambda q, a: bridge.read(q, a, level="stale")` from a plugin."""
-    return parse_records(read("kv.list", {"prefix": RECORD_PREFIX, "limit": 10_000}))
-
+    """All published records through a state query function (see cortex.plugins.records)."""
+    return read_prefix(read, RECORD_PREFIX)
 
 def k8s_capacity(records: Iterable[dict]) -> list[dict]:
     """Per (node, context): free CPU (millicores) and memory (bytes), for a scheduler or a person.

@@ -13,9 +13,10 @@ tools all read these records.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from cortex.plugins.records import encode, read_prefix  # noqa: F401  (encode: re-exported)
 
 PREFIX = "plugins/sentinel/nodes/"
 REFRESH = 300.0
@@ -27,25 +28,10 @@ def key(node_id: str) -> str:
     return PREFIX + node_id
 
 
-def encode(record: dict) -> str:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"))
-
-
-def parse(rows: Iterable[dict | None]) -> list[dict]:
-    out = []
-    for row in rows:
-        try:
-            record = json.loads((row or {}).get("value") or "")
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("node_id"), str):
-            out.append(record)
-    return sorted(out, key=lambda r: r["node_id"])
-
 
 def read_all(read: Callable[[str, dict], Any]) -> list[dict]:
     """Every node's record, with what the leader sees of each node merged in (with_leader_view)."""
-    return with_leader_view(parse(read("kv.list", {"prefix": PREFIX, "limit": 10_000})))
+    return with_leader_view(read_prefix(read, PREFIX))
 
 
 HEARTBEAT_LATE = 15.0  # seconds since the leader last heard from a node
