@@ -1,5 +1,6 @@
-"""pysyncobj's own log lines reach the agent's log at their level: a node whose disk is full fails every Raft
-tick, and its log has to say so (not twenty tracebacks a second, and not nothing)."""
+"""pysyncobj's own log lines reach the agent's log at their level (a line it repeats every tick once a minute),
+and a node whose disk is full says so once, clearly, and stays up (not twenty tracebacks a second, and not
+nothing)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_pysyncobj_tick_errors_reach_the_agent_log_at_their_level(full_disk_agent):
+def test_a_full_disk_is_one_clear_error_in_the_agent_log_and_the_agent_stays_up(full_disk_agent):
     proc, address, data_dir, log_path = full_disk_agent
     socket_path = data_dir / "admin.sock"
     wait_for(lambda: socket_path.exists() or proc.poll() is not None, 60, "the admin socket")
@@ -83,13 +84,33 @@ def test_pysyncobj_tick_errors_reach_the_agent_log_at_their_level(full_disk_agen
         else:
             raise AssertionError("every write succeeded: the file size limit did not apply")
 
-    def pysyncobj_errors():
+    def refused():
         return [line for line in json_lines(log_path)
-                if line.get("logger", "").startswith("pysyncobj") and line.get("level") == "error"]
+                if line.get("level") == "error" and "raft journal write failed" in line.get("msg", "")]
 
-    errors = wait_for(pysyncobj_errors, 120, "pysyncobj's error line in the agent log")
-    assert "failed _onTick" in errors[0]["msg"] and errors[0]["node"] == "full"
-    assert "Traceback" in errors[0].get("exc", "")  # why the tick failed, not only that it did
+    errors = wait_for(refused, 120, "the refused write in the agent log")
+    assert str(data_dir) in errors[0]["error"] and "node full" in errors[0]["error"], errors[0]
+    time.sleep(2)  # ticks go on failing to write: still one line, the agent up, no tick tracebacks
+    assert len(refused()) == 1 and proc.poll() is None
+    assert not [line for line in json_lines(log_path) if "failed _onTick" in line.get("msg", "")]
+
+
+def test_pysyncobj_lines_reach_the_agent_log_at_their_level_with_the_traceback(capsys):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.setup("n1", "info", "json")
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            logging.getLogger("pysyncobj.syncobj").exception("failed _onTick in _autoTickThread")
+        logging.getLogger("pysyncobj.tcp_connection").debug("below the agent's level: not shown")
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert [(x["logger"], x["level"], x["msg"]) for x in lines] == [
+        ("pysyncobj.syncobj", "error", "failed _onTick in _autoTickThread")]
+    assert lines[0]["node"] == "n1" and "Traceback" in lines[0]["exc"] and "No space left" in lines[0]["exc"]
 
 
 def test_a_line_repeated_every_tick_is_logged_once_a_window_with_its_count():

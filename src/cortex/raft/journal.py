@@ -110,6 +110,7 @@ class AppendJournal(syncobj_journal.Journal):
         self._failed_since = 0.0
         self._retry_at = 0.0
         self._retry_delay = _RETRY_FIRST
+        self._relapse_until = 0.0
         self._load()
         self._meta_path = journal_file + ".meta"
         self._meta = syncobj_journal.MetaStorer(self._meta_path).getMeta()
@@ -157,7 +158,11 @@ class AppendJournal(syncobj_journal.Journal):
         hint = "free space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk"
         message = f"{self._where()}: {reason} ({what}); {hint}: the node resumes by itself once it can write"
         now = time.monotonic()
-        if not self.failure:
+        # Refused again right after a probe found room (the probe only proves the journal can grow, not that
+        # the state store beside it can): the same failure going on, on the same growing backoff.
+        if not self.failure and now < self._relapse_until:
+            self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX)
+        elif not self.failure:
             self._failed_since, self._retry_delay = now, _RETRY_FIRST
             log.error("raft journal write failed; this node cannot take part in Raft until it can write",
                       extra={"fields": {"error": message}})
@@ -178,6 +183,7 @@ class AppendJournal(syncobj_journal.Journal):
             log.warning("raft journal writable again", extra={"fields": {
                 "journal": self.path, "failed_for_s": round(time.monotonic() - self._failed_since, 1)}})
             self.failure = ""
+            self._relapse_until = time.monotonic() + 2 * self._retry_delay
 
     def probe(self) -> bool:
         """On the retry backoff, check whether the disk has room again (an idle node appends nothing to learn
