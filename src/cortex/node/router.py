@@ -125,12 +125,7 @@ class Router:
         """Leader-side: stamp and replicate the cluster's own commands of one type together (group commit
         puts them in a few log entries, where one propose after another takes a commit each). One outcome
         per command, in order: its result, or the AgentError that command met."""
-        replica = self.member.replica
-        if replica is None:
-            raise AgentError(grpc.StatusCode.UNAVAILABLE, "this node holds no replica (left, or a worker); retry")
-        behind = self.levels.gate(command_type)
-        if behind:
-            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, behind)
+        replica = self._replica_for(command_type)
         term = replica.raft.term()
         envelopes = []
         for args in many:
@@ -154,13 +149,19 @@ class Router:
                 out.append(outcome[0])
         return out
 
-    def _propose_checked(self, command_type: str, args: dict, idem: str) -> tuple[dict, int, int]:
+    def _replica_for(self, command_type: str):
+        """This node's replica, to propose `command_type` on: refused when it holds none, or while a server
+        still runs a state-machine level below the command's (node/levels.py)."""
         replica = self.member.replica
         if replica is None:
             raise AgentError(grpc.StatusCode.UNAVAILABLE, "this node holds no replica (left, or a worker); retry")
         behind = self.levels.gate(command_type)
         if behind:
             raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, behind)
+        return replica
+
+    def _propose_checked(self, command_type: str, args: dict, idem: str) -> tuple[dict, int, int]:
+        replica = self._replica_for(command_type)
         term = replica.raft.term()
         command_id = uuid.uuid4().hex
         env = Envelope(type=command_type, args=args, id=command_id, ts=time.time(), term=term,
