@@ -7,23 +7,23 @@ from cortex.cli.registry import CommandRegistry
 
 
 def cmd_status(args) -> int:
-    with cluster_client(args, socket_ok=True) as c:
+    with cluster_client(args, socket_ok=True) as c:  # one connection for every read below
         status = c.status()
         view = leader_view(args, status)
-    doc = status_dict(status)
-    doc["nodes"] = status_dict(view)["nodes"] if view.nodes else doc.get("nodes", [])
-    if args.json and status.state != "uninitialized":
-        doc["metrics"] = _metrics_addresses(args)
-    if status.state == "uninitialized":
-        emit(args, doc, f"node {status.node_id} is not in a cluster: waiting for {status.waiting_for}")
-        return 0
+        doc = status_dict(status)
+        doc["nodes"] = status_dict(view)["nodes"] if view.nodes else doc.get("nodes", [])
+        if status.state == "uninitialized":
+            emit(args, doc, f"node {status.node_id} is not in a cluster: waiting for {status.waiting_for}")
+            return 0
+        if args.json:
+            doc["metrics"] = _metrics_addresses(c)
+        taken = _taken_over(c)
     head = (f"cluster   {status.cluster_id}\nnode      {status.node_id} ({status.role}, {status.state})\n"
             f"leader    {status.leader_id or '(none)'} {status.leader_grpc_address}\n"
             f"term      {status.term}\ncommit    {status.commit_index}\napplied   {status.applied_index}\n"
             f"quorum    {'yes' if status.has_quorum else 'NO'}")
     if status.waiting_for:
         head += f"\nwaiting   {status.waiting_for}"
-    taken = _taken_over(c_args=args)
     if taken:
         doc["services_taken_over"] = taken
         head += "\ntaken over " + ", ".join(f"{t['name']} (on {t['holder']}, home {t['home']}, {t['state']})"
@@ -32,21 +32,21 @@ def cmd_status(args) -> int:
     return 0
 
 
-def _metrics_addresses(args) -> dict[str, str]:
+def _metrics_addresses(c) -> dict[str, str]:
     """Each node's Prometheus /metrics address, as its sentinel published it ({} when none did)."""
     from cortex.sentinel import records
 
     try:
-        with cluster_client(args, socket_ok=True) as c:
-            return {r["node_id"]: r["metrics"] for r in records.read_all(lambda q, a: c.read(q, a, level="stale"))
-                    if r.get("metrics")}
+        return {r["node_id"]: r["metrics"] for r in records.read_all(lambda q, a: c.read(q, a, level="stale"))
+                if r.get("metrics")}
     except Exception:
         return {}
-def _taken_over(c_args) -> list[dict]:
+
+
+def _taken_over(c) -> list[dict]:
     """Services away from their home node (best effort: an older cluster has no services domain)."""
     try:
-        with cluster_client(c_args, socket_ok=True) as c:
-            rows = c.read("service.list", {}, level="leader")
+        rows = c.read("service.list", {}, level="leader")
     except Exception:
         return []
     return [{"name": r["name"], "holder": r["holder"], "home": r["home"], "state": r["state"]}
