@@ -342,7 +342,10 @@ def health_problem(cluster: DevCluster) -> str:
     return ""
 
 
-def stop_node(node: DevNode, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
+STOP_WAIT = 25.0  # a stopping agent first hands its services over (at most 15 s, services/plugin.py)
+
+
+def stop_node(node: DevNode, sig: int = signal.SIGTERM, wait: float = STOP_WAIT) -> None:
     if not alive(node.pid):
         return
     try:

@@ -106,7 +106,7 @@ def ha_status(backend) -> dict:
     return {"services": pairs, "nodes": nodes}
 
 
-def _wait_moved(backend, moved: list[dict], timeout: float) -> list[dict]:
+def wait_moved(backend, moved: list[dict], timeout: float) -> list[dict]:
     """Until each moved service reports healthy on its new holder (or the timeout); adds the downtime."""
     deadline = time.monotonic() + timeout
     pending = {m["name"]: m for m in moved}
@@ -132,7 +132,7 @@ def takeover(backend, node: str, wait: float = 0.0, key: str | None = None) -> d
     home, start on the partner)."""
     result = backend.write("service.takeover", {"node": node}, idempotency_key=_key(key))
     if wait and result["moved"]:
-        result["moved"] = _wait_moved(backend, result["moved"], wait)
+        result["moved"] = wait_moved(backend, result["moved"], wait)
     return result
 
 
@@ -140,7 +140,7 @@ def giveback(backend, node: str, wait: float = 0.0, key: str | None = None) -> d
     """Give every service whose home is `node` back to it (sync back first); refusals say why."""
     result = backend.write("service.giveback", {"node": node}, idempotency_key=_key(key))
     if wait and result["moved"]:
-        result["moved"] = _wait_moved(backend, result["moved"], wait)
+        result["moved"] = wait_moved(backend, result["moved"], wait)
     return result
 
 

@@ -30,6 +30,10 @@ def argv(run: TaskRun, spec: dict, settings: ExecutorSettings) -> list[str]:
     return [*args[:at], *extra, *args[at:]]
 
 
+def container_name(run: TaskRun) -> str:
+    return ContainerExecutor()._name(run)
+
+
 def run_container(run: TaskRun, spec: dict, settings: ExecutorSettings) -> tuple[int | None, str]:
     executor = ContainerExecutor(settings)
     watch = ProcessWatch(dies_with_agent(argv(run, spec, settings)), run, on_kill=lambda: executor._remove(run))

@@ -3,7 +3,9 @@
 Node loop (every `renew_interval`): read the services (leader read), reconcile the supervisor against them
 through the start gate (lease.py), then write `service.report`, which is both the status and the lease
 renewal. Nodes named in no service report only every `idle_report_period` (networks and capabilities).
-Fence loop: once the lease runs out (no committed renewal: no quorum reachable), stop everything.
+Fence loop: once the lease runs out (no committed renewal: no quorum reachable), stop everything. The same
+deadline is handed to the watchdog process (watchdog.py), which fences when the agent itself cannot run.
+Stop: services with a ready partner are handed over first (a planned takeover, bounded by HANDOVER_BUDGET).
 Leader loop: feed renewals applied here into the LeaseBook, decide moves (lease.decide) and propose them as
 internal `service.move` commands, compare-and-set on the epoch; an unplanned takeover also posts a message.
 
@@ -23,7 +25,10 @@ from cortex.plugins.api import Plugin, Tool, holds_no_replica, write_with_retry
 from cortex.services import lease as leases
 from cortex.services.ports import Ports
 from cortex.services.supervisor import Supervisor
+from cortex.services.watchdog import Watch
 from cortex.tasks.executors import ExecutorSettings
+
+HANDOVER_BUDGET = 15.0  # seconds a stopping agent spends handing its services over before it stops them anyway
 
 
 def build_ports(node_data: Path, cluster, log) -> Ports:
@@ -148,7 +153,12 @@ class ServicesPlugin(Plugin):
         cluster = self.ctx.cluster
         if cluster is None:
             return
-        self.supervisor = Supervisor(cluster.node_id, self.node_data, self.ports, self.settings, self.ctx.log)
+        from cortex.tasks.container import BASE_FLAGS
+
+        self.watch = Watch(self.node_data / "services", [self.settings.podman, *BASE_FLAGS], self.ctx.log)
+        self.watch.start()
+        self.supervisor = Supervisor(cluster.node_id, self.node_data, self.ports, self.settings, self.ctx.log,
+                                     self.watch, lambda: self.lease.valid(time.monotonic()))
         leftovers = self.supervisor.sweep()
         if leftovers:
             self.ctx.log.warning("killed %d service processes a previous run of this agent left", len(leftovers))
@@ -164,15 +174,57 @@ class ServicesPlugin(Plugin):
     def stop(self) -> None:
         if self._stop is None:
             return
+        if self.supervisor is not None and self._threads:
+            try:
+                self.hand_over(HANDOVER_BUDGET)
+            except Exception as exc:  # never keeps the agent from stopping
+                self.ctx.log.warning("services: handing over before stopping failed: %s; stopping them here", exc)
         self._stop.set()
         self._wake.set()
         for t in self._threads:
             t.join(timeout=10)
         if self.supervisor is not None:
             self.supervisor.stop_all()
+        watch = getattr(self, "watch", None)
+        if watch is not None:  # after stop_all: nothing of the services runs, the watchdog may go
+            watch.close()
         close = getattr(self.ports.volume_sync, "close", None)
         if close is not None:  # the channels to other nodes' Volumes service
             close()
+
+    def hand_over(self, budget: float) -> list[dict]:
+        """A graceful stop (SIGTERM, systemctl stop, a reboot): the services this node holds move to a ready
+        partner as a planned takeover (`cortex ha takeover` of this node) while the node loop and the Volumes
+        service still run here, so this node stops them, reports them released and serves the partner's final
+        volume pull. Waits until each answers on its partner, at most `budget` seconds; the rest stop with the
+        agent. Services without a ready partner are refused by the takeover and simply stop. A node without a
+        valid lease (no quorum) skips it: no write could commit."""
+        from cortex.services import api
+
+        me, sup = self.ctx.cluster.node_id, self.supervisor
+        if not sup.instances or not self.lease.valid(time.monotonic()):
+            return []
+        started = time.monotonic()
+        key = f"stop-handover:{me}:{self.lease.renewed_at}"  # one takeover per stop, whatever the retries
+        result = write_with_retry(self.ctx.cluster, "service.takeover",
+                                  {"node": me, "reason": f"{me} is stopping: planned takeover"}, key,
+                                  retry_for=min(5.0, budget / 3))
+        for refused in result.get("refused") or []:
+            self.ctx.log.warning("services: %s stops with this agent: %s", refused["name"], refused["why"])
+        moved = result.get("moved") or []
+        if not moved:
+            return []
+        self._wake.set()  # the node loop stops them here and reports them released now, not a period later
+        left = budget - (time.monotonic() - started)
+        done = api.wait_moved(self.ctx.cluster, moved, max(0.0, left))
+        for m in done:
+            if m["result"] == "running":
+                self.ctx.log.info("services: %s handed over to %s before stopping (downtime %ss)", m["name"],
+                                  m["holder"], m.get("downtime_s"))
+            else:
+                self.ctx.log.warning("services: %s not yet running on %s after %.0fs (%s); stopping anyway",
+                                     m["name"], m["holder"], budget, m["result"])
+        return done
 
     def subscriptions(self) -> dict:
         def renewed(event) -> None:
@@ -248,6 +300,8 @@ class ServicesPlugin(Plugin):
             cluster.write("service.report", {"node_id": me, "networks": networks, "caps": self.caps,
                                              "services": sup.report(involved)})
             self.lease.renewed(sent)
+            # the watchdog fences at the same deadline as _fence_loop, and does so even if this process stops
+            self.watch.pet(self.lease.renewed_at + self.lease.lease - self.lease.fence_early)
             self._last_report, self._last_networks = sent, networks
             if self.fenced_at is not None:
                 self.ctx.log.warning("services lease renewed again after self-fencing")

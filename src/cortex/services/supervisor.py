@@ -16,10 +16,11 @@ import threading
 import time
 from pathlib import Path
 
-from cortex.services.container import dies_with_agent, run_container
+from cortex.services.container import container_name, dies_with_agent, run_container
 from cortex.services.lease import backoff, catch_up
 from cortex.services.ports import Ports
 from cortex.services.replicate import Replicator
+from cortex.services.watchdog import NoWatch, kill_all, service_processes
 from cortex.tasks.executor import TaskRun
 from cortex.tasks.executors import DEFAULT_PATH, ExecutorSettings, ProcessWatch, ShellExecutor
 
@@ -57,8 +58,10 @@ class Instance:
     """One service at one epoch on this node."""
 
     def __init__(self, row: dict, node_id: str, data_dir: Path, ports: Ports, settings: ExecutorSettings, log,
-                 replica: Replicator | None = None):
+                 replica: Replicator | None = None, watch=None, lease_ok=lambda: True):
         self.replica = replica
+        self.watch = watch or NoWatch()  # told of a container or an address before it exists (watchdog.py)
+        self.lease_ok = lease_ok
         self.name, self.epoch, self.spec = row["name"], row["epoch"], row["spec"]
         self.restart_gen = row["restart_gen"]
         self.node_id, self.ports, self.log = node_id, ports, log
@@ -136,6 +139,13 @@ class Instance:
                 self.detail = f"crashed {self.failures}x in a row; next start in {wait:.0f}s"
                 if self.done.wait(wait):
                     break
+            if not self.lease_ok():
+                # no restart without a lease: a run the watchdog killed (the agent was frozen) is not started
+                # again by this thread once the agent runs again, before self-fencing stops the instance
+                self.state, self.healthy, self.detail = "waiting", False, "no lease: not restarted"
+                if self.done.wait(0.2):
+                    break
+                continue
             with self._run_lock:  # a stop() that came during the backoff must not be cleared away
                 if self.done.is_set():
                     break
@@ -196,6 +206,7 @@ class Instance:
         vip = self.spec["vip"]
         if not vip or self.ports.floating is None or self.vip_claimed or self.done.is_set():
             return
+        self.watch.add("vips", vip)
         try:
             iface = self.ports.floating.claim(vip)
         except Exception as exc:
@@ -215,6 +226,7 @@ class Instance:
         if self.spec["vip"] and self.ports.floating is not None:
             try:
                 self.ports.floating.release(self.spec["vip"])
+                self.watch.discard("vips", self.spec["vip"])
             except Exception as exc:
                 self.log.warning("could not release %s: %s", self.spec["vip"], exc)
 
@@ -226,7 +238,11 @@ class Instance:
         checker.start()
         try:
             if self.spec["kind"] == "container":
-                code, failure = run_container(run, self.spec, self.settings)
+                self.watch.add("containers", container_name(run))
+                try:
+                    code, failure = run_container(run, self.spec, self.settings)
+                finally:
+                    self.watch.discard("containers", container_name(run))
             else:
                 code, failure = ProcessWatch(dies_with_agent(self.shell.argv(run)), run,
                                              env={"PATH": DEFAULT_PATH}).execute()
@@ -267,8 +283,10 @@ class Instance:
 class Supervisor:
     """The instances this node runs, reconciled against the replicated view."""
 
-    def __init__(self, node_id: str, data_dir: Path, ports: Ports, settings: ExecutorSettings, log):
+    def __init__(self, node_id: str, data_dir: Path, ports: Ports, settings: ExecutorSettings, log, watch=None,
+                 lease_ok=lambda: True):
         self.node_id, self.data_dir, self.ports, self.settings, self.log = node_id, data_dir, ports, settings, log
+        self.watch, self.lease_ok = watch, lease_ok
         self.instances: dict[str, Instance] = {}
         self.seen: dict[str, int] = {}  # the highest epoch seen per service: an older view is ignored
         self.waiting: dict[str, str] = {}
@@ -313,7 +331,8 @@ class Supervisor:
                     continue
                 self.waiting.pop(name, None)
                 self.stopped.pop(name, None)
-                inst = Instance(row, self.node_id, self.data_dir, self.ports, self.settings, self.log, self.replica)
+                inst = Instance(row, self.node_id, self.data_dir, self.ports, self.settings, self.log, self.replica,
+                                self.watch, self.lease_ok)
                 self.instances[name] = inst
                 inst.start()
             for name in [n for n in self.instances if n not in names]:
@@ -370,26 +389,7 @@ class Supervisor:
     def sweep(self) -> list[int]:
         """Kill service processes a previous life of this agent left behind (found by the environment every
         service process carries): a new agent must not find its old services still running."""
-        import os
-        import signal
-
-        mine = str((self.data_dir / "services").resolve()).encode()
-        killed = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                env = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(e.startswith(b"CORTEX_SERVICE=") for e in env) and \
-                    any(e.startswith(b"CORTEX_VOLUME=" + mine + b"/") for e in env):
-                try:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                    killed.append(int(entry.name))
-                except OSError:
-                    pass
-        return killed
+        return kill_all(service_processes(self.data_dir / "services"))
 
     def stop_all(self) -> None:
         with self._lock:
