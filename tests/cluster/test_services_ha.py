@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -221,6 +222,64 @@ def api_summary(cl: Cluster, name: str) -> dict:
     from cortex.services.api import summary
 
     return summary(service(cl, name))
+
+
+def report_of(cl: Cluster, name: str, node: str) -> dict | None:
+    return next((r for r in service(cl, name)["reports"] if r["node_id"] == node), None)
+
+
+def test_frozen_home_is_fenced_by_its_watchdog(cluster, tmp_path):
+    """SIGSTOP of w1's agent: no thread of it runs, so it cannot fence itself; the watchdog process beside it
+    kills the service once the lease deadline passes, before the leader starts it on w2. After SIGCONT, w1 sees
+    the move and starts nothing."""
+    port = PORT_BASE + 2
+    assert deploy(cluster, web_spec("frozen", port, "w1", "w2", auto_giveback=False), tmp_path).returncode == 0
+    wait_for_value(lambda: http(port), lambda v: v == "w1", 60, "frozen answering from w1")
+    agent = cluster.node("w1").pid
+    with Observer("frozen") as obs:
+        os.killpg(agent, signal.SIGSTOP)  # the agent's process group; the service trees have sessions of their own
+        try:
+            wait_until(lambda: obs.nodes_now() == frozenset({"w2"}), 60, "frozen moved to w2")
+            row = service(cluster, "frozen")
+        finally:
+            os.killpg(agent, signal.SIGCONT)
+        assert row["holder"] == "w2" and row["prev_fenced"] == 1 and "w1 lost its lease" in row["reason"]
+        w1 = wait_for_value(lambda: report_of(cluster, "frozen", "w1"), lambda r: r and r["epoch"] >= row["epoch"],
+                            30, "w1's report after SIGCONT")
+        assert w1["state"] in ("stopped", "fenced") and not w1["healthy"], w1
+    assert http(port) == "w2"
+    fenced_at = next(t for t, nodes in obs.samples if "w1" not in nodes)
+    started_at = next(t for t, nodes in obs.samples if "w2" in nodes)
+    assert fenced_at < started_at and obs.double_runs() == []
+    assert not any("w1" in nodes for t, nodes in obs.samples if t > fenced_at)  # not started again on SIGCONT
+    assert "services watchdog: the agent's lease ran out" in cluster.node("w1").log_path.read_text(errors="replace")
+    assert cli(cluster, "services", "remove", "frozen").returncode == 0
+
+
+def test_graceful_stop_hands_services_over(cluster, tmp_path):
+    """SIGTERM of w1's agent: before it exits, its service moves to w2 as a planned takeover (not fenced, no
+    lease wait); the restarted w1 rejoins and gets it back by the automatic giveback."""
+    port = PORT_BASE + 3
+    assert deploy(cluster, web_spec("handed", port, "w1", "w2", giveback_after=2), tmp_path).returncode == 0
+    wait_for_value(lambda: http(port), lambda v: v == "w1", 60, "handed answering from w1")
+    with Observer("handed") as obs:
+        cluster.kill("w1", signal.SIGTERM)  # returns once the agent has exited
+        row = service(cluster, "handed")
+        assert (row["holder"], row["planned"], row["prev_fenced"]) == ("w2", 1, 0), row
+        assert row["ready_at"] is not None
+        assert "w1 is stopping" in row["reason"]  # the takeover's, or the giveback refused while w1 stops
+        assert http(port) == "w2"
+        stopped_at = next(t for t, nodes in obs.samples if "w1" not in nodes)
+        started_at = next(t for t, nodes in obs.samples if "w2" in nodes)
+        print(f"graceful stop: {started_at - stopped_at:.2f}s without a process, downtime by the leader "
+              f"{row['last_downtime']}s")
+        assert "handed over to w2 before stopping" in cluster.node("w1").log_path.read_text(errors="replace")
+        cluster.start("w1")
+        wait_for_value(lambda: service(cluster, "handed"), lambda r: r["holder"] == "w1" and r["state"] ==
+                       "running" and r["ready_at"] is not None, 90, "handed given back to the restarted w1")
+    assert obs.double_runs() == []
+    assert wait_for_value(lambda: http(port), lambda v: v == "w1", 30, "handed answering from w1 again") == "w1"
+    assert cli(cluster, "services", "remove", "handed").returncode == 0
 
 
 @pytest.mark.skipif(portcut.available() != "", reason=portcut.available() or "nftables")

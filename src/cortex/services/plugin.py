@@ -148,6 +148,8 @@ class ServicesPlugin(Plugin):
         self._last_report = 0.0
         self._last_networks: list[str] | None = None
         self.fenced_at: float | None = None
+        self.stopping = False  # set by hand_over: this node's reports say it takes no service any more
+        self._step_lock = threading.Lock()  # hand_over's own step and the node loop's never interleave
 
     def start(self) -> None:
         cluster = self.ctx.cluster
@@ -205,6 +207,9 @@ class ServicesPlugin(Plugin):
         if not sup.instances or not self.lease.valid(time.monotonic()):
             return []
         started = time.monotonic()
+        self.stopping = True
+        with self._step_lock:  # the report saying so is committed before the takeover: the leader's next
+            self.node_step(me)  # round must not give a service back to this node while it stops
         key = f"stop-handover:{me}:{self.lease.renewed_at}"  # one takeover per stop, whatever the retries
         result = write_with_retry(self.ctx.cluster, "service.takeover",
                                   {"node": me, "reason": f"{me} is stopping: planned takeover"}, key,
@@ -272,7 +277,8 @@ class ServicesPlugin(Plugin):
         while not self._stop.is_set():
             again = False
             try:
-                again = self.node_step(me)
+                with self._step_lock:
+                    again = self.node_step(me)
                 last_error = ""
             except Exception as exc:
                 if str(exc) != last_error:  # once per kind of failure, not every second
@@ -297,7 +303,10 @@ class ServicesPlugin(Plugin):
         networks = local_networks()
         if involved or networks != self._last_networks or \
                 sent - self._last_report >= self.ctx.options.get("idle_report_period", 300.0):
-            cluster.write("service.report", {"node_id": me, "networks": networks, "caps": self.caps,
+            caps = self.caps
+            if self.stopping:  # no kind runs here any more: no giveback, no move to this node while it stops
+                caps = {**caps, "kinds": [], "why": {k: f"{me} is stopping" for k in ("shell", "container")}}
+            cluster.write("service.report", {"node_id": me, "networks": networks, "caps": caps,
                                              "services": sup.report(involved)})
             self.lease.renewed(sent)
             # the watchdog fences at the same deadline as _fence_loop, and does so even if this process stops
