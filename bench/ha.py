@@ -11,7 +11,11 @@ processes (tests/support/procwatch.py). Each trial measures, by the prober's clo
 * takeover_planned_downtime_s: the longest gap without an answer during `cortex ha takeover w1`;
 * giveback_downtime_s: the same during `cortex ha giveback w1`;
 * volume_lag_s: the age of the partner's copy of the volume (`cortex ha status`) just before the kill, the
-  data an unplanned takeover loses (at most replicate_interval plus the time of a pull and a report).
+  data an unplanned takeover loses (at most replicate_interval plus the time of a pull and a report);
+* graceful_stop_downtime_s: the longest gap without an answer when w1's agent gets SIGTERM (it hands the
+  service over to w2 before it exits);
+* takeover_frozen_s: SIGSTOP of w1's agent until w2 answers; fence_margin_s: by the observer, from the
+  watchdog's kill of w1's service processes to the first process on w2 (must be > 0).
 
 Planned moves and givebacks include the final volume pull (incremental: the partner's periodic copy has
 most of it).
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -113,7 +118,19 @@ def wait_lag(client, timeout: float) -> float:
     raise RuntimeError(f"the partner had no copy of the volume after {timeout:g}s")
 
 
-def run_trials(cluster: devcluster.DevCluster, port: int, trials: int, client) -> list[dict]:
+def back_home(client, prober: Prober) -> None:
+    """Give the service back to w1 once w1 is ready again (right after a restart it may not be yet)."""
+    deadline = time.monotonic() + 120
+    while True:
+        result = api.giveback(client, "w1", wait=60)
+        if result["moved"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    prober.mark()
+    prober.wait_for("w1", 60)
+
+
+def run_trials(cluster: devcluster.DevCluster, port: int, trials: int, client, observer: Observer) -> list[dict]:
     spec = {"name": NAME, "kind": "shell", "ports": [port], "auto_giveback": False, "volume": True,
             "replicate_interval": 2,
             "health": {"http": port, "interval": 0.2, "threshold": 2},
@@ -160,18 +177,31 @@ def run_trials(cluster: devcluster.DevCluster, port: int, trials: int, client) -
             trial["takeover_unplanned_s"] = round(prober.wait_for("w2", 120) - since, 3)
             devcluster.start_node(cluster.node("w1"))
             cluster.save()  # the restarted agent's pid, so that the final `down` stops it
-            deadline = time.monotonic() + 120
-            while True:  # w1 back and renewing: then give the service back for the next trial
-                result = api.giveback(client, "w1", wait=60)
-                if result["moved"] or time.monotonic() > deadline:
-                    break
-                time.sleep(1)
-            prober.mark()
-            prober.wait_for("w1", 60)
+            back_home(client, prober)
+            since = prober.mark()
+            devcluster.stop_node(cluster.node("w1"))  # SIGTERM: the agent hands the service over, then exits
+            prober.wait_for("w2", 60)
+            trial["graceful_stop_downtime_s"] = round(prober.longest_gap(since), 3)
+            devcluster.start_node(cluster.node("w1"))
+            cluster.save()
+            back_home(client, prober)
+            since = prober.mark()
+            agent = cluster.node("w1").pid
+            os.killpg(agent, signal.SIGSTOP)  # frozen: only the watchdog beside it can fence
+            try:
+                trial["takeover_frozen_s"] = round(prober.wait_for("w2", 120) - since, 3)
+            finally:
+                os.killpg(agent, signal.SIGCONT)
+            samples = [(t, nodes) for t, nodes in list(observer.samples) if t >= since]
+            gone = next(t for t, nodes in samples if "w1" not in nodes)
+            trial["fence_margin_s"] = round(next(t for t, nodes in samples if "w2" in nodes) - gone, 3)
+            back_home(client, prober)
             out.append(trial)
             print(f"trial {i + 1}: unplanned {trial['takeover_unplanned_s']:.2f}s, planned downtime "
                   f"{trial['takeover_planned_downtime_s']:.2f}s, giveback downtime {trial['giveback_downtime_s']:.2f}s, "
-                  f"volume lag {trial['volume_lag_s']:.2f}s", flush=True)
+                  f"volume lag {trial['volume_lag_s']:.2f}s, graceful stop downtime "
+                  f"{trial['graceful_stop_downtime_s']:.2f}s, frozen {trial['takeover_frozen_s']:.2f}s "
+                  f"(fence margin {trial['fence_margin_s']:.2f}s)", flush=True)
     finally:
         prober.stop()
     return out
@@ -197,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
             with Client(cluster.node("n1").grpc_address, timeout=15) as client:
                 try:
-                    records = run_trials(cluster, base + 19, trials, client)
+                    records = run_trials(cluster, base + 19, trials, client, observer)
                 except Exception:
                     print(json.dumps(client.read("service.get", {"name": NAME}), indent=1, default=str)[:3000],
                           file=sys.stderr)
@@ -216,12 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"takeover_unplanned_s": p50("takeover_unplanned_s"),
            "takeover_planned_downtime_s": p50("takeover_planned_downtime_s"),
            "giveback_downtime_s": p50("giveback_downtime_s"), "volume_lag_s": p50("volume_lag_s"),
+           "graceful_stop_downtime_s": p50("graceful_stop_downtime_s"), "takeover_frozen_s": p50("takeover_frozen_s"),
+           "fence_margin_s": min((t["fence_margin_s"] for t in records), default=None),
            "double_runs": doubles, "trials": records,
            "error": failed}
     rows = [("takeover_unplanned_s (p50)", doc["takeover_unplanned_s"], "<= 15"),
             ("takeover_planned_downtime_s (p50)", doc["takeover_planned_downtime_s"], "<= 2"),
             ("giveback_downtime_s (p50)", doc["giveback_downtime_s"], "<= 2"),
             ("volume_lag_s (p50)", doc["volume_lag_s"], "<= 5"),
+            ("graceful_stop_downtime_s (p50)", doc["graceful_stop_downtime_s"], "<= 2"),
+            ("takeover_frozen_s (p50)", doc["takeover_frozen_s"], "<= 15"),
+            ("fence_margin_s (min)", doc["fence_margin_s"], "> 0"),
             ("double_runs", doubles, "0"), ("trials", len(records), str(trials))]
     print(f"{'FIGURE':36} {'VALUE':>8}  TARGET")
     for label, value, target in rows:

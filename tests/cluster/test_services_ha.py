@@ -183,6 +183,7 @@ def test_volume_replication_planned_takeover_giveback_and_kill_9(cluster, tmp_pa
         assert (row["takeovers"], row["givebacks"]) == (1, 1)
         wait_until(lambda: owners(cluster, "w2") == ["w1", "w2", "w1"], 60, "w2's copy caught up")
         cluster.kill("w1")
+        wait_until(lambda: not watchdogs(cluster, "w1"), 10, "w1's watchdog gone with its agent")
         assert wait_for_value(lambda: http(port), lambda v: v == "w2", 90, "api answering from w2") == "w2"
         row = service(cluster, "api")
         assert row["holder"] == "w2" and row["prev_fenced"] == 1 and "w1 lost its lease" in row["reason"]
@@ -224,6 +225,20 @@ def api_summary(cl: Cluster, name: str) -> dict:
     return summary(service(cl, name))
 
 
+def watchdogs(cl: Cluster, node: str) -> list[int]:
+    """Pids of `node`'s services watchdog (it runs in the agent's working directory, the node's own)."""
+    here = os.path.realpath(cl.node(node).dir)
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"cortex.services.watchdog" in (entry / "cmdline").read_bytes() and \
+                    os.path.realpath(entry / "cwd") == here:
+                out.append(int(entry.name))
+        except OSError:
+            continue
+    return out
+
+
 def report_of(cl: Cluster, name: str, node: str) -> dict | None:
     return next((r for r in service(cl, name)["reports"] if r["node_id"] == node), None)
 
@@ -236,6 +251,7 @@ def test_frozen_home_is_fenced_by_its_watchdog(cluster, tmp_path):
     assert deploy(cluster, web_spec("frozen", port, "w1", "w2", auto_giveback=False), tmp_path).returncode == 0
     wait_for_value(lambda: http(port), lambda v: v == "w1", 60, "frozen answering from w1")
     agent = cluster.node("w1").pid
+    assert len(watchdogs(cluster, "w1")) == 1
     with Observer("frozen") as obs:
         os.killpg(agent, signal.SIGSTOP)  # the agent's process group; the service trees have sessions of their own
         try:
@@ -247,7 +263,7 @@ def test_frozen_home_is_fenced_by_its_watchdog(cluster, tmp_path):
         w1 = wait_for_value(lambda: report_of(cluster, "frozen", "w1"), lambda r: r and r["epoch"] >= row["epoch"],
                             30, "w1's report after SIGCONT")
         assert w1["state"] in ("stopped", "fenced") and not w1["healthy"], w1
-    assert http(port) == "w2"
+    assert wait_for_value(lambda: http(port), lambda v: v == "w2", 30, "frozen answering from w2") == "w2"
     fenced_at = next(t for t, nodes in obs.samples if "w1" not in nodes)
     started_at = next(t for t, nodes in obs.samples if "w2" in nodes)
     assert fenced_at < started_at and obs.double_runs() == []
@@ -274,6 +290,7 @@ def test_graceful_stop_hands_services_over(cluster, tmp_path):
         print(f"graceful stop: {started_at - stopped_at:.2f}s without a process, downtime by the leader "
               f"{row['last_downtime']}s")
         assert "handed over to w2 before stopping" in cluster.node("w1").log_path.read_text(errors="replace")
+        assert watchdogs(cluster, "w1") == []  # the agent's goodbye ended it
         cluster.start("w1")
         wait_for_value(lambda: service(cluster, "handed"), lambda r: r["holder"] == "w1" and r["state"] ==
                        "running" and r["ready_at"] is not None, 90, "handed given back to the restarted w1")

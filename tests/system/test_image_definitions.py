@@ -427,6 +427,8 @@ def test_agent_unit():
     assert one(agent, "Service", "Type") == "notify"
     assert one(agent, "Service", "Restart") == "on-failure"
     assert int(one(agent, "Service", "WatchdogSec")) > 0
+    # SIGTERM to the agent alone: it hands its services over before they stop (docs/services.md)
+    assert one(agent, "Service", "KillMode") == "mixed"
     assert one(agent, "Service", "ProtectSystem") == "strict"
     assert one(agent, "Service", "StateDirectory") == "cortex"
     assert one(agent, "Service", "ExecStart") == "/usr/bin/cortex agent --config /run/cortex/config.yaml"

@@ -342,10 +342,7 @@ def health_problem(cluster: DevCluster) -> str:
     return ""
 
 
-STOP_WAIT = 25.0  # a stopping agent first hands its services over (at most 15 s, services/plugin.py)
-
-
-def stop_node(node: DevNode, sig: int = signal.SIGTERM, wait: float = STOP_WAIT) -> None:
+def stop_node(node: DevNode, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
     if not alive(node.pid):
         return
     try:

@@ -158,7 +158,8 @@ class ServicesPlugin(Plugin):
         from cortex.tasks.container import BASE_FLAGS
 
         self.watch = Watch(self.node_data / "services", [self.settings.podman, *BASE_FLAGS], self.ctx.log)
-        self.watch.start()
+        if self.ctx.options.get("run_services", True):  # a node that runs no service has nothing to fence
+            self.watch.start()
         self.supervisor = Supervisor(cluster.node_id, self.node_data, self.ports, self.settings, self.ctx.log,
                                      self.watch, lambda: self.lease.valid(time.monotonic()))
         leftovers = self.supervisor.sweep()

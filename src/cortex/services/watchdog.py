@@ -86,30 +86,39 @@ class Watch:
             self._spawn()
 
     def _spawn(self) -> None:
+        self.proc = None
         # its own session: a signal to the agent's process group does not reach it; no PR_SET_PDEATHSIG: it
         # must outlive an agent killed with SIGKILL long enough to fence (end of file on the pipe tells it)
         self.proc = subprocess.Popen([sys.executable, "-m", "cortex.services.watchdog"], stdin=subprocess.PIPE,
                                      stdout=subprocess.DEVNULL, start_new_session=True)
-        self._send({"services_dir": str(self.services_dir), "podman": self.podman})
+        self.proc.stdin.write(json.dumps({"services_dir": str(self.services_dir), "podman": self.podman}).encode()
+                              + b"\n")
+        self.proc.stdin.flush()
 
     def _send(self, doc: dict) -> None:
+        """Never raises: a watchdog that cannot be reached is said in the log and started again; the agent's own
+        self-fencing goes on meanwhile."""
         if self.proc is None:
             return
+        line = json.dumps(doc).encode() + b"\n"
         try:
-            self.proc.stdin.write(json.dumps(doc).encode() + b"\n")
+            self.proc.stdin.write(line)
             self.proc.stdin.flush()
             self._broken = False
+            return
         except OSError as exc:  # it died (killed by hand, OOM): say so once, start another
             if not self._broken:
                 self.log.warning("services watchdog gone (%s); starting it again", exc)
             self._broken = True
-            try:
-                self.proc.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
+        try:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
             self._spawn()
-            self.proc.stdin.write(json.dumps(doc).encode() + b"\n")
-            self.proc.stdin.flush()
+            if "deadline" in doc:  # _spawn sent the set-up; the state follows
+                self.proc.stdin.write(line)
+                self.proc.stdin.flush()
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.log.warning("services watchdog could not be started again: %s", exc)
 
     def _state(self) -> None:
         self._send({"deadline": self.deadline, "containers": sorted(self.containers), "vips": sorted(self.vips)})
