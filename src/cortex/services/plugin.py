@@ -209,12 +209,21 @@ class ServicesPlugin(Plugin):
             return []
         started = time.monotonic()
         self.stopping = True
-        with self._step_lock:  # the report saying so is committed before the takeover: the leader's next
-            self.node_step(me)  # round must not give a service back to this node while it stops
         key = f"stop-handover:{me}:{self.lease.renewed_at}"  # one takeover per stop, whatever the retries
-        result = write_with_retry(self.ctx.cluster, "service.takeover",
-                                  {"node": me, "reason": f"{me} is stopping: planned takeover"}, key,
-                                  retry_for=min(5.0, budget / 3))
+        while True:
+            try:
+                with self._step_lock:  # the report saying so is committed before the takeover: the leader's
+                    self.node_step(me)  # next round must not give a service back to this node while it stops
+                result = self.ctx.cluster.write("service.takeover",
+                                                {"node": me, "reason": f"{me} is stopping: planned takeover"}, key)
+                break
+            except Exception:
+                # a server that stops has just handed its leadership over (node/agent.py), and the new leader
+                # refuses writes until it has heard every server's state-machine level: retried briefly, with
+                # the same key, so the takeover applies once
+                if time.monotonic() - started >= min(8.0, budget / 2):
+                    raise
+                time.sleep(0.3)
         for refused in result.get("refused") or []:
             self.ctx.log.warning("services: %s stops with this agent: %s", refused["name"], refused["why"])
         moved = result.get("moved") or []
