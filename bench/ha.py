@@ -43,7 +43,7 @@ from cortex.dev import cluster as devcluster
 from cortex.services import api
 from tests.support.procwatch import Observer
 
-NAME = "bench-web"
+NAME = f"bench-web-{os.getpid()}"  # one's own: another run's observer on the same machine does not count it
 
 
 def free_base_port(start: int, width: int = 20) -> int:

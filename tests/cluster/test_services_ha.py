@@ -245,17 +245,19 @@ def report_of(cl: Cluster, name: str, node: str) -> dict | None:
 
 def test_frozen_home_is_fenced_by_its_watchdog(cluster, tmp_path):
     """SIGSTOP of w1's agent: no thread of it runs, so it cannot fence itself; the watchdog process beside it
-    kills the service once the lease deadline passes, before the leader starts it on w2. After SIGCONT, w1 sees
-    the move and starts nothing."""
+    kills the service once the lease deadline passes, before the leader starts it on w2. After SIGCONT, w1 sees the move and starts nothing."""
     port = PORT_BASE + 2
-    assert deploy(cluster, web_spec("frozen", port, "w1", "w2", auto_giveback=False), tmp_path).returncode == 0
+    # with a volume pulled every second: a pull of w2's from w1 caught by the freeze hangs, and the takeover
+    # cancels it rather than wait (whether one is in flight at that moment is chance)
+    spec = web_spec("frozen", port, "w1", "w2", auto_giveback=False, volume=True, replicate_interval=1)
+    assert deploy(cluster, spec, tmp_path).returncode == 0
     wait_for_value(lambda: http(port), lambda v: v == "w1", 60, "frozen answering from w1")
     agent = cluster.node("w1").pid
     assert len(watchdogs(cluster, "w1")) == 1
     with Observer("frozen") as obs:
         os.killpg(agent, signal.SIGSTOP)  # the agent's process group; the service trees have sessions of their own
         try:
-            wait_until(lambda: obs.nodes_now() == frozenset({"w2"}), 60, "frozen moved to w2")
+            wait_until(lambda: obs.nodes_now() == frozenset({"w2"}), 30, "frozen moved to w2")
             row = service(cluster, "frozen")
         finally:
             os.killpg(agent, signal.SIGCONT)

@@ -98,6 +98,19 @@ class RemoteVolumeSync:
                 channel.close()
             self._channels.clear()
 
+    def abandon(self, node: str) -> None:
+        """End the pulls from `node` in flight at once: its channel is closed, so their calls fail (cancelled)
+        instead of waiting out their deadlines on a node that accepts connections but never answers (a frozen
+        agent). The next pull from it opens a new channel."""
+        try:
+            address = self._address_of(node)
+        except Exception:  # noqa: BLE001 - no address known: no channel to it either
+            return
+        with self._lock:
+            channel = self._channels.pop(address, None)
+        if channel is not None:
+            channel.close()
+
     def _stub(self, node: str) -> pb_grpc.VolumesStub:
         address = self._address_of(node)
         with self._lock:

@@ -150,6 +150,18 @@ class Replicator:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    def abandon(self, name: str, source: str) -> None:
+        """An unplanned takeover from `source`, fenced: a pull of `name` from it still in flight is cancelled,
+        not waited for (`settle`): a frozen source accepts the connection and answers nothing until the
+        call's deadline, minutes away. Whole files it already wrote stay; the copy's age stays that of the
+        last complete pull."""
+        with self._lock:
+            copy = self.copies.get(name)
+            busy = copy is not None and copy.thread is not None and copy.thread.is_alive()
+        abandon = getattr(self.ports.volume_sync, "abandon", None)
+        if busy and abandon is not None:
+            abandon(source)
+
     def age(self, name: str) -> tuple[float | None, str]:
         """(seconds since the copy's pull began, the node it came from); None: no copy synced by this agent."""
         copy = self._copy(name)

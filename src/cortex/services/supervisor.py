@@ -174,6 +174,8 @@ class Instance:
         self.workdir.mkdir(parents=True, exist_ok=True)
         age, source = (None, "")
         if self.replica is not None:
+            if self.spec["volume"] and self.prev_holder and self.prev_fenced:
+                self.replica.abandon(self.name, self.prev_holder)
             self.replica.settle(self.name)  # a periodic pull in flight ends before this copy goes live
             age, source = self.replica.age(self.name)
             self.replica.forget(self.name)
