@@ -158,8 +158,13 @@ class ServicesPlugin(Plugin):
         from cortex.tasks.container import BASE_FLAGS
 
         self.watch = Watch(self.node_data / "services", [self.settings.podman, *BASE_FLAGS], self.ctx.log)
+        self.stopping = False
         if self.ctx.options.get("run_services", True):  # a node that runs no service has nothing to fence
-            self.watch.start()
+            try:
+                self.watch.start()
+            except OSError as exc:  # self-fencing in this process still works; only a frozen agent is uncovered
+                self.ctx.log.warning("services: the watchdog could not start (%s): a frozen agent would not be "
+                                     "fenced", exc)
         self.supervisor = Supervisor(cluster.node_id, self.node_data, self.ports, self.settings, self.ctx.log,
                                      self.watch, lambda: self.lease.valid(time.monotonic()))
         leftovers = self.supervisor.sweep()

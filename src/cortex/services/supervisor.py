@@ -5,6 +5,8 @@ kind's bubblewrap sandbox, the container kind's Podman), so a service gets the s
 dies with the agent (bwrap --die-with-parent, podman rm). A crash or a failed health check ends the process;
 the next start waits an exponential backoff, which the instance reports (`backoff`, restarts, next start).
 Output is kept in a bounded buffer until the next report carries it to the replicated state (capped there).
+A run is started (or restarted) only while the node holds its lease, and the watchdog process (watchdog.py) is
+told of a container or a floating address before it exists.
 """
 
 from __future__ import annotations
