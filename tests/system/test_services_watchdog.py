@@ -50,7 +50,7 @@ def test_an_unpetted_deadline_kills_the_services_and_releases_their_address(tmp_
         service, bystander = service_process(tmp_path), procs.popen([shutil.which("sleep"), "120"])
         dog = watchdog(tmp_path, ns)
         try:
-            send(dog, {"deadline": time.monotonic() + 0.2, "containers": [], "vips": [CIDR]})
+            send(dog, {"deadline": time.monotonic() + 0.2, "services": ["svc"], "containers": [], "vips": [CIDR]})
             assert service.wait(timeout=10) == -9
             wait_until(lambda: holders(ns) == [], 10, "the floating address released")
             assert bystander.poll() is None and dog.poll() is None  # only services; the watchdog stays
@@ -69,7 +69,7 @@ def test_the_agents_end_fences_at_once_and_a_goodbye_does_not(tmp_path):
     ended, byed = service_process(one, "a"), service_process(two, "b")
     try:
         dog = watchdog(one)
-        send(dog, {"deadline": time.monotonic() + 600, "containers": [], "vips": []})
+        send(dog, {"deadline": time.monotonic() + 600, "services": ["a"], "containers": [], "vips": []})
         dog.stdin.close()  # the agent is gone (SIGKILL): end of file, no goodbye
         assert ended.wait(timeout=10) == -9 and dog.wait(timeout=10) == 0
         assert "the agent ended without stopping its services" in dog.stderr.read().decode()

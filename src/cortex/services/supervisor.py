@@ -291,6 +291,7 @@ class Supervisor:
                  lease_ok=lambda: True):
         self.node_id, self.data_dir, self.ports, self.settings, self.log = node_id, data_dir, ports, settings, log
         self.watch, self.lease_ok = watch, lease_ok
+        self._watch = watch or NoWatch()
         self.instances: dict[str, Instance] = {}
         self.seen: dict[str, int] = {}  # the highest epoch seen per service: an older view is ignored
         self.waiting: dict[str, str] = {}
@@ -307,6 +308,7 @@ class Supervisor:
                 inst.stop(inst.detail, "stopped")
                 if inst.state != "stopping":
                     del self.stopping[name]
+                    self._watch.discard("services", name)
             names = set()
             for row in rows:
                 name = row["name"]
@@ -338,6 +340,7 @@ class Supervisor:
                 inst = Instance(row, self.node_id, self.data_dir, self.ports, self.settings, self.log, self.replica,
                                 self.watch, self.lease_ok)
                 self.instances[name] = inst
+                self._watch.add("services", name)  # before its first process: a freeze now is covered too
                 inst.start()
             for name in [n for n in self.instances if n not in names]:
                 self._stop(name, "removed")
@@ -363,6 +366,8 @@ class Supervisor:
         inst.stop(why, state)
         if inst.state == "stopping":
             self.stopping[name] = inst
+        else:
+            self._watch.discard("services", name)
         self.stopped[name] = why
 
     def fence(self, why: str) -> bool:

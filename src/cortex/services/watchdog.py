@@ -18,8 +18,9 @@ crashed) fences at once and exits, so the watchdog never outlives its agent; a g
 the agent stopped its services itself) exits without fencing. The watchdog is in a session of its own, so a
 signal to the agent's process group (a terminal's ^Z, `kill -STOP -PID`) does not freeze it too.
 
-The agent tells it of a container and of a floating address *before* starting or claiming it, so a freeze
-between the two leaves nothing unknown to it. Only the standard library is imported here (pyroute2 only when
+The agent tells it of a service instance, a container and a floating address *before* starting or claiming
+it, so a freeze between the two leaves nothing unknown to it; a node that runs nothing (most nodes, petted
+only every `idle_report_period`) is not scanned for at all once its deadline has passed. Only the standard library is imported here (pyroute2 only when
 an address has to be released): the process starts in a fraction of a second and stays small.
 """
 
@@ -35,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-REFENCE_EVERY = 1.0  # while the deadline is past, look again this often: nothing may start meanwhile
+REFENCE_EVERY = 1.0  # while the deadline is past and the agent still names something, look again this often
 CLOSE_WAIT = 5.0  # seconds the agent waits for the watchdog to exit after its goodbye
 
 
@@ -75,6 +76,7 @@ class Watch:
     def __init__(self, services_dir: Path, podman: list[str], log):
         self.services_dir, self.podman, self.log = services_dir, podman, log
         self.deadline: float | None = None
+        self.services: set[str] = set()
         self.containers: set[str] = set()
         self.vips: set[str] = set()
         self.proc: subprocess.Popen | None = None
@@ -121,7 +123,8 @@ class Watch:
             self.log.warning("services watchdog could not be started again: %s", exc)
 
     def _state(self) -> None:
-        self._send({"deadline": self.deadline, "containers": sorted(self.containers), "vips": sorted(self.vips)})
+        self._send({"deadline": self.deadline, "services": sorted(self.services), "containers": sorted(self.containers),
+                    "vips": sorted(self.vips)})
 
     def pet(self, deadline: float) -> None:
         """The lease now lasts until `deadline` (time.monotonic()); only a later deadline is kept."""
@@ -130,7 +133,8 @@ class Watch:
             self._state()
 
     def add(self, kind: str, item: str) -> None:
-        """Before a container starts or an address is claimed ('containers' or 'vips')."""
+        """Before an instance or a container starts, or an address is claimed ('services', 'containers',
+        'vips')."""
         with self._lock:
             getattr(self, kind).add(item)
             self._state()
@@ -181,6 +185,7 @@ class Fence:
         self.services_dir: Path | None = None
         self.podman: list[str] = []
         self.deadline: float | None = None
+        self.services: list[str] = []
         self.containers: list[str] = []
         self.vips: list[str] = []
         self.bye = False
@@ -195,11 +200,16 @@ class Fence:
             self.services_dir, self.podman = Path(doc["services_dir"]), list(doc.get("podman") or [])
         if "deadline" in doc:
             self.deadline = doc["deadline"]
+            self.services = list(doc.get("services") or [])
             self.containers, self.vips = list(doc.get("containers") or []), list(doc.get("vips") or [])
         self.bye = self.bye or bool(doc.get("bye"))
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+    def armed(self) -> bool:
+        """Whether the agent named anything that may run here (else a passed deadline needs no scan)."""
+        return bool(self.services or self.containers or self.vips)
 
     def fence(self, why: str, recheck=lambda: True) -> None:
         """Kill every service process (`recheck()` is asked between finding and killing them: a renewal that
@@ -230,7 +240,8 @@ class Fence:
                 done.append(f"could not kill container {name}: {exc}")
         if killed or done:
             say(f"{why}: killed {len(killed)} service processes" + "".join(f"; {d}" for d in done))
-            self.vips, self.containers = [], []
+        # done until the agent names something again (it re-sends its whole state with every message)
+        self.services, self.containers, self.vips = [], [], []
 
 
 def run(stdin_fd: int = 0) -> int:
@@ -258,10 +269,12 @@ def run(stdin_fd: int = 0) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         now = time.monotonic()
-        if fence.deadline is None or now < fence.deadline:
-            wait = 3600.0 if fence.deadline is None else fence.deadline - now
-        else:
+        if fence.deadline is not None and now < fence.deadline:
+            wait = fence.deadline - now
+        elif fence.expired(now) and fence.armed():
             wait = max(0.0, last_fence + REFENCE_EVERY - now)
+        else:  # no lease yet, or nothing named: only a message of the agent's changes anything
+            wait = 3600.0
         if not read_available(wait):
             if not fence.bye:
                 fence.fence("the agent ended without stopping its services")
@@ -269,7 +282,7 @@ def run(stdin_fd: int = 0) -> int:
         if fence.bye:
             return 0
         now = time.monotonic()
-        if fence.expired(now) and now - last_fence >= REFENCE_EVERY - 0.01:
+        if fence.expired(now) and fence.armed() and now - last_fence >= REFENCE_EVERY - 0.01:
             last_fence = now
             late = now - fence.deadline
 
