@@ -48,6 +48,9 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 def cmd_agent(args) -> int:
     limit_malloc_arenas()  # first, before the agent starts any thread
     from cortex.node import agent, logs
+    from cortex.security import tls
+
+    tls.ISSUE_IN_SUBPROCESS = True  # cryptography stays out of the long-running process (tls.py)
 
     cfg = _checked_config(args.config, "cortex agent")
     if cfg is None:

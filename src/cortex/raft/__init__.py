@@ -9,6 +9,13 @@ import socket
 # netlink address with socket.inet_ntop, so after pysyncobj loaded, the agent's address discovery, the
 # netboot network checks and the floating addresses all broke. Every pysyncobj import in Cortex goes through
 # this package, so loading pysyncobj here once and putting the C function back keeps the process whole.
+import sys  # noqa: E402
+
+from cortex.raft import encryptor as _encryptor  # noqa: E402
+
+# pysyncobj would import cryptography as it loads (encryptor.py says why not): its encryptor module is ours.
+sys.modules.setdefault("pysyncobj.encryptor", _encryptor)
+
 import pysyncobj  # noqa: E402,F401
 
 socket.inet_ntop = _socket.inet_ntop
