@@ -16,12 +16,16 @@ LAZY = ("jsonschema", "jinja2", "kubernetes", "mcp", "starlette", "uvicorn", "py
         # issuing and signing only (tls.py runs them in a subprocess in the agent); Sentinel writes /metrics itself
         "cryptography", "prometheus_client")
 # standard-library modules only downloads (updates) and the netboot HTTP service use
-LAZY_MODULES = ("urllib.request", "http.server", "cortex.netboot.service")
+LAZY_MODULES = ("urllib.request", "http.server", "cortex.netboot.service",
+                # the commands of plugins (entry points): `cortex agent` parses its arguments without them
+                "cortex.tasks.cli", "cortex.kube.cli", "cortex.builtin.access_cli")
 
 PROBE = """
 import json, sys
 import cortex.cli.main, cortex.node.agent, cortex.sentinel.metrics, cortex.update.releases
 import cortex.security.rotation_driver
+from cortex.cli.main import parser_for
+assert parser_for(["agent", "--config", "c.yaml"]).parse_args(["agent", "--config", "c.yaml"]).config == "c.yaml"
 from cortex.config import PluginSettings
 from cortex.plugins import host
 from cortex.raft.keys import RotatingEncryptor
