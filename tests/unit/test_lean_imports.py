@@ -17,6 +17,8 @@ LAZY = ("jsonschema", "jinja2", "kubernetes", "mcp", "starlette", "uvicorn", "py
         "cryptography", "prometheus_client")
 # standard-library modules only downloads (updates) and the netboot HTTP service use
 LAZY_MODULES = ("urllib.request", "http.server", "cortex.netboot.service",
+                # entry points are read by cortex.entrypoints: importlib.metadata brings email, zipfile, csv
+                "importlib.metadata", "email",
                 # the commands of plugins (entry points): `cortex agent` parses its arguments without them
                 "cortex.tasks.cli", "cortex.kube.cli", "cortex.builtin.access_cli")
 
