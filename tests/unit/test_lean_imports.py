@@ -19,6 +19,8 @@ LAZY = ("jsonschema", "jinja2", "kubernetes", "mcp", "starlette", "uvicorn", "py
 LAZY_MODULES = ("urllib.request", "http.server", "cortex.netboot.service",
                 # entry points are read by cortex.entrypoints: importlib.metadata brings email, zipfile, csv
                 "importlib.metadata", "email",
+                # protobuf's JSON, for the status tools and the CLI's --json only
+                "google.protobuf.json_format",
                 # the commands of plugins (entry points): `cortex agent` parses its arguments without them
                 "cortex.tasks.cli", "cortex.kube.cli", "cortex.builtin.access_cli")
 
