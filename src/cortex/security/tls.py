@@ -128,10 +128,9 @@ def _issuing(fn):
 def _in_subprocess(name: str, args: tuple, kwargs: dict):
     request = json.dumps({"call": name, "args": _encode(list(args)),
                           "kwargs": {k: _encode(v) for k, v in kwargs.items()}})
-    env = {**os.environ, "CORTEX_CERT_DAYS": str(cert_lifetime_days())}
-    try:
+    try:  # the environment goes along: CORTEX_CERT_DAYS, the interpreter's paths
         done = subprocess.run([sys.executable, "-m", "cortex.security.issuer"], input=request.encode(),
-                              capture_output=True, timeout=ISSUE_TIMEOUT, env=env, check=False)
+                              capture_output=True, timeout=ISSUE_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise TLSError(f"{name}: the issuer process failed: {exc}") from None
     try:
@@ -395,10 +394,18 @@ def key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
     import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    with _memory_file(cert_pem) as cert_path, _memory_file(key_pem) as key_path:
+    try:
+        with _memory_file(cert_pem) as cert_path, _memory_file(key_pem) as key_path:
+            try:
+                context.load_cert_chain(cert_path, key_path)
+            except (ssl.SSLError, ValueError):
+                return False
+    except OSError:  # no memfd_create (an old kernel, a stricter seccomp filter): the same check by cryptography
+        x509, *_ = _crypto()
         try:
-            context.load_cert_chain(cert_path, key_path)
-        except (ssl.SSLError, ValueError):
+            public = x509.load_pem_x509_certificate(cert_pem).public_key().public_numbers()
+            return public == _load_key(key_pem).public_key().public_numbers()
+        except (ValueError, TypeError, AttributeError):
             return False
     return True
 
