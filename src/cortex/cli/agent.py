@@ -23,8 +23,9 @@ def _checked_config(path: str, prefix: str):
 
 
 # glibc gives each thread that allocates its own malloc arena (up to 8 per core), each keeping its freed memory
-# for itself: with ~40 threads (gRPC pools, Raft, plugins) an idle agent held a few MB more than with two arenas,
-# and its allocation rate is far too low for arena contention to matter. Set here, in the agent, rather than in
+# for itself: with ~40 threads (gRPC pools, Raft, plugins) an idle agent held a MB or two more than with two
+# arenas. Two, not one: with one, the leader spent about a third more CPU per write (python -m bench.writepath),
+# most threads allocating under the GIL but gRPC's core threads beside them. Set here, in the agent, rather than in
 # each launcher (systemd units, `cortex node install`, ansible, `cortex dev up`, tests): one place, every way the
 # agent runs. An operator's own MALLOC_ARENA_MAX (or glibc tunable) wins.
 MALLOC_ARENAS = 2
