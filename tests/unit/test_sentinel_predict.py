@@ -325,3 +325,50 @@ def test_the_plugin_started_again_after_a_stop_collects_and_answers_history(tmp_
         wait_until(lambda: points() >= first + 2, 30, "readings after the start again", interval=0.05)
     finally:
         plugin.stop()
+
+
+def test_metrics_page_is_prometheus_text_and_only_served_at_its_path(tmp_path):
+    """/metrics as a Prometheus scraper reads it (prometheus_client's own parser here, in the test only), with a
+    target that needs escaping; other paths are 404, other methods 405, HEAD has no body."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cortex.core.events import EventBus
+    from cortex.plugins.api import PluginContext
+    from cortex.sentinel.metrics import MetricsServer
+    from cortex.sentinel.plugin import SentinelPlugin
+
+    odd = '/data "a\\b"'
+    options = {"interval": 10.0, "evaluate_every": 30.0, "watch_paths": [odd], "proc_root": str(tmp_path / "p"),
+               "sys_root": str(tmp_path / "s"), "smartctl": "", "metrics_port": 0}
+    plugin = SentinelPlugin(PluginContext("sentinel", options, None, EventBus(), tmp_path / "data", logging.getLogger("t")))
+    plugin.init()
+    plugin.collector.statvfs = lambda path: os.statvfs_result((4096, 4096, 100_000, 25_000, 25_000, 0, 0, 0, 0, 255))
+    server = None
+    try:
+        plugin.collect_once(T0, cluster_signals=False)
+        plugin.evaluate(T0)
+        server = MetricsServer(plugin, "127.0.0.1", 0)
+        url = f"http://{server.address}"
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+            assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+            text = resp.read().decode()
+        samples = {(s.name, s.labels.get("target", "")): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        assert samples[("cortex_sentinel_score", "")] == plugin.assessment["score"]
+        assert samples[("cortex_sentinel_disk_avail_bytes", odd)] == 25_000 * 4096
+        assert 'cortex_sentinel_score{node="local"} ' in text
+        head = urllib.request.Request(f"{url}/metrics", method="HEAD")
+        with urllib.request.urlopen(head, timeout=10) as resp:
+            assert resp.status == 200 and resp.read() == b""
+        for request, status in ((f"{url}/other", 404), (urllib.request.Request(f"{url}/metrics", b"x"), 405)):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(request, timeout=10)
+            assert err.value.code == status
+    finally:
+        if server is not None:
+            server.close()
+        plugin.stop()

@@ -253,3 +253,32 @@ def test_many_reading_threads_share_a_few_connections(tmp_path: Path):
             t.join(30)
     store.close()
     assert open_db_files() == before - 1  # the writer and the idle readers are closed with the store
+
+
+def test_read_connections_beyond_a_few_are_closed_once_unused(tmp_path: Path, monkeypatch):
+    """After a burst of concurrent reads the pool shrinks back to KEEP_READERS: the connections unused for
+    READER_IDLE_SECONDS (here: any age) are closed as a later read ends; each held schema and page cache.
+    (Counted as closed connections: SQLite keeps a closed connection's file descriptor until the writer's
+    lock on the file goes, so the descriptors say nothing here.)"""
+    import contextlib
+    import sqlite3
+
+    from cortex.core import state
+
+    def closed(db) -> bool:
+        try:
+            db.execute("SELECT 1")
+            return False
+        except sqlite3.ProgrammingError:
+            return True
+
+    store = StateStore(tmp_path / "s.db")
+    store.apply(2, env("kv.put", {"key": "a", "value": "1"}))
+    with contextlib.ExitStack() as burst:  # six reads at once: six connections
+        opened = [burst.enter_context(store.reading()) for _ in range(6)]
+    assert len(set(map(id, opened))) == 6 and not any(map(closed, opened))  # kept: they may be wanted soon
+    monkeypatch.setattr(state, "READER_IDLE_SECONDS", -1.0)
+    assert store.query("kv.get", {"key": "a"})["value"] == "1"
+    assert sum(map(closed, opened)) == 6 - state.KEEP_READERS
+    store.close()
+    assert all(map(closed, opened))

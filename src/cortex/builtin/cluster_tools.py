@@ -15,8 +15,6 @@ import time
 import uuid
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
 from cortex.builtin import alerts
 from cortex.core import domain
@@ -61,6 +59,8 @@ def _schema(properties: dict | None = None, required: tuple[str, ...] = ()) -> d
 
 
 def _proto_dict(message) -> dict:
+    from google.protobuf.json_format import MessageToDict  # on a call: the agent loads this module idle
+
     return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 

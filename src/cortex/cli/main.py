@@ -11,23 +11,25 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-from importlib.metadata import entry_points
 
 from cortex.cli import agent, dev, kv, lifecycle, nodes, status, token
 from cortex.cli.output import UsageError, common_options
 from cortex.cli.registry import ENTRY_POINT_GROUP, CommandRegistry
+from cortex.entrypoints import entry_points
 
 # The core commands, in the order `cortex --help` lists them; everything else comes from entry points.
 CORE = (agent, lifecycle, status, nodes, kv, token, dev)
 
 
-def build_parser(builtin_only: bool = False) -> argparse.ArgumentParser:
+def build_parser(builtin_only: bool = False, core_only: bool = False) -> argparse.ArgumentParser:
     """The whole `cortex` parser; `builtin_only` leaves out commands of other installed packages (the
-    generated reference documents Cortex's own)."""
+    generated reference documents Cortex's own), `core_only` every command from an entry point."""
     parser = argparse.ArgumentParser(prog="cortex", description=__doc__, parents=[common_options(defaults=True)])
     commands = CommandRegistry(parser.add_subparsers(dest="command", required=True), common_options(defaults=False))
     for module in CORE:
         module.register(commands)
+    if core_only:
+        return parser
     # by name, so the tree (and the generated reference) is the same whatever order packages were installed in
     for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
         if builtin_only and not entry.value.startswith("cortex."):
@@ -37,6 +39,12 @@ def build_parser(builtin_only: bool = False) -> argparse.ArgumentParser:
         except Exception as exc:  # one broken extension must not take the whole CLI down
             print(f"cortex: commands from {entry.name} ({entry.value}) not loaded: {exc}", file=sys.stderr)
     return parser
+
+
+def parser_for(argv: list[str]) -> argparse.ArgumentParser:
+    """`cortex agent` needs none of the entry points' commands: loading them (each plugin's CLI module and its
+    parsers) would keep about 1.5 MB in the daemon for its whole life."""
+    return build_parser(core_only=argv[:1] == ["agent"])
 
 
 def error_hint(exc, args) -> str:
@@ -53,7 +61,8 @@ def error_hint(exc, args) -> str:
 def main(argv: list[str] | None = None) -> int:
     from cortex.client import CortexError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser_for(argv).parse_args(argv)
     try:
         return args.fn(args)
     except UsageError as exc:

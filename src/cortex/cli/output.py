@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
 from cortex.core.args import READ_LEVELS
 
 DEFAULT_ADDR = "127.0.0.1:7400"
@@ -131,6 +129,8 @@ def plugins_stub(target: str):
 # --- the cluster's view of its nodes, shared by `status` and `nodes` ------------------------------------------
 
 def status_dict(status) -> dict:
+    from google.protobuf.json_format import MessageToDict  # on a call: the agent loads this module idle
+
     return MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 

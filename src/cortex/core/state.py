@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,11 @@ log = logging.getLogger("cortex.state")
 
 REQUEST_RETENTION = 100_000  # idempotency keys are remembered for this many log entries
 MAX_IDLE_READERS = 8  # read connections kept open between reads (more may be open while reads run)
+# Beyond the first KEEP_READERS, a connection unused for READER_IDLE_SECONDS is closed when a read ends: after
+# a burst (joins, a load test) the pool shrinks back, where each extra connection held ~0.4 MB of schema and
+# page cache for as long as the server idled. Opening one again costs well under a millisecond.
+KEEP_READERS = 2
+READER_IDLE_SECONDS = 5.0
 
 
 def state_tables() -> tuple[str, ...]:
@@ -50,8 +56,9 @@ class StateStore:
         self._local = threading.local()
         # Read connections are shared, not one per thread: each holds its own copy of the schema (~0.5 MB with
         # every domain's tables) and up to 2 MB of page cache, and a server runs dozens of threads that read now
-        # and then. Idle connections wait here, most recently used last; a query takes one or opens one.
-        self._readers: list[sqlite3.Connection] = []
+        # and then. Idle connections wait here with when each was last put back, most recently used last; a
+        # query takes the last one (so the first ones age) or opens one.
+        self._readers: list[tuple[sqlite3.Connection, float]] = []
         self._readers_lock = threading.Lock()
         self._closed = False
         self._listener = listener  # told (event type, data, index) after each commit
@@ -81,24 +88,28 @@ class StateStore:
     def reading(self):
         """A read-only connection for one read; at most MAX_IDLE_READERS stay open between reads."""
         with self._readers_lock:
-            db = self._readers.pop() if self._readers else None
+            db = self._readers.pop()[0] if self._readers else None
         if db is None:
             db = open_reader(self.path)
         try:
             yield db
         finally:
+            now = time.monotonic()
+            stale = []
             with self._readers_lock:
                 if not self._closed and len(self._readers) < MAX_IDLE_READERS:
-                    self._readers.append(db)
+                    self._readers.append((db, now))
                     db = None
-            if db is not None:
-                db.close()
+                while len(self._readers) > KEEP_READERS and self._readers[0][1] < now - READER_IDLE_SECONDS:
+                    stale.append(self._readers.pop(0)[0])
+            for old in stale + ([db] if db is not None else []):
+                old.close()
 
     def close(self) -> None:
         with self._readers_lock:
             self._closed = True
             readers, self._readers = self._readers, []
-        for db in readers:
+        for db, _ in readers:
             db.close()
         with self._write_lock:
             self._db.close()

@@ -3,6 +3,12 @@ proposals into committed log entries and hands each to the core store; it knows 
 
 import _socket
 import socket
+import sys
+
+from cortex.raft import encryptor as _encryptor
+
+# pysyncobj would import cryptography as it loads (encryptor.py says why not): its encryptor module is ours.
+sys.modules.setdefault("pysyncobj.encryptor", _encryptor)
 
 # pysyncobj's win_inet_pton module replaces socket.inet_ntop on every platform (only its inet_pton is
 # guarded by `os.name == "nt"`) with a Windows-only function that raises on Linux. pyroute2 decodes every

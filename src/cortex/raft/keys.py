@@ -18,9 +18,12 @@ import base64
 import hashlib
 import hmac
 import threading
+from typing import TYPE_CHECKING
 
-from cryptography.fernet import Fernet, InvalidToken
 from pysyncobj.encryptor import getEncryptor
+
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet
 
 LOOKAHEAD = 3  # generations accepted ahead of the current one
 
@@ -28,12 +31,17 @@ LOOKAHEAD = 3  # generations accepted ahead of the current one
 def derive(base_secret: str, ca_key_pem: bytes, generation: int) -> Fernet:
     if generation == 0 or not ca_key_pem:
         return getEncryptor(base_secret)
+    from cryptography.fernet import Fernet
+
     digest = hmac.new(ca_key_pem, f"cortex raft secret {generation}".encode(), hashlib.sha256).digest()
     return Fernet(base64.urlsafe_b64encode(digest))
 
 
 class RotatingEncryptor:
-    """What pysyncobj calls on each connection: encrypt_at_time, extract_timestamp, decrypt."""
+    """What pysyncobj calls on each connection: encrypt_at_time, extract_timestamp, decrypt.
+
+    Keys are derived on first use: only the password transport encrypts with them, and on mutual TLS (every
+    cluster begun on this version) deriving them would load cryptography into the agent for nothing."""
 
     def __init__(self, base_secret: str, ca_key_pem: bytes, generation: int = 0):
         self._base, self._ca_key = base_secret, ca_key_pem
@@ -69,17 +77,26 @@ class RotatingEncryptor:
             if generation == self.generation:
                 return False
             accepted = [generation, generation - 1] + [generation + i for i in range(1, LOOKAHEAD + 1)]
-            self._accept = [self._key(g) for g in accepted if g >= 0]
-            self._primary = self._accept[0]
+            self._accepted = [g for g in accepted if g >= 0]
+            self._accept: list[Fernet] | None = None  # derived by _keys_in_use
             self._keys = {g: k for g, k in self._keys.items() if g in accepted}
             self.generation = generation
             return True
 
+    def _keys_in_use(self) -> list[Fernet]:
+        """The accepted keys, the current generation's first."""
+        with self._lock:
+            if self._accept is None:
+                self._accept = [self._key(g) for g in self._accepted]
+            return self._accept
+
     def encrypt_at_time(self, data: bytes, current_time: int) -> bytes:
-        return self._primary.encrypt_at_time(data, current_time)
+        return self._keys_in_use()[0].encrypt_at_time(data, current_time)
 
     def _first(self, op: str, token: bytes):
-        for key in list(self._accept):
+        from cryptography.fernet import InvalidToken
+
+        for key in self._keys_in_use():
             try:
                 return getattr(key, op)(token)
             except InvalidToken:

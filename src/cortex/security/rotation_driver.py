@@ -12,11 +12,13 @@ import base64
 import hashlib
 import hmac
 import logging
-
-from cryptography.fernet import Fernet, InvalidToken
+from typing import TYPE_CHECKING
 
 from cortex.security import tls
 from cortex.security.ca_rotation import NEXT, pending
+
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet
 
 log = logging.getLogger("cortex.ca_rotation")
 
@@ -26,6 +28,8 @@ RAFT_FILE = "ca-rotation-raft-generation"  # servers, during a rotation: G, the 
 # --- the new CA's key, for servers only ---------------------------------------------------------------------
 
 def _wrapping_key(ca_key_pem: bytes, rot_id: str) -> Fernet:
+    from cryptography.fernet import Fernet  # only during a CA rotation: the idle agent does without
+
     digest = hmac.new(ca_key_pem, f"cortex ca rotation {rot_id}".encode(), hashlib.sha256).digest()
     return Fernet(base64.urlsafe_b64encode(digest))
 
@@ -35,6 +39,8 @@ def wrap_key(old_ca_key: bytes, rot_id: str, new_key: bytes) -> str:
 
 
 def unwrap_key(ca_key: bytes, rot_id: str, key_enc: str) -> bytes | None:
+    from cryptography.fernet import InvalidToken
+
     try:
         return _wrapping_key(ca_key, rot_id).decrypt(key_enc.encode())
     except InvalidToken:

@@ -15,24 +15,37 @@ every call between nodes), admin.crt/admin.key (servers: an admin client certifi
 CLI), enroll.crt/enroll.key (signed by the CA, serverAuth only; the enrollment listener where
 not-yet-certified nodes join, checked against the CA pin in their token).
 Everything here is pure except the file helpers at the bottom.
+
+What the agent reads on every RPC and at start (who a certificate names, when it was issued and expires, the
+CA pin, whether a key matches its certificate) needs no cryptography package (der.py; the ssl module's OpenSSL
+for the key check). Issuing and signing do. The agent sets ISSUE_IN_SUBPROCESS: then they run in a short-lived
+`python -m cortex.security.issuer`, so cryptography (about 11 MB resident once imported, never given back)
+stays out of the long-running process; issuance is rare (joins, renewals, rotations) and takes a few hundred
+ms more. A process that has cryptography loaded anyway (the CLI, tests) calls them in-process.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import datetime
 import functools
+import hashlib
 import ipaddress
+import json
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from cortex.core import durable
+from cortex.security import der
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 TLS_DIR = "tls"
 SERVER_NAME = "cortex"  # the DNS SAN every certificate carries and every client verifies
@@ -60,6 +73,76 @@ class Peer:
     cluster_id: str
 
 
+# Set by the agent (cli/agent.py): issue and sign in a subprocess unless cryptography is loaded already.
+ISSUE_IN_SUBPROCESS = False
+ISSUE_TIMEOUT = 60.0  # seconds for one issuance in the subprocess (an interpreter start and one signature)
+
+
+def _crypto():
+    """The cryptography names issuance uses, imported on first use (see the module notes)."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    return x509, InvalidSignature, hashes, serialization, ec, NameOID
+
+
+def _encode(value):
+    if isinstance(value, bytes):
+        return {"b": base64.b64encode(value).decode()}
+    if isinstance(value, datetime.datetime):
+        return {"t": value.isoformat()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict) and "b" in value:
+        return base64.b64decode(value["b"])
+    if isinstance(value, dict) and "t" in value:
+        return datetime.datetime.fromisoformat(value["t"])
+    if isinstance(value, list):
+        return tuple(_decode(v) for v in value)
+    return value
+
+
+ISSUING: dict[str, object] = {}  # name -> the in-process function (what the subprocess runs)
+
+
+def _issuing(fn):
+    """Runs `fn` in `python -m cortex.security.issuer` when ISSUE_IN_SUBPROCESS and cryptography is not loaded."""
+    ISSUING[fn.__name__] = fn
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not ISSUE_IN_SUBPROCESS or "cryptography.x509" in sys.modules:
+            return fn(*args, **kwargs)
+        return _in_subprocess(fn.__name__, args, kwargs)
+
+    return wrapper
+
+
+def _in_subprocess(name: str, args: tuple, kwargs: dict):
+    request = json.dumps({"call": name, "args": _encode(list(args)),
+                          "kwargs": {k: _encode(v) for k, v in kwargs.items()}})
+    try:  # the environment goes along: CORTEX_CERT_DAYS, the interpreter's paths
+        done = subprocess.run([sys.executable, "-m", "cortex.security.issuer"], input=request.encode(),
+                              capture_output=True, timeout=ISSUE_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TLSError(f"{name}: the issuer process failed: {exc}") from None
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        raise TLSError(f"{name}: the issuer process exited {done.returncode}: "
+                       f"{done.stderr.decode(errors='replace').strip()[-500:]}") from None
+    if "error" in answer:
+        raise (ValueError if answer["error"] == "ValueError" else TLSError)(answer["message"])
+    return _decode(answer["result"])
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -72,18 +155,23 @@ def cert_lifetime_days() -> float:
         return DEFAULT_CERT_DAYS
 
 
+@_issuing
 def new_key_pem() -> bytes:
+    x509, _, hashes, serialization, ec, NameOID = _crypto()
     key = ec.generate_private_key(ec.SECP256R1())
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def _load_key(key_pem: bytes):
+    x509, _, hashes, serialization, ec, NameOID = _crypto()
     return serialization.load_pem_private_key(key_pem, password=None)
 
 
+@_issuing
 def new_ca(cluster_id: str) -> tuple[bytes, bytes]:
     """A new cluster CA: (certificate PEM, key PEM)."""
+    x509, _, hashes, serialization, ec, NameOID = _crypto()
     key_pem = new_key_pem()
     key = _load_key(key_pem)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"cortex cluster CA {cluster_id}"),
@@ -103,17 +191,21 @@ def new_ca(cluster_id: str) -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
+@_issuing
 def new_csr(key_pem: bytes, name: str) -> bytes:
     """A certificate signing request for `name`; the signer decides the role and cluster, not the requester."""
+    x509, _, hashes, serialization, ec, NameOID = _crypto()
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
            .sign(_load_key(key_pem), hashes.SHA256()))
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+@_issuing
 def sign(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, name: str, role: str, cluster_id: str,
          days: float | None = None, now: datetime.datetime | None = None) -> bytes:
     """Sign a CSR as `name` with `role` in `cluster_id`. The CSR only contributes its public key."""
+    x509, _, hashes, serialization, ec, NameOID = _crypto()
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError as exc:
@@ -127,6 +219,7 @@ def sign(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, name: str, role:
 
 def _issue(ca_cert_pem: bytes, ca_key_pem: bytes, public_key, name: str, role: str, cluster_id: str,
            days: float | None, now: datetime.datetime | None) -> bytes:
+    x509, _, hashes, serialization, ec, NameOID = _crypto()
     if role not in NODE_ROLES + CLIENT_ROLES:
         raise TLSError(f"unknown role {role!r}")
     ca = x509.load_pem_x509_certificate(ca_cert_pem)
@@ -153,6 +246,7 @@ def _issue(ca_cert_pem: bytes, ca_key_pem: bytes, public_key, name: str, role: s
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+@_issuing
 def issue(ca_cert_pem: bytes, ca_key_pem: bytes, name: str, role: str, cluster_id: str,
           days: float | None = None, now: datetime.datetime | None = None) -> tuple[bytes, bytes]:
     """A fresh key and its certificate, signed here (admin client certificates): (cert PEM, key PEM)."""
@@ -161,8 +255,10 @@ def issue(ca_cert_pem: bytes, ca_key_pem: bytes, name: str, role: str, cluster_i
     return cert, key_pem
 
 
+@_issuing
 def self_signed(name: str = ENROLL_NAME, days: float = 365.0) -> tuple[bytes, bytes]:
     """The enrollment listener's certificate: it proves nothing (the joiner has no CA yet), it encrypts."""
+    x509, _, hashes, serialization, ec, NameOID = _crypto()
     key_pem = new_key_pem()
     key = _load_key(key_pem)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -177,10 +273,12 @@ def self_signed(name: str = ENROLL_NAME, days: float = 365.0) -> tuple[bytes, by
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
+@_issuing
 def issue_enrollment(ca_cert_pem: bytes, ca_key_pem: bytes, days: float = 365.0) -> tuple[bytes, bytes]:
     """The enrollment listener's certificate, signed by the cluster CA: a joiner that pins the CA (the hash
     in its token) can check the server before it sends its token. It names no cortex identity and is for
     server authentication only, so it can never act as a member's client certificate."""
+    x509, _, hashes, serialization, ec, NameOID = _crypto()
     key_pem = new_key_pem()
     key = _load_key(key_pem)
     ca = x509.load_pem_x509_certificate(ca_cert_pem)
@@ -200,7 +298,7 @@ def issue_enrollment(ca_cert_pem: bytes, ca_key_pem: bytes, days: float = 365.0)
 def split_pems(bundle: bytes) -> list[bytes]:
     """The certificates of a PEM bundle (ca.crt holds two while the CA is being rotated), each as PEM."""
     try:
-        return [c.public_bytes(serialization.Encoding.PEM) for c in x509.load_pem_x509_certificates(bundle)]
+        return [der.to_pem(der.Certificate(block).der) for block in der.pem_blocks(bundle)]
     except ValueError:
         return []
 
@@ -208,31 +306,28 @@ def split_pems(bundle: bytes) -> list[bytes]:
 def ca_pin(cert_pem: bytes) -> str:
     """SHA-256 (hex) of a CA certificate's DER SubjectPublicKeyInfo: the pin a join token carries, as
     kubeadm's --discovery-token-ca-cert-hash. For a bundle: the first certificate (the signing CA)."""
-    spki = x509.load_pem_x509_certificate(cert_pem).public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashes_sha256(spki)
+    return hashes_sha256(der.load_pem(cert_pem).spki)
 
 
 def hashes_sha256(data: bytes) -> str:
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(data)
-    return digest.finalize().hex()
+    return hashlib.sha256(data).hexdigest()
 
 
 def is_ca(cert_pem: bytes) -> bool:
     try:
-        bc = x509.load_pem_x509_certificate(cert_pem).extensions.get_extension_for_class(x509.BasicConstraints)
-    except (ValueError, x509.ExtensionNotFound):
+        return der.load_pem(cert_pem).is_ca()
+    except ValueError:
         return False
-    return bc.value.ca
 
 
+@_issuing
 def issued_by(cert_pem: bytes, ca_pem: bytes) -> bool:
     """Whether `ca_pem` signed `cert_pem` (signature and issuer name; validity is the TLS stack's job)."""
+    x509, invalid_signature, *_ = _crypto()
     try:
         x509.load_pem_x509_certificate(cert_pem).verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
         return True
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, invalid_signature):
         return False
 
 
@@ -247,12 +342,11 @@ CERT_CACHE = 16_384
 def peer_of(cert_pem: bytes) -> Peer | None:
     """The holder a certificate names (None when it names none). Cached: called on every RPC."""
     try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
+        uris = der.load_pem(cert_pem).san_uris()
+    except (ValueError, UnicodeDecodeError):
         return None
     values: dict[str, str] = {}
-    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+    for uri in uris:
         if uri.startswith(_URI_PREFIX):
             kind, _, value = uri[len(_URI_PREFIX):].partition("/")
             values[kind] = value
@@ -265,27 +359,55 @@ def peer_of(cert_pem: bytes) -> Peer | None:
 def issued_at(cert_pem: bytes) -> float:
     """When the signer issued the certificate (unix seconds): its not-before plus the backdating. Cached:
     the revocation check (revocation.py) reads it on every RPC."""
-    return (x509.load_pem_x509_certificate(cert_pem).not_valid_before_utc + BACKDATE).timestamp()
+    return (der.load_pem(cert_pem).not_before + BACKDATE).timestamp()
 
 
 def not_after(cert_pem: bytes) -> datetime.datetime:
-    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+    return der.load_pem(cert_pem).not_after
 
 
 def needs_renewal(cert_pem: bytes, now: datetime.datetime | None = None) -> bool:
-    cert = x509.load_pem_x509_certificate(cert_pem)
+    cert = der.load_pem(cert_pem)
     now = now or _now()
-    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc - BACKDATE
-    return cert.not_valid_after_utc - now < lifetime * RENEW_AT_REMAINING
+    lifetime = cert.not_after - cert.not_before - BACKDATE
+    return cert.not_after - now < lifetime * RENEW_AT_REMAINING
 
 
 def fingerprint(cert_pem: bytes) -> str:
-    return x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA256()).hex()
+    return hashlib.sha256(der.load_pem(cert_pem).der).hexdigest()
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    """A path to `data` that never touches a disk (the ssl module loads keys from paths only)."""
+    fd = os.memfd_create("cortex-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
-    pub = x509.load_pem_x509_certificate(cert_pem).public_key()
-    return pub.public_numbers() == _load_key(key_pem).public_key().public_numbers()
+    """Whether `key_pem` is the private key of (the first certificate of) `cert_pem`: OpenSSL's own check,
+    through the ssl module the Raft transport loads anyway. Unreadable input does not match."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        with _memory_file(cert_pem) as cert_path, _memory_file(key_pem) as key_path:
+            try:
+                context.load_cert_chain(cert_path, key_path)
+            except (ssl.SSLError, ValueError):
+                return False
+    except OSError:  # no memfd_create (an old kernel, a stricter seccomp filter): the same check by cryptography
+        x509, *_ = _crypto()
+        try:
+            public = x509.load_pem_x509_certificate(cert_pem).public_key().public_numbers()
+            return public == _load_key(key_pem).public_key().public_numbers()
+        except (ValueError, TypeError, AttributeError):
+            return False
+    return True
 
 
 # --- files ------------------------------------------------------------------------------------------------

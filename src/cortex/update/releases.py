@@ -26,10 +26,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+if TYPE_CHECKING:  # imported where keys are made or checked: the agent loads this module, rarely updates
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 VERSION_RE = re.compile(r"^\d+(\.\d+){1,5}$")
 CHANNEL_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
@@ -57,6 +57,9 @@ def generate_key(private_path: Path) -> str:
     """Create a publisher key (PEM, mode 0600); return the public key to trust, as `ed25519:<base64>`."""
     if private_path.exists():
         raise UpdateError(f"{private_path} exists; refusing to overwrite a signing key")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     private_path.parent.mkdir(parents=True, exist_ok=True)
     private_path.touch(mode=0o600)
@@ -66,11 +69,16 @@ def generate_key(private_path: Path) -> str:
 
 
 def public_key_text(public: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return "ed25519:" + base64.b64encode(raw).decode()
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError) as exc:
@@ -84,6 +92,8 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 def load_public_key(text: str) -> Ed25519PublicKey:
     if not text.startswith("ed25519:"):
         raise UpdateError(f"trusted key {text[:20]!r}... must look like ed25519:<base64>")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         return Ed25519PublicKey.from_public_bytes(base64.b64decode(text.removeprefix("ed25519:"), validate=True))
     except ValueError as exc:
@@ -192,6 +202,8 @@ def verify_signature(release_dir: Path, trusted: list[str]) -> bytes:
             from None
     if not trusted:
         raise UpdateError("no trusted publisher keys configured (plugins.updater.trusted_keys); refusing unsigned trust")
+    from cryptography.exceptions import InvalidSignature
+
     for key_text in trusted:
         try:
             load_public_key(key_text).verify(signature, sums)
