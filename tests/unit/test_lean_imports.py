@@ -17,8 +17,6 @@ LAZY = ("jsonschema", "jinja2", "kubernetes", "mcp", "starlette", "uvicorn", "py
         "cryptography", "prometheus_client")
 # standard-library modules only downloads (updates) and the netboot HTTP service use
 LAZY_MODULES = ("urllib.request", "http.server", "cortex.netboot.service",
-                # entry points are read by cortex.entrypoints: importlib.metadata brings email, zipfile, csv
-                "importlib.metadata", "email",
                 # protobuf's JSON, for the status tools and the CLI's --json only
                 "google.protobuf.json_format",
                 # the commands of plugins (entry points): `cortex agent` parses its arguments without them

@@ -107,30 +107,6 @@ def test_plugins_are_discovered_through_entry_points(installed):
     assert {"fails-init", "fails-start", "off-by-default"} <= set(found)
 
 
-def test_entry_points_read_without_importlib_metadata_are_the_same(installed):
-    """cortex.entrypoints beside importlib.metadata, with the test's distribution on sys.path and a copy of it
-    further down (the first of a name wins in both), for every group Cortex reads."""
-    import importlib.metadata
-    import shutil
-
-    from cortex import entrypoints
-
-    site = Path(sys.path[0])
-    shadow = site.parent / "shadow"
-    shutil.copytree(site / "greeter_plugin-1.0.dist-info", shadow / "Greeter.Plugin-2.0.dist-info")
-    (shadow / "Greeter.Plugin-2.0.dist-info" / "entry_points.txt").write_text("[cortex.plugins]\nshadowed = x:Y\n")
-    sys.path.append(str(shadow))
-    try:
-        for group in ("cortex.plugins", "cortex.cli", "cortex.executors", "cortex.fence_agents", "console_scripts"):
-            ours = [(ep.name, ep.value) for ep in entrypoints.entry_points(group=group)]
-            assert ours == [(ep.name, ep.value) for ep in importlib.metadata.entry_points(group=group)], group
-        assert "shadowed" not in discover()
-        greeter = [ep for ep in entrypoints.entry_points(group="cortex.plugins") if ep.name == "greeter"][0]
-        assert greeter.load().name == "greeter"
-    finally:
-        sys.path.remove(str(shadow))
-
-
 def test_failures_are_isolated_and_reported(installed, tmp_path: Path):
     host, bus = host_for("", tmp_path)
     host.load()

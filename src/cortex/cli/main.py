@@ -11,11 +11,11 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
+from importlib.metadata import entry_points
 
 from cortex.cli import agent, dev, kv, lifecycle, nodes, status, token
 from cortex.cli.output import UsageError, common_options
 from cortex.cli.registry import ENTRY_POINT_GROUP, CommandRegistry
-from cortex.entrypoints import entry_points
 
 # The core commands, in the order `cortex --help` lists them; everything else comes from entry points.
 CORE = (agent, lifecycle, status, nodes, kv, token, dev)

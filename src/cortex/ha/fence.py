@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from importlib.metadata import entry_points
 from typing import Protocol
 
 from cortex.config import Config, FenceTarget
-from cortex.entrypoints import entry_points
 
 ENTRY_POINT_GROUP = "cortex.fence_agents"
 log = logging.getLogger("cortex.ha")

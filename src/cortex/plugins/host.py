@@ -15,12 +15,12 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from cortex.config import PluginSettings
 from cortex.core.events import Event, EventBus
-from cortex.entrypoints import entry_points
 from cortex.plugins import quickcheck
 from cortex.plugins.api import (
     CALLER_ROLES,

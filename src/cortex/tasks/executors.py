@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import import_module
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from cortex.core.commands import CommandError
-from cortex.entrypoints import entry_points
 from cortex.tasks.executor import Executor, Outcome, TaskRun, TaskSpecError
 
 ENTRY_POINT_GROUP = "cortex.executors"
