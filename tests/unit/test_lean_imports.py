@@ -13,8 +13,8 @@ import sys
 
 # imported by a plugin only when its feature is used
 LAZY = ("jsonschema", "jinja2", "kubernetes", "mcp", "starlette", "uvicorn", "pydantic",
-        # issuing and signing only (tls.py runs them in a subprocess in the agent); Sentinel writes /metrics itself
-        "cryptography", "prometheus_client")
+        # issuing and signing only (tls.py runs them in a subprocess in the agent)
+        "cryptography")
 # standard-library modules only downloads (updates) and the netboot HTTP service use
 LAZY_MODULES = ("urllib.request", "http.server", "cortex.netboot.service",
                 # protobuf's JSON, for the status tools and the CLI's --json only
@@ -24,7 +24,7 @@ LAZY_MODULES = ("urllib.request", "http.server", "cortex.netboot.service",
 
 PROBE = """
 import json, sys
-import cortex.cli.main, cortex.node.agent, cortex.sentinel.metrics, cortex.update.releases
+import cortex.cli.main, cortex.node.agent, cortex.update.releases
 import cortex.security.rotation_driver
 from cortex.cli.main import parser_for
 assert parser_for(["agent", "--config", "c.yaml"]).parse_args(["agent", "--config", "c.yaml"]).config == "c.yaml"
