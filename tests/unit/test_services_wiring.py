@@ -99,7 +99,7 @@ class RecordingAddress:
         self.calls: list[tuple[str, str, str]] = []  # (call, address, service state at the time)
         self.inst = None
 
-    def claim(self, cidr: str, interface: str | None = None) -> str:
+    def claim(self, cidr: str, interface: str | None = None, probe: bool = True) -> str:
         self.calls.append(("claim", cidr, self.inst.state if self.inst else ""))
         return "eth0"
 
