@@ -168,16 +168,28 @@ class Namespaces:
         self.lab.close()
 
 
-def retry_move(move, node: str, timeout: float) -> dict:
-    """A takeover or giveback, asked again while it is refused: right after a start or a heal the node may
-    not be ready (alive, its lease renewed) yet, and the refusal says so."""
+def retry_move(target, move, node: str, holder: str, timeout: float) -> None:
+    """A takeover or giveback of `node`, asked again until `holder` holds the service: right after a start
+    or a heal the node may not be ready (alive, its lease renewed) yet, and the refusal says so; right after
+    an election the new leader may not know every server's level yet, and the error says so. An answer lost
+    after the move was made is seen in the service's holder."""
     deadline = time.monotonic() + timeout
+    last: object = None
     while True:
-        result = move(node)
-        if result.get("moved"):
-            return result
+        try:
+            result = move(node)
+            if result.get("moved"):
+                return
+            last = result.get("refused")
+        except Exception as exc:
+            last = exc
+        try:
+            if target.service()["holder"] == holder:
+                return
+        except Exception as exc:
+            last = exc
         if time.monotonic() > deadline:
-            raise RuntimeError(f"not moved: {result.get('refused')}")
+            raise RuntimeError(f"{node}: not moved to {holder}: {last}")
         time.sleep(1)
 
 
@@ -210,11 +222,11 @@ def run_trials(target, trials: int, progress) -> list[dict]:
         for i in range(trials):
             trial: dict = {"trial": i + 1}
             since = prober.mark()
-            retry_move(target.takeover, "w1", 60)
+            retry_move(target, target.takeover, "w1", "w2", 60)
             prober.wait_for("w2", 60)
             trial["takeover_planned_downtime_s"] = round(prober.longest_gap(since), 3)
             since = prober.mark()
-            retry_move(target.giveback, "w1", 60)
+            retry_move(target, target.giveback, "w1", "w1", 60)
             prober.wait_for("w1", 60)
             trial["giveback_downtime_s"] = round(prober.longest_gap(since), 3)
             trial["volume_lag_s"] = wait_lag(target, 60)
@@ -223,7 +235,7 @@ def run_trials(target, trials: int, progress) -> list[dict]:
             target.kill("w1")
             trial["takeover_unplanned_kill_s"] = round(prober.wait_for("w2", 120) - since, 3)
             target.restart("w1")
-            retry_move(target.giveback, "w1", 120)
+            retry_move(target, target.giveback, "w1", "w1", 120)
             prober.mark()
             prober.wait_for("w1", 60)
 
@@ -234,7 +246,7 @@ def run_trials(target, trials: int, progress) -> list[dict]:
                     trial["takeover_unplanned_partition_s"] = round(prober.wait_for("w2", 120) - since, 3)
                 finally:
                     target.heal("w1")
-                retry_move(target.giveback, "w1", 120)
+                retry_move(target, target.giveback, "w1", "w1", 120)
                 prober.mark()
                 prober.wait_for("w1", 60)
             out.append(trial)
