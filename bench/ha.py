@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    with Observer(NAME) as observer:
+    with Observer(NAME, directory) as observer:  # this run's agents only: others may run bench.ha too
         target = None
         try:
             target = Loopback(directory, args.base_port) if loopback else Namespaces(directory)
@@ -328,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
                 devcluster.down(directory)
     doubles = len(observer.double_runs())
     doc = summarise(records, doubles, trials, where, failed)
+    doc["double_run_samples"] = [[round(t - observer.samples[0][0], 2), sorted(nodes)]
+                                 for t, nodes in observer.double_runs()[:50]]  # seconds since the start
+    if not failed:  # kept when something failed: the agents' logs say why
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        print(f"the agents' logs: {directory}", file=sys.stderr)
     print(f"bench.ha: {where}, {len(records)} trials of each kind, load average {doc['load_average'][0]}")
     print(f"{'FIGURE':36} {'P50':>8} {'RANGE':>14}  TARGET")
     for key, target_text in TARGETS.items():

@@ -159,7 +159,7 @@ while True:
     try:
         with urllib.request.urlopen(url, timeout=0.5) as r:
             answer = r.read().decode().split()
-    except OSError:
+    except Exception:  # refused, timed out, or cut off mid-answer (http.client's own errors)
         answer = None
     print(json.dumps([started, answer]), flush=True)
     time.sleep(max(0.0, period - (time.monotonic() - started)))

@@ -137,7 +137,7 @@ def test_a_service_moves_its_floating_address_on_kill_and_on_partition_and_never
         "command": f"echo $CORTEX_NODE $$ > index.html; exec python3 -m http.server {PORT}",
         "health": {"http": PORT, "interval": 0.2, "threshold": 2}, "restart": {"backoff": 0.2},
         "placement": {"home": home, "partner": partner}}))
-    with Observer(SERVICE) as observer:
+    with Observer(SERVICE, lab.root) as observer:
         watch = VipWatch(lab, vip)
         prober = Prober(f"http://{vip}:{PORT}/", lab.client_ns)
         try:
