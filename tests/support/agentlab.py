@@ -151,17 +151,25 @@ class AgentLab(NetLab):
 # --- a client asking a floating address who serves -----------------------------------------------------------
 
 PROBE = """
-import json, sys, time, urllib.request
+import json, sys, threading, time, urllib.request
 url, period = sys.argv[1], float(sys.argv[2])
-print("ready", flush=True)
-while True:
-    started = time.monotonic()
+out = threading.Lock()
+
+def ask(started):
     try:
-        with urllib.request.urlopen(url, timeout=0.5) as r:
+        with urllib.request.urlopen(url, timeout=1.0) as r:
             answer = r.read().decode().split()
     except Exception:  # refused, timed out, or cut off mid-answer (http.client's own errors)
         answer = None
-    print(json.dumps([started, answer]), flush=True)
+    with out:
+        print(json.dumps([started, answer]), flush=True)
+
+print("ready", flush=True)
+while True:
+    # one request every period, each in its own thread: one sent to the old holder, which waits for its
+    # timeout, does not hide an answer the new holder gives meanwhile (the gaps are exact to one period)
+    started = time.monotonic()
+    threading.Thread(target=ask, args=(started,), daemon=True).start()
     time.sleep(max(0.0, period - (time.monotonic() - started)))
 """
 
@@ -196,15 +204,17 @@ class Prober:
     def wait_for(self, node: str, timeout: float) -> float:
         """When `node` first answered since the last mark (monotonic), waiting up to `timeout` seconds."""
         def hit():
-            return next((t for t, a in list(self.samples) if a and a[0] == node and t >= self._since), None)
+            return min((t for t, a in list(self.samples) if a and a[0] == node and t >= self._since), default=None)
 
         return wait_until(hit, timeout, f"{node} to answer", interval=0.05)
 
     def answers(self, since: float, until: float = float("inf")) -> list[tuple[float, tuple[str, int] | None]]:
-        return [(t, a) for t, a in list(self.samples) if since <= t <= until]
+        """By the time each request was sent (they end out of order)."""
+        return sorted(((t, a) for t, a in list(self.samples) if since <= t <= until), key=lambda s: s[0])
 
     def longest_gap(self, since: float) -> float:
-        """The longest run without an answer after `since` (seconds), up to the last answer."""
+        """The longest run of requests without an answer after `since`, from the first unanswered one sent
+        to the next answered one sent (seconds)."""
         longest, gap_start = 0.0, None
         for t, answer in self.answers(since):
             if answer is None and gap_start is None:
