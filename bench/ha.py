@@ -331,7 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     doc = summarise(records, doubles, trials, where, failed)
     doc["double_run_samples"] = [[round(t - observer.samples[0][0], 2), sorted(nodes)]
                                  for t, nodes in observer.double_runs()[:50]]  # seconds since the start
-    if not failed:  # kept when something failed: the agents' logs say why
+    slow = [t["trial"] for t in records if max(t.get("takeover_unplanned_kill_s", 0),
+                                               t.get("takeover_unplanned_partition_s", 0)) > 15
+            or max(t["takeover_planned_downtime_s"], t["giveback_downtime_s"]) > 2]
+    if not failed and not slow and not doubles:  # otherwise kept: the agents' logs say what happened
         shutil.rmtree(directory, ignore_errors=True)
     else:
         print(f"the agents' logs: {directory}", file=sys.stderr)

@@ -199,7 +199,7 @@ class Instance:
         # After an unplanned takeover the previous holder's lease ran out, so its service has stopped; but an
         # agent killed with -9 could not remove the address, and that machine still answers ARP for it: a
         # probe would find it and the takeover would never claim. The announcement moves the neighbours
-        # here, and that agent removes its leftover when it starts again (Supervisor.release_leftovers).
+        # here, and that agent removes its leftover when it starts again (Supervisor._release_leftover).
         taking_over = bool(self.prev_holder and self.prev_fenced)
         try:
             iface = self.ports.floating.claim(vip, probe=not taking_over)
