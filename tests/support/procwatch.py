@@ -14,8 +14,11 @@ from pathlib import Path
 class Observer:
     """Which nodes run a service's processes, sampled from /proc every 50 ms."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, root: Path | None = None):
+        """`root`: only processes of agents whose data is under it (CORTEX_VOLUME), so that another cluster
+        on the same machine running a service of the same name is not counted."""
         self.marker = f"CORTEX_SERVICE={name}".encode()
+        self.volume_prefix = b"CORTEX_VOLUME=" + str(Path(root).resolve()).encode() + b"/" if root else b""
         self.samples: list[tuple[float, frozenset[str]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -29,7 +32,8 @@ class Observer:
                 env = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if self.marker in env:
+            if self.marker in env and (not self.volume_prefix or
+                                       any(e.startswith(self.volume_prefix) for e in env)):
                 found.update(e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"CORTEX_NODE="))
         return frozenset(found)
 

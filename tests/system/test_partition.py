@@ -1,112 +1,53 @@
-"""Network partitions between real agents, each in its own network namespace (root only, as CI runs).
+"""Network partitions and killed agents between real agents, each in its own network namespace (root only, as
+CI runs): Raft under a partition, and a service moving its floating address between nodes.
 
-Topology: a bridge namespace and one namespace per server, joined by veth pairs on 10.231.<k>.0/24. Every
-packet of the test stays inside namespaces this test creates: clients run in a node's
-namespace (nsenter), never from the root namespace (where 10.x would be routed off the machine).
+Topology (tests/support/agentlab.py): a bridge namespace, one namespace per server and one for a client,
+joined by veth pairs on 10.231.<k>.0/24. Every packet of the test stays inside namespaces this test creates:
+clients run in a node's or the client's namespace (nsenter), never from the root namespace (where 10.x would
+be routed off the machine).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import procs
+from tests.support.agentlab import AgentLab, Prober, VipWatch
 from tests.support.cluster import first_leader
 from tests.support.linearizability import HistoryRecorder, check
-from tests.support.netlab import NetLab, in_netns
+from tests.support.procwatch import Observer
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
 
-class Lab(NetLab):
-    def __init__(self, tag: str, subnet: int, count: int):
-        super().__init__()
-        self.tag, self.subnet, self.count = tag, subnet, count
-        self.bridge_ns = f"{tag}-br"
-        self.names = [f"{tag}-n{i}" for i in range(1, count + 1)]
-        self.data_root = Path(".")  # where the fixture keeps n<i>/data (set by the fixture)
-
-    def address(self, i: int) -> str:
-        return f"10.231.{self.subnet}.{i}"
-
-    def up(self) -> None:
-        self.namespace(self.bridge_ns)
-        self.bridge(self.bridge_ns)
-        for i, ns in enumerate(self.names, start=1):
-            self.namespace(ns)
-            self.plug(ns, self.bridge_ns, f"{self.tag}p{i}", address=f"{self.address(i)}/24")
-
-    def isolate(self, i: int) -> None:
-        self.set_link(self.bridge_ns, f"{self.tag}p{i}", up=False)
-
-    def heal(self, i: int) -> None:
-        self.set_link(self.bridge_ns, f"{self.tag}p{i}", up=True)
-
-    def cortex(self, i: int, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        """Run the CLI inside node i's namespace against node i's own agent."""
-        # with the node's own credentials, as the CLI on that node finds them (mTLS)
-        env = {**os.environ, "CORTEX_TLS_DIR": str(self.data_root / f"n{i}" / "data" / "tls")}
-        return procs.run(in_netns(self.names[i - 1], [sys.executable, "-m", "cortex", "--addr",
-                                                      f"{self.address(i)}:7400", "--timeout", "3", *args]),
-                         capture_output=True, text=True, timeout=timeout, env=env)
-
-    def status(self, i: int) -> dict | None:
-        proc = self.cortex(i, "status", "--json")
-        return json.loads(proc.stdout) if proc.returncode == 0 else None
+# shorter leases than the default (8 s + 2 s) keep the service test's two takeovers quick; the Raft tests do not
+# look at them
+SERVICES = {"services": {"lease": 6, "lease_margin": 1}}
 
 
-@pytest.fixture
-def lab(tmp_path: Path):
-    lab = Lab(f"cx{os.getpid() % 10000}", subnet=os.getpid() % 250, count=3)
-    lab.data_root = tmp_path
-    agents = []
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """One cluster for the module: every test leaves its nodes running and its links healed."""
+    lab = AgentLab(tmp_path_factory.mktemp("lab"), f"cx{os.getpid() % 10000}", subnet=os.getpid() % 250,
+                   nodes=[("n1", "server"), ("n2", "server"), ("n3", "server")], plugins=SERVICES)
     try:
         lab.up()
-        for i, ns in enumerate(lab.names, start=1):
-            node_dir = tmp_path / f"n{i}"
-            node_dir.mkdir()
-            boot = ("bootstrap:\n  init: true\n" if i == 1 else
-                    f"bootstrap:\n  join:\n    address: {lab.address(1)}:7400\n"
-                    f"    token_file: {tmp_path / 'n1' / 'data' / 'join-token'}\n")
-            (node_dir / "config.yaml").write_text(
-                f"node:\n  id: n{i}\n  role: server\ndata_dir: data\n"
-                f"listen:\n  grpc: {lab.address(i)}:7400\n  raft: {lab.address(i)}:7401\n{boot}")
-            with open(node_dir / "agent.log", "ab") as log:
-                agents.append(procs.popen(in_netns(ns, [sys.executable, "-m", "cortex", "agent", "--config",
-                                                        str(node_dir / "config.yaml")]),
-                                          stdout=log, stderr=subprocess.STDOUT, cwd=node_dir))
-            if i == 1:
-                def initialised() -> bool:
-                    assert agents[0].poll() is None, "n1 did not init"
-                    return (tmp_path / "n1" / "data" / "join-token").exists()
-
-                wait_until(initialised, 30, "n1 to init", interval=0.1)
-
-        def formed() -> bool:
-            s = lab.status(1)
-            return bool(s and len(s["nodes"]) == 3 and all(n["liveness"] == "alive" for n in s["nodes"]))
-
-        wait_until(formed, 60, "the cluster to form", interval=0.3)
+        lab.form()
         yield lab
     finally:
-        for p in agents:
-            p.kill()
-            p.wait(10)
-        lab.destroy()
+        lab.close()
 
 
-def leader_of(lab: Lab, among: list[int]) -> int | None:
+def leader_of(lab: AgentLab, among: list[int]) -> int | None:
     return first_leader(among, lambda i: (lab.status(i) or {}).get("state", ""))
 
 
-def test_partitioned_leader_cannot_write_majority_elects_and_heals_without_split_brain(lab: Lab):
+def test_partitioned_leader_cannot_write_majority_elects_and_heals_without_split_brain(lab: AgentLab):
     old = leader_of(lab, [1, 2, 3])
     assert old is not None
     majority = [i for i in (1, 2, 3) if i != old]
@@ -135,7 +76,7 @@ def test_partitioned_leader_cannot_write_majority_elects_and_heals_without_split
     print(f"isolated leader n{old}: majority elected n{new} after {elected:.2f}s")
 
 
-def test_checker_catches_a_real_stale_read_from_an_isolated_follower(lab: Lab):
+def test_checker_catches_a_real_stale_read_from_an_isolated_follower(lab: AgentLab):
     """A follower cut off from Raft still answers `--level stale` from its own copy: the recorded
     history is not linearizable and the checker must say so, naming the key. The same read at level
     linearizable refuses while isolated and returns the new value once healed."""
@@ -167,3 +108,92 @@ def test_checker_catches_a_real_stale_read_from_an_isolated_follower(lab: Lab):
         lab.heal(follower)
     wait_until(lambda: lab.cortex(follower, "kv", "get", "k", "--level", "linearizable").stdout.strip() == "new",
                30, "the healed follower to catch up", interval=0.3)
+
+
+SERVICE = "vipweb"
+PORT = 8080
+
+
+def first_sample(observer: Observer, since: float, test) -> float | None:
+    return next((t for t, nodes in list(observer.samples) if t >= since and test(nodes)), None)
+
+
+def test_a_service_moves_its_floating_address_on_kill_and_on_partition_and_never_runs_twice(lab: AgentLab,
+                                                                                               tmp_path: Path):
+    """A shell service answers HTTP on its VIP (its page: the node and pid serving it), home A, partner B, the
+    two servers that do not lead (the leader stays up, so no election adds to the takeovers). A client in its
+    own namespace asks the VIP every 50 ms. (a) kill -9 of A's agent: B answers on the VIP; A's agent,
+    started again, removes the address it could not release when killed. (b) A's link cut, its agent alive:
+    A stops the service and releases the VIP before B starts it and claims it. An observer of /proc sees
+    never two nodes running it, and in (b) never two namespaces holding the address."""
+    leader = leader_of(lab, [1, 2, 3])
+    assert leader is not None
+    a, b = [i for i in (1, 2, 3) if i != leader]
+    home, partner = lab.ids[a - 1], lab.ids[b - 1]
+    vip = lab.address(100)
+    spec = tmp_path / "vipweb.json"  # JSON is YAML
+    spec.write_text(json.dumps({
+        "name": SERVICE, "kind": "shell", "vip": f"{vip}/24", "auto_giveback": False,
+        "command": f"echo $CORTEX_NODE $$ > index.html; exec python3 -m http.server {PORT}",
+        "health": {"http": PORT, "interval": 0.2, "threshold": 2}, "restart": {"backoff": 0.2},
+        "placement": {"home": home, "partner": partner}}))
+    with Observer(SERVICE, lab.root) as observer:
+        watch = VipWatch(lab, vip)
+        prober = Prober(f"http://{vip}:{PORT}/", lab.client_ns)
+        try:
+            deployed = lab.cortex(leader, "services", "deploy", str(spec))
+            assert deployed.returncode == 0, deployed.stderr
+            prober.mark()
+            prober.wait_for(home, 60)
+            wait_until(lambda: watch.holders() == [home], 5, f"the address on {home} alone", interval=0.05)
+
+            # (a) kill -9 of the home's agent: its service dies with it, the address stays on its machine
+            killed = prober.mark()
+            lab.kill_agent(a)
+            answered = prober.wait_for(partner, 40)
+            assert watch.first(partner, True, killed) is not None
+            print(f"kill -9 of {home}'s agent: {partner} answered on {vip} after {answered - killed:.2f}s")
+            restarted = time.monotonic()
+            lab.start_agent(a)
+            wait_until(lambda: watch.first(home, False, restarted), 60,
+                       f"{home}'s restarted agent to remove the address it left", interval=0.1)
+            wait_until(lambda: watch.holders() == [partner], 5, f"the address on {partner} alone", interval=0.05)
+
+            def given_back() -> bool:
+                result = json.loads(lab.cortex(leader, "ha", "giveback", home, "--json", timeout=90).stdout or "{}")
+                return bool(result.get("moved"))
+
+            wait_until(given_back, 90, f"the giveback to {home} (once its agent is back)", interval=1)
+            prober.mark()
+            prober.wait_for(home, 30)
+
+            # (b) the home's link cut, its agent alive: it fences itself before the partner starts
+            cut = prober.mark()
+            lab.isolate(a)
+            try:
+                answered = prober.wait_for(partner, 40)
+                assert lab.agents[a].poll() is None, "the isolated home's agent must stay up"
+                stopped = first_sample(observer, cut, lambda nodes: home not in nodes)
+                released = watch.first(home, False, cut)
+                started = first_sample(observer, cut, lambda nodes: partner in nodes)
+                claimed = watch.first(partner, True, cut)
+                assert None not in (stopped, released, started, claimed), (stopped, released, started, claimed)
+                assert max(stopped, released) < min(started, claimed), \
+                    f"{home} stopped at +{stopped - cut:.2f}s and released at +{released - cut:.2f}s; {partner} " \
+                    f"started at +{started - cut:.2f}s and claimed at +{claimed - cut:.2f}s"
+                assert watch.overlaps(cut) == []
+                print(f"partition of {home}: stopped +{stopped - cut:.2f}s, released +{released - cut:.2f}s; "
+                      f"{partner} started +{started - cut:.2f}s, claimed +{claimed - cut:.2f}s, answered "
+                      f"+{answered - cut:.2f}s")
+            finally:
+                lab.heal(a)
+            assert {answer[0] for _, answer in prober.answers(cut) if answer} <= {home, partner}
+        finally:
+            prober.close()
+            watch.close()
+            if a not in lab.agents:  # a failure before the restart: the next test needs every node
+                lab.start_agent(a)
+            lab.cortex(leader, "services", "remove", SERVICE)
+            wait_until(lambda: not observer.nodes_now(), 30, "the service to stop everywhere", interval=0.1)
+            wait_until(lab.all_alive, 60, "every node alive again", interval=0.3)
+    assert observer.double_runs() == [], "two nodes ran the service at once"

@@ -97,10 +97,12 @@ class RecordingAddress:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []  # (call, address, service state at the time)
+        self.probes: list[bool] = []  # each claim's probe flag
         self.inst = None
 
-    def claim(self, cidr: str, interface: str | None = None) -> str:
+    def claim(self, cidr: str, interface: str | None = None, probe: bool = True) -> str:
         self.calls.append(("claim", cidr, self.inst.state if self.inst else ""))
+        self.probes.append(probe)
         return "eth0"
 
     def release(self, cidr: str) -> None:
@@ -136,6 +138,41 @@ def test_the_vip_is_claimed_once_the_service_runs_and_released_when_it_stops(tmp
             sup.fence("self-fenced: no committed lease renewal")
     assert address.calls[-1] == ("release", "192.168.7.50/24", "")
     assert [c[0] for c in address.calls].count("claim") == 1
+    assert address.probes == [True]  # a first start asks whether another machine answers for the address
+
+
+@pytest.mark.skipif(ShellExecutor(ExecutorSettings()).available() != "", reason="bubblewrap is not usable here")
+def test_an_unplanned_takeover_claims_the_vip_without_probing_for_the_fenced_holder(tmp_path):
+    """The previous holder's lease ran out, so its service stopped; its address may still be on its machine
+    (an agent killed with -9 cannot release it), and a probe would find it and refuse the claim forever."""
+    address = RecordingAddress()
+    sup = Supervisor("n2", tmp_path, Ports(floating=address), ExecutorSettings(), log)
+    doc = {"name": "web", "kind": "shell", "command": "sleep 600", "vip": "192.168.7.50/24",
+           "placement": {"home": "n1", "partner": "n2"}}
+    row = {**row_of(doc, holder="n2", epoch=2), "prev_holder": "n1", "prev_fenced": 1}
+    sup.reconcile([row], lambda row: "")
+    try:
+        wait_until(lambda: address.calls, 60, "the address claimed")
+        assert address.probes == [False]
+    finally:
+        sup.stop_all()
+
+
+def test_a_restarted_agent_removes_the_vip_of_a_service_it_no_longer_runs_once(tmp_path):
+    """An earlier life of this agent, killed with -9, may have left the address on this machine while the
+    service moved on: the new agent removes it once (not at every round), where it could have claimed it."""
+    doc = {"name": "web", "kind": "shell", "command": "sleep 600", "vip": "192.168.7.50/24",
+           "placement": {"home": "n1", "partner": "n2"}}
+    moved = {**row_of(doc, holder="n2", epoch=2), "prev_holder": "n1", "prev_fenced": 1}
+    address = RecordingAddress()
+    home = Supervisor("n1", tmp_path, Ports(floating=address), ExecutorSettings(), log)
+    for _ in range(3):
+        home.reconcile([moved], lambda row: "")
+    assert address.calls == [("release", "192.168.7.50/24", "")]
+    assert home.instances == {}
+    bystander = RecordingAddress()
+    Supervisor("n3", tmp_path, Ports(floating=bystander), ExecutorSettings(), log).reconcile([moved], lambda row: "")
+    assert bystander.calls == []  # named nowhere in the service: it never claimed the address
 
 
 class Recorder:

@@ -26,8 +26,9 @@ class VolumeSync(Protocol):
 
 
 class FloatingAddress(Protocol):
-    def claim(self, cidr: str, interface: str | None = None) -> str:
-        """Add the address and send gratuitous ARP; idempotent. Returns the interface."""
+    def claim(self, cidr: str, interface: str | None = None, probe: bool = True) -> str:
+        """Add the address and send gratuitous ARP; idempotent. Returns the interface. `probe=False`: do not
+        first ask whether another machine answers for it (a takeover from a holder known to be stopped)."""
 
     def release(self, cidr: str) -> None:
         """Remove the address; idempotent."""

@@ -211,8 +211,13 @@ class Instance:
         if not vip or self.ports.floating is None or self.vip_claimed or self.done.is_set():
             return
         self.watch.add("vips", vip)
+        # After an unplanned takeover the previous holder's lease ran out, so its service has stopped; but an
+        # agent killed with -9 could not remove the address, and that machine still answers ARP for it: a
+        # probe would find it and the takeover would never claim. The announcement moves the neighbours
+        # here, and that agent removes its leftover when it starts again (Supervisor._release_leftover).
+        taking_over = bool(self.prev_holder and self.prev_fenced)
         try:
-            iface = self.ports.floating.claim(vip)
+            iface = self.ports.floating.claim(vip, probe=not taking_over)
         except Exception as exc:
             note = f"floating address {vip} not claimed: {exc}"
             if note not in self.notes:  # retried at every healthy check: said once per kind of failure
@@ -300,6 +305,7 @@ class Supervisor:
         self._lock = threading.Lock()
         self.replica = Replicator(node_id, data_dir, ports, log)
         self._catch_up_since: dict[str, tuple[int, float]] = {}  # name -> (giveback epoch, when first seen)
+        self._leftovers_checked: set[tuple[str, str]] = set()  # (service, vip) released once this agent's life
 
     def reconcile(self, rows: list[dict], gate) -> None:
         """`gate(row) -> ''` or why this node may not start the row's service now."""
@@ -323,6 +329,8 @@ class Supervisor:
                         continue
                     if current is not None:
                         self._stop(name, f"{row['holder']} holds it now (epoch {row['epoch']})")
+                    elif name not in self.stopping:
+                        self._release_leftover(row)
                     self.waiting.pop(name, None)
                     continue
                 if current is not None and (current.restart_gen != row["restart_gen"] or current.spec != row["spec"]):
@@ -346,6 +354,22 @@ class Supervisor:
                 self._stop(name, "removed")
             here = set(self.instances) | set(self.stopping)
         self.replica.reconcile(rows, here)
+
+    def _release_leftover(self, row: dict) -> None:
+        """A floating address of a service this node does not run, left on it by an earlier life of this agent
+        (killed with -9, it could not release it): removed once per agent life and address, so the holder is
+        the only machine answering for it. Release is idempotent: where there is none, nothing changes."""
+        vip = row["spec"].get("vip")
+        if not vip or self.ports.floating is None or (row["name"], vip) in self._leftovers_checked:
+            return
+        if self.node_id not in (row["prev_holder"], row["home"], *row.get("candidates", [])):
+            return  # never claimed here: nothing to look for
+        try:
+            self.ports.floating.release(vip)
+        except Exception as exc:  # retried at the next reconcile
+            self.log.warning("could not release %s left by an earlier run of this agent: %s", vip, exc)
+            return
+        self._leftovers_checked.add((row["name"], vip))
 
     def _serves_until_caught_up(self, row: dict) -> bool:
         """A giveback of a volume service from this node: keep serving until the home has pulled the volume
