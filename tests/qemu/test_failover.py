@@ -91,8 +91,11 @@ def until_served_by(lab, answers, node: str, timeout: float, what: str, via: str
         (lab.workdir / "failover-page-service.json").write_text(json.dumps(doc, indent=2))
         reports = "\n".join(f"  {r['node_id']}: {r['state']} (epoch {r['epoch']}) {r['detail']}"
                              for r in doc.get("reports", []))
+        output = run(probes.cortex_cli(lab.netns, "--addr", via, "services", "logs", "page"), timeout=120,
+                     check=False)
         raise AssertionError(f"{exc}\nservice page: held by {doc.get('holder')} (epoch {doc.get('epoch')}, "
-                             f"{doc.get('state')}), {doc.get('reason')}\n{reports}") from None
+                             f"{doc.get('state')}), {doc.get('reason')}\n{reports}\nits output, last lines:\n"
+                             + "\n".join((output.stdout + output.stderr).splitlines()[-20:])) from None
 
 
 def longest_gap(lines: list[dict], since: float, until: float) -> float:
