@@ -441,6 +441,21 @@ def test_agent_unit():
     assert one(agent, "Service", "CapabilityBoundingSet") == ""
 
 
+# Settings with which systemd mounts something over part of the agent's /proc (read-only binds, masks, a
+# restricted instance), with the value that mounts nothing: in a user namespace the kernel refuses a fresh
+# /proc that would reveal what such a mount hides, so every bubblewrap sandbox (tasks, services) would stop
+# at "Can't mount proc on /newroot/proc".
+PROC_CLEAN = {"ProtectKernelTunables": "no", "ProtectKernelLogs": "no", "ProtectHostname": "no",
+              "ProtectProc": "default", "ProcSubset": "all"}
+
+
+def test_agent_proc_has_nothing_mounted_over_it():
+    effective: dict[str, str] = {}
+    for path in [UNITS / "cortex-agent.service", *sorted((UNITS / "cortex-agent.service.d").glob("*.conf"))]:
+        for key, values in read_ini(path).get("Service", {}).items():
+            effective[key] = values[-1]  # systemd's order: the unit, then its drop-ins by name; the last wins
+    assert {k: effective.get(k, clean) for k, clean in PROC_CLEAN.items()} == PROC_CLEAN
+
 # Run as the appliance's agent is (a uid of its own, the drop-in's ambient capabilities), in this interpreter:
 # what agent.run does first, then a shell task through the real executor, printing the sandbox's capabilities.
 _CAPS_PROBE = """
