@@ -157,7 +157,7 @@ def test_failover_after_power_loss(lab, cluster):
 
         # the service's partner takes over once the home's lease has run out: the address answers from there,
         # and a note written now is stored there
-        took = until_served_by(lab, answers, partner, 120, "the partner, after the power cut", lab.grpc(partner)[0],
+        took = until_served_by(lab, answers, partner, 180, "the partner, after the power cut", lab.grpc(partner)[0],
                                since=crashed_at)
         timings.record("failover", f"power cut of {old} -> service address answers from partner {partner}",
                        took["t"] - crashed_at)
