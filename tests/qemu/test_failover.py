@@ -10,10 +10,11 @@ back (the address answers from home again, the note still there). Polled from th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tests.qemu import probes, timings
 from tests.qemu.conftest import BOOT_TIMEOUT, READY, wait_until
-from tests.qemu.hostcmd import in_netns, run
+from tests.qemu.hostcmd import HostCommandError, in_netns, run
 from tests.qemu.labnet import SUBNET
 
 VIP = f"{SUBNET}.50"  # on the lab bridge's /24, which every VM's eth0 is on
@@ -61,6 +62,20 @@ def service_spec(home: str, partner: str) -> dict:
 def cortex(lab, address: str, *args: str) -> dict:
     out = run(probes.cortex_cli(lab.netns, "--addr", address, "--json", *args), timeout=120).stdout
     return json.loads(out)
+
+
+def deploy(lab, address: str, spec: Path) -> dict:
+    """Deploy the service; retried (same idempotency key) while a server's state-machine level is not known
+    yet to the node proposing it, as just after the cluster formed: the refusal says so and passes by itself."""
+    def attempt() -> dict | None:
+        try:
+            return cortex(lab, address, "services", "deploy", str(spec), "--idempotency-key", "failover-page")
+        except HostCommandError as exc:
+            if "level not known yet" not in str(exc):
+                raise
+            return None
+
+    return wait_until(attempt, 120, "the service deployed (every server's state-machine level known)", interval=1)
 
 
 def served_by(doc: dict) -> str:
@@ -128,8 +143,7 @@ def test_failover_after_power_loss(lab, cluster):
         survivors = [n for n in servers if n != old]
         partner = survivors[0]
         # the leader is the node the power cut takes down: the service is homed there
-        cortex(lab, lab.grpc(partner)[0], "services", "deploy", str(spec_file(lab, old, partner)),
-               "--idempotency-key", "failover-page")
+        deploy(lab, lab.grpc(partner)[0], spec_file(lab, old, partner))
         answers = probes.http(lab.netns, URL, log=lab.workdir / "failover-page.jsonl")
         writer = probes.writer(lab.netns, lab.grpc(*survivors), "fo", log=lab.workdir / "failover-writer.jsonl")
         try:
@@ -206,7 +220,7 @@ def test_failover_after_power_loss(lab, cluster):
         watch.stop()
 
 
-def spec_file(lab, home: str, partner: str):
+def spec_file(lab, home: str, partner: str) -> Path:
     path = lab.workdir / "failover-page.json"
     path.write_text(json.dumps(service_spec(home, partner)))
     return path
