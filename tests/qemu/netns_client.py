@@ -5,6 +5,8 @@ CLOCK_MONOTONIC (shared with the pytest process, so its times compare with the h
     watch ADDR...              poll every node's status every 0.1 s; print a line when a node's view changes
     write ADDR... --prefix P   put P-1, P-2, ... until stdin closes; print each acknowledged write
     get ADDR KEY... [--level]  read keys, print {"key": value-or-null}
+    http URL [--interval]      GET the URL every 0.2 s; print a line when the answer's first line (or the
+                               kind of failure) changes, stamped with when that request began
     scan ADDR PREFIX [--level] read every key under PREFIX, print {"key": value}
 """
 
@@ -17,6 +19,8 @@ import string
 import sys
 import threading
 import time
+import urllib.request
+from http.client import HTTPException
 
 from cortex.client import Client, CortexError
 
@@ -77,6 +81,26 @@ def write(addresses: list[str], prefix: str) -> None:
         time.sleep(0.05)
 
 
+def answers(url: str, interval: float, timeout: float) -> None:
+    """Who answers at `url` (a service's floating address): the first line of the body, or the kind of failure
+    (refused, timed out: nobody holds the address, or a neighbour still sends to its last holder). Each line
+    carries when its request began, so a gap without answers is measured from the first request that failed."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the lab only, whatever $http_proxy says
+    last: dict = {}
+    while not stdin_closed(0):
+        began = time.monotonic()
+        try:
+            with opener.open(url, timeout=timeout) as answer:
+                now = {"answer": answer.read().decode("utf-8", "replace").split("\n", 1)[0]}
+        except (OSError, HTTPException) as exc:
+            reason = getattr(exc, "reason", exc)
+            now = {"error": type(reason).__name__ if not isinstance(reason, str) else reason}
+        if now != last:
+            last = now
+            emit({"t": began, **now})
+        time.sleep(max(0.0, interval - (time.monotonic() - began)))
+
+
 def get(address: str, keys: list[str], level: str) -> None:
     with Client(address, timeout=10) as client:
         emit({"values": {k: client.get(k, level=level) for k in keys}})
@@ -118,6 +142,10 @@ def main() -> None:
     p = sub.add_parser("write")
     p.add_argument("addresses", nargs="+")
     p.add_argument("--prefix", required=True)
+    p = sub.add_parser("http")
+    p.add_argument("url")
+    p.add_argument("--interval", type=float, default=0.2)
+    p.add_argument("--timeout", type=float, default=1.0)
     p = sub.add_parser("scan")
     p.add_argument("address")
     p.add_argument("prefix")
@@ -131,6 +159,8 @@ def main() -> None:
         watch(args.addresses, args.interval)
     elif args.mode == "write":
         write(args.addresses, args.prefix)
+    elif args.mode == "http":
+        answers(args.url, args.interval, args.timeout)
     elif args.mode == "scan":
         scan(args.address, args.prefix, args.level)
     else:

@@ -98,6 +98,11 @@ def writer(netns: str, addresses: list[str], prefix: str, log: Path) -> Stream:
     return Stream(netns, "write", *addresses, "--prefix", prefix, log=log)
 
 
+def http(netns: str, url: str, log: Path) -> Stream:
+    """Who answers at `url`: a line per change of the body's first line, or of the kind of failure."""
+    return Stream(netns, "http", url, log=log)
+
+
 def get(netns: str, address: str, keys: list[str], level: str = "linearizable") -> dict[str, str | None]:
     out = run(_argv(netns, "get", address, *keys, "--level", level), timeout=120).stdout
     return json.loads(out.splitlines()[-1])["values"]

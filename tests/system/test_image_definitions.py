@@ -443,6 +443,68 @@ def test_agent_unit():
     assert one(agent, "Service", "CapabilityBoundingSet") == ""
 
 
+# Settings with which systemd mounts something over part of the agent's /proc (read-only binds, masks, a
+# restricted instance), with the value that mounts nothing: in a user namespace the kernel refuses a fresh
+# /proc that would reveal what such a mount hides, so every bubblewrap sandbox (tasks, services) would stop
+# at "Can't mount proc on /newroot/proc".
+PROC_CLEAN = {"ProtectKernelTunables": "no", "ProtectKernelLogs": "no", "ProtectHostname": "no",
+              "ProtectProc": "default", "ProcSubset": "all"}
+
+
+def test_agent_proc_has_nothing_mounted_over_it():
+    effective: dict[str, str] = {}
+    for path in [UNITS / "cortex-agent.service", *sorted((UNITS / "cortex-agent.service.d").glob("*.conf"))]:
+        for key, values in read_ini(path).get("Service", {}).items():
+            effective[key] = values[-1]  # systemd's order: the unit, then its drop-ins by name; the last wins
+    assert {k: effective.get(k, clean) for k, clean in PROC_CLEAN.items()} == PROC_CLEAN
+
+# Run as the appliance's agent is (a uid of its own, the drop-in's ambient capabilities), in this interpreter:
+# what agent.run does first, then a shell task through the real executor, printing the sandbox's capabilities.
+_CAPS_PROBE = """
+import json, sys, tempfile, threading
+from pathlib import Path
+from cortex.appliance import capabilities
+from cortex.tasks.executor import TaskRun
+from cortex.tasks.executors import ExecutorSettings, ShellExecutor
+before = capabilities.held("CapAmb")
+cleared = capabilities.keep_to_self()
+shell = ShellExecutor(ExecutorSettings())
+out = []
+with tempfile.TemporaryDirectory() as work:
+    run = TaskRun("caps", 1, shell.validate({"command": "grep -E '^Cap(Prm|Eff|Amb):' /proc/self/status"}),
+                  Path(work), lambda stream, data: out.append(data.decode()), threading.Event())
+    outcome = shell.run(run)
+print(json.dumps({"before": before, "cleared": cleared, "effective": capabilities.held("CapEff"),
+                  "ambient": capabilities.held("CapAmb"), "exit": outcome.exit_code, "error": outcome.error,
+                  "task": "".join(out)}))
+"""
+CAP_BITS = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13}
+
+
+def test_floating_address_capabilities_stay_with_the_agent():
+    """The appliance's drop-in gives the agent the two capabilities floating addresses need, and AF_PACKET;
+    the agent clears them from the ambient set first thing, so a task (bubblewrap refuses to start while it
+    holds capabilities) runs, with none, and the agent keeps them for itself."""
+    drop_in = read_ini(UNITS / "cortex-agent.service.d/60-floating-addresses.conf")
+    names = one(drop_in, "Service", "AmbientCapabilities").split()
+    assert sorted(names) == sorted(CAP_BITS)
+    assert one(drop_in, "Service", "CapabilityBoundingSet").split() == names
+    assert one(drop_in, "Service", "RestrictAddressFamilies") == "AF_PACKET"
+    if os.geteuid() != 0 or not shutil.which("bwrap"):
+        pytest.skip("granting ambient capabilities to another uid needs root, and the task needs bwrap")
+    caps = ",".join(f"+{n.removeprefix('CAP_').lower()}" for n in names)
+    done = procs.run(["setpriv", "--reuid=64999", "--regid=64999", "--clear-groups", f"--inh-caps={caps}",
+                      f"--ambient-caps={caps}", sys.executable, "-c", _CAPS_PROBE],
+                     capture_output=True, text=True, cwd="/", timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout.splitlines()[-1])
+    mask = sum(1 << bit for bit in CAP_BITS.values())
+    assert doc["before"] == mask and doc["cleared"] == mask, doc
+    assert doc["ambient"] == 0 and doc["effective"] & mask == mask, doc
+    assert doc["exit"] == 0 and not doc["error"], doc
+    task = dict(line.split(":") for line in doc["task"].split("\n") if line)
+    assert {k: int(v, 16) for k, v in task.items()} == {"CapPrm": 0, "CapEff": 0, "CapAmb": 0}, doc["task"]
+
 def test_config_unit_renders_before_agent():
     cfg = unit("cortex-config.service")
     assert "cortex-agent.service" in words(cfg, "Unit", "Before")

@@ -18,7 +18,7 @@ import sys
 import threading
 
 from cortex._proto.cortex.v1 import cortex_pb2 as pb
-from cortex.appliance import notify, sleepwatch
+from cortex.appliance import capabilities, notify, sleepwatch
 from cortex.client import set_process_credentials
 from cortex.config import Config
 from cortex.core.events import EventBus
@@ -148,6 +148,7 @@ class Agent:
 def run(config: Config) -> int:
     """Run the agent until SIGTERM/SIGINT."""
     notify.claim()
+    capabilities.keep_to_self()  # before any thread starts: threads and children inherit the cleared set
     try:
         agent = Agent(config)
     except AgentError as exc:
