@@ -8,10 +8,14 @@
 #     --netboot             boot the netboot kernel + cpio (whole OS in RAM) instead of the disk image
 #     --direct              boot the disk image's kernel+initrd directly (no firmware/systemd-boot; faster,
 #                           but no boot counting)
-#     --timeout SECONDS     stop QEMU after this long (default 240)
+#     --console             interactive serial console: keyboard input reaches the guest (log in with a
+#                           root password set by --cred passwd.hashed-password.root=HASH, image/README.md),
+#                           Ctrl-a x quits QEMU, Ctrl-a c toggles QEMU's monitor; no --timeout unless given
+#     --timeout SECONDS     stop QEMU after this long (default 240; 0: never)
 #     --log FILE            serial log (default image/.build/vm/NAME/serial.log)
 #     --fresh               drop NAME's disk overlay and firmware variables first (a factory-new node)
-#     --append ARGS         extra kernel command line (--direct, --netboot), e.g. systemd.factory_reset=yes
+#     --append ARGS         extra kernel command line, e.g. systemd.factory_reset=yes or
+#                           systemd.unit=emergency.target (disk: passed to the UKI's systemd-stub via SMBIOS)
 #     --dry-run             print the QEMU command line (one argument per line) and exit: nothing created
 #
 # A credential value may contain spaces (`--cred "ssh.authorized_keys.root=ssh-ed25519 AAAA... me@laptop"`):
@@ -23,12 +27,13 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out="$here/.build/out"
-name=${1:?usage: qemu.sh NAME [--cred name=value]... [--netboot|--direct] [--timeout S] [--fresh]}
+name=${1:?usage: qemu.sh NAME [--cred name=value]... [--netboot|--direct] [--console] [--timeout S] [--fresh]}
 shift
 [[ "$name" =~ ^[a-z0-9][a-z0-9-]*$ ]] || { echo "qemu: NAME: lowercase letters, digits, '-'" >&2; exit 1; }
 dir="$here/.build/vm/$name"
-timeout=240
+timeout=""
 mode=disk
+console=0
 log=""
 fresh=0
 smbios=()
@@ -50,6 +55,7 @@ while [ $# -gt 0 ]; do
             fi
             shift ;;
         --dry-run) dry_run=1 ;;
+        --console) console=1 ;;
         --netboot) mode=netboot ;;
         --direct) mode=direct ;;
         --timeout) timeout=${2:?}; shift ;;
@@ -66,9 +72,21 @@ if [ "$dry_run" = 0 ]; then
     mkdir -p "$dir"
 fi
 log=${log:-$dir/serial.log}
+# A console someone types into runs until they quit it; a watched boot stops by itself.
+if [ -z "$timeout" ]; then
+    if [ "$console" = 1 ]; then timeout=0; else timeout=240; fi
+fi
+[[ "$timeout" =~ ^[0-9]+$ ]] || { echo "qemu: --timeout $timeout: expected whole seconds" >&2; exit 1; }
 
+if [ "$console" = 1 ]; then
+    # The terminal is the serial line (input and output, QEMU's monitor multiplexed on Ctrl-a c); the log
+    # file still gets everything the guest prints.
+    serial=(-chardev "stdio,id=con0,mux=on,signal=off,logfile=${log//,/,,}" -serial chardev:con0 -mon chardev=con0)
+else
+    serial=(-serial "file:$log" -monitor none)
+fi
 common=(-accel tcg -machine q35 -cpu max -smp 2 -m 2048 -nodefaults -display none
-        -serial "file:$log" -monitor none
+        "${serial[@]}"
         -netdev user,id=n0,restrict=on,hostname="$name" -device virtio-net-pci,netdev=n0
         -device virtio-rng-pci "${smbios[@]}")
 
@@ -96,6 +114,8 @@ print(next(s.get_data().rstrip(b"\0").decode() for s in pe.sections if s.Name.st
             [ "$dry_run" = 1 ] || [ -f "$dir/vars.fd" ] || cp /usr/share/OVMF/OVMF_VARS_4M.fd "$dir/vars.fd"
             args+=(-drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd
                    -drive "if=pflash,format=raw,file=$dir/vars.fd")
+            # The UKI's command line is fixed; systemd-stub appends this SMBIOS string to it.
+            [ -z "$append" ] || args+=(-smbios "type=11,value=io.systemd.stub.kernel-cmdline-extra=${append//,/,,}")
         fi ;;
 esac
 
@@ -103,11 +123,16 @@ if [ "$dry_run" = 1 ]; then
     printf '%s\n' qemu-system-x86_64 "${common[@]}" "${args[@]}" "$@"
     exit 0
 fi
-echo "qemu: $name ($mode), serial log $log, stops after ${timeout}s" >&2
+stops="stops after ${timeout}s"
+[ "$timeout" = 0 ] && stops="runs until you quit it"
+if [ "$console" = 1 ]; then stops="$stops; Ctrl-a x quits, Ctrl-a c is QEMU's monitor"; fi
+echo "qemu: $name ($mode), serial log $log, $stops" >&2
 : >"$log"
-tail -n +1 -F "$log" 2>/dev/null &
-tailer=$!
-trap 'kill $tailer 2>/dev/null || true' EXIT
+if [ "$console" = 0 ]; then
+    tail -n +1 -F "$log" 2>/dev/null &
+    tailer=$!
+    trap 'kill $tailer 2>/dev/null || true' EXIT
+fi
 rc=0
 timeout --foreground "$timeout" qemu-system-x86_64 "${common[@]}" "${args[@]}" "$@" || rc=$?
 sleep 0.5

@@ -30,6 +30,10 @@ CORTEX = "env $(cat /run/cortex/agent.env) cortex"
 # Power-on to agent ready with four TCG VMs on two cores takes ~2 min on a quiet machine; a hang fails here.
 # CORTEX_VM_BOOT_TIMEOUT raises it on a machine busy with other work (seen: 5 min at load 10).
 BOOT_TIMEOUT = float(os.environ.get("CORTEX_VM_BOOT_TIMEOUT", "420"))
+# node1's root password, given as systemd's passwd.hashed-password.root credential (image/README.md, "A way
+# in"); test_boot logs in with it. The hash: `openssl passwd -6 -salt cortexvm cortex-vm-tests`.
+ROOT_PASSWORD = "cortex-vm-tests"
+ROOT_PASSWORD_HASH = "$6$cortexvm$99rui/hYWcuwAFHywZgXiw8PaMkeoRewCfOiJFwt28M2LQNKUrhd3/V8lVxWLOyctfqHumHQO.CbPNJoMz47P1"
 
 
 def why_impossible() -> str | None:
@@ -145,7 +149,8 @@ def node1(lab) -> Machine:
     """The first server: creates the cluster from its credentials (cortex.init=yes). Boots alone, so its
     boot time is comparable with the plain image's."""
     vm = lab.machine("node1", host=11, disk=lab.images.disk,
-                     credentials={"cortex.node_name": "node1", "cortex.role": "server", "cortex.init": "yes"})
+                     credentials={"cortex.node_name": "node1", "cortex.role": "server", "cortex.init": "yes",
+                                  "passwd.hashed-password.root": ROOT_PASSWORD_HASH})
     vm.start()
     _, login = vm.wait_for_console(r"login:", timeout=BOOT_TIMEOUT)
     timings.record("boot", "node1 (alone): power-on -> login prompt", login)

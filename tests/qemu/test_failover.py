@@ -182,6 +182,9 @@ def test_failover_after_power_loss(lab, cluster):
         _, back = cluster[old].wait_for_console(READY, timeout=BOOT_TIMEOUT)
         timings.record("failover", f"hard reset -> {old} rejoined (boot + catch-up)", back)
         rejoined = crashed_at + back
+        # the journal is persistent (state partition): the boot the power loss cut short can still be read
+        previous = cluster[old].execute("journalctl -b -1 -q --no-pager -o cat -n 20")
+        assert previous[0] == 0 and previous[1].strip(), f"no journal of {old}'s boot before the reset: {previous}"
         def replica_complete() -> bool:
             replica = probes.get(lab.netns, lab.grpc(old)[0], sorted(acked), level="stale")
             return all(replica.get(k) == v for k, v in acked.items())

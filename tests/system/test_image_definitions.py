@@ -231,7 +231,9 @@ def test_kernel_command_line_matches_layout(mkosi, runtime_parts, build_parts):
     assert args["mount.usr"] == "/dev/mapper/usr"  # systemd-veritysetup-generator's name for usrhash=
     assert args["mount.usrfstype"] == one(usr, "Partition", "Format")
     assert "ttyS0" in " ".join(a for a in cmdline if a.startswith("console="))
-    assert args["systemd.firstboot"] == "off"
+    # systemd.firstboot=off would stop systemd-firstboot outright, also where cortex-root-password uses it
+    # to apply the root password credential; the prompts stay off because systemd-firstboot.service is masked.
+    assert "systemd.firstboot" not in args
 
 
 # --- repart: build time vs first boot ------------------------------------------------------------------------
@@ -549,8 +551,81 @@ def test_initrd_units():
         assert "systemd-repart.service" in words(dropin, "Unit", "After"), name
 
 
+def test_console_access_and_a_clean_boot_need_these_units():
+    """Root password from systemd's credentials early enough for the console and sulogin; no prompting
+    first-boot wizard; no boot loader update outside the A/B scheme; the journal on the state partition."""
+    password = unit("cortex-root-password.service")
+    names = ["passwd.hashed-password.root", "passwd.plaintext-password.root"]
+    assert password["Service"]["ImportCredential"] == names
+    assert password["Unit"]["ConditionCredential"] == [f"|{n}" for n in names]
+    assert {"sysinit.target", "emergency.service"} <= set(words(password, "Unit", "Before"))
+    assert set(words(password, "Install", "WantedBy")) == {"sysinit.target", "emergency.target"}
+    assert one(password, "Service", "ExecStart") == "/usr/lib/cortex/root-password"
+    preset = (TREE / "usr/lib/systemd/system-preset/10-cortex.preset").read_text().split("\n")
+    assert "enable cortex-root-password.service" in preset
+    finalize = (IMAGE / "scripts/factory-etc.finalize").read_text()
+    for masked in ("systemd-firstboot.service", "systemd-boot-update.service"):
+        assert f'ln -sfn /dev/null "$BUILDROOT/etc/systemd/system/{masked}"' in finalize
+    journald = read_ini(TREE / "usr/lib/systemd/journald.conf.d/cortex.conf")
+    assert journald["Journal"]["Storage"] == ["persistent"]
+    # the netboot image has no disk: its journal stays in RAM
+    netboot = finalize[finalize.index('if [ "${PROFILE:-}" = netboot ]'):]
+    assert 'rm -f "$BUILDROOT/usr/lib/systemd/journald.conf.d/cortex.conf"' in netboot.split("exit 0")[0]
+
+
+FIRSTBOOT = shutil.which("systemd-firstboot")
+
+
+def root_password(tmp_path: Path, shadow_root: str, **creds: str) -> subprocess.CompletedProcess:
+    """Runs the image's root-password script on a scratch root: the factory passwd/shadow, root's shadow
+    field as given, and the credentials in a directory as systemd hands them to the service."""
+    (tmp_path / "etc").mkdir(exist_ok=True)
+    (tmp_path / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n")
+    (tmp_path / "etc/shadow").write_text(f"root:{shadow_root}:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n")
+    credentials = tmp_path / "creds"
+    shutil.rmtree(credentials, ignore_errors=True)
+    credentials.mkdir()
+    for name, value in creds.items():
+        (credentials / f"passwd.{name.replace('_', '-')}.root").write_text(value)
+    return subprocess.run([str(TREE / "usr/lib/cortex/root-password"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "CREDENTIALS_DIRECTORY": str(credentials)})
+
+
+def shadow_of(tmp_path: Path) -> dict[str, str]:
+    return {line.split(":")[0]: line.split(":")[1] for line in (tmp_path / "etc/shadow").read_text().splitlines()}
+
+
+@pytest.mark.skipif(FIRSTBOOT is None, reason="systemd-firstboot is not installed (image/build.sh installs systemd)")
+def test_root_password_credential_applies_once_and_refuses_what_is_no_hash(tmp_path):
+    hashed = "$6$abcdefgh$M/eYsB4rVXAm3ZNc88J.UD9rCKAT6FB1rahiwJCHtEndQNORCub5qhjxn50qbqVVthkM.9HpEwtf0t.iV9uH0/"
+    done = root_password(tmp_path, "*", hashed_password=hashed)
+    assert done.returncode == 0 and "set from the credential passwd.hashed-password.root" in done.stdout, done
+    assert shadow_of(tmp_path) == {"root": hashed, "daemon": "*"}  # the other accounts untouched
+
+    # a password already there (set by the credential before, or by passwd) is never overwritten
+    done = root_password(tmp_path, hashed, plaintext_password="other")
+    assert done.returncode == 0 and "not applied again" in done.stdout
+    assert shadow_of(tmp_path)["root"] == hashed
+    assert root_password(tmp_path, "!" + hashed, hashed_password=hashed.replace("abc", "xyz")).returncode == 0
+    assert shadow_of(tmp_path)["root"] == "!" + hashed  # locked on purpose: stays locked
+
+    # a plaintext password in the hashed credential would become an unusable hash: refused, nothing written
+    done = root_password(tmp_path, "!*", hashed_password="hunter2")
+    assert done.returncode == 1 and "passwd.hashed-password.root: not a crypt(5) hash" in done.stderr
+    assert shadow_of(tmp_path)["root"] == "!*"
+
+    # the plaintext form is hashed (yescrypt, systemd-firstboot's default), never stored as given
+    done = root_password(tmp_path, "!*", plaintext_password="hunter2")
+    assert done.returncode == 0 and "passwd.plaintext-password.root" in done.stdout, done
+    assert shadow_of(tmp_path)["root"].startswith("$y$")
+
+    # no credential: nothing to do
+    assert "no root password credential" in root_password(tmp_path, "*").stdout
+    assert shadow_of(tmp_path)["root"] == "*"
+
+
 SCRIPTS = ["build.sh", "flash.sh", "qemu.sh", "scripts/install-cortex.postinst", "scripts/factory-etc.finalize",
-           "tree/usr/lib/cortex/factory-reset",
+           "tree/usr/lib/cortex/factory-reset", "tree/usr/lib/cortex/root-password",
            "mkosi.images/initrd/mkosi.extra/usr/lib/cortex/initrd-repart",
            "mkosi.images/initrd/mkosi.extra/usr/lib/cortex/populate-root",
            "tree/usr/lib/systemd/system-sleep/cortex"]

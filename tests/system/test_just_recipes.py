@@ -64,6 +64,34 @@ def test_qemu_refuses_values_no_quoting_can_carry():
     assert result.returncode != 0 and "expected name=value" in result.stderr
 
 
+
+@needs_just
+def test_qemu_console_on_request_and_kernel_arguments_for_the_disk():
+    """`just qemu NAME --console`: the terminal is the serial line (input too) and QEMU runs until quit;
+    without it the serial line goes to the log only, as the VM tests and a watched boot use it. --append
+    reaches a disk boot through systemd-stub's SMBIOS string (the UKI's own command line is fixed)."""
+    hashed = "$6$salt$hash"
+    result = just("qemu", "node2", "--dry-run", "--console", "--cred", f"passwd.hashed-password.root={hashed}",
+                  "--append", "systemd.unit=emergency.target")
+    assert result.returncode == 0, result.stderr
+    argv = qemu_argv(result.stdout)
+    chardev = argv[argv.index("-chardev") + 1]
+    assert chardev.startswith("stdio,id=con0,mux=on,signal=off,logfile=") and chardev.endswith("/node2/serial.log")
+    assert argv[argv.index("-serial") + 1] == "chardev:con0" and "-monitor" not in argv
+    smbios = [argv[i + 1] for i, a in enumerate(argv) if a == "-smbios"]
+    assert smbios == [f"type=11,value=io.systemd.credential:passwd.hashed-password.root={hashed}",
+                      "type=11,value=io.systemd.stub.kernel-cmdline-extra=systemd.unit=emergency.target"]
+
+    argv = qemu_argv(just("qemu", "node2", "--dry-run").stdout)
+    assert argv[argv.index("-serial") + 1].startswith("file:") and "-chardev" not in argv
+    assert argv[argv.index("-monitor") + 1] == "none" and "-smbios" not in argv
+
+
+def test_qemu_refuses_a_timeout_that_is_not_seconds():
+    result = subprocess.run(["bash", str(REPO / "image/qemu.sh"), "n1", "--dry-run", "--timeout", "5m"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "--timeout 5m: expected whole seconds" in result.stderr
+
 @needs_just
 @pytest.mark.skipif(os.geteuid() != 0, reason="flash.sh checks a real (loop) block device: needs root")
 def test_flash_file_names_with_spaces_arrive_intact(loop, tmp_path):  # noqa: F811 - the fixture
