@@ -315,7 +315,8 @@ def summarise(records: list[dict], doubles: int, trials: int, where: str, failed
                "takeover_unplanned_kill_s": ("takeover_unplanned_kill_s",),
                "takeover_unplanned_partition_s": ("takeover_unplanned_partition_s",),
                "takeover_planned_downtime_s": ("takeover_planned_downtime_s",),
-               "giveback_downtime_s": ("giveback_downtime_s",), "volume_lag_s": ("volume_lag_s",)}
+               "giveback_downtime_s": ("giveback_downtime_s",), "volume_lag_s": ("volume_lag_s",),
+               "graceful_stop_downtime_s": ("graceful_stop_downtime_s",), "takeover_frozen_s": ("takeover_frozen_s",)}
     doc: dict = {key: p50(*keys) for key, keys in figures.items()}
     doc["ranges"] = {key: spread(*keys) for key, keys in figures.items()}
     doc.update({"double_runs": doubles, "trials": records, "trials_per_kind": len(records),
