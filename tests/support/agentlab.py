@@ -5,7 +5,7 @@ Topology: a bridge namespace and one namespace per node (and one for a client), 
 partition whose node keeps running. Every packet stays inside namespaces the lab creates: the CLI and any
 client run in a namespace (nsenter), never in the root namespace, where 10.x would be routed off the machine.
 Agents start through tests/support/procs.py, so they die with the process that started them. Used by
-tests/system/test_partition.py, tests/system/test_service_vip.py and bench/ha.py.
+tests/system/test_partition.py and bench/ha.py.
 """
 
 from __future__ import annotations
