@@ -51,7 +51,11 @@ def cmd_agent(args) -> int:
     from cortex.node import agent, logs
     from cortex.security import tls
 
-    tls.ISSUE_IN_SUBPROCESS = True  # cryptography stays out of the long-running process (tls.py)
+    # Issuance runs in-process by default (cryptography imported on the first one): a fresh interpreter per
+    # issuance costs seconds on a slow machine (emulated, or four VMs on two cores), and a joiner whose
+    # answer comes after its deadline is left a member without its certificate. A node short of memory may
+    # opt in to the short-lived issuer process, which keeps cryptography out of the agent (tls.py).
+    tls.ISSUE_IN_SUBPROCESS = os.environ.get("CORTEX_ISSUE_IN_SUBPROCESS", "") == "1"
 
     cfg = _checked_config(args.config, "cortex agent")
     if cfg is None:

@@ -18,10 +18,11 @@ Everything here is pure except the file helpers at the bottom.
 
 What the agent reads on every RPC and at start (who a certificate names, when it was issued and expires, the
 CA pin, whether a key matches its certificate) needs no cryptography package (der.py; the ssl module's OpenSSL
-for the key check). Issuing and signing do. The agent sets ISSUE_IN_SUBPROCESS: then they run in a short-lived
-`python -m cortex.security.issuer`, so cryptography (about 11 MB resident once imported, never given back)
-stays out of the long-running process; issuance is rare (joins, renewals, rotations) and takes a few hundred
-ms more. A process that has cryptography loaded anyway (the CLI, tests) calls them in-process.
+for the key check). Issuing and signing do, and import cryptography (about 11 MB resident once imported, never
+given back) on first use. With ISSUE_IN_SUBPROCESS (an agent started with CORTEX_ISSUE_IN_SUBPROCESS=1) they
+run in a short-lived `python -m cortex.security.issuer` instead, so cryptography stays out of the long-running
+process; issuance is rare (joins, renewals, rotations) but then takes an interpreter's start more, seconds on
+a slow machine. A process that has cryptography loaded anyway (the CLI, tests) calls them in-process.
 """
 
 from __future__ import annotations
