@@ -224,6 +224,13 @@ def wait_lag(target, timeout: float) -> float:
     raise RuntimeError(f"the partner had no copy of the volume after {timeout:g}s")
 
 
+def back_home(target, prober: Prober) -> None:
+    """The service given back to w1 (asked again until w1 is ready to take it) and answering there."""
+    retry_move(target, target.giveback, "w1", "w1", 120)
+    prober.mark()
+    prober.wait_for("w1", 60)
+
+
 def run_trials(target, trials: int, progress, observer: Observer) -> list[dict]:
     deadline = time.monotonic() + 60
     while True:  # right after start the leader may not know every server's state-machine level yet
@@ -255,9 +262,7 @@ def run_trials(target, trials: int, progress, observer: Observer) -> list[dict]:
             target.kill("w1")
             trial["takeover_unplanned_kill_s"] = round(prober.wait_for("w2", 120) - since, 3)
             target.restart("w1")
-            retry_move(target, target.giveback, "w1", "w1", 120)
-            prober.mark()
-            prober.wait_for("w1", 60)
+            back_home(target, prober)
 
             if "partition" in target.kinds:
                 since = prober.mark()
@@ -266,18 +271,14 @@ def run_trials(target, trials: int, progress, observer: Observer) -> list[dict]:
                     trial["takeover_unplanned_partition_s"] = round(prober.wait_for("w2", 120) - since, 3)
                 finally:
                     target.heal("w1")
-                retry_move(target, target.giveback, "w1", "w1", 120)
-                prober.mark()
-                prober.wait_for("w1", 60)
+                back_home(target, prober)
 
             since = prober.mark()
             target.stop("w1")
             prober.wait_for("w2", 60)
             trial["graceful_stop_downtime_s"] = round(prober.longest_gap(since), 3)
             target.restart("w1")
-            retry_move(target, target.giveback, "w1", "w1", 120)
-            prober.mark()
-            prober.wait_for("w1", 60)
+            back_home(target, prober)
 
             since = prober.mark()
             agent = target.pid("w1")
@@ -289,9 +290,7 @@ def run_trials(target, trials: int, progress, observer: Observer) -> list[dict]:
             samples = [(t, nodes) for t, nodes in list(observer.samples) if t >= since]
             gone = next(t for t, nodes in samples if "w1" not in nodes)
             trial["fence_margin_s"] = round(next(t for t, nodes in samples if "w2" in nodes) - gone, 3)
-            retry_move(target, target.giveback, "w1", "w1", 120)
-            prober.mark()
-            prober.wait_for("w1", 60)
+            back_home(target, prober)
             out.append(trial)
             progress(f"trial {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in trial.items() if k != "trial"))
     finally:
